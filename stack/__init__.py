@@ -1,0 +1,1 @@
+"""Local development stack: Apache Kafka, a MongoDB-protocol server, Girder, Prefect."""

@@ -1,0 +1,71 @@
+# girder-upload-stream: developer and CI entry points.
+# Quick start on a fresh machine: `make demo` and `make test` (see README.md).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+OMSI_VENV := .venv-openmsistream
+OMSI_VERSION := 1.8.8
+STACKCTL := $(PYTHON) -m stack.stackctl
+PYTEST_ARGS ?=
+
+.PHONY: help install stack-install stack-up stack-down stack-status stack-env \
+        prefect-up prefect-down test unit integration demo clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed $(OMSI_VENV)/.installed  ## Create .venv (project, editable, with test deps) and the OpenMSIStream test venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip uv
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -e '.[test]'
+	touch $@
+
+# OpenMSIStream is a test-only reference implementation. It lives in its own venv so
+# its `GirderUploadStreamProcessor` console script never shadows ours in .venv/bin.
+$(OMSI_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(OMSI_VENV)
+	$(VENV)/bin/uv pip install -q --python $(OMSI_VENV)/bin/python 'openmsistream==$(OMSI_VERSION)'
+	touch $@
+
+stack-install:  ## Build/download the stack's artifacts (Kafka jars via Maven, FerretDB via Go, Girder venv)
+	@$(STACKCTL) install
+
+stack-up: install  ## Start Kafka, the MongoDB-protocol server and Girder on 127.0.0.1 (idempotent)
+	@$(STACKCTL) up
+
+stack-down:  ## Stop the stack (by PID)
+	@$(STACKCTL) down
+
+stack-status:  ## Show each stack process, its port and memory
+	@$(STACKCTL) status
+
+stack-env:  ## Print `export NAME=VALUE` lines: eval "$$(make -s stack-env)"
+	@$(STACKCTL) env
+
+prefect-up: install  ## Start a local Prefect server (SQLite) with the UI on http://127.0.0.1:34200
+	@$(STACKCTL) up prefect
+	@$(STACKCTL) env prefect
+
+prefect-down:  ## Stop the local Prefect server
+	@$(STACKCTL) down prefect
+
+unit: install  ## Unit tests only (nothing running needed)
+	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+
+integration: install  ## Integration tests against the running stack (starts one if none)
+	$(VENV)/bin/pytest -m integration $(PYTEST_ARGS)
+
+test: install  ## Install everything, start the stack, run the whole suite, stop the stack
+	@$(STACKCTL) up
+	@status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	  $(STACKCTL) down; exit $$status
+
+demo:  ## Run the upload flow on the local stack (arrives with the upload-flow issue)
+	@echo "make demo is not available yet: the upload flow is still being built (see README)." >&2
+	@exit 2
+
+clean: stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
+	rm -rf .stack $(VENV) $(OMSI_VENV)

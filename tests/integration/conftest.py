@@ -1,0 +1,122 @@
+"""Fixtures for integration tests: one session-wide real stack, fresh Kafka topics and
+consumer groups per test, and an authenticated Girder client.
+
+The stack is reused when ``make stack-up`` already started it; otherwise this session
+starts it and stops it again at the end.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+STACK_KEYS = ("KAFKA_BOOTSTRAP_SERVERS", "GIRDER_API_URL", "GIRDER_API_KEY")
+
+
+def _stackctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stack.stackctl", *args], cwd=REPO_ROOT,
+                          text=True, capture_output=True, check=check)
+
+
+def _parse_exports(text: str) -> dict[str, str]:
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("export ") and "=" in line:
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> Iterator[dict[str, str]]:
+    """Connection settings of a running local stack (started here if none is up)."""
+    started_here = _stackctl("status", check=False).returncode != 0
+    if started_here:
+        up = _stackctl("up", check=False)
+        if up.returncode != 0:
+            _stackctl("down", check=False)
+            pytest.fail(f"could not start the stack:\n{up.stdout}\n{up.stderr}")
+    env = _parse_exports(_stackctl("env").stdout)
+    missing = [key for key in STACK_KEYS if not env.get(key)]
+    assert not missing, f"stack env lacks {missing}"
+    yield env
+    if started_here:
+        _stackctl("down", check=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(stack_env: dict[str, str]) -> str:
+    return stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str):
+    from confluent_kafka.admin import AdminClient
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+def unique_name(prefix: str, request: pytest.FixtureRequest) -> str:
+    """A name no other test (or earlier run) uses: test name plus a random suffix."""
+    stem = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
+    return f"{prefix}-{stem}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_topic(kafka_admin, request: pytest.FixtureRequest) -> Iterator[Callable[..., str]]:
+    """Factory: ``make_topic(partitions=4)`` creates a fresh topic and returns its name."""
+    from confluent_kafka.admin import NewTopic
+    created: list[str] = []
+
+    def factory(partitions: int = 4, name: str | None = None) -> str:
+        topic = name or unique_name("t", request)
+        futures = kafka_admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)],
+            operation_timeout=30)
+        futures[topic].result(timeout=60)
+        created.append(topic)
+        return topic
+
+    yield factory
+    if created:
+        for future in kafka_admin.delete_topics(created, operation_timeout=30).values():
+            try:
+                future.result(timeout=60)
+            except Exception:  # noqa: BLE001 - cleanup is best effort
+                pass
+
+
+@pytest.fixture
+def make_group(request: pytest.FixtureRequest) -> Callable[[], str]:
+    """Factory: a fresh consumer group id per call."""
+    return lambda: unique_name("g", request)
+
+
+@pytest.fixture(scope="session")
+def girder_client(stack_env: dict[str, str]):
+    """A girder_client.GirderClient authenticated with the stack's admin API key."""
+    from girder_client import GirderClient
+    client = GirderClient(apiUrl=stack_env["GIRDER_API_URL"])
+    client.authenticate(apiKey=stack_env["GIRDER_API_KEY"])
+    return client
+
+
+@pytest.fixture
+def make_collection(girder_client, request: pytest.FixtureRequest) -> Iterator[Callable[[], dict]]:
+    """Factory: a fresh Girder collection, deleted after the test."""
+    created: list[dict] = []
+
+    def factory() -> dict:
+        collection = girder_client.createCollection(unique_name("c", request), public=False)
+        created.append(collection)
+        return collection
+
+    yield factory
+    for collection in created:
+        girder_client.delete(f"collection/{collection['_id']}")

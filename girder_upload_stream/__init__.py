@@ -1,0 +1,10 @@
+"""girder-upload-stream: rebuild files sent as OpenMSIStream chunks and upload them to Girder.
+
+The package's pure core (no Prefect, Kafka client or Girder client) lives in
+:mod:`girder_upload_stream.errors`, :mod:`girder_upload_stream.codec`,
+:mod:`girder_upload_stream.reassembly` and :mod:`girder_upload_stream.config`.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

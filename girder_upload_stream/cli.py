@@ -1,0 +1,108 @@
+"""``girder-upload-stream``: the project's command line.
+
+Sub-commands: ``produce`` (send files as OpenMSIStream chunk messages). The consumer
+(``run``) arrives with the upload flow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+from girder_upload_stream import __version__
+from girder_upload_stream.codec import DEFAULT_CHUNK_SIZE
+from girder_upload_stream.config import load_config
+from girder_upload_stream.config_files import resolve_config_path
+from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.producer import DEFAULT_UPLOAD_REGEX, ProduceSummary, produce_path
+
+__all__ = ["build_parser", "main"]
+
+
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a valid regular expression: {exc}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _add_produce(sub: argparse._SubParsersAction) -> None:
+    produce = sub.add_parser(
+        "produce", help="produce a file or a directory tree as chunk messages",
+        description="Cut each file into OpenMSIStream chunk messages and produce them to a "
+                    "topic. Sub-folders are kept relative to PATH. Empty files are skipped "
+                    "(OpenMSIStream never sends them). Exits 1 if any chunk was not "
+                    "acknowledged by the broker or any file could not be read.")
+    produce.add_argument("path", type=Path, metavar="PATH", help="a file or a directory")
+    produce.add_argument("--config", default="local",
+                         help="config file path, or the name of a bundled config "
+                              "(default: %(default)s, which reads $KAFKA_BOOTSTRAP_SERVERS)")
+    produce.add_argument("--topic_name", default="test", help="topic (default: %(default)s)")
+    produce.add_argument("--chunk_size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
+                         help="bytes per chunk message (default: %(default)s)")
+    produce.add_argument("--upload_regex", type=_regex, default=DEFAULT_UPLOAD_REGEX,
+                         help="only relative paths matching this are produced (default: "
+                              "everything except names starting with '.' or ending in '.log')")
+    produce.add_argument("--quiet", action="store_true", help="no progress lines")
+    produce.set_defaults(handler=_run_produce)
+
+
+def _run_produce(args: argparse.Namespace) -> int:
+    if not args.path.exists():
+        print(f"error: {args.path} does not exist", file=sys.stderr)
+        return 2
+    settings = load_config(resolve_config_path(args.config)).producer_settings()
+    last = [0.0]
+
+    def progress(summary: ProduceSummary) -> None:
+        if not args.quiet and time.monotonic() - last[0] > 2.0:
+            last[0] = time.monotonic()
+            print(f"... {summary.files} file(s), {summary.chunks} chunk(s) queued, "
+                  f"{summary.acked} acknowledged", flush=True)
+
+    summary = produce_path(args.path, settings, args.topic_name, chunk_size=args.chunk_size,
+                           upload_regex=args.upload_regex, progress=progress)
+    for failure in summary.failed_files + summary.delivery_failures[:20]:
+        print(f"error: {failure}", file=sys.stderr)
+    print(summary.describe(), flush=True)
+    return 0 if summary.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="girder-upload-stream",
+        description="Stream instrument data files through Kafka into Girder.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log_level", default="INFO", help="console log level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_produce(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except GirderUploadStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

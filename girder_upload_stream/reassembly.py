@@ -1,0 +1,422 @@
+"""Rebuild whole files from OpenMSIStream chunks that arrive in any order.
+
+A file generation is identified by ``(rel_path, file_hash)``, so two generations of the
+same path assemble side by side. Chunks may arrive in any order, interleaved with other
+files, and more than once. Each chunk is placed by its index and offset; every placement
+is checked against the nearest chunks already present, so overlaps, holes and chunks past
+the end are refused as soon as they can be proven, not only at the end.
+
+Modes: ``memory`` keeps chunk data in RAM and joins it once at completion; ``disk`` writes
+each chunk at its offset into ``output_dir/<subdir>/.<name>.<ids>.partial`` (RAM stays
+small whatever the file size) and renames it atomically to ``output_dir/<rel_path>``;
+``both`` does both. The sha512 (checked against ``file_hash``) and the sha256 (for Girder)
+are computed in one pass, incrementally over the in-order prefix as chunks arrive.
+
+Disk writes never leave ``output_dir``: paths are re-validated here, every directory is
+opened relative to its parent with ``O_NOFOLLOW`` (a symlink anywhere below
+``output_dir`` refuses the file), and files are opened with ``O_NOFOLLOW``.
+
+A :class:`Reassembler` is thread-safe (one internal lock) but not process-safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from ._safe_disk import PATH_ERRNOS, SafeDir
+from .codec import Chunk, FileKey, path_problem
+from .errors import FileRejectedError, StorageError
+
+__all__ = [
+    "Mode",
+    "AddStatus",
+    "AddResult",
+    "CompletedFile",
+    "RejectedFile",
+    "FileProgress",
+    "Reassembler",
+]
+
+
+class Mode(StrEnum):
+    """Where files are rebuilt: in RAM, on disk under ``output_dir``, or both."""
+
+    MEMORY = "memory"
+    DISK = "disk"
+    BOTH = "both"
+
+
+class AddStatus(StrEnum):
+    """What :meth:`Reassembler.add` did with a chunk."""
+
+    ACCEPTED = "accepted"    # stored; file still in progress
+    DUPLICATE = "duplicate"  # same chunk seen before (or its file already completed)
+    COMPLETED = "completed"  # this chunk completed a verified file
+    REJECTED = "rejected"    # this chunk made its file invalid; the file was dropped
+    IGNORED = "ignored"      # chunk of a file rejected earlier
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedFile:
+    """A rebuilt file whose sha512 matched. ``data`` in memory/both, ``path`` in disk/both."""
+
+    rel_path: str
+    file_hash: bytes
+    sha256: str
+    size: int
+    n_chunks: int
+    first_message_at: float
+    last_message_at: float
+    file_mtime: float
+    data: bytes | None
+    path: Path | None
+
+    @property
+    def file_hash_hex(self) -> str:
+        """The sha512 of the file as hex."""
+        return self.file_hash.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedFile:
+    """A file generation that was dropped, and why."""
+
+    rel_path: str
+    file_hash: bytes
+    reason: str
+    n_chunks_received: int
+    n_total_chunks: int
+    first_message_at: float
+    last_message_at: float
+
+    def to_error(self) -> FileRejectedError:
+        """The same facts as a :class:`FileRejectedError`, for logging or raising."""
+        return FileRejectedError(self.reason, rel_path=self.rel_path,
+                                 details={"file_hash": self.file_hash.hex()[:16]})
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """Outcome of adding one chunk; ``completed``/``rejected`` set for those statuses."""
+
+    status: AddStatus
+    file_key: FileKey
+    reason: str = ""
+    completed: CompletedFile | None = None
+    rejected: RejectedFile | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileProgress:
+    """Status of one file generation still being assembled."""
+
+    rel_path: str
+    file_hash_hex: str
+    n_received: int
+    n_total: int
+    bytes_received: int
+    bytes_held: int
+    first_message_at: float
+    last_message_at: float
+
+
+class _Rejection(Exception):
+    """Internal: the file must be dropped for ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _State:
+    """Everything known about one file generation in progress."""
+
+    __slots__ = ("rel_path", "file_hash", "n_total", "file_mtime", "pieces", "order",
+                 "data", "total", "bytes_received", "bytes_held", "sha512", "sha256",
+                 "next_hash_i", "hashed_bytes", "first_at", "last_at", "partial")
+
+    def __init__(self, chunk: Chunk, now: float, partial: tuple[str, str] | None) -> None:
+        self.rel_path = chunk.rel_path
+        self.file_hash = chunk.file_hash
+        self.n_total = chunk.n_total_chunks
+        self.file_mtime = chunk.file_mtime
+        self.pieces: dict[int, tuple[int, int, bytes]] = {}  # i -> (offset, size, hash)
+        self.order: list[int] = []  # sorted chunk indices present
+        self.data: dict[int, bytes | memoryview] = {}
+        self.total: int | None = None
+        self.bytes_received = 0
+        self.bytes_held = 0
+        self.sha512 = hashlib.sha512()
+        self.sha256 = hashlib.sha256()
+        self.next_hash_i = 1
+        self.hashed_bytes = 0
+        self.first_at = now
+        self.last_at = now
+        self.partial = partial  # (subdir, partial file name) in disk/both modes
+
+    def hash_block(self, block: memoryview, position: int) -> None:
+        """Hash bytes read back from disk, ending at ``position``."""
+        self.sha512.update(block)
+        self.sha256.update(block)
+        self.hashed_bytes = position
+
+    def hash_piece(self, data: bytes | memoryview) -> None:
+        """Hash the next chunk of the in-order prefix."""
+        self.sha512.update(data)
+        self.sha256.update(data)
+        self.next_hash_i += 1
+        self.hashed_bytes += len(data) if isinstance(data, bytes) else data.nbytes
+
+
+def _placement_problem(state: _State, i: int, offset: int, size: int) -> str | None:
+    """Say why chunk ``i`` at ``[offset, offset+size)`` cannot fit with the chunks present."""
+    end = offset + size
+    if state.total is not None and end > state.total:
+        return f"chunk {i} ends at byte {end}, past the end of the file ({state.total} bytes)"
+    if i == state.n_total and state.order and state.order[-1] < i:
+        last_i = state.order[-1]
+        if state.pieces[last_i][0] + state.pieces[last_i][1] > end:
+            return f"chunk {last_i} extends past the end of the file ({end} bytes)"
+    pos = bisect.bisect_left(state.order, i)
+    if pos > 0:
+        prev_i = state.order[pos - 1]
+        prev_off, prev_size, _ = state.pieces[prev_i]
+        room = offset - (prev_off + prev_size)
+        if room < i - prev_i - 1:
+            return f"chunk {i} at offset {offset} overlaps chunk {prev_i}"
+        if prev_i == i - 1 and room > 0:
+            return f"hole of {room} bytes between chunks {prev_i} and {i}"
+    if pos < len(state.order):
+        next_i = state.order[pos]
+        room = state.pieces[next_i][0] - end
+        if room < next_i - i - 1:
+            return f"chunk {i} at offset {offset} overlaps chunk {next_i}"
+        if next_i == i + 1 and room > 0:
+            return f"hole of {room} bytes between chunks {i} and {next_i}"
+    return None
+
+
+def _split(rel_path: str) -> tuple[str, str]:
+    subdir, _, name = rel_path.rpartition("/")
+    return subdir, name
+
+
+def _partial_name(rel_path: str, file_hash: bytes) -> tuple[str, str]:
+    subdir, name = _split(rel_path)
+    name_id = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+    return subdir, f".{name[:80]}.{name_id}.{file_hash.hex()[:16]}.partial"
+
+
+class Reassembler:
+    """Collect chunks of many files and hand back each file once it is complete and verified.
+
+    ``max_file_bytes`` bounds one file (None: no bound). ``clock`` gives message times
+    (epoch seconds). At most ``max_finished`` finished file keys are remembered so that
+    late duplicates of finished files are recognised (oldest forgotten first).
+    """
+
+    def __init__(self, mode: Mode | str = Mode.MEMORY, output_dir: Path | str | None = None,
+                 max_file_bytes: int | None = None, *, clock: Callable[[], float] = time.time,
+                 max_finished: int = 10_000) -> None:
+        self.mode = Mode(mode)
+        if self.mode is not Mode.MEMORY and output_dir is None:
+            raise ValueError(f"mode {self.mode.value!r} needs an output_dir")
+        self._disk = SafeDir(Path(output_dir)) if self.mode is not Mode.MEMORY else None
+        self.output_dir = self._disk.root if self._disk else None
+        self.max_file_bytes = max_file_bytes
+        self._clock = clock
+        self._files: dict[FileKey, _State] = {}
+        self._finished: OrderedDict[FileKey, str] = OrderedDict()
+        self._max_finished = max_finished
+        self._bytes_held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_held(self) -> int:
+        """Chunk bytes currently held in RAM across all files (for back-pressure)."""
+        return self._bytes_held
+
+    def add(self, chunk: Chunk) -> AddResult:
+        """Add one decoded chunk and say what happened (see :class:`AddStatus`).
+
+        Raises :class:`StorageError` (transient) if the disk fails for a reason that is
+        not the file's fault; the chunk is then not recorded and may be added again.
+        """
+        with self._lock:
+            now = self._clock()
+            key = chunk.file_key
+            finished = self._finished.get(key)
+            if finished is not None:
+                status = AddStatus.DUPLICATE if finished == "" else AddStatus.IGNORED
+                reason = "file already completed" if finished == "" else \
+                    f"file already rejected: {finished}"
+                return AddResult(status, key, reason)
+            state = self._files.get(key)
+            try:
+                if state is None:
+                    state = self._new_state(chunk, now)
+                return self._add_to(state, chunk, key, now)
+            except _Rejection as rejection:
+                return self._reject(key, state, chunk, now, rejection.reason)
+
+    def _new_state(self, chunk: Chunk, now: float) -> _State:
+        problem = path_problem(chunk.filename, chunk.subdir, chunk.filename_append)
+        if problem:
+            raise _Rejection(f"unsafe path: {problem}")
+        if self.max_file_bytes is not None and chunk.n_total_chunks > self.max_file_bytes:
+            raise _Rejection(f"file too large: {chunk.n_total_chunks} chunks exceed the "
+                             f"{self.max_file_bytes}-byte limit")
+        partial = None
+        if self._disk is not None:
+            partial = _partial_name(chunk.rel_path, chunk.file_hash)
+        return _State(chunk, now, partial)
+
+    def _add_to(self, state: _State, chunk: Chunk, key: FileKey, now: float) -> AddResult:
+        i, offset, size = chunk.chunk_i, chunk.chunk_offset, chunk.size
+        if chunk.n_total_chunks != state.n_total:
+            raise _Rejection(f"n_total_chunks changed from {state.n_total} to "
+                             f"{chunk.n_total_chunks} within one generation")
+        known = state.pieces.get(i)
+        if known is not None:
+            if known == (offset, size, chunk.chunk_hash):
+                state.last_at = now
+                if len(state.pieces) == state.n_total:  # completion failed before: retry
+                    return self._complete(state, key, now)
+                return AddResult(AddStatus.DUPLICATE, key, f"chunk {i} already received")
+            raise _Rejection(f"chunk {i} received twice with different offset or data")
+        if self.max_file_bytes is not None and offset + size > self.max_file_bytes:
+            raise _Rejection(f"file too large: chunk {i} ends at byte {offset + size}, "
+                             f"over the {self.max_file_bytes}-byte limit")
+        problem = _placement_problem(state, i, offset, size)
+        if problem:
+            raise _Rejection(problem)
+        self._store(state, chunk, key)
+        state.last_at = now
+        if len(state.pieces) < state.n_total:
+            return AddResult(AddStatus.ACCEPTED, key)
+        return self._complete(state, key, now)
+
+    def _store(self, state: _State, chunk: Chunk, key: FileKey) -> None:
+        i = chunk.chunk_i
+        if state.partial is not None:
+            try:
+                self._disk.write(*state.partial, chunk.chunk_offset, chunk.data,
+                                 truncate=not state.pieces)
+            except OSError as exc:
+                self._raise_os_error(exc, state.rel_path)
+        if not state.pieces:
+            self._files[key] = state
+        state.pieces[i] = (chunk.chunk_offset, chunk.size, chunk.chunk_hash)
+        bisect.insort(state.order, i)
+        state.bytes_received += chunk.size
+        if i == state.n_total:
+            state.total = chunk.chunk_offset + chunk.size
+        if self.mode is Mode.DISK:
+            if i == state.next_hash_i:
+                state.hash_piece(chunk.data)
+            return
+        state.data[i] = chunk.data
+        state.bytes_held += chunk.size
+        self._bytes_held += chunk.size
+        while state.next_hash_i in state.data:
+            state.hash_piece(state.data[state.next_hash_i])
+
+    @staticmethod
+    def _raise_os_error(exc: OSError, rel_path: str) -> None:
+        if exc.errno in PATH_ERRNOS:
+            raise _Rejection(f"cannot write below output_dir: {exc.strerror}") from exc
+        raise StorageError(f"local storage failed: {exc}", rel_path=rel_path) from exc
+
+    def _complete(self, state: _State, key: FileKey, now: float) -> AddResult:
+        total = state.total
+        data: bytes | None = None
+        if self.mode is not Mode.DISK:
+            pieces = [state.data[i] for i in range(1, state.n_total + 1)]
+            data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) \
+                else b"".join(pieces)
+        elif state.hashed_bytes < total:
+            try:
+                self._disk.hash_range(*state.partial, state.hashed_bytes, total,
+                                      state.hash_block)
+            except OSError as exc:
+                self._raise_os_error(exc, state.rel_path)
+        if state.sha512.digest() != state.file_hash:
+            raise _Rejection("mismatched hash: sha512 of the rebuilt file differs from "
+                             "file_hash")
+        path = None
+        if state.partial is not None:
+            subdir, final_name = _split(state.rel_path)
+            try:
+                self._disk.publish(subdir, state.partial[1], final_name)
+            except OSError as exc:
+                self._raise_os_error(exc, state.rel_path)
+            path = self._disk.root.joinpath(*state.rel_path.split("/"))
+        completed = CompletedFile(state.rel_path, state.file_hash, state.sha256.hexdigest(),
+                                  total, state.n_total, state.first_at, now,
+                                  state.file_mtime, data, path)
+        self._release(key, state)
+        self._remember(key, "")
+        return AddResult(AddStatus.COMPLETED, key, completed=completed)
+
+    def _reject(self, key: FileKey, state: _State | None, chunk: Chunk, now: float,
+                reason: str) -> AddResult:
+        rejected = RejectedFile(
+            chunk.rel_path, chunk.file_hash, reason,
+            len(state.pieces) if state else 0, state.n_total if state else
+            chunk.n_total_chunks, state.first_at if state else now, now)
+        if state is not None:
+            self._drop(key, state)
+        self._remember(key, reason)
+        return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
+
+    def _release(self, key: FileKey, state: _State) -> None:
+        self._files.pop(key, None)
+        self._bytes_held -= state.bytes_held
+        state.data.clear()
+        state.bytes_held = 0
+
+    def _drop(self, key: FileKey, state: _State) -> None:
+        self._release(key, state)
+        if state.partial is not None:
+            self._disk.remove(*state.partial)
+
+    def _remember(self, key: FileKey, outcome: str) -> None:
+        self._finished[key] = outcome
+        self._finished.move_to_end(key)
+        while len(self._finished) > self._max_finished:
+            self._finished.popitem(last=False)
+
+    def discard(self, file_key: FileKey) -> bool:
+        """Forget a file in progress (and its partial file) or a finished key; True if known."""
+        with self._lock:
+            state = self._files.get(file_key)
+            if state is not None:
+                self._drop(file_key, state)
+                return True
+            return self._finished.pop(file_key, None) is not None
+
+    def discard_all(self) -> int:
+        """Forget every file in progress and delete its partial file (e.g. at shutdown).
+
+        Returns how many files were dropped. Finished keys are kept.
+        """
+        with self._lock:
+            states = list(self._files.items())
+            for key, state in states:
+                self._drop(key, state)
+            return len(states)
+
+    def in_progress(self) -> list[FileProgress]:
+        """One :class:`FileProgress` per file generation still being assembled."""
+        with self._lock:
+            return [FileProgress(s.rel_path, s.file_hash.hex(), len(s.pieces), s.n_total,
+                                 s.bytes_received, s.bytes_held, s.first_at, s.last_at)
+                    for s in self._files.values()]

@@ -44,13 +44,20 @@ def _install(names: list[str]) -> None:
         print(f"[stack] {name}: installed ({time.monotonic() - started:.1f}s)", flush=True)
 
 
+def _state(name: str) -> tuple[bool, str]:
+    """(running?, one status line prefixed with the component's name)."""
+    line = _load(name).status().strip()
+    text = line.split(":", 1)[1].strip() if line.startswith(f"{name}:") else line
+    return text.startswith("running"), f"{name}: {text}"
+
+
 def _up(names: list[str]) -> int:
     """Install and start components in order; undo this call's starts on failure."""
     _install(names)
     started_here: list[ModuleType] = []
     for name in names:
         module = _load(name)
-        was_running = module.status().split(":", 1)[1].strip().startswith("running")
+        was_running = _state(name)[0]
         begin = time.monotonic()
         try:
             module.start()
@@ -77,8 +84,8 @@ def _down(names: list[str]) -> int:
 def _status(names: list[str]) -> int:
     all_up = True
     for name in names:
-        line = _load(name).status()
-        all_up &= line.split(":", 1)[1].strip().startswith("running")
+        running, line = _state(name)
+        all_up &= running
         print(line)
     return 0 if all_up else 3
 

@@ -2,7 +2,8 @@
 consumer groups per test, and an authenticated Girder client.
 
 The stack is reused when ``make stack-up`` already started it; otherwise this session
-starts it and stops it again at the end.
+starts it and stops it again at the end. Kafka-only tests (``kafka_bootstrap``) need just
+the ``kafka`` component, so they run while Girder is down.
 """
 
 from __future__ import annotations
@@ -52,8 +53,25 @@ def stack_env() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(stack_env: dict[str, str]) -> str:
-    return stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+def kafka_stack() -> Iterator[dict[str, str]]:
+    """Connection settings of a running Kafka broker alone (no Girder needed), started
+    here if it is not up and then stopped again at the end of the session."""
+    started_here = _stackctl("status", "kafka", check=False).returncode != 0
+    if started_here:
+        up = _stackctl("up", "kafka", check=False)
+        if up.returncode != 0:
+            _stackctl("down", "kafka", check=False)
+            pytest.fail(f"could not start kafka:\n{up.stdout}\n{up.stderr}")
+    env = _parse_exports(_stackctl("env", "kafka").stdout)
+    assert env.get("KAFKA_BOOTSTRAP_SERVERS"), "kafka env lacks KAFKA_BOOTSTRAP_SERVERS"
+    yield env
+    if started_here:
+        _stackctl("down", "kafka", check=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_stack: dict[str, str]) -> str:
+    return kafka_stack["KAFKA_BOOTSTRAP_SERVERS"]
 
 
 @pytest.fixture(scope="session")

@@ -100,9 +100,11 @@ def test_girder_folder_chain_upload_metadata_and_download(girder_client, make_co
     item = girder_client.getItem(item_id)
     assert item["meta"] == meta
     assert [i["_id"] for i in girder_client.listItem(parent["_id"], name="data.bin")] == [item_id]
-    resource_path = girder_client.get("resource/path", parameters={"id": item_id, "type": "item"})
+    resource_path = girder_client.get(f"resource/{item_id}/path", parameters={"type": "item"})
     assert resource_path == f"/collection/{collection['name']}/level1/level2/level3/data.bin"
 
+    (girder_file,) = girder_client.listFile(item_id)
+    assert girder_file["size"] == len(payload)
     target = tmp_path / "download.bin"
-    girder_client.downloadItem(item_id, str(tmp_path), "download.bin")
+    girder_client.downloadFile(girder_file["_id"], str(target))
     assert target.read_bytes() == payload

@@ -63,7 +63,7 @@ def _run_produce(args: argparse.Namespace) -> int:
         print(f"error: {args.path} does not exist", file=sys.stderr)
         return 2
     settings = load_config(resolve_config_path(args.config)).producer_settings()
-    last = [0.0]
+    last = [time.monotonic()]
 
     def progress(summary: ProduceSummary) -> None:
         if not args.quiet and time.monotonic() - last[0] > 2.0:

@@ -6,6 +6,7 @@ project's own exceptions, which carry topic, partition, offset and file path.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,11 @@ __all__ = [
     "KafkaTerminalError",
     "DeliveryReport",
     "ChunkProducer",
+    "ConsumerGroup",
+    "HeartbeatProducer",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class KafkaTransientError(TransientError):
@@ -105,3 +110,158 @@ class ChunkProducer:
                 self.report.failures.append(
                     f"{remaining} message(s) still queued after {timeout:.0f}s")
         return self.report
+
+
+class ConsumerGroup:
+    """``n`` confluent-kafka consumers of one group, driven from a single thread.
+
+    All consumers are polled, committed, paused and closed by the thread that owns this
+    object (the flow's loop), so rebalance callbacks run there too and never race with
+    the offset bookkeeping. ``on_revoke(tps)`` is called before a partition is lost, so
+    the caller can commit what is safe for it while it still owns it.
+    """
+
+    def __init__(self, settings: dict[str, Any], topic: str, n_consumers: int, *,
+                 on_revoke: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
+        self._settings = {**settings, "enable.auto.commit": False}
+        self.topic = topic
+        self.n_consumers = max(1, n_consumers)
+        self._on_revoke = on_revoke
+        self._consumers: list[Any] = []
+        self._owner: dict[tuple[str, int], Any] = {}
+        self._paused = False
+        self._turn = 0
+
+    def _connect(self) -> list[Any]:
+        if not self._consumers:
+            from confluent_kafka import Consumer, KafkaException
+            try:
+                for _ in range(self.n_consumers):
+                    consumer = Consumer(self._settings)
+                    consumer.subscribe([self.topic], on_assign=self._assigned,
+                                       on_revoke=self._revoked, on_lost=self._revoked)
+                    self._consumers.append(consumer)
+                self._check_topic(self._consumers[0])
+            except KafkaException as exc:
+                raise KafkaTerminalError(f"cannot create a Kafka consumer: {exc}",
+                                         topic=self.topic) from exc
+        return self._consumers
+
+    def _check_topic(self, consumer) -> None:
+        metadata = consumer.list_topics(self.topic, timeout=30)
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None:
+            self.close()
+            reason = topic.error.str() if topic is not None and topic.error else "unknown topic"
+            raise KafkaTerminalError(f"cannot consume: {reason}", topic=self.topic)
+
+    def _assigned(self, consumer, partitions) -> None:
+        for p in partitions:
+            self._owner[(p.topic, p.partition)] = consumer
+        if self._paused and partitions:
+            consumer.pause(partitions)
+
+    def _revoked(self, consumer, partitions) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        if self._on_revoke is not None and tps:
+            self._on_revoke(tps)
+        for tp in tps:
+            self._owner.pop(tp, None)
+
+    @property
+    def assignment(self) -> list[tuple[str, int]]:
+        return sorted(self._owner)
+
+    def poll(self, max_messages: int = 500, timeout: float = 0.2) -> list[Any]:
+        """Up to ``max_messages`` messages from one consumer (round robin).
+
+        Fatal errors raise :class:`KafkaTerminalError`; other broker errors are logged
+        by librdkafka and retried by it, so they are skipped here.
+        """
+        consumers = self._connect()
+        consumer = consumers[self._turn % len(consumers)]
+        self._turn += 1
+        batch = consumer.consume(num_messages=max_messages,
+                                 timeout=timeout / len(consumers))
+        good = []
+        for msg in batch:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            elif err.fatal():
+                raise KafkaTerminalError(f"fatal consumer error: {err.str()}",
+                                         topic=msg.topic(), partition=msg.partition())
+        return good
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """Synchronously commit ``offsets`` through the consumers that own them.
+
+        Returns the offsets the broker accepted; a failed commit is retried by the
+        caller on its next round (the offsets stay committable).
+        """
+        from confluent_kafka import KafkaException, TopicPartition
+        by_consumer: dict[int, list[Any]] = {}
+        for (topic, partition), offset in offsets.items():
+            owner = self._owner.get((topic, partition))
+            if owner is not None:
+                by_consumer.setdefault(id(owner), [owner]).append(
+                    TopicPartition(topic, partition, offset))
+        accepted: dict[tuple[str, int], int] = {}
+        for owner, *tps in by_consumer.values():
+            try:
+                for tp in owner.commit(offsets=tps, asynchronous=False) or tps:
+                    if tp.error is None:
+                        accepted[(tp.topic, tp.partition)] = tp.offset
+            except KafkaException as exc:
+                logger.warning("offset commit failed, will retry: %s", exc)
+        return accepted
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or restart) fetching on every assigned partition; polling continues,
+        so the group membership stays alive while uploads drain."""
+        if paused == self._paused:
+            return
+        self._paused = paused
+        for consumer in self._consumers:
+            assigned = consumer.assignment()
+            if assigned:
+                (consumer.pause if paused else consumer.resume)(assigned)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def close(self) -> None:
+        """Leave the group; the revoke callback gets a last chance to commit."""
+        for consumer in self._consumers:
+            try:
+                consumer.close()
+            except Exception as exc:  # closing is best effort at shutdown
+                logger.warning("error while closing a consumer: %s", exc)
+        self._consumers.clear()
+        self._owner.clear()
+
+
+class HeartbeatProducer:
+    """Best-effort heartbeats: key ``{program_id}_heartbeat``, a JSON value with the
+    counts since the previous heartbeat; no delivery callbacks, as in OpenMSIStream."""
+
+    def __init__(self, settings: dict[str, Any], topic: str, program_id: str) -> None:
+        self._settings = dict(settings)
+        self.topic = topic
+        self.key = f"{program_id}_heartbeat"
+        self._producer = None
+
+    def send(self, value: str) -> None:
+        from confluent_kafka import KafkaException, Producer
+        try:
+            if self._producer is None:
+                self._producer = Producer(self._settings)
+            self._producer.produce(self.topic, key=self.key.encode(), value=value.encode())
+            self._producer.poll(0)
+        except (KafkaException, BufferError) as exc:
+            logger.warning("heartbeat not sent: %s", exc)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(5)

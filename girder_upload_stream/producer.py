@@ -24,9 +24,11 @@ __all__ = ["DEFAULT_UPLOAD_REGEX", "ProduceSummary", "iter_source_files", "produ
 
 logger = logging.getLogger(__name__)
 
-#: Everything except paths starting with "." and files ending in ".log", matched against
-#: the POSIX path relative to the produced directory (OpenMSIStream's intent).
-DEFAULT_UPLOAD_REGEX = re.compile(r"^(?!\.)(?!.*\.log$).*$")
+#: Everything except hidden files or folders (a component starting with ".") and files
+#: ending in ".log", matched against the POSIX path relative to the produced directory.
+#: This is OpenMSIStream's stated intent; its own pattern also skips any path containing
+#: "log" after the first character (e.g. "catalog.txt"), which we do not copy.
+DEFAULT_UPLOAD_REGEX = re.compile(r"^(?!\.)(?!.*/\.)(?!.*\.log$).*$")
 _MESSAGE_OVERHEAD = 64 * 1024
 
 

@@ -35,38 +35,34 @@ def _parse_exports(text: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def stack_env() -> Iterator[dict[str, str]]:
-    """Connection settings of a running local stack (started here if none is up)."""
-    started_here = _stackctl("status", check=False).returncode != 0
-    if started_here:
-        up = _stackctl("up", check=False)
+def _session_stack(components: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """Start the components that are not running, yield the stack's env, then stop only
+    the components this session started (a stack someone else runs is left alone)."""
+    started = [c for c in components if _stackctl("status", c, check=False).returncode != 0]
+    if started:
+        up = _stackctl("up", *started, check=False)
         if up.returncode != 0:
-            _stackctl("down", check=False)
-            pytest.fail(f"could not start the stack:\n{up.stdout}\n{up.stderr}")
-    env = _parse_exports(_stackctl("env").stdout)
-    missing = [key for key in STACK_KEYS if not env.get(key)]
-    assert not missing, f"stack env lacks {missing}"
+            pytest.fail(f"could not start {' '.join(started)}:\n{up.stdout}\n{up.stderr}")
+    env = _parse_exports(_stackctl("env", *components).stdout)
     yield env
-    if started_here:
-        _stackctl("down", check=False)
+    if started:
+        _stackctl("down", *started, check=False)
 
 
 @pytest.fixture(scope="session")
 def kafka_stack() -> Iterator[dict[str, str]]:
-    """Connection settings of a running Kafka broker alone (no Girder needed), started
-    here if it is not up and then stopped again at the end of the session."""
-    started_here = _stackctl("status", "kafka", check=False).returncode != 0
-    if started_here:
-        up = _stackctl("up", "kafka", check=False)
-        if up.returncode != 0:
-            _stackctl("down", "kafka", check=False)
-            pytest.fail(f"could not start kafka:\n{up.stdout}\n{up.stderr}")
-    env = _parse_exports(_stackctl("env", "kafka").stdout)
-    assert env.get("KAFKA_BOOTSTRAP_SERVERS"), "kafka env lacks KAFKA_BOOTSTRAP_SERVERS"
-    yield env
-    if started_here:
-        _stackctl("down", "kafka", check=False)
+    """Connection settings of a running Kafka broker alone (no Girder needed)."""
+    yield from _session_stack(("kafka",))
+
+
+@pytest.fixture(scope="session")
+def stack_env(kafka_stack: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Connection settings of the whole local stack (Kafka, MongoDB-protocol server, Girder)."""
+    for env in _session_stack(("mongo", "girder")):
+        env = {**kafka_stack, **env}
+        missing = [key for key in STACK_KEYS if not env.get(key)]
+        assert not missing, f"stack env lacks {missing}"
+        yield env
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,82 @@
+"""Build the consumer's parts from its options: settings models, reassembler,
+processor, consumer group and side jobs. Shared by the Prefect flow and the CLI, and
+free of Prefect imports so it is unit-testable."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from girder_upload_stream.config import load_config
+from girder_upload_stream.config_files import resolve_config_path
+from girder_upload_stream.console import Console
+from girder_upload_stream.errors import ConfigError
+from girder_upload_stream.heartbeat import Heartbeats
+from girder_upload_stream.kafka_io import ConsumerGroup, HeartbeatProducer
+from girder_upload_stream.pipeline import Recorder, StreamProcessor
+from girder_upload_stream.reassembly import Reassembler
+from girder_upload_stream.runner import SideJob, StreamRunner
+from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
+
+__all__ = ["kafka_settings", "build_runner"]
+
+logger = logging.getLogger(__name__)
+
+
+def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
+                   heartbeat_topic: str | None = None, heartbeat_program_id: str | None = None,
+                   heartbeat_interval_secs: float = 30.0) -> KafkaSettings:
+    """Read the config file (a path or a bundled name) into typed Kafka settings."""
+    file_config = load_config(resolve_config_path(config))
+    warning = file_config.auto_commit_warning()
+    if warning:
+        logger.warning(warning)
+    consumer = file_config.consumer_settings(group_id)
+    consumer.setdefault("auto.offset.reset", "earliest")
+    # Chunks are up to ~0.5 MiB plus overhead; allow larger ones from custom producers.
+    consumer.setdefault("fetch.message.max.bytes", str(16 << 20))
+    heartbeat = (file_config.heartbeat_producer_settings() if heartbeat_topic else {})
+    return KafkaSettings(topic=topic, group_id=consumer["group.id"], consumer=consumer,
+                         n_consumers=n_threads, heartbeat_topic=heartbeat_topic,
+                         heartbeat_program_id=heartbeat_program_id or f"girder-upload-stream-{consumer['group.id']}",
+                         heartbeat_interval_secs=heartbeat_interval_secs,
+                         heartbeat_producer=heartbeat)
+
+
+def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **options: Any
+                    ) -> GirderSettings:
+    if not api_url:
+        raise ConfigError("no Girder API URL: pass girder_api_url (or set GIRDER_API_URL)")
+    if not api_key:
+        raise ConfigError("no Girder API key: pass it, set GIRDER_API_KEY, or name a "
+                          "Prefect Secret block")
+    return GirderSettings(api_url=api_url, api_key=api_key, **options)
+
+
+def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
+                 recorder: Recorder | None = None, extra_jobs: list[SideJob] | None = None
+                 ) -> StreamRunner:
+    """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit."""
+    output_dir = Path(run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes)
+    processor = StreamProcessor(
+        reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
+        recorder=recorder, max_unit_files=run.max_unit_files,
+        max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds)
+    jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive)]
+    if kafka.heartbeat_topic:
+        producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,
+                                     kafka.heartbeat_program_id)
+        jobs.append(Heartbeats(producer, kafka.heartbeat_interval_secs))
+    jobs += extra_jobs or []
+    holder: dict[str, StreamRunner] = {}
+    group = ConsumerGroup(kafka.consumer, kafka.topic, kafka.n_consumers,
+                          on_revoke=lambda tps: holder["runner"].on_revoke(tps))
+    runner = StreamRunner(run, processor, group, submit, jobs)
+    holder["runner"] = runner
+    return runner

@@ -1,0 +1,229 @@
+"""Every girder-client call of the project lives here.
+
+A :class:`GirderStore` resolves the root folder once, mirrors sub-folders below it
+(created once and cached, not looked up per file), and uploads one item per file with
+its metadata. Re-delivered files are harmless: an item of the same name whose checksum
+matches is skipped, which is what makes uploads effectively-once. Library errors become
+:class:`GirderTransientError` (retry: connection errors, 429, 5xx) or
+:class:`GirderTerminalError` (record and move on: 4xx such as 401/403, bad names).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+from girder_upload_stream import __version__
+from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.reassembly import CompletedFile
+from girder_upload_stream.settings import GirderSettings
+from girder_upload_stream.units import FileOutcome, Outcome
+
+__all__ = ["VERSION_FIELD", "VERSION_VALUE", "GirderTransientError", "GirderTerminalError",
+           "GirderStore", "store_for"]
+
+logger = logging.getLogger(__name__)
+
+#: OpenMSIStream's key, kept so downstream queries on it keep working; the value names
+#: this program and its version instead of an OpenMSIStream release.
+VERSION_FIELD = "OpenMSIStreamVersion"
+VERSION_VALUE = f"girder-upload-stream {__version__}"
+T = TypeVar("T")
+
+
+class GirderTransientError(TransientError):
+    """Girder could not be reached or answered 429/5xx: retry later."""
+
+
+class GirderTerminalError(TerminalError):
+    """Girder refused the request for a reason a retry will not fix."""
+
+
+def _translate(exc: Exception, what: str, rel_path: str | None) -> Exception:
+    import requests
+    from girder_client import HttpError
+    if isinstance(exc, HttpError):
+        status = exc.status
+        text = (exc.responseText or "")[:300]
+        cls = GirderTransientError if status == 429 or status >= 500 else GirderTerminalError
+        return cls(f"{what}: HTTP {status}: {text}", rel_path=rel_path)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return GirderTransientError(f"{what}: Girder unreachable: {exc}", rel_path=rel_path)
+    if isinstance(exc, requests.RequestException):
+        return GirderTransientError(f"{what}: {exc}", rel_path=rel_path)
+    return exc
+
+
+class GirderStore:
+    """Uploads completed files below one root folder; thread-safe (one client per thread)."""
+
+    def __init__(self, settings: GirderSettings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+        self._local = threading.local()
+        self._folders: dict[str, str] = {}
+        self._folder_lock = threading.Lock()
+        self.requests = 0
+
+    # -- plumbing ------------------------------------------------------------------
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from girder_client import GirderClient
+            client = GirderClient(apiUrl=self.settings.api_url)
+            self._call(lambda: client.authenticate(
+                apiKey=self.settings.api_key.get_secret_value()), "authenticate")
+            self._local.client = client
+        return client
+
+    def _call(self, fn: Callable[[], T], what: str, rel_path: str | None = None) -> T:
+        self.requests += 1
+        try:
+            return fn()
+        except Exception as exc:
+            translated = _translate(exc, what, rel_path)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _meta(self, sha256: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {**self.settings.metadata, VERSION_FIELD: VERSION_VALUE,
+                                "KafkaTopic": self.topic}
+        if sha256 is not None:
+            meta["checksum"] = {"sha256": sha256}
+        return meta
+
+    # -- folders -------------------------------------------------------------------
+    def root_folder_id(self) -> str:
+        """The root folder's id: given, or found/created from collection and path."""
+        with self._folder_lock:
+            if "" not in self._folders:
+                self._folders[""] = self._resolve_root()
+            return self._folders[""]
+
+    def _resolve_root(self) -> str:
+        client = self._client()
+        if self.settings.root_folder_id:
+            return self._call(lambda: client.getFolder(self.settings.root_folder_id),
+                              "root folder")["_id"]
+        collection_name, *parts = self.settings.root_path_for(self.topic).split("/")
+        # A path lookup, not a text search: FerretDB (the dev stack) has no $text.
+        collection = self._call(lambda: client.get(
+            "resource/lookup", parameters={"path": f"/collection/{collection_name}",
+                                           "test": True}), "find collection")
+        if collection is None:
+            collection = self._call(lambda: client.createCollection(collection_name),
+                                    "create collection")
+        parent, parent_type = collection["_id"], "collection"
+        for name in parts:
+            parent = self._make_folder(parent, name, parent_type)
+            parent_type = "folder"
+        if parent_type == "collection":
+            raise GirderTerminalError("the root folder path names only a collection; "
+                                      "add a folder (e.g. 'Collection/topic')")
+        return parent
+
+    def _make_folder(self, parent: str, name: str, parent_type: str = "folder") -> str:
+        client = self._client()
+        folder = self._call(lambda: client.createFolder(
+            parent, name, parentType=parent_type, reuseExisting=True, metadata=self._meta()),
+            f"create folder {name!r}")
+        return folder["_id"]
+
+    def folder_for(self, subdir: str) -> str:
+        """Id of the folder mirroring ``subdir`` below the root, created once, then cached."""
+        root = self.root_folder_id()
+        if not subdir:
+            return root
+        with self._folder_lock:
+            if subdir in self._folders:
+                return self._folders[subdir]
+            parent, walked = root, []
+            for name in PurePosixPath(subdir).parts:
+                walked.append(name)
+                key = "/".join(walked)
+                if key not in self._folders:
+                    self._folders[key] = self._make_folder(parent, name)
+                parent = self._folders[key]
+            return parent
+
+    # -- items ---------------------------------------------------------------------
+    def upload(self, completed: CompletedFile) -> FileOutcome:
+        """Put one file in Girder, or say why not. Never raises for terminal problems."""
+        key = (completed.rel_path, completed.file_hash)
+        before = self.requests
+        path = PurePosixPath(completed.rel_path)
+        subdir = "" if str(path.parent) == "." else str(path.parent)
+        try:
+            outcome, item_id = self._upload(completed, self.folder_for(subdir), path.name)
+        except GirderTerminalError as exc:
+            return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc),
+                               requests=self.requests - before)
+        return FileOutcome(completed.rel_path, key, outcome, item_id=item_id,
+                           requests=self.requests - before)
+
+    def _upload(self, completed: CompletedFile, folder: str, name: str) -> tuple[Outcome, str]:
+        client = self._client()
+        rel = completed.rel_path
+        items = self._call(lambda: client.listItem(folder, name=name), "list items", rel)
+        if not items:
+            item = self._call(lambda: client.createItem(
+                folder, name, metadata=self._meta(completed.sha256)), "create item", rel)
+            self._put_file(item["_id"], completed, name)
+            return Outcome.UPLOADED, item["_id"]
+        item = items[0]
+        files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
+        if self._same_content(item, files, completed):
+            return Outcome.SKIPPED_IDENTICAL, item["_id"]
+        if not files:  # an item left without its file (e.g. a crash mid-upload): finish it
+            self._put_file(item["_id"], completed, name)
+            self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
+                       "set metadata", rel)
+            return Outcome.UPLOADED, item["_id"]
+        if not self.settings.replace_existing:
+            logger.warning("%s: an item with different content is already in Girder; skipped "
+                           "(use --replace_existing to replace it)", rel)
+            return Outcome.SKIPPED_DIFFERENT, item["_id"]
+        self._call(lambda: client.uploadFileContents(files[0]["_id"], self._stream(completed),
+                                                     completed.size), "replace contents", rel)
+        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
+                   "set metadata", rel)
+        return Outcome.REPLACED, item["_id"]
+
+    @staticmethod
+    def _same_content(item: dict, files: list[dict], completed: CompletedFile) -> bool:
+        if len(files) != 1 or files[0].get("size") != completed.size:
+            return False
+        sha512 = files[0].get("sha512")
+        if sha512:
+            return sha512 == completed.file_hash.hex()
+        return (item.get("meta") or {}).get("checksum", {}).get("sha256") == completed.sha256
+
+    def _put_file(self, item_id: str, completed: CompletedFile, name: str) -> None:
+        client = self._client()
+        self._call(lambda: client.uploadFile(item_id, self._stream(completed), name,
+                                             completed.size, parentType="item"),
+                   "upload file", completed.rel_path)
+
+    @staticmethod
+    def _stream(completed: CompletedFile):
+        if completed.data is not None:
+            return io.BytesIO(completed.data)
+        return open(completed.path, "rb")  # noqa: SIM115 - girder-client reads then we drop it
+
+
+_stores: dict[tuple[Any, ...], GirderStore] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for(settings: GirderSettings, topic: str) -> GirderStore:
+    """One shared store per settings and topic, so the folder cache survives across tasks."""
+    key = (*settings.cache_key(), topic)
+    with _stores_lock:
+        if key not in _stores:
+            _stores[key] = GirderStore(settings, topic)
+        return _stores[key]

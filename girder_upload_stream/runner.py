@@ -1,0 +1,170 @@
+"""The long-running consumer loop: poll, reassemble, hand units to uploads, commit.
+
+It imports no Prefect, Kafka or Girder module: the flow gives it a consumer group, a
+``submit`` function that starts an upload unit (a Prefect task) and returns a handle,
+and optional side jobs (registry saving, heartbeats, console). Polling never waits for
+an upload: finished handles are collected each round, so a slow Girder cannot push
+the consumer past ``max.poll.interval.ms``. Offsets are committed per
+:mod:`girder_upload_stream.offsets`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from girder_upload_stream.pipeline import RawMessage, StreamProcessor
+from girder_upload_stream.settings import RunSettings
+from girder_upload_stream.units import FileOutcome, UploadUnit
+
+__all__ = ["UploadHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop"]
+
+logger = logging.getLogger(__name__)
+
+#: Set by signal handlers, the console's "quit" and Prefect cancellation.
+STOP = threading.Event()
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running loop to stop gracefully (safe from signal handlers)."""
+    if not STOP.is_set():
+        logger.info("stop requested: %s", reason)
+    STOP.set()
+
+
+class UploadHandle(Protocol):
+    def done(self) -> bool: ...
+    def result(self) -> list[FileOutcome]: ...
+
+
+class SideJob(Protocol):
+    """Periodic work beside the loop (registries, heartbeats, console dots)."""
+
+    def tick(self, runner: StreamRunner, final: bool = False) -> None: ...
+
+
+@dataclass
+class RunSummary:
+    stopped_because: str = ""
+    seconds: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+    pending_messages: int = 0
+
+
+class StreamRunner:
+    """Drives one :class:`StreamProcessor` from a consumer group until asked to stop."""
+
+    def __init__(self, settings: RunSettings, processor: StreamProcessor, group: Any,
+                 submit: Callable[[UploadUnit], UploadHandle],
+                 side_jobs: list[SideJob] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.processor = processor
+        self.group = group
+        self._submit = submit
+        self.side_jobs = side_jobs or []
+        self._clock = clock
+        self._handles: dict[int, tuple[UploadUnit, UploadHandle]] = {}
+        self._started = clock()
+        self._last_message = self._started
+        self._last_commit = self._started
+
+    # -- one round --------------------------------------------------------------------
+    def step(self) -> int:
+        """Poll once, process, submit, collect and maybe commit; returns messages read."""
+        messages = self.group.poll(self.settings.poll_batch, timeout=0.2)
+        for msg in messages:
+            self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
+                                             msg.key(), msg.value()))
+        if messages or not self.group.assignment:
+            # Idle time only counts while partitions are assigned (joining can take seconds).
+            self._last_message = self._clock()
+        for unit in self.processor.take_units():
+            self._handles[unit.unit_id] = (unit, self._submit(unit))
+        self.collect()
+        self.group.pause(self.processor.bytes_held > self.settings.memory_budget_bytes)
+        if self._clock() - self._last_commit >= self.settings.commit_interval_seconds:
+            self.commit()
+        for job in self.side_jobs:
+            job.tick(self)
+        return len(messages)
+
+    def collect(self) -> None:
+        """Settle every finished upload unit (never blocks)."""
+        for unit_id, (unit, handle) in list(self._handles.items()):
+            if not handle.done():
+                continue
+            del self._handles[unit_id]
+            try:
+                outcomes = handle.result()
+            except Exception as exc:  # the task failed after its retries
+                logger.warning("upload unit %d failed: %s", unit_id, exc)
+                self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
+            else:
+                self.processor.finish_unit(unit, outcomes)
+
+    def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
+        """Commit every offset the tracker says is safe, for partitions we own."""
+        self._last_commit = self._clock()
+        offsets = self.processor.offsets.committable(tps if tps is not None
+                                                     else self.group.assignment)
+        if offsets:
+            self.processor.offsets.committed(self.group.commit(offsets))
+
+    def on_revoke(self, tps: list[tuple[str, int]]) -> None:
+        """Before losing partitions: commit what is safe for them, then forget them."""
+        self.commit(tps)
+        self.processor.offsets.forget(tps)
+
+    # -- the loop --------------------------------------------------------------------
+    def _stop_reason(self) -> str | None:
+        now = self._clock()
+        if STOP.is_set():
+            return "stop requested"
+        limit = self.settings.max_runtime_seconds
+        if limit is not None and now - self._started >= limit:
+            return f"max_runtime_seconds ({limit:g}) reached"
+        idle = self.settings.max_idle_seconds
+        if (idle is not None and now - self._last_message >= idle and self.processor.idle
+                and not self._handles):
+            return f"no new message for {idle:g}s and nothing in flight"
+        return None
+
+    def run(self) -> RunSummary:
+        """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`)."""
+        reason = None
+        try:
+            while reason is None:
+                self.step()
+                reason = self._stop_reason()
+        except BaseException as exc:  # a Prefect TerminationSignal is a BaseException
+            reason = f"interrupted ({type(exc).__name__})"
+            self.shutdown(reason)
+            raise
+        return self.shutdown(reason)
+
+    def shutdown(self, reason: str) -> RunSummary:
+        """Stop fetching, let in-flight uploads finish (bounded), commit what is safe,
+        run the side jobs a last time and leave the group."""
+        logger.info("shutting down: %s", reason)
+        self.group.pause(True)
+        deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
+        while self._handles and self._clock() < deadline:
+            self.group.poll(1, timeout=0.1)  # keep the group membership alive
+            self.collect()
+        if self._handles:
+            logger.warning("%d upload unit(s) still running at shutdown; their messages "
+                           "stay uncommitted and are read again on restart", len(self._handles))
+        self.commit()
+        for job in self.side_jobs:
+            job.tick(self, final=True)
+        self.group.close()
+        return RunSummary(reason, self._clock() - self._started,
+                          {k: v for k, v in vars(self.processor.counters).items()
+                           if not k.startswith("_")},
+                          self.processor.offsets.pending_count())

@@ -1,0 +1,93 @@
+"""Typed settings, one model per external system. Secrets are ``SecretStr``: they come
+from the command line, the environment or a Prefect Secret block and are never logged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+__all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaSettings", "RunSettings"]
+
+DEFAULT_COLLECTION_NAME = "WholeTale Catalog"
+
+
+class GirderSettings(BaseModel):
+    """Where and how files land in Girder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api_url: str
+    api_key: SecretStr
+    root_folder_id: str | None = None
+    collection_name: str = DEFAULT_COLLECTION_NAME
+    root_folder_path: str | None = None  # default: "{collection_name}/{topic}"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    replace_existing: bool = False
+
+    @field_validator("api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    def root_path_for(self, topic: str) -> str:
+        """The root folder path, collection name first, as OpenMSIStream builds it."""
+        return (self.root_folder_path or f"{self.collection_name}/{topic}").strip("/")
+
+    def cache_key(self) -> tuple[str, str, str]:
+        return (self.api_url, self.api_key.get_secret_value(), self.model_dump_json())
+
+
+class KafkaSettings(BaseModel):
+    """The topic, the consumer group and the librdkafka settings from the config file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    group_id: str
+    consumer: dict[str, str]
+    n_consumers: int = Field(default=2, ge=1)
+    heartbeat_topic: str | None = None
+    heartbeat_program_id: str | None = None
+    heartbeat_interval_secs: float = 30.0
+    heartbeat_producer: dict[str, str] = Field(default_factory=dict)
+
+    def redacted(self) -> dict[str, str]:
+        """Consumer settings fit for a log line (passwords and secrets masked)."""
+        return {k: ("***" if any(s in k for s in ("password", "secret", "key")) else v)
+                for k, v in self.consumer.items()}
+
+
+class RunSettings(BaseModel):
+    """How the consumer runs: reassembly, batching, memory, stop conditions, console."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal["memory", "disk", "both"] = "memory"
+    output_dir: Path = Path("GirderUploadStreamProcessor_output")
+    logger_file_path: Path | None = None
+    download_regex: str | None = None
+    upload_concurrency: int = Field(default=2, ge=1)
+    memory_budget_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    max_file_bytes: int | None = None
+    max_unit_files: int = Field(default=64, ge=1)
+    max_unit_bytes: int = Field(default=64 << 20, ge=1)
+    update_seconds: float = 300.0
+    max_idle_seconds: float | None = None
+    max_runtime_seconds: float | None = None
+    interactive: bool = True
+    poll_batch: int = Field(default=500, ge=1)
+    commit_interval_seconds: float = 1.0
+    registry_interval_seconds: float = 2.0
+    retry_delay_seconds: float = 15.0
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.logger_file_path or self.output_dir / "LOGS"
+
+
+def env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None

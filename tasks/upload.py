@@ -1,0 +1,38 @@
+"""The Girder upload task: one task run per upload unit (many small files, or one big).
+
+Retries with backoff only for transient errors (Girder down, 429, 5xx); a retry re-runs
+the whole unit, which is safe because files already in Girder are skipped by checksum.
+No cache policy and no result persistence: inputs carry file bytes.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from girder_upload_stream.errors import TransientError
+from girder_upload_stream.girder_io import store_for
+from girder_upload_stream.settings import GirderSettings
+from girder_upload_stream.units import FileOutcome, UploadUnit
+
+__all__ = ["upload_unit"]
+
+
+def _is_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="upload-to-girder", retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_condition_fn=_is_transient, cache_policy=NO_CACHE, persist_result=False,
+      task_run_name="upload unit {unit.unit_id} ({unit.nbytes} bytes)")
+def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[FileOutcome]:
+    """Upload every file of ``unit``; terminal problems come back as outcomes, transient
+    ones raise so that Prefect retries the unit."""
+    store = store_for(girder, topic)
+    return [store.upload(completed) for completed in unit.files]

@@ -1,0 +1,139 @@
+"""Our registry files against the real OpenMSIStream 1.8.8 (in ``.venv-openmsistream``).
+
+No servers needed: OpenMSIStream's ``DataclassTable`` and ``StreamProcessorRegistry`` run
+in a subprocess of that venv's Python on files in a temporary folder. ``make install``
+always creates the venv, so a missing venv fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from girder_upload_stream import registry as R
+
+pytestmark = pytest.mark.integration
+
+OMSI_PYTHON = Path(__file__).resolve().parents[2] / ".venv-openmsistream" / "bin" / "python"
+T0 = datetime(2024, 3, 5, 7, 8, 9)
+T1 = datetime(2024, 12, 31, 23, 59, 58)
+ODD_NAMES = ["plain.dat", "semi;colon.txt", 'dq"uote.txt', "sq'uote.txt", "both'\"q.txt",
+             "ünï–cødé 日本.bin", "new\nline.txt", "tab\tx", " lead space ", "back\\slash"]
+STATUSES = [R.STATUS_IN_PROGRESS, R.STATUS_FAILED, R.STATUS_MISMATCHED_HASH]
+
+# Runs inside .venv-openmsistream: prints every row of the given table as JSON.
+READ_SCRIPT = """
+import json, sys, pathlib
+from openmsistream.utilities import DataclassTableReadOnly
+from openmsistream.data_file_io.actor.file_registry import stream_handler_registries as reg
+kind = {"in_progress": reg.StreamHandlerRegistryLineInProgress,
+        "processed": reg.StreamHandlerRegistryLineSucceeded}[sys.argv[1]]
+table = DataclassTableReadOnly(kind, filepath=pathlib.Path(sys.argv[2]))
+print(json.dumps([{k: str(v) for k, v in vars(o).items()} for o in table.objects]))
+"""
+# Writes a DataclassTable of in-progress rows given as JSON [[filename, rel, status, n]].
+WRITE_SCRIPT = """
+import datetime, json, sys, pathlib
+from openmsistream.utilities import DataclassTable
+from openmsistream.data_file_io.actor.file_registry import stream_handler_registries as reg
+table = DataclassTable(reg.StreamHandlerRegistryLineInProgress,
+                       filepath=pathlib.Path(sys.argv[1]))
+t0, t1 = datetime.datetime(2024, 3, 5, 7, 8, 9), datetime.datetime(2024, 12, 31, 23, 59, 58)
+for name, rel, status, n in json.loads(sys.argv[2]):
+    table.add_entries(reg.StreamHandlerRegistryLineInProgress(
+        name, pathlib.Path(rel), status, n, t0, t1))
+table.dump_to_file()
+"""
+# Starts OpenMSIStream's registry on a folder: it consolidates processed_from_t_by_g*.csv.
+CONSOLIDATE_SCRIPT = """
+import pathlib, sys
+from openmsistream.data_file_io.actor.file_registry import stream_handler_registries as reg
+reg.StreamProcessorRegistry(pathlib.Path(sys.argv[1]), "t", "g")
+"""
+
+
+@pytest.fixture(scope="module")
+def omsi_python() -> Path:
+    if not OMSI_PYTHON.is_file():
+        pytest.fail(f"{OMSI_PYTHON} is missing: run `make install`, which creates the "
+                    "OpenMSIStream reference venv these compatibility tests need")
+    return OMSI_PYTHON
+
+
+def run_omsi(python: Path, script: str, *args: str) -> str:
+    done = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"OpenMSIStream failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def test_openmsistream_reads_our_in_progress_file(omsi_python: Path, tmp_path: Path) -> None:
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    for i, name in enumerate(ODD_NAMES):
+        table.update(R.InProgressRow(name, f"sub/dir/{name}", STATUSES[i % 3], i, T0, T1,
+                                     generation=f"gen{i}", extra={"hash": "ab;\"c"}))
+    table.update(R.InProgressRow("plain.dat", "sub/dir/plain.dat", STATUSES[1], 2, T0, T1,
+                                 generation="second generation"))
+    table.save()
+    seen = json.loads(run_omsi(omsi_python, READ_SCRIPT, "in_progress", str(table.path)))
+    assert len(seen) == len(table)
+    for row, obj in zip(table.rows(), seen, strict=True):
+        # OpenMSIStream's reader just strips the quotes of the repr (no unescaping), so
+        # names with backslash escapes come back escaped; all others come back equal.
+        assert obj["filename"] == repr(row.filename)[1:-1]
+        assert obj["rel_filepath"] == repr(str(row.rel_filepath))[1:-1]
+        assert (obj["status"], int(obj["n_chunks"])) == (row.status, row.n_chunks)
+        assert obj["first_message"] == str(T0) and obj["most_recent_message"] == str(T1)
+
+
+def test_openmsistream_reads_our_processed_files(omsi_python: Path, tmp_path: Path) -> None:
+    worker = R.ProcessedTable(tmp_path, "t", "g", "w1", max_rows=3)
+    for i, name in enumerate(ODD_NAMES[:5]):
+        worker.add(R.ProcessedRow(name, name, i, T0, T1, generation="h", extra={"i": i}))
+    worker.save()
+    parts = sorted(tmp_path.glob("processed_from_t_by_g*.csv"))
+    assert [len(json.loads(run_omsi(omsi_python, READ_SCRIPT, "processed", str(p))))
+            for p in parts] == [3, 2]
+    R.consolidate(tmp_path, "t", "g")
+    merged = json.loads(run_omsi(omsi_python, READ_SCRIPT, "processed",
+                                 str(R.processed_path(tmp_path, "t", "g"))))
+    assert [obj["filename"] for obj in merged] == [repr(n)[1:-1] for n in ODD_NAMES[:5]]
+
+
+def test_openmsistream_consolidates_our_parts_beside_sidecars(
+        omsi_python: Path, tmp_path: Path) -> None:
+    worker = R.ProcessedTable(tmp_path, "t", "g", "w1")
+    worker.add(R.ProcessedRow("a.dat", "a.dat", 1, T0, T1, generation="h1"))
+    worker.save()
+    R.consolidate(tmp_path, "t", "g")  # a consolidated file with its sidecar
+    worker.add(R.ProcessedRow("b.dat", "x/b.dat", 2, T0, T1, generation="h2"))
+    worker.save()
+    run_omsi(omsi_python, CONSOLIDATE_SCRIPT, str(tmp_path))  # must not trip on .extra
+    assert not worker.path.exists()  # OpenMSIStream merged our part
+    R.consolidate(tmp_path, "t", "g")  # cleans the orphaned part sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "consuming_from_t_in_progress_by_g.csv", "processed_from_t_by_g.csv",
+        "processed_from_t_by_g.csv.extra"]
+    rows = R.read_processed(tmp_path, "t", "g").rows
+    assert [(r.filename, r.generation) for r in rows] == [("a.dat", "h1"), ("b.dat", "")]
+
+
+def test_we_read_openmsistream_written_tables_exactly(
+        omsi_python: Path, tmp_path: Path) -> None:
+    spec = [[name, f"d/{name}", STATUSES[i % 3], i] for i, name in enumerate(ODD_NAMES)]
+    theirs = tmp_path / "theirs.csv"
+    run_omsi(omsi_python, WRITE_SCRIPT, str(theirs), json.dumps(spec))
+    table = R.InProgressTable(theirs)
+    assert table.issues == []
+    assert [[r.filename, str(r.rel_filepath), r.status, r.n_chunks] for r in table.rows()] \
+        == spec
+    assert {(r.first_message, r.most_recent_message) for r in table.rows()} == {(T0, T1)}
+    ours = R.InProgressTable(tmp_path / "ours.csv")
+    for row in table.rows():
+        ours.update(row)
+    ours.save()
+    assert ours.path.read_bytes() == theirs.read_bytes()

@@ -111,10 +111,7 @@ class GirderStore:
             return self._call(lambda: client.getFolder(self.settings.root_folder_id),
                               "root folder")["_id"]
         collection_name, *parts = self.settings.root_path_for(self.topic).split("/")
-        # A path lookup, not a text search: FerretDB (the dev stack) has no $text.
-        collection = self._call(lambda: client.get(
-            "resource/lookup", parameters={"path": f"/collection/{collection_name}",
-                                           "test": True}), "find collection")
+        collection = self._find_collection(collection_name)
         if collection is None:
             collection = self._call(lambda: client.createCollection(collection_name),
                                     "create collection")
@@ -126,6 +123,18 @@ class GirderStore:
             raise GirderTerminalError("the root folder path names only a collection; "
                                       "add a folder (e.g. 'Collection/topic')")
         return parent
+
+    def _find_collection(self, name: str) -> dict | None:
+        # A path lookup, not a text search: FerretDB (the dev stack) has no $text. Girder
+        # answers 400 for a path that does not exist.
+        client = self._client()
+        try:
+            return self._call(lambda: client.resourceLookup(f"/collection/{name}"),
+                              "find collection")
+        except GirderTerminalError as exc:
+            if "HTTP 400" in str(exc):
+                return None
+            raise
 
     def _make_folder(self, parent: str, name: str, parent_type: str = "folder") -> str:
         client = self._client()
@@ -169,7 +178,7 @@ class GirderStore:
     def _upload(self, completed: CompletedFile, folder: str, name: str) -> tuple[Outcome, str]:
         client = self._client()
         rel = completed.rel_path
-        items = self._call(lambda: client.listItem(folder, name=name), "list items", rel)
+        items = self._call(lambda: list(client.listItem(folder, name=name)), "list items", rel)
         if not items:
             item = self._call(lambda: client.createItem(
                 folder, name, metadata=self._meta(completed.sha256)), "create item", rel)

@@ -11,10 +11,12 @@ import os
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from girder_upload_stream.assemble import build_runner, girder_settings, kafka_settings
+from girder_upload_stream.runner import STOP
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import upload_unit
 from girder_upload_stream.units import FileOutcome, UploadUnit
@@ -69,6 +71,7 @@ def upload_stream(
     heartbeat_interval_secs: float = 30,
     memory_budget_mb: int = 1024,
     interactive: bool = False,
+    logs_dir: str | None = None,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 
@@ -88,7 +91,8 @@ def upload_stream(
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
                       upload_concurrency=n_threads, update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
-                      memory_budget_bytes=memory_budget_mb << 20, interactive=interactive)
+                      memory_budget_bytes=memory_budget_mb << 20, interactive=interactive,
+                      logger_file_path=logs_dir)
     log.info("consuming %s as group %s with %d consumer(s); uploading to %s",
              topic_name, kafka.group_id, n_threads, girder.api_url)
     with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
@@ -96,7 +100,13 @@ def upload_stream(
             return _FutureHandle(task_runner.submit(
                 upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
 
-        summary = build_runner(run, kafka, submit).run()
+        STOP.clear()
+        runner = build_runner(run, kafka, submit)
+        try:
+            summary = runner.run()
+        except TerminationSignal:
+            # SIGTERM or a cancellation: the runner already stopped gracefully.
+            summary = runner.summary
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,

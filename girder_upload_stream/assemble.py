@@ -17,8 +17,9 @@ from girder_upload_stream.console import Console
 from girder_upload_stream.errors import ConfigError
 from girder_upload_stream.heartbeat import Heartbeats
 from girder_upload_stream.kafka_io import ConsumerGroup, HeartbeatProducer
-from girder_upload_stream.pipeline import Recorder, StreamProcessor
+from girder_upload_stream.pipeline import StreamProcessor
 from girder_upload_stream.reassembly import Reassembler
+from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.runner import SideJob, StreamRunner
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
@@ -58,17 +59,18 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
 
 
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
-                 recorder: Recorder | None = None, extra_jobs: list[SideJob] | None = None
-                 ) -> StreamRunner:
+                 extra_jobs: list[SideJob] | None = None) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit."""
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
     reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes)
     processor = StreamProcessor(
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,
         max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds)
-    jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive)]
+    jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive),
+                           RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
         producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,
                                      kafka.heartbeat_program_id)

@@ -1,7 +1,7 @@
 """``girder-upload-stream``: the project's command line.
 
-Sub-commands: ``produce`` (send files as OpenMSIStream chunk messages). The consumer
-(``run``) arrives with the upload flow.
+Sub-commands: ``run`` (consume chunk messages and upload the files to Girder, as the
+Prefect flow) and ``produce`` (send files as OpenMSIStream chunk messages).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from girder_upload_stream.config_files import resolve_config_path
 from girder_upload_stream.errors import GirderUploadStreamError
 from girder_upload_stream.producer import DEFAULT_UPLOAD_REGEX, ProduceSummary, produce_path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_guarded"]
 
 
 def _regex(text: str) -> re.Pattern[str]:
@@ -79,6 +79,18 @@ def _run_produce(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from girder_upload_stream.cli_run import add_run_arguments, run_from_args
+    run = sub.add_parser(
+        "run", help="consume chunk messages and upload the rebuilt files to Girder",
+        description="Read chunk messages from a topic, rebuild the files and upload them to "
+                    "Girder, as the Prefect flow 'girder-upload-stream'. The options are "
+                    "those of OpenMSIStream's GirderUploadStreamProcessor. Type 'c' to check "
+                    "progress, 'q' to quit; SIGINT/SIGTERM stop gracefully.")
+    add_run_arguments(run, default_config="local")
+    run.set_defaults(handler=lambda args: run_from_args(args, run))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="girder-upload-stream",
@@ -86,22 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log_level", default="INFO", help="console log level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
     _add_produce(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_guarded(action) -> int:
+    """Run a command; our own errors become one clear line and exit status 2."""
     try:
-        return args.handler(args)
+        return action()
     except GirderUploadStreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "produce":
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_guarded(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class StreamRunner:
         self._started = clock()
         self._last_message = self._started
         self._last_commit = self._started
+        self.summary: RunSummary | None = None
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
@@ -136,7 +137,10 @@ class StreamRunner:
         return None
 
     def run(self) -> RunSummary:
-        """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`)."""
+        """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`).
+
+        An exception (e.g. Prefect's TerminationSignal on SIGTERM or cancellation) also
+        shuts down gracefully before it propagates; :attr:`summary` is then set."""
         reason = None
         try:
             while reason is None:
@@ -164,7 +168,8 @@ class StreamRunner:
         for job in self.side_jobs:
             job.tick(self, final=True)
         self.group.close()
-        return RunSummary(reason, self._clock() - self._started,
-                          {k: v for k, v in vars(self.processor.counters).items()
-                           if not k.startswith("_")},
-                          self.processor.offsets.pending_count())
+        self.summary = RunSummary(reason, self._clock() - self._started,
+                                  {k: v for k, v in vars(self.processor.counters).items()
+                                   if not k.startswith("_")},
+                                  self.processor.offsets.pending_count())
+        return self.summary

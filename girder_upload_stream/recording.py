@@ -1,0 +1,133 @@
+"""Write file fates into the registries (OpenMSIStream's CSV tables under LOGS/).
+
+The in-progress table lists files being rebuilt or failed (``failed``,
+``mismatched_hash``) with the reason in the sidecar's ``extra``; the processed table
+lists every file put in Girder (or found there), once per time it was produced.
+Tables are saved atomically every few seconds and at shutdown by
+:class:`RegistrySaver`, so the files are accurate to within that interval.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from datetime import datetime
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from girder_upload_stream.codec import Chunk
+from girder_upload_stream.errors import ChunkDecodeError
+from girder_upload_stream.pipeline import RawMessage, Recorder
+from girder_upload_stream.reassembly import CompletedFile, RejectedFile
+from girder_upload_stream.registry import (STATUS_FAILED, STATUS_IN_PROGRESS,
+                                           STATUS_MISMATCHED_HASH, InProgressRow,
+                                           InProgressTable, ProcessedRow, ProcessedTable,
+                                           RowKey, consolidate)
+from girder_upload_stream.units import FileOutcome, Outcome
+
+__all__ = ["RegistryRecorder", "RegistrySaver"]
+
+logger = logging.getLogger(__name__)
+
+
+def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
+    """Registry bookkeeping must never stop the stream: log and go on."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except (ValueError, TypeError) as exc:
+            logger.error("registry entry not recorded (%s): %s", method.__name__, exc)
+    return wrapper
+
+
+def _generation(file_hash: bytes) -> str:
+    return file_hash.hex()[:32]
+
+
+def _when(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch)
+
+
+class RegistryRecorder(Recorder):
+    """A :class:`Recorder` that keeps the in-progress and processed tables."""
+
+    def __init__(self, folder: Path, topic: str, group: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.topic, self.group = folder, topic, group
+        merged = consolidate(folder, topic, group)
+        for issue in merged.issues:
+            logger.warning("registry: %s", issue)
+        self.in_progress = InProgressTable.open(folder, topic, group)
+        self.processed = ProcessedTable(folder, topic, group, f"p{os.getpid()}")
+
+    @_never_raise
+    def chunk_added(self, chunk: Chunk, n_received: int) -> None:
+        key = RowKey(PurePosixPath(chunk.rel_path), _generation(chunk.file_hash))
+        now = datetime.now()
+        old = self.in_progress.get(key)
+        self.in_progress.update(InProgressRow(
+            PurePosixPath(chunk.rel_path).name, key.rel_filepath, STATUS_IN_PROGRESS,
+            chunk.n_total_chunks, old.first_message if old else now, now, key.generation))
+
+    @_never_raise
+    def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
+        name = error.rel_path or f"message {msg.topic}[{msg.partition}]@{msg.offset}"
+        now = datetime.now()
+        self.in_progress.update(InProgressRow(
+            PurePosixPath(name).name or name, PurePosixPath(name), STATUS_FAILED, 0, now, now,
+            f"offset-{msg.partition}-{msg.offset}",
+            {"reason": error.reason, "partition": msg.partition, "offset": msg.offset}))
+
+    @_never_raise
+    def file_rejected(self, rejected: RejectedFile) -> None:
+        status = (STATUS_MISMATCHED_HASH if "hash" in rejected.reason.lower()
+                  else STATUS_FAILED)
+        self.in_progress.update(InProgressRow(
+            PurePosixPath(rejected.rel_path).name, PurePosixPath(rejected.rel_path), status,
+            rejected.n_total_chunks, _when(rejected.first_message_at),
+            _when(rejected.last_message_at), _generation(rejected.file_hash),
+            {"reason": rejected.reason}))
+
+    @_never_raise
+    def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:
+        rel = PurePosixPath(completed.rel_path)
+        key = RowKey(rel, _generation(completed.file_hash))
+        if outcome.outcome in (Outcome.FAILED_TRANSIENT, Outcome.FAILED_TERMINAL):
+            self.in_progress.update(InProgressRow(
+                rel.name, rel, STATUS_FAILED, completed.n_chunks,
+                _when(completed.first_message_at), _when(completed.last_message_at),
+                key.generation, {"reason": f"{outcome.outcome.value}: {outcome.reason}"}))
+            return
+        self.in_progress.remove(key)
+        self.processed.add(ProcessedRow(
+            rel.name, rel, completed.n_chunks, _when(completed.first_message_at),
+            datetime.now(), key.generation,
+            {"outcome": outcome.outcome.value, "sha256": completed.sha256,
+             "item_id": outcome.item_id or ""}))
+
+    def save(self, final: bool = False) -> None:
+        self.in_progress.save(force=final)
+        self.processed.save(force=final)
+        if final:
+            consolidate(self.folder, self.topic, self.group)
+
+
+class RegistrySaver:
+    """Runner side job: save the registries every ``interval`` seconds and at the end."""
+
+    def __init__(self, recorder: RegistryRecorder, interval: float) -> None:
+        self.recorder = recorder
+        self.interval = interval
+        self._last = time.monotonic()
+
+    def tick(self, runner: Any, final: bool = False) -> None:
+        if final or time.monotonic() - self._last >= self.interval:
+            self._last = time.monotonic()
+            try:
+                self.recorder.save(final=final)
+            except OSError as exc:  # a full disk must not stop uploads; retried next tick
+                logger.error("could not save the registries: %s", exc)

@@ -134,3 +134,23 @@ def make_collection(girder_client, request: pytest.FixtureRequest) -> Iterator[C
     yield factory
     for collection in created:
         girder_client.delete(f"collection/{collection['_id']}")
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """A local Prefect server (SQLite) for the session, shared by in-process flow runs
+    and CLI subprocesses (one server start instead of one ephemeral server per run)."""
+    for env in _session_stack(("prefect",)):
+        yield env["PREFECT_API_URL"]
+        from prefect.logging.handlers import APILogHandler
+        APILogHandler.flush()  # send buffered run logs before the server stops
+
+
+@pytest.fixture
+def prefect_env(prefect_api_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Point this test (and the subprocesses it starts) at the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with temporary_settings({PREFECT_API_URL: prefect_api_url}):
+        yield {"PREFECT_API_URL": prefect_api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

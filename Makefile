@@ -63,9 +63,11 @@ test: install  ## Install everything, start the stack, run the whole suite, stop
 	@status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	  $(STACKCTL) down; exit $$status
 
-demo:  ## Run the upload flow on the local stack (arrives with the upload-flow issue)
-	@echo "make demo is not available yet: the upload flow is still being built (see README)." >&2
-	@exit 2
+demo: install  ## Start the stack and the Prefect UI, produce a sample tree, upload it to Girder
+	@$(STACKCTL) up kafka mongo girder prefect
+	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=girder_upload_stream \
+	  $(VENV)/bin/python -m girder_upload_stream.demo
 
 clean: stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
 	rm -rf .stack $(VENV) $(OMSI_VENV)

@@ -110,5 +110,6 @@ def upload_stream(
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
+            "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages}

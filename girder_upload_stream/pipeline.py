@@ -85,6 +85,7 @@ class StreamProcessor:
         self._inflight: dict[int, UploadUnit] = {}
         self._next_unit = 1
         self._message_bytes: dict[FileKey, int] = {}
+        self.last_settled_at: float | None = None  # clock time of the last durable file
 
     # -- reading --------------------------------------------------------------------
     def handle(self, msg: RawMessage) -> None:
@@ -186,6 +187,7 @@ class StreamProcessor:
             self.counters.files_uploaded += 1
         else:
             self.counters.files_skipped += 1
+        self.last_settled_at = self._clock()
         self.counters.messages_processed += completed.n_chunks
         self.counters.bytes_processed += self._message_bytes.get(key, completed.size)
         self._settle(key)

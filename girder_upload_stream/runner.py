@@ -54,6 +54,7 @@ class RunSummary:
     seconds: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
     pending_messages: int = 0
+    active_seconds: float = 0.0  # from start to the last file put in Girder
 
 
 class StreamRunner:
@@ -171,5 +172,7 @@ class StreamRunner:
         self.summary = RunSummary(reason, self._clock() - self._started,
                                   {k: v for k, v in vars(self.processor.counters).items()
                                    if not k.startswith("_")},
-                                  self.processor.offsets.pending_count())
+                                  self.processor.offsets.pending_count(),
+                                  (self.processor.last_settled_at or self._started)
+                                  - self._started)
         return self.summary

@@ -3,9 +3,11 @@ maps completed files, grouped into upload units, onto Girder upload tasks.
 
 Entrypoint for deployments: ``flows/upload_stream.py:upload_stream``. This module only
 sequences work; the parts live in ``girder_upload_stream``.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: a served deployment pickles the flow
+function by value, and Prefect must resolve its parameter types (``SecretStr``) at run
+time. For the same reason the body references no module-level locks or events.
+"""
 
 import os
 from typing import Any, Literal
@@ -16,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from girder_upload_stream.assemble import build_runner, girder_settings, kafka_settings
-from girder_upload_stream.runner import STOP
+from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import upload_unit
 from girder_upload_stream.units import FileOutcome, UploadUnit
@@ -100,7 +102,7 @@ def upload_stream(
             return _FutureHandle(task_runner.submit(
                 upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
 
-        STOP.clear()
+        reset_stop()
         runner = build_runner(run, kafka, submit)
         try:
             summary = runner.run()

@@ -137,8 +137,11 @@ class StreamProcessor:
             self._settle(key)
 
     def _busy(self, key: FileKey) -> bool:
-        """True while a file's fate is not durable yet (assembling, queued or uploading)."""
-        return self.offsets.has_file(key)
+        """True while a file's fate is not durable yet (assembling, queued, uploading or
+        waiting to retry). ``_message_bytes`` holds a key from its first message until
+        it is settled; the offset tracker alone is not enough, as it forgets revoked
+        partitions while their files are still here and their messages come again."""
+        return key in self._message_bytes or self.offsets.has_file(key)
 
     def _settle(self, key: FileKey) -> None:
         self.offsets.file_done(key)

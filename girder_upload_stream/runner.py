@@ -21,7 +21,8 @@ from girder_upload_stream.pipeline import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.units import FileOutcome, UploadUnit
 
-__all__ = ["UploadHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop"]
+__all__ = ["UploadHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop",
+           "reset_stop"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ def request_stop(reason: str) -> None:
     if not STOP.is_set():
         logger.info("stop requested: %s", reason)
     STOP.set()
+
+
+def reset_stop() -> None:
+    """Forget an earlier stop request (a new run in the same process starts fresh)."""
+    STOP.clear()
 
 
 class UploadHandle(Protocol):
@@ -89,7 +95,10 @@ class StreamRunner:
         for unit in self.processor.take_units():
             self._handles[unit.unit_id] = (unit, self._submit(unit))
         self.collect()
-        self.group.pause(self.processor.bytes_held > self.settings.memory_budget_bytes)
+        # Pausing only helps while uploads are pending (finishing them frees memory):
+        # files still assembling need more messages, so pausing then would wait for ever.
+        self.group.pause(self.processor.bytes_held > self.settings.memory_budget_bytes
+                         and not self.processor.idle)
         if self._clock() - self._last_commit >= self.settings.commit_interval_seconds:
             self.commit()
         for job in self.side_jobs:

@@ -143,7 +143,7 @@ def prefect_api_url() -> Iterator[str]:
     for env in _session_stack(("prefect",)):
         yield env["PREFECT_API_URL"]
         from prefect.logging.handlers import APILogHandler
-        APILogHandler.flush()  # send buffered run logs before the server stops
+        APILogHandler().flush()  # send buffered run logs before the server stops
 
 
 @pytest.fixture

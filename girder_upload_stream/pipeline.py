@@ -125,7 +125,10 @@ class StreamProcessor:
             self.offsets.read(tp, offset)
             return
         self.offsets.read(tp, offset, key)
-        self._message_bytes[key] = self._message_bytes.get(key, 0) + size
+        # A duplicate (re-read after a rebalance) keeps the file busy but is not counted
+        # again: bytes_processed covers the same messages as messages_processed.
+        self._message_bytes[key] = (self._message_bytes.get(key, 0)
+                                    + (0 if status is AddStatus.DUPLICATE else size))
         if status is AddStatus.ACCEPTED:
             self.recorder.chunk_added(chunk, 0)
         elif status is AddStatus.COMPLETED:

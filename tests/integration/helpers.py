@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -182,24 +181,6 @@ def finish(proc: subprocess.Popen, what: str, timeout: float = TIMEOUT) -> str:
     return text
 
 
-def produce_omsi_directory(tree: Path, topic: str, config: Path, cwd: Path, bootstrap: str,
-                           n_expected: int, chunk_size: int = CHUNK_SIZE) -> None:
-    """OpenMSIStream's ``DataFileUploadDirectory --upload_existing`` on ``tree`` until
-    ``n_expected`` more messages are on ``topic``, then stopped with ``q``."""
-    before = sum(end_offsets(bootstrap, topic).values())
-    uploader = Program(
-        [OMSI_BIN / "DataFileUploadDirectory", tree, "--config", config, "--topic_name",
-         topic, "--chunk_size", chunk_size, "--upload_existing", "--watchdog_lag_time", "1",
-         "--update_seconds", "-1"], cwd / f"DataFileUploadDirectory-{topic}.out", cwd=cwd)
-    extra = (tree / "LOGS" / "DataFileUploadDirectory.log",)
-    try:
-        wait_for(lambda: sum(end_offsets(bootstrap, topic).values()) >= before + n_expected,
-                 f"{n_expected} chunk messages on {topic}", uploader, extra)
-    finally:
-        code = uploader.stop()
-    assert code == 0, f"DataFileUploadDirectory did not stop cleanly\n{uploader.describe(extra)}"
-
-
 # --------------------------------------------------------------------------- Kafka
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -336,6 +317,3 @@ def processed_rel_paths(logs_dir: Path, topic: str, group: str) -> list[str]:
     from girder_upload_stream.registry import read_processed
     return [row.rel_filepath.as_posix() for row in read_processed(logs_dir, topic, group).rows]
 
-
-def json_dumps(value) -> str:
-    return json.dumps(value, ensure_ascii=False)

@@ -19,11 +19,10 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, Program, assert_uploaded,
-                                       committed_offsets, download_item, end_offsets, finish,
-                                       folder_by_path, girder_tree, n_chunks,
-                                       processed_rel_paths, produce_omsi_file, produce_ours,
-                                       sha256, topic_messages, wait_for, write_omsi_config,
-                                       write_tree)
+                                       committed_offsets, end_offsets, finish, folder_by_path,
+                                       girder_tree, n_chunks, processed_rel_paths,
+                                       produce_omsi_file, produce_ours, topic_messages,
+                                       wait_for, write_omsi_config, write_tree)
 
 pytestmark = pytest.mark.integration
 

@@ -272,7 +272,7 @@ def recorder(tmp_path) -> RegistryRecorder:
 
 def test_recorder_tracks_files_in_progress(recorder) -> None:
     data = b"0123456789"
-    c1, c2, c3 = chunks(data, "f.bin", "sub")
+    c1, c2, _ = chunks(data, "f.bin", "sub")
     recorder.chunk_added(c1, 1)
     row = recorder.in_progress.get(key("sub/f.bin", data))
     assert row is not None

@@ -150,6 +150,20 @@ def test_forget_drops_revoked_partitions_and_their_pending_messages() -> None:
     assert tracker.committable() == {P1: 1}
 
 
+def test_forget_also_forgets_what_was_committed() -> None:
+    """The next owner may have committed anything meanwhile: after a reassignment the
+    tracker commits what it reads, even below its own earlier commit."""
+    tracker = OffsetTracker()
+    for offset in range(5):
+        tracker.read(P0, offset)
+    assert commit_all(tracker) == {P0: 5}
+    tracker.forget([P0])
+    tracker.read(P0, 2, "x")  # reassigned, read again from an older committed offset
+    assert tracker.committable() == {P0: 2}
+    tracker.file_done("x")
+    assert tracker.committable() == {P0: 3}
+
+
 def test_forget_of_unknown_partition_is_harmless() -> None:
     tracker = OffsetTracker()
     tracker.read(P0, 0, "a")

@@ -611,3 +611,18 @@ def test_chunk_added_recorded_for_accepted_chunks_only() -> None:
     proc.handle(log.put(0, *c1))  # duplicate: not recorded again
     proc.handle(log.put(0, *c2))  # completes: no chunk_added
     assert proc.recorder.of("chunk_added") == [("chunk_added", "q.bin", 1)]
+
+
+def test_duplicates_count_as_read_but_not_as_processed() -> None:
+    log = Log()
+    proc = make()
+    c1, c2 = encoded(b"d" * 12, "dup.bin")
+    msgs = [log.put(0, *c1), log.put(1, *c1), log.put(2, *c2)]
+    for m in msgs:
+        proc.handle(m)
+    upload_all(proc)
+    c = proc.counters
+    assert (c.messages_read, c.bytes_read) == (3, sum(len(m.value) for m in msgs))
+    assert (c.messages_processed, c.bytes_processed) == (
+        2, len(msgs[0].value) + len(msgs[2].value))
+    assert proc.offsets.committable() == {(TOPIC, 0): 1, (TOPIC, 1): 1, (TOPIC, 2): 1}

@@ -161,8 +161,8 @@ class Job:
 
 
 def settings(**overrides) -> RunSettings:
-    base = dict(commit_interval_seconds=0.0, poll_batch=100, interactive=False,
-                retry_delay_seconds=5.0, max_unit_files=1)
+    base = {"commit_interval_seconds": 0.0, "poll_batch": 100, "interactive": False,
+            "retry_delay_seconds": 5.0, "max_unit_files": 1}
     return RunSettings(**{**base, **overrides})
 
 
@@ -231,8 +231,8 @@ def test_commits_follow_durable_files_only() -> None:
 
 def test_commit_interval_is_respected() -> None:
     clock = Clock()
-    runner, group, submit = make(clock=clock, submit=Submitter(auto=Outcome.UPLOADED),
-                                 commit_interval_seconds=5.0)
+    runner, group, _ = make(clock=clock, submit=Submitter(auto=Outcome.UPLOADED),
+                            commit_interval_seconds=5.0)
     put_file(group, b"c" * 4, "c.bin", [0])
     runner.step()
     assert group.commits == []
@@ -339,9 +339,8 @@ def test_idle_does_not_count_without_assignment() -> None:
 
 def test_run_stops_when_idle_and_returns_a_summary() -> None:
     jobs = [Job()]
-    runner, group, submit = make(clock=Clock(step=0.5), jobs=jobs,
-                                 submit=Submitter(auto=Outcome.UPLOADED),
-                                 max_idle_seconds=5.0)
+    runner, group, _ = make(clock=Clock(step=0.5), jobs=jobs,
+                            submit=Submitter(auto=Outcome.UPLOADED), max_idle_seconds=5.0)
     put_file(group, b"d" * 20, "d.bin", [0, 1, 2])
     summary = runner.run()
     assert "no new message" in summary.stopped_because
@@ -357,7 +356,7 @@ def test_run_stops_when_idle_and_returns_a_summary() -> None:
 
 def test_run_stops_at_max_runtime_even_while_busy(monkeypatch) -> None:
     monkeypatch.setattr(runner_module, "SHUTDOWN_GRACE_SECONDS", 1.0)
-    runner, group, submit = make(clock=Clock(step=0.25), max_runtime_seconds=3.0)
+    runner, group, _ = make(clock=Clock(step=0.25), max_runtime_seconds=3.0)
     put_file(group, b"m" * 4, "m.bin", [0])
     summary = runner.run()
     assert summary.stopped_because == "max_runtime_seconds (3) reached"
@@ -383,7 +382,7 @@ def test_stop_requested_from_a_side_job() -> None:
                 request_stop("enough")
 
     job = Stopper()
-    runner, group, _ = make(clock=Clock(step=0.1), jobs=[job])
+    runner, _, _ = make(clock=Clock(step=0.1), jobs=[job])
     summary = runner.run()
     assert summary.stopped_because == "stop requested"
     assert job.ticks == [False, False, False, True]
@@ -447,8 +446,8 @@ def test_on_revoke_commits_then_forgets() -> None:
 
 def test_exception_in_loop_shuts_down_and_propagates() -> None:
     job = Job()
-    runner, group, submit = make(clock=Clock(step=0.1), jobs=[job],
-                                 submit=Submitter(auto=Outcome.UPLOADED))
+    runner, group, _ = make(clock=Clock(step=0.1), jobs=[job],
+                            submit=Submitter(auto=Outcome.UPLOADED))
     put_file(group, b"e" * 4, "e.bin", [0])
 
     def explode(g: FakeGroup) -> None:

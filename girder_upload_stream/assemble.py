@@ -68,7 +68,8 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     processor = StreamProcessor(
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,
-        max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds)
+        max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds,
+        known_done=recorder.processed_keys())
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive),
                            RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
@@ -79,6 +80,6 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     holder: dict[str, StreamRunner] = {}
     group = ConsumerGroup(kafka.consumer, kafka.topic, kafka.n_consumers,
                           on_revoke=lambda tps: holder["runner"].on_revoke(tps))
-    runner = StreamRunner(run, processor, group, submit, jobs)
+    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.save)
     holder["runner"] = runner
     return runner

@@ -20,12 +20,12 @@ from typing import Any
 
 from girder_upload_stream.codec import Chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.pipeline import RawMessage, Recorder
+from girder_upload_stream.pipeline import RawMessage, Recorder, file_generation
 from girder_upload_stream.reassembly import CompletedFile, RejectedFile
 from girder_upload_stream.registry import (STATUS_FAILED, STATUS_IN_PROGRESS,
                                            STATUS_MISMATCHED_HASH, InProgressRow,
                                            InProgressTable, ProcessedRow, ProcessedTable,
-                                           RowKey, consolidate)
+                                           RowKey, consolidate, load_processed_keys)
 from girder_upload_stream.units import FileOutcome, Outcome
 
 __all__ = ["RegistryRecorder", "RegistrySaver"]
@@ -42,10 +42,6 @@ def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
         except (ValueError, TypeError) as exc:
             logger.error("registry entry not recorded (%s): %s", method.__name__, exc)
     return wrapper
-
-
-def _generation(file_hash: bytes) -> str:
-    return file_hash.hex()[:32]
 
 
 def _when(epoch: float) -> datetime:
@@ -66,7 +62,7 @@ class RegistryRecorder(Recorder):
 
     @_never_raise
     def chunk_added(self, chunk: Chunk, n_received: int) -> None:
-        key = RowKey(PurePosixPath(chunk.rel_path), _generation(chunk.file_hash))
+        key = RowKey(PurePosixPath(chunk.rel_path), file_generation(chunk.file_hash))
         now = datetime.now()
         old = self.in_progress.get(key)
         self.in_progress.update(InProgressRow(
@@ -89,13 +85,13 @@ class RegistryRecorder(Recorder):
         self.in_progress.update(InProgressRow(
             PurePosixPath(rejected.rel_path).name, PurePosixPath(rejected.rel_path), status,
             rejected.n_total_chunks, _when(rejected.first_message_at),
-            _when(rejected.last_message_at), _generation(rejected.file_hash),
+            _when(rejected.last_message_at), file_generation(rejected.file_hash),
             {"reason": rejected.reason}))
 
     @_never_raise
     def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:
         rel = PurePosixPath(completed.rel_path)
-        key = RowKey(rel, _generation(completed.file_hash))
+        key = RowKey(rel, file_generation(completed.file_hash))
         if outcome.outcome in (Outcome.FAILED_TRANSIENT, Outcome.FAILED_TERMINAL):
             self.in_progress.update(InProgressRow(
                 rel.name, rel, STATUS_FAILED, completed.n_chunks,
@@ -108,6 +104,11 @@ class RegistryRecorder(Recorder):
             datetime.now(), key.generation,
             {"outcome": outcome.outcome.value, "sha256": completed.sha256,
              "item_id": outcome.item_id or ""}))
+
+    def processed_keys(self) -> set[tuple[str, str]]:
+        """(rel_path, generation) of every file the processed table lists (restart)."""
+        return {(str(k.rel_filepath), k.generation)
+                for k in load_processed_keys(self.folder, self.topic, self.group)}
 
     def save(self, final: bool = False) -> None:
         self.in_progress.save(force=final)

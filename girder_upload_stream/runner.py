@@ -69,12 +69,14 @@ class StreamRunner:
     def __init__(self, settings: RunSettings, processor: StreamProcessor, group: Any,
                  submit: Callable[[UploadUnit], UploadHandle],
                  side_jobs: list[SideJob] | None = None,
+                 before_commit: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.processor = processor
         self.group = group
         self._submit = submit
         self.side_jobs = side_jobs or []
+        self._before_commit = before_commit
         self._clock = clock
         self._handles: dict[int, tuple[UploadUnit, UploadHandle]] = {}
         self._started = clock()
@@ -120,11 +122,17 @@ class StreamRunner:
                 self.processor.finish_unit(unit, outcomes)
 
     def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
-        """Commit every offset the tracker says is safe, for partitions we own."""
+        """Commit every offset the tracker says is safe, for partitions we own.
+
+        ``before_commit`` (the registry save) runs first, so that a file's processed row
+        is durable before the offsets past its messages are: a restart then recognises
+        the file's re-read chunks as done."""
         self._last_commit = self._clock()
         offsets = self.processor.offsets.committable(tps if tps is not None
                                                      else self.group.assignment)
         if offsets:
+            if self._before_commit is not None:
+                self._before_commit()
             self.processor.offsets.committed(self.group.commit(offsets))
 
     def on_revoke(self, tps: list[tuple[str, int]]) -> None:

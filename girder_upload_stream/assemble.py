@@ -33,9 +33,13 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
                    heartbeat_interval_secs: float = 30.0) -> KafkaSettings:
     """Read the config file (a path or a bundled name) into typed Kafka settings."""
     file_config = load_config(resolve_config_path(config))
-    warning = file_config.auto_commit_warning()
-    if warning:
-        logger.warning(warning)
+    if file_config.uses_kafkacrypto:
+        raise ConfigError("the config has a [kafkacrypto] section: encrypted topics are not "
+                          "supported by girder-upload-stream", path=str(file_config.path))
+    if not file_config.auto_commit_disabled:
+        logger.warning("enable.auto.commit is not False in the [consumer] section of %s; "
+                       "girder-upload-stream turns it off anyway and commits offsets itself, "
+                       "after files are durable", file_config.path)
     consumer = file_config.consumer_settings(group_id)
     consumer.setdefault("auto.offset.reset", "earliest")
     # Chunks are up to ~0.5 MiB plus overhead; allow larger ones from custom producers.

@@ -43,6 +43,16 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
 def _add_girder(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("girder_api_url", help="Girder REST API URL, e.g. http://host/api/v1")
     parser.add_argument("girder_api_key", nargs="?", default=None,
@@ -66,7 +76,7 @@ def _add_kafka(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config,
                         help="config file path, or a bundled config name (default: %(default)s)")
     parser.add_argument("--topic_name", default="test", help="topic (default: %(default)s)")
-    parser.add_argument("--n_threads", type=int, default=2,
+    parser.add_argument("--n_threads", type=_positive_int, default=2,
                         help="consumers in the group, and uploads at once (default: %(default)s)")
     parser.add_argument("--consumer_group_id", default="create_new",
                         help="consumer group; 'create_new' makes a fresh one (default)")
@@ -99,7 +109,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> N
     parser.add_argument("--max_idle_seconds", type=float,
                         help="stop after this long with no new message and nothing in flight")
     parser.add_argument("--max_runtime_seconds", type=float, help="stop after this long")
-    parser.add_argument("--memory_budget_mb", type=int, default=1024,
+    parser.add_argument("--memory_budget_mb", type=_positive_int, default=1024,
                         help="pause fetching while files held in RAM exceed this "
                              "(default: %(default)s)")
 
@@ -137,11 +147,15 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
     _setup_logging(args)
     _install_signal_handlers()
+    # The key travels by environment, never as a flow parameter (Prefect stores those).
+    os.environ["GIRDER_API_KEY"] = api_key
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary (ephemeral) server can take >20 s to start on a small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from girder_upload_stream.flows.upload_stream import upload_stream
     summary = upload_stream(
         topic_name=args.topic_name, config=args.config, girder_api_url=args.girder_api_url,
-        girder_api_key=api_key, girder_root_folder_id=args.girder_root_folder_id,
+        girder_root_folder_id=args.girder_root_folder_id,
         collection_name=args.collection_name, girder_root_folder_path=args.girder_root_folder_path,
         metadata=args.metadata, replace_existing=args.replace_existing, n_threads=args.n_threads,
         consumer_group_id=args.consumer_group_id, download_regex=args.download_regex,

@@ -50,6 +50,9 @@ def test_prefect_yaml_registers_stream_and_scheduled_drain(stack_env, prefect_en
     assert drain.parameters["max_idle_seconds"] == 60
     assert [s.schedule.cron for s in drain.schedules] == ["*/15 * * * *"]
     assert not stream.schedules
+    with get_client(sync_client=True) as client:
+        for deployment in (stream, drain):  # no scheduled runs left behind on the server
+            client.delete_deployment(deployment.id)
     for deployment in (stream, drain):
         assert deployment.parameters["girder_api_key_block"] == "girder-api-key"
         assert "girder_api_key" not in deployment.parameters

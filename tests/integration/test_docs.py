@@ -77,9 +77,8 @@ def test_the_docs_have_runnable_examples() -> None:
         assert needed in scripts, f"no runnable example uses {needed!r}"
 
 
-def _topics(bootstrap: str) -> set[str]:
-    from confluent_kafka.admin import AdminClient
-    return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=30).topics)
+def _topics(kafka_admin) -> set[str]:
+    return set(kafka_admin.list_topics(timeout=30).topics)
 
 
 def _docs_collection_id(girder_client) -> str | None:
@@ -90,10 +89,9 @@ def _docs_collection_id(girder_client) -> str | None:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
-def test_doc_example_runs(example: Example, stack_env, prefect_env, girder_client,
-                          tmp_path) -> None:
-    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
-    topics_before = _topics(bootstrap)
+def test_doc_example_runs(example: Example, stack_env, prefect_env, kafka_admin,
+                          girder_client, tmp_path) -> None:
+    topics_before = _topics(kafka_admin)
     collection_before = _docs_collection_id(girder_client)
     env = {**os.environ, **stack_env, **prefect_env,
            "PATH": f"{REPO_ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -105,7 +103,7 @@ def test_doc_example_runs(example: Example, stack_env, prefect_env, girder_clien
                                 capture_output=True, stdin=subprocess.DEVNULL,
                                 timeout=TIMEOUT)
     finally:
-        _clean_up(bootstrap, topics_before, girder_client, collection_before)
+        _clean_up(kafka_admin, topics_before, girder_client, collection_before)
     seconds = time.monotonic() - started
     assert result.returncode == 0, (
         f"{example.id} exited with {result.returncode} after {seconds:.1f}s\n"
@@ -113,14 +111,13 @@ def test_doc_example_runs(example: Example, stack_env, prefect_env, girder_clien
         f"--- stderr ---\n{result.stderr}")
 
 
-def _clean_up(bootstrap: str, topics_before: set[str], girder_client,
+def _clean_up(kafka_admin, topics_before: set[str], girder_client,
               collection_before: str | None) -> None:
     """Delete the example's topics, and the docs collection if the example made it."""
-    from confluent_kafka.admin import AdminClient
-    new = sorted(t for t in _topics(bootstrap) - topics_before if t.startswith(TOPIC_PREFIX))
+    new = sorted(t for t in _topics(kafka_admin) - topics_before if t.startswith(TOPIC_PREFIX))
     if new:
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
-            new, operation_timeout=30)
+        # The admin client must outlive the futures (the session fixture does).
+        futures = kafka_admin.delete_topics(new, operation_timeout=30)
         for future in futures.values():
             try:
                 future.result(timeout=60)

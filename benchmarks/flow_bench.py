@@ -22,10 +22,13 @@ from pathlib import Path
 
 
 def make_tree(root: Path, n_files: int, size: int, seed: int = 1) -> None:
-    """``n_files`` files of ``size`` bytes in a 3-level tree (10 folders per level)."""
+    """``n_files`` files of ``size`` bytes in a 3-level tree: 2 x 5 x 10 folders, so
+    1,000 files put 10 files in each of 100 leaf folders."""
     rng = random.Random(seed)
     for i in range(n_files):
-        path = root / f"l1-{i % 10}" / f"l2-{(i // 10) % 10}" / f"l3-{(i // 100) % 10}" / f"f{i:05d}.bin"
+        leaf = i % 100
+        path = (root / f"l1-{leaf // 50}" / f"l2-{(leaf // 10) % 5}" / f"l3-{leaf % 10}"
+                / f"f{i:05d}.bin")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rng.randbytes(size))
 

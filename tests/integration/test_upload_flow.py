@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, Program, assert_uploaded,
-                                       committed_offsets, end_offsets, finish, folder_by_path,
-                                       girder_tree, n_chunks, processed_rel_paths,
-                                       produce_omsi_file, produce_ours, topic_messages,
-                                       wait_for, write_omsi_config, write_tree)
+                                       committed_offsets, download_item, end_offsets, finish,
+                                       folder_by_path, girder_tree, n_chunks,
+                                       processed_rel_paths, produce_omsi_file, produce_ours,
+                                       sha256, topic_messages, wait_for, write_omsi_config,
+                                       write_tree)
 
 pytestmark = pytest.mark.integration
 
@@ -279,9 +280,10 @@ def test_reproduced_and_changed_files(tmp_path, kafka_env, make_topic, make_grou
     assert second["messages_read"] >= 2 * n_messages, second
     assert second["files_uploaded"] == 0 and second["files_failed"] == 0, second
     assert second["files_skipped"] >= len(files), second
-    after = assert_uploaded(girder_client, root_id, files, topic, root_path=root_path)
-    assert {r: i["_id"] for r, i in after.items.items()} == \
-        {r: i["_id"] for r, i in before.items.items()}, "items were re-created"
+    after = girder_tree(girder_client, root_id)
+    assert {r: (i["_id"], i["size"]) for r, i in after.items.items()} == \
+        {r: (i["_id"], i["size"]) for r, i in before.items.items()}, "items were re-created"
+    assert after.folders.keys() == before.folders.keys(), sorted(after.folders)
     logs = second["_output_dir"] / "LOGS"
     assert (logs / f"processed_from_{topic}_by_{group}.csv").is_file(), sorted(logs.iterdir())
     registry = processed_rel_paths(logs, topic, group)
@@ -295,7 +297,8 @@ def test_reproduced_and_changed_files(tmp_path, kafka_env, make_topic, make_grou
     produce_small_tree(tmp_path, topic, kafka_env, changed, name="changed")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="girder_upload_stream"):
-        third = run_flow(topic, collection_name=collection["name"], consumer_group_id=group)
+        third = run_flow(topic, collection_name=collection["name"], consumer_group_id=group,
+                         n_threads=1)  # one consumer: no rebalance re-reads to count
     assert third["messages_read"] == n_chunks(changed[changed_rel]), \
         f"the group's committed offsets were not used: {third}"
     assert third["files_uploaded"] == 0 and third["files_skipped"] == 1, third
@@ -303,17 +306,23 @@ def test_reproduced_and_changed_files(tmp_path, kafka_env, make_topic, make_grou
                 if r.levelno == logging.WARNING and changed_rel in r.getMessage()]
     assert any("different content" in w for w in warnings), \
         f"no 'different content' warning for {changed_rel}: {[r.getMessage() for r in caplog.records]}"
-    assert_uploaded(girder_client, root_id, files, topic, root_path=root_path)
+    kept = girder_tree(girder_client, root_id).items[changed_rel]
+    assert download_item(girder_client, kept) == files[changed_rel], "the old content was replaced"
+    assert kept["meta"]["checksum"] == {"sha256": sha256(files[changed_rel])}, kept["meta"]
 
     # With --replace_existing the content (and its checksum) is replaced.
     produce_small_tree(tmp_path, topic, kafka_env, changed, name="changed")
     fourth = run_flow(topic, collection_name=collection["name"], consumer_group_id=group,
-                      replace_existing=True)
+                      replace_existing=True, n_threads=1)
     assert fourth["files_uploaded"] == 1 and fourth["files_skipped"] == 0, fourth
-    replaced = assert_uploaded(girder_client, root_id, {**files, **changed}, topic,
-                               root_path=root_path)
-    assert replaced.items[changed_rel]["_id"] == before.items[changed_rel]["_id"], \
+    replaced = girder_tree(girder_client, root_id)
+    assert sorted(replaced.items) == sorted(files), sorted(replaced.items)
+    item = replaced.items[changed_rel]
+    assert item["_id"] == before.items[changed_rel]["_id"], \
         "the item was re-created instead of its content replaced"
+    assert download_item(girder_client, item) == changed[changed_rel], "content not replaced"
+    assert item["meta"]["checksum"] == {"sha256": sha256(changed[changed_rel])}, item["meta"]
+    assert item["meta"]["KafkaTopic"] == topic, item["meta"]
 
 
 # ------------------------------------------------------------------------- 5. heartbeats

@@ -30,7 +30,7 @@ $(OMSI_VENV)/.installed: $(VENV)/.installed
 	$(VENV)/bin/uv pip install -q --python $(OMSI_VENV)/bin/python 'openmsistream==$(OMSI_VERSION)'
 	touch $@
 
-stack-install:  ## Build/download the stack's artifacts (Kafka jars via Maven, FerretDB via Go, Girder venv)
+stack-install:  ## Build/download the stack's artifacts (Kafka and mongo-java-server via Maven, Girder venv)
 	@$(STACKCTL) install
 
 stack-up: install  ## Start Kafka, the MongoDB-protocol server and Girder on 127.0.0.1 (idempotent)

@@ -125,8 +125,8 @@ class GirderStore:
         return parent
 
     def _find_collection(self, name: str) -> dict | None:
-        # A path lookup, not a text search: FerretDB (the dev stack) has no $text. Girder
-        # answers 400 for a path that does not exist.
+        # A path lookup, not a text search: the dev stack's mongo-java-server has no
+        # $text. Girder answers 400 for a path that does not exist.
         client = self._client()
         try:
             return self._call(lambda: client.resourceLookup(f"/collection/{name}"),

@@ -8,6 +8,7 @@ interpreter before the project's virtualenv exists. Every process binds to
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ __all__ = [
     "wait_for_port",
     "port_open",
     "rss_kib",
+    "java_executable",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -159,3 +161,13 @@ def rss_kib(pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+def java_executable() -> str:
+    """The ``java`` of ``JAVA_HOME``, else the one on PATH (the Java components need 17+)."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise ComponentError("no `java` found (the stack's Java components need Java 17+): "
+                             "install a JDK or set JAVA_HOME")
+    return java

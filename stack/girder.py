@@ -1,4 +1,4 @@
-"""Girder 5 REST API for the local stack, on FerretDB (see ``mongo.py``).
+"""Girder 5 REST API for the local stack, on mongo-java-server (see ``mongo.py``).
 
 Girder lives in its own virtualenv, ``.stack/girder/venv``, so its pins never
 meet the project's. It is served by ``girder serve --mode production`` (uvicorn
@@ -41,12 +41,13 @@ START_TIMEOUT = 90.0
 
 # girder-hashsum-download exposes the sha512 that the filesystem assetstore
 # computes on upload (core Girder stores it but filters it out of REST file
-# documents). pymongo and the web-server stack are pinned because they decide
-# what Girder sends to FerretDB and how uploads stream.
+# documents). The web-server stack is pinned because it decides how uploads
+# stream. pymongo stays at 4.13: mongo-java-server reports wire version 8, and
+# pymongo 4.14 and later refuse servers below wire version 9.
 REQUIREMENTS = (
     f"girder=={GIRDER_VERSION}",
     f"girder-hashsum-download=={GIRDER_VERSION}",
-    "pymongo==4.20.1",
+    "pymongo==4.13.2",
     "CherryPy==18.10.0",
     "cheroot==11.1.2",
     "uvicorn[standard]==0.54.0",
@@ -58,20 +59,6 @@ ADMIN_EMAIL = "admin@example.com"
 API_KEY_NAME = "girder-upload-stream"
 ASSETSTORE_NAME = "gus-filesystem"
 ASSETSTORE_TYPE_FILESYSTEM = 0
-
-# FerretDB 1.24 rejects find's noCursorTimeout=true, which Girder sends unless a
-# cursor time limit is configured; with one it sends maxTimeMS instead.
-CURSOR_TIMEOUT_MS = 3_600_000
-
-# FerretDB 1.24 lacks $group's $first, which Girder's Setting model runs at
-# start-up unless the unique index on setting.key is already there. Creating
-# that index first is harmless on a real MongoDB too.
-_PREPARE_DB = """
-import sys, pymongo
-client = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=10000)
-client.get_database().setting.create_index("key", unique=True)
-"""
-
 
 def port() -> int:
     """The port of the running server, else the one it will use (GUS_GIRDER_PORT)."""
@@ -150,7 +137,6 @@ def start() -> None:
             "(set GUS_GIRDER_PORT to use another port)")
     install()
     mongo.start()
-    _prepare_database()
     _assetstore_root().mkdir(parents=True, exist_ok=True)
     _port_file().write_text(str(listen))
     pid = common.spawn(NAME, _serve_argv(listen), env=_serve_env(), cwd=_home())
@@ -167,12 +153,6 @@ def start() -> None:
             f"girder: bootstrap failed ({exc!r}); see its log: {common.log_path(NAME)}") from exc
 
 
-def _prepare_database() -> None:
-    _run_logged("preparing the database",
-                [str(_venv() / "bin" / "python"), "-c", _PREPARE_DB, mongo.uri(DATABASE)],
-                timeout=60)
-
-
 def _serve_argv(listen: int) -> list[str]:
     return [str(_venv() / "bin" / "girder"), "serve", "--mode", "production",
             "--database", mongo.uri(DATABASE), "--host", HOST, "--port", str(listen)]
@@ -180,7 +160,6 @@ def _serve_argv(listen: int) -> list[str]:
 
 def _serve_env() -> dict[str, str]:
     return {
-        "GIRDER_MAX_CURSOR_TIMEOUT_MS": str(CURSOR_TIMEOUT_MS),
         # Deleting a collection or folder runs as a Celery task on a "local" worker;
         # eager mode runs it in-process, so no RabbitMQ and no worker process are needed.
         "GIRDER_WORKER_TASK_ALWAYS_EAGER": "true",
@@ -297,6 +276,11 @@ def _token_from_api_key(key: str | None) -> str | None:
     return body["authToken"]["token"] if code == 200 else None
 
 
+def _start_afresh_hint() -> str:
+    return (f"to start afresh, stop the stack and delete {mongo.data_file()}, "
+            f"{_assetstore_root()} and {_credentials_path()}")
+
+
 def _admin_token(creds: dict[str, str]) -> str:
     """Log in as admin, registering it first on a fresh database."""
     creds.setdefault("login", ADMIN_LOGIN)
@@ -312,13 +296,11 @@ def _admin_token(creds: dict[str, str]) -> str:
         raise ComponentError(
             f"girder: cannot log in as {creds['login']!r} nor create it (HTTP {code}: {body}). "
             f"The database holds an admin whose password is not in {_credentials_path()}; "
-            "to start afresh, stop the stack and delete .stack/ferretdb/data, "
-            ".stack/girder/assetstore and .stack/girder/credentials.json")
+            + _start_afresh_hint())
     if not body.get("admin"):
         raise ComponentError(
             f"girder: {creds['login']!r} was created but is not a site admin, so the database "
-            "already had users; to start afresh, stop the stack and delete .stack/ferretdb/data, "
-            ".stack/girder/assetstore and .stack/girder/credentials.json")
+            "already had users; " + _start_afresh_hint())
     return body["authToken"]["token"]
 
 

@@ -23,8 +23,9 @@ import time
 import uuid
 from pathlib import Path
 
-from stack.common import (HOST, REPO_ROOT, ComponentError, component_dir, log_path, port_open,
-                          read_pid, rss_kib, spawn, stop_pid, wait_for_port)
+from stack.common import (HOST, REPO_ROOT, ComponentError, component_dir, java_executable,
+                          log_path, port_open, read_pid, rss_kib, spawn, stop_pid,
+                          wait_for_port)
 
 __all__ = ["NAME", "PORT", "CONTROLLER_PORT", "install", "start", "stop", "status", "env"]
 
@@ -52,15 +53,6 @@ def _home() -> Path:
 
 def _libs() -> Path:
     return _home() / "libs"
-
-
-def _java() -> str:
-    java_home = os.environ.get("JAVA_HOME")
-    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
-    if not java or not Path(java).exists():
-        raise ComponentError("no `java` found (Kafka 4 needs Java 17+): install a JDK "
-                             "or set JAVA_HOME")
-    return java
 
 
 def _installed_digest() -> str | None:
@@ -189,7 +181,8 @@ def _write_config() -> Path:
 
 
 def _java_argv(main_class: str, *args: str, jvm_flags: tuple[str, ...] = _JVM_FLAGS) -> list[str]:
-    return [_java(), *jvm_flags, f"-Dlog4j2.configurationFile={_home() / 'log4j2.properties'}",
+    log4j_config = _home() / "log4j2.properties"
+    return [java_executable(), *jvm_flags, f"-Dlog4j2.configurationFile={log4j_config}",
             "-cp", str(_libs() / "*"), main_class, *args]
 
 

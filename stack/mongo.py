@@ -1,20 +1,30 @@
-"""The stack's MongoDB-wire-protocol server: FerretDB 1.24 on its SQLite backend.
+"""The stack's MongoDB-wire-protocol server: mongo-java-server on its H2 backend.
 
-No MongoDB binary can be installed here, so Girder talks to FerretDB, which
-speaks the MongoDB wire protocol and keeps its data in SQLite files under
-``.stack/ferretdb/data/``. It listens on 127.0.0.1:37017 (``GUS_MONGO_PORT``).
+No MongoDB binary can be installed here, so Girder talks to mongo-java-server
+(``de.bwaldvogel:mongo-java-server``), a Java implementation of the MongoDB wire
+protocol, run by a main class of our own (``stack/mongo-java-server/``). Maven
+compiles it and copies its runtime jars into ``.stack/mongo/build/``; it listens on
+127.0.0.1:37017 (``GUS_MONGO_PORT``) and keeps every database in one H2 MVStore
+file, ``.stack/mongo/data.mv``, which survives restarts. It logs to
+``.stack/logs/mongo.log`` (Maven's output goes to ``mongo-install.log``).
 
-FerretDB is built from the Go module proxy, but not with
-``go install github.com/FerretDB/FerretDB/cmd/ferretdb@v1.24.2``: the module
-ships without the generated ``build/version/version.txt``, so that binary
-panics at start-up ("Invalid build/version/version.txt file content"). Its
-version check only runs when FerretDB's own module is the main module, so we
-build a few lines of our own Go ``main`` around FerretDB's embeddable package
-(``github.com/FerretDB/FerretDB/ferretdb``) instead.
+mongo-java-server reports MongoDB wire version 8 (MongoDB 4.2), and pymongo 4.14 and
+later require 9, so ``girder.py`` pins Girder's pymongo to 4.13.2. It builds no
+non-unique indexes (only ``_id`` and unique ones; its log lists the ones it ignores),
+so most queries scan their collection, though through H2's page cache: Girder's createItem took
+10-20 ms both on an empty database and after 5,000 items.
 
-Known FerretDB 1.24 gaps that matter to Girder (worked around in ``girder.py``):
-``$group``'s ``$first`` accumulator, ``noCursorTimeout: true`` on ``find``,
-text indexes and ``$text`` queries, TTL indexes (``expireAfterSeconds``).
+What was tried before: FerretDB 1.24.2 on its SQLite backend. ``go install`` of its
+command panics at start-up (the published module lacks ``build/version/version.txt``);
+a small Go wrapper around its embeddable package worked with Girder given two
+workarounds (a pre-created unique index on ``setting.key``, because ``$group`` has no
+``$first``; ``GIRDER_MAX_CURSOR_TIMEOUT_MS``, because ``find`` rejects
+``noCursorTimeout``), and without ``$text`` or TTL indexes. But FerretDB cannot push
+ObjectId equality filters down to SQLite, so every query scanned, and Girder's
+createItem took 20 ms on an empty database, 157 ms after 500 items and about 1 s
+after a few thousand. mongomock is no server at all (and fails inside Girder with
+"does not handle custom tzinfo"). None of this is for production: a production
+Girder runs on a real MongoDB.
 """
 
 from __future__ import annotations
@@ -26,24 +36,30 @@ import socket
 import struct
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import common
-from .common import HOST, STACK_DIR, ComponentError
+from .common import HOST, ComponentError
 
-__all__ = ["NAME", "FERRETDB_VERSION", "install", "start", "stop", "status", "env",
-           "port", "uri", "ping"]
+__all__ = ["NAME", "install", "start", "stop", "status", "env", "port", "uri", "ping",
+           "data_file", "server_version"]
 
 NAME = "mongo"
-FERRETDB_VERSION = "v1.24.2"
 DEFAULT_PORT = 37017
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 
-BINARY = STACK_DIR / "bin" / "gus-ferretdb"
-
-# Our own Go wrapper around FerretDB's embeddable package, committed with its go.sum
-# (stack/ferretdb/), so the build is pinned and reproducible from the module proxy.
-SOURCE_DIR = Path(__file__).resolve().parent / "ferretdb"
+# Our main class and its Maven project (pom.xml pins mongo-java-server and plugins).
+SOURCE_DIR = Path(__file__).resolve().parent / "mongo-java-server"
+_POM = SOURCE_DIR / "pom.xml"
+_MAIN_CLASS = "local.gus.mongo.Main"
+_MARKER = ".sources.sha256"
+_JVM_FLAGS = (
+    # Girder's metadata is small: a modest heap, and the serial collector, which
+    # keeps the resident size low on a 2-core machine.
+    "-Xms32m", "-Xmx256m", "-XX:+UseSerialGC",
+    "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
+)
 
 
 def port() -> int:
@@ -67,51 +83,86 @@ def uri(database: str = "") -> str:
 
 
 def _home() -> Path:
-    return common.component_dir("ferretdb")
+    return common.component_dir(NAME)
 
 
-def _data_dir() -> Path:
-    return _home() / "data"
+def _build_dir() -> Path:
+    return _home() / "build"
 
 
-def _install_stamp() -> str:
-    # Rebuild when the pinned version or the wrapper source changes.
-    sources = b"".join((SOURCE_DIR / n).read_bytes() for n in ("go.mod", "go.sum", "main.go"))
-    digest = hashlib.sha256(sources).hexdigest()[:16]
-    return f"ferretdb {FERRETDB_VERSION} wrapper {digest}\n"
+def data_file() -> Path:
+    """The H2 MVStore file holding every database of the server."""
+    return _home() / "data.mv"
 
 
-def _marker() -> Path:
-    return _home() / "installed"
+def server_version() -> str:
+    """The mongo-java-server version pinned in the pom."""
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = ET.parse(_POM).find("m:properties/m:mongo-java-server.version", ns)
+    return node.text.strip() if node is not None and node.text else "unknown"
+
+
+# --- install ------------------------------------------------------------------
+
+def _source_digest() -> str:
+    """Checksum of the pom and every source file: a change means a rebuild."""
+    digest = hashlib.sha256()
+    for path in [_POM, *sorted((SOURCE_DIR / "src").rglob("*"))]:
+        if path.is_file():
+            digest.update(str(path.relative_to(SOURCE_DIR)).encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _installed_digest() -> str | None:
+    try:
+        return (_build_dir() / _MARKER).read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def install() -> None:
-    """Build the FerretDB wrapper into ``.stack/bin/`` (skipped when up to date)."""
-    if BINARY.exists() and _marker().exists() and _marker().read_text() == _install_stamp():
+    """Compile our main class and copy its jars into ``.stack/mongo/build`` (once)."""
+    digest = _source_digest()
+    if _installed_digest() == digest:
         return
-    go = shutil.which("go")
-    if go is None:
-        raise ComponentError("mongo: `go` is not on PATH; FerretDB is built with Go >= 1.24")
-    BINARY.parent.mkdir(parents=True, exist_ok=True)
-    # GOTOOLCHAIN=local: fail clearly rather than try to download another Go.
-    env = {**os.environ, "GOTOOLCHAIN": "local"}
-    _run_logged([go, "build", "-trimpath", "-o", str(BINARY), "."], SOURCE_DIR, env)
-    _marker().write_text(_install_stamp())
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise ComponentError("mongo: `mvn` (Maven 3.8+) is needed to build mongo-java-server")
+    # Build into a fresh folder and swap it in, so a failed or changed build never
+    # leaves a mix of two versions on the class path.
+    staging = _home() / "build.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"[stack] {NAME}: building mongo-java-server {server_version()} with Maven ...",
+          flush=True)
+    _run_logged([mvn, "-B", "-q", "-f", str(_POM), "compile", "dependency:copy-dependencies",
+                 f"-Dgus.build.dir={staging}"])
+    (staging / _MARKER).write_text(digest + "\n")
+    shutil.rmtree(_build_dir(), ignore_errors=True)
+    staging.rename(_build_dir())
 
 
-def _run_logged(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+def _run_logged(argv: list[str]) -> None:
     log = common.log_path(f"{NAME}-install")
     with open(log, "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
-        result = subprocess.run(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+        result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
-        raise ComponentError(f"mongo: `{' '.join(argv[:3])}` failed; see its log: {log}")
+        raise ComponentError(f"mongo: the Maven build failed; see its log: {log}")
+
+
+# --- start / stop / status -----------------------------------------------------
+
+def _java_argv(listen: int) -> list[str]:
+    class_path = os.pathsep.join([str(_build_dir() / "classes"), str(_build_dir() / "libs" / "*")])
+    return [common.java_executable(), *_JVM_FLAGS, "-cp", class_path, _MAIN_CLASS,
+            HOST, str(listen), str(data_file())]
 
 
 def start() -> None:
-    """Start FerretDB unless it runs already; return once it answers a ping."""
+    """Start the server unless it runs already; return once it answers a ping."""
     if common.read_pid(NAME) is not None:
         return
     listen = port()
@@ -120,11 +171,8 @@ def start() -> None:
             f"mongo: {HOST}:{listen} is taken by a process the stack did not start "
             "(set GUS_MONGO_PORT to use another port)")
     install()
-    data = _data_dir()
-    data.mkdir(parents=True, exist_ok=True)
     _port_file().write_text(str(listen))
-    argv = [str(BINARY), "-listen-addr", f"{HOST}:{listen}", "-sqlite-url", f"file:{data}/"]
-    pid = common.spawn(NAME, argv, cwd=_home())
+    pid = common.spawn(NAME, _java_argv(listen), cwd=_home())
     try:
         common.wait_for_port(NAME, listen, START_TIMEOUT, pid=pid)
         _wait_ready(START_TIMEOUT)
@@ -145,6 +193,7 @@ def _wait_ready(timeout: float) -> None:
 
 
 def stop() -> None:
+    """SIGTERM runs the server's shutdown hook, which closes the H2 store cleanly."""
     common.stop_pid(NAME)
 
 
@@ -154,7 +203,7 @@ def status() -> str:
         return "stopped"
     rss_mib = common.rss_kib(pid) / 1024
     return (f"running pid={pid} port={port()} rss={rss_mib:.1f}MiB "
-            f"(FerretDB {FERRETDB_VERSION}, sqlite)")
+            f"(mongo-java-server {server_version()}, H2)")
 
 
 def env() -> dict[str, str]:
@@ -200,9 +249,14 @@ def ping(timeout: float = 2.0) -> bool:
             reply = _recv_exact(sock, length - 16)
     except OSError:
         return False
-    # The reply is flagBits, a kind-0 section byte, then {ok: 1.0}; the server
-    # may add fields, so look the "ok" double up by its element header.
-    marker = reply.find(b"\x01ok\x00")
-    if marker < 0:
-        return False
-    return struct.unpack("<d", reply[marker + 4:marker + 12])[0] == 1.0
+    return _reply_ok(reply)
+
+
+def _reply_ok(reply: bytes) -> bool:
+    # The reply is flagBits, a kind-0 section byte, then a document holding "ok".
+    # Servers differ in its BSON type, so accept a double or an int32 of 1.
+    for type_byte, size, fmt in ((b"\x01", 8, "<d"), (b"\x10", 4, "<i")):
+        marker = reply.find(type_byte + b"ok\x00")
+        if marker >= 0:
+            return struct.unpack(fmt, reply[marker + 4:marker + 4 + size])[0] == 1
+    return False

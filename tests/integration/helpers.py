@@ -8,7 +8,6 @@ OpenMSIStream (GPL) is only ever run as a black box, through its console scripts
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -68,7 +67,7 @@ def write_omsi_config(path: Path, bootstrap: str) -> Path:
 
 class Program:
     """A console program run in the background, its output in a file; stopped by its PID
-    (``q`` on stdin first, then SIGTERM, then SIGKILL)."""
+    (``q`` on stdin first, then SIGTERM, then SIGKILL). ``env`` replaces the environment."""
 
     def __init__(self, argv: list[str], log_path: Path, cwd: Path,
                  env: dict[str, str] | None = None, stdin=subprocess.PIPE) -> None:
@@ -77,7 +76,7 @@ class Program:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()/wait()
         self.proc = subprocess.Popen(
             self.argv, cwd=cwd, stdin=stdin, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
+            env={**(os.environ if env is None else env), "PYTHONIOENCODING": "utf-8"})
 
     def output(self) -> str:
         if not self._log.closed:
@@ -255,11 +254,8 @@ def girder_tree(gc, folder_id: str) -> GirderTree:
 
 
 def download_item(gc, item: dict) -> bytes:
-    files = list(gc.listFile(item["_id"]))
-    assert len(files) == 1, f"item {item['name']!r} has {len(files)} files: {files}"
-    buf = io.BytesIO()
-    gc.downloadFile(files[0]["_id"], buf)
-    return buf.getvalue()
+    """The bytes of a one-file item (one request; several files would come as a zip)."""
+    return gc.get(f"item/{item['_id']}/download", jsonResp=False).content
 
 
 def item_path(gc, item: dict) -> str:

@@ -8,6 +8,7 @@ stopped by their own PID only.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -40,7 +41,6 @@ SUPPORTED_OPTIONS = [
 def cli_env(stack_env, prefect_env) -> dict[str, str]:
     """Environment of a CLI subprocess: the session's Prefect server and the broker, but
     no Girder API key (tests that want it from the environment add it)."""
-    import os
     env = {k: v for k, v in os.environ.items() if k != "GIRDER_API_KEY"}
     env.update(prefect_env)
     env["KAFKA_BOOTSTRAP_SERVERS"] = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
@@ -143,6 +143,7 @@ def test_run_stops_on_q(tmp_path, cli_env, stack_env, make_topic, make_group,
     code = program.wait(30)
     assert code == 0, program.describe(log_file)
     assert "stopped (stop requested)" in program.output(), program.describe(log_file)
+    assert "Finished in state Completed()" in program.output(), program.describe(log_file)
     root = folder_by_path(girder_client, root_path)
     assert_uploaded(girder_client, root["_id"], files, topic, {"via": "run"},
                     root_path=root_path)
@@ -179,6 +180,7 @@ def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, sta
                                              "TerminationSignal" in last), \
         program.describe(log_file)
     assert "Traceback" not in program.output(), program.describe(log_file)
+    assert "Finished in state Completed()" in program.output(), program.describe(log_file)
     root = folder_by_path(girder_client, root_path)
     assert_uploaded(girder_client, root["_id"], files, topic, root_path=root_path)
     # The registries were written at shutdown: one consolidated processed table.
@@ -215,6 +217,7 @@ def test_stops_on_max_idle_with_stdin_closed(tmp_path, cli_env, stack_env, make_
     assert code == 0, program.describe(log_file)
     output = program.output()
     assert f"stopped (no new message for {max_idle}s" in output, program.describe(log_file)
+    assert "Finished in state Completed()" in output, program.describe(log_file)
     assert elapsed >= max_idle, f"stopped after {elapsed:.1f}s\n{program.describe(log_file)}"
     n_messages = sum(n_chunks(d) for d in files.values())
     assert f"{n_messages} messages read" in output, program.describe(log_file)

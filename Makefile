@@ -45,7 +45,7 @@ stack-status:  ## Show each stack process, its port and memory
 stack-env:  ## Print `export NAME=VALUE` lines: eval "$$(make -s stack-env)"
 	@$(STACKCTL) env
 
-prefect-up: install  ## Start a local Prefect server (SQLite) with the UI on http://127.0.0.1:34200
+prefect-up: install  ## Start a local Prefect server (SQLite) with the UI on http://127.0.0.1:24200
 	@$(STACKCTL) up prefect
 	@$(STACKCTL) env prefect
 

@@ -1,7 +1,7 @@
 """Throughput of the upload flow on the local stack (not part of the test suite).
 
     eval "$(make -s stack-env)"; make prefect-up
-    export PREFECT_API_URL=http://127.0.0.1:34200/api
+    export PREFECT_API_URL=http://127.0.0.1:24200/api
     .venv/bin/python benchmarks/flow_bench.py --files 1000 --size 65536 --threads 1 4
 
 For each n_threads: a fresh topic (4 partitions) and Girder collection, the producer

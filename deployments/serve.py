@@ -1,6 +1,6 @@
 """The simplest way to run girder-upload-stream as a deployment: no work pool, no worker.
 
-    export PREFECT_API_URL=http://127.0.0.1:34200/api   # make prefect-up
+    export PREFECT_API_URL=http://127.0.0.1:24200/api   # make prefect-up
     eval "$(make -s stack-env)"                          # or your own Kafka and Girder
     .venv/bin/python deployments/serve.py
 

@@ -3,8 +3,8 @@
 Girder lives in its own virtualenv, ``.stack/girder/venv``, so its pins never
 meet the project's. It is served by ``girder serve --mode production`` (uvicorn
 in one process; any other mode turns on uvicorn's auto-reloader and a child
-process) on 127.0.0.1:38080 (``GUS_GIRDER_PORT``), with its database given as
-``--database mongodb://127.0.0.1:37017/girder``. No web client is built: only
+process) on 127.0.0.1:28080 (``GUS_GIRDER_PORT``), with its database given as
+``--database mongodb://127.0.0.1:27117/girder``. No web client is built: only
 ``/api/v1`` is used.
 
 After start-up it is bootstrapped through its REST API, idempotently: the
@@ -35,7 +35,7 @@ __all__ = ["NAME", "GIRDER_VERSION", "install", "start", "stop", "status", "env"
 
 NAME = "girder"
 GIRDER_VERSION = "5.0.21"
-DEFAULT_PORT = 38080
+DEFAULT_PORT = 28080
 DATABASE = "girder"
 START_TIMEOUT = 90.0
 

@@ -9,7 +9,7 @@ static one-voter quorum, so it needs no other node and survives restarts.
 Layout under ``.stack/kafka/``: ``libs/`` (jars and the pom's checksum),
 ``server.properties``, ``log4j2.properties`` and ``data/`` (metadata and topic logs).
 The broker logs to ``.stack/logs/kafka.log``. Ports: ``GUS_KAFKA_PORT`` (default
-39092) for clients, the next port for the controller.
+29092) for clients, the next port for the controller.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from stack.common import (HOST, REPO_ROOT, ComponentError, component_dir, java_e
 __all__ = ["NAME", "PORT", "CONTROLLER_PORT", "install", "start", "stop", "status", "env"]
 
 NAME = "kafka"
-PORT = int(os.environ.get("GUS_KAFKA_PORT", "39092"))
+PORT = int(os.environ.get("GUS_KAFKA_PORT", "29092"))
 CONTROLLER_PORT = PORT + 1
 
 _POM = REPO_ROOT / "stack" / "kafka" / "pom.xml"

@@ -4,7 +4,7 @@ No MongoDB binary can be installed here, so Girder talks to mongo-java-server
 (``de.bwaldvogel:mongo-java-server``), a Java implementation of the MongoDB wire
 protocol, run by a main class of our own (``stack/mongo-java-server/``). Maven
 compiles it and copies its runtime jars into ``.stack/mongo/build/``; it listens on
-127.0.0.1:37017 (``GUS_MONGO_PORT``) and keeps every database in one H2 MVStore
+127.0.0.1:27117 (``GUS_MONGO_PORT``) and keeps every database in one H2 MVStore
 file, ``.stack/mongo/data.mv``, which survives restarts. It logs to
 ``.stack/logs/mongo.log`` (Maven's output goes to ``mongo-install.log``).
 
@@ -46,7 +46,7 @@ __all__ = ["NAME", "install", "start", "stop", "status", "env", "port", "uri", "
            "data_file", "server_version"]
 
 NAME = "mongo"
-DEFAULT_PORT = 37017
+DEFAULT_PORT = 27117
 START_TIMEOUT = 60.0
 
 # Our main class and its Maven project (pom.xml pins mongo-java-server and plugins).

@@ -3,7 +3,7 @@
 Not part of the default stack: without ``PREFECT_API_URL`` Prefect runs an
 ephemeral API in-process, which is all the flow needs. Start this one to watch
 runs in the UI or to serve deployments: ``make prefect-up``, then open
-http://127.0.0.1:34200 and ``export PREFECT_API_URL=http://127.0.0.1:34200/api``.
+http://127.0.0.1:24200 and ``export PREFECT_API_URL=http://127.0.0.1:24200/api``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from stack.common import (HOST, REPO_ROOT, ComponentError, component_dir, log_pa
 __all__ = ["NAME", "PORT", "install", "start", "stop", "status", "env"]
 
 NAME = "prefect"
-PORT = int(os.environ.get("GUS_PREFECT_PORT", "34200"))
+PORT = int(os.environ.get("GUS_PREFECT_PORT", "24200"))
 _PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"
 
 

@@ -34,11 +34,12 @@ def make_tree(root: Path, n_files: int, size: int, seed: int = 1) -> None:
 
 
 def task_runs_of(flow_run_id: str) -> int:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    with get_client(sync_client=True) as client:
-        return client.count_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_run_id])))
+    """Task runs the Prefect server recorded for one flow run (REST count endpoint)."""
+    import httpx
+    response = httpx.post(f"{os.environ['PREFECT_API_URL']}/task_runs/count",
+                          json={"flow_runs": {"id": {"any_": [flow_run_id]}}}, timeout=30)
+    response.raise_for_status()
+    return int(response.json())
 
 
 def one_run(source: Path, n_files: int, total_bytes: int, threads: int, db: Path | None) -> dict:

@@ -91,7 +91,7 @@ def upload_stream(
     kafka = kafka_settings(config, topic_name, consumer_group_id, n_threads,
                            heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs)
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
-                      upload_concurrency=n_threads, update_seconds=update_seconds,
+                      update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
                       memory_budget_bytes=memory_budget_mb << 20, interactive=interactive,
                       logger_file_path=logs_dir)

@@ -176,14 +176,6 @@ class KafkaFileConfig:
             return False
         return parse_bool(value) is False
 
-    def auto_commit_warning(self) -> str | None:
-        """The warning to log when auto-commit is not disabled, or None if all is well."""
-        if self.auto_commit_disabled:
-            return None
-        return (f"enable.auto.commit is not set to False in the [consumer] section of "
-                f"{self.path}: messages may be lost or consumed more than once "
-                "(the at-least-once guarantee needs enable.auto.commit = False)")
-
 
 def load_config(path: str | os.PathLike[str],
                 env: Mapping[str, str] | None = None) -> KafkaFileConfig:

@@ -3,7 +3,6 @@ from the command line, the environment or a Prefect Secret block and are never l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,11 +53,6 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_secs: float = 30.0
     heartbeat_producer: dict[str, str] = Field(default_factory=dict)
 
-    def redacted(self) -> dict[str, str]:
-        """Consumer settings fit for a log line (passwords and secrets masked)."""
-        return {k: ("***" if any(s in k for s in ("password", "secret", "key")) else v)
-                for k, v in self.consumer.items()}
-
 
 class RunSettings(BaseModel):
     """How the consumer runs: reassembly, batching, memory, stop conditions, console."""
@@ -69,7 +63,6 @@ class RunSettings(BaseModel):
     output_dir: Path = Path("GirderUploadStreamProcessor_output")
     logger_file_path: Path | None = None
     download_regex: str | None = None
-    upload_concurrency: int = Field(default=2, ge=1)
     memory_budget_bytes: int = Field(default=1 << 30, ge=1 << 20)
     max_file_bytes: int | None = None
     max_unit_files: int = Field(default=64, ge=1)
@@ -86,8 +79,3 @@ class RunSettings(BaseModel):
     @property
     def logs_dir(self) -> Path:
         return self.logger_file_path or self.output_dir / "LOGS"
-
-
-def env_secret(name: str) -> SecretStr | None:
-    value = os.environ.get(name)
-    return SecretStr(value) if value else None

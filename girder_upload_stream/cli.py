@@ -16,6 +16,7 @@ from pathlib import Path
 from girder_upload_stream import __version__
 from girder_upload_stream.codec import DEFAULT_CHUNK_SIZE
 from girder_upload_stream.config import load_config
+from girder_upload_stream.cli_run import positive_int
 from girder_upload_stream.config_files import resolve_config_path
 from girder_upload_stream.errors import GirderUploadStreamError
 from girder_upload_stream.producer import DEFAULT_UPLOAD_REGEX, ProduceSummary, produce_path
@@ -30,13 +31,6 @@ def _regex(text: str) -> re.Pattern[str]:
         raise argparse.ArgumentTypeError(f"not a valid regular expression: {exc}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
-
-
 def _add_produce(sub: argparse._SubParsersAction) -> None:
     produce = sub.add_parser(
         "produce", help="produce a file or a directory tree as chunk messages",
@@ -49,7 +43,7 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
                          help="config file path, or the name of a bundled config "
                               "(default: %(default)s, which reads $KAFKA_BOOTSTRAP_SERVERS)")
     produce.add_argument("--topic_name", default="test", help="topic (default: %(default)s)")
-    produce.add_argument("--chunk_size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
+    produce.add_argument("--chunk_size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
                          help="bytes per chunk message (default: %(default)s)")
     produce.add_argument("--upload_regex", type=_regex, default=DEFAULT_UPLOAD_REGEX,
                          help="only relative paths matching this are produced (default: "

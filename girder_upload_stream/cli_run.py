@@ -20,7 +20,7 @@ from typing import Any
 
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
 
-__all__ = ["add_run_arguments", "run_from_args", "processor_main"]
+__all__ = ["add_run_arguments", "positive_int", "run_from_args", "processor_main"]
 
 UNSUPPORTED = {
     "log_topic_name": "log messages to a Kafka topic",
@@ -43,7 +43,8 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a usage error (exit 2) otherwise."""
     try:
         value = int(text)
     except ValueError:
@@ -76,7 +77,7 @@ def _add_kafka(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config,
                         help="config file path, or a bundled config name (default: %(default)s)")
     parser.add_argument("--topic_name", default="test", help="topic (default: %(default)s)")
-    parser.add_argument("--n_threads", type=_positive_int, default=2,
+    parser.add_argument("--n_threads", type=positive_int, default=2,
                         help="consumers in the group, and uploads at once (default: %(default)s)")
     parser.add_argument("--consumer_group_id", default="create_new",
                         help="consumer group; 'create_new' makes a fresh one (default)")
@@ -109,7 +110,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> N
     parser.add_argument("--max_idle_seconds", type=float,
                         help="stop after this long with no new message and nothing in flight")
     parser.add_argument("--max_runtime_seconds", type=float, help="stop after this long")
-    parser.add_argument("--memory_budget_mb", type=_positive_int, default=1024,
+    parser.add_argument("--memory_budget_mb", type=positive_int, default=1024,
                         help="pause fetching while files held in RAM exceed this "
                              "(default: %(default)s)")
 

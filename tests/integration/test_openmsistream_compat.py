@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,19 +25,20 @@ import pytest
 
 from girder_upload_stream.codec import decode_chunk
 from girder_upload_stream.reassembly import AddStatus, Reassembler
+from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, OUR_CLI, TIMEOUT,
+                                       Program, end_offsets, n_chunks, wait_for,
+                                       write_omsi_config)
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-OMSI_BIN = Path(os.environ.get("GUS_OPENMSISTREAM_VENV", REPO_ROOT / ".venv-openmsistream")) / "bin"
-OUR_CLI = REPO_ROOT / ".venv" / "bin" / "girder-upload-stream"
-CHUNK_SIZE = 65_536
 BIG_SIZE = 5 * 1024 * 1024  # 80 chunks of 64 KiB
-TIMEOUT = 60.0
 
-if not (OMSI_BIN / "DataFileDownloadDirectory").exists():
-    pytest.skip(f"OpenMSIStream is not installed in {OMSI_BIN.parent} (run `make install`)",
-                allow_module_level=True)
+
+@pytest.fixture(autouse=True)
+def _openmsistream_installed() -> None:
+    # `make install` always creates this venv: its absence is a failure, never a skip.
+    if not (OMSI_BIN / "DataFileDownloadDirectory").exists():
+        pytest.fail(f"OpenMSIStream is not installed in {OMSI_BIN.parent} (run `make install`)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -64,111 +64,6 @@ def _write_tree(root: Path, seed: int) -> dict[str, bytes]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return files
-
-
-def _n_chunks(data: bytes) -> int:
-    return -(-len(data) // CHUNK_SIZE)
-
-
-def _write_omsi_config(path: Path, bootstrap: str) -> Path:
-    path.write_text(
-        "[broker]\n"
-        f"bootstrap.servers = {bootstrap}\n"
-        "\n[producer]\n"
-        "key.serializer   = StringSerializer\n"
-        "value.serializer = DataFileChunkSerializer\n"
-        "\n[consumer]\n"
-        "group.id           = create_new\n"
-        "auto.offset.reset  = earliest\n"
-        "enable.auto.commit = False\n"
-        "key.deserializer   = StringDeserializer\n"
-        "value.deserializer = DataFileChunkDeserializer\n")
-    return path
-
-
-def _end_offsets(bootstrap: str, topic: str) -> int:
-    """Total number of messages on ``topic`` (sum of its partitions' high watermarks)."""
-    from confluent_kafka import Consumer, TopicPartition
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-watermarks",
-                         "enable.auto.commit": False})
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        total = 0
-        for partition in meta.topics[topic].partitions:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                        timeout=10)
-            total += high
-        return total
-    finally:
-        consumer.close()
-
-
-class Program:
-    """A black-box console program run in the background, its output in a file, stopped
-    by typing ``q`` on its stdin (then SIGTERM, then SIGKILL, all by its own PID)."""
-
-    def __init__(self, argv: list[str], log_path: Path, cwd: Path) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE, stdout=self._log,
-                                     stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def describe(self, extra_files: tuple[Path, ...] = ()) -> str:
-        text = (f"$ {' '.join(self.argv)}\n(pid {self.proc.pid}, returncode "
-                f"{self.proc.poll()})\n--- output ---\n{self.output()}")
-        for path in extra_files:
-            if path.is_file():
-                text += f"\n--- {path.name} ---\n{path.read_text(errors='replace')[-6000:]}"
-        return text
-
-    def assert_alive(self, extra_files: tuple[Path, ...] = ()) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"{Path(self.argv[0]).name} exited early\n{self.describe(extra_files)}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """Ask the program to quit as a user would, and return its exit code."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(b"q\n")
-                self.proc.stdin.flush()
-            except BrokenPipeError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-        if self.proc.stdin and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        self._log.close()
-        return self.proc.returncode
-
-
-def _wait_for(condition, what: str, program: Program | None = None,
-              extra_files: tuple[Path, ...] = (), timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if program is not None:
-            program.assert_alive(extra_files)
-        time.sleep(0.3)
-    detail = program.describe(extra_files) if program is not None else ""
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{detail}")
 
 
 def _consume_all(bootstrap: str, topic: str, group: str, n_expected: int) -> list:
@@ -201,7 +96,7 @@ def _sha256(data: bytes) -> str:
 
 @pytest.fixture
 def omsi_config(tmp_path: Path, kafka_bootstrap: str) -> Path:
-    return _write_omsi_config(tmp_path / "openmsistream.config", kafka_bootstrap)
+    return write_omsi_config(tmp_path / "openmsistream.config", kafka_bootstrap)
 
 
 @pytest.fixture
@@ -232,7 +127,7 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
         cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=TIMEOUT)
     assert run.returncode == 0, f"UploadDataFile failed:\n{run.stdout}\n{run.stderr}"
-    assert _n_chunks(big) == 80
+    assert n_chunks(big) == 80
 
     # A tree with DataFileUploadDirectory, plus files its default upload regex skips.
     tree = tmp_path / "tree"
@@ -241,7 +136,7 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
                "journal.log": b"a log file", "a/catalog.txt": b"contains 'log' after a char"}
     for rel, data in skipped.items():
         (tree / rel).write_bytes(data)
-    n_expected = _n_chunks(big) + sum(_n_chunks(data) for data in expected.values())
+    n_expected = n_chunks(big) + sum(n_chunks(data) for data in expected.values())
     uploader = Program(
         [str(OMSI_BIN / "DataFileUploadDirectory"), str(tree), "--config", str(omsi_config),
          "--topic_name", topic, "--chunk_size", str(CHUNK_SIZE), "--upload_existing",
@@ -249,7 +144,7 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
         tmp_path / "DataFileUploadDirectory.out", cwd=tmp_path)
     programs.append(uploader)
     extra = (tree / "LOGS" / "DataFileUploadDirectory.log",)
-    _wait_for(lambda: _end_offsets(kafka_bootstrap, topic) >= n_expected,
+    wait_for(lambda: sum(end_offsets(kafka_bootstrap, topic).values()) >= n_expected,
               f"{n_expected} chunk messages on {topic}", uploader, extra)
     code = uploader.stop()
     assert code == 0, f"DataFileUploadDirectory did not stop cleanly\n{uploader.describe(extra)}"
@@ -271,9 +166,9 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
         f"files on the topic != expected (OpenMSIStream's default upload regex should "
         f"skip {sorted(skipped)})")
     for chunk in chunks:
-        assert chunk.n_total_chunks == _n_chunks(expected[chunk.rel_path]), chunk
+        assert chunk.n_total_chunks == n_chunks(expected[chunk.rel_path]), chunk
     for rel, indexes in by_file.items():
-        assert indexes == set(range(1, _n_chunks(expected[rel]) + 1)), rel
+        assert indexes == set(range(1, n_chunks(expected[rel]) + 1)), rel
 
     # Memory mode gets the broker's order; disk mode a seeded shuffle with duplicates.
     shuffled = chunks + random.Random(3).sample(chunks, 25)
@@ -293,7 +188,7 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
         for rel, data in expected.items():
             done = completed[rel]
             assert done.size == len(data) and done.sha256 == _sha256(data), (mode, rel)
-            assert done.n_chunks == _n_chunks(data), (mode, rel)
+            assert done.n_chunks == n_chunks(data), (mode, rel)
             assert done.file_mtime == pytest.approx(mtimes[rel], abs=1e-3), (mode, rel)
             if mode == "memory":
                 assert done.data == data, f"memory: {rel} differs"
@@ -324,8 +219,8 @@ def test_our_producer_to_openmsistream_download_directory(tmp_path, kafka_bootst
         cwd=tmp_path, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap},
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, f"our produce failed:\n{run.stdout}\n{run.stderr}"
-    n_expected = sum(_n_chunks(data) for data in expected.values())
-    assert _end_offsets(kafka_bootstrap, topic) == n_expected, run.stdout + run.stderr
+    n_expected = sum(n_chunks(data) for data in expected.values())
+    assert sum(end_offsets(kafka_bootstrap, topic).values()) == n_expected, run.stdout + run.stderr
 
     out_dir = tmp_path / "downloaded"
     downloader = Program(
@@ -346,7 +241,7 @@ def test_our_producer_to_openmsistream_download_directory(tmp_path, kafka_bootst
                 return False
         return True
 
-    _wait_for(all_rebuilt, f"{len(expected)} files rebuilt in {out_dir}", downloader, extra)
+    wait_for(all_rebuilt, f"{len(expected)} files rebuilt in {out_dir}", downloader, extra)
     code = downloader.stop()
     log = downloader.describe(extra)
     assert code == 0, f"DataFileDownloadDirectory did not stop cleanly\n{log}"

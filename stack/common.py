@@ -29,6 +29,8 @@ __all__ = [
     "stop_pid",
     "wait_for_port",
     "port_open",
+    "recorded_port",
+    "record_port",
     "rss_kib",
     "java_executable",
 ]
@@ -122,6 +124,29 @@ def stop_pid(name: str, timeout: float = 20.0) -> bool:
                 return True
             time.sleep(0.1)
     return True
+
+
+def _port_file(name: str) -> Path:
+    return component_dir("pids") / f"{name}.port"
+
+
+def recorded_port(name: str, env_var: str, default: int) -> int:
+    """The port a running component was started on, else the one it will use.
+
+    The port is remembered at start (:func:`record_port`), so a changed ``env_var``
+    cannot misdirect clients of a component that is already running.
+    """
+    if read_pid(name) is not None:
+        try:
+            return int(_port_file(name).read_text())
+        except (FileNotFoundError, ValueError):
+            pass
+    return int(os.environ.get(env_var, default))
+
+
+def record_port(name: str, port: int) -> None:
+    """Remember the port a component is being started on (see :func:`recorded_port`)."""
+    _port_file(name).write_text(str(port))
 
 
 def port_open(port: int, host: str = HOST) -> bool:

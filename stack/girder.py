@@ -62,17 +62,7 @@ ASSETSTORE_TYPE_FILESYSTEM = 0
 
 def port() -> int:
     """The port of the running server, else the one it will use (GUS_GIRDER_PORT)."""
-    if common.read_pid(NAME) is not None:
-        try:
-            return int(_port_file().read_text())
-        except (FileNotFoundError, ValueError):
-            pass
-    return int(os.environ.get("GUS_GIRDER_PORT", DEFAULT_PORT))
-
-
-def _port_file() -> Path:
-    # Remembered at start, so a changed GUS_GIRDER_PORT cannot misdirect clients.
-    return common.component_dir("pids") / f"{NAME}.port"
+    return common.recorded_port(NAME, "GUS_GIRDER_PORT", DEFAULT_PORT)
 
 
 def api_url() -> str:
@@ -138,7 +128,7 @@ def start() -> None:
     install()
     mongo.start()
     _assetstore_root().mkdir(parents=True, exist_ok=True)
-    _port_file().write_text(str(listen))
+    common.record_port(NAME, listen)
     pid = common.spawn(NAME, _serve_argv(listen), env=_serve_env(), cwd=_home())
     try:
         common.wait_for_port(NAME, listen, START_TIMEOUT, pid=pid)

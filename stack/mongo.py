@@ -64,17 +64,7 @@ _JVM_FLAGS = (
 
 def port() -> int:
     """The port of the running server, else the one it will use (GUS_MONGO_PORT)."""
-    if common.read_pid(NAME) is not None:
-        try:
-            return int(_port_file().read_text())
-        except (FileNotFoundError, ValueError):
-            pass
-    return int(os.environ.get("GUS_MONGO_PORT", DEFAULT_PORT))
-
-
-def _port_file() -> Path:
-    # Remembered at start, so a changed GUS_MONGO_PORT cannot misdirect clients.
-    return common.component_dir("pids") / f"{NAME}.port"
+    return common.recorded_port(NAME, "GUS_MONGO_PORT", DEFAULT_PORT)
 
 
 def uri(database: str = "") -> str:
@@ -171,7 +161,7 @@ def start() -> None:
             f"mongo: {HOST}:{listen} is taken by a process the stack did not start "
             "(set GUS_MONGO_PORT to use another port)")
     install()
-    _port_file().write_text(str(listen))
+    common.record_port(NAME, listen)
     pid = common.spawn(NAME, _java_argv(listen), cwd=_home())
     try:
         common.wait_for_port(NAME, listen, START_TIMEOUT, pid=pid)

@@ -17,6 +17,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
+from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
 from girder_upload_stream.assemble import build_runner, girder_settings, kafka_settings
 from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
@@ -103,7 +104,13 @@ def upload_stream(
                 upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
 
         reset_stop()
-        runner = build_runner(run, kafka, submit)
+        group_id = kafka.group_id
+        runner = build_runner(
+            run, kafka, submit,
+            registry_fallback=lambda: load_registry_fallback(topic_name, group_id))
+        # The publisher reads the recorder build_runner made, so it joins afterwards.
+        runner.side_jobs.append(
+            ArtifactPublisher(runner.processor.recorder, topic_name, group_id))
         try:
             summary = runner.run()
         except TerminationSignal:

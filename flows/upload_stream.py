@@ -21,8 +21,8 @@ from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fall
 from girder_upload_stream.assemble import build_runner, girder_settings, kafka_settings
 from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
-from girder_upload_stream.tasks.upload import upload_unit
-from girder_upload_stream.units import FileOutcome, UploadUnit
+from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
+from girder_upload_stream.units import UploadUnit
 
 __all__ = ["upload_stream"]
 
@@ -36,7 +36,7 @@ class _FutureHandle:
     def done(self) -> bool:
         return self.future.wrapped_future.done()
 
-    def result(self) -> list[FileOutcome]:
+    def result(self) -> Any:
         return self.future.result(raise_on_failure=True)
 
 
@@ -73,6 +73,7 @@ def upload_stream(
     heartbeat_program_id: str | None = None,
     heartbeat_interval_secs: float = 30,
     memory_budget_mb: int = 1024,
+    stale_partial_seconds: float | None = 3600,
     interactive: bool = False,
     logs_dir: str | None = None,
 ) -> dict[str, Any]:
@@ -95,6 +96,7 @@ def upload_stream(
                       update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
                       memory_budget_bytes=memory_budget_mb << 20, interactive=interactive,
+                      stale_partial_seconds=stale_partial_seconds or None,
                       logger_file_path=logs_dir)
     log.info("consuming %s as group %s with %d consumer(s); uploading to %s",
              topic_name, kafka.group_id, n_threads, girder.api_url)
@@ -103,10 +105,15 @@ def upload_stream(
             return _FutureHandle(task_runner.submit(
                 upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
 
+        def probe(keys: list) -> _FutureHandle:
+            return _FutureHandle(task_runner.submit(
+                find_in_girder, {"keys": keys, "girder": girder, "topic": topic_name,
+                                 "n": len(keys)}))
+
         reset_stop()
         group_id = kafka.group_id
         runner = build_runner(
-            run, kafka, submit,
+            run, kafka, submit, probe=probe,
             registry_fallback=lambda: load_registry_fallback(topic_name, group_id))
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,35 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
 
 
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
-                 extra_jobs: list[SideJob] | None = None) -> StreamRunner:
-    """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit."""
+                 extra_jobs: list[SideJob] | None = None, probe: Any = None,
+                 registry_fallback: Callable[[], set[tuple[str, str]]] | None = None
+                 ) -> StreamRunner:
+    """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
+    ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups).
+
+    ``registry_fallback`` is asked for the (rel_path, generation) of processed files
+    only when the logs folder holds no registry of this topic and group (e.g. a
+    restart on another machine); the flow passes the latest Prefect artifact's rows."""
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
+    known_done = recorder.processed_keys()
+    if not recorder.had_local_state and registry_fallback is not None:
+        try:
+            fallback = registry_fallback() or set()
+        except Exception as exc:  # noqa: BLE001 - Kafka offsets and Girder still suffice
+            logger.warning("no local registry and the fallback failed: %s", exc)
+            fallback = set()
+        logger.info("no local registry of %s/%s: %d processed file(s) taken from the "
+                    "fallback", kafka.topic, kafka.group_id, len(fallback))
+        known_done |= fallback
     reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes)
     processor = StreamProcessor(
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,
         max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds,
-        known_done=recorder.processed_keys())
+        known_done=known_done, known_pending=recorder.pending_keys(),
+        stale_partial_seconds=run.stale_partial_seconds)
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive),
                            RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
@@ -83,7 +102,9 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     jobs += extra_jobs or []
     holder: dict[str, StreamRunner] = {}
     group = ConsumerGroup(kafka.consumer, kafka.topic, kafka.n_consumers,
-                          on_revoke=lambda tps: holder["runner"].on_revoke(tps))
-    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.save)
+                          on_revoke=lambda tps: holder["runner"].on_revoke(tps),
+                          on_assign=processor.assigned)
+    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.save,
+                          probe=probe)
     holder["runner"] = runner
     return runner

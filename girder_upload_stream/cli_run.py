@@ -110,6 +110,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> N
     parser.add_argument("--max_idle_seconds", type=float,
                         help="stop after this long with no new message and nothing in flight")
     parser.add_argument("--max_runtime_seconds", type=float, help="stop after this long")
+    parser.add_argument("--stale_partial_seconds", type=float, default=3600,
+                        help="a file missing chunks for this long stops holding back offset "
+                             "commits and is registered as failed; 0 = never "
+                             "(default: %(default)s)")
     parser.add_argument("--memory_budget_mb", type=positive_int, default=1024,
                         help="pause fetching while files held in RAM exceed this "
                              "(default: %(default)s)")
@@ -166,10 +170,12 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         heartbeat_program_id=args.heartbeat_program_id,
         heartbeat_interval_secs=args.heartbeat_interval_secs,
         memory_budget_mb=args.memory_budget_mb, interactive=True,
+        stale_partial_seconds=args.stale_partial_seconds or None,
         logs_dir=str(args.logger_file_path) if args.logger_file_path else None)
     print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
-          f"Girder, {summary['files_failed']} failed", flush=True)
+          f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
+          f"re-read and found in Girder", flush=True)
     return 0
 
 

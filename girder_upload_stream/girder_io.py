@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
-from girder_upload_stream import __version__
+from girder_upload_stream import __version__, failpoints
 from girder_upload_stream.errors import TerminalError, TransientError
 from girder_upload_stream.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
@@ -161,6 +161,31 @@ class GirderStore:
             return parent
 
     # -- items ---------------------------------------------------------------------
+    def holds(self, rel_path: str, file_hash: bytes) -> bool | None:
+        """Whether Girder already has this generation of ``rel_path`` (same name, one
+        file whose sha512 is ``file_hash``): the restart check of a re-read file.
+
+        None when it cannot tell now (Girder unreachable); False also when the stored
+        file has no sha512 (an assetstore that does not hash) -- it is then rebuilt."""
+        path = PurePosixPath(rel_path)
+        subdir = "" if str(path.parent) == "." else str(path.parent)
+        client = self._client()
+        try:
+            folder = self.folder_for(subdir)
+            items = self._call(lambda: list(client.listItem(folder, name=path.name)),
+                               "list items", rel_path)
+            for item in items:
+                files = self._call(lambda: list(client.listFile(item["_id"])), "list files",
+                                   rel_path)
+                if len(files) == 1 and files[0].get("sha512") == file_hash.hex():
+                    return True
+        except GirderTransientError as exc:
+            logger.warning("cannot look up %s in Girder now: %s", rel_path, exc)
+            return None
+        except GirderTerminalError as exc:
+            logger.warning("cannot look up %s in Girder: %s", rel_path, exc)
+        return False
+
     def upload(self, completed: CompletedFile) -> FileOutcome:
         """Put one file in Girder, or say why not. Never raises for terminal problems."""
         key = (completed.rel_path, completed.file_hash)
@@ -182,6 +207,7 @@ class GirderStore:
         if not items:
             item = self._call(lambda: client.createItem(
                 folder, name, metadata=self._meta(completed.sha256)), "create item", rel)
+            failpoints.hit("upload.mid")
             self._put_file(item["_id"], completed, name)
             return Outcome.UPLOADED, item["_id"]
         item = items[0]

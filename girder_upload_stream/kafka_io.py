@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.pipeline import PartitionInfo
 
 __all__ = [
     "KafkaTransientError",
@@ -118,15 +119,18 @@ class ConsumerGroup:
     All consumers are polled, committed, paused and closed by the thread that owns this
     object (the flow's loop), so rebalance callbacks run there too and never race with
     the offset bookkeeping. ``on_revoke(tps)`` is called before a partition is lost, so
-    the caller can commit what is safe for it while it still owns it.
+    the caller can commit what is safe for it while it still owns it; ``on_assign``
+    gets a :class:`PartitionInfo` per partition gained, before any of its messages.
     """
 
     def __init__(self, settings: dict[str, Any], topic: str, n_consumers: int, *,
-                 on_revoke: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
+                 on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
+                 on_assign: Callable[[list[PartitionInfo]], None] | None = None) -> None:
         self._settings = {**settings, "enable.auto.commit": False}
         self.topic = topic
         self.n_consumers = max(1, n_consumers)
         self._on_revoke = on_revoke
+        self._on_assign = on_assign
         self._consumers: list[Any] = []
         self._owner: dict[tuple[str, int], Any] = {}
         self._paused = False
@@ -160,6 +164,33 @@ class ConsumerGroup:
             self._owner[(p.topic, p.partition)] = consumer
         if self._paused and partitions:
             consumer.pause(partitions)
+        if self._on_assign is not None and partitions:
+            self._on_assign(self._starts(consumer, partitions))
+
+    @staticmethod
+    def _starts(consumer, partitions) -> list[PartitionInfo]:
+        """Committed offsets (with metadata) and log start offsets of new partitions;
+        unknown (None) where the broker does not answer in time."""
+        from confluent_kafka import KafkaException
+        try:
+            committed = {(p.topic, p.partition): p
+                         for p in consumer.committed(partitions, timeout=15)}
+        except KafkaException as exc:
+            logger.warning("could not read committed offsets at assignment: %s", exc)
+            committed = {}
+        starts = []
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            known = committed.get(tp)
+            offset = known.offset if known is not None and known.offset >= 0 else None
+            try:
+                low = consumer.get_watermark_offsets(p, timeout=10)[0]
+            except KafkaException as exc:
+                logger.warning("could not read the oldest offset of %s[%d]: %s", *tp, exc)
+                low = None
+            starts.append(PartitionInfo(p.topic, p.partition, offset,
+                                         known.metadata if known is not None else None, low))
+        return starts
 
     def _revoked(self, consumer, partitions) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -193,25 +224,27 @@ class ConsumerGroup:
                                          topic=msg.topic(), partition=msg.partition())
         return good
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
-        """Synchronously commit ``offsets`` through the consumers that own them.
+    def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
+               ) -> dict[tuple[str, int], tuple[int, str]]:
+        """Synchronously commit ``{tp: (offset, metadata)}`` through the consumers that
+        own the partitions.
 
-        Returns the offsets the broker accepted; a failed commit is retried by the
-        caller on its next round (the offsets stay committable).
+        Returns what the broker accepted; a failed commit is retried by the caller on
+        its next round (the offsets stay committable).
         """
         from confluent_kafka import KafkaException, TopicPartition
         by_consumer: dict[int, list[Any]] = {}
-        for (topic, partition), offset in offsets.items():
+        for (topic, partition), (offset, metadata) in offsets.items():
             owner = self._owner.get((topic, partition))
             if owner is not None:
                 by_consumer.setdefault(id(owner), [owner]).append(
-                    TopicPartition(topic, partition, offset))
-        accepted: dict[tuple[str, int], int] = {}
+                    TopicPartition(topic, partition, offset, metadata=metadata))
+        accepted: dict[tuple[str, int], tuple[int, str]] = {}
         for owner, *tps in by_consumer.values():
             try:
                 for tp in owner.commit(offsets=tps, asynchronous=False) or tps:
                     if tp.error is None:
-                        accepted[(tp.topic, tp.partition)] = tp.offset
+                        accepted[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
             except KafkaException as exc:
                 logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
@@ -230,6 +263,24 @@ class ConsumerGroup:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def lag(self) -> int | None:
+        """Messages between the position and the end of every assigned partition (from
+        the last fetch's statistics, no broker round trip); None before any position."""
+        from confluent_kafka import KafkaException, TopicPartition
+        total, known = 0, False
+        for consumer in self._consumers:
+            try:
+                for tp in consumer.position(consumer.assignment()):
+                    if tp.offset < 0:
+                        continue
+                    high = consumer.get_watermark_offsets(
+                        TopicPartition(tp.topic, tp.partition), cached=True)[1]
+                    if high >= 0:
+                        total, known = total + max(0, high - tp.offset), True
+            except KafkaException:
+                return None
+        return total if known else None
 
     def close(self) -> None:
         """Leave the group; the revoke callback gets a last chance to commit."""

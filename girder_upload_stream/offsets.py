@@ -1,30 +1,64 @@
-"""Which Kafka offsets may be committed: the at-least-once rule, in one place.
+"""Which Kafka offsets may be committed, and which messages are re-reads: the
+at-least-once rule, in one place.
 
 Commit order (what must be durable before an offset may be committed):
 
 1. A message is *pending* from the moment it is read until its fate is durable.
 2. A message whose file is uploaded to Girder (or found there already with the same
    content) is done once the upload call has returned successfully.
-3. A message that can never become a file (undecodable, unsafe name, mismatched hash,
-   filtered out by ``--download_regex``, a duplicate of a finished file) is done once it
-   is recorded (log and registry); retrying it could not help.
+3. A message that can never become a file (undecodable, no key, unsafe name, mismatched
+   hash, filtered out by ``--download_regex``, a duplicate of a finished file) is done
+   once it is recorded (log and registry); retrying it could not help.
 4. A message of a file still in progress, waiting for upload, or whose upload failed
    with a transient error, stays pending: it must be read again after a restart.
-5. Per partition, the committable offset is the lowest pending offset, or one past the
+   Exception: a partial file that got no chunk for ``stale_partial_seconds`` is
+   recorded as failed (with its first offsets) and its messages are released, so one
+   file whose producer died cannot hold a partition back for ever.
+5. The registries are saved (atomically) before offsets are committed, so every file
+   whose messages a commit passes is listed as processed or failed on disk first.
+6. Per partition, the committable offset is the lowest pending offset, or one past the
    highest offset read when nothing is pending. Offsets only move forward.
+7. Every commit carries, in its Kafka metadata (``gus1:hw=N``), the partition's high
+   watermark ``N``: one past the highest offset ever read by this group. On assignment
+   the committed offset ``C`` and ``N`` split the partition: ``[C, N)`` is re-read,
+   ``N`` on is new.
 
-So a crash at any point re-reads every message not yet reflected in Girder (plus
-finished messages above the lowest pending one, which re-assemble into files that
-Girder already holds and are skipped by checksum): nothing lost, nothing doubled.
+On restart, the re-read span holds the pending messages plus the finished ones between
+them (the bounded overlap). A re-read message of a file the registry (or its Prefect
+artifact) lists as processed is done at once (rule 3). A re-read file the registry does
+not know is looked up in Girder by name and sha512 before it may hold a commit: found,
+it is done. A *new* message (``>= N``) of a file processed before is a second
+production of it: it is rebuilt and recorded again (the processed table lists it twice)
+and Girder skips the identical content. Commits without our metadata (e.g. made by
+OpenMSIStream) give ``N = C``: nothing counts as re-read.
+
+Trade-offs, on purpose: a second production's messages are done at once (Girder holds
+its content already), so a crash while it is being rebuilt loses only its second
+processed row. A re-read file that Girder cannot identify (a file without sha512, e.g.
+on an assetstore that does not hash) waits for the stale-partial release.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 
-__all__ = ["TopicPartition", "OffsetTracker"]
+__all__ = ["TopicPartition", "OffsetTracker", "format_metadata", "parse_metadata"]
 
 TopicPartition = tuple[str, int]
+_METADATA_PREFIX = "gus1:hw="
+
+
+def format_metadata(high_watermark: int) -> str:
+    """The commit metadata that records a partition's high watermark (rule 7)."""
+    return f"{_METADATA_PREFIX}{high_watermark}"
+
+
+def parse_metadata(metadata: str | None) -> int | None:
+    """The high watermark in commit metadata, or None if it is not ours or malformed."""
+    if not metadata or not metadata.startswith(_METADATA_PREFIX):
+        return None
+    text = metadata[len(_METADATA_PREFIX):]
+    return int(text) if text.isdigit() else None
 
 
 class OffsetTracker:
@@ -36,6 +70,28 @@ class OffsetTracker:
         self._pending: dict[TopicPartition, dict[int, Hashable]] = {}
         self._by_file: dict[Hashable, list[tuple[TopicPartition, int]]] = {}
         self._committed: dict[TopicPartition, int] = {}
+        self._reread_below: dict[TopicPartition, int] = {}
+        self._committed_high: dict[TopicPartition, int] = {}
+
+    def assigned(self, tp: TopicPartition, committed: int | None,
+                 metadata: str | None) -> None:
+        """Learn a partition's committed offset and the high watermark in its commit
+        metadata (rule 7); a commit without our metadata marks nothing as re-read."""
+        start = committed if committed is not None and committed >= 0 else 0
+        high = parse_metadata(metadata)
+        self._reread_below[tp] = max(start, high if high is not None else start)
+        if committed is not None and committed >= 0:
+            self._committed[tp] = max(self._committed.get(tp, -1), committed)
+        if high is not None:
+            self._committed_high[tp] = high
+
+    def is_reread(self, tp: TopicPartition, offset: int) -> bool:
+        """True if an earlier owner of this group already read ``offset`` (rule 7)."""
+        return offset < self._reread_below.get(tp, 0)
+
+    def high_watermark(self, tp: TopicPartition) -> int:
+        """One past the highest offset this group has read of ``tp`` (for metadata)."""
+        return max(self._next.get(tp, 0), self._reread_below.get(tp, 0))
 
     def read(self, tp: TopicPartition, offset: int, file_key: Hashable | None = None) -> None:
         """Record a message just read; ``file_key`` None means it is already done."""
@@ -61,8 +117,9 @@ class OffsetTracker:
     def pending_count(self) -> int:
         return sum(len(p) for p in self._pending.values())
 
-    def committable(self, tps: Iterable[TopicPartition] | None = None) -> dict[TopicPartition, int]:
-        """Offsets that may be committed now and differ from the last commit (rule 5)."""
+    def committable(self, tps: Iterable[TopicPartition] | None = None
+                    ) -> dict[TopicPartition, int]:
+        """Safe offsets (rule 6) that moved forward since the last commit."""
         result = {}
         for tp in (self._next if tps is None else tps):
             if tp not in self._next:
@@ -73,10 +130,31 @@ class OffsetTracker:
                 result[tp] = safe
         return result
 
-    def committed(self, offsets: dict[TopicPartition, int]) -> None:
-        """Remember offsets the broker accepted, so they are not committed again."""
-        for tp, offset in offsets.items():
+    def commit_plan(self, tps: Iterable[TopicPartition] | None = None
+                    ) -> dict[TopicPartition, tuple[int, str]]:
+        """``{tp: (offset, metadata)}`` to commit now: partitions whose safe offset moved
+        forward, or whose high watermark grew since the last commit (rule 7)."""
+        moved = self.committable(tps)
+        result = {}
+        for tp in (self._next if tps is None else tps):
+            if tp not in self._next:
+                continue
+            high = self.high_watermark(tp)
+            if tp in moved or high > self._committed_high.get(tp, -1):
+                offset = moved.get(tp, self._committed.get(tp, -1))
+                if offset >= 0:
+                    result[tp] = (offset, format_metadata(high))
+        return result
+
+    def committed(self, offsets: dict[TopicPartition, int | tuple[int, str]]) -> None:
+        """Remember what the broker accepted (offsets, or ``(offset, metadata)`` as
+        :meth:`commit_plan` gives them), so it is not committed again."""
+        for tp, value in offsets.items():
+            offset, metadata = value if isinstance(value, tuple) else (value, None)
             self._committed[tp] = max(self._committed.get(tp, -1), offset)
+            high = parse_metadata(metadata)
+            if high is not None:
+                self._committed_high[tp] = max(self._committed_high.get(tp, -1), high)
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Drop partitions this process no longer owns (after a rebalance).
@@ -87,6 +165,8 @@ class OffsetTracker:
         for tp in tps:
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
+            self._reread_below.pop(tp, None)
+            self._committed_high.pop(tp, None)
             for offset, file_key in self._pending.pop(tp, {}).items():
                 entries = self._by_file.get(file_key)
                 if entries is not None:

@@ -13,15 +13,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from girder_upload_stream import failpoints
 from girder_upload_stream.codec import Chunk, FileKey, decode_chunk
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
 from girder_upload_stream.offsets import OffsetTracker
-from girder_upload_stream.reassembly import AddStatus, CompletedFile, Reassembler, RejectedFile
+from girder_upload_stream.reassembly import (AddStatus, CompletedFile, FileProgress,
+                                             Reassembler, RejectedFile)
 from girder_upload_stream.units import FileOutcome, Outcome, UploadUnit, group_into_units
 
-__all__ = ["RawMessage", "Recorder", "Counters", "StreamProcessor", "file_generation"]
+__all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
+           "file_generation"]
 
 logger = logging.getLogger(__name__)
+
+#: A partial file quiet for this long (or half of stale_partial_seconds) is looked up in
+#: Girder once: its chunks may have been finished before a crash (offsets rule 7).
+STUCK_LOOKUP_SECONDS = 30.0
 
 
 def file_generation(file_hash: bytes) -> str:
@@ -40,13 +47,29 @@ class RawMessage:
     value: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    """A partition just assigned: its committed offset and commit metadata (None when
+    unknown or never committed) and the oldest offset still in the topic."""
+
+    topic: str
+    partition: int
+    committed: int | None
+    metadata: str | None
+    low: int | None
+
+
 class Recorder:
     """Where file fates are written down (the registries); this base records nothing."""
 
-    def chunk_added(self, chunk: Chunk, n_received: int) -> None: ...
+    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None: ...
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None: ...
     def file_rejected(self, rejected: RejectedFile) -> None: ...
     def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None: ...
+    def file_found(self, progress: FileProgress) -> None: ...
+    def file_stale(self, progress: FileProgress, reason: str) -> None: ...
+    def file_dropped(self, progress: FileProgress) -> None: ...
+    def messages_gone(self, partition: int, first: int, end: int) -> None: ...
 
 
 @dataclass
@@ -60,6 +83,7 @@ class Counters:
     files_uploaded: int = 0
     files_skipped: int = 0
     files_failed: int = 0
+    files_found_in_girder: int = 0
     messages_rejected: int = 0
     _last: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -78,12 +102,26 @@ class StreamProcessor:
                  recorder: Recorder | None = None, max_unit_files: int = 64,
                  max_unit_bytes: int = 64 << 20, retry_delay: float = 15.0,
                  known_done: set[tuple[str, str]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 known_pending: set[tuple[str, str]] | None = None,
+                 stale_partial_seconds: float | None = 3600.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
         # (rel_path, generation) of files the registries list as processed: their chunks,
         # re-read after a restart, are done at once (offsets rule 3) instead of starting a
         # partial file whose other chunks were committed past and will never come back.
         self.known_done = known_done or set()
+        # ... and of files the in-progress registry lists: re-read, they need no lookup
+        # in Girder (they were pending, so all their chunks are re-read).
+        self.known_pending = known_pending or set()
+        self.stale_partial_seconds = stale_partial_seconds
+        self._wall_clock = wall_clock
+        self._last_stale_check = wall_clock()
+        self._echo: set[FileKey] = set()      # second productions: rebuilt, never held
+        self._stale: set[FileKey] = set()     # partials whose messages were released
+        self._probes: dict[FileKey, float] = {}  # Girder lookups wanted, by due time
+        self._probing: set[FileKey] = set()
+        self._probed: set[FileKey] = set()  # asked once already
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
         self.offsets = OffsetTracker()
@@ -105,6 +143,10 @@ class StreamProcessor:
         self.counters.messages_read += 1
         self.counters.bytes_read += size
         try:
+            if msg.key is None:
+                raise ChunkDecodeError("message has no key (OpenMSIStream keys every chunk)",
+                                       topic=msg.topic, partition=msg.partition,
+                                       offset=msg.offset)
             chunk = decode_chunk(msg.value, msg.key, topic=msg.topic,
                                  partition=msg.partition, offset=msg.offset)
         except ChunkDecodeError as error:
@@ -118,12 +160,34 @@ class StreamProcessor:
             return
         self._add(chunk, tp, msg.offset, size)
 
+    def assigned(self, partitions: list[PartitionInfo]) -> None:
+        """Partitions gained: learn their re-read span (offsets rule 7) and say when
+        messages a restart needs are gone from the topic (retention deleted them)."""
+        for info in partitions:
+            tp = (info.topic, info.partition)
+            self.offsets.assigned(tp, info.committed, info.metadata)
+            if info.committed is not None and info.low is not None and info.low > info.committed:
+                logger.error("%s[%d]: offsets %d to %d are gone from the topic (retention) "
+                             "although this group never finished them; files with chunks "
+                             "there cannot be rebuilt", info.topic, info.partition,
+                             info.committed, info.low - 1)
+                self.recorder.messages_gone(info.partition, info.committed, info.low)
+
     def _add(self, chunk: Chunk, tp: tuple[str, int], offset: int, size: int) -> None:
         key = chunk.file_key
-        if (chunk.rel_path, file_generation(chunk.file_hash)) in self.known_done \
-                and not self._busy(key):
+        busy = self._busy(key)
+        reread = self.offsets.is_reread(tp, offset)
+        known = (chunk.rel_path, file_generation(chunk.file_hash))
+        if not busy and reread and known in self.known_done:
             self.offsets.read(tp, offset)
             return
+        if not busy and not reread and (known in self.known_done
+                                        or self.reassembler.is_completed(key)):
+            # Produced again (rule 7): rebuilt and recorded again, but never holding a
+            # commit: Girder already has this content, and a stray duplicate chunk
+            # must not wait for a file that will not come.
+            self.reassembler.discard(key)
+            self._echo.add(key)
         try:
             result = self.reassembler.add(chunk)
         except StorageError as error:
@@ -132,19 +196,23 @@ class StreamProcessor:
             self.offsets.read(tp, offset, key)
             return
         status = result.status
-        if status is AddStatus.DUPLICATE and not self._busy(key):
+        if status is AddStatus.DUPLICATE and not busy:
             self.offsets.read(tp, offset)
             return
         if status is AddStatus.IGNORED:
             self.offsets.read(tp, offset)
             return
-        self.offsets.read(tp, offset, key)
+        self.offsets.read(tp, offset, None if key in self._echo else key)
         # A duplicate (re-read after a rebalance) keeps the file busy but is not counted
         # again: bytes_processed covers the same messages as messages_processed.
         self._message_bytes[key] = (self._message_bytes.get(key, 0)
                                     + (0 if status is AddStatus.DUPLICATE else size))
         if status is AddStatus.ACCEPTED:
-            self.recorder.chunk_added(chunk, 0)
+            if key not in self._echo:  # a second production is not "in progress": it holds nothing
+                self.recorder.chunk_added(chunk, tp[1], offset)
+            if reread and not busy and known not in self.known_pending:
+                self._want_probe(key)
+            failpoints.hit("chunk.added")
         elif status is AddStatus.COMPLETED:
             self._ready.append(result.completed)
         elif status is AddStatus.REJECTED:
@@ -163,10 +231,78 @@ class StreamProcessor:
     def _settle(self, key: FileKey) -> None:
         self.offsets.file_done(key)
         self._message_bytes.pop(key, None)
+        self._echo.discard(key)
+        self._stale.discard(key)
+        self._probes.pop(key, None)
+        self._probed.discard(key)
+
+    # -- restart knowledge from Girder ----------------------------------------------
+    def _want_probe(self, key: FileKey) -> None:
+        if key not in self._probed:
+            self._probed.add(key)
+            self._probes[key] = self._clock()
+
+    def take_probes(self) -> list[FileKey]:
+        """Re-read files unknown to the registries, to look up in Girder (rule 7)."""
+        now = self._clock()
+        due = [key for key, at in self._probes.items() if at <= now and key not in self._probing]
+        self._probing.update(due)
+        return due
+
+    def probe_result(self, key: FileKey, found: bool | None) -> None:
+        """Girder holds this generation (True), does not (False), or could not tell now
+        (None: looked up again later). Found while still partial: done (rule 7)."""
+        self._probing.discard(key)
+        if found is None:
+            if key in self._probes:
+                self._probes[key] = self._clock() + self.retry_delay
+            return
+        self._probes.pop(key, None)
+        progress = self.reassembler.progress(key)
+        if not found or progress is None:
+            return  # not there, or completed meanwhile: the upload decides
+        logger.info("%s was uploaded before (found in Girder by sha512): its re-read "
+                    "chunks are done", key[0])
+        self.reassembler.mark_finished(key)
+        self.known_done.add((key[0], file_generation(key[1])))
+        self.counters.files_found_in_girder += 1
+        self.recorder.file_found(progress)
+        self._settle(key)
+
+    def expire_stale(self) -> None:
+        """Release the commit hold of partial files that got no chunk for
+        ``stale_partial_seconds`` (rule 4); forget stale second productions."""
+        now = self._wall_clock()
+        if self.stale_partial_seconds is None or now - self._last_stale_check < 1.0:
+            return
+        self._last_stale_check = now
+        stuck_after = min(STUCK_LOOKUP_SECONDS, self.stale_partial_seconds / 2)
+        for progress in self.reassembler.in_progress():
+            quiet = now - progress.last_message_at
+            key = (progress.rel_path, bytes.fromhex(progress.file_hash_hex))
+            if quiet >= stuck_after and key not in self._echo:
+                # Maybe its other chunks were committed past before a crash whose last
+                # watermark was not committed yet: Girder may already hold it.
+                self._want_probe(key)
+            if quiet < self.stale_partial_seconds:
+                continue
+            if key in self._echo:
+                self.reassembler.discard(key)
+                self.recorder.file_dropped(progress)
+                self._settle(key)
+            elif key not in self._stale:
+                self._stale.add(key)
+                released = self.offsets.file_done(key)
+                reason = (f"incomplete: {progress.n_received} of {progress.n_total} chunks, "
+                          f"none for {self.stale_partial_seconds:g}s; its {released} "
+                          f"message(s) were released and are not read again after a restart")
+                logger.warning("%s: %s", progress.rel_path, reason)
+                self.recorder.file_stale(progress, reason)
 
     # -- uploading -------------------------------------------------------------------
     def take_units(self) -> list[UploadUnit]:
         """Completed files (and transient failures whose delay passed) as upload units."""
+        self.expire_stale()
         now = self._clock()
         due = [f for t, f in self._retry if t <= now]
         self._retry = [(t, f) for t, f in self._retry if t > now]

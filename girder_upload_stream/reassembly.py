@@ -403,6 +403,31 @@ class Reassembler:
                 return True
             return self._finished.pop(file_key, None) is not None
 
+    def is_completed(self, file_key: FileKey) -> bool:
+        """True if this generation completed (and is still remembered)."""
+        with self._lock:
+            return self._finished.get(file_key) == ""
+
+    def mark_finished(self, file_key: FileKey) -> None:
+        """Treat a generation as completed elsewhere (e.g. found in Girder): drop its
+        partial state and recognise its later chunks as duplicates."""
+        with self._lock:
+            state = self._files.get(file_key)
+            if state is not None:
+                self._drop(file_key, state)
+            self._remember(file_key, "")
+
+    def progress(self, file_key: FileKey) -> FileProgress | None:
+        """The :class:`FileProgress` of one generation being assembled, or None."""
+        with self._lock:
+            state = self._files.get(file_key)
+            return None if state is None else self._progress_of(state)
+
+    @staticmethod
+    def _progress_of(s: _State) -> FileProgress:
+        return FileProgress(s.rel_path, s.file_hash.hex(), len(s.pieces), s.n_total,
+                            s.bytes_received, s.bytes_held, s.first_at, s.last_at)
+
     def discard_all(self) -> int:
         """Forget every file in progress and delete its partial file (e.g. at shutdown).
 
@@ -417,6 +442,4 @@ class Reassembler:
     def in_progress(self) -> list[FileProgress]:
         """One :class:`FileProgress` per file generation still being assembled."""
         with self._lock:
-            return [FileProgress(s.rel_path, s.file_hash.hex(), len(s.pieces), s.n_total,
-                                 s.bytes_received, s.bytes_held, s.first_at, s.last_at)
-                    for s in self._files.values()]
+            return [self._progress_of(s) for s in self._files.values()]

@@ -21,11 +21,13 @@ from typing import Any
 from girder_upload_stream.codec import Chunk
 from girder_upload_stream.errors import ChunkDecodeError
 from girder_upload_stream.pipeline import RawMessage, Recorder, file_generation
-from girder_upload_stream.reassembly import CompletedFile, RejectedFile
+from girder_upload_stream.reassembly import CompletedFile, FileProgress, RejectedFile
 from girder_upload_stream.registry import (STATUS_FAILED, STATUS_IN_PROGRESS,
                                            STATUS_MISMATCHED_HASH, InProgressRow,
                                            InProgressTable, ProcessedRow, ProcessedTable,
-                                           RowKey, consolidate, load_processed_keys)
+                                           RowKey, consolidate, in_progress_path,
+                                           legacy_in_progress_path, load_processed_keys,
+                                           part_files, processed_path)
 from girder_upload_stream.units import FileOutcome, Outcome
 
 __all__ = ["RegistryRecorder", "RegistrySaver"]
@@ -44,6 +46,14 @@ def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def _holds_messages(row: InProgressRow) -> bool:
+    """A row whose file's messages stay uncommitted: in progress, or its upload failed
+    transiently (retried). Rejected and released files hold nothing."""
+    return row.status == STATUS_IN_PROGRESS or (
+        row.status == STATUS_FAILED
+        and str(row.extra.get("reason", "")).startswith(Outcome.FAILED_TRANSIENT.value))
+
+
 def _when(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch)
 
@@ -54,6 +64,12 @@ class RegistryRecorder(Recorder):
     def __init__(self, folder: Path, topic: str, group: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.topic, self.group = folder, topic, group
+        #: False when this folder held no registry of topic/group yet (a first start, or
+        #: a restart on another machine): restart knowledge must come from elsewhere.
+        self.had_local_state = (processed_path(folder, topic, group).is_file()
+                                or bool(part_files(folder, topic, group))
+                                or in_progress_path(folder, topic, group).is_file()
+                                or legacy_in_progress_path(folder, topic, group).is_file())
         merged = consolidate(folder, topic, group)
         for issue in merged.issues:
             logger.warning("registry: %s", issue)
@@ -61,13 +77,59 @@ class RegistryRecorder(Recorder):
         self.processed = ProcessedTable(folder, topic, group, f"p{os.getpid()}")
 
     @_never_raise
-    def chunk_added(self, chunk: Chunk, n_received: int) -> None:
+    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None:
         key = RowKey(PurePosixPath(chunk.rel_path), file_generation(chunk.file_hash))
         now = datetime.now()
         old = self.in_progress.get(key)
+        # The lowest offset per partition tells, after a restart, whether retention
+        # deleted messages this file still needs (messages_gone).
+        first = dict(old.extra.get("first_offsets", {})) if old else {}
+        first[str(partition)] = min(first.get(str(partition), offset), offset)
         self.in_progress.update(InProgressRow(
             PurePosixPath(chunk.rel_path).name, key.rel_filepath, STATUS_IN_PROGRESS,
-            chunk.n_total_chunks, old.first_message if old else now, now, key.generation))
+            chunk.n_total_chunks, old.first_message if old else now, now, key.generation,
+            {**(old.extra if old else {}), "first_offsets": first}))
+
+    @_never_raise
+    def file_found(self, progress: FileProgress) -> None:
+        """A re-read file found in Girder: processed before (its row may be lost)."""
+        rel = PurePosixPath(progress.rel_path)
+        key = RowKey(rel, progress.file_hash_hex[:32])
+        self.in_progress.remove(key)
+        self.processed.add(ProcessedRow(
+            rel.name, rel, progress.n_total, _when(progress.first_message_at),
+            datetime.now(), key.generation, {"outcome": "found_in_girder"}))
+
+    @_never_raise
+    def file_stale(self, progress: FileProgress, reason: str) -> None:
+        self._mark_failed(progress.rel_path, progress.file_hash_hex[:32], reason)
+
+    @_never_raise
+    def file_dropped(self, progress: FileProgress) -> None:
+        """A stray re-sent chunk of a finished file, dropped: nothing to keep."""
+        self.in_progress.remove(RowKey(PurePosixPath(progress.rel_path),
+                                       progress.file_hash_hex[:32]))
+
+    @_never_raise
+    def messages_gone(self, partition: int, first: int, end: int) -> None:
+        """Retention deleted offsets ``first``..``end - 1`` of ``partition`` before they
+        were finished: files in progress with chunks there can never complete."""
+        for row in self.in_progress.rows():
+            offsets = row.extra.get("first_offsets", {})
+            if _holds_messages(row) and offsets.get(str(partition), end) < end:
+                self._mark_failed(str(row.rel_filepath), row.generation,
+                                  f"messages gone from the topic: partition {partition} "
+                                  f"offsets {first} to {end - 1} were deleted (retention) "
+                                  f"before the file was complete")
+
+    def _mark_failed(self, rel_path: str, generation: str, reason: str) -> None:
+        key = RowKey(PurePosixPath(rel_path), generation)
+        row = self.in_progress.get(key)
+        if row is None:
+            return
+        self.in_progress.update(InProgressRow(
+            row.filename, row.rel_filepath, STATUS_FAILED, row.n_chunks, row.first_message,
+            row.most_recent_message, row.generation, {**row.extra, "reason": reason}))
 
     @_never_raise
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
@@ -93,10 +155,12 @@ class RegistryRecorder(Recorder):
         rel = PurePosixPath(completed.rel_path)
         key = RowKey(rel, file_generation(completed.file_hash))
         if outcome.outcome in (Outcome.FAILED_TRANSIENT, Outcome.FAILED_TERMINAL):
+            old = self.in_progress.get(key)
             self.in_progress.update(InProgressRow(
                 rel.name, rel, STATUS_FAILED, completed.n_chunks,
                 _when(completed.first_message_at), _when(completed.last_message_at),
-                key.generation, {"reason": f"{outcome.outcome.value}: {outcome.reason}"}))
+                key.generation, {**(old.extra if old else {}),
+                                 "reason": f"{outcome.outcome.value}: {outcome.reason}"}))
             return
         self.in_progress.remove(key)
         self.processed.add(ProcessedRow(
@@ -104,6 +168,12 @@ class RegistryRecorder(Recorder):
             datetime.now(), key.generation,
             {"outcome": outcome.outcome.value, "sha256": completed.sha256,
              "item_id": outcome.item_id or ""}))
+
+    def pending_keys(self) -> set[tuple[str, str]]:
+        """(rel_path, generation) of the files whose messages were pending when the
+        table was saved (in progress, or waiting to retry an upload)."""
+        return {(str(row.rel_filepath), row.generation) for row in self.in_progress.rows()
+                if _holds_messages(row)}
 
     def processed_keys(self) -> set[tuple[str, str]]:
         """(rel_path, generation) of every file the processed table lists (restart)."""

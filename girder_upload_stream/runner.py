@@ -17,11 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from girder_upload_stream import failpoints
 from girder_upload_stream.pipeline import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
+from girder_upload_stream.codec import FileKey
 from girder_upload_stream.units import FileOutcome, UploadUnit
 
-__all__ = ["UploadHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop",
+__all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop",
            "reset_stop"]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,13 @@ class UploadHandle(Protocol):
     def result(self) -> list[FileOutcome]: ...
 
 
+class ProbeHandle(Protocol):
+    """A running Girder lookup: ``result()`` gives ``[(file_key, found)]``."""
+
+    def done(self) -> bool: ...
+    def result(self) -> list[tuple[FileKey, bool | None]]: ...
+
+
 class SideJob(Protocol):
     """Periodic work beside the loop (registries, heartbeats, console dots)."""
 
@@ -70,6 +79,7 @@ class StreamRunner:
                  submit: Callable[[UploadUnit], UploadHandle],
                  side_jobs: list[SideJob] | None = None,
                  before_commit: Callable[[], None] | None = None,
+                 probe: Callable[[list[FileKey]], ProbeHandle] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.processor = processor
@@ -78,7 +88,9 @@ class StreamRunner:
         self.side_jobs = side_jobs or []
         self._before_commit = before_commit
         self._clock = clock
+        self._probe = probe
         self._handles: dict[int, tuple[UploadUnit, UploadHandle]] = {}
+        self._probes: list[tuple[list[FileKey], ProbeHandle]] = []
         self._started = clock()
         self._last_message = self._started
         self._last_commit = self._started
@@ -96,6 +108,7 @@ class StreamRunner:
             self._last_message = self._clock()
         for unit in self.processor.take_units():
             self._handles[unit.unit_id] = (unit, self._submit(unit))
+        self._start_probes()
         self.collect()
         # Pausing only helps while uploads are pending (finishing them frees memory):
         # files still assembling need more messages, so pausing then would wait for ever.
@@ -107,8 +120,39 @@ class StreamRunner:
             job.tick(self)
         return len(messages)
 
+    def _start_probes(self) -> None:
+        keys = self.processor.take_probes()
+        if not keys:
+            return
+        if self._probe is None:  # nowhere to look: the files assemble as usual
+            for key in keys:
+                self.processor.probe_result(key, False)
+            return
+        self._probes.append((keys, self._probe(keys)))
+
+    def _collect_probes(self) -> None:
+        still = []
+        for keys, handle in self._probes:
+            if not handle.done():
+                still.append((keys, handle))
+                continue
+            try:
+                answers = handle.result()
+            except Exception as exc:  # noqa: BLE001 - asked again after retry_delay
+                logger.warning("Girder lookup of %d re-read file(s) failed: %s", len(keys), exc)
+                answers = [(key, None) for key in keys]
+            for key, found in answers:
+                self.processor.probe_result(key, found)
+        self._probes = still
+
+    @property
+    def busy(self) -> bool:
+        """True while uploads or Girder lookups are running."""
+        return bool(self._handles or self._probes)
+
     def collect(self) -> None:
-        """Settle every finished upload unit (never blocks)."""
+        """Settle every finished upload unit and Girder lookup (never blocks)."""
+        self._collect_probes()
         for unit_id, (unit, handle) in list(self._handles.items()):
             if not handle.done():
                 continue
@@ -119,6 +163,7 @@ class StreamRunner:
                 logger.warning("upload unit %d failed: %s", unit_id, exc)
                 self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
             else:
+                failpoints.hit("upload.done")
                 self.processor.finish_unit(unit, outcomes)
 
     def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
@@ -128,12 +173,14 @@ class StreamRunner:
         is durable before the offsets past its messages are: a restart then recognises
         the file's re-read chunks as done."""
         self._last_commit = self._clock()
-        offsets = self.processor.offsets.committable(tps if tps is not None
+        offsets = self.processor.offsets.commit_plan(tps if tps is not None
                                                      else self.group.assignment)
         if offsets:
             if self._before_commit is not None:
                 self._before_commit()
+            failpoints.hit("commit.before")
             self.processor.offsets.committed(self.group.commit(offsets))
+            failpoints.hit("commit.after")
 
     def on_revoke(self, tps: list[tuple[str, int]]) -> None:
         """Before losing partitions: commit what is safe for them, then forget them."""
@@ -150,7 +197,7 @@ class StreamRunner:
             return f"max_runtime_seconds ({limit:g}) reached"
         idle = self.settings.max_idle_seconds
         if (idle is not None and now - self._last_message >= idle and self.processor.idle
-                and not self._handles):
+                and not self.busy):
             return f"no new message for {idle:g}s and nothing in flight"
         return None
 
@@ -176,7 +223,7 @@ class StreamRunner:
         logger.info("shutting down: %s", reason)
         self.group.pause(True)
         deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
-        while self._handles and self._clock() < deadline:
+        while self.busy and self._clock() < deadline:
             self.group.poll(1, timeout=0.1)  # keep the group membership alive
             self.collect()
         if self._handles:

@@ -75,6 +75,8 @@ class RunSettings(BaseModel):
     commit_interval_seconds: float = 1.0
     registry_interval_seconds: float = 2.0
     retry_delay_seconds: float = 15.0
+    #: A partial file with no new chunk for this long stops holding commits (None: never).
+    stale_partial_seconds: float | None = Field(default=3600.0, gt=0)
 
     @property
     def logs_dir(self) -> Path:

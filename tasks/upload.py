@@ -10,12 +10,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from girder_upload_stream.codec import FileKey
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder_io import store_for
 from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.units import FileOutcome, UploadUnit
 
-__all__ = ["upload_unit"]
+__all__ = ["upload_unit", "find_in_girder"]
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -36,3 +37,13 @@ def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[Fi
     ones raise so that Prefect retries the unit."""
     store = store_for(girder, topic)
     return [store.upload(completed) for completed in unit.files]
+
+
+@task(name="find-in-girder", cache_policy=NO_CACHE, persist_result=False,
+      task_run_name="look up {n} re-read file(s)")
+def find_in_girder(keys: list[FileKey], girder: GirderSettings, topic: str,
+                   n: int = 0) -> list[tuple[FileKey, bool | None]]:
+    """After a restart: which re-read files Girder already holds (by name and sha512).
+    No retries here: an unanswered key (None) is asked again by the loop later."""
+    store = store_for(girder, topic)
+    return [(key, store.holds(key[0], key[1])) for key in keys]

@@ -7,14 +7,22 @@ OpenMSIStream (GPL) is only ever run as a black box, through its console scripts
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
+import math
 import os
+import random
+import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -316,3 +324,332 @@ def processed_rel_paths(logs_dir: Path, topic: str, group: str) -> list[str]:
     from girder_upload_stream.registry import read_processed
     return [row.rel_filepath.as_posix() for row in read_processed(logs_dir, topic, group).rows]
 
+
+
+# --------------------------------------------------------------------------- fault tests
+# Helpers of the crash, outage, bad-input and restart-cost tests (issue 5): the consumer
+# is always the real CLI, as a subprocess stopped (or killed) by its own PID.
+
+FAULT_CONSUMER_CONFIG = (
+    "# The local stack, with a short consumer session: a consumer killed with SIGKILL\n"
+    "# never leaves its group, and its partitions are only handed to the restarted\n"
+    "# program once its session expires (librdkafka's default: 45 s).\n"
+    "[broker]\n"
+    "bootstrap.servers = $KAFKA_BOOTSTRAP_SERVERS\n"
+    "\n[consumer]\n"
+    "group.id              = create_new\n"
+    "auto.offset.reset     = earliest\n"
+    "enable.auto.commit    = False\n"
+    "session.timeout.ms    = 6000\n"
+    "heartbeat.interval.ms = 1000\n")
+STOP_LINE = re.compile(r"^stopped \((?P<reason>.*)\): (?P<messages>\d+) messages read, "
+                       r"(?P<uploaded>\d+) files uploaded, (?P<skipped>\d+) already in "
+                       r"Girder, (?P<failed>\d+) failed"
+                       r"(?:, (?P<found>\d+) re-read and found in Girder)?\b", re.MULTILINE)
+
+
+def write_fault_config(path: Path) -> Path:
+    """A consumer config file for fault tests (see :data:`FAULT_CONSUMER_CONFIG`)."""
+    path.write_text(FAULT_CONSUMER_CONFIG)
+    return path
+
+
+def log_uniform_files(n: int | None, seed: int, min_size: int, max_size: int,
+                      folders: tuple[str, ...] = ("", "run1", "run1/sample A",
+                                                  "run1/sample A/raw", "run2/ü/deep/er"),
+                      total_bytes: int | None = None) -> dict[str, bytes]:
+    """``n`` files of random bytes (or as many as make ``total_bytes``, the last one
+    trimmed), sizes log-uniform in [min_size, max_size], spread over ``folders``
+    (``""`` is the root); deterministic for a seed."""
+    assert n is not None or total_bytes is not None
+    rng = random.Random(seed)
+    log_min, log_max = math.log(min_size), math.log(max_size)
+    files: dict[str, bytes] = {}
+    total = 0
+    index = 0
+    while (n is None or index < n) and (total_bytes is None or total < total_bytes):
+        size = int(round(math.exp(rng.uniform(log_min, log_max))))
+        if total_bytes is not None:
+            size = min(size, total_bytes - total)
+        folder = folders[index % len(folders)]
+        name = f"f{index:04d}.bin"
+        files[f"{folder}/{name}" if folder else name] = rng.randbytes(size)
+        total += size
+        index += 1
+    return files
+
+
+def consumer_env(stack_env: dict[str, str], prefect_env: dict[str, str],
+                 failpoints: str | None = None) -> dict[str, str]:
+    """Environment of a consumer subprocess: the broker, the Girder API key (kept out of
+    the process list), the session's Prefect server and optionally ``GUS_FAILPOINTS``."""
+    env = {k: v for k, v in os.environ.items() if k != "GUS_FAILPOINTS"}
+    env.update(prefect_env)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    env["GIRDER_API_KEY"] = stack_env["GIRDER_API_KEY"]
+    env["PYTHONIOENCODING"] = "utf-8"
+    if failpoints:
+        env["GUS_FAILPOINTS"] = failpoints
+    return env
+
+
+def consumer_argv(api_url: str, topic: str, collection_name: str, output_dir: Path,
+                  group: str, config: Path | str = "local", max_idle: float = 8,
+                  *extra: str) -> list[str]:
+    """``girder-upload-stream run`` until idle for ``max_idle`` seconds."""
+    return [str(OUR_CLI), "run", api_url, "--topic_name", topic, "--collection_name",
+            collection_name, "--output_dir", str(output_dir), "--consumer_group_id", group,
+            "--config", str(config), "--max_idle_seconds", f"{max_idle:g}",
+            "--update_seconds", "5", *extra]
+
+
+def stop_line(output: str) -> dict[str, Any]:
+    """The CLI's final line ``stopped (...): N messages read, ...`` as numbers; fails the
+    test if it is missing."""
+    found = list(STOP_LINE.finditer(output))
+    assert found, f"no 'stopped (...)' line in the output:\n{output[-6000:]}"
+    last = found[-1]
+    return {"reason": last["reason"], **{k: int(last[k]) for k in
+                                         ("messages", "uploaded", "skipped", "failed")},
+            "found": None if last["found"] is None else int(last["found"])}
+
+
+def stackctl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m stack.stackctl ARGS`` for the stack this session uses (its ports and
+    folder come from the GUS_* variables of the environment)."""
+    done = subprocess.run([sys.executable, "-m", "stack.stackctl", *args], cwd=REPO_ROOT,
+                          text=True, capture_output=True, timeout=timeout)
+    assert done.returncode == 0, (f"stackctl {' '.join(args)} failed ({done.returncode}):\n"
+                                  f"{done.stdout}\n{done.stderr}")
+    return done
+
+
+def girder_serves(api_url: str) -> bool:
+    import requests
+    try:
+        return requests.get(f"{api_url}/system/version", timeout=3).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def kafka_serves(bootstrap: str, topic: str | None = None) -> bool:
+    """True when the broker answers metadata (for ``topic``: with a leader for each of
+    its partitions)."""
+    from confluent_kafka.admin import AdminClient
+    try:
+        metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(
+            topic, timeout=3)
+    except Exception:  # noqa: BLE001 - KafkaException while the broker is down
+        return False
+    if not metadata.brokers:
+        return False
+    if topic is None:
+        return True
+    found = metadata.topics.get(topic)
+    return (found is not None and found.error is None and bool(found.partitions)
+            and all(p.leader >= 0 for p in found.partitions.values()))
+
+
+@contextlib.contextmanager
+def component_stopped(component: str, serves: Callable[[], bool], timeout: float = 120):
+    """Stop one stack component for the ``with`` block; start it again afterwards (even
+    if the block fails) and wait until ``serves()``."""
+    stackctl("down", component)
+    try:
+        yield
+    finally:
+        stackctl("up", component)
+        deadline = time.monotonic() + timeout
+        while not serves():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{component} does not serve {timeout:.0f}s after up")
+            time.sleep(0.5)
+
+
+class BackgroundProducer(threading.Thread):
+    """Produces files as chunk messages from a thread, one file every ``interval``
+    seconds (``encode_chunk`` of :mod:`girder_upload_stream.codec`, i.e. what
+    ``girder-upload-stream produce`` sends), through a plain confluent-kafka producer
+    that rides out broker restarts (idempotent, long delivery timeout)."""
+
+    def __init__(self, bootstrap: str, topic: str, files: dict[str, bytes],
+                 interval: float, chunk_size: int = CHUNK_SIZE) -> None:
+        super().__init__(name=f"producer-{topic}", daemon=True)
+        self.bootstrap, self.topic, self.files = bootstrap, topic, files
+        self.interval, self.chunk_size = interval, chunk_size
+        self.sent = self.acked = 0
+        self.failures: list[str] = []
+        self.error: BaseException | None = None
+        self.finished_at: float | None = None
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            self.failures.append(f"{msg.key()!r}: {err}")
+        else:
+            self.acked += 1
+
+    def run(self) -> None:
+        from confluent_kafka import Producer
+        from girder_upload_stream.codec import chunk_file, encode_chunk
+        try:
+            producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20,
+                                 "enable.idempotence": True,
+                                 "message.timeout.ms": 300_000,
+                                 "message.max.bytes": self.chunk_size + 65_536})
+            for rel, data in self.files.items():
+                subdir, _, name = rel.rpartition("/")
+                for chunk in chunk_file(data, subdir, self.chunk_size, filename=name):
+                    key, value = encode_chunk(chunk)
+                    while True:
+                        try:
+                            producer.produce(self.topic, value=value, key=key.encode(),
+                                             on_delivery=self._delivered)
+                            break
+                        except BufferError:
+                            producer.poll(0.5)
+                    self.sent += 1
+                    producer.poll(0)
+                time.sleep(self.interval)
+            remaining = producer.flush(240)
+            if remaining:
+                self.failures.append(f"{remaining} message(s) not delivered after 240 s")
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+        finally:
+            self.finished_at = time.monotonic()
+
+    def finish(self, timeout: float = 300) -> None:
+        """Wait for the thread; fail if any message was not acknowledged."""
+        self.join(timeout)
+        assert not self.is_alive(), f"the producer of {self.topic} is still running"
+        assert self.error is None, f"the producer failed: {self.error!r}"
+        assert not self.failures and self.acked == self.sent, (
+            f"acknowledged {self.acked}/{self.sent}; failures: {self.failures[:10]}")
+
+
+def produce_raw(bootstrap: str, topic: str,
+                messages: list[tuple[bytes | str | None, bytes | None, int | None]]
+                ) -> list[tuple[int, int]]:
+    """Produce ``(key, value, partition)`` messages as they are (``None`` key: no key;
+    ``None`` partition: the default partitioner); returns each one's (partition, offset)
+    in order."""
+    from confluent_kafka import Producer
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
+                         "enable.idempotence": True, "message.max.bytes": 8 << 20})
+    where: list[tuple[int, int] | None] = [None] * len(messages)
+    errors: list[str] = []
+
+    def delivered(index: int):
+        def callback(err, msg) -> None:
+            if err is not None:
+                errors.append(f"message {index}: {err}")
+            else:
+                where[index] = (msg.partition(), msg.offset())
+        return callback
+
+    for index, (key, value, partition) in enumerate(messages):
+        kwargs: dict[str, Any] = {"value": value, "on_delivery": delivered(index)}
+        if key is not None:
+            kwargs["key"] = key.encode() if isinstance(key, str) else key
+        if partition is not None:
+            kwargs["partition"] = partition
+        producer.produce(topic, **kwargs)
+        producer.poll(0)
+    assert producer.flush(60) == 0, "messages still queued after 60 s"
+    assert not errors and all(w is not None for w in where), errors
+    return where  # type: ignore[return-value]
+
+
+@dataclass
+class GirderListing:
+    """Everything below a Girder folder, duplicates kept: (relative path, document)."""
+
+    items: list[tuple[str, dict]] = field(default_factory=list)
+    folders: list[tuple[str, dict]] = field(default_factory=list)
+
+
+def girder_listing(gc, parent_id: str, parent_type: str = "folder") -> GirderListing:
+    """Walk a folder (or a collection) with paging, keeping same-named siblings apart."""
+    listing = GirderListing()
+
+    def walk(pid: str, ptype: str, prefix: str) -> None:
+        if ptype == "folder":
+            for item in gc.listItem(pid):
+                listing.items.append((prefix + item["name"], item))
+        for folder in gc.listFolder(pid, parentFolderType=ptype):
+            rel = prefix + folder["name"]
+            listing.folders.append((rel, folder))
+            walk(folder["_id"], "folder", rel + "/")
+
+    walk(parent_id, parent_type, "")
+    return listing
+
+
+def complete_in_girder(gc, root_folder_id: str, files: dict[str, bytes]) -> set[str]:
+    """The expected files that are items of their full size below the root (an item
+    created but not given its file yet has size 0)."""
+    tree = girder_tree(gc, root_folder_id)
+    return {rel for rel, item in tree.items.items()
+            if rel in files and item.get("size") == len(files[rel])}
+
+
+def root_folder_or_none(gc, root_path: str) -> dict | None:
+    try:
+        return folder_by_path(gc, root_path)
+    except Exception:  # noqa: BLE001 - Girder answers 400 until the folder exists
+        return None
+
+
+def assert_exactly_once(gc, root_folder_id: str, files: dict[str, bytes], topic: str,
+                        root_path: str | None = None) -> GirderTree:
+    """Every file is in Girder exactly once: one item per file at its path (none else),
+    right bytes and sha256, exactly one Girder file per item, no two items or folders of
+    the same name in one folder, and no folder that no file needs."""
+    listing = girder_listing(gc, root_folder_id)
+    for kind, entries in (("item", listing.items), ("folder", listing.folders)):
+        counts = collections.Counter(rel for rel, _ in entries)
+        doubled = sorted(rel for rel, n in counts.items() if n > 1)
+        assert not doubled, f"{kind}s that appear more than once in their folder: {doubled}"
+    several = {}
+    for rel, item in listing.items:
+        item_files = list(gc.listFile(item["_id"]))
+        if len(item_files) != 1:
+            several[rel] = [(f["name"], f.get("size")) for f in item_files]
+    assert not several, f"items without exactly one file: {several}"
+    tree = assert_uploaded(gc, root_folder_id, files, topic, root_path=root_path, exact=True)
+    subdirs = {"/".join(rel.split("/")[:i]) for rel in files
+               for i in range(1, rel.count("/") + 1)}
+    assert set(tree.folders) == subdirs, (
+        f"unexpected folders below the root: {sorted(set(tree.folders) - subdirs)}")
+    return tree
+
+
+def in_progress_rows(logs_dir: Path, topic: str, group: str) -> list:
+    """The rows of the in-progress registry of ``topic``/``group``, as saved on disk."""
+    from girder_upload_stream.registry import InProgressTable
+    return InProgressTable.open(logs_dir, topic, group).rows()
+
+
+def tree_snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple]:
+    """``{relative path: (kind, size, mtime_ns, sha256 or link target)}`` of everything
+    below ``root`` (symlinks not followed), leaving out ``skip`` and what is below it."""
+    snapshot: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        if skip is not None and here == skip:
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            path = here / name
+            if skip is not None and path == skip:
+                continue
+            st = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                snapshot[rel] = ("link", 0, st.st_mtime_ns, os.readlink(path))
+            elif path.is_dir():
+                snapshot[rel] = ("dir", 0, st.st_mtime_ns, "")
+            else:
+                snapshot[rel] = ("file", st.st_size, st.st_mtime_ns,
+                                 sha256(path.read_bytes()))
+    return snapshot

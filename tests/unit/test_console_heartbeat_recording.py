@@ -273,13 +273,13 @@ def recorder(tmp_path) -> RegistryRecorder:
 def test_recorder_tracks_files_in_progress(recorder) -> None:
     data = b"0123456789"
     c1, c2, _ = chunks(data, "f.bin", "sub")
-    recorder.chunk_added(c1, 1)
+    recorder.chunk_added(c1, 0, 1)
     row = recorder.in_progress.get(key("sub/f.bin", data))
     assert row is not None
     assert (row.filename, str(row.rel_filepath), row.status, row.n_chunks) == \
         ("f.bin", "sub/f.bin", R.STATUS_IN_PROGRESS, 3)
     first = row.first_message
-    recorder.chunk_added(c2, 2)
+    recorder.chunk_added(c2, 0, 2)
     assert len(recorder.in_progress) == 1
     assert recorder.in_progress.get(key("sub/f.bin", data)).first_message == first
 
@@ -287,7 +287,7 @@ def test_recorder_tracks_files_in_progress(recorder) -> None:
 def test_recorder_moves_processed_files_and_counts_each_time(recorder, tmp_path) -> None:
     data = b"processed twice"
     [c] = chunks(data, "p.txt", size=100)
-    recorder.chunk_added(c, 1)
+    recorder.chunk_added(c, 0, 1)
     done = completed(data, "p.txt")
     recorder.file_outcome(done, FileOutcome("p.txt", ("p.txt", done.file_hash),
                                             Outcome.UPLOADED, item_id="abc"))
@@ -380,7 +380,7 @@ def test_registry_saver_saves_every_interval_and_at_the_end(recorder, tmp_path,
     monkeypatch.setattr(recording_module, "time", SimpleNamespace(monotonic=clock))
     saver = RegistrySaver(recorder, interval=2.0)
     [c] = chunks(b"abcdefgh", "s.bin", size=4)[:1]
-    recorder.chunk_added(c, 1)
+    recorder.chunk_added(c, 0, 1)
     table = R.in_progress_path(tmp_path / "LOGS", TOPIC, GROUP)
     saver.tick(None)
     assert not table.exists()
@@ -408,7 +408,7 @@ def test_recorder_reads_back_earlier_state(tmp_path) -> None:
     folder = tmp_path / "LOGS"
     first = RegistryRecorder(folder, TOPIC, GROUP)
     [c] = chunks(b"zz", "z.bin", size=1)[:1]
-    first.chunk_added(c, 1)
+    first.chunk_added(c, 0, 1)
     first.save(final=True)
     second = RegistryRecorder(folder, TOPIC, GROUP)
     assert [str(r.rel_filepath) for r in second.in_progress.rows()] == ["z.bin"]

@@ -36,7 +36,7 @@ class SpyRecorder(Recorder):
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def chunk_added(self, chunk: Chunk, n_received: int) -> None:
+    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None:
         self.calls.append(("chunk_added", chunk.rel_path, chunk.chunk_i))
 
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
@@ -600,6 +600,7 @@ def test_counters_take_delta_starts_from_zero() -> None:
     c = Counters(messages_read=3, bytes_read=10)
     assert c.take_delta() == {"messages_read": 3, "bytes_read": 10, "messages_processed": 0,
                               "bytes_processed": 0, "files_uploaded": 0, "files_skipped": 0,
+                              "files_found_in_girder": 0,
                               "files_failed": 0, "messages_rejected": 0}
 
 

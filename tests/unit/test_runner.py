@@ -68,6 +68,7 @@ class FakeGroup:
         self.next = {p: 0 for p in range(n_partitions)}
         self.commits: list[dict] = []
         self.committed: dict = {}
+        self.metadata: dict = {}
         self.pauses: list[bool] = []
         self.paused = False
         self.closed = False
@@ -96,8 +97,12 @@ class FakeGroup:
         self.pauses.append(paused)
 
     def commit(self, offsets: dict) -> dict:
-        self.commits.append(dict(offsets))
-        self.committed.update(offsets)
+        """Takes ``{tp: (offset, metadata)}`` as the real group; records offsets only
+        (``metadata`` keeps the last metadata per partition)."""
+        plain = {tp: offset for tp, (offset, _) in offsets.items()}
+        self.metadata.update({tp: md for tp, (_, md) in offsets.items()})
+        self.commits.append(plain)
+        self.committed.update(plain)
         return dict(offsets)
 
     def close(self) -> None:

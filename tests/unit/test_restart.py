@@ -1,0 +1,363 @@
+"""Unit tests of the restart rule (offsets rules 4 and 7): commit metadata with the high
+watermark, re-reads told from new messages, second productions, Girder lookups of
+unknown re-read files, stale partial files, messages gone from the topic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from girder_upload_stream import failpoints
+from girder_upload_stream.codec import decode_chunk
+from girder_upload_stream.offsets import OffsetTracker, format_metadata, parse_metadata
+from girder_upload_stream.pipeline import PartitionInfo, file_generation
+from girder_upload_stream.reassembly import FileProgress
+from girder_upload_stream.units import Outcome
+from tests.unit.test_pipeline import TOPIC, Clock, Log, SpyRecorder, encoded, make, upload_all
+
+P0, P1 = (TOPIC, 0), (TOPIC, 1)
+
+
+class RestartSpy(SpyRecorder):
+    def file_found(self, progress: FileProgress) -> None:
+        self.calls.append(("file_found", progress.rel_path))
+
+    def file_stale(self, progress: FileProgress, reason: str) -> None:
+        self.calls.append(("file_stale", progress.rel_path, reason))
+
+    def file_dropped(self, progress: FileProgress) -> None:
+        self.calls.append(("file_dropped", progress.rel_path))
+
+    def messages_gone(self, partition: int, first: int, end: int) -> None:
+        self.calls.append(("messages_gone", partition, first, end))
+
+
+def info(partition: int, committed: int | None, high: int | None, low: int = 0):
+    return PartitionInfo(TOPIC, partition, committed,
+                         None if high is None else format_metadata(high), low)
+
+
+# ---------------------------------------------------------------- offsets
+
+
+def test_metadata_round_trip_and_foreign_metadata() -> None:
+    assert parse_metadata(format_metadata(1234)) == 1234
+    for foreign in (None, "", "hello", "gus1:hw=", "gus1:hw=-3", "gus1:hw=12x"):
+        assert parse_metadata(foreign) is None
+
+
+def test_reread_span_comes_from_commit_and_metadata() -> None:
+    tracker = OffsetTracker()
+    tracker.assigned(P0, 10, format_metadata(25))
+    tracker.assigned(P1, 7, "written by someone else")
+    assert tracker.is_reread(P0, 10) and tracker.is_reread(P0, 24)
+    assert not tracker.is_reread(P0, 25)
+    assert not tracker.is_reread(P1, 7)  # foreign commit: nothing counts as re-read
+    assert not tracker.is_reread((TOPIC, 2), 0)  # never assigned: new
+    tracker.assigned((TOPIC, 3), None, None)  # never committed
+    assert not tracker.is_reread((TOPIC, 3), 0)
+
+
+def test_commit_plan_carries_the_high_watermark_and_never_shrinks_it() -> None:
+    tracker = OffsetTracker()
+    tracker.assigned(P0, 10, format_metadata(25))
+    tracker.read(P0, 10, "pending-file")
+    tracker.read(P0, 11)
+    # The safe offset stays 10, but the metadata must keep 25 (not 12): a crash now
+    # must still treat 10..24 as re-read.
+    assert tracker.committable() == {}
+    assert tracker.commit_plan() == {}  # the commit already says 10 and 25
+    for offset in range(12, 30):
+        tracker.read(P0, offset)
+    plan = tracker.commit_plan()
+    assert plan == {P0: (10, format_metadata(30))}  # same offset, grown watermark
+    tracker.committed(plan)
+    assert tracker.commit_plan() == {}
+    tracker.file_done("pending-file")
+    assert tracker.commit_plan() == {P0: (30, format_metadata(30))}
+
+
+def test_forget_drops_the_reread_span() -> None:
+    tracker = OffsetTracker()
+    tracker.assigned(P0, 3, format_metadata(9))
+    tracker.forget([P0])
+    assert not tracker.is_reread(P0, 5)
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def crashed_first_run():
+    """A first run that uploads f (chunks on p0@1 and p1@0) while g (p0@0, p0@2) waits
+    for its last chunk; returns the log, messages, commits and the processed set."""
+    log = Log()
+    g1, g2, g3 = encoded(b"G" * 24, "g.bin")
+    f1, f2 = encoded(b"F" * 16, "f.bin")
+    first = make()
+    msgs = [log.put(0, *g1), log.put(0, *f1), log.put(1, *f2), log.put(0, *g2)]
+    for m in msgs:
+        first.handle(m)
+    upload_all(first)
+    plan = first.offsets.commit_plan()
+    assert plan == {P0: (0, format_metadata(3)), P1: (1, format_metadata(1))}
+    return log, msgs, g3, set(first.known_done)
+
+
+def test_restart_with_registry_rereads_known_files_as_done() -> None:
+    log, msgs, g3, done = crashed_first_run()
+    second = make(known_done=done, recorder=RestartSpy())
+    second.assigned([info(0, 0, 3), info(1, 1, 1)])
+    for m in [msgs[0], msgs[1], msgs[3]]:  # p0 is re-read from 0
+        second.handle(m)
+    second.handle(log.put(0, *g3))
+    units = upload_all(second)
+    assert [f.rel_path for u in units for f in u.files] == ["g.bin"]  # f is not rebuilt
+    assert second.offsets.commit_plan() == {P0: (4, format_metadata(4))}
+    assert second.take_probes() == []  # the registry knew f: no Girder lookup
+
+
+def test_restart_without_registry_asks_girder_and_a_found_file_is_done() -> None:
+    log, msgs, g3, _ = crashed_first_run()
+    spy = RestartSpy()
+    second = make(recorder=spy)  # another machine: no registry at all
+    second.assigned([info(0, 0, 3), info(1, 1, 1)])
+    for m in [msgs[0], msgs[1], msgs[3]]:
+        second.handle(m)
+    probes = second.take_probes()
+    assert sorted(k[0] for k in probes) == ["f.bin", "g.bin"]
+    assert second.take_probes() == []  # asked once while the lookup runs
+    f_key = next(k for k in probes if k[0] == "f.bin")
+    g_key = next(k for k in probes if k[0] == "g.bin")
+    second.probe_result(f_key, True)
+    second.probe_result(g_key, False)
+    assert spy.of("file_found") == [("file_found", "f.bin")]
+    assert second.counters.files_found_in_girder == 1
+    # f no longer holds p0@1: only g (p0@0) does, until its last chunk comes.
+    second.handle(log.put(0, *g3))
+    assert [f.rel_path for u in upload_all(second) for f in u.files] == ["g.bin"]
+    assert second.offsets.commit_plan() == {P0: (4, format_metadata(4))}
+
+
+def test_unanswered_girder_lookup_is_asked_again_later() -> None:
+    clock = Clock()
+    log = Log()
+    a1, _ = encoded(b"A" * 16, "a.bin")
+    proc = make(clock=clock, retry_delay=5)
+    proc.assigned([info(0, 0, 10)])
+    proc.handle(log.put(0, *a1))
+    [key] = proc.take_probes()
+    proc.probe_result(key, None)
+    assert proc.take_probes() == []
+    clock.now += 5
+    assert proc.take_probes() == [key]
+
+
+def test_files_the_in_progress_registry_lists_need_no_lookup() -> None:
+    log = Log()
+    a1, _ = encoded(b"A" * 16, "a.bin")
+    gen = file_generation(decode_chunk(a1[1]).file_hash)
+    proc = make(known_pending={("a.bin", gen)})
+    proc.assigned([info(0, 0, 10)])
+    proc.handle(log.put(0, *a1))
+    assert proc.take_probes() == []
+
+
+def test_a_file_produced_twice_is_rebuilt_twice_without_holding_commits() -> None:
+    log = Log()
+    pairs = encoded(b"twice" * 5, "t.bin")
+    proc = make()
+    for pair in pairs:
+        proc.handle(log.put(0, *pair))
+    assert len(upload_all(proc)) == 1
+    # The producer runs again: new offsets, same content.
+    proc.handle(log.put(1, *pairs[0]))
+    assert proc.offsets.commit_plan()[P1][0] == 1  # not held while it assembles
+    for pair in pairs[1:]:
+        proc.handle(log.put(1, *pair))
+    again = upload_all(proc, Outcome.SKIPPED_IDENTICAL)
+    assert [f.rel_path for u in again for f in u.files] == ["t.bin"]
+    outcomes = proc.recorder.of("file_outcome")
+    assert [o[2] for o in outcomes] == [Outcome.UPLOADED, Outcome.SKIPPED_IDENTICAL]
+
+
+def test_a_stray_resent_chunk_of_a_finished_file_is_dropped_when_stale() -> None:
+    wall = Clock(5000.0)
+    log = Log()
+    pairs = encoded(b"x" * 16, "x.bin")
+    spy = RestartSpy()
+    proc = make(recorder=spy, stale_partial_seconds=60, wall_clock=wall)
+    proc.reassembler._clock = wall  # message times on the same clock
+    for pair in pairs:
+        proc.handle(log.put(0, *pair))
+    upload_all(proc)
+    proc.handle(log.put(0, *pairs[0]))  # a producer retry, long after
+    wall.now += 61
+    proc.take_units()
+    assert spy.of("file_dropped") == [("file_dropped", "x.bin")]
+    assert proc.reassembler.in_progress() == []
+
+
+def test_a_stale_partial_file_stops_holding_commits_but_may_still_complete() -> None:
+    wall = Clock(5000.0)
+    log = Log()
+    s1, s2 = encoded(b"S" * 16, "s.bin")
+    spy = RestartSpy()
+    proc = make(recorder=spy, stale_partial_seconds=60, wall_clock=wall)
+    proc.reassembler._clock = wall
+    proc.handle(log.put(0, *s1))
+    for _ in range(3):
+        proc.handle(log.put(0, *encoded(b"other", "o.bin", size=64)[0]))
+    upload_all(proc)
+    assert proc.offsets.committable() == {P0: 0}  # s.bin holds p0@0
+    wall.now += 30
+    proc.take_units()
+    assert spy.of("file_stale") == []
+    wall.now += 31
+    proc.take_units()
+    [(_, rel, reason)] = spy.of("file_stale")
+    assert rel == "s.bin" and "1 of 2 chunks" in reason and "released" in reason
+    assert proc.offsets.committable() == {P0: 4}
+    proc.take_units()
+    assert len(spy.of("file_stale")) == 1  # recorded once
+    proc.handle(log.put(0, *s2))  # the missing chunk arrives after all
+    assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["s.bin"]
+    assert proc.offsets.committable() == {P0: 5}
+
+
+def test_a_message_without_key_is_rejected() -> None:
+    log = Log()
+    [(_, value)] = encoded(b"no key", "n.bin", size=64)
+    proc = make()
+    proc.handle(log.put(0, None, value))
+    [(_, partition, offset, reason)] = proc.recorder.of("message_rejected")
+    assert (partition, offset) == (0, 0) and "no key" in reason
+    assert proc.offsets.committable() == {P0: 1}
+
+
+def test_messages_gone_from_the_topic_are_reported() -> None:
+    spy = RestartSpy()
+    proc = make(recorder=spy)
+    proc.assigned([info(0, 5, 9, low=7), info(1, 3, 3, low=0), info(2, None, None, low=4)])
+    assert spy.of("messages_gone") == [("messages_gone", 0, 5, 7)]
+
+
+# ---------------------------------------------------------------- failpoints
+
+
+def test_failpoints_refuse_unknown_names_and_bad_counts() -> None:
+    with pytest.raises(ValueError, match="unknown point"):
+        failpoints.configure("upload.midd=1")
+    with pytest.raises(ValueError, match="count"):
+        failpoints.configure("upload.mid=0")
+    assert failpoints.configure("") == {}
+    failpoints.hit("upload.mid")  # disarmed: nothing happens
+
+
+def test_a_failpoint_kills_the_process_at_the_nth_pass() -> None:
+    code = ("import sys\nfrom girder_upload_stream import failpoints\n"
+            "for i in range(5):\n    print(i, flush=True)\n    failpoints.hit('commit.before')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"GUS_FAILPOINTS": "commit.before=3", "PATH": ""}, timeout=60)
+    assert proc.returncode == -9
+    assert proc.stdout.split() == ["0", "1", "2"]
+
+
+# ---------------------------------------------------------------- runner and registry
+
+
+class ProbeHandle:
+    def __init__(self, keys, answer) -> None:
+        self.keys, self.answer, self.finished = keys, answer, False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def result(self):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return [(key, self.answer) for key in self.keys]
+
+
+def test_runner_looks_up_reread_files_and_waits_for_lookups_before_idle_stop() -> None:
+    from tests.unit.test_runner import make as make_runner, put_file
+    handles: list[ProbeHandle] = []
+    runner, group, submit = make_runner(max_idle_seconds=0.0)
+    runner._probe = lambda keys: handles.append(ProbeHandle(keys, True)) or handles[-1]
+    runner.processor.assigned([info(0, 0, 100)])  # everything below 100 is re-read
+    put_file(group, b"F" * 16, "f.bin", [0], skip={2})
+    runner.step()
+    assert [k[0] for h in handles for k in h.keys] == ["f.bin"]
+    assert runner.busy and runner._stop_reason() is None  # the lookup is running
+    handles[0].finished = True
+    runner.step()
+    assert not runner.busy
+    assert runner.processor.counters.files_found_in_girder == 1
+    assert group.committed == {P0: 1}  # f's chunk no longer holds the partition
+    assert "hw=100" in group.metadata[P0]
+
+
+def test_runner_retries_a_failed_lookup() -> None:
+    from tests.unit.test_runner import make as make_runner, put_file
+    handles: list[ProbeHandle] = []
+    runner, group, _ = make_runner()
+    runner._probe = lambda keys: handles.append(
+        ProbeHandle(keys, RuntimeError("girder down"))) or handles[-1]
+    runner.processor.assigned([info(0, 0, 100)])
+    put_file(group, b"F" * 16, "f.bin", [0], skip={2})
+    runner.step()
+    handles[0].finished = True
+    runner.step()
+    assert runner.processor._probes  # asked again after retry_delay
+    assert runner.processor.offsets.pending_count() == 1  # f still holds p0@0
+
+
+def test_recorder_keeps_first_offsets_and_marks_files_whose_messages_are_gone(tmp_path):
+    from girder_upload_stream.codec import chunk_file
+    from girder_upload_stream.recording import RegistryRecorder
+    from girder_upload_stream.registry import STATUS_FAILED, STATUS_IN_PROGRESS, RowKey
+    recorder = RegistryRecorder(tmp_path, TOPIC, "g")
+    assert not recorder.had_local_state
+    a = list(chunk_file(b"A" * 24, "sub", 8, filename="a.bin"))
+    b = list(chunk_file(b"B" * 24, "", 8, filename="b.bin"))
+    recorder.chunk_added(a[0], 0, 7)
+    recorder.chunk_added(a[1], 1, 3)
+    recorder.chunk_added(a[2], 0, 5)
+    recorder.chunk_added(b[0], 1, 9)
+    rows = {str(r.rel_filepath): r for r in recorder.in_progress.rows()}
+    assert rows["sub/a.bin"].extra["first_offsets"] == {"0": 5, "1": 3}
+    recorder.messages_gone(1, 2, 5)  # offsets 2..4 of p1 deleted: a needs 3, b starts at 9
+    rows = {str(r.rel_filepath): r for r in recorder.in_progress.rows()}
+    assert rows["sub/a.bin"].status == STATUS_FAILED
+    assert "messages gone from the topic" in rows["sub/a.bin"].extra["reason"]
+    assert rows["b.bin"].status == STATUS_IN_PROGRESS
+    recorder.save(final=True)
+    again = RegistryRecorder(tmp_path, TOPIC, "g")
+    assert again.had_local_state
+    gen = file_generation(b[0].file_hash)
+    assert again.pending_keys() == {("b.bin", gen)}
+    progress = FileProgress("b.bin", b[0].file_hash.hex(), 1, 3, 8, 8, 1.0e9, 1.0e9)
+    again.file_found(progress)
+    assert again.in_progress.get(RowKey("b.bin", gen)) is None
+    [row] = again.processed.rows()
+    assert row.extra["outcome"] == "found_in_girder" and row.n_chunks == 3
+
+
+def test_a_quiet_partial_file_is_looked_up_in_girder_once() -> None:
+    # A file whose first chunks were committed past just before a crash, and whose last
+    # chunk lies past the last committed watermark, looks new: a quiet partial is asked.
+    wall = Clock(5000.0)
+    log = Log()
+    q1, _ = encoded(b"Q" * 16, "q.bin")
+    proc = make(stale_partial_seconds=3600, wall_clock=wall)
+    proc.reassembler._clock = wall
+    proc.handle(log.put(0, *q1))
+    assert proc.take_probes() == []  # new, not quiet yet
+    wall.now += 31
+    proc.take_units()
+    [key] = proc.take_probes()
+    proc.probe_result(key, False)
+    wall.now += 31
+    proc.take_units()
+    assert proc.take_probes() == []  # once

@@ -135,6 +135,9 @@ class ConsumerGroup:
         self._owner: dict[tuple[str, int], Any] = {}
         self._paused = False
         self._turn = 0
+        # One past the last offset returned per partition: the lag's fallback while
+        # librdkafka's position is unknown (e.g. just after a rebalance).
+        self._read_up_to: dict[tuple[str, int], int] = {}
 
     def _connect(self) -> list[Any]:
         if not self._consumers:
@@ -219,6 +222,7 @@ class ConsumerGroup:
             err = msg.error()
             if err is None:
                 good.append(msg)
+                self._read_up_to[(msg.topic(), msg.partition())] = msg.offset() + 1
             elif err.fatal():
                 raise KafkaTerminalError(f"fatal consumer error: {err.str()}",
                                          topic=msg.topic(), partition=msg.partition())
@@ -266,18 +270,17 @@ class ConsumerGroup:
 
     def lag(self) -> int | None:
         """Messages between the position and the end of every assigned partition (from
-        the last fetch's statistics, no broker round trip); None before any position."""
+        the last fetch's statistics, no broker round trip); None while unknown."""
         from confluent_kafka import KafkaException, TopicPartition
         total, known = 0, False
         for consumer in self._consumers:
             try:
                 for tp in consumer.position(consumer.assignment()):
-                    if tp.offset < 0:
-                        continue
+                    position = max(tp.offset, self._read_up_to.get((tp.topic, tp.partition), -1))
                     high = consumer.get_watermark_offsets(
                         TopicPartition(tp.topic, tp.partition), cached=True)[1]
-                    if high >= 0:
-                        total, known = total + max(0, high - tp.offset), True
+                    if position >= 0 and high >= 0:
+                        total, known = total + max(0, high - position), True
             except KafkaException:
                 return None
         return total if known else None

@@ -95,6 +95,7 @@ class StreamRunner:
         self._last_message = self._started
         self._last_commit = self._started
         self.summary: RunSummary | None = None
+        self.stopping_reason = ""
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
@@ -221,6 +222,7 @@ class StreamRunner:
         """Stop fetching, let in-flight uploads finish (bounded), commit what is safe,
         run the side jobs a last time and leave the group."""
         logger.info("shutting down: %s", reason)
+        self.stopping_reason = reason  # the side jobs' final tick may report it
         self.group.pause(True)
         deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
         while self.busy and self._clock() < deadline:

@@ -29,7 +29,8 @@ artifact) lists as processed is done at once (rule 3). A re-read file the regist
 not know is looked up in Girder by name and sha512 before it may hold a commit: found,
 it is done. A *new* message (``>= N``) of a file processed before is a second
 production of it: it is rebuilt and recorded again (the processed table lists it twice)
-and Girder skips the identical content. Commits without our metadata (e.g. made by
+and Girder skips the identical content; a copy that begins while the first is still on
+its way to Girder is counted, not rebuilt (:mod:`girder_upload_stream.copies`). Commits without our metadata (e.g. made by
 OpenMSIStream) give ``N = C``: nothing counts as re-read.
 
 Trade-offs, on purpose: a second production's messages are done at once (Girder holds

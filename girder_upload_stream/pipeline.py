@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from girder_upload_stream import failpoints
 from girder_upload_stream.codec import Chunk, FileKey, decode_chunk
+from girder_upload_stream.copies import CopyTracker
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
 from girder_upload_stream.offsets import OffsetTracker
 from girder_upload_stream.reassembly import (AddStatus, CompletedFile, FileProgress,
@@ -122,6 +123,7 @@ class StreamProcessor:
         self._probes: dict[FileKey, float] = {}  # Girder lookups wanted, by due time
         self._probing: set[FileKey] = set()
         self._probed: set[FileKey] = set()  # asked once already
+        self.copies = CopyTracker()  # copies produced again while the first uploads
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
         self.offsets = OffsetTracker()
@@ -181,6 +183,11 @@ class StreamProcessor:
         if not busy and reread and known in self.known_done:
             self.offsets.read(tp, offset)
             return
+        if not busy and not reread and self.copies.tracking(key):
+            self.offsets.read(tp, offset)  # a copy produced again, counted (not rebuilt)
+            self.copies.add(key, chunk.chunk_i)
+            self._register_copies(key)
+            return
         if not busy and not reread and (known in self.known_done
                                         or self.reassembler.is_completed(key)):
             # Produced again (rule 7): rebuilt and recorded again, but never holding a
@@ -199,6 +206,8 @@ class StreamProcessor:
         if status is AddStatus.DUPLICATE and not busy:
             self.offsets.read(tp, offset)
             return
+        if not reread and key not in self._echo:
+            self._count_copy(key, chunk, status)
         if status is AddStatus.IGNORED:
             self.offsets.read(tp, offset)
             return
@@ -220,6 +229,23 @@ class StreamProcessor:
             self.counters.files_failed += 1
             self.recorder.file_rejected(result.rejected)
             self._settle(key)
+
+    def _count_copy(self, key: FileKey, chunk: Chunk, status: AddStatus) -> None:
+        """A new (not re-read) chunk of a busy file: a duplicate begins counting the
+        copies produced again (see :mod:`girder_upload_stream.copies`)."""
+        if status is AddStatus.DUPLICATE and not self.copies.tracking(key):
+            received = self.reassembler.received(key)
+            self.copies.start(key, chunk.n_total_chunks, received if received is not None
+                              else range(1, chunk.n_total_chunks + 1))
+        if status in (AddStatus.DUPLICATE, AddStatus.ACCEPTED, AddStatus.COMPLETED):
+            self.copies.add(key, chunk.chunk_i)
+
+    def _register_copies(self, key: FileKey) -> None:
+        """Register each copy produced again of a settled file (Girder would skip it)."""
+        for first in self.copies.take_due(key):
+            self.recorder.file_outcome(first, FileOutcome(
+                first.rel_path, key, Outcome.SKIPPED_IDENTICAL, "produced again"))
+            self.counters.files_skipped += 1
 
     def _busy(self, key: FileKey) -> bool:
         """True while a file's fate is not durable yet (assembling, queued, uploading or
@@ -347,6 +373,9 @@ class StreamProcessor:
         self.known_done.add((completed.rel_path, file_generation(completed.file_hash)))
         self.counters.messages_processed += completed.n_chunks
         self.counters.bytes_processed += self._message_bytes.get(key, completed.size)
+        if outcome.outcome is not Outcome.FAILED_TERMINAL:
+            self.copies.settled(completed)
+            self._register_copies(key)
         self._settle(key)
 
     # -- state ---------------------------------------------------------------------

@@ -408,6 +408,12 @@ class Reassembler:
         with self._lock:
             return self._finished.get(file_key) == ""
 
+    def received(self, file_key: FileKey) -> list[int] | None:
+        """Chunk numbers received so far of a generation being assembled, else None."""
+        with self._lock:
+            state = self._files.get(file_key)
+            return None if state is None else list(state.pieces)
+
     def mark_finished(self, file_key: FileKey) -> None:
         """Treat a generation as completed elsewhere (e.g. found in Girder): drop its
         partial state and recognise its later chunks as duplicates."""

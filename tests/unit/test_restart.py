@@ -361,3 +361,70 @@ def test_a_quiet_partial_file_is_looked_up_in_girder_once() -> None:
     wall.now += 31
     proc.take_units()
     assert proc.take_probes() == []  # once
+
+
+def test_a_copy_produced_again_while_the_first_uploads_is_registered_twice() -> None:
+    log = Log()
+    pairs = encoded(b"both" * 6, "b.bin")
+    proc = make()
+    for pair in pairs + pairs:  # a new group reads both productions in one batch
+        proc.handle(log.put(0, *pair))
+    units = upload_all(proc, Outcome.SKIPPED_IDENTICAL)
+    assert [f.rel_path for u in units for f in u.files] == ["b.bin"]  # uploaded once
+    assert [o[2] for o in proc.recorder.of("file_outcome")] == [Outcome.SKIPPED_IDENTICAL] * 2
+    assert proc.counters.files_skipped == 2
+    assert proc.offsets.committable() == {P0: 2 * len(pairs)}
+
+
+def test_a_copy_produced_again_across_the_first_upload_is_counted_whole() -> None:
+    log = Log()
+    pairs = encoded(b"across" * 4, "c.bin")
+    proc = make()
+    for pair in pairs + pairs[:1]:  # the second copy begins while the first uploads ...
+        proc.handle(log.put(0, *pair))
+    upload_all(proc)
+    assert proc.counters.files_skipped == 0
+    for pair in pairs[1:]:  # ... and ends after it is in Girder
+        proc.handle(log.put(1, *pair))
+    assert proc.take_units() == []  # counted, not rebuilt
+    assert [o[2] for o in proc.recorder.of("file_outcome")] == [
+        Outcome.UPLOADED, Outcome.SKIPPED_IDENTICAL]
+    assert proc.offsets.committable() == {P0: len(pairs) + 1, P1: len(pairs) - 1}
+
+
+def test_interleaved_copies_of_one_file_are_each_registered() -> None:
+    log = Log()
+    a, b, c = encoded(b"interleaved!" * 2, "i.bin")
+    proc = make()
+    # Copy 2 begins before copy 1 is complete, on other partitions.
+    for partition, pair in [(0, a), (1, a), (0, b), (2, c), (1, b), (3, c)]:
+        proc.handle(log.put(partition, *pair))
+    units = upload_all(proc)
+    assert [f.rel_path for u in units for f in u.files] == ["i.bin"]  # uploaded once
+    assert [o[2] for o in proc.recorder.of("file_outcome")] == [
+        Outcome.UPLOADED, Outcome.SKIPPED_IDENTICAL]
+    for partition, pair in [(0, a), (1, b)]:  # a third copy, incomplete: not registered
+        proc.handle(log.put(partition, *pair))
+    assert len(proc.recorder.of("file_outcome")) == 2
+    proc.handle(log.put(2, *c))
+    assert len(proc.recorder.of("file_outcome")) == 3
+    assert proc.offsets.pending_count() == 0
+
+
+def test_copy_tracker_keeps_no_file_bytes_and_forgets_old_files() -> None:
+    from girder_upload_stream.copies import CopyTracker
+    from girder_upload_stream.reassembly import CompletedFile
+    tracker = CopyTracker(max_settled=2)
+    files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0, b"abc", None)
+             for i in range(3)]
+    for f in files:
+        key = (f.rel_path, f.file_hash)
+        tracker.start(key, 1, [1])
+        tracker.settled(f)
+    tracker.add(("f0", files[0].file_hash), 1)
+    assert not tracker.tracking(("f0", files[0].file_hash))  # forgotten (oldest)
+    key2 = ("f2", files[2].file_hash)
+    tracker.add(key2, 1)
+    [due] = tracker.take_due(key2)
+    assert due.data is None and due.rel_path == "f2"
+    assert tracker.take_due(key2) == []

@@ -331,9 +331,9 @@ def processed_rel_paths(logs_dir: Path, topic: str, group: str) -> list[str]:
 # is always the real CLI, as a subprocess stopped (or killed) by its own PID.
 
 FAULT_CONSUMER_CONFIG = (
-    "# The local stack, with a short consumer session: a consumer killed with SIGKILL\n"
-    "# never leaves its group, and its partitions are only handed to the restarted\n"
-    "# program once its session expires (librdkafka's default: 45 s).\n"
+    "# The local stack, with a shorter consumer session than the program's 10 s: a\n"
+    "# consumer killed with SIGKILL never leaves its group, and its partitions are only\n"
+    "# handed to the restarted program once its session expires.\n"
     "[broker]\n"
     "bootstrap.servers = $KAFKA_BOOTSTRAP_SERVERS\n"
     "\n[consumer]\n"
@@ -437,7 +437,8 @@ def kafka_serves(bootstrap: str, topic: str | None = None) -> bool:
     its partitions)."""
     from confluent_kafka.admin import AdminClient
     try:
-        metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(
+        # log_level 2: no "Connection refused" lines while the broker is down.
+        metadata = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2}).list_topics(
             topic, timeout=3)
     except Exception:  # noqa: BLE001 - KafkaException while the broker is down
         return False
@@ -494,7 +495,7 @@ class BackgroundProducer(threading.Thread):
         try:
             producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20,
                                  "enable.idempotence": True,
-                                 "message.timeout.ms": 300_000,
+                                 "message.timeout.ms": 300_000, "log_level": 2,
                                  "message.max.bytes": self.chunk_size + 65_536})
             for rel, data in self.files.items():
                 subdir, _, name = rel.rpartition("/")
@@ -653,3 +654,33 @@ def tree_snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple]:
                 snapshot[rel] = ("file", st.st_size, st.st_mtime_ns,
                                  sha256(path.read_bytes()))
     return snapshot
+
+
+def committed_with_metadata(admin, group: str, topic: str) -> dict[int, tuple[int, str]]:
+    """``{partition: (committed offset, commit metadata)}`` of ``group`` on ``topic``."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+    result = futures[group].result(timeout=30)
+    return {tp.partition: (tp.offset, tp.metadata or "") for tp in result.topic_partitions
+            if tp.topic == topic}
+
+
+def messages_at(bootstrap: str, topic: str, offsets: dict[int, int],
+                timeout: float = 30.0) -> dict[int, tuple[bytes | None, bytes | None]]:
+    """``{partition: (key, value)}`` of the message at each given offset (for diagnoses)."""
+    from confluent_kafka import Consumer, TopicPartition
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-diagnosis",
+                         "enable.auto.commit": False, "fetch.message.max.bytes": 16 << 20})
+    found: dict[int, tuple[bytes | None, bytes | None]] = {}
+    try:
+        consumer.assign([TopicPartition(topic, p, o) for p, o in offsets.items() if o >= 0])
+        deadline = time.monotonic() + timeout
+        while len(found) < sum(1 for o in offsets.values() if o >= 0) \
+                and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=10, timeout=1.0):
+                if msg.error() is None and msg.partition() not in found \
+                        and msg.offset() == offsets[msg.partition()]:
+                    found[msg.partition()] = (msg.key(), msg.value())
+    finally:
+        consumer.close()
+    return found

@@ -1,0 +1,356 @@
+"""Hostile and broken input mixed into good traffic, through the real CLI.
+
+Good files are produced before and after a batch of bad messages covering every
+hostile class of the wire format (undecodable values, wrong shapes and types, bad
+hashes, unsafe paths, impossible chunk placements, a symlink planted in the output
+folder), plus messages without a key, keys that disagree with their values, and a
+second topic holding no chunk data at all. The consumer runs in ``--mode both`` so that
+files are also rebuilt on disk, where a path escape would do harm.
+
+Checked: every good file lands once; every bad message or file is logged and listed in
+the in-progress registry (``failed`` or ``mismatched_hash``, with the reason in the row's
+``extra``); the program runs on to its idle stop and exits 0; nothing changes outside
+the output folder; and no Girder folder or item is named from hostile input.
+
+Layout (so that "outside" can be checked): ``tmp/box/out`` is the output folder,
+``tmp/box/outside`` a sibling with a sentinel file, and ``tmp/box`` holds nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from girder_upload_stream.codec import Chunk, chunk_file, encode_chunk, make_key
+from tests.integration.helpers import (Program, assert_exactly_once, consumer_argv,
+                                       consumer_env, girder_listing, in_progress_rows,
+                                       log_uniform_files, produce_raw, root_folder_or_none,
+                                       stop_line, tree_snapshot, write_fault_config)
+
+pytestmark = pytest.mark.integration
+
+CHUNK_SIZE = 65_536
+MAX_IDLE = 8
+RUN_TIMEOUT = 150.0
+BAD_STATUSES = {"failed", "mismatched_hash"}
+
+
+def _sha512(data: bytes) -> bytes:
+    return hashlib.sha512(data).digest()
+
+
+def _chunk(data: bytes, name: str, subdir: str = "", i: int = 1, n: int = 1,
+           offset: int = 0, file_data: bytes | None = None, append: str = "") -> Chunk:
+    """A chunk with a correct chunk hash and any placement (bypasses chunk_file)."""
+    return Chunk(name, _sha512(file_data if file_data is not None else data), _sha512(data),
+                 offset, i, n, subdir, append, data, 0.0)
+
+
+def _fields(chunk: Chunk) -> list:
+    return [chunk.filename, chunk.file_hash, chunk.chunk_hash, chunk.chunk_offset,
+            chunk.chunk_i, chunk.n_total_chunks, chunk.subdir, chunk.filename_append,
+            chunk.data, chunk.file_mtime]
+
+
+def _pack(fields) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def _tampered(index: int, value) -> tuple[str, bytes]:
+    base = _chunk(b"some bytes", "tampered.bin")
+    fields = _fields(base)
+    fields[index] = value
+    return base.key, _pack(fields)
+
+
+@dataclass
+class Bad:
+    """One hostile case: ``messages`` go to ``partition`` in order. ``rel`` names the file
+    of a whole-file rejection (None: each message is rejected on its own)."""
+
+    label: str
+    messages: list[tuple[bytes | str | None, bytes | None]]
+    partition: int
+    rel: str | None = None
+    status: str | None = None  # a required status, when the class has its own
+    where: list[tuple[int, int]] | None = None
+
+
+def hostile_cases(outside: Path) -> list[Bad]:
+    cases: list[tuple[str, list]] = []
+    valid = _chunk(b"valid bytes", "v.bin")
+    key, value = encode_chunk(valid)
+
+    def message(label: str, k, v) -> None:
+        cases.append((label, [(k, v)]))
+
+    def unsafe(label: str, name: str, subdir: str, append: str = "") -> None:
+        chunk = _chunk(b"evil bytes", name, subdir, append=append)
+        message(label, make_key(subdir, name, 1, 1), encode_chunk(chunk)[1])
+
+    message("not msgpack", "_junk.bin_chunk_1_of_1", b"\xc1\xc1 this is not msgpack \xff")
+    message("truncated msgpack", key, value[:-5])
+    message("msgpack map, not an array", key, _pack({"filename": "v.bin", "data": b"x"}))
+    message("8 fields", key, _pack(_fields(valid)[:8]))
+    message("11 fields", key, _pack(_fields(valid) + ["extra"]))
+    message("chunk_i is a string", *_tampered(4, "1"))
+    message("filename is not UTF-8", *_tampered(0, b"caf\xe9.bin"))
+    message("file_hash is not 64 bytes", *_tampered(1, b"short"))
+    message("chunk hash mismatch", *_tampered(8, b"other bytes"))
+    message("empty chunk data", *_tampered(8, b""))
+    message("mtime is not a number", *_tampered(9, "yesterday"))
+    chunk = _chunk(b"zero", "zero.bin", n=0)
+    message("n_total_chunks 0", chunk.key, encode_chunk(chunk)[1])
+    chunk = _chunk(b"three", "range.bin", i=3, n=2, offset=8)
+    message("chunk_i beyond n_total_chunks", chunk.key, encode_chunk(chunk)[1])
+    chunk = _chunk(b"neg", "neg.bin", i=2, n=2, offset=-4)
+    message("negative chunk_offset", chunk.key, encode_chunk(chunk)[1])
+    unsafe("subdir ../outside", "evil.txt", "../outside")
+    unsafe("absolute subdir (the real outside folder)", "evil.txt", str(outside))
+    unsafe("absolute subdir /etc", "passwd", "/etc")
+    unsafe("subdir climbing with ..", "evil.txt", "a/../../outside")
+    unsafe("filename ..", "..", "")
+    unsafe("filename with /", "../evil.txt", "")
+    unsafe("backslashes", "evil.txt", "a\\..\\..\\outside")
+    unsafe("NUL in filename", "evil\x00.txt", "")
+    unsafe("empty filename", "", "d")
+    unsafe("empty subdir component", "evil.txt", "a//b")
+    unsafe("subdir .", "evil.txt", ".")
+    unsafe("filename_append with /", "evil.txt", "", append="/../../x")
+    # Valid chunks of complete files, with a missing or wrong key.
+    message("no key", None, encode_chunk(_chunk(b"lost", "lost.bin", "nokey"))[1])
+    message("key names another file", "_other.bin_chunk_1_of_1",
+            encode_chunk(_chunk(b"liar", "liar.bin", "liar"))[1])
+    message("key names another chunk", "liar_liar2.bin_chunk_2_of_1",
+            encode_chunk(_chunk(b"liar2", "liar2.bin", "liar"))[1])
+    message("key is not UTF-8", b"\xff\xfe\xfd",
+            encode_chunk(_chunk(b"badkey", "badkey.bin", "badkey"))[1])
+    message("tombstone (no value)", "_tomb.bin_chunk_1_of_1", None)
+    bad = [Bad(label, msgs, index % 4) for index, (label, msgs) in enumerate(cases)]
+
+    def whole_file(label: str, rel: str, chunks: list[Chunk], status: str | None = None):
+        bad.append(Bad(label, [encode_chunk(c) for c in chunks], len(bad) % 4, rel, status))
+
+    content = b"abcdefghijkl"  # one 3-chunk file of 12 bytes, chunks placed wrongly
+    whole_file("mismatched file hash", "bad/mismatch.bin",
+               [_chunk(b"abcdef", "mismatch.bin", "bad", 1, 2, 0, b"something else"),
+                _chunk(b"ghijkl", "mismatch.bin", "bad", 2, 2, 6, b"something else")],
+               "mismatched_hash")
+    whole_file("overlapping chunks", "bad/overlap.bin",
+               [_chunk(b"abcd", "overlap.bin", "bad", 1, 3, 0, content),
+                _chunk(b"cdef", "overlap.bin", "bad", 2, 3, 2, content)])
+    whole_file("chunk past the end", "bad/pastend.bin",
+               [_chunk(b"ijkl", "pastend.bin", "bad", 3, 3, 8, content),
+                _chunk(b"efgh", "pastend.bin", "bad", 2, 3, 9, content)])
+    whole_file("hole between chunks", "bad/hole.bin",
+               [_chunk(b"abcd", "hole.bin", "bad", 1, 3, 0, content),
+                _chunk(b"ghij", "hole.bin", "bad", 2, 3, 6, content)])
+    whole_file("one chunk twice with different data", "bad/twice.bin",
+               [_chunk(b"abcd", "twice.bin", "bad", 1, 3, 0, content),
+                _chunk(b"efgh", "twice.bin", "bad", 2, 3, 4, content),
+                _chunk(b"fghi", "twice.bin", "bad", 2, 3, 5, content)])
+    whole_file("n_total_chunks changed", "bad/ntotal.bin",
+               [_chunk(b"abcd", "ntotal.bin", "bad", 1, 2, 0, b"abcdefgh"),
+                _chunk(b"ef", "ntotal.bin", "bad", 2, 3, 4, b"abcdefgh")])
+    whole_file("through a symlink in output_dir", "escape/evil.txt",
+               [_chunk(b"through the link", "evil.txt", "escape")])
+    whole_file("below a symlink in output_dir", "escape/deeper/evil.txt",
+               [_chunk(b"below the link", "evil.txt", "escape/deeper")])
+    return bad
+
+
+def good_messages(files: dict[str, bytes]) -> list[tuple[str, bytes, None]]:
+    messages = []
+    for rel, data in files.items():
+        subdir, _, name = rel.rpartition("/")
+        for chunk in chunk_file(data, subdir, CHUNK_SIZE, filename=name):
+            key, value = encode_chunk(chunk)
+            messages.append((key, value, None))
+    return messages
+
+
+NON_CHUNK_MESSAGES: list[tuple[bytes | str | None, bytes | None]] = [
+    (None, b"hello, plain text without a key"),
+    ("greeting", b"hello, plain text"),
+    ("json", b'{"filename": "a.txt", "subdir": "../x", "data": "aGVsbG8="}'),
+    ("json-array", b'["a.txt", "x", 1, 2]'),
+    ("csv", b"filename,size\na.txt,3\n"),
+    ("empty", b""),
+    ("tombstone", None),
+    ("msgpack int", msgpack.packb(42)),
+    ("msgpack list of 10 ints", msgpack.packb(list(range(10)))),
+    ("utf-16", "héllo wörld".encode("utf-16")),
+]
+
+
+@pytest.fixture
+def programs() -> Iterator[list[Program]]:
+    started: list[Program] = []
+    yield started
+    for program in started:
+        program.stop(timeout=15)
+
+
+def _problems_logged(text: str, topic: str, where: list[tuple[int, int]],
+                     rel: str | None) -> list[str]:
+    """What is missing from the log: a WARNING/ERROR line naming each message (by topic,
+    partition and offset), or for a whole-file rejection, naming the file."""
+    lines = [line for line in text.splitlines() if " ERROR " in line or " WARNING " in line]
+    if rel is not None:
+        return [] if any(repr(rel) in line or rel in line for line in lines) else [rel]
+    missing = []
+    for partition, offset in where:
+        pattern = re.compile(rf"topic={re.escape(repr(topic))}, partition={partition}, "
+                             rf"offset={offset}\b")
+        if not any(pattern.search(line) for line in lines):
+            missing.append(f"{partition}@{offset}")
+    return missing
+
+
+def _registry_problems(rows: list, where: list[tuple[int, int]], rel: str | None,
+                       status: str | None) -> list[str]:
+    """Why the in-progress registry does not list this case with a reason."""
+    def ok(row) -> bool:
+        reason = (row.extra or {}).get("reason")
+        return (row.status in BAD_STATUSES and (status is None or row.status == status)
+                and isinstance(reason, str) and bool(reason.strip()))
+
+    if rel is not None:
+        found = [r for r in rows if str(r.rel_filepath) == rel]
+        if not any(ok(r) for r in found):
+            return [f"{rel}: rows {[(r.status, dict(r.extra)) for r in found]}"]
+        return []
+    problems = []
+    for partition, offset in where:
+        found = [r for r in rows
+                 if ((r.extra or {}).get("partition"), (r.extra or {}).get("offset"))
+                 == (partition, offset) or r.generation == f"offset-{partition}-{offset}"]
+        if not any(ok(r) for r in found):
+            problems.append(f"{partition}@{offset}: rows "
+                            f"{[(r.status, dict(r.extra)) for r in found]}")
+    return problems
+
+
+def _run(argv: list[str], name: str, tmp_path: Path, env: dict, programs: list,
+         log_file: tuple[Path, ...]) -> tuple[Program, str]:
+    program = Program(argv, tmp_path / name, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL)
+    programs.append(program)
+    code = program.wait(RUN_TIMEOUT)
+    assert code == 0, f"the consumer did not run on to a clean exit\n{program.describe(log_file)}"
+    summary = stop_line(program.output())
+    assert summary["reason"].startswith(f"no new message for {MAX_IDLE}s"), summary
+    assert "Traceback" not in program.output(), program.describe(log_file)
+    return program, program.output() + "".join(p.read_text(errors="replace")
+                                               for p in log_file if p.is_file())
+
+
+@pytest.mark.timeout(420)
+def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_contained(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs):
+    bootstrap, api_url = stack_env["KAFKA_BOOTSTRAP_SERVERS"], stack_env["GIRDER_API_URL"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    box = tmp_path / "box"
+    out, outside = box / "out", box / "outside"
+    (out / "LOGS").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "sentinel.txt").write_bytes(b"must not change")
+    (outside / "evil.txt").write_bytes(b"original content")
+    (out / "escape").symlink_to(Path("..") / "outside", target_is_directory=True)
+    before = tree_snapshot(box, skip=out)
+
+    good = log_uniform_files(24, 44, 1024, 300 << 10,
+                             folders=("", "good", "good/nested/deeper", "données été"))
+    bad = hostile_cases(outside)
+    stream = good_messages(good)
+    half = len(stream) // 2
+    flat_bad = [(k, v, case.partition) for case in bad for k, v in case.messages]
+    where = produce_raw(bootstrap, topic, stream[:half] + flat_bad + stream[half:])
+    bad_where = where[half:half + len(flat_bad)]
+    for case in bad:
+        case.where, bad_where = bad_where[:len(case.messages)], bad_where[len(case.messages):]
+
+    log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
+    config = write_fault_config(tmp_path / "consumer.config")
+    env = consumer_env(stack_env, prefect_env)
+    _, text = _run(consumer_argv(api_url, topic, collection["name"], out, group, config,
+                                 MAX_IDLE, "--mode", "both"),
+                   "bad.out", tmp_path, env, programs, log_file)
+
+    rows = in_progress_rows(out / "LOGS", topic, group)
+    not_logged = {case.label: m for case in bad
+                  if (m := _problems_logged(text, topic, case.where, case.rel))}
+    not_registered = {case.label: p for case in bad
+                      if (p := _registry_problems(rows, case.where, case.rel, case.status))}
+
+    # A second topic holding no chunk data at all, consumed into the same output folder.
+    topic2, group2 = make_topic(partitions=4), make_group()
+    where2 = produce_raw(bootstrap, topic2, [(k, v, None) for k, v in NON_CHUNK_MESSAGES])
+    _, text2 = _run(consumer_argv(api_url, topic2, collection["name"], out, group2, config,
+                                  MAX_IDLE, "--mode", "both"),
+                    "non-chunk.out", tmp_path, env, programs, log_file)
+    rows2 = in_progress_rows(out / "LOGS", topic2, group2)
+    for (key, _), spot in zip(NON_CHUNK_MESSAGES, where2):
+        label = f"non-chunk message {key!r}"
+        if missing := _problems_logged(text2, topic2, [spot], None):
+            not_logged[label] = missing
+        if problems := _registry_problems(rows2, [spot], None, None):
+            not_registered[label] = problems
+
+    # Every check runs, and the test reports all that failed at once.
+    failures: dict[str, object] = {}
+    if not_logged:
+        failures["bad input not logged"] = not_logged
+    if not_registered:
+        failures["bad input not in the in-progress registry with a reason"] = not_registered
+
+    # Girder: the good files exactly once; nothing else anywhere in the collection.
+    root_path = f"/collection/{collection['name']}/{topic}"
+    root = root_folder_or_none(girder_client, root_path)
+    assert root is not None, f"{root_path} was never created"
+    try:
+        assert_exactly_once(girder_client, root["_id"], good, topic, root_path=root_path)
+    except AssertionError as exc:
+        failures["good files in Girder"] = str(exc)
+    listing = girder_listing(girder_client, collection["_id"], "collection")
+    allowed_folders = {topic, topic2} | {f"{topic}/" + "/".join(rel.split("/")[:i])
+                                         for rel in good for i in range(1, rel.count("/") + 1)}
+    stray_folders = sorted(rel for rel, _ in listing.folders if rel not in allowed_folders)
+    stray_items = sorted(rel for rel, _ in listing.items
+                         if not (rel.startswith(f"{topic}/") and rel[len(topic) + 1:] in good))
+    if stray_folders or stray_items:
+        failures["Girder folders or items named from hostile input"] = {
+            "folders": stray_folders, "items": stray_items}
+
+    # The disk: nothing outside the output folder changed; inside it only the good files
+    # (mode both rebuilds them there), the registries and our own symlink.
+    after = tree_snapshot(box, skip=out)
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    if changed:
+        failures["changed outside the output folder"] = changed
+    if not ((out / "escape").is_symlink()
+            and Path(os.readlink(out / "escape")) == Path("..") / "outside"):
+        failures["the planted symlink was replaced"] = str(out / "escape")
+    inside = {rel for rel, (kind, *_) in tree_snapshot(out).items()
+              if kind != "dir" and not rel.startswith("LOGS/")}
+    if inside - set(good) - {"escape"}:
+        failures["unexpected files below the output folder"] = sorted(
+            inside - set(good) - {"escape"})
+    wrong = sorted(rel for rel, data in good.items()
+                   if not (out / rel).is_file() or (out / rel).read_bytes() != data)
+    if wrong:
+        failures["good files not rebuilt on disk"] = wrong
+
+    print(f"[bad input] {len(good)} good files, {len(bad)} hostile cases "
+          f"({len(flat_bad)} messages), {len(NON_CHUNK_MESSAGES)} non-chunk messages; "
+          f"registry rows: {len(rows)} + {len(rows2)}; failures: {sorted(failures)}",
+          flush=True)
+    assert not failures, "\n".join(f"{what}: {detail}" for what, detail in failures.items())

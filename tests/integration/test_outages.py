@@ -1,0 +1,155 @@
+"""Outages mid-stream: the Girder server, or the Kafka broker, is stopped while the
+consumer (the real CLI) is receiving a stream of files from a background producer, and
+started again. Nothing may be lost or doubled, and the consumer must ride it out.
+
+Each test stops a component of the session's stack (``python -m stack.stackctl down``)
+and always starts it again, and waits until it serves, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import (BackgroundProducer, Program, assert_exactly_once,
+                                       committed_offsets, complete_in_girder,
+                                       component_stopped, consumer_argv, consumer_env,
+                                       end_offsets, girder_serves, kafka_serves,
+                                       log_uniform_files, root_folder_or_none, stop_line,
+                                       wait_for, write_fault_config)
+
+pytestmark = pytest.mark.integration
+
+N_FILES = 60
+PRODUCE_SECONDS = 24.0
+GIRDER_DOWN_SECONDS = 30
+KAFKA_DOWN_SECONDS = 15
+#: The idle stop must not end the run during the outage itself: while the broker is
+#: down no message arrives, which is what --max_idle_seconds counts. While Girder is
+#: down the failed uploads waiting for their retry keep the run from being idle.
+MAX_IDLE = 15
+MAX_IDLE_KAFKA = KAFKA_DOWN_SECONDS + 30
+#: Prefect's task retries (2, 10, 30 s) and then the consumer's own retry every 15 s.
+RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retrying in \d+s")
+
+
+@pytest.fixture
+def programs() -> Iterator[list[Program]]:
+    started: list[Program] = []
+    yield started
+    for program in started:
+        program.stop(timeout=15)
+
+
+def _start(tmp_path: Path, stack_env, prefect_env, topic: str, group: str, collection: dict,
+           programs: list[Program], seed: int, max_idle: float):
+    files = log_uniform_files(N_FILES, seed, 1024, 1 << 20)
+    out = tmp_path / "out"
+    program = Program(
+        consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
+                      write_fault_config(tmp_path / "consumer.config"), max_idle),
+        tmp_path / "consumer.out", cwd=tmp_path, env=consumer_env(stack_env, prefect_env),
+        stdin=subprocess.DEVNULL)
+    programs.append(program)
+    producer = BackgroundProducer(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic, files,
+                                  interval=PRODUCE_SECONDS / N_FILES)
+    producer.start()
+    return files, out, program, producer
+
+
+def _landed(gc, root_path: str, files: dict[str, bytes]) -> int:
+    root = root_folder_or_none(gc, root_path)
+    return len(complete_in_girder(gc, root["_id"], files)) if root else 0
+
+
+def _check_end(gc, kafka_admin, bootstrap: str, program: Program, files, topic: str,
+               group: str, root_path: str, log_file: tuple[Path, ...], max_idle: float) -> dict:
+    code = program.wait(240)
+    assert code == 0, program.describe(log_file)
+    summary = stop_line(program.output())
+    assert summary["reason"].startswith(f"no new message for {max_idle:g}s"), summary
+    assert summary["failed"] == 0, f"files failed for good: {summary}\n{program.describe(log_file)}"
+    root = root_folder_or_none(gc, root_path)
+    assert root is not None, program.describe(log_file)
+    assert_exactly_once(gc, root["_id"], files, topic, root_path=root_path)
+    assert committed_offsets(kafka_admin, group, topic) == end_offsets(bootstrap, topic), (
+        f"the group did not commit to the end: {committed_offsets(kafka_admin, group, topic)}"
+        f" != {end_offsets(bootstrap, topic)}\n{program.describe(log_file)}")
+    return summary
+
+
+@pytest.mark.timeout(420)
+def test_girder_down_for_30s_mid_stream_loses_nothing_and_retries(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, kafka_admin, programs):
+    bootstrap, api_url = stack_env["KAFKA_BOOTSTRAP_SERVERS"], stack_env["GIRDER_API_URL"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    files, out, program, producer = _start(tmp_path, stack_env, prefect_env, topic, group,
+                                           collection, programs, seed=31, max_idle=MAX_IDLE)
+    log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
+    root_path = f"/collection/{collection['name']}/{topic}"
+    wait_for(lambda: _landed(girder_client, root_path, files) >= 3,
+             "the first files in Girder", program, log_file, timeout=90)
+    before = _landed(girder_client, root_path, files)
+    assert producer.is_alive(), "the stream ended before the outage: it would not be mid-stream"
+    with component_stopped("girder", lambda: girder_serves(api_url)):
+        down_at = time.monotonic()
+        while time.monotonic() - down_at < GIRDER_DOWN_SECONDS:
+            program.assert_alive(log_file)
+            time.sleep(1)
+        produced_during = producer.sent
+    back_at = time.monotonic()
+    program.assert_alive(log_file)
+    producer.finish()
+    summary = _check_end(girder_client, kafka_admin, bootstrap, program, files, topic, group,
+                         root_path, log_file, MAX_IDLE)
+    text = program.output() + "".join(p.read_text(errors="replace") for p in log_file)
+    retries = RETRY_LINE.findall(text)
+    assert retries, f"no retry of a failed upload in the log\n{program.describe(log_file)}"
+    assert "Girder unreachable" in text, program.describe(log_file)
+    print(f"[girder outage] {before} files in Girder when it stopped; {produced_during} of "
+          f"{producer.sent} messages produced by the end of the outage; "
+          f"{len(retries)} retry lines; all {len(files)} files uploaded "
+          f"{time.monotonic() - back_at:.1f}s after Girder was back (incl. {MAX_IDLE}s idle); "
+          f"{summary}", flush=True)
+
+
+@pytest.mark.timeout(420)
+def test_broker_restart_mid_stream_loses_and_doubles_nothing(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, kafka_admin, programs):
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    files, out, program, producer = _start(tmp_path, stack_env, prefect_env, topic, group,
+                                           collection, programs, seed=32,
+                                           max_idle=MAX_IDLE_KAFKA)
+    log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
+    root_path = f"/collection/{collection['name']}/{topic}"
+    wait_for(lambda: _landed(girder_client, root_path, files) >= 3,
+             "the first files in Girder", program, log_file, timeout=90)
+    before = _landed(girder_client, root_path, files)
+    assert producer.is_alive(), "the stream ended before the restart: it would not be mid-stream"
+    with component_stopped("kafka", lambda: kafka_serves(bootstrap, topic)):
+        down_at = time.monotonic()
+        while time.monotonic() - down_at < KAFKA_DOWN_SECONDS:
+            program.assert_alive(log_file)
+            time.sleep(1)
+    back_at = time.monotonic()
+    program.assert_alive(log_file)
+    at_restart = _landed(girder_client, root_path, files)
+    wait_for(lambda: _landed(girder_client, root_path, files) > at_restart,
+             "a file uploaded after the broker restart", program, log_file, timeout=120)
+    first_after = time.monotonic() - back_at
+    producer.finish()
+    summary = _check_end(girder_client, kafka_admin, bootstrap, program, files, topic, group,
+                         root_path, log_file, MAX_IDLE_KAFKA)
+    print(f"[broker restart] {before} files in Girder when the broker stopped for "
+          f"{KAFKA_DOWN_SECONDS}s; all {len(files)} files in Girder once; first file after the "
+          f"restart {first_after:.1f}s after the broker was back, the run ended "
+          f"{time.monotonic() - back_at:.1f}s after (incl. {MAX_IDLE_KAFKA}s idle); {summary}",
+          flush=True)

@@ -22,7 +22,7 @@ from girder_upload_stream.assemble import build_runner, girder_settings, kafka_s
 from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
-from girder_upload_stream.units import UploadUnit
+from girder_upload_stream.units import UploadUnit, close_channel, drain_channel, open_channel
 
 __all__ = ["upload_stream"]
 
@@ -100,8 +100,10 @@ def upload_stream(
                       logger_file_path=logs_dir)
     log.info("consuming %s as group %s with %d consumer(s); uploading to %s",
              topic_name, kafka.group_id, n_threads, girder.api_url)
+    channel = open_channel()  # files report as they land: offsets need not wait for units
     with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
         def submit(unit: UploadUnit) -> _FutureHandle:
+            unit.channel = channel
             return _FutureHandle(task_runner.submit(
                 upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
 
@@ -113,7 +115,7 @@ def upload_stream(
         reset_stop()
         group_id = kafka.group_id
         runner = build_runner(
-            run, kafka, submit, probe=probe,
+            run, kafka, submit, probe=probe, early_outcomes=lambda: drain_channel(channel),
             registry_fallback=lambda: load_registry_fallback(topic_name, group_id))
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(
@@ -123,6 +125,8 @@ def upload_stream(
         except TerminationSignal:
             # SIGTERM or a cancellation: the runner already stopped gracefully.
             summary = runner.summary
+        finally:
+            close_channel(channel)
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,

@@ -53,7 +53,7 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
     consumer.setdefault("heartbeat.interval.ms", "3000")
     heartbeat = (file_config.heartbeat_producer_settings() if heartbeat_topic else {})
     return KafkaSettings(topic=topic, group_id=consumer["group.id"], consumer=consumer,
-                         n_consumers=n_threads, heartbeat_topic=heartbeat_topic,
+                         n_threads=n_threads, heartbeat_topic=heartbeat_topic,
                          heartbeat_program_id=heartbeat_program_id or f"girder-upload-stream-{consumer['group.id']}",
                          heartbeat_interval_secs=heartbeat_interval_secs,
                          heartbeat_producer=heartbeat)
@@ -71,10 +71,12 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
 
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  extra_jobs: list[SideJob] | None = None, probe: Any = None,
+                 early_outcomes: Any = None,
                  registry_fallback: Callable[[], set[tuple[str, str]]] | None = None
                  ) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
-    ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups).
+    ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
+    ``early_outcomes()`` drains the per-file outcomes of units still running.
 
     ``registry_fallback`` is asked for the (rel_path, generation) of processed files
     only when the logs folder holds no registry of this topic and group (e.g. a
@@ -98,7 +100,8 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
         recorder=recorder, max_unit_files=run.max_unit_files,
         max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds,
         known_done=known_done, known_pending=recorder.pending_keys(),
-        stale_partial_seconds=run.stale_partial_seconds)
+        stale_partial_seconds=run.stale_partial_seconds,
+        max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive),
                            RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
@@ -107,10 +110,10 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
         jobs.append(Heartbeats(producer, kafka.heartbeat_interval_secs))
     jobs += extra_jobs or []
     holder: dict[str, StreamRunner] = {}
-    group = ConsumerGroup(kafka.consumer, kafka.topic, kafka.n_consumers,
+    group = ConsumerGroup(kafka.consumer, kafka.topic, 1,
                           on_revoke=lambda tps: holder["runner"].on_revoke(tps),
                           on_assign=processor.assigned)
     runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.save,
-                          probe=probe)
+                          probe=probe, early_outcomes=early_outcomes)
     holder["runner"] = runner
     return runner

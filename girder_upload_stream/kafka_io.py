@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,13 +139,16 @@ class ConsumerGroup:
         # One past the last offset returned per partition: the lag's fallback while
         # librdkafka's position is unknown (e.g. just after a rebalance).
         self._read_up_to: dict[tuple[str, int], int] = {}
+        self._start_at: dict[tuple[str, int], int] = {}  # where fetching began
+        self._trouble_at: float | None = None  # monotonic time of the last broker problem
+        self._fatal = None
 
     def _connect(self) -> list[Any]:
         if not self._consumers:
             from confluent_kafka import Consumer, KafkaException
             try:
                 for _ in range(self.n_consumers):
-                    consumer = Consumer(self._settings)
+                    consumer = Consumer({**self._settings, "error_cb": self._on_error})
                     consumer.subscribe([self.topic], on_assign=self._assigned,
                                        on_revoke=self._revoked, on_lost=self._revoked)
                     self._consumers.append(consumer)
@@ -153,6 +157,18 @@ class ConsumerGroup:
                 raise KafkaTerminalError(f"cannot create a Kafka consumer: {exc}",
                                          topic=self.topic) from exc
         return self._consumers
+
+    def _on_error(self, err) -> None:
+        """librdkafka's error events (served from poll, in this thread): the broker is
+        unreachable, the group coordinator is gone... librdkafka retries them and logs
+        them itself; they are remembered so that such time never counts as idle."""
+        self._trouble_at = time.monotonic()
+        if err.fatal():
+            self._fatal = err
+
+    def quiet_seconds(self) -> float:
+        """Seconds since the last sign of a broker or group problem (inf: none yet)."""
+        return float("inf") if self._trouble_at is None else time.monotonic() - self._trouble_at
 
     def _check_topic(self, consumer) -> None:
         metadata = consumer.list_topics(self.topic, timeout=30)
@@ -167,8 +183,13 @@ class ConsumerGroup:
             self._owner[(p.topic, p.partition)] = consumer
         if self._paused and partitions:
             consumer.pause(partitions)
-        if self._on_assign is not None and partitions:
-            self._on_assign(self._starts(consumer, partitions))
+        if partitions:
+            starts = self._starts(consumer, partitions)
+            for start in starts:
+                begin = start.committed if start.committed is not None else start.low
+                self._start_at[(start.topic, start.partition)] = begin or 0
+            if self._on_assign is not None:
+                self._on_assign(starts)
 
     @staticmethod
     def _starts(consumer, partitions) -> list[PartitionInfo]:
@@ -201,6 +222,8 @@ class ConsumerGroup:
             self._on_revoke(tps)
         for tp in tps:
             self._owner.pop(tp, None)
+            self._start_at.pop(tp, None)
+            self._read_up_to.pop(tp, None)
 
     @property
     def assignment(self) -> list[tuple[str, int]]:
@@ -226,6 +249,11 @@ class ConsumerGroup:
             elif err.fatal():
                 raise KafkaTerminalError(f"fatal consumer error: {err.str()}",
                                          topic=msg.topic(), partition=msg.partition())
+            else:
+                self._trouble_at = time.monotonic()
+        if self._fatal is not None:
+            raise KafkaTerminalError(f"fatal consumer error: {self._fatal.str()}",
+                                     topic=self.topic)
         return good
 
     def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
@@ -250,6 +278,7 @@ class ConsumerGroup:
                     if tp.error is None:
                         accepted[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
             except KafkaException as exc:
+                self._trouble_at = time.monotonic()
                 logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
 
@@ -268,6 +297,12 @@ class ConsumerGroup:
     def paused(self) -> bool:
         return self._paused
 
+    def _position(self, tp) -> int:
+        """The next offset to read: librdkafka's position, or (while it is unknown,
+        e.g. before the first message after an assignment) what was read or committed."""
+        key = (tp.topic, tp.partition)
+        return max(tp.offset, self._read_up_to.get(key, -1), self._start_at.get(key, -1))
+
     def lag(self) -> int | None:
         """Messages between the position and the end of every assigned partition (from
         the last fetch's statistics, no broker round trip); None while unknown."""
@@ -276,7 +311,7 @@ class ConsumerGroup:
         for consumer in self._consumers:
             try:
                 for tp in consumer.position(consumer.assignment()):
-                    position = max(tp.offset, self._read_up_to.get((tp.topic, tp.partition), -1))
+                    position = self._position(tp)
                     high = consumer.get_watermark_offsets(
                         TopicPartition(tp.topic, tp.partition), cached=True)[1]
                     if position >= 0 and high >= 0:
@@ -284,6 +319,25 @@ class ConsumerGroup:
             except KafkaException:
                 return None
         return total if known else None
+
+    def caught_up(self, timeout: float = 5.0) -> bool:
+        """True if the broker answers and every assigned partition has been read to its
+        end: what an idle stop needs (a broker that is down is not "no new message")."""
+        from confluent_kafka import KafkaException, TopicPartition
+        if not self._owner:
+            return False
+        try:
+            for consumer in self._consumers:
+                for tp in consumer.position(consumer.assignment()):
+                    high = consumer.get_watermark_offsets(
+                        TopicPartition(tp.topic, tp.partition), timeout=timeout)[1]
+                    if high > self._position(tp):
+                        return False
+        except KafkaException as exc:
+            self._trouble_at = time.monotonic()
+            logger.info("not idle: the broker does not answer (%s)", exc)
+            return False
+        return True
 
     def close(self) -> None:
         """Leave the group; the revoke callback gets a last chance to commit."""
@@ -294,6 +348,7 @@ class ConsumerGroup:
                 logger.warning("error while closing a consumer: %s", exc)
         self._consumers.clear()
         self._owner.clear()
+        self._start_at.clear()
 
 
 class HeartbeatProducer:

@@ -111,6 +111,12 @@ class OffsetTracker:
                 released += 1
         return released
 
+    def first_offset(self, file_key: Hashable) -> int:
+        """The lowest pending offset of a file (any partition; -1 if none): uploading
+        files in this order lets commits advance while the uploads lag behind reading."""
+        entries = self._by_file.get(file_key)
+        return min(offset for _, offset in entries) if entries else -1
+
     def has_file(self, file_key: Hashable) -> bool:
         """True while any message of this file is pending."""
         return file_key in self._by_file

@@ -20,7 +20,8 @@ from girder_upload_stream.errors import ChunkDecodeError, StorageError
 from girder_upload_stream.offsets import OffsetTracker
 from girder_upload_stream.reassembly import (AddStatus, CompletedFile, FileProgress,
                                              Reassembler, RejectedFile)
-from girder_upload_stream.units import FileOutcome, Outcome, UploadUnit, group_into_units
+from girder_upload_stream.units import (FileOutcome, Outcome, UploadUnit, group_into_units,
+                                        stripe_into_units)
 
 __all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
            "file_generation"]
@@ -105,6 +106,7 @@ class StreamProcessor:
                  known_done: set[tuple[str, str]] | None = None,
                  known_pending: set[tuple[str, str]] | None = None,
                  stale_partial_seconds: float | None = 3600.0,
+                 max_inflight_units: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
@@ -116,6 +118,7 @@ class StreamProcessor:
         # in Girder (they were pending, so all their chunks are re-read).
         self.known_pending = known_pending or set()
         self.stale_partial_seconds = stale_partial_seconds
+        self.max_inflight_units = max_inflight_units  # None: every ready file at once
         self._wall_clock = wall_clock
         self._last_stale_check = wall_clock()
         self._echo: set[FileKey] = set()      # second productions: rebuilt, never held
@@ -133,6 +136,7 @@ class StreamProcessor:
         self._ready: list[CompletedFile] = []
         self._retry: list[tuple[float, CompletedFile]] = []
         self._inflight: dict[int, UploadUnit] = {}
+        self._early_done: set[tuple[int, FileKey]] = set()  # settled before their unit
         self._next_unit = 1
         self._message_bytes: dict[FileKey, int] = {}
         self.last_settled_at: float | None = None  # clock time of the last durable file
@@ -333,19 +337,49 @@ class StreamProcessor:
         due = [f for t, f in self._retry if t <= now]
         self._retry = [(t, f) for t, f in self._retry if t > now]
         files, self._ready = due + self._ready, []
-        units = group_into_units(files, self._next_unit, self.max_unit_files,
-                                 self.max_unit_bytes)
+        # Oldest messages first: a partition's commit waits for its lowest pending
+        # offset, so uploading in completion order (scrambled across partitions) would
+        # hold every commit near the start while the reading runs far ahead.
+        files.sort(key=lambda f: self.offsets.first_offset((f.rel_path, f.file_hash)))
+        if self.max_inflight_units is None:
+            units = group_into_units(files, self._next_unit, self.max_unit_files,
+                                     self.max_unit_bytes)
+        else:
+            # No more units than can run at once, striped: the rest wait here, so the
+            # next unit takes the oldest files when a worker frees up.
+            free = self.max_inflight_units - len(self._inflight)
+            units, self._ready = (stripe_into_units(files, self._next_unit, free,
+                                                    self.max_unit_files, self.max_unit_bytes)
+                                  if free > 0 and files else ([], files))
         self._next_unit += len(units)
         for unit in units:
             self._inflight[unit.unit_id] = unit
         return units
 
+    def settle_early(self, unit_id: int, outcome: FileOutcome) -> None:
+        """A file of a unit still running has landed (or failed for good): settle it now,
+        so its offsets need not wait for the rest of the unit. Transient outcomes wait
+        for the unit's result (its retry decides)."""
+        unit = self._inflight.get(unit_id)
+        mark = (unit_id, outcome.file_key)
+        if unit is None or not outcome.outcome.durable or mark in self._early_done:
+            return
+        for completed in unit.files:
+            if (completed.rel_path, completed.file_hash) == outcome.file_key:
+                self._early_done.add(mark)
+                self._record(completed, outcome.file_key, outcome)
+                return
+
     def finish_unit(self, unit: UploadUnit, outcomes: list[FileOutcome]) -> None:
-        """Settle each file of a unit from its outcome; a missing outcome is transient."""
+        """Settle each file of a unit from its outcome (files settled early are left
+        alone); a missing outcome is transient."""
         self._inflight.pop(unit.unit_id, None)
         by_key = {o.file_key: o for o in outcomes}
         for completed in unit.files:
             key = (completed.rel_path, completed.file_hash)
+            if (unit.unit_id, key) in self._early_done:
+                self._early_done.discard((unit.unit_id, key))
+                continue
             outcome = by_key.get(key) or FileOutcome(
                 completed.rel_path, key, Outcome.FAILED_TRANSIENT, "no outcome reported")
             self._record(completed, key, outcome)
@@ -387,7 +421,8 @@ class StreamProcessor:
     def bytes_held(self) -> int:
         """Bytes in RAM for files assembling, waiting, uploading or waiting to retry."""
         waiting = self._ready + [f for _, f in self._retry]
-        waiting += [f for u in self._inflight.values() for f in u.files]
+        waiting += [f for u in self._inflight.values() for f in u.files
+                    if (u.unit_id, (f.rel_path, f.file_hash)) not in self._early_done]
         return self.reassembler.bytes_held + sum(f.size for f in waiting if f.data is not None)
 
     @property

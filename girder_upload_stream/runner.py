@@ -80,6 +80,7 @@ class StreamRunner:
                  side_jobs: list[SideJob] | None = None,
                  before_commit: Callable[[], None] | None = None,
                  probe: Callable[[list[FileKey]], ProbeHandle] | None = None,
+                 early_outcomes: Callable[[], list[tuple[int, FileOutcome]]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.processor = processor
@@ -89,6 +90,7 @@ class StreamRunner:
         self._before_commit = before_commit
         self._clock = clock
         self._probe = probe
+        self._early_outcomes = early_outcomes
         self._handles: dict[int, tuple[UploadUnit, UploadHandle]] = {}
         self._probes: list[tuple[list[FileKey], ProbeHandle]] = []
         self._started = clock()
@@ -152,7 +154,11 @@ class StreamRunner:
         return bool(self._handles or self._probes)
 
     def collect(self) -> None:
-        """Settle every finished upload unit and Girder lookup (never blocks)."""
+        """Settle every file reported as landed, every finished upload unit and Girder
+        lookup (never blocks)."""
+        if self._early_outcomes is not None:
+            for unit_id, outcome in self._early_outcomes():
+                self.processor.settle_early(unit_id, outcome)
         self._collect_probes()
         for unit_id, (unit, handle) in list(self._handles.items()):
             if not handle.done():
@@ -199,7 +205,15 @@ class StreamRunner:
         idle = self.settings.max_idle_seconds
         if (idle is not None and now - self._last_message >= idle and self.processor.idle
                 and not self.busy):
-            return f"no new message for {idle:g}s and nothing in flight"
+            # A broker that did not answer lately, or messages still waiting, is not
+            # idleness: the idle time counts from the broker's last problem.
+            quiet = getattr(self.group, "quiet_seconds", lambda: float("inf"))()
+            if quiet < idle:
+                self._last_message = now - quiet
+            elif getattr(self.group, "caught_up", lambda: True)():
+                return f"no new message for {idle:g}s and nothing in flight"
+            else:
+                self._last_message = now
         return None
 
     def run(self) -> RunSummary:

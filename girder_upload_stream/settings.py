@@ -47,7 +47,10 @@ class KafkaSettings(BaseModel):
     topic: str
     group_id: str
     consumer: dict[str, str]
-    n_consumers: int = Field(default=2, ge=1)
+    #: Upload tasks running at once (--n_threads). The process reads with one consumer:
+    #: all polling happens in the flow's thread, so more consumers would only add
+    #: rebalances (and their re-reads) without reading faster.
+    n_threads: int = Field(default=2, ge=1)
     heartbeat_topic: str | None = None
     heartbeat_program_id: str | None = None
     heartbeat_interval_secs: float = 30.0

@@ -14,7 +14,7 @@ from girder_upload_stream.codec import FileKey
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder_io import store_for
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.units import FileOutcome, UploadUnit
+from girder_upload_stream.units import FileOutcome, UploadUnit, report_outcome
 
 __all__ = ["upload_unit", "find_in_girder"]
 
@@ -36,7 +36,12 @@ def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[Fi
     """Upload every file of ``unit``; terminal problems come back as outcomes, transient
     ones raise so that Prefect retries the unit."""
     store = store_for(girder, topic)
-    return [store.upload(completed) for completed in unit.files]
+    outcomes = []
+    for completed in unit.files:
+        outcome = store.upload(completed)
+        report_outcome(unit.channel, unit.unit_id, outcome)  # settles it before the unit ends
+        outcomes.append(outcome)
+    return outcomes
 
 
 @task(name="find-in-girder", cache_policy=NO_CACHE, persist_result=False,

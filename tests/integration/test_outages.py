@@ -29,11 +29,12 @@ N_FILES = 60
 PRODUCE_SECONDS = 24.0
 GIRDER_DOWN_SECONDS = 30
 KAFKA_DOWN_SECONDS = 15
-#: The idle stop must not end the run during the outage itself: while the broker is
-#: down no message arrives, which is what --max_idle_seconds counts. While Girder is
-#: down the failed uploads waiting for their retry keep the run from being idle.
+#: The idle stop must not end the run during an outage. While Girder is down the failed
+#: uploads waiting for their retry keep the run from being idle; while the broker is
+#: down no message arrives, but a broker that does not answer is not "no new message":
+#: the idle limit is shorter than the broker's outage on purpose.
 MAX_IDLE = 15
-MAX_IDLE_KAFKA = KAFKA_DOWN_SECONDS + 30
+MAX_IDLE_KAFKA = 8
 #: Prefect's task retries (2, 10, 30 s) and then the consumer's own retry every 15 s.
 RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retrying in \d+s")
 

@@ -13,8 +13,9 @@ test's tmp dir):
   be at total / incomplete (about 2 here);
 * the time from the restart to the first new file complete in Girder (informative).
 
-Asserted: every file ends up in Girder exactly once, and the re-read is well below the
-whole topic (< 0.75 of its messages).
+Asserted: every file ends up in Girder exactly once, and the overlap -- messages re-read
+beyond those of the incomplete files -- stays below a fifth of the topic (whole-topic
+re-reads, or commits held back by files long uploaded, put it at a quarter or more).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ TOTAL_BYTES = 200 << 20
 SEED = 7_200
 MAX_IDLE = 6
 RUN_TIMEOUT = 180.0
-MAX_REREAD_FRACTION = 0.75
+MAX_OVERLAP_FRACTION = 0.20
 
 
 def _files() -> dict[str, bytes]:
@@ -135,7 +136,7 @@ def test_restart_after_a_kill_at_half_rereads_little_more_than_the_incomplete_fi
     print(f"[restart cost] written to {tmp_path / 'restart_cost.json'}", flush=True)
 
     assert_exactly_once(girder_client, root["_id"], files, topic, root_path=root_path)
-    if reread >= MAX_REREAD_FRACTION * total_messages:
+    if reread - incomplete_messages >= MAX_OVERLAP_FRACTION * total_messages:
         holders = _commit_holders(bootstrap, topic, committed_at_kill, at_kill, files)
         pytest.fail(f"the restart read {reread} of the topic's {total_messages} messages "
                     f"({reread / total_messages:.0%}) for {incomplete_messages} messages of "

@@ -177,11 +177,12 @@ def test_uploads_release_offsets_file_by_file() -> None:
     for m in msgs:
         proc.handle(m)
     units = proc.take_units()
-    assert [[f.rel_path for f in u.files] for u in units] == [["b.bin"], ["a.bin"]]
+    # b completed first, but a holds the oldest offset: a is uploaded first.
+    assert [[f.rel_path for f in u.files] for u in units] == [["a.bin"], ["b.bin"]]
     assert proc.offsets.committable() == {(TOPIC, 0): 0}
-    proc.finish_unit(units[0], outcomes(units[0]))  # b: offset 1 done, a still holds 0
+    proc.finish_unit(units[1], outcomes(units[1]))  # b: offset 1 done, a still holds 0
     assert proc.offsets.committable() == {(TOPIC, 0): 0}
-    proc.finish_unit(units[1], outcomes(units[1]))
+    proc.finish_unit(units[0], outcomes(units[0]))
     assert proc.offsets.committable() == {(TOPIC, 0): 3}
 
 

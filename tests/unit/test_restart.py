@@ -14,7 +14,7 @@ from girder_upload_stream.codec import decode_chunk
 from girder_upload_stream.offsets import OffsetTracker, format_metadata, parse_metadata
 from girder_upload_stream.pipeline import PartitionInfo, file_generation
 from girder_upload_stream.reassembly import FileProgress
-from girder_upload_stream.units import Outcome
+from girder_upload_stream.units import FileOutcome, Outcome
 from tests.unit.test_pipeline import TOPIC, Clock, Log, SpyRecorder, encoded, make, upload_all
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
@@ -428,3 +428,108 @@ def test_copy_tracker_keeps_no_file_bytes_and_forgets_old_files() -> None:
     [due] = tracker.take_due(key2)
     assert due.data is None and due.rel_path == "f2"
     assert tracker.take_due(key2) == []
+
+
+def test_files_settle_as_they_land_not_when_their_unit_ends() -> None:
+    log = Log()
+    proc = make(max_unit_files=8)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        [(key, value)] = encoded(name.encode() * 4, name, size=64)
+        proc.handle(log.put(0, key, value))
+    [unit] = proc.take_units()
+    first = unit.files[0]
+    early = FileOutcome(first.rel_path, (first.rel_path, first.file_hash), Outcome.UPLOADED)
+    proc.settle_early(unit.unit_id, early)
+    assert proc.offsets.committable() == {P0: 1}  # a.bin released, b and c still held
+    proc.settle_early(unit.unit_id, early)  # reported again (a retried unit): once only
+    transient = FileOutcome(unit.files[1].rel_path,
+                            (unit.files[1].rel_path, unit.files[1].file_hash),
+                            Outcome.FAILED_TRANSIENT, "5xx")
+    proc.settle_early(unit.unit_id, transient)  # the unit's own result decides
+    assert proc.offsets.committable() == {P0: 1}
+    proc.finish_unit(unit, [early, *(FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
+                                                 Outcome.UPLOADED) for f in unit.files[1:])])
+    assert proc.offsets.committable() == {P0: 3}
+    assert [c[1] for c in proc.recorder.of("file_outcome")] == ["a.bin", "b.bin", "c.bin"]
+    assert proc.counters.files_uploaded == 3 and proc.idle
+
+
+def test_runner_drains_early_outcomes() -> None:
+    from tests.unit.test_runner import make as make_runner, put_file
+    reported: list = []
+    runner, group, submit = make_runner(max_unit_files=8)
+    runner._early_outcomes = lambda: [reported.pop(0) for _ in range(len(reported))]
+    put_file(group, b"A" * 8, "a.bin", [0])
+    put_file(group, b"B" * 8, "b.bin", [0])
+    runner.step()
+    [handle] = submit.handles
+    f = handle.unit.files[0]
+    reported.append((handle.unit.unit_id, FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
+                                                      Outcome.UPLOADED)))
+    runner.step()
+    assert group.committed == {P0: 1}  # before the unit ended
+
+
+def test_idle_stop_waits_while_the_broker_does_not_answer() -> None:
+    from tests.unit.test_runner import Clock as RunnerClock, make as make_runner
+    clock = RunnerClock()
+    runner, group, _ = make_runner(clock=clock, max_idle_seconds=5.0)
+    group.quiet_seconds = lambda: 2.0  # the broker failed 2 s ago
+    group.caught_up = lambda: True
+    clock.now += 6
+    assert runner._stop_reason() is None  # idle time counts from the broker's problem
+    group.quiet_seconds = lambda: 4.0
+    clock.now += 2
+    assert runner._stop_reason() is None
+    group.quiet_seconds = lambda: 6.0
+    clock.now += 3
+    assert runner._stop_reason().startswith("no new message")
+
+
+def test_idle_stop_waits_while_messages_are_behind() -> None:
+    from tests.unit.test_runner import Clock as RunnerClock, make as make_runner
+    clock = RunnerClock()
+    runner, group, _ = make_runner(clock=clock, max_idle_seconds=5.0)
+    answers = [False, True]
+    group.caught_up = lambda: answers.pop(0)
+    clock.now += 6
+    assert runner._stop_reason() is None  # not at the end: the idle timer starts again
+    clock.now += 4
+    assert runner._stop_reason() is None
+    clock.now += 2
+    assert runner._stop_reason().startswith("no new message")
+
+
+def test_stripe_into_units_deals_files_in_order_and_returns_the_rest() -> None:
+    from girder_upload_stream.reassembly import CompletedFile
+    from girder_upload_stream.units import stripe_into_units
+
+    def f(name: str, size: int) -> CompletedFile:
+        return CompletedFile(name, name.encode().ljust(64, b"."), "s", size, 1, 0.0, 0.0,
+                             0.0, None, None)
+    files = [f(f"f{i}", 10) for i in range(7)]
+    units, rest = stripe_into_units(files, 5, 2, 3, 1000)
+    assert [u.unit_id for u in units] == [5, 6]
+    assert [[x.rel_path for x in u.files] for u in units] == [["f0", "f2", "f4"],
+                                                              ["f1", "f3", "f5"]]
+    assert [x.rel_path for x in rest] == ["f6"]
+    big = [f("huge", 5000), f("small", 10)]
+    units, rest = stripe_into_units(big, 1, 1, 10, 1000)
+    assert [[x.rel_path for x in u.files] for u in units] == [["huge"]] and rest == big[1:]
+
+
+def test_no_more_units_than_workers_and_the_oldest_files_first() -> None:
+    log = Log()
+    proc = make(max_inflight_units=2, max_unit_files=2)
+    for i in range(6):
+        [(key, value)] = encoded(bytes([i]) * 8, f"f{i}.bin", size=64)
+        proc.handle(log.put(i % 2, key, value))
+    units = proc.take_units()
+    assert [[f.rel_path for f in u.files] for u in units] == [["f0.bin", "f2.bin"],
+                                                              ["f1.bin", "f3.bin"]]
+    assert proc.take_units() == []  # both workers busy: the rest waits
+    assert not proc.idle
+    proc.finish_unit(units[0], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
+                                            Outcome.UPLOADED) for f in units[0].files])
+    [unit] = proc.take_units()
+    assert [f.rel_path for f in unit.files] == ["f4.bin", "f5.bin"]

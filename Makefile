@@ -8,9 +8,10 @@ OMSI_VENV := .venv-openmsistream
 OMSI_VERSION := 1.8.8
 STACKCTL := $(PYTHON) -m stack.stackctl
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help install stack-install stack-up stack-down stack-status stack-env \
-        prefect-up prefect-down test unit integration demo clean
+        prefect-up prefect-down test unit integration demo bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -68,6 +69,11 @@ demo: install  ## Start the stack and the Prefect UI, produce a sample tree, upl
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=girder_upload_stream \
 	  $(VENV)/bin/python -m girder_upload_stream.demo
+
+bench: install  ## Run the benchmarks (issue 6) and write docs/benchmarks.md; BENCH_ARGS=--quick for a smoke run
+	@$(STACKCTL) up kafka mongo girder prefect
+	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m benchmarks.run_all $(BENCH_ARGS)
 
 clean: stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
 	rm -rf .stack $(VENV) $(OMSI_VENV)

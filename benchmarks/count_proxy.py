@@ -1,0 +1,117 @@
+"""A counting HTTP proxy in front of Girder, to measure Girder requests per file.
+
+The consumers are black boxes (OpenMSIStream's in particular), so the only way to
+count the requests each one sends is to put something between it and Girder. The
+proxy forwards every request unchanged to Girder over one keep-alive connection per
+client connection and counts it by method and route (ids replaced by ``:id``).
+
+It adds latency, so it is used only in a separate, untimed pass; the timed runs talk
+to Girder directly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+__all__ = ["CountingProxy"]
+
+_ID = re.compile(r"/[0-9a-f]{24}(?=/|$)")
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+        "upgrade"}
+
+
+def route_of(method: str, path: str) -> str:
+    """``POST /api/v1/file/chunk?...`` -> ``POST file/chunk``; ids become ``:id``."""
+    route = _ID.sub("/:id", urlsplit(path).path)
+    route = route.split("/api/v1/", 1)[-1]
+    return f"{method} {route}"
+
+
+class CountingProxy:
+    """``with CountingProxy(girder_api_url) as proxy:`` point clients at ``proxy.url``;
+    ``proxy.counts`` holds ``{"METHOD route": n}`` and ``proxy.total`` the sum."""
+
+    def __init__(self, target_api_url: str) -> None:
+        target = urlsplit(target_api_url)
+        self.target_host = target.hostname
+        self.target_port = target.port or 80
+        self.api_path = target.path
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="girder-count-proxy")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{self.api_path}"
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+
+    def __enter__(self) -> CountingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _count(self, method: str, path: str) -> None:
+        with self._lock:
+            self.counts[route_of(method, path)] += 1
+
+    def _handler_class(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            upstream: http.client.HTTPConnection | None = None
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers["Host"] = f"{proxy.target_host}:{proxy.target_port}"
+                proxy._count(self.command, self.path)
+                for attempt in (1, 2):
+                    if self.upstream is None:
+                        self.upstream = http.client.HTTPConnection(
+                            proxy.target_host, proxy.target_port, timeout=600)
+                    try:
+                        self.upstream.request(self.command, self.path, body=body,
+                                              headers=headers)
+                        response = self.upstream.getresponse()
+                        data = response.read()
+                        break
+                    except (http.client.HTTPException, OSError):
+                        self.upstream.close()
+                        self.upstream = None
+                        if attempt == 2:
+                            raise
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in _HOP and key.lower() != "content-length":
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
+
+        return Handler

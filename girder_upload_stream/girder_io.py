@@ -137,11 +137,35 @@ class GirderStore:
             raise
 
     def _make_folder(self, parent: str, name: str, parent_type: str = "folder") -> str:
+        """Find or create a folder; of twins made at the same moment by two consumers
+        (Girder's reuseExisting is not atomic), every consumer keeps the oldest."""
         client = self._client()
-        folder = self._call(lambda: client.createFolder(
-            parent, name, parentType=parent_type, reuseExisting=True, metadata=self._meta()),
-            f"create folder {name!r}")
-        return folder["_id"]
+
+        def create() -> dict:
+            return self._call(lambda: client.createFolder(
+                parent, name, parentType=parent_type, reuseExisting=True,
+                metadata=self._meta()), f"create folder {name!r}")
+        try:
+            mine = create()
+        except GirderTerminalError as exc:
+            if "already exists" not in str(exc):  # created by another between two checks
+                raise
+            mine = create()
+        twins = self._call(lambda: list(client.listFolder(parent, parentFolderType=parent_type,
+                                                          name=name)), "list folders", name)
+        return self._keep_oldest(mine, twins, "folder", name)["_id"]
+
+    def _keep_oldest(self, mine: dict, twins: list[dict], kind: str, name: str) -> dict:
+        """The oldest of same-named twins (Girder ids grow with time, so every consumer
+        picks the same one); ours is deleted if it is not that one."""
+        oldest = min([*twins, mine], key=lambda t: t["_id"])
+        if oldest["_id"] != mine["_id"]:
+            logger.info("%s %r: another consumer created it at the same time; using its "
+                        "%s", kind, name, kind)
+            client = self._client()
+            self._call(lambda: client.delete(f"{kind}/{mine['_id']}"),
+                       f"delete duplicate {kind}", name)
+        return oldest
 
     def folder_for(self, subdir: str) -> str:
         """Id of the folder mirroring ``subdir`` below the root, created once, then cached."""
@@ -186,36 +210,46 @@ class GirderStore:
             logger.warning("cannot look up %s in Girder: %s", rel_path, exc)
         return False
 
-    def upload(self, completed: CompletedFile) -> FileOutcome:
-        """Put one file in Girder, or say why not. Never raises for terminal problems."""
+    def upload(self, completed: CompletedFile, shared: bool = False) -> FileOutcome:
+        """Put one file in Girder, or say why not. Never raises for terminal problems.
+
+        ``shared``: another consumer of the group may be uploading the same file now
+        (the group has other members, or partitions moved lately): the item and its
+        file are then checked for twins after they are made, which costs two requests."""
         key = (completed.rel_path, completed.file_hash)
         before = self.requests
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
-            outcome, item_id = self._upload(completed, self.folder_for(subdir), path.name)
+            outcome, item_id = self._upload(completed, self.folder_for(subdir), path.name,
+                                            shared)
         except GirderTerminalError as exc:
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc),
                                requests=self.requests - before)
         return FileOutcome(completed.rel_path, key, outcome, item_id=item_id,
                            requests=self.requests - before)
 
-    def _upload(self, completed: CompletedFile, folder: str, name: str) -> tuple[Outcome, str]:
+    def _upload(self, completed: CompletedFile, folder: str, name: str,
+                shared: bool = False) -> tuple[Outcome, str]:
         client = self._client()
         rel = completed.rel_path
         items = self._call(lambda: list(client.listItem(folder, name=name)), "list items", rel)
         if not items:
             item = self._call(lambda: client.createItem(
-                folder, name, metadata=self._meta(completed.sha256)), "create item", rel)
-            failpoints.hit("upload.mid")
-            self._put_file(item["_id"], completed, name)
-            return Outcome.UPLOADED, item["_id"]
+                folder, name, metadata=self._meta(completed.sha256), reuseExisting=True),
+                "create item", rel)
+            oldest = self._oldest_item(folder, name, item) if shared else item
+            if oldest["_id"] == item["_id"]:
+                failpoints.hit("upload.mid")
+                self._put_file(item["_id"], completed, name, shared)
+                return Outcome.UPLOADED, item["_id"]
+            items = [oldest]
         item = items[0]
         files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
         if self._same_content(item, files, completed):
             return Outcome.SKIPPED_IDENTICAL, item["_id"]
-        if not files:  # an item left without its file (e.g. a crash mid-upload): finish it
-            self._put_file(item["_id"], completed, name)
+        if not files:  # an item left without its file (a crash, or another consumer now)
+            self._put_file(item["_id"], completed, name, shared)
             self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
                        "set metadata", rel)
             return Outcome.UPLOADED, item["_id"]
@@ -238,11 +272,36 @@ class GirderStore:
             return sha512 == completed.file_hash.hex()
         return (item.get("meta") or {}).get("checksum", {}).get("sha256") == completed.sha256
 
-    def _put_file(self, item_id: str, completed: CompletedFile, name: str) -> None:
+    def _oldest_item(self, folder: str, name: str, mine: dict) -> dict:
+        """Of the items named ``name`` (two consumers may create one each at the same
+        moment: Girder's name check is not atomic), the one every consumer keeps."""
         client = self._client()
-        self._call(lambda: client.uploadFile(item_id, self._stream(completed), name,
-                                             completed.size, parentType="item"),
-                   "upload file", completed.rel_path)
+        twins = self._call(lambda: list(client.listItem(folder, name=name)), "list items",
+                           name)
+        return self._keep_oldest(mine, twins, "item", name)
+
+    def _put_file(self, item_id: str, completed: CompletedFile, name: str,
+                  shared: bool = False) -> None:
+        """Upload the file into its item; when shared, make sure the item holds one file.
+
+        Two consumers of one group can upload the same file at once. Each then lists the
+        item's files and removes its own unless it is the oldest of the identical ones:
+        whatever the interleaving, exactly the oldest one stays."""
+        client = self._client()
+        mine = self._call(lambda: client.uploadFile(item_id, self._stream(completed), name,
+                                                    completed.size, parentType="item"),
+                          "upload file", completed.rel_path)
+        if not shared:
+            return
+        files = self._call(lambda: list(client.listFile(item_id)), "list files",
+                           completed.rel_path)
+        same = sorted(f["_id"] for f in files if f.get("size") == completed.size
+                      and f.get("sha512", completed.file_hash.hex()) == completed.file_hash.hex())
+        if mine and len(same) > 1 and same[0] != mine["_id"]:
+            logger.info("%s: another consumer uploaded it at the same time; keeping its copy",
+                        completed.rel_path)
+            self._call(lambda: client.delete(f"file/{mine['_id']}"), "delete duplicate file",
+                       completed.rel_path)
 
     @staticmethod
     def _stream(completed: CompletedFile):

@@ -27,6 +27,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: How long after losing partitions their old uploads may still run (and race ours).
+SHARED_AFTER_REVOKE_SECONDS = 120.0
+
 
 class KafkaTransientError(TransientError):
     """A broker or network problem that a retry may fix."""
@@ -141,6 +144,8 @@ class ConsumerGroup:
         self._read_up_to: dict[tuple[str, int], int] = {}
         self._start_at: dict[tuple[str, int], int] = {}  # where fetching began
         self._trouble_at: float | None = None  # monotonic time of the last broker problem
+        self._n_partitions: int | None = None
+        self._revoked_at: float | None = None
         self._fatal = None
 
     def _connect(self) -> list[Any]:
@@ -170,9 +175,21 @@ class ConsumerGroup:
         """Seconds since the last sign of a broker or group problem (inf: none yet)."""
         return float("inf") if self._trouble_at is None else time.monotonic() - self._trouble_at
 
+    @property
+    def shared(self) -> bool:
+        """True when another member of the group may be uploading files this process
+        reads too: the group owns partitions this process does not, or partitions were
+        taken from it less than :data:`SHARED_AFTER_REVOKE_SECONDS` ago."""
+        if self._n_partitions is not None and len(self._owner) < self._n_partitions:
+            return True
+        return (self._revoked_at is not None
+                and time.monotonic() - self._revoked_at < SHARED_AFTER_REVOKE_SECONDS)
+
     def _check_topic(self, consumer) -> None:
         metadata = consumer.list_topics(self.topic, timeout=30)
         topic = metadata.topics.get(self.topic)
+        if topic is not None and topic.error is None:
+            self._n_partitions = len(topic.partitions)
         if topic is None or topic.error is not None:
             self.close()
             reason = topic.error.str() if topic is not None and topic.error else "unknown topic"
@@ -218,6 +235,8 @@ class ConsumerGroup:
 
     def _revoked(self, consumer, partitions) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        if tps:
+            self._revoked_at = time.monotonic()
         if self._on_revoke is not None and tps:
             self._on_revoke(tps)
         for tp in tps:

@@ -110,6 +110,7 @@ class StreamRunner:
             # Idle time only counts while partitions are assigned (joining can take seconds).
             self._last_message = self._clock()
         for unit in self.processor.take_units():
+            unit.shared = bool(getattr(self.group, "shared", False))
             self._handles[unit.unit_id] = (unit, self._submit(unit))
         self._start_probes()
         self.collect()

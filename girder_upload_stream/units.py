@@ -52,6 +52,9 @@ class UploadUnit:
     #: Where the task reports each file's outcome as soon as it lands (see
     #: :func:`open_channel`); None: the outcomes come only with the unit's result.
     channel: str | None = None
+    #: Another consumer of the group may upload the same files now (see
+    #: :meth:`GirderStore.upload`); set by the loop from the group's state.
+    shared: bool = False
 
     @property
     def nbytes(self) -> int:

@@ -38,7 +38,7 @@ def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[Fi
     store = store_for(girder, topic)
     outcomes = []
     for completed in unit.files:
-        outcome = store.upload(completed)
+        outcome = store.upload(completed, shared=unit.shared)
         report_outcome(unit.channel, unit.unit_id, outcome)  # settles it before the unit ends
         outcomes.append(outcome)
     return outcomes

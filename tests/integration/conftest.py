@@ -154,3 +154,13 @@ def prefect_env(prefect_api_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     with temporary_settings({PREFECT_API_URL: prefect_api_url}):
         yield {"PREFECT_API_URL": prefect_api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+@pytest.fixture
+def programs() -> Iterator[list]:
+    """Programs (``helpers.Program``) a test starts; each is stopped by its PID, even
+    if the test fails."""
+    started: list = []
+    yield started
+    for program in started:
+        program.stop(timeout=15)

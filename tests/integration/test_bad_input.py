@@ -22,7 +22,6 @@ import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,13 +189,6 @@ NON_CHUNK_MESSAGES: list[tuple[bytes | str | None, bytes | None]] = [
     ("utf-16", "héllo wörld".encode("utf-16")),
 ]
 
-
-@pytest.fixture
-def programs() -> Iterator[list[Program]]:
-    started: list[Program] = []
-    yield started
-    for program in started:
-        program.stop(timeout=15)
 
 
 def _problems_logged(text: str, topic: str, where: list[tuple[int, int]],

@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,14 +46,6 @@ def cli_env(stack_env, prefect_env) -> dict[str, str]:
     env["PYTHONIOENCODING"] = "utf-8"
     return env
 
-
-@pytest.fixture
-def programs() -> Iterator[list[Program]]:
-    """Programs a test starts; each is stopped (by its PID) even if the test fails."""
-    started: list[Program] = []
-    yield started
-    for program in started:
-        program.stop(timeout=15)
 
 
 def produced_files(tmp_path: Path, topic: str, bootstrap: str, seed: int) -> dict[str, bytes]:

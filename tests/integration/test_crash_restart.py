@@ -18,7 +18,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -55,13 +54,6 @@ CRASHES = [
 def crash_files() -> dict[str, bytes]:
     return log_uniform_files(N_FILES, SEED, 1024, 4 << 20)
 
-
-@pytest.fixture
-def programs() -> Iterator[list[Program]]:
-    started: list[Program] = []
-    yield started
-    for program in started:
-        program.stop(timeout=15)
 
 
 @pytest.mark.timeout(600)

@@ -14,7 +14,6 @@ appear, so repeated runs leave nothing behind.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,6 @@ MAX_IDLE_KAFKA = 8
 #: Prefect's task retries (2, 10, 30 s) and then the consumer's own retry every 15 s.
 RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retrying in \d+s")
 
-
-@pytest.fixture
-def programs() -> Iterator[list[Program]]:
-    started: list[Program] = []
-    yield started
-    for program in started:
-        program.stop(timeout=15)
 
 
 def _start(tmp_path: Path, stack_env, prefect_env, topic: str, group: str, collection: dict,

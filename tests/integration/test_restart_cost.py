@@ -24,7 +24,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -48,13 +47,6 @@ def _files() -> dict[str, bytes]:
     return log_uniform_files(None, SEED, 1024, 8 << 20, total_bytes=TOTAL_BYTES,
                              folders=("", "scans", "scans/day 1", "spectra/raw"))
 
-
-@pytest.fixture
-def programs() -> Iterator[list[Program]]:
-    started: list[Program] = []
-    yield started
-    for program in started:
-        program.stop(timeout=15)
 
 
 @pytest.mark.timeout(480)

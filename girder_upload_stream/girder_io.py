@@ -113,8 +113,14 @@ class GirderStore:
         collection_name, *parts = self.settings.root_path_for(self.topic).split("/")
         collection = self._find_collection(collection_name)
         if collection is None:
-            collection = self._call(lambda: client.createCollection(collection_name),
-                                    "create collection")
+            try:
+                collection = self._call(lambda: client.createCollection(collection_name),
+                                        "create collection")
+            except GirderTerminalError as exc:
+                # Another consumer of the group created it since we looked.
+                collection = self._find_collection(collection_name)
+                if "already exists" not in str(exc) or collection is None:
+                    raise
         parent, parent_type = collection["_id"], "collection"
         for name in parts:
             parent = self._make_folder(parent, name, parent_type)

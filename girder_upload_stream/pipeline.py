@@ -102,7 +102,7 @@ class StreamProcessor:
 
     def __init__(self, reassembler: Reassembler, *, download_regex: re.Pattern[str] | None = None,
                  recorder: Recorder | None = None, max_unit_files: int = 64,
-                 max_unit_bytes: int = 64 << 20, retry_delay: float = 15.0,
+                 max_unit_bytes: int = 16 << 20, retry_delay: float = 15.0,
                  known_done: set[tuple[str, str]] | None = None,
                  known_pending: set[tuple[str, str]] | None = None,
                  stale_partial_seconds: float | None = 3600.0,

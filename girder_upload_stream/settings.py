@@ -69,7 +69,10 @@ class RunSettings(BaseModel):
     memory_budget_bytes: int = Field(default=1 << 30, ge=1 << 20)
     max_file_bytes: int | None = None
     max_unit_files: int = Field(default=64, ge=1)
-    max_unit_bytes: int = Field(default=64 << 20, ge=1)
+    #: Bytes per upload unit: small enough that units running side by side stay close
+    #: in offset order (a restart re-reads what lies between them), large enough that
+    #: small files still share a task run (64 x 64 KiB = 4 MiB).
+    max_unit_bytes: int = Field(default=16 << 20, ge=1)
     update_seconds: float = 300.0
     max_idle_seconds: float | None = None
     max_runtime_seconds: float | None = None

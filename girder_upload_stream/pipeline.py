@@ -123,9 +123,8 @@ class StreamProcessor:
         self._last_stale_check = wall_clock()
         self._echo: set[FileKey] = set()      # second productions: rebuilt, never held
         self._stale: set[FileKey] = set()     # partials whose messages were released
-        self._probes: dict[FileKey, float] = {}  # Girder lookups wanted, by due time
-        self._probing: set[FileKey] = set()
-        self._probed: set[FileKey] = set()  # asked once already
+        self._probes: dict[FileKey, float] = {}  # Girder lookups not handed out, by due time
+        self._probed: set[FileKey] = set()  # wanted once already (until the file settles)
         self.copies = CopyTracker()  # copies produced again while the first uploads
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
@@ -275,19 +274,18 @@ class StreamProcessor:
     def take_probes(self) -> list[FileKey]:
         """Re-read files unknown to the registries, to look up in Girder (rule 7)."""
         now = self._clock()
-        due = [key for key, at in self._probes.items() if at <= now and key not in self._probing]
-        self._probing.update(due)
+        due = [key for key, at in self._probes.items() if at <= now]
+        for key in due:  # handed out: back in _probes only if Girder could not tell
+            del self._probes[key]
         return due
 
     def probe_result(self, key: FileKey, found: bool | None) -> None:
         """Girder holds this generation (True), does not (False), or could not tell now
         (None: looked up again later). Found while still partial: done (rule 7)."""
-        self._probing.discard(key)
         if found is None:
-            if key in self._probes:
+            if key in self._probed:  # not settled meanwhile: ask again later
                 self._probes[key] = self._clock() + self.retry_delay
             return
-        self._probes.pop(key, None)
         progress = self.reassembler.progress(key)
         if not found or progress is None:
             return  # not there, or completed meanwhile: the upload decides
@@ -333,6 +331,10 @@ class StreamProcessor:
     def take_units(self) -> list[UploadUnit]:
         """Completed files (and transient failures whose delay passed) as upload units."""
         self.expire_stale()
+        free = (None if self.max_inflight_units is None
+                else self.max_inflight_units - len(self._inflight))
+        if free is not None and free <= 0:
+            return []  # every worker busy: sort and pack when one frees up, not each round
         now = self._clock()
         due = [f for t, f in self._retry if t <= now]
         self._retry = [(t, f) for t, f in self._retry if t > now]
@@ -341,16 +343,15 @@ class StreamProcessor:
         # offset, so uploading in completion order (scrambled across partitions) would
         # hold every commit near the start while the reading runs far ahead.
         files.sort(key=lambda f: self.offsets.first_offset((f.rel_path, f.file_hash)))
-        if self.max_inflight_units is None:
+        if free is None:
             units = group_into_units(files, self._next_unit, self.max_unit_files,
                                      self.max_unit_bytes)
         else:
             # No more units than can run at once, striped: the rest wait here, so the
             # next unit takes the oldest files when a worker frees up.
-            free = self.max_inflight_units - len(self._inflight)
             units, self._ready = (stripe_into_units(files, self._next_unit, free,
                                                     self.max_unit_files, self.max_unit_bytes)
-                                  if free > 0 and files else ([], files))
+                                  if files else ([], files))
         self._next_unit += len(units)
         for unit in units:
             self._inflight[unit.unit_id] = unit

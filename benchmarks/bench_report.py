@@ -9,17 +9,19 @@ table says which way is better.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.bench_common import OMSI_BIN, REPO_ROOT, Stack, Stat
 from benchmarks.bench_prefect import server_version
 
-__all__ = ["Section", "ratio", "md_table", "machine_facts", "write_report"]
+__all__ = ["Section", "ratio", "md_table", "machine_facts", "git_state", "write_report",
+           "merged_sections"]
 
 
 @dataclass
@@ -36,6 +38,22 @@ class Section:
     headline: list[str] = field(default_factory=list)  # for the summary at the top
     error: str | None = None
     seconds: float = 0.0
+    number: int = 0
+    provenance: str = ""  # the invocation, commit and time that measured it
+
+
+def merged_sections(path: Path, fresh: list[Section]) -> list[Section]:
+    """``fresh`` plus the sections of an earlier report (its ``.json`` sidecar) for the
+    scenarios not run now, in scenario order: ``--merge`` re-runs some scenarios without
+    throwing away the others' numbers."""
+    sidecar = path.with_suffix(".json")
+    try:
+        earlier = [Section(**doc) for doc in json.loads(sidecar.read_text("utf-8"))]
+    except (OSError, ValueError, TypeError):
+        earlier = []
+    ran = {sec.number for sec in fresh}
+    return sorted([sec for sec in earlier if sec.number not in ran] + fresh,
+                  key=lambda sec: sec.number)
 
 
 def ratio(value: Stat | float | None, base: Stat | float | None) -> str:
@@ -85,7 +103,7 @@ def _jar_version(folder: Path, prefix: str) -> str:
     return "unknown"
 
 
-def _git_state() -> str:
+def git_state() -> str:
     """The commit benchmarked, and whether the core package had uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -117,7 +135,7 @@ def machine_facts(stack: Stack, gc) -> list[tuple[str, str]]:
         ("Prefect", f"{importlib.metadata.version('prefect')} (server {server_version(stack)}, "
                     "SQLite)"),
         ("girder-upload-stream", f"{importlib.metadata.version('girder-upload-stream')} "
-                                 f"({_git_state()})"),
+                                 f"({git_state()})"),
         ("OpenMSIStream", _version_in(OMSI_BIN / "python", "openmsistream")),
         ("girder-client", f"{importlib.metadata.version('girder-client')} (ours), "
                           f"{_version_in(OMSI_BIN / 'python', 'girder-client')} (OpenMSIStream's)"),
@@ -139,7 +157,12 @@ def write_report(path: Path, sections: list[Section], facts: list[tuple[str, str
                 "numbers only show that the harness works; they say little about "
                 "performance. Run `make bench` for the real sizes.", ""]
     when = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(started))
-    out += [f"Produced by `{command}` on {when} in {took / 60:.1f} minutes.", "",
+    runs = sorted({sec.provenance for sec in sections if sec.provenance})
+    produced = (f"Produced by `{command}` on {when} in {took / 60:.1f} minutes."
+                if len(runs) <= 1 else
+                "Produced by several invocations (`--merge`); each section names its own. "
+                f"The latest, `{command}`, ran on {when} in {took / 60:.1f} minutes.")
+    out += [produced, "",
             "Every consumer runs as its own process against the local stack "
             "(see [stack.md](stack.md)): Kafka, Girder and the Prefect server on the same "
             "machine, so the consumers share its cores with them. Each repetition uses a "
@@ -176,8 +199,13 @@ def write_report(path: Path, sections: list[Section], facts: list[tuple[str, str
         out += section.extra
         if section.notes:
             out += [f"* {note}" for note in section.notes] + [""]
+        if section.provenance:
+            out += [f"Measured by {section.provenance}.", ""]
         if section.commands:
             out += [f"Commands (scenario took {section.seconds / 60:.1f} min):", "", "```"]
             out += section.commands + ["```", ""]
     path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
+    if not quick:
+        path.with_suffix(".json").write_text(
+            json.dumps([asdict(sec) for sec in sections], indent=1) + "\n", encoding="utf-8")
 

@@ -199,6 +199,10 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
     view = GirderView(gc, collection)
     group = new_name("group") if spec.processes > 1 and not spec.group else None
     db_before = db_logical_bytes() if spec.system == "ours" else None
+    if spec.system == "omsi" and spec.processes > 1:
+        # OpenMSIStream's processes each create the collection at start; the one that
+        # loses the race exits (HTTP 400). Made beforehand, both find it.
+        gc.createCollection(collection, public=True)
     procs = [start_system(stack, spec, work, topic, collection, data, api_url, i, group)
              for i in range(spec.processes)]
     try:

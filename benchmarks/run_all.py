@@ -4,6 +4,7 @@
     python -m benchmarks.run_all                  # everything, full sizes (about 2-2.5 hours)
     python -m benchmarks.run_all --quick          # smoke-test sizes, 1 repetition (minutes)
     python -m benchmarks.run_all --only 1,4 --reps 5 --soak-minutes 10
+    python -m benchmarks.run_all --only 4 --merge  # re-run one, keep the others
 
 Needs the stack (Kafka, Girder, the Prefect server) running, ``.venv`` and
 ``.venv-openmsistream``; ``make bench`` sees to all three. The stack's addresses come
@@ -30,7 +31,9 @@ from pathlib import Path
 from benchmarks.bench_common import OMSI_PROCESSOR, OUR_CLI, REPO_ROOT, load_stack
 from benchmarks.bench_config import FULL, QUICK, Context
 from benchmarks.bench_girder import GirderView, delete_topics, girder_client
-from benchmarks.bench_report import Section, machine_facts, write_report
+from benchmarks.bench_report import (
+    Section, git_state, machine_facts, merged_sections, write_report,
+)
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
 from benchmarks.scenario_soak import scenario_soak
@@ -78,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run only our consumer in the soak")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--work-dir", type=Path, help="where the scratch folder is made")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the earlier report's sections of the scenarios not run "
+                             "now (from its .json sidecar)")
     parser.add_argument("--keep", action="store_true",
                         help="keep scratch data, topics and Girder collections")
     return parser.parse_args(argv)
@@ -119,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(stack, gc)
     ctx.log(f"scratch folder {work}; scenarios {args.only}; {sizes.reps} repetition(s); "
             f"n_threads {sizes.n_threads}{'; QUICK sizes' if args.quick else ''}")
+    provenance = (f"`{command}` at {git_state()}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M %Z', time.localtime(started))}")
     sections: list[Section] = []
     failed = []
     try:
@@ -136,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                                   f"`{saved}`.", error=text)
                 failed.append(number)
             section.seconds = time.monotonic() - t0
+            section.number = number
+            section.provenance = provenance
             sections.append(section)
-            write_report(args.output, sections, facts, command, args.quick, started)
+            shown = merged_sections(args.output, sections) if args.merge else sections
+            write_report(args.output, shown, facts, command, args.quick, started)
             ctx.log(f"scenario {number} done in {section.seconds / 60:.1f} min; "
                     f"wrote {args.output}")
     finally:

@@ -10,7 +10,6 @@ matches is skipped, which is what makes uploads effectively-once. Library errors
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from collections.abc import Callable
@@ -312,7 +311,7 @@ class GirderStore:
     @staticmethod
     def _stream(completed: CompletedFile):
         if completed.data is not None:
-            return io.BytesIO(completed.data)
+            return completed.data.open()
         return open(completed.path, "rb")  # noqa: SIM115 - girder-client reads then we drop it
 
 

@@ -6,7 +6,7 @@ files, and more than once. Each chunk is placed by its index and offset; every p
 is checked against the nearest chunks already present, so overlaps, holes and chunks past
 the end are refused as soon as they can be proven, not only at the end.
 
-Modes: ``memory`` keeps chunk data in RAM and joins it once at completion; ``disk`` writes
+Modes: ``memory`` keeps chunk data in RAM (never joined: see :mod:`.pieces`); ``disk`` writes
 each chunk at its offset into ``output_dir/<subdir>/.<name>.<ids>.partial`` (RAM stays
 small whatever the file size) and renames it atomically to ``output_dir/<rel_path>``;
 ``both`` does both. The sha512 (checked against ``file_hash``) and the sha256 (for Girder)
@@ -34,6 +34,7 @@ from pathlib import Path
 from ._safe_disk import PATH_ERRNOS, SafeDir
 from .codec import Chunk, FileKey, path_problem
 from .errors import FileRejectedError, StorageError
+from .pieces import Pieces
 
 __all__ = [
     "Mode",
@@ -76,7 +77,7 @@ class CompletedFile:
     first_message_at: float
     last_message_at: float
     file_mtime: float
-    data: bytes | None
+    data: Pieces | None
     path: Path | None
 
     @property
@@ -337,11 +338,9 @@ class Reassembler:
 
     def _complete(self, state: _State, key: FileKey, now: float) -> AddResult:
         total = state.total
-        data: bytes | None = None
+        data: Pieces | None = None
         if self.mode is not Mode.DISK:
-            pieces = [state.data[i] for i in range(1, state.n_total + 1)]
-            data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) \
-                else b"".join(pieces)
+            data = Pieces([state.data[i] for i in range(1, state.n_total + 1)])
         elif state.hashed_bytes < total:
             try:
                 self._disk.hash_range(*state.partial, state.hashed_bytes, total,

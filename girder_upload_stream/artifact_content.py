@@ -39,6 +39,7 @@ _COUNTER_LABELS = {
     "files_uploaded": "files uploaded", "files_skipped": "files skipped (already in Girder)",
     "files_failed": "files failed", "messages_rejected": "messages rejected",
     "files_found_in_girder": "files found in Girder when read again",
+    "messages_skipped": "messages skipped (done before a restart)",
 }
 # Characters that make Markdown formatting or HTML; file names come from the topic and
 # may be hostile, so they are shown literally.

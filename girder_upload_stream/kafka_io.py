@@ -301,6 +301,20 @@ class ConsumerGroup:
                 logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
 
+    def seek(self, tp: tuple[str, int], offset: int) -> bool:
+        """Read ``tp`` on from ``offset`` (skipping what lies between); False if the
+        partition is not ours or librdkafka refuses (it then reads on, which is safe)."""
+        from confluent_kafka import KafkaException, TopicPartition
+        owner = self._owner.get(tp)
+        if owner is None:
+            return False
+        try:
+            owner.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            logger.info("could not seek %s[%d] to %d, reading on: %s", *tp, offset, exc)
+            return False
+        return True
+
     def pause(self, paused: bool) -> None:
         """Stop (or restart) fetching on every assigned partition; polling continues,
         so the group membership stays alive while uploads drain."""

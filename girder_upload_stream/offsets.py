@@ -22,6 +22,11 @@ Commit order (what must be durable before an offset may be committed):
    watermark ``N``: one past the highest offset ever read by this group. On assignment
    the committed offset ``C`` and ``N`` split the partition: ``[C, N)`` is re-read,
    ``N`` on is new.
+8. The metadata also lists the pending spans of ``[C, N)`` (``;p=``): every message of
+   ``[C, N)`` outside them was done when the commit was made, so a restart seeks over
+   those gaps instead of reading them again. The list is capped (Kafka keeps a few KiB
+   of metadata): a cut list's last span runs to ``N``. Without a list (older commits),
+   all of ``[C, N)`` is read again.
 
 On restart, the re-read span holds the pending messages plus the finished ones between
 them (the bounded overlap). A re-read message of a file the registry (or its Prefect
@@ -41,25 +46,80 @@ on an assetstore that does not hash) waits for the stale-partial release.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+import bisect
+from collections.abc import Hashable, Iterable, Iterator
 
-__all__ = ["TopicPartition", "OffsetTracker", "format_metadata", "parse_metadata"]
+__all__ = ["TopicPartition", "Span", "OffsetTracker", "format_metadata", "parse_metadata",
+           "parse_spans", "spans_of"]
 
 TopicPartition = tuple[str, int]
+Span = tuple[int, int]  # [start, end) of offsets
 _METADATA_PREFIX = "gus1:hw="
+_SPANS = ";p="
+#: Longest span list written (brokers refuse metadata over offset.metadata.max.bytes,
+#: 4096 by default): about 300 spans of small gaps.
+MAX_SPANS_CHARS = 2000
 
 
-def format_metadata(high_watermark: int) -> str:
-    """The commit metadata that records a partition's high watermark (rule 7)."""
-    return f"{_METADATA_PREFIX}{high_watermark}"
+def format_metadata(high_watermark: int, committed: int | None = None,
+                    spans: list[Span] | None = None) -> str:
+    """The commit metadata: the partition's high watermark (rule 7) and, when given,
+    the pending spans of ``[committed, high_watermark)`` (rule 8), each written as its
+    distance from the previous span's end (or from ``committed``) and its length."""
+    text = f"{_METADATA_PREFIX}{high_watermark}"
+    if spans is None or committed is None:
+        return text
+    tokens, previous = [], committed
+    for i, (start, end) in enumerate(spans):
+        token = f"{start - previous}.{end - start}"
+        if sum(map(len, tokens)) + len(tokens) + len(token) > MAX_SPANS_CHARS - 24:
+            tokens.append(f"{start - previous}.{high_watermark - start}")  # the cut: to N
+            break
+        tokens.append(token)
+        previous = end
+    return text + _SPANS + ",".join(tokens)
 
 
 def parse_metadata(metadata: str | None) -> int | None:
     """The high watermark in commit metadata, or None if it is not ours or malformed."""
     if not metadata or not metadata.startswith(_METADATA_PREFIX):
         return None
-    text = metadata[len(_METADATA_PREFIX):]
+    text = metadata[len(_METADATA_PREFIX):].split(";", 1)[0]
     return int(text) if text.isdigit() else None
+
+
+def parse_spans(metadata: str | None, committed: int) -> list[Span] | None:
+    """The pending spans in commit metadata (rule 8); None when there is no list or it
+    is malformed, which means "read all of [C, N) again"."""
+    high = parse_metadata(metadata)
+    if high is None or _SPANS not in metadata:
+        return None
+    spans, previous = [], committed
+    body = metadata.split(_SPANS, 1)[1]
+    try:
+        for token in filter(None, body.split(",")):
+            gap, length = (int(x) for x in token.split("."))
+            if gap < 0 or length <= 0:
+                return None
+            spans.append((previous + gap, previous + gap + length))
+            previous += gap + length
+    except ValueError:
+        return None
+    return spans if previous <= high else None
+
+
+def spans_of(offsets: Iterable[int]) -> Iterator[Span]:
+    """Runs of consecutive offsets, as ``[start, end)`` spans in order."""
+    start = end = None
+    for offset in sorted(offsets):
+        if end is not None and offset == end:
+            end += 1
+            continue
+        if start is not None:
+            yield start, end
+        start, end = offset, offset + 1
+    if start is not None:
+        yield start, end
 
 
 class OffsetTracker:
@@ -71,28 +131,82 @@ class OffsetTracker:
         self._pending: dict[TopicPartition, dict[int, Hashable]] = {}
         self._by_file: dict[Hashable, list[tuple[TopicPartition, int]]] = {}
         self._committed: dict[TopicPartition, int] = {}
+        self._committed_meta: dict[TopicPartition, str | None] = {}
+        self._floor: dict[TopicPartition, int] = {}  # the committed offset at assignment
         self._reread_below: dict[TopicPartition, int] = {}
-        self._committed_high: dict[TopicPartition, int] = {}
+        self._inherited: dict[TopicPartition, list[Span]] = {}  # rule 8's list, if any
+        self._sought: dict[TopicPartition, int] = {}
 
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
-        """Learn a partition's committed offset and the high watermark in its commit
-        metadata (rule 7); a commit without our metadata marks nothing as re-read."""
+        """Learn a partition's committed offset, the high watermark in its commit
+        metadata (rule 7) and its pending spans (rule 8); a commit without our metadata
+        marks nothing as re-read."""
         start = committed if committed is not None and committed >= 0 else 0
         high = parse_metadata(metadata)
-        self._reread_below[tp] = max(start, high if high is not None else start)
+        below = max(start, high if high is not None else start)
+        self._floor[tp], self._reread_below[tp] = start, below
+        self._sought.pop(tp, None)
+        spans = parse_spans(metadata, start) if high is not None else None
+        if spans is not None:
+            self._inherited[tp] = [(max(a, start), min(b, below)) for a, b in spans
+                                   if min(b, below) > max(a, start)]
+        else:
+            self._inherited.pop(tp, None)
         if committed is not None and committed >= 0:
             self._committed[tp] = max(self._committed.get(tp, -1), committed)
-        if high is not None:
-            self._committed_high[tp] = high
+            self._committed_meta[tp] = metadata
 
     def is_reread(self, tp: TopicPartition, offset: int) -> bool:
         """True if an earlier owner of this group already read ``offset`` (rule 7)."""
         return offset < self._reread_below.get(tp, 0)
 
+    def skippable(self, tp: TopicPartition, offset: int) -> bool:
+        """True if ``offset`` was done when the last owner committed (rule 8): it lies in
+        ``[C, N)`` outside every pending span that commit listed."""
+        spans = self._inherited.get(tp)
+        if spans is None or not self._floor[tp] <= offset < self._reread_below[tp]:
+            return False
+        i = bisect.bisect_right(spans, (offset, float("inf"))) - 1
+        return not (i >= 0 and offset < spans[i][1])
+
+    def take_seeks(self) -> dict[TopicPartition, int]:
+        """``{tp: offset}`` to seek to now: the next pending span (or ``N``) for each
+        partition whose next offset to read lies in a gap of rule 8's list."""
+        seeks = {}
+        for tp, spans in self._inherited.items():
+            upcoming = self._next.get(tp, self._floor[tp])
+            if not self.skippable(tp, upcoming):
+                continue
+            i = bisect.bisect_right(spans, (upcoming, float("inf")))
+            target = spans[i][0] if i < len(spans) else self._reread_below[tp]
+            if self._sought.get(tp) != target:
+                seeks[tp] = target
+        return seeks
+
+    def sought(self, tp: TopicPartition, offset: int) -> None:
+        """The consumer now reads ``tp`` from ``offset`` (so it is not asked again)."""
+        self._sought[tp] = offset
+
+    def reread_spans(self, tp: TopicPartition) -> list[Span] | None:
+        """Rule 8's pending spans inherited at assignment (None: no list)."""
+        return self._inherited.get(tp)
+
     def high_watermark(self, tp: TopicPartition) -> int:
         """One past the highest offset this group has read of ``tp`` (for metadata)."""
         return max(self._next.get(tp, 0), self._reread_below.get(tp, 0))
+
+    def pending_spans(self, tp: TopicPartition, committed: int) -> list[Span]:
+        """What a restart must read of ``[committed, N)`` (rule 8): the pending messages
+        read so far, and what is still unread of the span inherited at assignment."""
+        spans = [span for span in spans_of(self._pending.get(tp, ())) if span[1] > committed]
+        upcoming = max(self._next.get(tp, 0), committed)
+        inherited = self._inherited.get(tp, [(self._floor.get(tp, 0),
+                                              self._reread_below.get(tp, 0))])
+        for start, end in inherited:
+            if end > max(start, upcoming):
+                spans.append((max(start, upcoming), end))
+        return spans
 
     def read(self, tp: TopicPartition, offset: int, file_key: Hashable | None = None) -> None:
         """Record a message just read; ``file_key`` None means it is already done."""
@@ -140,17 +254,20 @@ class OffsetTracker:
     def commit_plan(self, tps: Iterable[TopicPartition] | None = None
                     ) -> dict[TopicPartition, tuple[int, str]]:
         """``{tp: (offset, metadata)}`` to commit now: partitions whose safe offset moved
-        forward, or whose high watermark grew since the last commit (rule 7)."""
+        forward, or whose metadata (high watermark, pending spans) changed since the
+        last commit (rules 7 and 8)."""
         moved = self.committable(tps)
         result = {}
         for tp in (self._next if tps is None else tps):
             if tp not in self._next:
                 continue
-            high = self.high_watermark(tp)
-            if tp in moved or high > self._committed_high.get(tp, -1):
-                offset = moved.get(tp, self._committed.get(tp, -1))
-                if offset >= 0:
-                    result[tp] = (offset, format_metadata(high))
+            offset = moved.get(tp, self._committed.get(tp, -1))
+            if offset < 0:
+                continue
+            metadata = format_metadata(self.high_watermark(tp), offset,
+                                       self.pending_spans(tp, offset))
+            if tp in moved or metadata != self._committed_meta.get(tp):
+                result[tp] = (offset, metadata)
         return result
 
     def committed(self, offsets: dict[TopicPartition, int | tuple[int, str]]) -> None:
@@ -158,10 +275,9 @@ class OffsetTracker:
         :meth:`commit_plan` gives them), so it is not committed again."""
         for tp, value in offsets.items():
             offset, metadata = value if isinstance(value, tuple) else (value, None)
-            self._committed[tp] = max(self._committed.get(tp, -1), offset)
-            high = parse_metadata(metadata)
-            if high is not None:
-                self._committed_high[tp] = max(self._committed_high.get(tp, -1), high)
+            if offset >= self._committed.get(tp, -1):
+                self._committed[tp] = offset
+                self._committed_meta[tp] = metadata
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Drop partitions this process no longer owns (after a rebalance).
@@ -172,8 +288,11 @@ class OffsetTracker:
         for tp in tps:
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
+            self._committed_meta.pop(tp, None)
+            self._floor.pop(tp, None)
             self._reread_below.pop(tp, None)
-            self._committed_high.pop(tp, None)
+            self._inherited.pop(tp, None)
+            self._sought.pop(tp, None)
             for offset, file_key in self._pending.pop(tp, {}).items():
                 entries = self._by_file.get(file_key)
                 if entries is not None:

@@ -87,6 +87,7 @@ class Counters:
     files_failed: int = 0
     files_found_in_girder: int = 0
     messages_rejected: int = 0
+    messages_skipped: int = 0  # read, but done before a restart (offsets rule 8)
     _last: dict[str, int] = field(default_factory=dict, repr=False)
 
     def take_delta(self) -> dict[str, int]:
@@ -147,6 +148,11 @@ class StreamProcessor:
         size = len(msg.value or b"")
         self.counters.messages_read += 1
         self.counters.bytes_read += size
+        if self.offsets.skippable(tp, msg.offset):
+            # Fetched before the seek over its gap took effect: done at the last commit.
+            self.counters.messages_skipped += 1
+            self.offsets.read(tp, msg.offset)
+            return
         try:
             if msg.key is None:
                 raise ChunkDecodeError("message has no key (OpenMSIStream keys every chunk)",
@@ -171,6 +177,14 @@ class StreamProcessor:
         for info in partitions:
             tp = (info.topic, info.partition)
             self.offsets.assigned(tp, info.committed, info.metadata)
+            spans = self.offsets.reread_spans(tp)
+            if spans is not None and self.offsets.is_reread(tp, info.committed or 0):
+                logger.info("%s[%d]: a restart reads %d of the %d message(s) of offsets "
+                            "%d to %d again (%d span(s)); the rest was done", *tp,
+                            sum(b - a for a, b in spans),
+                            self.offsets.high_watermark(tp) - (info.committed or 0),
+                            info.committed or 0, self.offsets.high_watermark(tp) - 1,
+                            len(spans))
             if info.committed is not None and info.low is not None and info.low > info.committed:
                 logger.error("%s[%d]: offsets %d to %d are gone from the topic (retention) "
                              "although this group never finished them; files with chunks "

@@ -106,6 +106,9 @@ class StreamRunner:
         for msg in messages:
             self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))
+        for tp, offset in self.processor.offsets.take_seeks().items():
+            if self.group.seek(tp, offset):  # over messages done before a restart (rule 8)
+                self.processor.offsets.sought(tp, offset)
         if messages or not self.group.assignment:
             # Idle time only counts while partitions are assigned (joining can take seconds).
             self._last_message = self._clock()

@@ -1,4 +1,4 @@
-"""Unit tests of the restart rule (offsets rules 4 and 7): commit metadata with the high
+"""Unit tests of the restart rule (offsets rules 4 and 7; rule 8 is in test_restart_spans):
 watermark, re-reads told from new messages, second productions, Girder lookups of
 unknown re-read files, stale partial files, messages gone from the topic."""
 
@@ -62,21 +62,24 @@ def test_reread_span_comes_from_commit_and_metadata() -> None:
 
 def test_commit_plan_carries_the_high_watermark_and_never_shrinks_it() -> None:
     tracker = OffsetTracker()
-    tracker.assigned(P0, 10, format_metadata(25))
+    tracker.assigned(P0, 10, format_metadata(25))  # an older commit: no span list
     tracker.read(P0, 10, "pending-file")
     tracker.read(P0, 11)
     # The safe offset stays 10, but the metadata must keep 25 (not 12): a crash now
-    # must still treat 10..24 as re-read.
+    # must still treat 10..24 as re-read, and read 12..24 again (not read yet).
     assert tracker.committable() == {}
-    assert tracker.commit_plan() == {}  # the commit already says 10 and 25
+    plan = tracker.commit_plan()
+    assert plan == {P0: (10, format_metadata(25, 10, [(10, 11), (12, 25)]))}
+    tracker.committed(plan)
+    assert tracker.commit_plan() == {}
     for offset in range(12, 30):
         tracker.read(P0, offset)
     plan = tracker.commit_plan()
-    assert plan == {P0: (10, format_metadata(30))}  # same offset, grown watermark
+    assert plan == {P0: (10, format_metadata(30, 10, [(10, 11)]))}  # grown watermark
     tracker.committed(plan)
     assert tracker.commit_plan() == {}
     tracker.file_done("pending-file")
-    assert tracker.commit_plan() == {P0: (30, format_metadata(30))}
+    assert tracker.commit_plan() == {P0: (30, format_metadata(30, 30, []))}
 
 
 def test_forget_drops_the_reread_span() -> None:
@@ -101,7 +104,8 @@ def crashed_first_run():
         first.handle(m)
     upload_all(first)
     plan = first.offsets.commit_plan()
-    assert plan == {P0: (0, format_metadata(3)), P1: (1, format_metadata(1))}
+    assert plan == {P0: (0, format_metadata(3, 0, [(0, 1), (2, 3)])),
+                    P1: (1, format_metadata(1, 1, []))}
     return log, msgs, g3, set(first.known_done)
 
 
@@ -114,7 +118,7 @@ def test_restart_with_registry_rereads_known_files_as_done() -> None:
     second.handle(log.put(0, *g3))
     units = upload_all(second)
     assert [f.rel_path for u in units for f in u.files] == ["g.bin"]  # f is not rebuilt
-    assert second.offsets.commit_plan() == {P0: (4, format_metadata(4))}
+    assert second.offsets.commit_plan() == {P0: (4, format_metadata(4, 4, []))}
     assert second.take_probes() == []  # the registry knew f: no Girder lookup
 
 
@@ -137,7 +141,7 @@ def test_restart_without_registry_asks_girder_and_a_found_file_is_done() -> None
     # f no longer holds p0@1: only g (p0@0) does, until its last chunk comes.
     second.handle(log.put(0, *g3))
     assert [f.rel_path for u in upload_all(second) for f in u.files] == ["g.bin"]
-    assert second.offsets.commit_plan() == {P0: (4, format_metadata(4))}
+    assert second.offsets.commit_plan() == {P0: (4, format_metadata(4, 4, []))}
 
 
 def test_unanswered_girder_lookup_is_asked_again_later() -> None:

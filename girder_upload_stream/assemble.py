@@ -113,7 +113,7 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
         jobs.append(Heartbeats(producer, kafka.heartbeat_interval_secs))
     jobs += extra_jobs or []
     holder: dict[str, StreamRunner] = {}
-    group = ConsumerGroup(kafka.consumer, kafka.topic, 1,
+    group = ConsumerGroup(kafka.consumer, kafka.topic,
                           on_revoke=lambda tps: holder["runner"].on_revoke(tps),
                           on_assign=processor.assigned)
     runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.save,

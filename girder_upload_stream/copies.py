@@ -68,7 +68,7 @@ class CopyTracker:
 
     def settled(self, completed: CompletedFile) -> None:
         """The first copy is in Girder (or found there): later copies may register."""
-        key = (completed.rel_path, completed.file_hash)
+        key = completed.file_key
         self._settled[key] = replace(completed, data=None)  # never keep file bytes
         self._settled.move_to_end(key)
         while len(self._settled) > self._max_settled:

@@ -221,7 +221,7 @@ class GirderStore:
         ``shared``: another consumer of the group may be uploading the same file now
         (the group has other members, or partitions moved lately): the item and its
         file are then checked for twins after they are made, which costs two requests."""
-        key = (completed.rel_path, completed.file_hash)
+        key = completed.file_key
         before = self.requests
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)

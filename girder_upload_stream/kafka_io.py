@@ -118,27 +118,27 @@ class ChunkProducer:
 
 
 class ConsumerGroup:
-    """``n`` confluent-kafka consumers of one group, driven from a single thread.
+    """One confluent-kafka consumer of a group, driven from a single thread.
 
-    All consumers are polled, committed, paused and closed by the thread that owns this
-    object (the flow's loop), so rebalance callbacks run there too and never race with
-    the offset bookkeeping. ``on_revoke(tps)`` is called before a partition is lost, so
-    the caller can commit what is safe for it while it still owns it; ``on_assign``
-    gets a :class:`PartitionInfo` per partition gained, before any of its messages.
+    It is polled, committed, paused and closed by the thread that owns this object (the
+    flow's loop), so rebalance callbacks run there too and never race with the offset
+    bookkeeping. ``on_revoke(tps)`` is called before a partition is lost, so the caller
+    can commit what is safe for it while it still owns it; ``on_assign`` gets a
+    :class:`PartitionInfo` per partition gained, before any of its messages. One
+    consumer per process: upload concurrency comes from the upload workers, and a
+    second consumer would only add a rebalance (and its re-reads) at every start.
     """
 
-    def __init__(self, settings: dict[str, Any], topic: str, n_consumers: int, *,
+    def __init__(self, settings: dict[str, Any], topic: str, *,
                  on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
                  on_assign: Callable[[list[PartitionInfo]], None] | None = None) -> None:
         self._settings = {**settings, "enable.auto.commit": False}
         self.topic = topic
-        self.n_consumers = max(1, n_consumers)
         self._on_revoke = on_revoke
         self._on_assign = on_assign
-        self._consumers: list[Any] = []
-        self._owner: dict[tuple[str, int], Any] = {}
+        self._consumer: Any = None
+        self._owned: set[tuple[str, int]] = set()
         self._paused = False
-        self._turn = 0
         # One past the last offset returned per partition: the lag's fallback while
         # librdkafka's position is unknown (e.g. just after a rebalance).
         self._read_up_to: dict[tuple[str, int], int] = {}
@@ -148,20 +148,19 @@ class ConsumerGroup:
         self._revoked_at: float | None = None
         self._fatal = None
 
-    def _connect(self) -> list[Any]:
-        if not self._consumers:
+    def _connect(self) -> Any:
+        if self._consumer is None:
             from confluent_kafka import Consumer, KafkaException
             try:
-                for _ in range(self.n_consumers):
-                    consumer = Consumer({**self._settings, "error_cb": self._on_error})
-                    consumer.subscribe([self.topic], on_assign=self._assigned,
-                                       on_revoke=self._revoked, on_lost=self._revoked)
-                    self._consumers.append(consumer)
-                self._check_topic(self._consumers[0])
+                consumer = Consumer({**self._settings, "error_cb": self._on_error})
+                consumer.subscribe([self.topic], on_assign=self._assigned,
+                                   on_revoke=self._revoked, on_lost=self._revoked)
+                self._consumer = consumer
+                self._check_topic(consumer)
             except KafkaException as exc:
                 raise KafkaTerminalError(f"cannot create a Kafka consumer: {exc}",
                                          topic=self.topic) from exc
-        return self._consumers
+        return self._consumer
 
     def _on_error(self, err) -> None:
         """librdkafka's error events (served from poll, in this thread): the broker is
@@ -180,7 +179,7 @@ class ConsumerGroup:
         """True when another member of the group may be uploading files this process
         reads too: the group owns partitions this process does not, or partitions were
         taken from it less than :data:`SHARED_AFTER_REVOKE_SECONDS` ago."""
-        if self._n_partitions is not None and len(self._owner) < self._n_partitions:
+        if self._n_partitions is not None and len(self._owned) < self._n_partitions:
             return True
         return (self._revoked_at is not None
                 and time.monotonic() - self._revoked_at < SHARED_AFTER_REVOKE_SECONDS)
@@ -196,8 +195,7 @@ class ConsumerGroup:
             raise KafkaTerminalError(f"cannot consume: {reason}", topic=self.topic)
 
     def _assigned(self, consumer, partitions) -> None:
-        for p in partitions:
-            self._owner[(p.topic, p.partition)] = consumer
+        self._owned.update((p.topic, p.partition) for p in partitions)
         if self._paused and partitions:
             consumer.pause(partitions)
         if partitions:
@@ -240,25 +238,21 @@ class ConsumerGroup:
         if self._on_revoke is not None and tps:
             self._on_revoke(tps)
         for tp in tps:
-            self._owner.pop(tp, None)
+            self._owned.discard(tp)
             self._start_at.pop(tp, None)
             self._read_up_to.pop(tp, None)
 
     @property
     def assignment(self) -> list[tuple[str, int]]:
-        return sorted(self._owner)
+        return sorted(self._owned)
 
     def poll(self, max_messages: int = 500, timeout: float = 0.2) -> list[Any]:
-        """Up to ``max_messages`` messages from one consumer (round robin).
+        """Up to ``max_messages`` messages.
 
         Fatal errors raise :class:`KafkaTerminalError`; other broker errors are logged
         by librdkafka and retried by it, so they are skipped here.
         """
-        consumers = self._connect()
-        consumer = consumers[self._turn % len(consumers)]
-        self._turn += 1
-        batch = consumer.consume(num_messages=max_messages,
-                                 timeout=timeout / len(consumers))
+        batch = self._connect().consume(num_messages=max_messages, timeout=timeout)
         good = []
         for msg in batch:
             err = msg.error()
@@ -277,39 +271,35 @@ class ConsumerGroup:
 
     def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
                ) -> dict[tuple[str, int], tuple[int, str]]:
-        """Synchronously commit ``{tp: (offset, metadata)}`` through the consumers that
-        own the partitions.
+        """Synchronously commit ``{tp: (offset, metadata)}`` for the partitions owned.
 
         Returns what the broker accepted; a failed commit is retried by the caller on
         its next round (the offsets stay committable).
         """
         from confluent_kafka import KafkaException, TopicPartition
-        by_consumer: dict[int, list[Any]] = {}
-        for (topic, partition), (offset, metadata) in offsets.items():
-            owner = self._owner.get((topic, partition))
-            if owner is not None:
-                by_consumer.setdefault(id(owner), [owner]).append(
-                    TopicPartition(topic, partition, offset, metadata=metadata))
+        tps = [TopicPartition(topic, partition, offset, metadata=metadata)
+               for (topic, partition), (offset, metadata) in offsets.items()
+               if (topic, partition) in self._owned]
+        if not tps or self._consumer is None:
+            return {}
         accepted: dict[tuple[str, int], tuple[int, str]] = {}
-        for owner, *tps in by_consumer.values():
-            try:
-                for tp in owner.commit(offsets=tps, asynchronous=False) or tps:
-                    if tp.error is None:
-                        accepted[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
-            except KafkaException as exc:
-                self._trouble_at = time.monotonic()
-                logger.warning("offset commit failed, will retry: %s", exc)
+        try:
+            for tp in self._consumer.commit(offsets=tps, asynchronous=False) or tps:
+                if tp.error is None:
+                    accepted[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
+        except KafkaException as exc:
+            self._trouble_at = time.monotonic()
+            logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
 
     def seek(self, tp: tuple[str, int], offset: int) -> bool:
         """Read ``tp`` on from ``offset`` (skipping what lies between); False if the
         partition is not ours or librdkafka refuses (it then reads on, which is safe)."""
         from confluent_kafka import KafkaException, TopicPartition
-        owner = self._owner.get(tp)
-        if owner is None:
+        if tp not in self._owned or self._consumer is None:
             return False
         try:
-            owner.seek(TopicPartition(tp[0], tp[1], offset))
+            self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as exc:
             logger.info("could not seek %s[%d] to %d, reading on: %s", *tp, offset, exc)
             return False
@@ -321,66 +311,67 @@ class ConsumerGroup:
         if paused == self._paused:
             return
         self._paused = paused
-        for consumer in self._consumers:
-            assigned = consumer.assignment()
+        if self._consumer is not None:
+            assigned = self._consumer.assignment()
             if assigned:
-                (consumer.pause if paused else consumer.resume)(assigned)
+                (self._consumer.pause if paused else self._consumer.resume)(assigned)
 
     @property
     def paused(self) -> bool:
         return self._paused
 
-    def _position(self, tp) -> int:
-        """The next offset to read: librdkafka's position, or (while it is unknown,
-        e.g. before the first message after an assignment) what was read or committed."""
-        key = (tp.topic, tp.partition)
-        return max(tp.offset, self._read_up_to.get(key, -1), self._start_at.get(key, -1))
+    def _positions(self, timeout: float | None) -> list[tuple[int, int]]:
+        """``(position, end)`` of every assigned partition. The end comes from the last
+        fetch's statistics (``timeout`` None: no broker round trip) or from the broker;
+        the position is librdkafka's or, while that is unknown (before the first message
+        after an assignment), what was read or committed."""
+        from confluent_kafka import TopicPartition
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        result = []
+        for tp in consumer.position(consumer.assignment()):
+            key = (tp.topic, tp.partition)
+            position = max(tp.offset, self._read_up_to.get(key, -1), self._start_at.get(key, -1))
+            part = TopicPartition(tp.topic, tp.partition)
+            high = (consumer.get_watermark_offsets(part, cached=True) if timeout is None
+                    else consumer.get_watermark_offsets(part, timeout=timeout))[1]
+            result.append((position, high))
+        return result
 
     def lag(self) -> int | None:
         """Messages between the position and the end of every assigned partition (from
         the last fetch's statistics, no broker round trip); None while unknown."""
-        from confluent_kafka import KafkaException, TopicPartition
-        total, known = 0, False
-        for consumer in self._consumers:
-            try:
-                for tp in consumer.position(consumer.assignment()):
-                    position = self._position(tp)
-                    high = consumer.get_watermark_offsets(
-                        TopicPartition(tp.topic, tp.partition), cached=True)[1]
-                    if position >= 0 and high >= 0:
-                        total, known = total + max(0, high - position), True
-            except KafkaException:
-                return None
-        return total if known else None
+        from confluent_kafka import KafkaException
+        try:
+            known = [max(0, high - position) for position, high in self._positions(None)
+                     if position >= 0 and high >= 0]
+        except KafkaException:
+            return None
+        return sum(known) if known else None
 
     def caught_up(self, timeout: float = 5.0) -> bool:
         """True if the broker answers and every assigned partition has been read to its
         end: what an idle stop needs (a broker that is down is not "no new message")."""
-        from confluent_kafka import KafkaException, TopicPartition
-        if not self._owner:
+        from confluent_kafka import KafkaException
+        if not self._owned:
             return False
         try:
-            for consumer in self._consumers:
-                for tp in consumer.position(consumer.assignment()):
-                    high = consumer.get_watermark_offsets(
-                        TopicPartition(tp.topic, tp.partition), timeout=timeout)[1]
-                    if high > self._position(tp):
-                        return False
+            return all(high <= position for position, high in self._positions(timeout))
         except KafkaException as exc:
             self._trouble_at = time.monotonic()
             logger.info("not idle: the broker does not answer (%s)", exc)
             return False
-        return True
 
     def close(self) -> None:
         """Leave the group; the revoke callback gets a last chance to commit."""
-        for consumer in self._consumers:
+        if self._consumer is not None:
             try:
-                consumer.close()
+                self._consumer.close()
             except Exception as exc:  # closing is best effort at shutdown
                 logger.warning("error while closing a consumer: %s", exc)
-        self._consumers.clear()
-        self._owner.clear()
+        self._consumer = None
+        self._owned.clear()
         self._start_at.clear()
 
 

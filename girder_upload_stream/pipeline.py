@@ -356,7 +356,7 @@ class StreamProcessor:
         # Oldest messages first: a partition's commit waits for its lowest pending
         # offset, so uploading in completion order (scrambled across partitions) would
         # hold every commit near the start while the reading runs far ahead.
-        files.sort(key=lambda f: self.offsets.first_offset((f.rel_path, f.file_hash)))
+        files.sort(key=lambda f: self.offsets.first_offset(f.file_key))
         if free is None:
             units = group_into_units(files, self._next_unit, self.max_unit_files,
                                      self.max_unit_bytes)
@@ -380,7 +380,7 @@ class StreamProcessor:
         if unit is None or not outcome.outcome.durable or mark in self._early_done:
             return
         for completed in unit.files:
-            if (completed.rel_path, completed.file_hash) == outcome.file_key:
+            if completed.file_key == outcome.file_key:
                 self._early_done.add(mark)
                 self._record(completed, outcome.file_key, outcome)
                 return
@@ -391,7 +391,7 @@ class StreamProcessor:
         self._inflight.pop(unit.unit_id, None)
         by_key = {o.file_key: o for o in outcomes}
         for completed in unit.files:
-            key = (completed.rel_path, completed.file_hash)
+            key = completed.file_key
             if (unit.unit_id, key) in self._early_done:
                 self._early_done.discard((unit.unit_id, key))
                 continue
@@ -401,7 +401,7 @@ class StreamProcessor:
 
     def fail_unit(self, unit: UploadUnit, reason: str) -> None:
         """A whole unit failed (its task crashed or ran out of retries): retry it later."""
-        self.finish_unit(unit, [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
+        self.finish_unit(unit, [FileOutcome(f.rel_path, f.file_key,
                                             Outcome.FAILED_TRANSIENT, reason) for f in unit.files])
 
     def _record(self, completed: CompletedFile, key: FileKey, outcome: FileOutcome) -> None:
@@ -437,7 +437,7 @@ class StreamProcessor:
         """Bytes in RAM for files assembling, waiting, uploading or waiting to retry."""
         waiting = self._ready + [f for _, f in self._retry]
         waiting += [f for u in self._inflight.values() for f in u.files
-                    if (u.unit_id, (f.rel_path, f.file_hash)) not in self._early_done]
+                    if (u.unit_id, f.file_key) not in self._early_done]
         return self.reassembler.bytes_held + sum(f.size for f in waiting if f.data is not None)
 
     @property

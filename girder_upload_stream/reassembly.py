@@ -85,6 +85,11 @@ class CompletedFile:
         """The sha512 of the file as hex."""
         return self.file_hash.hex()
 
+    @property
+    def file_key(self) -> FileKey:
+        """``(rel_path, file_hash)``: the identity of this file generation."""
+        return (self.rel_path, self.file_hash)
+
 
 @dataclass(frozen=True, slots=True)
 class RejectedFile:

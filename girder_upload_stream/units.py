@@ -62,7 +62,7 @@ class UploadUnit:
 
     @property
     def file_keys(self) -> list[FileKey]:
-        return [(f.rel_path, f.file_hash) for f in self.files]
+        return [f.file_key for f in self.files]
 
 
 def group_into_units(files: list[CompletedFile], first_id: int, max_files: int,

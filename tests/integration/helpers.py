@@ -211,6 +211,23 @@ def committed_offsets(admin, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: tp.offset for tp in result.topic_partitions if tp.topic == topic}
 
 
+def drop_span_lists(admin, group: str, topic: str) -> dict[int, str]:
+    """Re-commit ``group``'s offsets on ``topic`` with only the high watermark in their
+    metadata (``gus1:hw=N``, as earlier builds wrote it: no offsets rule 8 span list);
+    the group must have no member. Returns the metadata now committed per partition."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+    current = futures[group].result(timeout=30).topic_partitions
+    legacy = [TopicPartition(tp.topic, tp.partition, tp.offset,
+                             metadata=(tp.metadata or "").split(";", 1)[0])
+              for tp in current if tp.topic == topic and tp.offset >= 0]
+    futures = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, legacy)])
+    futures[group].result(timeout=30)
+    futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+    return {tp.partition: tp.metadata for tp in futures[group].result(timeout=30).topic_partitions
+            if tp.topic == topic}
+
+
 def topic_messages(bootstrap: str, topic: str, group: str, n_expected: int,
                    timeout: float = TIMEOUT) -> list:
     """Every message of ``topic`` (at least ``n_expected``), read with a plain consumer."""

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from girder_upload_stream.girder_io import GirderStore
+from girder_upload_stream.pieces import Pieces
 from girder_upload_stream.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.units import Outcome
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 def completed(rel: str, data: bytes) -> CompletedFile:
     return CompletedFile(rel, hashlib.sha512(data).digest(), hashlib.sha256(data).hexdigest(),
-                         len(data), 1, 0.0, 0.0, 0.0, data, None)
+                         len(data), 1, 0.0, 0.0, 0.0, Pieces([data]), None)
 
 
 @pytest.mark.timeout(180)

@@ -21,6 +21,7 @@ from girder_upload_stream.codec import chunk_file
 from girder_upload_stream.errors import ChunkDecodeError
 from girder_upload_stream.heartbeat import Heartbeats, heartbeat_value
 from girder_upload_stream.pipeline import Counters, RawMessage
+from girder_upload_stream.pieces import Pieces
 from girder_upload_stream.reassembly import CompletedFile, Reassembler, RejectedFile
 from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.runner import STOP
@@ -254,7 +255,7 @@ def chunks(data: bytes, name: str, subdir: str = "", size: int = 4):
 def completed(data: bytes, rel: str, n_chunks: int = 1) -> CompletedFile:
     return CompletedFile(rel, hashlib.sha512(data).digest(),
                          hashlib.sha256(data).hexdigest(), len(data), n_chunks,
-                         1_700_000_000.0, 1_700_000_005.0, 0.0, data, None)
+                         1_700_000_000.0, 1_700_000_005.0, 0.0, Pieces([data]), None)
 
 
 def gen(data: bytes) -> str:

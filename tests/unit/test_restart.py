@@ -13,6 +13,7 @@ from girder_upload_stream import failpoints
 from girder_upload_stream.codec import decode_chunk
 from girder_upload_stream.offsets import OffsetTracker, format_metadata, parse_metadata
 from girder_upload_stream.pipeline import PartitionInfo, file_generation
+from girder_upload_stream.pieces import Pieces
 from girder_upload_stream.reassembly import FileProgress
 from girder_upload_stream.units import FileOutcome, Outcome
 from tests.unit.test_pipeline import TOPIC, Clock, Log, SpyRecorder, encoded, make, upload_all
@@ -419,7 +420,7 @@ def test_copy_tracker_keeps_no_file_bytes_and_forgets_old_files() -> None:
     from girder_upload_stream.copies import CopyTracker
     from girder_upload_stream.reassembly import CompletedFile
     tracker = CopyTracker(max_settled=2)
-    files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0, b"abc", None)
+    files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0, Pieces([b"abc"]), None)
              for i in range(3)]
     for f in files:
         key = (f.rel_path, f.file_hash)

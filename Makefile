@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .PHONY: help install stack-install stack-up stack-down stack-status stack-env \
-        prefect-up prefect-down test unit integration demo bench clean
+        prefect-up prefect-down test unit integration demo bench profile clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -74,6 +74,12 @@ bench: install  ## Run the benchmarks (issue 6) and write docs/benchmarks.md; BE
 	@$(STACKCTL) up kafka mongo girder prefect
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m benchmarks.run_all $(BENCH_ARGS)
+
+profile: install  ## Profile one consumer run with py-spy and summarise it; PROFILE_ARGS='--files 8 --size-kib 65536'
+	@$(VENV)/bin/python -c "import shutil, sys; sys.exit(0 if shutil.which('py-spy', path='$(VENV)/bin') else 'py-spy missing: $(VENV)/bin/pip install py-spy')"
+	@$(STACKCTL) up kafka mongo girder prefect
+	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m benchmarks.profile_consumer $(PROFILE_ARGS)
 
 clean: stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
 	rm -rf .stack $(VENV) $(OMSI_VENV)

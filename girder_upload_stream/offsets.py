@@ -56,8 +56,8 @@ TopicPartition = tuple[str, int]
 Span = tuple[int, int]  # [start, end) of offsets
 _METADATA_PREFIX = "gus1:hw="
 _SPANS = ";p="
-#: Longest span list written (brokers refuse metadata over offset.metadata.max.bytes,
-#: 4096 by default): about 300 spans of small gaps.
+#: Longest metadata written (brokers refuse more than offset.metadata.max.bytes, 4096
+#: by default): a few hundred spans.
 MAX_SPANS_CHARS = 2000
 
 
@@ -69,10 +69,11 @@ def format_metadata(high_watermark: int, committed: int | None = None,
     text = f"{_METADATA_PREFIX}{high_watermark}"
     if spans is None or committed is None:
         return text
-    tokens, previous = [], committed
-    for i, (start, end) in enumerate(spans):
+    tokens, previous, length = [], committed, 0
+    for start, end in spans:
         token = f"{start - previous}.{end - start}"
-        if sum(map(len, tokens)) + len(tokens) + len(token) > MAX_SPANS_CHARS - 24:
+        length += len(token) + 1
+        if length > MAX_SPANS_CHARS - 48:
             tokens.append(f"{start - previous}.{high_watermark - start}")  # the cut: to N
             break
         tokens.append(token)

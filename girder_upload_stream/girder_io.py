@@ -215,19 +215,23 @@ class GirderStore:
             logger.warning("cannot look up %s in Girder: %s", rel_path, exc)
         return False
 
-    def upload(self, completed: CompletedFile, shared: bool = False) -> FileOutcome:
+    def upload(self, completed: CompletedFile,
+               shared: bool | Callable[[], bool] = False) -> FileOutcome:
         """Put one file in Girder, or say why not. Never raises for terminal problems.
 
         ``shared``: another consumer of the group may be uploading the same file now
         (the group has other members, or partitions moved lately): the item and its
-        file are then checked for twins after they are made, which costs two requests."""
+        file are then checked for twins after they are made, which costs two requests.
+        A callable is asked at each check, so partitions revoked during the upload
+        still count."""
+        check = shared if callable(shared) else (lambda: bool(shared))
         key = completed.file_key
         before = self.requests
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
             outcome, item_id = self._upload(completed, self.folder_for(subdir), path.name,
-                                            shared)
+                                            check)
         except GirderTerminalError as exc:
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc),
                                requests=self.requests - before)
@@ -235,7 +239,7 @@ class GirderStore:
                            requests=self.requests - before)
 
     def _upload(self, completed: CompletedFile, folder: str, name: str,
-                shared: bool = False) -> tuple[Outcome, str]:
+                shared: Callable[[], bool]) -> tuple[Outcome, str]:
         client = self._client()
         rel = completed.rel_path
         items = self._call(lambda: list(client.listItem(folder, name=name)), "list items", rel)
@@ -243,7 +247,7 @@ class GirderStore:
             item = self._call(lambda: client.createItem(
                 folder, name, metadata=self._meta(completed.sha256), reuseExisting=True),
                 "create item", rel)
-            oldest = self._oldest_item(folder, name, item) if shared else item
+            oldest = self._oldest_item(folder, name, item) if shared() else item
             if oldest["_id"] == item["_id"]:
                 failpoints.hit("upload.mid")
                 self._put_file(item["_id"], completed, name, shared)
@@ -286,7 +290,7 @@ class GirderStore:
         return self._keep_oldest(mine, twins, "item", name)
 
     def _put_file(self, item_id: str, completed: CompletedFile, name: str,
-                  shared: bool = False) -> None:
+                  shared: Callable[[], bool]) -> None:
         """Upload the file into its item; when shared, make sure the item holds one file.
 
         Two consumers of one group can upload the same file at once. Each then lists the
@@ -296,7 +300,7 @@ class GirderStore:
         mine = self._call(lambda: client.uploadFile(item_id, self._stream(completed), name,
                                                     completed.size, parentType="item"),
                           "upload file", completed.rel_path)
-        if not shared:
+        if not shared():
             return
         files = self._call(lambda: list(client.listFile(item_id)), "list files",
                            completed.rel_path)

@@ -232,6 +232,13 @@ class OffsetTracker:
         entries = self._by_file.get(file_key)
         return min(offset for _, offset in entries) if entries else -1
 
+    def only_in(self, file_key: Hashable, tps: Iterable[TopicPartition]) -> bool:
+        """True if every pending message of the file is on one of ``tps`` (and it has
+        some): losing those partitions hands the whole file to their next owner."""
+        entries = self._by_file.get(file_key)
+        lost = set(tps)
+        return bool(entries) and all(tp in lost for tp, _ in entries)
+
     def has_file(self, file_key: Hashable) -> bool:
         """True while any message of this file is pending."""
         return file_key in self._by_file

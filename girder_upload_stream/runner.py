@@ -21,7 +21,7 @@ from girder_upload_stream import failpoints
 from girder_upload_stream.pipeline import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.codec import FileKey
-from girder_upload_stream.units import FileOutcome, UploadUnit
+from girder_upload_stream.units import FileOutcome, UploadUnit, mark_moved
 
 __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop",
            "reset_stop"]
@@ -194,9 +194,13 @@ class StreamRunner:
             failpoints.hit("commit.after")
 
     def on_revoke(self, tps: list[tuple[str, int]]) -> None:
-        """Before losing partitions: commit what is safe for them, then forget them."""
+        """Before losing partitions: commit what is safe for them, hand the files that
+        only they hold to the next owner, then forget them."""
         self.commit(tps)
+        self.processor.hand_over(tps)
         self.processor.offsets.forget(tps)
+        for unit, _ in self._handles.values():
+            mark_moved(unit)  # the next owner may upload its files at the same moment
 
     # -- the loop --------------------------------------------------------------------
     def _stop_reason(self) -> str | None:

@@ -17,8 +17,8 @@ from girder_upload_stream.codec import FileKey
 from girder_upload_stream.reassembly import CompletedFile
 
 __all__ = ["Outcome", "FileOutcome", "UploadUnit", "group_into_units", "stripe_into_units",
-           "open_channel",
-           "report_outcome", "drain_channel", "close_channel"]
+           "open_channel", "report_outcome", "drain_channel", "close_channel",
+           "mark_moved", "is_shared"]
 
 
 class Outcome(StrEnum):
@@ -150,3 +150,23 @@ def drain_channel(channel: str) -> list[tuple[int, FileOutcome]]:
 def close_channel(channel: str) -> None:
     with _channels_lock:
         _channels.pop(channel, None)
+        _moved.difference_update({k for k in _moved if k[0] == channel})
+
+
+# Units in flight when partitions were revoked: the new owner may upload their files at
+# the same moment, so their uploads must check for twins although the group was not
+# shared when they started. Kept by (channel, unit id), as a running task may hold a
+# copy of the unit, not the loop's object.
+_moved: set[tuple[str | None, int]] = set()
+
+
+def mark_moved(unit: UploadUnit) -> None:
+    """Called by the loop when partitions are revoked while ``unit`` is uploading."""
+    unit.shared = True
+    with _channels_lock:
+        _moved.add((unit.channel, unit.unit_id))
+
+
+def is_shared(unit: UploadUnit) -> bool:
+    """Whether ``unit``'s uploads must check for twins now (see :meth:`GirderStore.upload`)."""
+    return unit.shared or (unit.channel, unit.unit_id) in _moved

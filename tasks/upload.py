@@ -14,7 +14,7 @@ from girder_upload_stream.codec import FileKey
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder_io import store_for
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.units import FileOutcome, UploadUnit, report_outcome
+from girder_upload_stream.units import FileOutcome, UploadUnit, is_shared, report_outcome
 
 __all__ = ["upload_unit", "find_in_girder"]
 
@@ -38,7 +38,7 @@ def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[Fi
     store = store_for(girder, topic)
     outcomes = []
     for completed in unit.files:
-        outcome = store.upload(completed, shared=unit.shared)
+        outcome = store.upload(completed, shared=lambda: is_shared(unit))
         report_outcome(unit.channel, unit.unit_id, outcome)  # settles it before the unit ends
         outcomes.append(outcome)
     return outcomes

@@ -1,0 +1,50 @@
+"""Partitions revoked in a rebalance: files waiting for upload whose messages are all on
+them are left to the next owner (no race to Girder), the others are kept."""
+
+from __future__ import annotations
+
+from tests.unit.test_pipeline import TOPIC, Log, encoded, make, upload_all
+
+P0, P1 = (TOPIC, 0), (TOPIC, 1)
+
+
+def test_files_only_on_revoked_partitions_are_handed_over_and_rebuilt_if_they_return():
+    log = Log()
+    only_p0 = [log.put(0, *c) for c in encoded(b"A" * 16, "a.bin")]
+    b1, b2 = encoded(b"B" * 16, "b.bin")
+    both = [log.put(0, *b1), log.put(1, *b2)]
+    proc = make()
+    for m in only_p0 + both:
+        proc.handle(m)
+    assert proc.hand_over([P0]) == 1
+    proc.offsets.forget([P0])
+    assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["b.bin"]
+    # p0 comes back (or never left): its messages rebuild a.bin, they are not "done".
+    proc.assigned([])
+    for m in only_p0:
+        proc.handle(m)
+    assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["a.bin"]
+    assert proc.offsets.pending_count() == 0
+
+
+def test_nothing_is_handed_over_when_other_partitions_are_revoked():
+    log = Log()
+    proc = make()
+    for c in encoded(b"A" * 16, "a.bin"):
+        proc.handle(log.put(0, *c))
+    assert proc.hand_over([P1]) == 0
+    assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["a.bin"]
+
+
+def test_units_in_flight_at_a_revoke_check_for_twins_until_their_channel_closes():
+    from girder_upload_stream.units import (UploadUnit, close_channel, is_shared, mark_moved,
+                                            open_channel)
+    channel = open_channel()
+    unit = UploadUnit(7, channel=channel)
+    copy = UploadUnit(7, channel=channel)  # what a task runner may hold instead
+    assert not is_shared(copy)
+    mark_moved(unit)
+    assert is_shared(unit) and is_shared(copy)
+    assert not is_shared(UploadUnit(8, channel=channel))
+    close_channel(channel)
+    assert not is_shared(copy)

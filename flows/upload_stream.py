@@ -98,7 +98,8 @@ def upload_stream(
                       memory_budget_bytes=memory_budget_mb << 20, interactive=interactive,
                       stale_partial_seconds=stale_partial_seconds or None,
                       logger_file_path=logs_dir)
-    log.info("consuming %s as group %s with %d consumer(s); uploading to %s",
+    log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
+             "uploading to %s",
              topic_name, kafka.group_id, n_threads, girder.api_url)
     channel = open_channel()  # files report as they land: offsets need not wait for units
     with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:

@@ -10,7 +10,8 @@ Modes: ``memory`` keeps chunk data in RAM (never joined: see :mod:`.pieces`); ``
 each chunk at its offset into ``output_dir/<subdir>/.<name>.<ids>.partial`` (RAM stays
 small whatever the file size) and renames it atomically to ``output_dir/<rel_path>``;
 ``both`` does both. The sha512 (checked against ``file_hash``) and the sha256 (for Girder)
-are computed in one pass, incrementally over the in-order prefix as chunks arrive.
+are computed incrementally over the in-order prefix as chunks arrive, on a helper thread
+(:mod:`.hashing`) so that they do not hold up the thread adding chunks.
 
 Disk writes never leave ``output_dir``: paths are re-validated here, every directory is
 opened relative to its parent with ``O_NOFOLLOW`` (a symlink anywhere below
@@ -34,6 +35,7 @@ from pathlib import Path
 from ._safe_disk import PATH_ERRNOS, SafeDir
 from .codec import Chunk, FileKey, path_problem
 from .errors import FileRejectedError, StorageError
+from .hashing import FileDigest, HashPipe
 from .pieces import Pieces
 
 __all__ = [
@@ -146,10 +148,11 @@ class _State:
     """Everything known about one file generation in progress."""
 
     __slots__ = ("rel_path", "file_hash", "n_total", "file_mtime", "pieces", "order",
-                 "data", "total", "bytes_received", "bytes_held", "sha512", "sha256",
-                 "next_hash_i", "hashed_bytes", "first_at", "last_at", "partial")
+                 "data", "total", "bytes_received", "bytes_held", "digest",
+                 "next_hash_i", "first_at", "last_at", "partial")
 
-    def __init__(self, chunk: Chunk, now: float, partial: tuple[str, str] | None) -> None:
+    def __init__(self, chunk: Chunk, now: float, partial: tuple[str, str] | None,
+                 digest: FileDigest) -> None:
         self.rel_path = chunk.rel_path
         self.file_hash = chunk.file_hash
         self.n_total = chunk.n_total_chunks
@@ -160,26 +163,20 @@ class _State:
         self.total: int | None = None
         self.bytes_received = 0
         self.bytes_held = 0
-        self.sha512 = hashlib.sha512()
-        self.sha256 = hashlib.sha256()
+        self.digest = digest
         self.next_hash_i = 1
-        self.hashed_bytes = 0
         self.first_at = now
         self.last_at = now
         self.partial = partial  # (subdir, partial file name) in disk/both modes
 
     def hash_block(self, block: memoryview, position: int) -> None:
-        """Hash bytes read back from disk, ending at ``position``."""
-        self.sha512.update(block)
-        self.sha256.update(block)
-        self.hashed_bytes = position
+        """Hash bytes read back from disk (into a reused buffer), ending at ``position``."""
+        self.digest.update(block, now=True)
 
-    def hash_piece(self, data: bytes | memoryview) -> None:
-        """Hash the next chunk of the in-order prefix."""
-        self.sha512.update(data)
-        self.sha256.update(data)
+    def hash_piece(self, data: bytes | memoryview, now: bool) -> None:
+        """Hash the next chunk of the in-order prefix (``now``: its digest is due)."""
+        self.digest.update(data, now=now)
         self.next_hash_i += 1
-        self.hashed_bytes += len(data) if isinstance(data, bytes) else data.nbytes
 
 
 def _placement_problem(state: _State, i: int, offset: int, size: int) -> str | None:
@@ -231,7 +228,7 @@ class Reassembler:
 
     def __init__(self, mode: Mode | str = Mode.MEMORY, output_dir: Path | str | None = None,
                  max_file_bytes: int | None = None, *, clock: Callable[[], float] = time.time,
-                 max_finished: int = 10_000) -> None:
+                 max_finished: int = 10_000, hash_pipe: HashPipe | None = None) -> None:
         self.mode = Mode(mode)
         if self.mode is not Mode.MEMORY and output_dir is None:
             raise ValueError(f"mode {self.mode.value!r} needs an output_dir")
@@ -243,6 +240,7 @@ class Reassembler:
         self._finished: OrderedDict[FileKey, str] = OrderedDict()
         self._max_finished = max_finished
         self._bytes_held = 0
+        self._hashes = hash_pipe or HashPipe()
         self._lock = threading.Lock()
 
     @property
@@ -283,7 +281,7 @@ class Reassembler:
         partial = None
         if self._disk is not None:
             partial = _partial_name(chunk.rel_path, chunk.file_hash)
-        return _State(chunk, now, partial)
+        return _State(chunk, now, partial, self._hashes.digest())
 
     def _add_to(self, state: _State, chunk: Chunk, key: FileKey, now: float) -> AddResult:
         i, offset, size = chunk.chunk_i, chunk.chunk_offset, chunk.size
@@ -325,15 +323,35 @@ class Reassembler:
         state.bytes_received += chunk.size
         if i == state.n_total:
             state.total = chunk.chunk_offset + chunk.size
+        due = len(state.pieces) == state.n_total  # the file completes: hash it now
         if self.mode is Mode.DISK:
             if i == state.next_hash_i:
-                state.hash_piece(chunk.data)
+                state.hash_piece(chunk.data, due)
+                self._hash_from_disk(state)
             return
         state.data[i] = chunk.data
         state.bytes_held += chunk.size
         self._bytes_held += chunk.size
         while state.next_hash_i in state.data:
-            state.hash_piece(state.data[state.next_hash_i])
+            state.hash_piece(state.data[state.next_hash_i], due)
+
+    def _hash_from_disk(self, state: _State) -> None:
+        """Queue the read-back of the chunks already on disk that now extend the in-order
+        prefix (they arrived early), so that completion rarely has a whole file to read."""
+        first = last = state.next_hash_i
+        if first not in state.pieces:
+            return
+        while last + 1 in state.pieces:
+            last += 1
+        start = state.pieces[first][0]
+        end = state.pieces[last][0] + state.pieces[last][1]
+        disk, (subdir, name) = self._disk, state.partial
+
+        def read_back(feed: Callable[[memoryview], None]) -> None:
+            disk.hash_range(subdir, name, start, end, lambda block, _position: feed(block))
+
+        state.digest.update_later(read_back, end - start)
+        state.next_hash_i = last + 1
 
     @staticmethod
     def _raise_os_error(exc: OSError, rel_path: str) -> None:
@@ -346,13 +364,18 @@ class Reassembler:
         data: Pieces | None = None
         if self.mode is not Mode.DISK:
             data = Pieces([state.data[i] for i in range(1, state.n_total + 1)])
-        elif state.hashed_bytes < total:
+        else:
             try:
-                self._disk.hash_range(*state.partial, state.hashed_bytes, total,
-                                      state.hash_block)
-            except OSError as exc:
-                self._raise_os_error(exc, state.rel_path)
-        if state.sha512.digest() != state.file_hash:
+                state.digest.wait()
+            except OSError:  # a read-back on the hash thread failed: read it all again here
+                state.digest = self._hashes.digest()
+            if state.digest.hashed_bytes < total:
+                try:
+                    self._disk.hash_range(*state.partial, state.digest.hashed_bytes, total,
+                                          state.hash_block)
+                except OSError as exc:
+                    self._raise_os_error(exc, state.rel_path)
+        if state.digest.sha512() != state.file_hash:
             raise _Rejection("mismatched hash: sha512 of the rebuilt file differs from "
                              "file_hash")
         path = None
@@ -363,7 +386,7 @@ class Reassembler:
             except OSError as exc:
                 self._raise_os_error(exc, state.rel_path)
             path = self._disk.root.joinpath(*state.rel_path.split("/"))
-        completed = CompletedFile(state.rel_path, state.file_hash, state.sha256.hexdigest(),
+        completed = CompletedFile(state.rel_path, state.file_hash, state.digest.sha256_hex(),
                                   total, state.n_total, state.first_at, now,
                                   state.file_mtime, data, path)
         self._release(key, state)
@@ -388,6 +411,7 @@ class Reassembler:
         state.bytes_held = 0
 
     def _drop(self, key: FileKey, state: _State) -> None:
+        state.digest.discard()
         self._release(key, state)
         if state.partial is not None:
             self._disk.remove(*state.partial)

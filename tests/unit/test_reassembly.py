@@ -411,3 +411,40 @@ def test_finished_keys_are_remembered_only_up_to_a_bound():
     assert reassembler.add(files[2][0]).status is AddStatus.DUPLICATE
     # the oldest was forgotten: a redelivery starts (and completes) it again
     assert reassembler.add(files[0][0]).status is AddStatus.COMPLETED
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_chunks_arriving_as_from_several_partitions_rebuild_the_file(sandbox, mode):
+    """Chunks over the inline size go to the hash thread, and in disk mode chunks that
+    arrived early are read back there once the in-order prefix reaches them."""
+    out, _ = sandbox
+    data = random.Random(7).randbytes(40 * 200_000 + 123)
+    chunks = chunks_of(data, size=200_000)
+    order = chunks[1::3] + chunks[0::3] + chunks[2::3]
+    done = [r.completed for r in feed(Reassembler(mode, out), order) if r.completed]
+    assert len(done) == 1
+    assert done[0].sha256 == hashlib.sha256(data).hexdigest()
+    if mode is not Mode.MEMORY:
+        assert done[0].path.read_bytes() == data
+
+
+def test_a_read_back_failing_on_the_hash_thread_is_redone_at_completion(sandbox, monkeypatch):
+    out, _ = sandbox
+    data = b"0123456789abcdef"
+    chunks = chunks_of(data, size=4)
+    reassembler = Reassembler("disk", out)
+    real = safe_disk_module.SafeDir.hash_range
+    calls = []
+
+    def flaky(self, *args):
+        calls.append(args[2:4])
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "I/O error")
+        return real(self, *args)
+
+    monkeypatch.setattr(safe_disk_module.SafeDir, "hash_range", flaky)
+    feed(reassembler, [chunks[1], chunks[2]])
+    done = feed(reassembler, [chunks[0], chunks[3]])[-1].completed
+    assert calls == [(4, 12), (0, 16)]  # the early chunks, then the whole file again
+    assert done.sha256 == hashlib.sha256(data).hexdigest()
+    assert done.path.read_bytes() == data

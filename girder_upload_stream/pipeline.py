@@ -343,28 +343,31 @@ class StreamProcessor:
 
     def hand_over(self, tps: list[tuple[str, int]]) -> int:
         """Partitions are being revoked (their offsets just committed): drop the files
-        waiting for upload whose every pending message is on them. The next owner reads
-        those messages again from the commit and uploads the files; uploading them here
-        too would only race it to Girder. Files already uploading are left to finish.
-        Returns how many files were handed over."""
-        keep, handed = [], 0
-        for completed in self._ready:
+        waiting for upload or for a retry whose every pending message is on them. The
+        next owner reads those messages again from the commit and uploads the files;
+        uploading them here too would only race it to Girder. Files already uploading
+        are left to finish. Returns how many files were handed over."""
+        def leaves(completed: CompletedFile) -> bool:
             key = completed.file_key
-            if key in self._echo or not self.offsets.only_in(key, tps):
-                keep.append(completed)
-                continue
-            handed += 1
+            return key not in self._echo and self.offsets.only_in(key, tps)
+
+        handed = [f for f in self._ready if leaves(f)] + [f for _, f in self._retry
+                                                          if leaves(f)]
+        gone = {f.file_key for f in handed}
+        self._ready = [f for f in self._ready if f.file_key not in gone]
+        self._retry = [(t, f) for t, f in self._retry if f.file_key not in gone]
+        for completed in handed:
+            key = completed.file_key
             self.reassembler.discard(key)  # so its chunks, if they come back, rebuild it
             self._message_bytes.pop(key, None)
             self.recorder.file_dropped(FileProgress(
                 completed.rel_path, completed.file_hash_hex, completed.n_chunks,
                 completed.n_chunks, completed.size, 0, completed.first_message_at,
                 completed.last_message_at))
-        self._ready = keep
         if handed:
             logger.info("%d file(s) waiting for upload left to the next owner of %s",
-                        handed, ", ".join(f"{t}[{p}]" for t, p in tps))
-        return handed
+                        len(handed), ", ".join(f"{t}[{p}]" for t, p in tps))
+        return len(handed)
 
     # -- uploading -------------------------------------------------------------------
     def take_units(self) -> list[UploadUnit]:

@@ -3,6 +3,7 @@ them are left to the next owner (no race to Girder), the others are kept."""
 
 from __future__ import annotations
 
+from girder_upload_stream.units import Outcome
 from tests.unit.test_pipeline import TOPIC, Log, encoded, make, upload_all
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
@@ -48,3 +49,17 @@ def test_units_in_flight_at_a_revoke_check_for_twins_until_their_channel_closes(
     assert not is_shared(UploadUnit(8, channel=channel))
     close_channel(channel)
     assert not is_shared(copy)
+
+
+def test_files_waiting_for_a_retry_are_handed_over_too():
+    log = Log()
+    proc = make(retry_delay=0.0)
+    for c in encoded(b"A" * 16, "a.bin"):
+        proc.handle(log.put(0, *c))
+    for c in encoded(b"C" * 16, "c.bin"):
+        proc.handle(log.put(1, *c))
+    upload_all(proc, Outcome.FAILED_TRANSIENT)  # both now wait for their retry
+    assert proc.hand_over([P0]) == 1
+    proc.offsets.forget([P0])
+    assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["c.bin"]
+    assert proc.idle

@@ -69,8 +69,9 @@ class SafeDir:
             os.close(dir_fd)
 
     def hash_range(self, subdir: str, name: str, start: int, end: int,
-                   update: Callable[[memoryview, int], None]) -> None:
-        """Stream bytes ``[start, end)`` of a file to ``update(block, new_position)``."""
+                   update: Callable[[memoryview], None]) -> None:
+        """Stream bytes ``[start, end)`` of a file to ``update(block)``, in order; the
+        block is a view of a reused buffer, valid only during the call."""
         dir_fd = self._open_dir(subdir, create=False)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -85,7 +86,7 @@ class SafeDir:
                 if n_read <= 0:
                     raise OSError(errno.EIO, "file is shorter than expected")
                 position += n_read
-                update(view[:n_read], position)
+                update(view[:n_read])
         finally:
             os.close(fd)
 

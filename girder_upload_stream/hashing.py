@@ -62,13 +62,14 @@ class FileDigest:
         the caller reuses, or when the digest is needed at once. After a job failed, blocks
         are only counted (the error waits for :meth:`wait`).
         """
-        self.hashed_bytes += _nbytes(data)
-        if now or (_nbytes(data) <= INLINE_BYTES and self._queued == 0):
+        size = _nbytes(data)
+        self.hashed_bytes += size
+        if now or (size <= INLINE_BYTES and self._queued == 0):
             self._pipe.wait_for(self)
             if self._error is None:
                 self._hash(data)
         else:
-            self._pipe.submit(self, data)
+            self._pipe.submit(self, data, size)
 
     def update_later(self, job: HashJob, size: int) -> None:
         """Add the next ``size`` bytes of the file through ``job``, run on the worker.

@@ -169,8 +169,8 @@ class _State:
         self.last_at = now
         self.partial = partial  # (subdir, partial file name) in disk/both modes
 
-    def hash_block(self, block: memoryview, position: int) -> None:
-        """Hash bytes read back from disk (into a reused buffer), ending at ``position``."""
+    def hash_block(self, block: memoryview) -> None:
+        """Hash bytes read back from disk (into a reused buffer) before returning."""
         self.digest.update(block, now=True)
 
     def hash_piece(self, data: bytes | memoryview, now: bool) -> None:
@@ -348,7 +348,7 @@ class Reassembler:
         disk, (subdir, name) = self._disk, state.partial
 
         def read_back(feed: Callable[[memoryview], None]) -> None:
-            disk.hash_range(subdir, name, start, end, lambda block, _position: feed(block))
+            disk.hash_range(subdir, name, start, end, feed)
 
         state.digest.update_later(read_back, end - start)
         state.next_hash_i = last + 1

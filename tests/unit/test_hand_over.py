@@ -37,18 +37,16 @@ def test_nothing_is_handed_over_when_other_partitions_are_revoked():
     assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["a.bin"]
 
 
-def test_units_in_flight_at_a_revoke_check_for_twins_until_their_channel_closes():
-    from girder_upload_stream.units import (UploadUnit, close_channel, is_shared, mark_moved,
-                                            open_channel)
-    channel = open_channel()
+def test_units_in_flight_at_a_revoke_check_for_twins_also_in_a_copy_of_the_unit():
+    from girder_upload_stream.units import UploadChannel, UploadUnit, is_shared, mark_moved
+    channel = UploadChannel()
     unit = UploadUnit(7, channel=channel)
     copy = UploadUnit(7, channel=channel)  # what a task runner may hold instead
     assert not is_shared(copy)
     mark_moved(unit)
     assert is_shared(unit) and is_shared(copy)
     assert not is_shared(UploadUnit(8, channel=channel))
-    close_channel(channel)
-    assert not is_shared(copy)
+    assert not is_shared(UploadUnit(7, channel=UploadChannel()))  # another flow run's
 
 
 def test_files_waiting_for_a_retry_are_handed_over_too():

@@ -28,6 +28,12 @@ Commit order (what must be durable before an offset may be committed):
    of metadata): a cut list's last span runs to ``N``. Without a list (older commits),
    all of ``[C, N)`` is read again.
 
+9. A file whose upload failed for good (Girder refused it) does not hold the commit,
+   but its messages are listed in the metadata too (``;f=``, the *retry spans*, also
+   below ``C``): the next run of the group seeks back to them, rebuilds the file and
+   tries its upload again. The list is capped like rule 8's; a file cut from it is
+   still listed as failed in the registry, but not retried by itself.
+
 On restart, the re-read span holds the pending messages plus the finished ones between
 them (the bounded overlap). A re-read message of a file the registry (or its Prefect
 artifact) lists as processed is done at once (rule 3). A re-read file the registry does
@@ -50,22 +56,25 @@ import bisect
 from collections.abc import Hashable, Iterable, Iterator
 
 __all__ = ["TopicPartition", "Span", "OffsetTracker", "format_metadata", "parse_metadata",
-           "parse_spans", "spans_of"]
+           "parse_spans", "parse_failed", "spans_of"]
 
 TopicPartition = tuple[str, int]
 Span = tuple[int, int]  # [start, end) of offsets
 _METADATA_PREFIX = "gus1:hw="
 _SPANS = ";p="
+_FAILED = ";f="
 #: Longest metadata written (brokers refuse more than offset.metadata.max.bytes, 4096
-#: by default): a few hundred spans.
+#: by default): a few hundred spans, and the retry spans of rule 9 beside them.
 MAX_SPANS_CHARS = 2000
+MAX_FAILED_CHARS = 1500
 
 
 def format_metadata(high_watermark: int, committed: int | None = None,
-                    spans: list[Span] | None = None) -> str:
+                    spans: list[Span] | None = None, failed: list[Span] | None = None) -> str:
     """The commit metadata: the partition's high watermark (rule 7) and, when given,
     the pending spans of ``[committed, high_watermark)`` (rule 8), each written as its
-    distance from the previous span's end (or from ``committed``) and its length."""
+    distance from the previous span's end (or from ``committed``) and its length, and
+    the retry spans of files whose upload failed for good (rule 9, from offset 0)."""
     text = f"{_METADATA_PREFIX}{high_watermark}"
     if spans is None or committed is None:
         return text
@@ -78,7 +87,23 @@ def format_metadata(high_watermark: int, committed: int | None = None,
             break
         tokens.append(token)
         previous = end
-    return text + _SPANS + ",".join(tokens)
+    text += _SPANS + ",".join(tokens)
+    if failed:
+        text += _FAILED + ",".join(_failed_tokens(failed))
+    return text
+
+
+def _failed_tokens(failed: list[Span]) -> list[str]:
+    """Rule 9's list; the newest spans that do not fit are left out (see the docstring)."""
+    tokens, previous, length = [], 0, 0
+    for start, end in failed:
+        token = f"{start - previous}.{end - start}"
+        length += len(token) + 1
+        if length > MAX_FAILED_CHARS:
+            break
+        tokens.append(token)
+        previous = end
+    return tokens
 
 
 def parse_metadata(metadata: str | None) -> int | None:
@@ -89,14 +114,8 @@ def parse_metadata(metadata: str | None) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def parse_spans(metadata: str | None, committed: int) -> list[Span] | None:
-    """The pending spans in commit metadata (rule 8); None when there is no list or it
-    is malformed, which means "read all of [C, N) again"."""
-    high = parse_metadata(metadata)
-    if high is None or _SPANS not in metadata:
-        return None
-    spans, previous = [], committed
-    body = metadata.split(_SPANS, 1)[1]
+def _parse_list(body: str, origin: int) -> list[Span] | None:
+    spans, previous = [], origin
     try:
         for token in filter(None, body.split(",")):
             gap, length = (int(x) for x in token.split("."))
@@ -106,7 +125,37 @@ def parse_spans(metadata: str | None, committed: int) -> list[Span] | None:
             previous += gap + length
     except ValueError:
         return None
-    return spans if previous <= high else None
+    return spans
+
+
+def parse_spans(metadata: str | None, committed: int) -> list[Span] | None:
+    """The pending spans in commit metadata (rule 8); None when there is no list or it
+    is malformed, which means "read all of [C, N) again"."""
+    high = parse_metadata(metadata)
+    if high is None or _SPANS not in metadata:
+        return None
+    spans = _parse_list(metadata.split(_SPANS, 1)[1].split(";", 1)[0], committed)
+    return spans if spans is not None and (not spans or spans[-1][1] <= high) else None
+
+
+def parse_failed(metadata: str | None) -> list[Span]:
+    """The retry spans in commit metadata (rule 9); empty when there are none or the
+    list is malformed."""
+    high = parse_metadata(metadata)
+    if high is None or _FAILED not in metadata:
+        return []
+    spans = _parse_list(metadata.split(_FAILED, 1)[1].split(";", 1)[0], 0)
+    return spans if spans and spans[-1][1] <= high else []
+
+
+def _merge(spans: Iterable[Span]) -> list[Span]:
+    merged: list[Span] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def spans_of(offsets: Iterable[int]) -> Iterator[Span]:
@@ -129,6 +178,7 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._next: dict[TopicPartition, int] = {}
+        self._at: dict[TopicPartition, int] = {}  # one past the offset read last
         self._pending: dict[TopicPartition, dict[int, Hashable]] = {}
         self._by_file: dict[Hashable, list[tuple[TopicPartition, int]]] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -137,6 +187,13 @@ class OffsetTracker:
         self._reread_below: dict[TopicPartition, int] = {}
         self._inherited: dict[TopicPartition, list[Span]] = {}  # rule 8's list, if any
         self._sought: dict[TopicPartition, int] = {}
+        # Rule 9: offsets of files whose upload failed for good in this run; the retry
+        # spans inherited at assignment, where to seek back to read them, and how far
+        # reading below the committed offset has come.
+        self._failed: dict[TopicPartition, set[int]] = {}
+        self._retry: dict[TopicPartition, list[Span]] = {}
+        self._back_to: dict[TopicPartition, int] = {}
+        self._below: dict[TopicPartition, tuple[int, int]] = {}  # (committed, next below it)
 
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
@@ -149,11 +206,20 @@ class OffsetTracker:
         self._floor[tp], self._reread_below[tp] = start, below
         self._sought.pop(tp, None)
         spans = parse_spans(metadata, start) if high is not None else None
+        retry = [(a, min(b, below)) for a, b in parse_failed(metadata) if min(b, below) > a]
         if spans is not None:
-            self._inherited[tp] = [(max(a, start), min(b, below)) for a, b in spans
-                                   if min(b, below) > max(a, start)]
+            self._inherited[tp] = _merge([(max(a, start), min(b, below)) for a, b in spans
+                                          if min(b, below) > max(a, start)] + retry)
         else:
             self._inherited.pop(tp, None)
+        self._retry[tp] = retry if spans is not None else []
+        if self._retry[tp] and self._retry[tp][0][0] < start:
+            # Rule 9: read the failed files below the commit again, from the first one.
+            self._floor[tp] = self._back_to[tp] = self._retry[tp][0][0]
+            self._below[tp] = (start, self._retry[tp][0][0])
+        else:
+            self._back_to.pop(tp, None)
+            self._below.pop(tp, None)
         if committed is not None and committed >= 0:
             self._committed[tp] = max(self._committed.get(tp, -1), committed)
             self._committed_meta[tp] = metadata
@@ -174,9 +240,12 @@ class OffsetTracker:
     def take_seeks(self) -> dict[TopicPartition, int]:
         """``{tp: offset}`` to seek to now: the next pending span (or ``N``) for each
         partition whose next offset to read lies in a gap of rule 8's list."""
-        seeks = {}
+        seeks = {tp: target for tp, target in self._back_to.items()
+                 if self._sought.get(tp) != target}
         for tp, spans in self._inherited.items():
-            upcoming = self._next.get(tp, self._floor[tp])
+            if tp in seeks:
+                continue
+            upcoming = self._at.get(tp, self._floor[tp])
             if not self.skippable(tp, upcoming):
                 continue
             i = bisect.bisect_right(spans, (upcoming, float("inf")))
@@ -188,6 +257,8 @@ class OffsetTracker:
     def sought(self, tp: TopicPartition, offset: int) -> None:
         """The consumer now reads ``tp`` from ``offset`` (so it is not asked again)."""
         self._sought[tp] = offset
+        if self._back_to.get(tp) == offset:
+            del self._back_to[tp]
 
     def reread_spans(self, tp: TopicPartition) -> list[Span] | None:
         """Rule 8's pending spans inherited at assignment (None: no list)."""
@@ -209,22 +280,52 @@ class OffsetTracker:
                 spans.append((max(start, upcoming), end))
         return spans
 
+    def failed_spans(self, tp: TopicPartition, committed: int) -> list[Span]:
+        """Rule 9's retry spans: messages of files whose upload failed for good, those
+        pending below ``committed`` (a retry under way), and the inherited ones not yet
+        read again."""
+        pending = [o for o in self._pending.get(tp, ()) if o < committed]
+        spans = list(spans_of([*self._failed.get(tp, ()), *pending]))
+        below = self._below.get(tp)
+        if below is not None:
+            upcoming = below[1]
+            # Those at or past the commit are rule 8's business (pending_spans).
+            spans += [(max(a, upcoming), min(b, below[0])) for a, b in self._retry.get(tp, ())
+                      if min(b, below[0]) > max(a, upcoming)]
+        return _merge(spans)
+
     def read(self, tp: TopicPartition, offset: int, file_key: Hashable | None = None) -> None:
         """Record a message just read; ``file_key`` None means it is already done."""
+        self._at[tp] = offset + 1
+        below = self._below.get(tp)
+        if below is not None and offset < below[0]:
+            self._below[tp] = (below[0], max(below[1], offset + 1))
+            self._next.setdefault(tp, offset + 1)
+            if file_key is not None:
+                self._pending.setdefault(tp, {})[offset] = file_key
+                self._by_file.setdefault(file_key, []).append((tp, offset))
+            return
         self._next[tp] = max(self._next.get(tp, 0), offset + 1)
         if file_key is None:
             return
         self._pending.setdefault(tp, {})[offset] = file_key
         self._by_file.setdefault(file_key, []).append((tp, offset))
 
-    def file_done(self, file_key: Hashable) -> int:
-        """Mark every pending message of a file done; returns how many there were."""
+    def file_done(self, file_key: Hashable, retry: bool = False) -> int:
+        """Mark every pending message of a file done; returns how many there were.
+        ``retry``: its upload failed for good, so the next run reads them again (rule 9)."""
         released = 0
         for tp, offset in self._by_file.pop(file_key, ()):
             pending = self._pending.get(tp)
             if pending is not None and pending.pop(offset, None) is not None:
                 released += 1
+                if retry:
+                    self._failed.setdefault(tp, set()).add(offset)
         return released
+
+    def retry_count(self) -> int:
+        """Messages of files whose upload failed for good, listed for the next run."""
+        return sum(len(f) for f in self._failed.values())
 
     def first_offset(self, file_key: Hashable) -> int:
         """The lowest pending offset of a file (any partition; -1 if none): uploading
@@ -273,7 +374,8 @@ class OffsetTracker:
             if offset < 0:
                 continue
             metadata = format_metadata(self.high_watermark(tp), offset,
-                                       self.pending_spans(tp, offset))
+                                       self.pending_spans(tp, offset),
+                                       self.failed_spans(tp, offset))
             if tp in moved or metadata != self._committed_meta.get(tp):
                 result[tp] = (offset, metadata)
         return result
@@ -301,6 +403,8 @@ class OffsetTracker:
             self._reread_below.pop(tp, None)
             self._inherited.pop(tp, None)
             self._sought.pop(tp, None)
+            for table in (self._failed, self._retry, self._back_to, self._below, self._at):
+                table.pop(tp, None)
             for offset, file_key in self._pending.pop(tp, {}).items():
                 entries = self._by_file.get(file_key)
                 if entries is not None:

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from girder_upload_stream import failpoints
 from girder_upload_stream.codec import Chunk, FileKey, decode_chunk
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 #: A partial file quiet for this long (or half of stale_partial_seconds) is looked up in
 #: Girder once: its chunks may have been finished before a crash (offsets rule 7).
 STUCK_LOOKUP_SECONDS = 30.0
+#: What the registry says of a file whose upload failed for good (offsets rule 9).
+RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer group"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class Counters:
     files_found_in_girder: int = 0
     messages_rejected: int = 0
     messages_skipped: int = 0  # read, but done before a restart (offsets rule 8)
+    files_to_retry: int = 0  # upload failed for good: the next run tries again (rule 9)
     _last: dict[str, int] = field(default_factory=dict, repr=False)
 
     def take_delta(self) -> dict[str, int]:
@@ -252,10 +255,11 @@ class StreamProcessor:
                 first.rel_path, key, Outcome.SKIPPED_IDENTICAL, "produced again"))
             self.counters.files_skipped += 1
 
-    def _finish(self, record: FileRecord, state: FileState) -> None:
-        """The one settle path: the record leaves the ledger, its messages are done."""
+    def _finish(self, record: FileRecord, state: FileState, retry: bool = False) -> None:
+        """The one settle path: the record leaves the ledger, its messages are done
+        (``retry``: read again by the next run, offsets rule 9)."""
         self.ledger.settle(record.key, state)
-        self.offsets.file_done(record.key)
+        self.offsets.file_done(record.key, retry=retry)
 
     # -- partitions ----------------------------------------------------------------------
     def assigned(self, partitions: list[PartitionInfo]) -> None:
@@ -420,6 +424,9 @@ class StreamProcessor:
                 or record.unit_id != unit_id:
             return  # settled already (reported early), or no longer ours
         completed = record.completed
+        failed = outcome.outcome is Outcome.FAILED_TERMINAL
+        if failed and record.role is Role.FIRST:
+            outcome = replace(outcome, reason=f"{outcome.reason}; {RETRIED_NEXT_RUN}")
         self.recorder.file_outcome(completed, outcome)
         if not outcome.outcome.durable:
             logger.warning("upload of %s failed (%s); retrying in %.0fs",
@@ -430,9 +437,11 @@ class StreamProcessor:
         self.last_settled_at = self._clock()
         self.counters.messages_processed += completed.n_chunks
         self.counters.bytes_processed += record.message_bytes or completed.size
-        failed = outcome.outcome is Outcome.FAILED_TERMINAL
-        self._finish(record, FileState.FAILED if failed else FileState.DONE)
-        if not failed:
+        self._finish(record, FileState.FAILED if failed else FileState.DONE,
+                     retry=failed and record.role is Role.FIRST)
+        if failed:
+            self.counters.files_to_retry += 1
+        else:
             self._register_repeats(record.key)
 
     def _count_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:

@@ -5,14 +5,16 @@ A small simulated world: a topic of 3 partitions that files are produced to (chu
 any order, duplicates, garbage), a Girder that is a set of file keys, and one consumer
 (a :class:`StreamProcessor`) driven the way the runner drives it. After every commit:
 
-* nothing committed before it is durable: every message below the committed offset,
-  and every message of ``[C, N)`` outside the pending spans of the commit metadata,
-  belongs to a file in Girder, to a file recorded as failed, or can never be a file;
+* nothing committed before it is durable: every message below the high watermark
+  outside the pending and retry spans of the commit metadata belongs to a file in
+  Girder, or to a file rejected for good (bad chunks), or can never be a file;
 
 and at the end, once every file is produced whole and every upload succeeds:
 
 * nothing is held for ever that is not waiting for a message: every offset is
-  committed to the end of its partition, nothing is in flight, every file is in Girder.
+  committed to the end of its partition and nothing is in flight;
+* nothing is lost: after one more restart (which retries the files whose upload
+  failed for good), every file is in Girder.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from girder_upload_stream.codec import chunk_file, decode_chunk, encode_chunk
-from girder_upload_stream.offsets import parse_metadata, parse_spans
+from girder_upload_stream.offsets import parse_failed, parse_metadata, parse_spans
 from girder_upload_stream.pipeline import PartitionInfo, RawMessage, Recorder, StreamProcessor
 from girder_upload_stream.reassembly import Reassembler
 from girder_upload_stream.units import FileOutcome, Outcome
@@ -45,17 +47,11 @@ class Registry(Recorder):
     def __init__(self) -> None:
         self.processed: set[tuple[str, str]] = set()
         self.failed: set = set()
-        self.read_high = [0] * N_PARTITIONS  # set by the world: offsets read so far
-        self.failed_before: dict = {}  # file key -> read_high when its upload failed
-
-    def covers(self, file_key, partition: int, offset: int) -> bool:
-        """A recorded failure covers the messages read before it, not a production after."""
-        return (file_key in self.failed
-                or offset < self.failed_before.get(file_key, [0] * N_PARTITIONS)[partition])
+        self.failed_uploads: set = set()
 
     def file_outcome(self, completed, outcome: FileOutcome) -> None:
         if outcome.outcome is Outcome.FAILED_TERMINAL:
-            self.failed_before[completed.file_key] = list(self.read_high)
+            self.failed_uploads.add(completed.file_key)
         elif outcome.outcome.durable:
             self.processed.add((completed.rel_path, completed.file_hash.hex()[:32]))
 
@@ -105,8 +101,6 @@ class World:
             key, value = self.log[partition][self.pos[partition]]
             self.proc.handle(RawMessage(TOPIC, partition, self.pos[partition], key, value))
             self.pos[partition] += 1
-            high = self.registry.read_high
-            high[partition] = max(high[partition], self.pos[partition])
 
     def take(self) -> None:
         self.units += self.proc.take_units()
@@ -152,19 +146,20 @@ class World:
     def check_durable(self, partition: int, committed: int, metadata: str) -> None:
         high = parse_metadata(metadata)
         spans = parse_spans(metadata, committed) or []
-        pending = {o for a, b in spans for o in range(a, b)}
-        done = [o for o in range(high) if o < committed or o not in pending]
+        pending = {o for a, b in spans + parse_failed(metadata) for o in range(a, b)}
+        done = [o for o in range(high) if o not in pending]
         for offset in done:
             key, value = self.log[partition][offset]
             if value in GARBAGE:
                 continue
             file_key = decode_chunk(value).file_key
-            assert file_key in self.girder or self.registry.covers(file_key, partition, offset), (
+            assert file_key in self.girder or file_key in self.registry.failed, (
                 f"p{partition}@{offset} ({file_key[0]}) committed before it is durable")
 
-    def drain(self) -> None:
+    def drain(self, produce: bool = True) -> None:
+        self.commit()  # what the run reached, before the files are produced once more
         for rel, pairs in CHUNKS.items():  # every file produced whole at last
-            for i in range(len(pairs)):
+            for i in range(len(pairs) if produce else 0):
                 self.produce(rel, i, i % N_PARTITIONS)
         for _ in range(200):
             self.deliver_all()
@@ -206,5 +201,9 @@ def test_any_interleaving_keeps_the_commit_rule(events) -> None:
         if world.log[p]:
             assert world.committed[p][0] == len(world.log[p]), f"p{p} held: {world.committed}"
     assert world.proc.idle and world.proc.offsets.pending_count() == 0
+    # A file whose upload failed for good is retried by the next run: with Girder
+    # accepting it now, a restart that reads nothing new puts every file there.
+    world.crash(uploads_landed=False)
+    world.drain(produce=False)
     for rel, key in KEYS.items():
-        assert key in world.girder or key in world.registry.failed_before, f"{rel} lost"
+        assert key in world.girder, f"{rel} lost"

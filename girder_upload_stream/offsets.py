@@ -53,124 +53,16 @@ on an assetstore that does not hash) waits for the stale-partial release.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable
 
-__all__ = ["TopicPartition", "Span", "OffsetTracker", "format_metadata", "parse_metadata",
-           "parse_spans", "parse_failed", "spans_of"]
+from girder_upload_stream.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
+                                                  TopicPartition, format_metadata,
+                                                  merge_spans, parse_failed, parse_metadata,
+                                                  parse_spans, spans_of)
 
-TopicPartition = tuple[str, int]
-Span = tuple[int, int]  # [start, end) of offsets
-_METADATA_PREFIX = "gus1:hw="
-_SPANS = ";p="
-_FAILED = ";f="
-#: Longest metadata written (brokers refuse more than offset.metadata.max.bytes, 4096
-#: by default): a few hundred spans, and the retry spans of rule 9 beside them.
-MAX_SPANS_CHARS = 2000
-MAX_FAILED_CHARS = 1500
-
-
-def format_metadata(high_watermark: int, committed: int | None = None,
-                    spans: list[Span] | None = None, failed: list[Span] | None = None) -> str:
-    """The commit metadata: the partition's high watermark (rule 7) and, when given,
-    the pending spans of ``[committed, high_watermark)`` (rule 8), each written as its
-    distance from the previous span's end (or from ``committed``) and its length, and
-    the retry spans of files whose upload failed for good (rule 9, from offset 0)."""
-    text = f"{_METADATA_PREFIX}{high_watermark}"
-    if spans is None or committed is None:
-        return text
-    tokens, previous, length = [], committed, 0
-    for start, end in spans:
-        token = f"{start - previous}.{end - start}"
-        length += len(token) + 1
-        if length > MAX_SPANS_CHARS - 48:
-            tokens.append(f"{start - previous}.{high_watermark - start}")  # the cut: to N
-            break
-        tokens.append(token)
-        previous = end
-    text += _SPANS + ",".join(tokens)
-    if failed:
-        text += _FAILED + ",".join(_failed_tokens(failed))
-    return text
-
-
-def _failed_tokens(failed: list[Span]) -> list[str]:
-    """Rule 9's list; the newest spans that do not fit are left out (see the docstring)."""
-    tokens, previous, length = [], 0, 0
-    for start, end in failed:
-        token = f"{start - previous}.{end - start}"
-        length += len(token) + 1
-        if length > MAX_FAILED_CHARS:
-            break
-        tokens.append(token)
-        previous = end
-    return tokens
-
-
-def parse_metadata(metadata: str | None) -> int | None:
-    """The high watermark in commit metadata, or None if it is not ours or malformed."""
-    if not metadata or not metadata.startswith(_METADATA_PREFIX):
-        return None
-    text = metadata[len(_METADATA_PREFIX):].split(";", 1)[0]
-    return int(text) if text.isdigit() else None
-
-
-def _parse_list(body: str, origin: int) -> list[Span] | None:
-    spans, previous = [], origin
-    try:
-        for token in filter(None, body.split(",")):
-            gap, length = (int(x) for x in token.split("."))
-            if gap < 0 or length <= 0:
-                return None
-            spans.append((previous + gap, previous + gap + length))
-            previous += gap + length
-    except ValueError:
-        return None
-    return spans
-
-
-def parse_spans(metadata: str | None, committed: int) -> list[Span] | None:
-    """The pending spans in commit metadata (rule 8); None when there is no list or it
-    is malformed, which means "read all of [C, N) again"."""
-    high = parse_metadata(metadata)
-    if high is None or _SPANS not in metadata:
-        return None
-    spans = _parse_list(metadata.split(_SPANS, 1)[1].split(";", 1)[0], committed)
-    return spans if spans is not None and (not spans or spans[-1][1] <= high) else None
-
-
-def parse_failed(metadata: str | None) -> list[Span]:
-    """The retry spans in commit metadata (rule 9); empty when there are none or the
-    list is malformed."""
-    high = parse_metadata(metadata)
-    if high is None or _FAILED not in metadata:
-        return []
-    spans = _parse_list(metadata.split(_FAILED, 1)[1].split(";", 1)[0], 0)
-    return spans if spans and spans[-1][1] <= high else []
-
-
-def _merge(spans: Iterable[Span]) -> list[Span]:
-    merged: list[Span] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def spans_of(offsets: Iterable[int]) -> Iterator[Span]:
-    """Runs of consecutive offsets, as ``[start, end)`` spans in order."""
-    start = end = None
-    for offset in sorted(offsets):
-        if end is not None and offset == end:
-            end += 1
-            continue
-        if start is not None:
-            yield start, end
-        start, end = offset, offset + 1
-    if start is not None:
-        yield start, end
-
+# The metadata codec is re-exported: the rules and their text travel together.
+__all__ = ["TopicPartition", "Span", "OffsetTracker", "MAX_SPANS_CHARS", "MAX_FAILED_CHARS",
+           "format_metadata", "parse_metadata", "parse_spans", "parse_failed", "spans_of"]
 
 class OffsetTracker:
     """Tracks pending messages per partition and per file; not thread-safe by design
@@ -198,31 +90,35 @@ class OffsetTracker:
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
         """Learn a partition's committed offset, the high watermark in its commit
-        metadata (rule 7) and its pending spans (rule 8); a commit without our metadata
-        marks nothing as re-read."""
+        metadata (rule 7), its pending spans (rule 8) and its retry spans (rule 9); a
+        commit without our metadata marks nothing as re-read."""
         start = committed if committed is not None and committed >= 0 else 0
         high = parse_metadata(metadata)
         below = max(start, high if high is not None else start)
         self._floor[tp], self._reread_below[tp] = start, below
         self._sought.pop(tp, None)
         spans = parse_spans(metadata, start) if high is not None else None
-        retry = [(a, min(b, below)) for a, b in parse_failed(metadata) if min(b, below) > a]
-        if spans is not None:
-            self._inherited[tp] = _merge([(max(a, start), min(b, below)) for a, b in spans
-                                          if min(b, below) > max(a, start)] + retry)
-        else:
+        retry = [] if spans is None else [(a, min(b, below)) for a, b in parse_failed(metadata)
+                                          if min(b, below) > a]
+        if spans is None:
             self._inherited.pop(tp, None)
-        self._retry[tp] = retry if spans is not None else []
-        if self._retry[tp] and self._retry[tp][0][0] < start:
-            # Rule 9: read the failed files below the commit again, from the first one.
-            self._floor[tp] = self._back_to[tp] = self._retry[tp][0][0]
-            self._below[tp] = (start, self._retry[tp][0][0])
         else:
-            self._back_to.pop(tp, None)
-            self._below.pop(tp, None)
+            self._inherited[tp] = merge_spans([(max(a, start), min(b, below)) for a, b in spans
+                                          if min(b, below) > max(a, start)] + retry)
+        self._learn_retry(tp, start, retry)
         if committed is not None and committed >= 0:
             self._committed[tp] = max(self._committed.get(tp, -1), committed)
             self._committed_meta[tp] = metadata
+
+    def _learn_retry(self, tp: TopicPartition, start: int, retry: list[Span]) -> None:
+        """Rule 9: read the failed files below the commit again, from the first one."""
+        self._retry[tp] = retry
+        if retry and retry[0][0] < start:
+            self._floor[tp] = self._back_to[tp] = retry[0][0]
+            self._below[tp] = (start, retry[0][0])
+        else:
+            self._back_to.pop(tp, None)
+            self._below.pop(tp, None)
 
     def is_reread(self, tp: TopicPartition, offset: int) -> bool:
         """True if an earlier owner of this group already read ``offset`` (rule 7)."""
@@ -292,7 +188,7 @@ class OffsetTracker:
             # Those at or past the commit are rule 8's business (pending_spans).
             spans += [(max(a, upcoming), min(b, below[0])) for a, b in self._retry.get(tp, ())
                       if min(b, below[0]) > max(a, upcoming)]
-        return _merge(spans)
+        return merge_spans(spans)
 
     def read(self, tp: TopicPartition, offset: int, file_key: Hashable | None = None) -> None:
         """Record a message just read; ``file_key`` None means it is already done."""

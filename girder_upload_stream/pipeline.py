@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from girder_upload_stream import failpoints
 from girder_upload_stream.codec import Chunk, FileKey, decode_chunk
@@ -26,12 +26,14 @@ from girder_upload_stream.ledger import (FileLedger, FileRecord, FileState, Role
                                          file_generation)
 from girder_upload_stream.offsets import OffsetTracker
 from girder_upload_stream.reassembly import (AddResult, AddStatus, CompletedFile,
-                                             FileProgress, Reassembler, RejectedFile)
+                                             FileProgress, Reassembler)
+from girder_upload_stream.stream_types import Counters, PartitionInfo, RawMessage, Recorder
 from girder_upload_stream.units import (FileOutcome, Outcome, UploadUnit, group_into_units,
                                         stripe_into_units)
 
+# The exchanged types are re-exported: callers of the processor need them.
 __all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
-           "file_generation"]
+           "RETRIED_NEXT_RUN", "file_generation"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,66 +42,6 @@ logger = logging.getLogger(__name__)
 STUCK_LOOKUP_SECONDS = 30.0
 #: What the registry says of a file whose upload failed for good (offsets rule 9).
 RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer group"
-
-
-@dataclass(frozen=True, slots=True)
-class RawMessage:
-    """One message as read from Kafka (value may be None for tombstones)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionInfo:
-    """A partition just assigned: its committed offset and commit metadata (None when
-    unknown or never committed) and the oldest offset still in the topic."""
-
-    topic: str
-    partition: int
-    committed: int | None
-    metadata: str | None
-    low: int | None
-
-
-class Recorder:
-    """Where file fates are written down (the registries); this base records nothing."""
-
-    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None: ...
-    def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None: ...
-    def file_rejected(self, rejected: RejectedFile) -> None: ...
-    def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None: ...
-    def file_found(self, progress: FileProgress) -> None: ...
-    def file_stale(self, progress: FileProgress, reason: str) -> None: ...
-    def file_dropped(self, progress: FileProgress) -> None: ...
-    def messages_gone(self, partition: int, first: int, end: int) -> None: ...
-
-
-@dataclass
-class Counters:
-    """Totals since start, and since the last heartbeat (``take_delta``)."""
-
-    messages_read: int = 0
-    bytes_read: int = 0
-    messages_processed: int = 0
-    bytes_processed: int = 0
-    files_uploaded: int = 0
-    files_skipped: int = 0
-    files_failed: int = 0
-    files_found_in_girder: int = 0
-    messages_rejected: int = 0
-    messages_skipped: int = 0  # read, but done before a restart (offsets rule 8)
-    files_to_retry: int = 0  # upload failed for good: the next run tries again (rule 9)
-    _last: dict[str, int] = field(default_factory=dict, repr=False)
-
-    def take_delta(self) -> dict[str, int]:
-        now = {k: v for k, v in vars(self).items() if not k.startswith("_")}
-        delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
-        self._last = now
-        return delta
 
 
 def _progress_of(completed: CompletedFile) -> FileProgress:
@@ -182,23 +124,14 @@ class StreamProcessor:
         reread = self.offsets.is_reread(tp, offset)
         busy = self.ledger.busy(key)
         route = self.ledger.route(key, reread, self.reassembler.is_completed(key))
-        if route is Route.DONE_BEFORE:
+        if route in (Route.DONE_BEFORE, Route.COUNT_REPEAT):
             self.offsets.read(tp, offset)
+            if route is Route.COUNT_REPEAT:
+                self.ledger.count_repeat(key, chunk.n_total_chunks, chunk.chunk_i, None)
+                self._register_repeats(key)
             return
-        if route is Route.COUNT_REPEAT:
-            self.offsets.read(tp, offset)
-            self.ledger.count_repeat(key, chunk.n_total_chunks, chunk.chunk_i, None)
-            self._register_repeats(key)
-            return
-        if route is Route.ASSEMBLE_AGAIN or self.ledger.failed_for_good(key):
-            self.reassembler.discard(key)  # rebuilt from scratch, not a duplicate
-        try:
-            result = self.reassembler.add(chunk)
-        except StorageError as error:
-            # Not the file's fault: the message stays pending, so a restart reads it again.
-            logger.error("%s", error)
-            self.ledger.open(key)
-            self.offsets.read(tp, offset, key)
+        result = self._reassemble(chunk, route, tp, offset)
+        if result is None:
             return
         if result.status is AddStatus.IGNORED or (result.status is AddStatus.DUPLICATE
                                                   and not busy):
@@ -210,6 +143,21 @@ class StreamProcessor:
         if not reread and record.role is Role.FIRST:
             self._count_copy(record, chunk, result.status)
         self._apply(record, result, chunk, tp, offset, size, reread and not busy)
+
+    def _reassemble(self, chunk: Chunk, route: Route, tp: tuple[str, int],
+                    offset: int) -> AddResult | None:
+        """The chunk into the reassembler; None when local storage failed (the message
+        then stays pending, so a restart reads it again: not the file's fault)."""
+        key = chunk.file_key
+        if route is Route.ASSEMBLE_AGAIN or self.ledger.failed_for_good(key):
+            self.reassembler.discard(key)  # rebuilt from scratch, not a duplicate
+        try:
+            return self.reassembler.add(chunk)
+        except StorageError as error:
+            logger.error("%s", error)
+            self.ledger.open(key)
+            self.offsets.read(tp, offset, key)
+            return None
 
     def _apply(self, record: FileRecord, result: AddResult, chunk: Chunk,
                tp: tuple[str, int], offset: int, size: int, first_reread: bool) -> None:

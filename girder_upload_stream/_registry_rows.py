@@ -131,13 +131,6 @@ class ProcessedRow:
         """The table key: (rel_filepath, generation)."""
         return RowKey(self.rel_filepath, self.generation)
 
-    @classmethod
-    def from_in_progress(cls, row: InProgressRow, processed_at: datetime,
-                         extra: Mapping[str, Any] | None = None) -> ProcessedRow:
-        """The processed row for a finished in-progress row (as OpenMSIStream moves it)."""
-        return cls(row.filename, row.rel_filepath, row.n_chunks, row.first_message,
-                   processed_at, row.generation, row.extra if extra is None else extra)
-
 
 class LoadResult(NamedTuple):
     """Rows read from registry files, and the problems met (bad lines were skipped)."""

@@ -219,10 +219,6 @@ class OffsetTracker:
                     self._failed.setdefault(tp, set()).add(offset)
         return released
 
-    def retry_count(self) -> int:
-        """Messages of files whose upload failed for good, listed for the next run."""
-        return sum(len(f) for f in self._failed.values())
-
     def first_offset(self, file_key: Hashable) -> int:
         """The lowest pending offset of a file (any partition; -1 if none): uploading
         files in this order lets commits advance while the uploads lag behind reading."""

@@ -110,6 +110,29 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     ``registry_fallback`` is asked for the (rel_path, generation) of processed files
     only when the logs folder holds no registry of this topic and group (e.g. a
     restart on another machine); the flow passes the latest Prefect artifact's rows."""
+    # First, so that the log topic also gets what reading the registries logs.
+    log_job = _log_job(log_topic, kafka, secrets) if log_topic is not None else None
+    try:
+        return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
+                      registry_fallback, log_job, girder_api_url)
+    except BaseException:
+        if log_job is not None:
+            log_job.detach()
+        raise
+
+
+def _log_job(log_topic: LogTopic, kafka: KafkaSettings, secrets: Iterable[str]) -> LogMessages:
+    buffer = LogBuffer(log_topic.max_lines, level=log_topic.level,
+                       secrets=[*secrets, *_secret_values(
+                           kafka.consumer, kafka.heartbeat_producer, log_topic.producer)])
+    return LogMessages(LogProducer(log_topic.producer, log_topic.topic, log_topic.program_id),
+                       log_topic.interval_secs, buffer, log_topic=log_topic)
+
+
+def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
+           extra_jobs: list[SideJob] | None, probe: Any, early_outcomes: Any,
+           registry_fallback: Callable[[], set[tuple[str, str]]] | None,
+           log_job: LogMessages | None, girder_api_url: str | None) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
@@ -138,15 +161,10 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
         producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,
                                      kafka.heartbeat_program_id)
         jobs.append(Heartbeats(producer, kafka.heartbeat_interval_secs))
-    if log_topic is not None:
-        # After the console: its shutdown lines go out in the last log message.
-        buffer = LogBuffer(log_topic.max_lines, level=log_topic.level,
-                           secrets=[*secrets, *_secret_values(
-                               kafka.consumer, kafka.heartbeat_producer, log_topic.producer)])
-        jobs.append(LogMessages(LogProducer(log_topic.producer, log_topic.topic,
-                                            log_topic.program_id),
-                                log_topic.interval_secs, buffer))
-    announce_start(kafka, output_dir.resolve(), girder_api_url, log_topic)
+    if log_job is not None:
+        jobs.append(log_job)  # after the console: its shutdown lines go in the last message
+    announce_start(kafka, output_dir.resolve(), girder_api_url,
+                   log_job.log_topic if log_job is not None else None)
     jobs += extra_jobs or []
     holder: dict[str, StreamRunner] = {}
     group = ConsumerGroup(kafka.consumer, kafka.topic,

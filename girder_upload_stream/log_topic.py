@@ -152,13 +152,23 @@ class LogMessages:
     """Runner side job: attach a :class:`LogBuffer` to ``logger_name`` and send its lines
     through ``producer.send(str)`` at the first tick, every ``interval`` seconds after,
     and at the final tick (after which the buffer is detached and the producer closed).
-    Sending is best effort: the producer logs failures and never raises."""
+    Sending is best effort: the producer logs failures and never raises.
+
+    A logger left at Python's default (WARNING, e.g. a flow run where Prefect was not
+    told about the package's loggers) would keep the start-up lines from the buffer:
+    while attached, the logger lets through at least INFO (or the buffer's level)."""
 
     def __init__(self, producer: Any, interval: float, buffer: LogBuffer,
                  logger_name: str = "girder_upload_stream",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 log_topic: LogTopic | None = None) -> None:
         self.producer, self.interval, self.buffer = producer, interval, buffer
+        self.log_topic = log_topic  # the settings it was built from, if any
         self._logger = logging.getLogger(logger_name)
+        self._level = self._logger.level  # restored by detach()
+        wanted = buffer.level or logging.INFO
+        if self._logger.getEffectiveLevel() > wanted:
+            self._logger.setLevel(wanted)
         self._logger.addHandler(buffer)
         self._clock = clock
         self._last: float | None = None  # nothing sent yet: the first tick sends
@@ -170,7 +180,13 @@ class LogMessages:
         self._last = now
         lines = self.buffer.take()
         if final:
-            self._logger.removeHandler(self.buffer)  # the last send's own lines stay local
+            self.detach()  # the last send's own lines stay local
         self.producer.send(log_value(lines))
         if final:
             self.producer.close()
+
+    def detach(self) -> None:
+        """Stop collecting lines (at the end, or when the run could not be built)."""
+        if self.buffer in self._logger.handlers:
+            self._logger.removeHandler(self.buffer)
+            self._logger.setLevel(self._level)

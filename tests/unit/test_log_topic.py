@@ -261,3 +261,50 @@ def test_console_logs_openmsistreams_check_and_shutdown_lines(caplog) -> None:
         "files were uploaded to Girder"]
     assert out.getvalue().count("7 messages read (7 bytes)") == 0  # our own line is kept
     assert out.getvalue().count("7 messages read (0 bytes), 2 files uploaded") == 2
+
+
+def _kafka_settings(tmp_path: Path):
+    from girder_upload_stream.settings import KafkaSettings
+    return KafkaSettings(topic="lab", group_id="grp", n_threads=1,
+                         consumer={"bootstrap.servers": "127.0.0.1:1", "group.id": "grp",
+                                   "sasl.password": "kafka-pass-123"})
+
+
+def test_build_runner_sends_the_start_and_registry_lines_first(tmp_path: Path) -> None:
+    from girder_upload_stream.log_topic import LogTopic
+    from girder_upload_stream.settings import RunSettings
+    run = RunSettings(output_dir=tmp_path / "out", interactive=False)
+    level = logging.getLogger("girder_upload_stream").level
+    runner = assemble.build_runner(
+        run, _kafka_settings(tmp_path), submit=None, registry_fallback=lambda: set(),
+        log_topic=LogTopic("logs", "prog", 5.0, {"bootstrap.servers": "127.0.0.1:1"}),
+        secrets=[SECRET], girder_api_url="http://g/api/v1")
+    [job] = [j for j in runner.side_jobs if isinstance(j, LogMessages)]
+    job.producer = FakeProducer()
+    logging.getLogger("girder_upload_stream.x").warning("token %s and kafka-pass-123", SECRET)
+    job.tick(runner, final=True)
+    [value] = [json.loads(v) for v in job.producer.sent]
+    lines = value["messages"]
+    assert any(line.startswith("no local registry of lab/grp") for line in lines)
+    assert "Listening to the lab topic for files to upload to Girder using the API at " \
+           "http://g/api/v1" in lines
+    assert lines[-1] == "token *** and ***"
+    package = logging.getLogger("girder_upload_stream")
+    assert job.buffer not in package.handlers and package.level == level
+
+
+def test_build_runner_detaches_the_log_buffer_when_building_fails(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from girder_upload_stream.log_topic import LogTopic
+    from girder_upload_stream.settings import RunSettings
+    package = logging.getLogger("girder_upload_stream")
+    before, level = list(package.handlers), package.level
+
+    def broken(*args, **kwargs):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(assemble, "RegistryRecorder", broken)
+    with pytest.raises(OSError):
+        assemble.build_runner(RunSettings(output_dir=tmp_path / "out"), _kafka_settings(tmp_path),
+                              submit=None, log_topic=LogTopic("logs", "prog"))
+    assert package.handlers == before and package.level == level

@@ -80,9 +80,11 @@ def log_topic_settings(config: str, topic: str | None, program_id: str | None,
 
 def _secret_values(*settings: dict[str, str]) -> list[str]:
     """Values of librdkafka settings that are secrets (``sasl.password``,
-    ``ssl.key.password``, ``sasl.oauthbearer.client.secret``...)."""
+    ``ssl.key.password``, ``sasl.oauthbearer.client.secret``,
+    ``sasl.oauthbearer.config``...)."""
     return [value for section in settings for key, value in section.items()
-            if ("password" in key or "secret" in key) and value]
+            if ("password" in key or "secret" in key or key == "sasl.oauthbearer.config")
+            and value]
 
 
 def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **options: Any

@@ -2,8 +2,8 @@
 polling for longer than ``max.poll.interval.ms``, so librdkafka leaves the group and
 reports the partitions *lost* at the next poll. Meanwhile another member of the group
 takes the partitions over and commits further than we had got. Nothing we do for the
-lost partitions may commit over that progress: no commit is even tried for them (in this case the broker would refuse
-one, "Unknown member"; the runner must not rely on that).
+lost partitions may commit over that progress: no commit is even tried for them (here
+the broker would refuse one, "Unknown member"; the runner must not rely on that).
 
 The runner is built in-process (as :func:`~girder_upload_stream.assemble.build_runner`
 does) so that the test decides when the loop stops polling; uploads go to the real

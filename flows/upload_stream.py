@@ -18,7 +18,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
-from girder_upload_stream.assemble import build_runner, girder_settings, kafka_settings
+from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
+                                           log_topic_settings)
 from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
@@ -72,6 +73,9 @@ def upload_stream(
     heartbeat_topic_name: str | None = None,
     heartbeat_program_id: str | None = None,
     heartbeat_interval_secs: float = 30,
+    log_topic_name: str | None = None,
+    log_program_id: str | None = None,
+    log_interval_secs: float = 60,
     memory_budget_mb: int = 1024,
     stale_partial_seconds: float | None = 3600,
     interactive: bool = False,
@@ -92,6 +96,8 @@ def upload_stream(
                              metadata=metadata or {}, replace_existing=replace_existing)
     kafka = kafka_settings(config, topic_name, consumer_group_id, n_threads,
                            heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs)
+    log_topic = log_topic_settings(config, log_topic_name, log_program_id, log_interval_secs,
+                                   kafka.group_id)
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
                       update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
@@ -117,7 +123,9 @@ def upload_stream(
         group_id = kafka.group_id
         runner = build_runner(
             run, kafka, submit, probe=probe, early_outcomes=channel.drain,
-            registry_fallback=lambda: load_registry_fallback(topic_name, group_id))
+            registry_fallback=lambda: load_registry_fallback(topic_name, group_id),
+            log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
+            girder_api_url=girder.api_url)
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(
             ArtifactPublisher(runner.processor.recorder, topic_name, group_id))
@@ -131,4 +139,5 @@ def upload_stream(
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
-            "pending_messages": summary.pending_messages}
+            "pending_messages": summary.pending_messages,
+            "registry_save_error": summary.save_error}

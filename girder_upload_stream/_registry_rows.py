@@ -21,7 +21,7 @@ __all__ = [
     "STATUS_IN_PROGRESS", "STATUS_FAILED", "STATUS_MISMATCHED_HASH", "IN_PROGRESS_STATUSES",
     "MAX_ROWS_PER_FILE", "RowKey", "InProgressRow", "ProcessedRow", "LoadResult",
     "ConsolidationResult", "IN_PROGRESS_COLUMNS", "PROCESSED_COLUMNS",
-    "in_progress_path", "legacy_in_progress_path", "processed_path", "processed_part_path",
+    "in_progress_path", "seed_in_progress_path", "processed_path", "processed_part_path",
     "sidecar_path", "part_pattern", "part_files", "load_rows", "save_rows", "append_rows",
     "preserve_copy",
 ]
@@ -160,15 +160,18 @@ def _check_name_part(what: str, value: str) -> str:
 
 
 def in_progress_path(folder: Path, topic: str, group: str) -> Path:
-    """Our in-progress table (the name the OpenMSIStream documentation gives)."""
-    return Path(folder) / (f"consuming_from_{_check_name_part('topic', topic)}"
-                           f"_by_{_check_name_part('group', group)}_in_progress.csv")
-
-
-def legacy_in_progress_path(folder: Path, topic: str, group: str) -> Path:
-    """The in-progress table as OpenMSIStream 1.8.8 actually names it (read only)."""
+    """The in-progress table we write: the name OpenMSIStream 1.8.8 itself writes and
+    reads back, so that it finds our failed and in-progress rows after a switch back."""
     return Path(folder) / (f"consuming_from_{_check_name_part('topic', topic)}"
                            f"_in_progress_by_{_check_name_part('group', group)}.csv")
+
+
+def seed_in_progress_path(folder: Path, topic: str, group: str) -> Path:
+    """The in-progress table under the name the OpenMSIStream documentation gives, which
+    earlier versions of this project wrote: read, merged and retired (see
+    :meth:`~girder_upload_stream.registry.InProgressTable.open`)."""
+    return Path(folder) / (f"consuming_from_{_check_name_part('topic', topic)}"
+                           f"_by_{_check_name_part('group', group)}_in_progress.csv")
 
 
 def processed_path(folder: Path, topic: str, group: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +14,18 @@ from pydantic import SecretStr
 
 from girder_upload_stream.config import load_config
 from girder_upload_stream.config_files import resolve_config_path
-from girder_upload_stream.console import Console
+from girder_upload_stream.console import Console, announce_start
 from girder_upload_stream.errors import ConfigError
 from girder_upload_stream.heartbeat import Heartbeats
-from girder_upload_stream.kafka_io import ConsumerGroup, HeartbeatProducer
+from girder_upload_stream.kafka_io import ConsumerGroup, HeartbeatProducer, LogProducer
+from girder_upload_stream.log_topic import LogBuffer, LogMessages, LogTopic, split_log_section
 from girder_upload_stream.pipeline import StreamProcessor
 from girder_upload_stream.reassembly import Reassembler
 from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.runner import SideJob, StreamRunner
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
-__all__ = ["kafka_settings", "build_runner"]
+__all__ = ["kafka_settings", "log_topic_settings", "build_runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,32 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
                          heartbeat_producer=heartbeat)
 
 
+def log_topic_settings(config: str, topic: str | None, program_id: str | None,
+                       interval_secs: float, group_id: str) -> LogTopic | None:
+    """The log topic's settings (None without ``topic``): the ``[log]`` section over,
+    or instead of, ``[broker]``, as for heartbeats; its ``max.logs.per.message`` and
+    ``log.level`` keys configure the buffer, not the producer."""
+    if not topic:
+        return None
+    if interval_secs <= 0:
+        raise ConfigError(f"log_interval_secs must be positive, got {interval_secs!r}")
+    file_config = load_config(resolve_config_path(config))
+    _, max_lines, level = split_log_section(file_config.section("log"), str(file_config.path))
+    producer, _, _ = split_log_section(file_config.log_producer_settings(),
+                                       str(file_config.path))
+    return LogTopic(topic, program_id or f"girder-upload-stream-{group_id}",
+                    float(interval_secs), producer, max_lines, level)
+
+
+def _secret_values(*settings: dict[str, str]) -> list[str]:
+    """Values of librdkafka settings that are secrets (``sasl.password``,
+    ``ssl.key.password``, ``sasl.oauthbearer.client.secret``,
+    ``sasl.oauthbearer.config``...)."""
+    return [value for section in settings for key, value in section.items()
+            if ("password" in key or "secret" in key or key == "sasl.oauthbearer.config")
+            and value]
+
+
 def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **options: Any
                     ) -> GirderSettings:
     if not api_url:
@@ -73,15 +100,41 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  extra_jobs: list[SideJob] | None = None, probe: Any = None,
                  early_outcomes: Any = None,
-                 registry_fallback: Callable[[], set[tuple[str, str]]] | None = None
-                 ) -> StreamRunner:
+                 registry_fallback: Callable[[], set[tuple[str, str]]] | None = None,
+                 log_topic: LogTopic | None = None, secrets: Iterable[str] = (),
+                 girder_api_url: str | None = None) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
     ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
     ``early_outcomes()`` drains the per-file outcomes of units still running.
+    ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
+    Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
 
     ``registry_fallback`` is asked for the (rel_path, generation) of processed files
     only when the logs folder holds no registry of this topic and group (e.g. a
     restart on another machine); the flow passes the latest Prefect artifact's rows."""
+    # First, so that the log topic also gets what reading the registries logs.
+    log_job = _log_job(log_topic, kafka, secrets) if log_topic is not None else None
+    try:
+        return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
+                      registry_fallback, log_job, girder_api_url)
+    except BaseException:
+        if log_job is not None:
+            log_job.detach()
+        raise
+
+
+def _log_job(log_topic: LogTopic, kafka: KafkaSettings, secrets: Iterable[str]) -> LogMessages:
+    buffer = LogBuffer(log_topic.max_lines, level=log_topic.level,
+                       secrets=[*secrets, *_secret_values(
+                           kafka.consumer, kafka.heartbeat_producer, log_topic.producer)])
+    return LogMessages(LogProducer(log_topic.producer, log_topic.topic, log_topic.program_id),
+                       log_topic.interval_secs, buffer, log_topic=log_topic)
+
+
+def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
+           extra_jobs: list[SideJob] | None, probe: Any, early_outcomes: Any,
+           registry_fallback: Callable[[], set[tuple[str, str]]] | None,
+           log_job: LogMessages | None, girder_api_url: str | None) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
@@ -103,18 +156,24 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
         known_done=known_done, known_pending=recorder.pending_keys(),
         stale_partial_seconds=run.stale_partial_seconds,
         max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
-    jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive),
+    jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
+                                   output_dir=output_dir.resolve()),
                            RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
         producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,
                                      kafka.heartbeat_program_id)
         jobs.append(Heartbeats(producer, kafka.heartbeat_interval_secs))
+    if log_job is not None:
+        jobs.append(log_job)  # after the console: its shutdown lines go in the last message
+    announce_start(kafka, output_dir.resolve(), girder_api_url,
+                   log_job.log_topic if log_job is not None else None)
     jobs += extra_jobs or []
     holder: dict[str, StreamRunner] = {}
     group = ConsumerGroup(kafka.consumer, kafka.topic,
                           on_revoke=lambda tps: holder["runner"].on_revoke(tps),
-                          on_assign=processor.assigned)
-    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.save,
+                          on_assign=processor.assigned,
+                          on_lost=lambda tps: holder["runner"].on_lost(tps))
+    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.try_save,
                           probe=probe, early_outcomes=early_outcomes)
     holder["runner"] = runner
     return runner

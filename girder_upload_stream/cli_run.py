@@ -20,12 +20,10 @@ from typing import Any
 
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
 
-__all__ = ["add_run_arguments", "positive_int", "run_from_args", "processor_main"]
+__all__ = ["add_run_arguments", "positive_int", "positive_float", "run_from_args",
+           "processor_main"]
 
 UNSUPPORTED = {
-    "log_topic_name": "log messages to a Kafka topic",
-    "log_program_id": "log messages to a Kafka topic",
-    "log_interval_secs": "log messages to a Kafka topic",
     "treat_undecryptable_as_plaintext": "KafkaCrypto encryption",
     "max_wait_per_decrypt": "KafkaCrypto encryption",
     "max_initial_wait_per_decrypt": "KafkaCrypto encryption",
@@ -51,6 +49,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (OpenMSIStream's type of the interval options)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
     return value
 
 
@@ -87,6 +96,11 @@ def _add_kafka(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--heartbeat_program_id", help="heartbeat key prefix")
     parser.add_argument("--heartbeat_interval_secs", type=float, default=30,
                         help="seconds between heartbeats (default: %(default)s)")
+    parser.add_argument("--log_topic_name",
+                        help="topic for log messages (the program's log lines)")
+    parser.add_argument("--log_program_id", help="log message key prefix")
+    parser.add_argument("--log_interval_secs", type=positive_float, default=60,
+                        help="seconds between log messages (default: %(default)s)")
     for name in UNSUPPORTED:
         parser.add_argument(f"--{name}", default=None, nargs="?", const=True,
                             help=argparse.SUPPRESS)
@@ -142,7 +156,8 @@ def _install_signal_handlers() -> None:
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Validate, then run the flow until it stops; 0 on a graceful stop."""
+    """Validate, then run the flow until it stops: 0 on a graceful stop, 1 if the last
+    save of the registries failed (the offsets it guarded stayed uncommitted)."""
     given = [f"--{name}" for name in UNSUPPORTED if getattr(args, name) is not None]
     if given:
         parser.error(f"{', '.join(given)}: not supported by girder-upload-stream "
@@ -169,6 +184,8 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         heartbeat_topic_name=args.heartbeat_topic_name,
         heartbeat_program_id=args.heartbeat_program_id,
         heartbeat_interval_secs=args.heartbeat_interval_secs,
+        log_topic_name=args.log_topic_name, log_program_id=args.log_program_id,
+        log_interval_secs=args.log_interval_secs,
         memory_budget_mb=args.memory_budget_mb, interactive=True,
         stale_partial_seconds=args.stale_partial_seconds or None,
         logs_dir=str(args.logger_file_path) if args.logger_file_path else None)
@@ -176,6 +193,12 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
           f"re-read and found in Girder", flush=True)
+    if summary.get("registry_save_error"):
+        print(f"error: the last save of the registries failed "
+              f"({summary['registry_save_error']}); the offsets of files processed since "
+              f"the last good save were not committed and are read again on restart",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Every confluent-kafka call of the project lives here.
+"""Every confluent-kafka call of the project lives here (and, for the best-effort side
+producers of heartbeats and log messages, in :mod:`girder_upload_stream.kafka_side`).
 
 Clients connect lazily (on first use) and librdkafka errors are turned into the
 project's own exceptions, which carry topic, partition, offset and file path.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.kafka_side import HeartbeatProducer, LogProducer
 from girder_upload_stream.pipeline import PartitionInfo
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ChunkProducer",
     "ConsumerGroup",
     "HeartbeatProducer",
+    "LogProducer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,8 +125,11 @@ class ConsumerGroup:
 
     It is polled, committed, paused and closed by the thread that owns this object (the
     flow's loop), so rebalance callbacks run there too and never race with the offset
-    bookkeeping. ``on_revoke(tps)`` is called before a partition is lost, so the caller
-    can commit what is safe for it while it still owns it; ``on_assign`` gets a
+    bookkeeping. ``on_revoke(tps)`` is called before a partition is taken away in a
+    rebalance, so the caller can commit what is safe for it while it still owns it;
+    ``on_lost(tps)`` when partitions were taken away without one (the session timed
+    out, or the loop did not poll for ``max.poll.interval.ms``): another member may own
+    them already, so the caller must not commit for them. ``on_assign`` gets a
     :class:`PartitionInfo` per partition gained, before any of its messages. One
     consumer per process: upload concurrency comes from the upload workers, and a
     second consumer would only add a rebalance (and its re-reads) at every start.
@@ -131,10 +137,12 @@ class ConsumerGroup:
 
     def __init__(self, settings: dict[str, Any], topic: str, *,
                  on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
-                 on_assign: Callable[[list[PartitionInfo]], None] | None = None) -> None:
+                 on_assign: Callable[[list[PartitionInfo]], None] | None = None,
+                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
         self._settings = {**settings, "enable.auto.commit": False}
         self.topic = topic
         self._on_revoke = on_revoke
+        self._on_lost = on_lost
         self._on_assign = on_assign
         self._consumer: Any = None
         self._owned: set[tuple[str, int]] = set()
@@ -154,7 +162,7 @@ class ConsumerGroup:
             try:
                 consumer = Consumer({**self._settings, "error_cb": self._on_error})
                 consumer.subscribe([self.topic], on_assign=self._assigned,
-                                   on_revoke=self._revoked, on_lost=self._revoked)
+                                   on_revoke=self._revoked, on_lost=self._lost)
                 self._consumer = consumer
                 self._check_topic(consumer)
             except KafkaException as exc:
@@ -232,11 +240,24 @@ class ConsumerGroup:
         return starts
 
     def _revoked(self, consumer, partitions) -> None:
+        self._taken(partitions, self._on_revoke)
+
+    def _lost(self, consumer, partitions) -> None:
+        """librdkafka says the partitions are gone already (no revoke came first)."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        if tps:
+            logger.warning("lost %s (the consumer's session timed out, or it did not poll "
+                           "in time): nothing is committed for them, their next owner "
+                           "reads them again from the last commit",
+                           ", ".join(f"{t}[{p}]" for t, p in tps))
+        self._taken(partitions, self._on_lost)
+
+    def _taken(self, partitions, callback) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         if tps:
             self._revoked_at = time.monotonic()
-        if self._on_revoke is not None and tps:
-            self._on_revoke(tps)
+        if callback is not None and tps:
+            callback(tps)
         for tp in tps:
             self._owned.discard(tp)
             self._start_at.pop(tp, None)
@@ -373,28 +394,3 @@ class ConsumerGroup:
         self._consumer = None
         self._owned.clear()
         self._start_at.clear()
-
-
-class HeartbeatProducer:
-    """Best-effort heartbeats: key ``{program_id}_heartbeat``, a JSON value with the
-    counts since the previous heartbeat; no delivery callbacks, as in OpenMSIStream."""
-
-    def __init__(self, settings: dict[str, Any], topic: str, program_id: str) -> None:
-        self._settings = dict(settings)
-        self.topic = topic
-        self.key = f"{program_id}_heartbeat"
-        self._producer = None
-
-    def send(self, value: str) -> None:
-        from confluent_kafka import KafkaException, Producer
-        try:
-            if self._producer is None:
-                self._producer = Producer(self._settings)
-            self._producer.produce(self.topic, key=self.key.encode(), value=value.encode())
-            self._producer.poll(0)
-        except (KafkaException, BufferError) as exc:
-            logger.warning("heartbeat not sent: %s", exc)
-
-    def close(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(5)

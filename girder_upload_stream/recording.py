@@ -4,7 +4,10 @@ The in-progress table lists files being rebuilt or failed (``failed``,
 ``mismatched_hash``) with the reason in the sidecar's ``extra``; the processed table
 lists every file put in Girder (or found there), once per time it was produced.
 Tables are saved atomically every few seconds and at shutdown by
-:class:`RegistrySaver`, so the files are accurate to within that interval.
+:class:`RegistrySaver`, so the files are accurate to within that interval. A save that
+fails (full disk, no permission) never stops the stream: :meth:`RegistryRecorder.try_save`
+logs it once per streak of failures and says so, so that offset commits (which need the
+save first) wait until a save works again.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from girder_upload_stream.registry import (STATUS_FAILED, STATUS_IN_PROGRESS,
                                            STATUS_MISMATCHED_HASH, InProgressRow,
                                            InProgressTable, ProcessedRow, ProcessedTable,
                                            RowKey, consolidate, in_progress_path,
-                                           legacy_in_progress_path, load_processed_keys,
-                                           part_files, processed_path)
+                                           part_files, processed_path, read_processed,
+                                           seed_in_progress_path)
 from girder_upload_stream.units import FileOutcome, Outcome
 
 __all__ = ["RegistryRecorder", "RegistrySaver"]
@@ -69,12 +72,21 @@ class RegistryRecorder(Recorder):
         self.had_local_state = (processed_path(folder, topic, group).is_file()
                                 or bool(part_files(folder, topic, group))
                                 or in_progress_path(folder, topic, group).is_file()
-                                or legacy_in_progress_path(folder, topic, group).is_file())
+                                or seed_in_progress_path(folder, topic, group).is_file())
         merged = consolidate(folder, topic, group)
         for issue in merged.issues:
             logger.warning("registry: %s", issue)
+        processed = read_processed(folder, topic, group).rows
+        self._processed_keys = {(str(row.rel_filepath), row.generation) for row in processed}
         self.in_progress = InProgressTable.open(folder, topic, group)
+        dropped = self.in_progress.drop_superseded(processed)
+        if dropped:
+            logger.info("registry: %d in-progress row(s) dropped: their files were "
+                        "processed after them", dropped)
         self.processed = ProcessedTable(folder, topic, group, f"p{os.getpid()}")
+        #: Why the last :meth:`try_save` failed; None when it worked (or none ran yet).
+        self.save_error: str | None = None
+        self._failed_saves = 0  # in the current streak
 
     @_never_raise
     def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None:
@@ -176,19 +188,42 @@ class RegistryRecorder(Recorder):
                 if _holds_messages(row)}
 
     def processed_keys(self) -> set[tuple[str, str]]:
-        """(rel_path, generation) of every file the processed table lists (restart)."""
-        return {(str(k.rel_filepath), k.generation)
-                for k in load_processed_keys(self.folder, self.topic, self.group)}
+        """(rel_path, generation) of every file the processed table listed at start
+        (restart decisions)."""
+        return set(self._processed_keys)
 
     def save(self, final: bool = False) -> None:
+        """Write both tables (if changed, or ``final``); ``final`` also merges the
+        processed parts. Raises what the file system raises."""
         self.in_progress.save(force=final)
         self.processed.save(force=final)
         if final:
             consolidate(self.folder, self.topic, self.group)
 
+    def try_save(self, final: bool = False) -> bool:
+        """:meth:`save`, never raising: False if it failed. The first failure of a streak
+        is logged as an error, the first success after it as a warning (a disk that
+        stays full is not reported every second); :attr:`save_error` holds the reason."""
+        try:
+            self.save(final=final)
+        except Exception as exc:  # noqa: BLE001 - OSError, or a registry format error
+            self.save_error = f"{type(exc).__name__}: {exc}"
+            self._failed_saves += 1
+            if self._failed_saves == 1:
+                logger.error("could not save the registries in %s (%s): uploads go on, "
+                             "offset commits wait until a save works again",
+                             self.folder, self.save_error)
+            return False
+        if self._failed_saves:
+            logger.warning("the registries are saved again after %d failed attempt(s): "
+                           "offset commits resume", self._failed_saves)
+        self.save_error, self._failed_saves = None, 0
+        return True
+
 
 class RegistrySaver:
-    """Runner side job: save the registries every ``interval`` seconds and at the end."""
+    """Runner side job: save the registries every ``interval`` seconds and at the end
+    (failures are logged by :meth:`RegistryRecorder.try_save` and retried next time)."""
 
     def __init__(self, recorder: RegistryRecorder, interval: float) -> None:
         self.recorder = recorder
@@ -198,7 +233,4 @@ class RegistrySaver:
     def tick(self, runner: Any, final: bool = False) -> None:
         if final or time.monotonic() - self._last >= self.interval:
             self._last = time.monotonic()
-            try:
-                self.recorder.save(final=final)
-            except OSError as exc:  # a full disk must not stop uploads; retried next tick
-                logger.error("could not save the registries: %s", exc)
+            self.recorder.try_save(final=final)

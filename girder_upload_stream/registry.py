@@ -3,10 +3,12 @@
 Pure module (stdlib and pandas only). Files live in the registry folder (OpenMSIStream:
 ``{output_dir}/LOGS``) and are named after the topic and the consumer group:
 
-* ``consuming_from_{topic}_by_{group}_in_progress.csv``: one row per file being rebuilt,
+* ``consuming_from_{topic}_in_progress_by_{group}.csv``: one row per file being rebuilt,
   or whose rebuild failed (``failed``, ``mismatched_hash``); rewritten as rows change.
-  OpenMSIStream 1.8.8's own name, ``consuming_from_{topic}_in_progress_by_{group}.csv``,
-  is read when ours does not exist yet, so a migrating user keeps the history.
+  It is the name OpenMSIStream 1.8.8 writes and reads back, so a user switching to it
+  keeps every row. The name the OpenMSIStream documentation gives (and earlier versions
+  of this project wrote), ``consuming_from_{topic}_by_{group}_in_progress.csv``, is read
+  too: its rows are merged in, and it is deleted once they are saved under our name.
 * ``processed_from_{topic}_by_{group}.csv``: one row per file processed, per time it was
   produced, merged by :func:`consolidate` (at start and at shutdown) from per-worker files
   ``processed_from_{topic}_by_{group}_{worker}_part{NNNN}.csv`` of at most 1,000 rows.
@@ -30,6 +32,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import fields
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -38,8 +41,8 @@ from girder_upload_stream._registry_rows import (
     IN_PROGRESS_COLUMNS, IN_PROGRESS_STATUSES, MAX_ROWS_PER_FILE, PROCESSED_COLUMNS,
     STATUS_FAILED, STATUS_IN_PROGRESS, STATUS_MISMATCHED_HASH, ConsolidationResult,
     InProgressRow, LoadResult, ProcessedRow, RowKey, append_rows, in_progress_path,
-    legacy_in_progress_path, load_rows, part_files, part_pattern, preserve_copy,
-    processed_part_path, processed_path, save_rows, sidecar_path)
+    load_rows, part_files, part_pattern, preserve_copy, processed_part_path,
+    processed_path, save_rows, seed_in_progress_path, sidecar_path)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +51,7 @@ __all__ = [
     "STATUS_IN_PROGRESS", "STATUS_FAILED", "STATUS_MISMATCHED_HASH", "IN_PROGRESS_STATUSES",
     "MAX_ROWS_PER_FILE", "RowKey", "InProgressRow", "ProcessedRow", "RegistryIssue",
     "RegistryFormatError", "LoadResult", "ConsolidationResult",
-    "in_progress_path", "legacy_in_progress_path", "processed_path", "processed_part_path",
+    "in_progress_path", "seed_in_progress_path", "processed_path", "processed_part_path",
     "sidecar_path", "InProgressTable", "ProcessedTable", "consolidate", "read_processed",
     "load_processed_keys", "rows_to_dataframe",
 ]
@@ -72,29 +75,35 @@ class InProgressTable:
     Thread-safe. ``update``/``remove`` only change memory and set ``dirty``; ``save``
     writes the whole table atomically. Rows keep their first position when updated.
     ``issues`` lists what loading the file skipped or could not match.
+
+    ``merge_from`` names other tables of the same files (another program's name for
+    this one): their rows are merged in (for a key in both, the row with the later
+    ``most_recent_message`` wins, ties going to ``path``), and they are deleted by the
+    first save that worked, so that their rows live on in ``path`` only.
     """
 
-    def __init__(self, path: Path, *, legacy_path: Path | None = None) -> None:
+    def __init__(self, path: Path, *, merge_from: Iterable[Path] = ()) -> None:
         self.path = Path(path)
         self.issues: list[RegistryIssue] = []
         self._rows: dict[RowKey, InProgressRow] = {}
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # keeps snapshots written in order
-        source = self.path
-        if not source.is_file() and legacy_path is not None and Path(legacy_path).is_file():
-            source = Path(legacy_path)
-        if source.is_file():
-            self._load(source)
-        # Written at the first save: a table that does not exist yet, or came from the
-        # legacy name (which is left untouched for OpenMSIStream).
-        self._dirty = not self.path.is_file()
+        if self.path.is_file():
+            self._load(self.path)
+        self._retire = [Path(p) for p in merge_from
+                        if Path(p) != self.path and Path(p).is_file()]
+        for other in list(self._retire):
+            self._merge(other)
+        # Written at the first save: a table that does not exist yet, or rows merged in.
+        self._dirty = not self.path.is_file() or bool(self._retire)
         self._keep_copy = _line_issues_in(self.issues, self.path)
 
     @classmethod
     def open(cls, folder: Path, topic: str, group: str) -> InProgressTable:
-        """The table of ``topic``/``group`` in ``folder``, taking over OpenMSIStream's."""
+        """The table of ``topic``/``group`` in ``folder`` under OpenMSIStream 1.8.8's name,
+        with the rows of the documented name (earlier versions of ours) merged in."""
         return cls(in_progress_path(folder, topic, group),
-                   legacy_path=legacy_in_progress_path(folder, topic, group))
+                   merge_from=[seed_in_progress_path(folder, topic, group)])
 
     def _load(self, source: Path) -> None:
         result = load_rows(source, InProgressRow, IN_PROGRESS_COLUMNS)
@@ -106,6 +115,43 @@ class InProgressTable:
                 log.warning("registry: %s", issue)
                 self.issues.append(issue)
             self._rows[row.key] = row
+
+    def _merge(self, source: Path) -> None:
+        try:
+            result = load_rows(source, InProgressRow, IN_PROGRESS_COLUMNS)
+        except RegistryFormatError as exc:  # not a table we can read: left alone
+            self.issues.append(RegistryIssue(source, None, f"not merged: {exc}"))
+            log.warning("registry: %s not merged: %s", source, exc)
+            self._retire.remove(source)
+            return
+        self.issues.extend(result.issues)
+        added = 0
+        for row in result.rows:
+            mine = self._rows.get(row.key)
+            if mine is None or row.most_recent_message > mine.most_recent_message:
+                added += mine is None
+                self._rows[row.key] = row
+        log.info("registry: %d row(s) of %s merged into %s (%d new)", len(result.rows),
+                 source.name, self.path.name, added)
+
+    def drop_superseded(self, processed: Iterable[ProcessedRow]) -> int:
+        """Drop rows whose file the processed table lists as processed at or after the
+        row's last message (rows a merge brought back, or rows without a generation that
+        another program left): same path, and the same generation unless one of them has
+        none. Returns how many rows were dropped."""
+        latest: dict[tuple[PurePosixPath, str], datetime] = {}
+        for row in processed:
+            for key in ((row.rel_filepath, row.generation), (row.rel_filepath, "")):
+                if key not in latest or row.processed_at > latest[key]:
+                    latest[key] = row.processed_at
+        with self._lock:
+            gone = [key for key, row in self._rows.items()
+                    if (done := latest.get((row.rel_filepath, row.generation))) is not None
+                    and done >= row.most_recent_message]
+            for key in gone:
+                del self._rows[key]
+            self._dirty = self._dirty or bool(gone)
+        return len(gone)
 
     @property
     def dirty(self) -> bool:
@@ -152,11 +198,24 @@ class InProgressTable:
                     preserve_copy(self.path)
                     self._keep_copy = False
                 save_rows(self.path, rows, IN_PROGRESS_COLUMNS)
+                self._retire_merged()
             except BaseException:
                 with self._lock:
                     self._dirty = True
                 raise
             return True
+
+    def _retire_merged(self) -> None:
+        """Delete the tables merged in, now that their rows are saved in ours (one with
+        lines that could not be read is first copied aside)."""
+        while self._retire:
+            source = self._retire[0]
+            if _line_issues_in(self.issues, source):
+                preserve_copy(source)
+            source.unlink(missing_ok=True)
+            sidecar_path(source).unlink(missing_ok=True)
+            log.info("registry: %s retired, its rows are in %s", source.name, self.path.name)
+            self._retire.pop(0)
 
     def to_dataframe(self) -> pd.DataFrame:
         """The rows as a pandas DataFrame (e.g. for a Prefect table artifact)."""
@@ -202,13 +261,22 @@ class ProcessedTable:
         return max(used, default=0) + 1
 
     def add(self, row: ProcessedRow) -> None:
-        """Append a row; a full current part is written and a new part begun first."""
+        """Append a row; a full current part is written and a new part begun first.
+
+        Never raises for the file system: if the full part cannot be written (full
+        disk), the row joins it in memory and the part is written, longer than
+        ``max_rows``, by the next save that works (the caller learns of the failure
+        from that save)."""
         if not isinstance(row, ProcessedRow):
             raise TypeError(f"expected a ProcessedRow, got {type(row).__name__}")
         with self._lock:
             if len(self._rows) >= self.max_rows:
-                self._write_locked()
-                self._part, self._rows, self._n_saved = self._part + 1, [], 0
+                try:
+                    self._write_locked()
+                except OSError as exc:
+                    log.debug("full processed part %s not written yet: %s", self.path, exc)
+                else:
+                    self._part, self._rows, self._n_saved = self._part + 1, [], 0
             self._rows.append(row)
 
     def rows(self) -> list[ProcessedRow]:

@@ -5,7 +5,8 @@ It imports no Prefect, Kafka or Girder module: the flow gives it a consumer grou
 and optional side jobs (registry saving, heartbeats, console). Polling never waits for
 an upload: finished handles are collected each round, so a slow Girder cannot push
 the consumer past ``max.poll.interval.ms``. Offsets are committed per
-:mod:`girder_upload_stream.offsets`.
+:mod:`girder_upload_stream.offsets`, and only after ``before_commit`` (the registry save)
+worked: while it fails, uploads go on and commits wait.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class RunSummary:
     counters: dict[str, int] = field(default_factory=dict)
     pending_messages: int = 0
     active_seconds: float = 0.0  # from start to the last file put in Girder
+    #: Why the last registry save failed (the recorder's ``save_error``); None if it
+    #: worked. Offsets past files processed since the last good save stayed uncommitted.
+    save_error: str | None = None
 
 
 class StreamRunner:
@@ -98,6 +102,7 @@ class StreamRunner:
         self._last_commit = self._started
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
+        self._save_raised = False  # the last before_commit raised (commits wait)
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
@@ -182,21 +187,50 @@ class StreamRunner:
 
         ``before_commit`` (the registry save) runs first, so that a file's processed row
         is durable before the offsets past its messages are: a restart then recognises
-        the file's re-read chunks as done."""
+        the file's re-read chunks as done. If it fails (a full disk...) nothing is
+        committed: the offsets stay committable and the next round tries again."""
         self._last_commit = self._clock()
         offsets = self.processor.offsets.commit_plan(tps if tps is not None
                                                      else self.group.assignment)
-        if offsets:
-            if self._before_commit is not None:
-                self._before_commit()
+        if offsets and self._durable():
             failpoints.hit("commit.before")
             self.processor.offsets.committed(self.group.commit(offsets))
             failpoints.hit("commit.after")
+
+    def _durable(self) -> bool:
+        """Run ``before_commit``: False if it returned False (it logs why itself, e.g.
+        :meth:`RegistryRecorder.try_save`) or raised (logged here, once per streak)."""
+        if self._before_commit is None:
+            return True
+        try:
+            ok = self._before_commit() is not False
+        except Exception as exc:  # noqa: BLE001 - a failing save must not stop uploads
+            if not self._save_raised:
+                logger.error("offsets are not committed while the save before a commit "
+                             "fails (%s: %s); uploads go on, commits resume once it works",
+                             type(exc).__name__, exc)
+            self._save_raised = True
+            return False
+        if ok and self._save_raised:
+            logger.warning("the save before a commit works again: offset commits resume")
+            self._save_raised = False
+        return ok
 
     def on_revoke(self, tps: list[tuple[str, int]]) -> None:
         """Before losing partitions: commit what is safe for them, hand the files that
         only they hold to the next owner, then forget them."""
         self.commit(tps)
+        self._drop(tps)
+
+    def on_lost(self, tps: list[tuple[str, int]]) -> None:
+        """Partitions were taken away without a revoke (the session timed out): another
+        member may own them already and have committed past our progress, so nothing is
+        committed for them. Their files waiting for upload are handed over and their
+        pending offsets forgotten, as for a revoke; the new owner reads them again from
+        the group's last commit (files already in Girder are recognised there)."""
+        self._drop(tps)
+
+    def _drop(self, tps: list[tuple[str, int]]) -> None:
         self.processor.hand_over(tps)
         self.processor.offsets.forget(tps)
         for unit, _ in self._handles.values():
@@ -242,25 +276,42 @@ class StreamRunner:
 
     def shutdown(self, reason: str) -> RunSummary:
         """Stop fetching, let in-flight uploads finish (bounded), commit what is safe,
-        run the side jobs a last time and leave the group."""
+        run the side jobs a last time and leave the group. The group is left even when
+        a step before fails, so that its partitions move on at once."""
         logger.info("shutting down: %s", reason)
         self.stopping_reason = reason  # the side jobs' final tick may report it
-        self.group.pause(True)
-        deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
-        while self.busy and self._clock() < deadline:
-            self.group.poll(1, timeout=0.1)  # keep the group membership alive
-            self.collect()
-        if self._handles:
-            logger.warning("%d upload unit(s) still running at shutdown; their messages "
-                           "stay uncommitted and are read again on restart", len(self._handles))
-        self.commit()
-        for job in self.side_jobs:
-            job.tick(self, final=True)
-        self.group.close()
+        try:
+            self.group.pause(True)
+            deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
+            while self.busy and self._clock() < deadline:
+                self.group.poll(1, timeout=0.1)  # keep the group membership alive
+                self.collect()
+            if self._handles:
+                logger.warning("%d upload unit(s) still running at shutdown; their messages "
+                               "stay uncommitted and are read again on restart",
+                               len(self._handles))
+            self.commit()
+            self._final_ticks()
+        finally:
+            self.group.close()
+        save_error = getattr(self.processor.recorder, "save_error", None)
+        if save_error is not None:
+            logger.error("the last save of the registries failed (%s): the offsets of "
+                         "files processed since the last good save stay uncommitted and "
+                         "are read again on restart", save_error)
         self.summary = RunSummary(reason, self._clock() - self._started,
                                   {k: v for k, v in vars(self.processor.counters).items()
                                    if not k.startswith("_")},
                                   self.processor.offsets.pending_count(),
                                   (self.processor.last_settled_at or self._started)
-                                  - self._started)
+                                  - self._started, save_error)
         return self.summary
+
+    def _final_ticks(self) -> None:
+        """Every side job's last tick; one failing does not skip the others."""
+        for job in self.side_jobs:
+            try:
+                job.tick(self, final=True)
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on
+                logger.error("%s failed at shutdown: %s: %s", type(job).__name__,
+                             type(exc).__name__, exc)

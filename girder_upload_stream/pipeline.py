@@ -359,6 +359,7 @@ class StreamProcessor:
         for completed in handed:
             key = completed.file_key
             self.reassembler.discard(key)  # so its chunks, if they come back, rebuild it
+            self.reassembler.release(completed)
             self._message_bytes.pop(key, None)
             self.recorder.file_dropped(FileProgress(
                 completed.rel_path, completed.file_hash_hex, completed.n_chunks,
@@ -453,6 +454,7 @@ class StreamProcessor:
         if outcome.outcome is not Outcome.FAILED_TERMINAL:
             self.copies.settled(completed)
             self._register_copies(key)
+        self.reassembler.release(completed)  # disk mode: its staging file is no longer needed
         self._settle(key)
 
     # -- state ---------------------------------------------------------------------

@@ -149,13 +149,16 @@ def test_shuffled_chunks_with_duplicates_become_files_and_commit_after_upload(
     for unit in units:
         for f in unit.files:
             assert f.sha256 == hashlib.sha256(files[f.rel_path]).hexdigest()
-            if mode is Mode.DISK:
-                assert f.data is None and f.path == (tmp_path / "out" / f.rel_path).resolve()
+            if mode is Mode.DISK:  # uploaded from the verified staging file
+                assert f.data is None and f.path.parent == proc.reassembler.staging_dir
+                assert f.path.read_bytes() == files[f.rel_path]
     assert proc.take_units() == []  # each file once
     assert proc.offsets.committable() == held
 
     for unit in units:
         proc.finish_unit(unit, outcomes(unit))
+    if mode is Mode.DISK:  # deleted once in Girder, as OpenMSIStream 1.8.8 does
+        assert list(proc.reassembler.staging_dir.iterdir()) == []
     assert proc.offsets.committable() == log.end()
     assert proc.offsets.pending_count() == 0
     assert proc.counters.files_uploaded == len(files)
@@ -564,9 +567,10 @@ def test_bytes_held_stays_zero_in_disk_mode(tmp_path) -> None:
     proc.handle(log.put(0, *c2))
     [unit] = proc.take_units()
     assert proc.bytes_held == 0 and not proc.idle
-    assert (tmp_path / "d.bin").read_bytes() == b"y" * 12
+    [done] = unit.files
+    assert done.path.read_bytes() == b"y" * 12
     proc.finish_unit(unit, outcomes(unit))
-    assert proc.idle
+    assert proc.idle and not done.path.exists()
 
 
 def test_counters() -> None:

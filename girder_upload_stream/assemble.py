@@ -24,7 +24,7 @@ from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.runner import SideJob, StreamRunner
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
-__all__ = ["kafka_settings", "build_runner"]
+__all__ = ["kafka_settings", "build_reassembler", "build_runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
     return GirderSettings(api_url=api_url, api_key=api_key, **options)
 
 
-def _reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
+def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
     """The Reassembler of a run, with the consumer's own folders below ``output_dir``
     (the staging folder, and the logs folder when it is inside) out of reach of the
     paths that messages name."""
@@ -113,7 +113,7 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
         logger.info("no local registry of %s/%s: %d processed file(s) taken from the "
                     "fallback", kafka.topic, kafka.group_id, len(fallback))
         known_done |= fallback
-    reassembler = _reassembler(run, output_dir)
+    reassembler = build_reassembler(run, output_dir)
     processor = StreamProcessor(
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,

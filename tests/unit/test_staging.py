@@ -299,3 +299,36 @@ def test_a_component_over_255_bytes_is_rejected_alike_in_every_mode(tmp_path, mo
     assert result.reason.endswith("no file system holds a name over 255 bytes")
     with pytest.raises(ChunkDecodeError, match="no file system holds a name over 255"):
         decode_chunk(encode_chunk(chunk)[1])
+
+
+# ------------------------------------------------------------ wiring from the settings
+
+def _rejected_in_logs(reassembler: Reassembler) -> bool:
+    chunk = chunks_of(b"forged row", "processed_from_t_by_g.csv", "LOGS", 64)[0]
+    return reassembler.add(chunk).status is AddStatus.REJECTED
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk", "both"])
+def test_the_default_logs_folder_is_out_of_reach_of_message_names(tmp_path, mode):
+    from girder_upload_stream.assemble import build_reassembler
+    from girder_upload_stream.settings import RunSettings
+    run = RunSettings(mode=mode, output_dir=tmp_path / "out")
+    reassembler = build_reassembler(run, run.output_dir)
+    assert reassembler.max_file_bytes == 1 << 40
+    assert _rejected_in_logs(reassembler)
+    elsewhere = RunSettings(mode=mode, output_dir=tmp_path / "out2",
+                            logger_file_path=tmp_path / "logs", max_file_bytes=1 << 20)
+    reassembler = build_reassembler(elsewhere, elsewhere.output_dir)
+    assert reassembler.max_file_bytes == 1 << 20
+    assert not _rejected_in_logs(reassembler)  # LOGS/ is then an ordinary folder
+
+
+def test_logs_in_output_dir_itself_are_refused_where_files_are_rebuilt_there(tmp_path):
+    from girder_upload_stream.assemble import build_reassembler
+    from girder_upload_stream.errors import ConfigError
+    from girder_upload_stream.settings import RunSettings
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="could overwrite the registries"):
+        build_reassembler(RunSettings(mode="disk", output_dir=out, logger_file_path=out), out)
+    memory = RunSettings(mode="memory", output_dir=out, logger_file_path=out)
+    assert build_reassembler(memory, out).mode is Mode.MEMORY

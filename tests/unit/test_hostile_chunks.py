@@ -242,3 +242,20 @@ def test_a_pill_through_the_stream_processor_is_recorded_and_done(tmp_path):
     assert processor.offsets.committable() == {("t", 0): len(pills)}
     with pytest.raises(ChunkDecodeError):
         decode_chunk(encode_chunk(pills[3])[1])
+
+
+def test_the_command_line_option_is_bounded_by_what_a_file_offset_holds(capsys):
+    import argparse
+
+    from girder_upload_stream.cli_run import add_run_arguments
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser, default_config="test")
+    base = ["http://girder/api/v1", "key"]
+    assert parser.parse_args(base).max_file_size_mb << 20 == DEFAULT_MAX_FILE_BYTES
+    largest = parser.parse_args(base + ["--max_file_size_mb", str(2**43 - 1)])
+    assert largest.max_file_size_mb << 20 <= MAX_POSSIBLE_FILE_BYTES
+    for bad in ("0", str(2**43), "1.5", "-3"):
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args(base + ["--max_file_size_mb", bad])
+        assert stopped.value.code == 2
+    assert "--max_file_size_mb" in capsys.readouterr().err

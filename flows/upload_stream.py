@@ -23,7 +23,7 @@ from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES
 from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
-from girder_upload_stream.units import UploadUnit, close_channel, drain_channel, open_channel
+from girder_upload_stream.units import UploadChannel, UploadUnit
 
 __all__ = ["upload_stream"]
 
@@ -104,7 +104,7 @@ def upload_stream(
     log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
              "uploading to %s",
              topic_name, kafka.group_id, n_threads, girder.api_url)
-    channel = open_channel()  # files report as they land: offsets need not wait for units
+    channel = UploadChannel()  # files report as they land: offsets need not wait for units
     with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
         def submit(unit: UploadUnit) -> _FutureHandle:
             unit.channel = channel
@@ -119,7 +119,7 @@ def upload_stream(
         reset_stop()
         group_id = kafka.group_id
         runner = build_runner(
-            run, kafka, submit, probe=probe, early_outcomes=lambda: drain_channel(channel),
+            run, kafka, submit, probe=probe, early_outcomes=channel.drain,
             registry_fallback=lambda: load_registry_fallback(topic_name, group_id))
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(
@@ -129,8 +129,6 @@ def upload_stream(
         except TerminationSignal:
             # SIGTERM or a cancellation: the runner already stopped gracefully.
             summary = runner.summary
-        finally:
-            close_channel(channel)
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,

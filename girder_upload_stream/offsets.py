@@ -28,6 +28,12 @@ Commit order (what must be durable before an offset may be committed):
    of metadata): a cut list's last span runs to ``N``. Without a list (older commits),
    all of ``[C, N)`` is read again.
 
+9. A file whose upload failed for good (Girder refused it) does not hold the commit,
+   but its messages are listed in the metadata too (``;f=``, the *retry spans*, also
+   below ``C``): the next run of the group seeks back to them, rebuilds the file and
+   tries its upload again. The list is capped like rule 8's; a file cut from it is
+   still listed as failed in the registry, but not retried by itself.
+
 On restart, the re-read span holds the pending messages plus the finished ones between
 them (the bounded overlap). A re-read message of a file the registry (or its Prefect
 artifact) lists as processed is done at once (rule 3). A re-read file the registry does
@@ -47,81 +53,16 @@ on an assetstore that does not hash) waits for the stale-partial release.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable
 
-__all__ = ["TopicPartition", "Span", "OffsetTracker", "format_metadata", "parse_metadata",
-           "parse_spans", "spans_of"]
+from girder_upload_stream.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
+                                                  TopicPartition, format_metadata,
+                                                  merge_spans, parse_failed, parse_metadata,
+                                                  parse_spans, spans_of)
 
-TopicPartition = tuple[str, int]
-Span = tuple[int, int]  # [start, end) of offsets
-_METADATA_PREFIX = "gus1:hw="
-_SPANS = ";p="
-#: Longest metadata written (brokers refuse more than offset.metadata.max.bytes, 4096
-#: by default): a few hundred spans.
-MAX_SPANS_CHARS = 2000
-
-
-def format_metadata(high_watermark: int, committed: int | None = None,
-                    spans: list[Span] | None = None) -> str:
-    """The commit metadata: the partition's high watermark (rule 7) and, when given,
-    the pending spans of ``[committed, high_watermark)`` (rule 8), each written as its
-    distance from the previous span's end (or from ``committed``) and its length."""
-    text = f"{_METADATA_PREFIX}{high_watermark}"
-    if spans is None or committed is None:
-        return text
-    tokens, previous, length = [], committed, 0
-    for start, end in spans:
-        token = f"{start - previous}.{end - start}"
-        length += len(token) + 1
-        if length > MAX_SPANS_CHARS - 48:
-            tokens.append(f"{start - previous}.{high_watermark - start}")  # the cut: to N
-            break
-        tokens.append(token)
-        previous = end
-    return text + _SPANS + ",".join(tokens)
-
-
-def parse_metadata(metadata: str | None) -> int | None:
-    """The high watermark in commit metadata, or None if it is not ours or malformed."""
-    if not metadata or not metadata.startswith(_METADATA_PREFIX):
-        return None
-    text = metadata[len(_METADATA_PREFIX):].split(";", 1)[0]
-    return int(text) if text.isdigit() else None
-
-
-def parse_spans(metadata: str | None, committed: int) -> list[Span] | None:
-    """The pending spans in commit metadata (rule 8); None when there is no list or it
-    is malformed, which means "read all of [C, N) again"."""
-    high = parse_metadata(metadata)
-    if high is None or _SPANS not in metadata:
-        return None
-    spans, previous = [], committed
-    body = metadata.split(_SPANS, 1)[1]
-    try:
-        for token in filter(None, body.split(",")):
-            gap, length = (int(x) for x in token.split("."))
-            if gap < 0 or length <= 0:
-                return None
-            spans.append((previous + gap, previous + gap + length))
-            previous += gap + length
-    except ValueError:
-        return None
-    return spans if previous <= high else None
-
-
-def spans_of(offsets: Iterable[int]) -> Iterator[Span]:
-    """Runs of consecutive offsets, as ``[start, end)`` spans in order."""
-    start = end = None
-    for offset in sorted(offsets):
-        if end is not None and offset == end:
-            end += 1
-            continue
-        if start is not None:
-            yield start, end
-        start, end = offset, offset + 1
-    if start is not None:
-        yield start, end
-
+# The metadata codec is re-exported: the rules and their text travel together.
+__all__ = ["TopicPartition", "Span", "OffsetTracker", "MAX_SPANS_CHARS", "MAX_FAILED_CHARS",
+           "format_metadata", "parse_metadata", "parse_spans", "parse_failed", "spans_of"]
 
 class OffsetTracker:
     """Tracks pending messages per partition and per file; not thread-safe by design
@@ -129,6 +70,7 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._next: dict[TopicPartition, int] = {}
+        self._at: dict[TopicPartition, int] = {}  # one past the offset read last
         self._pending: dict[TopicPartition, dict[int, Hashable]] = {}
         self._by_file: dict[Hashable, list[tuple[TopicPartition, int]]] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -137,26 +79,46 @@ class OffsetTracker:
         self._reread_below: dict[TopicPartition, int] = {}
         self._inherited: dict[TopicPartition, list[Span]] = {}  # rule 8's list, if any
         self._sought: dict[TopicPartition, int] = {}
+        # Rule 9: offsets of files whose upload failed for good in this run; the retry
+        # spans inherited at assignment, where to seek back to read them, and how far
+        # reading below the committed offset has come.
+        self._failed: dict[TopicPartition, set[int]] = {}
+        self._retry: dict[TopicPartition, list[Span]] = {}
+        self._back_to: dict[TopicPartition, int] = {}
+        self._below: dict[TopicPartition, tuple[int, int]] = {}  # (committed, next below it)
 
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
         """Learn a partition's committed offset, the high watermark in its commit
-        metadata (rule 7) and its pending spans (rule 8); a commit without our metadata
-        marks nothing as re-read."""
+        metadata (rule 7), its pending spans (rule 8) and its retry spans (rule 9); a
+        commit without our metadata marks nothing as re-read."""
         start = committed if committed is not None and committed >= 0 else 0
         high = parse_metadata(metadata)
         below = max(start, high if high is not None else start)
         self._floor[tp], self._reread_below[tp] = start, below
         self._sought.pop(tp, None)
         spans = parse_spans(metadata, start) if high is not None else None
-        if spans is not None:
-            self._inherited[tp] = [(max(a, start), min(b, below)) for a, b in spans
-                                   if min(b, below) > max(a, start)]
-        else:
+        retry = [] if spans is None else [(a, min(b, below)) for a, b in parse_failed(metadata)
+                                          if min(b, below) > a]
+        if spans is None:
             self._inherited.pop(tp, None)
+        else:
+            self._inherited[tp] = merge_spans([(max(a, start), min(b, below)) for a, b in spans
+                                          if min(b, below) > max(a, start)] + retry)
+        self._learn_retry(tp, start, retry)
         if committed is not None and committed >= 0:
             self._committed[tp] = max(self._committed.get(tp, -1), committed)
             self._committed_meta[tp] = metadata
+
+    def _learn_retry(self, tp: TopicPartition, start: int, retry: list[Span]) -> None:
+        """Rule 9: read the failed files below the commit again, from the first one."""
+        self._retry[tp] = retry
+        if retry and retry[0][0] < start:
+            self._floor[tp] = self._back_to[tp] = retry[0][0]
+            self._below[tp] = (start, retry[0][0])
+        else:
+            self._back_to.pop(tp, None)
+            self._below.pop(tp, None)
 
     def is_reread(self, tp: TopicPartition, offset: int) -> bool:
         """True if an earlier owner of this group already read ``offset`` (rule 7)."""
@@ -174,9 +136,12 @@ class OffsetTracker:
     def take_seeks(self) -> dict[TopicPartition, int]:
         """``{tp: offset}`` to seek to now: the next pending span (or ``N``) for each
         partition whose next offset to read lies in a gap of rule 8's list."""
-        seeks = {}
+        seeks = {tp: target for tp, target in self._back_to.items()
+                 if self._sought.get(tp) != target}
         for tp, spans in self._inherited.items():
-            upcoming = self._next.get(tp, self._floor[tp])
+            if tp in seeks:
+                continue
+            upcoming = self._at.get(tp, self._floor[tp])
             if not self.skippable(tp, upcoming):
                 continue
             i = bisect.bisect_right(spans, (upcoming, float("inf")))
@@ -188,6 +153,8 @@ class OffsetTracker:
     def sought(self, tp: TopicPartition, offset: int) -> None:
         """The consumer now reads ``tp`` from ``offset`` (so it is not asked again)."""
         self._sought[tp] = offset
+        if self._back_to.get(tp) == offset:
+            del self._back_to[tp]
 
     def reread_spans(self, tp: TopicPartition) -> list[Span] | None:
         """Rule 8's pending spans inherited at assignment (None: no list)."""
@@ -209,22 +176,52 @@ class OffsetTracker:
                 spans.append((max(start, upcoming), end))
         return spans
 
+    def failed_spans(self, tp: TopicPartition, committed: int) -> list[Span]:
+        """Rule 9's retry spans: messages of files whose upload failed for good, those
+        pending below ``committed`` (a retry under way), and the inherited ones not yet
+        read again."""
+        pending = [o for o in self._pending.get(tp, ()) if o < committed]
+        spans = list(spans_of([*self._failed.get(tp, ()), *pending]))
+        below = self._below.get(tp)
+        if below is not None:
+            upcoming = below[1]
+            # Those at or past the commit are rule 8's business (pending_spans).
+            spans += [(max(a, upcoming), min(b, below[0])) for a, b in self._retry.get(tp, ())
+                      if min(b, below[0]) > max(a, upcoming)]
+        return merge_spans(spans)
+
     def read(self, tp: TopicPartition, offset: int, file_key: Hashable | None = None) -> None:
         """Record a message just read; ``file_key`` None means it is already done."""
+        self._at[tp] = offset + 1
+        below = self._below.get(tp)
+        if below is not None and offset < below[0]:
+            self._below[tp] = (below[0], max(below[1], offset + 1))
+            self._next.setdefault(tp, offset + 1)
+            if file_key is not None:
+                self._pending.setdefault(tp, {})[offset] = file_key
+                self._by_file.setdefault(file_key, []).append((tp, offset))
+            return
         self._next[tp] = max(self._next.get(tp, 0), offset + 1)
         if file_key is None:
             return
         self._pending.setdefault(tp, {})[offset] = file_key
         self._by_file.setdefault(file_key, []).append((tp, offset))
 
-    def file_done(self, file_key: Hashable) -> int:
-        """Mark every pending message of a file done; returns how many there were."""
+    def file_done(self, file_key: Hashable, retry: bool = False) -> int:
+        """Mark every pending message of a file done; returns how many there were.
+        ``retry``: its upload failed for good, so the next run reads them again (rule 9)."""
         released = 0
         for tp, offset in self._by_file.pop(file_key, ()):
             pending = self._pending.get(tp)
             if pending is not None and pending.pop(offset, None) is not None:
                 released += 1
+                if retry:
+                    self._failed.setdefault(tp, set()).add(offset)
         return released
+
+    def retry_count(self) -> int:
+        """Messages of files whose upload failed for good, listed for the next run."""
+        return sum(len(f) for f in self._failed.values())
 
     def first_offset(self, file_key: Hashable) -> int:
         """The lowest pending offset of a file (any partition; -1 if none): uploading
@@ -273,7 +270,8 @@ class OffsetTracker:
             if offset < 0:
                 continue
             metadata = format_metadata(self.high_watermark(tp), offset,
-                                       self.pending_spans(tp, offset))
+                                       self.pending_spans(tp, offset),
+                                       self.failed_spans(tp, offset))
             if tp in moved or metadata != self._committed_meta.get(tp):
                 result[tp] = (offset, metadata)
         return result
@@ -301,6 +299,8 @@ class OffsetTracker:
             self._reread_below.pop(tp, None)
             self._inherited.pop(tp, None)
             self._sought.pop(tp, None)
+            for table in (self._failed, self._retry, self._back_to, self._below, self._at):
+                table.pop(tp, None)
             for offset, file_key in self._pending.pop(tp, {}).items():
                 entries = self._by_file.get(file_key)
                 if entries is not None:

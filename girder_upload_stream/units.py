@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -17,8 +16,7 @@ from girder_upload_stream.codec import FileKey
 from girder_upload_stream.reassembly import CompletedFile
 
 __all__ = ["Outcome", "FileOutcome", "UploadUnit", "group_into_units", "stripe_into_units",
-           "open_channel", "report_outcome", "drain_channel", "close_channel",
-           "mark_moved", "is_shared"]
+           "UploadChannel", "report_outcome", "mark_moved", "is_shared"]
 
 
 class Outcome(StrEnum):
@@ -50,8 +48,8 @@ class UploadUnit:
     unit_id: int
     files: list[CompletedFile] = field(default_factory=list)
     #: Where the task reports each file's outcome as soon as it lands (see
-    #: :func:`open_channel`); None: the outcomes come only with the unit's result.
-    channel: str | None = None
+    #: :class:`UploadChannel`); None: the outcomes come only with the unit's result.
+    channel: UploadChannel | None = None
     #: Another consumer of the group may upload the same files now (see
     #: :meth:`GirderStore.upload`); set by the loop from the group's state.
     shared: bool = False
@@ -111,62 +109,58 @@ def stripe_into_units(files: list[CompletedFile], first_id: int, n_units: int,
     return [u for u in units if u.files], []
 
 
-# Per-file outcomes of units still running. The upload task reports each file as it
-# lands, so its offsets are released (and its registry row written) without waiting for
-# the rest of its unit: a crash then re-reads only files not in Girder yet. Channels
-# live in this process: a unit run elsewhere finds none, and its files settle when it
-# returns, as before.
-_channels: dict[str, queue.SimpleQueue] = {}
-_channels_lock = threading.Lock()
+class UploadChannel:
+    """What one flow run's loop and its upload tasks share: each file's outcome as soon
+    as it lands (so its offsets are released, and its registry row written, without
+    waiting for the rest of its unit: a crash then re-reads only files not in Girder
+    yet), and the units in flight when partitions were revoked.
+
+    The flow run owns it and hands it to each unit; it is a plain object, so a task
+    runner that rebuilds the unit's dataclass still holds the same channel."""
+
+    def __init__(self) -> None:
+        self._outcomes: queue.SimpleQueue[tuple[int, FileOutcome]] = queue.SimpleQueue()
+        self._moved: set[int] = set()
+        self._lock = threading.Lock()
+
+    def report(self, unit_id: int, outcome: FileOutcome) -> None:
+        """Called by the upload task after each file."""
+        self._outcomes.put((unit_id, outcome))
+
+    def drain(self) -> list[tuple[int, FileOutcome]]:
+        """Every ``(unit_id, outcome)`` reported since the last drain, in order."""
+        drained: list[tuple[int, FileOutcome]] = []
+        while True:
+            try:
+                drained.append(self._outcomes.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def moved(self, unit_id: int) -> None:
+        with self._lock:
+            self._moved.add(unit_id)
+
+    def was_moved(self, unit_id: int) -> bool:
+        with self._lock:
+            return unit_id in self._moved
 
 
-def open_channel() -> str:
-    """A new channel for early outcomes; its name travels with the units."""
-    name = uuid.uuid4().hex
-    with _channels_lock:
-        _channels[name] = queue.SimpleQueue()
-    return name
-
-
-def report_outcome(channel: str | None, unit_id: int, outcome: FileOutcome) -> None:
-    """Called by the upload task after each file; a no-op without a (local) channel."""
-    target = _channels.get(channel) if channel else None
-    if target is not None:
-        target.put((unit_id, outcome))
-
-
-def drain_channel(channel: str) -> list[tuple[int, FileOutcome]]:
-    """Every ``(unit_id, outcome)`` reported since the last drain, in order."""
-    source = _channels.get(channel)
-    drained: list[tuple[int, FileOutcome]] = []
-    while source is not None:
-        try:
-            drained.append(source.get_nowait())
-        except queue.Empty:
-            break
-    return drained
-
-
-def close_channel(channel: str) -> None:
-    with _channels_lock:
-        _channels.pop(channel, None)
-        _moved.difference_update({k for k in _moved if k[0] == channel})
-
-
-# Units in flight when partitions were revoked: the new owner may upload their files at
-# the same moment, so their uploads must check for twins although the group was not
-# shared when they started. Kept by (channel, unit id), as a running task may hold a
-# copy of the unit, not the loop's object.
-_moved: set[tuple[str | None, int]] = set()
+def report_outcome(unit: UploadUnit, outcome: FileOutcome) -> None:
+    """Called by the upload task after each file; a no-op for a unit without channel."""
+    if unit.channel is not None:
+        unit.channel.report(unit.unit_id, outcome)
 
 
 def mark_moved(unit: UploadUnit) -> None:
-    """Called by the loop when partitions are revoked while ``unit`` is uploading."""
+    """Called by the loop when partitions are revoked while ``unit`` is uploading: the
+    new owner may upload its files at the same moment, so its uploads must check for
+    twins although the group was not shared when they started. Kept on the channel, as
+    a running task may hold a copy of the unit, not the loop's object."""
     unit.shared = True
-    with _channels_lock:
-        _moved.add((unit.channel, unit.unit_id))
+    if unit.channel is not None:
+        unit.channel.moved(unit.unit_id)
 
 
 def is_shared(unit: UploadUnit) -> bool:
     """Whether ``unit``'s uploads must check for twins now (see :meth:`GirderStore.upload`)."""
-    return unit.shared or (unit.channel, unit.unit_id) in _moved
+    return unit.shared or (unit.channel is not None and unit.channel.was_moved(unit.unit_id))

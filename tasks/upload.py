@@ -39,7 +39,7 @@ def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[Fi
     outcomes = []
     for completed in unit.files:
         outcome = store.upload(completed, shared=lambda: is_shared(unit))
-        report_outcome(unit.channel, unit.unit_id, outcome)  # settles it before the unit ends
+        report_outcome(unit, outcome)  # settles it before the unit ends
         outcomes.append(outcome)
     return outcomes
 

@@ -37,18 +37,16 @@ def test_nothing_is_handed_over_when_other_partitions_are_revoked():
     assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["a.bin"]
 
 
-def test_units_in_flight_at_a_revoke_check_for_twins_until_their_channel_closes():
-    from girder_upload_stream.units import (UploadUnit, close_channel, is_shared, mark_moved,
-                                            open_channel)
-    channel = open_channel()
+def test_units_in_flight_at_a_revoke_check_for_twins_also_in_a_copy_of_the_unit():
+    from girder_upload_stream.units import UploadChannel, UploadUnit, is_shared, mark_moved
+    channel = UploadChannel()
     unit = UploadUnit(7, channel=channel)
     copy = UploadUnit(7, channel=channel)  # what a task runner may hold instead
     assert not is_shared(copy)
     mark_moved(unit)
     assert is_shared(unit) and is_shared(copy)
     assert not is_shared(UploadUnit(8, channel=channel))
-    close_channel(channel)
-    assert not is_shared(copy)
+    assert not is_shared(UploadUnit(7, channel=UploadChannel()))  # another flow run's
 
 
 def test_files_waiting_for_a_retry_are_handed_over_too():
@@ -63,3 +61,23 @@ def test_files_waiting_for_a_retry_are_handed_over_too():
     proc.offsets.forget([P0])
     assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["c.bin"]
     assert proc.idle
+
+
+def test_a_file_handed_over_with_a_copy_counted_is_rebuilt_when_its_chunks_return():
+    """Found by the commit-rule property test: a one-chunk file read twice (a copy
+    counted) whose partition is lost before upload came back as "a copy, counted" and
+    was committed without ever reaching Girder."""
+    log = Log()
+    [pair] = encoded(b"once", "o.bin", size=64)
+    msgs = [log.put(0, *pair), log.put(0, *pair)]
+    proc = make()
+    for m in msgs:
+        proc.handle(m)
+    assert proc.hand_over([P0]) == 1
+    proc.offsets.forget([P0])
+    proc.assigned([])
+    for m in msgs:  # read again from the (never moved) commit
+        proc.handle(m)
+    assert proc.offsets.committable() == {P0: 0}  # held: o.bin is not in Girder yet
+    assert [f.rel_path for u in upload_all(proc) for f in u.files] == ["o.bin"]
+    assert proc.offsets.committable() == {P0: 2}

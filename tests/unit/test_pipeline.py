@@ -610,7 +610,7 @@ def test_counters_take_delta_starts_from_zero() -> None:
                               "bytes_processed": 0, "files_uploaded": 0, "files_skipped": 0,
                               "files_found_in_girder": 0,
                               "files_failed": 0, "messages_rejected": 0,
-                              "messages_skipped": 0}
+                              "messages_skipped": 0, "files_to_retry": 0}
 
 
 def test_chunk_added_recorded_for_accepted_chunks_only() -> None:
@@ -636,3 +636,26 @@ def test_duplicates_count_as_read_but_not_as_processed() -> None:
     assert (c.messages_processed, c.bytes_processed) == (
         2, len(msgs[0].value) + len(msgs[2].value))
     assert proc.offsets.committable() == {(TOPIC, 0): 1, (TOPIC, 1): 1, (TOPIC, 2): 1}
+
+
+def test_a_file_produced_again_after_its_upload_failed_for_good_holds_its_commit() -> None:
+    """Hole: a file whose upload failed for good was later taken as "already in Girder"
+    when produced again, so its new messages were committed at once and a crash before
+    the new upload lost it."""
+    log = Log()
+    proc = make()
+    pairs = encoded(b"F" * 12, "f.bin")
+    for pair in pairs:
+        proc.handle(log.put(0, *pair))
+    [unit] = proc.take_units()
+    proc.finish_unit(unit, outcomes(unit, Outcome.FAILED_TERMINAL))
+    assert proc.offsets.committable() == {(TOPIC, 0): 2}
+    assert ("f.bin", file_generation(unit.files[0].file_hash)) not in proc.known_done
+    for pair in pairs:  # the producer sends it again
+        proc.handle(log.put(1, *pair))
+    assert proc.offsets.committable() == {(TOPIC, 0): 2, (TOPIC, 1): 0}  # held
+    [again] = proc.take_units()
+    assert [f.rel_path for f in again.files] == ["f.bin"]
+    proc.finish_unit(again, outcomes(again))
+    assert proc.offsets.committable() == {(TOPIC, 0): 2, (TOPIC, 1): 2}
+    assert proc.counters.files_uploaded == 1 and proc.counters.files_failed == 1

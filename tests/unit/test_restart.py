@@ -314,7 +314,7 @@ def test_runner_retries_a_failed_lookup() -> None:
     runner.step()
     handles[0].finished = True
     runner.step()
-    assert runner.processor._probes  # asked again after retry_delay
+    assert runner.processor.ledger.lookups_wanted  # asked again after retry_delay
     assert runner.processor.offsets.pending_count() == 1  # f still holds p0@0
 
 
@@ -416,23 +416,23 @@ def test_interleaved_copies_of_one_file_are_each_registered() -> None:
     assert proc.offsets.pending_count() == 0
 
 
-def test_copy_tracker_keeps_no_file_bytes_and_forgets_old_files() -> None:
-    from girder_upload_stream.copies import CopyTracker
+def test_the_ledger_keeps_no_file_bytes_of_settled_files_and_forgets_old_ones() -> None:
+    from girder_upload_stream.ledger import FileLedger, FileState
     from girder_upload_stream.reassembly import CompletedFile
-    tracker = CopyTracker(max_settled=2)
-    files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0, Pieces([b"abc"]), None)
-             for i in range(3)]
+    ledger = FileLedger(max_remembered=2)
+    files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0,
+                           Pieces([b"abc"]), None) for i in range(3)]
     for f in files:
-        key = (f.rel_path, f.file_hash)
-        tracker.start(key, 1, [1])
-        tracker.settled(f)
-    tracker.add(("f0", files[0].file_hash), 1)
-    assert not tracker.tracking(("f0", files[0].file_hash))  # forgotten (oldest)
-    key2 = ("f2", files[2].file_hash)
-    tracker.add(key2, 1)
-    [due] = tracker.take_due(key2)
+        ledger.open(f.file_key)
+        ledger.complete(f.file_key, f)
+        ledger.count_repeat(f.file_key, 1, 1, [1])  # a second copy begins
+        ledger.dispatch(f.file_key, 1)
+        ledger.settle(f.file_key, FileState.DONE)
+    assert not ledger.counting(files[0].file_key)  # forgotten (oldest)
+    [due] = ledger.repeats_due(files[2].file_key)
     assert due.data is None and due.rel_path == "f2"
-    assert tracker.take_due(key2) == []
+    assert ledger.repeats_due(files[2].file_key) == []
+    assert ledger.held_bytes == 0
 
 
 def test_files_settle_as_they_land_not_when_their_unit_ends() -> None:

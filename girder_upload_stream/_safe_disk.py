@@ -81,6 +81,13 @@ class SafeDir:
             os.close(dir_fd)
 
 
+def _empty(fd: int) -> None:
+    """Delete every file of the folder ``fd`` (a run folder holds files only)."""
+    for entry in os.listdir(fd):
+        with contextlib.suppress(OSError):
+            os.unlink(entry, dir_fd=fd)
+
+
 def _remove_run(base_fd: int, name: str) -> bool:
     """Delete the run folder ``name`` of the staging folder if no process holds it (its
     lock is free): its files belong to a run that ended. True if it was deleted."""
@@ -93,9 +100,7 @@ def _remove_run(base_fd: int, name: str) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # a live run uses it
-        for entry in os.listdir(fd):
-            with contextlib.suppress(OSError):
-                os.unlink(entry, dir_fd=fd)
+        _empty(fd)
     finally:
         os.close(fd)
     try:
@@ -106,9 +111,9 @@ def _remove_run(base_fd: int, name: str) -> bool:
 
 
 def _close_run(base_fd: int, fd: int, name: str) -> None:
-    """At the end of a run: drop the lock and the folder if nothing is left in it (a
-    file still there is deleted by the next start, as a stale one)."""
+    """At the end of a run: delete its folder and what is left in it, then drop the lock."""
     with contextlib.suppress(OSError):
+        _empty(fd)
         os.rmdir(name, dir_fd=base_fd)
     os.close(fd)
     os.close(base_fd)
@@ -117,13 +122,16 @@ def _close_run(base_fd: int, fd: int, name: str) -> None:
 class StagingArea:
     """This process's locked folder ``root/.gus-staging/run-<random>/`` for partial files.
 
-    Creating one deletes the run folders of runs that ended (crashed or stopped) first:
-    ``stale_removed`` says how many. Their files are partial or completed files of
-    messages that were not committed (a file's messages stay pending until it is in
-    Girder, or failed for good), so the next run of the group reads those messages again
-    and rebuilds every such file; nothing else refers to them. A live run's folder is
-    locked and never touched. The lock and the descriptors are dropped, and the folder
-    removed if empty, when the object is collected or the interpreter exits.
+    Creating one deletes the run folders of runs that ended without :meth:`close`
+    (crashed, killed) first: ``stale_removed`` says how many. A live run's folder is
+    locked and never touched. :meth:`close` (also called when the object is collected,
+    or at interpreter exit) deletes the run's own folder with what is left in it.
+
+    Why deleting what a run leaves is safe: a staging file is either a file still being
+    rebuilt, or a completed file waiting for (or done with) its upload. The messages of
+    the first two kinds were not committed (a file's messages stay pending until its
+    upload is settled), so the next run of the group reads them again and rebuilds the
+    file; the last kind is in Girder already. Nothing else refers to these files.
     """
 
     def __init__(self, safe: SafeDir) -> None:
@@ -145,6 +153,11 @@ class StagingArea:
         self.fd = fd
         self.path = safe.root / STAGING_DIR / name
         self._finalizer = weakref.finalize(self, _close_run, base_fd, fd, name)
+
+    def close(self) -> None:
+        """Delete this run's folder and every file in it, and drop the lock; idempotent.
+        Only once no upload reads a completed file any more (the run has ended)."""
+        self._finalizer()
 
     def path_of(self, name: str) -> Path:
         """The absolute path of one staging file."""

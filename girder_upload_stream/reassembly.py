@@ -216,8 +216,9 @@ class Reassembler:
 
     In disk and both modes, creating a Reassembler deletes the staging files that runs
     which ended left behind (see :class:`~._safe_disk.StagingArea`; ``stale_removed``
-    counts their folders): their messages were never committed, so they are read again
-    and their files rebuilt.
+    counts their folders), and :meth:`close` (or the end of the process) deletes its
+    own: their messages were not committed unless the file is in Girder, so they are
+    read again and their files rebuilt.
     """
 
     def __init__(self, mode: Mode | str = Mode.MEMORY, output_dir: Path | str | None = None,
@@ -436,6 +437,13 @@ class Reassembler:
         self._release(key, state)
         if state.partial is not None:
             self._staging.remove(state.partial)
+
+    def close(self) -> None:
+        """The run is over and no upload reads a completed file any more: delete the
+        staging folder and what is left in it (see :class:`~._safe_disk.StagingArea`).
+        Also done when the Reassembler is collected or the process exits."""
+        if self._staging is not None:
+            self._staging.close()
 
     def release(self, completed: CompletedFile) -> None:
         """The fate of ``completed`` is settled (in Girder, failed for good, or handed

@@ -157,8 +157,6 @@ def test_shuffled_chunks_with_duplicates_become_files_and_commit_after_upload(
 
     for unit in units:
         proc.finish_unit(unit, outcomes(unit))
-    if mode is Mode.DISK:  # deleted once in Girder, as OpenMSIStream 1.8.8 does
-        assert list(proc.reassembler.staging_dir.iterdir()) == []
     assert proc.offsets.committable() == log.end()
     assert proc.offsets.pending_count() == 0
     assert proc.counters.files_uploaded == len(files)
@@ -570,7 +568,7 @@ def test_bytes_held_stays_zero_in_disk_mode(tmp_path) -> None:
     [done] = unit.files
     assert done.path.read_bytes() == b"y" * 12
     proc.finish_unit(unit, outcomes(unit))
-    assert proc.idle and not done.path.exists()
+    assert proc.idle
 
 
 def test_counters() -> None:

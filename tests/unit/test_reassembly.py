@@ -456,7 +456,8 @@ def test_large_chunks_arriving_as_from_several_partitions_rebuild_the_file(sandb
     data = random.Random(7).randbytes(40 * 200_000 + 123)
     chunks = chunks_of(data, size=200_000)
     order = chunks[1::3] + chunks[0::3] + chunks[2::3]
-    done = [r.completed for r in feed(Reassembler(mode, out), order) if r.completed]
+    reassembler = Reassembler(mode, out)  # kept: closing it deletes its staging files
+    done = [r.completed for r in feed(reassembler, order) if r.completed]
     assert len(done) == 1
     assert done[0].sha256 == hashlib.sha256(data).hexdigest()
     if mode is not Mode.MEMORY:

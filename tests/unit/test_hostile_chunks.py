@@ -259,3 +259,21 @@ def test_the_command_line_option_is_bounded_by_what_a_file_offset_holds(capsys):
             parser.parse_args(base + ["--max_file_size_mb", bad])
         assert stopped.value.code == 2
     assert "--max_file_size_mb" in capsys.readouterr().err
+
+
+def test_a_huge_chunk_count_under_the_limit_sent_twice_keeps_each_message_cheap(tmp_path):
+    """Through the whole core: a file claiming 2**39 chunks (under the default limit),
+    its first chunk sent twice, then 10,000 more chunks."""
+    processor = StreamProcessor(Reassembler("memory"))
+    chunks = [forged(b"d", 0, 1, 2**39), forged(b"d", 0, 1, 2**39)]
+    chunks += [forged(b"e", i - 1, i, 2**39) for i in range(2, 10_002)]
+    messages = [RawMessage("t", 0, offset, key.encode(), value)
+                for offset, (key, value) in enumerate(map(encode_chunk, chunks))]
+    start = time.perf_counter()
+    for message in messages:
+        processor.handle(message)
+    elapsed = time.perf_counter() - start
+    print(f"\n[O(1)] pipeline: {len(messages)} messages of a file claiming 2**39 chunks "
+          f"in {elapsed * 1000:.0f} ms")
+    assert processor.counters.messages_rejected == processor.counters.files_failed == 0
+    assert elapsed < 10.0

@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
 from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
+from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES
 from girder_upload_stream.runner import reset_stop
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
@@ -77,6 +78,7 @@ def upload_stream(
     log_program_id: str | None = None,
     log_interval_secs: float = 60,
     memory_budget_mb: int = 1024,
+    max_file_size_mb: int = DEFAULT_MAX_FILE_BYTES >> 20,
     stale_partial_seconds: float | None = 3600,
     interactive: bool = False,
     logs_dir: str | None = None,
@@ -101,7 +103,8 @@ def upload_stream(
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
                       update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
-                      memory_budget_bytes=memory_budget_mb << 20, interactive=interactive,
+                      memory_budget_bytes=memory_budget_mb << 20,
+                      max_file_bytes=max_file_size_mb << 20, interactive=interactive,
                       stale_partial_seconds=stale_partial_seconds or None,
                       logger_file_path=logs_dir)
     log.info("consuming %s as group %s with one consumer and %d upload worker(s); "

@@ -20,12 +20,12 @@ from girder_upload_stream.heartbeat import Heartbeats
 from girder_upload_stream.kafka_io import ConsumerGroup, HeartbeatProducer, LogProducer
 from girder_upload_stream.log_topic import LogBuffer, LogMessages, LogTopic, split_log_section
 from girder_upload_stream.pipeline import StreamProcessor
-from girder_upload_stream.reassembly import Reassembler
+from girder_upload_stream.reassembly import Reassembler, reserved_paths
 from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.runner import SideJob, StreamRunner
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
-__all__ = ["kafka_settings", "log_topic_settings", "build_runner"]
+__all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,24 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
     return GirderSettings(api_url=api_url, api_key=api_key, **options)
 
 
+def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
+    """The Reassembler of a run, with the consumer's own folders below ``output_dir``
+    (the staging folder, and the logs folder when it is inside) out of reach of the
+    paths that messages name."""
+    logs_dir = Path(run.logs_dir)
+    if run.mode != "memory" and logs_dir.resolve() == output_dir.resolve():
+        raise ConfigError(f"--logger_file_path is --output_dir ({output_dir}): in "
+                          f"{run.mode} mode files rebuilt there could overwrite the "
+                          "registries; give the logs a folder of their own")
+    reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes,
+                              reserved=reserved_paths(output_dir, [logs_dir]))
+    if reassembler.stale_removed:
+        logger.info("deleted the staging files of %d earlier run(s) below %s: their "
+                    "messages were not committed and are read again",
+                    reassembler.stale_removed, output_dir)
+    return reassembler
+
+
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  extra_jobs: list[SideJob] | None = None, probe: Any = None,
                  early_outcomes: Any = None,
@@ -148,7 +166,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         logger.info("no local registry of %s/%s: %d processed file(s) taken from the "
                     "fallback", kafka.topic, kafka.group_id, len(fallback))
         known_done |= fallback
-    reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes)
+    reassembler = build_reassembler(run, output_dir)
     processor = StreamProcessor(
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
 
 __all__ = ["add_run_arguments", "positive_int", "positive_float", "run_from_args",
@@ -60,6 +61,15 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def _file_size_mb(text: str) -> int:
+    """argparse type of --max_file_size_mb: 1 MiB up to what a file offset holds."""
+    value = positive_int(text)
+    if value > MAX_POSSIBLE_FILE_BYTES >> 20:
+        raise argparse.ArgumentTypeError(f"at most {MAX_POSSIBLE_FILE_BYTES >> 20} "
+                                         "(2**63 bytes: no file can be larger)")
     return value
 
 
@@ -131,6 +141,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> N
     parser.add_argument("--memory_budget_mb", type=positive_int, default=1024,
                         help="pause fetching while files held in RAM exceed this "
                              "(default: %(default)s)")
+    parser.add_argument("--max_file_size_mb", type=_file_size_mb,
+                        default=DEFAULT_MAX_FILE_BYTES >> 20,
+                        help="largest file rebuilt, in MiB; a chunk of a larger file "
+                             "rejects the file (default: %(default)s, 1 TiB)")
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -186,7 +200,8 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         heartbeat_interval_secs=args.heartbeat_interval_secs,
         log_topic_name=args.log_topic_name, log_program_id=args.log_program_id,
         log_interval_secs=args.log_interval_secs,
-        memory_budget_mb=args.memory_budget_mb, interactive=True,
+        memory_budget_mb=args.memory_budget_mb, max_file_size_mb=args.max_file_size_mb,
+        interactive=True,
         stale_partial_seconds=args.stale_partial_seconds or None,
         logs_dir=str(args.logger_file_path) if args.logger_file_path else None)
     print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "

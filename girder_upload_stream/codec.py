@@ -33,6 +33,9 @@ from .errors import ChunkDecodeError, FileRejectedError, SourceFileChangedError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_MAX_FILE_BYTES",
+    "MAX_POSSIBLE_FILE_BYTES",
+    "MAX_NAME_BYTES",
     "SHA512_DIGEST_SIZE",
     "Chunk",
     "FileKey",
@@ -48,6 +51,18 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 524_288
 SHA512_DIGEST_SIZE = 64
+
+#: No file can be larger: a file offset is a signed 64-bit integer (``off_t``), and
+#: ``os.pwrite`` past it raises OverflowError. A chunk that cannot fit is refused here.
+MAX_POSSIBLE_FILE_BYTES = 2**63 - 1
+
+#: Default of ``--max_file_size_mb`` (1 TiB): the largest file the consumer rebuilds.
+#: See docs/configuration.md for why this value.
+DEFAULT_MAX_FILE_BYTES = 1 << 40
+
+#: Longest path component, in UTF-8 bytes, that a file system holds (ext4, XFS, btrfs,
+#: tmpfs, APFS, NTFS all stop at 255).
+MAX_NAME_BYTES = 255
 
 FileKey = tuple[str, bytes]
 """Identity of one generation of one file: ``(rel_path, file_hash)``."""
@@ -77,6 +92,13 @@ def _component_problem(part: str, what: str) -> str | None:
         return f"{what} contains a backslash"
     if "\x00" in part:
         return f"{what} contains a NUL character"
+    try:
+        size = len(part.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: only from a Chunk built in code
+        return f"{what} contains a character that UTF-8 cannot encode"
+    if size > MAX_NAME_BYTES:
+        return (f"{what} has a component of {size} bytes in UTF-8; no file system holds "
+                f"a name over {MAX_NAME_BYTES} bytes")
     return None
 
 
@@ -84,7 +106,9 @@ def path_problem(filename: str, subdir: str, filename_append: str = "") -> str |
     """Say why ``subdir/filename`` (+ append) is not a safe relative path, or return None.
 
     Safe means: a non-empty file name without ``/``; a subdir that is ``""`` or a relative
-    POSIX path; no ``.``/``..``/empty component, backslash or NUL anywhere.
+    POSIX path; no ``.``/``..``/empty component, backslash or NUL anywhere; no component
+    (the reconstructed file name included) over 255 bytes in UTF-8. The same rule holds
+    in every mode, so that a name works in memory mode exactly when it works on disk.
     """
     if "/" in filename:
         return "filename contains '/'"
@@ -200,6 +224,29 @@ def _mtime(fields: Any, ctx: dict[str, Any]) -> float:
     return float(raw)
 
 
+def _check_placement(offset: int, i: int, n_total: int, size: int,
+                     ctx: dict[str, Any]) -> None:
+    """Refuse integers no file can have. Each chunk holds at least one byte, so chunk
+    ``i`` starts at byte ``i - 1`` or later, and the file has at least
+    ``offset + size + (n_total - i)`` bytes, which must fit in a file offset."""
+    if n_total < 1:
+        raise ChunkDecodeError(f"n_total_chunks is {n_total}, must be >= 1", **ctx)
+    if n_total > MAX_POSSIBLE_FILE_BYTES:
+        raise ChunkDecodeError(f"n_total_chunks {n_total} is more chunks than any file "
+                               f"can have (at most 2**63-1 bytes, one or more per chunk)",
+                               **ctx)
+    if not 1 <= i <= n_total:
+        raise ChunkDecodeError(f"chunk_i {i} is outside 1..{n_total}", **ctx)
+    if offset < i - 1 or (i == 1 and offset != 0):
+        raise ChunkDecodeError(f"chunk_offset {offset} is invalid for chunk {i} (the "
+                               f"chunks before it hold at least one byte each)", **ctx)
+    least = offset + size + (n_total - i)
+    if least > MAX_POSSIBLE_FILE_BYTES:
+        raise ChunkDecodeError(f"chunk {i} of {n_total} at offset {offset} needs a file of "
+                               f"at least {least} bytes, more than any file can hold "
+                               f"(2**63-1)", **ctx)
+
+
 def _unpack(value: Any, ctx: dict[str, Any]) -> Any:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise ChunkDecodeError(f"message value is {type(value).__name__}, not bytes", **ctx)
@@ -242,8 +289,9 @@ def decode_chunk(
 
     Checks: msgpack array of 9/10 fields, field types, UTF-8 names, 64-byte digests,
     non-empty data, safe relative path, ``1 <= chunk_i <= n_total_chunks``,
-    ``chunk_offset >= 0`` (and ``== 0`` for chunk 1), the chunk's sha512, and, when a key
-    is given, that the key names the same file and chunk as the value.
+    ``chunk_offset >= chunk_i - 1`` (and ``== 0`` for chunk 1), integers that fit a file
+    (see :func:`_check_placement`), the chunk's sha512, and, when a key is given, that
+    the key names the same file and chunk as the value.
     ``topic``/``partition``/``offset`` only decorate the error.
     """
     ctx: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
@@ -264,15 +312,9 @@ def decode_chunk(
     if not isinstance(data, bytes):
         raise ChunkDecodeError(f"data is {type(data).__name__}, expected bytes", **ctx)
     mtime = _mtime(fields, ctx)
-    if n_total < 1:
-        raise ChunkDecodeError(f"n_total_chunks is {n_total}, must be >= 1", **ctx)
-    if not 1 <= chunk_i <= n_total:
-        raise ChunkDecodeError(f"chunk_i {chunk_i} is outside 1..{n_total}", **ctx)
-    if chunk_offset < 0 or (chunk_i == 1 and chunk_offset != 0):
-        raise ChunkDecodeError(f"chunk_offset {chunk_offset} is invalid for chunk "
-                               f"{chunk_i}", **ctx)
     if not data:
         raise ChunkDecodeError("chunk data is empty", **ctx)
+    _check_placement(chunk_offset, chunk_i, n_total, len(data), ctx)
     if hashlib.sha512(data).digest() != chunk_hash:
         raise ChunkDecodeError("chunk hash mismatch", **ctx)
     chunk = Chunk(filename, file_hash, chunk_hash, chunk_offset, chunk_i, n_total,

@@ -246,6 +246,7 @@ class StreamProcessor:
         for record in handed:
             self.ledger.forget(record.key)
             self.reassembler.discard(record.key)  # so its chunks, if they come back, rebuild it
+            self.reassembler.release(record.completed)
             self.recorder.file_dropped(_progress_of(record.completed))
         if handed:
             logger.info("%d file(s) waiting for upload left to the next owner of %s",
@@ -359,6 +360,12 @@ class StreamProcessor:
             key = completed.file_key
             self.settle(unit.unit_id, by_key.get(key) or FileOutcome(
                 completed.rel_path, key, Outcome.FAILED_TRANSIENT, "no outcome reported"))
+        for completed in unit.files:
+            # Only now that the unit is over (a retry of the task re-reads its files),
+            # and only if no retry of this very file waits for it.
+            record = self.ledger.get(completed.file_key)
+            if record is None or record.completed is not completed:
+                self.reassembler.release(completed)
 
     def fail_unit(self, unit: UploadUnit, reason: str) -> None:
         """A whole unit failed (its task crashed or ran out of retries): retry it later."""

@@ -4,18 +4,32 @@ A file generation is identified by ``(rel_path, file_hash)``, so two generations
 same path assemble side by side. Chunks may arrive in any order, interleaved with other
 files, and more than once. Each chunk is placed by its index and offset; every placement
 is checked against the nearest chunks already present, so overlaps, holes and chunks past
-the end are refused as soon as they can be proven, not only at the end.
+the end are refused as soon as they can be proven, not only at the end. A chunk that
+cannot belong to a file under the size limit, or whose path reaches a folder the
+consumer keeps its own files in, rejects its file at once (:mod:`._chunk_rules`). Every
+chunk costs O(log k) for the k chunks of its file present, whatever ``n_total_chunks``
+it claims.
 
 Modes: ``memory`` keeps chunk data in RAM (never joined: see :mod:`.pieces`); ``disk`` writes
-each chunk at its offset into ``output_dir/<subdir>/.<name>.<ids>.partial`` (RAM stays
-small whatever the file size) and renames it atomically to ``output_dir/<rel_path>``;
-``both`` does both. The sha512 (checked against ``file_hash``) and the sha256 (for Girder)
-are computed incrementally over the in-order prefix as chunks arrive, on a helper thread
-(:mod:`.hashing`) so that they do not hold up the thread adding chunks.
+each chunk at its offset into a *staging file* of this run's folder
+``output_dir/.gus-staging/run-<random>/`` (RAM stays small whatever the file size),
+named from a hash of the generation, never from message text; the completed file is
+uploaded from there (``CompletedFile.path``), the very bytes whose sha512 was checked,
+and deleted by :meth:`Reassembler.release` once its fate is settled, as OpenMSIStream
+1.8.8 deletes a file rebuilt on disk once it has been processed. ``both`` does both and
+keeps a local copy: the verified staging file is renamed to ``output_dir/<rel_path>``,
+and the upload reads the bytes from memory. The sha512 (checked against ``file_hash``)
+and the sha256 (for Girder) are computed incrementally over the in-order prefix as
+chunks arrive, on a helper thread (:mod:`.hashing`) so that they do not hold up the
+thread adding chunks.
 
 Disk writes never leave ``output_dir``: paths are re-validated here, every directory is
 opened relative to its parent with ``O_NOFOLLOW`` (a symlink anywhere below
-``output_dir`` refuses the file), and files are opened with ``O_NOFOLLOW``.
+``output_dir`` refuses the file in both mode), and files are opened with ``O_NOFOLLOW``.
+An error of the operating system that is the file's fault (a name or offset the file
+system refuses: ``ENAMETOOLONG``, ``EFBIG``, ``OverflowError``, ``ValueError``...)
+rejects the file; only a failing storage (``ENOSPC``, ``EIO``...) is a transient
+:class:`~girder_upload_stream.errors.StorageError`.
 
 A :class:`Reassembler` is thread-safe (one internal lock) but not process-safe.
 """
@@ -23,17 +37,18 @@ A :class:`Reassembler` is thread-safe (one internal lock) but not process-safe.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from ._safe_disk import PATH_ERRNOS, SafeDir
-from .codec import Chunk, FileKey, path_problem
+from ._chunk_rules import (placement_problem, reserved_paths, reserved_problem, size_problem,
+                           staging_name)
+from ._safe_disk import PATH_ERRNOS, STAGING_DIR, SafeDir, StagingArea
+from .codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES, Chunk, FileKey, path_problem
 from .errors import FileRejectedError, StorageError
 from .hashing import FileDigest, HashPipe
 from .pieces import Pieces
@@ -46,6 +61,8 @@ __all__ = [
     "RejectedFile",
     "FileProgress",
     "Reassembler",
+    "STAGING_DIR",
+    "reserved_paths",
 ]
 
 
@@ -69,7 +86,9 @@ class AddStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class CompletedFile:
-    """A rebuilt file whose sha512 matched. ``data`` in memory/both, ``path`` in disk/both."""
+    """A rebuilt file whose sha512 matched. ``data`` in memory/both, ``path`` in disk/both:
+    in disk mode the verified staging file (valid until :meth:`Reassembler.release`), in
+    both mode the local copy at ``output_dir/<rel_path>``."""
 
     rel_path: str
     file_hash: bytes
@@ -151,7 +170,7 @@ class _State:
                  "data", "total", "bytes_received", "bytes_held", "digest",
                  "next_hash_i", "first_at", "last_at", "partial")
 
-    def __init__(self, chunk: Chunk, now: float, partial: tuple[str, str] | None,
+    def __init__(self, chunk: Chunk, now: float, partial: str | None,
                  digest: FileDigest) -> None:
         self.rel_path = chunk.rel_path
         self.file_hash = chunk.file_hash
@@ -167,7 +186,7 @@ class _State:
         self.next_hash_i = 1
         self.first_at = now
         self.last_at = now
-        self.partial = partial  # (subdir, partial file name) in disk/both modes
+        self.partial = partial  # the staging file's name, in disk/both modes
 
     def hash_block(self, block: memoryview) -> None:
         """Hash bytes read back from disk (into a reused buffer) before returning."""
@@ -179,66 +198,51 @@ class _State:
         self.next_hash_i += 1
 
 
-def _placement_problem(state: _State, i: int, offset: int, size: int) -> str | None:
-    """Say why chunk ``i`` at ``[offset, offset+size)`` cannot fit with the chunks present."""
-    end = offset + size
-    if state.total is not None and end > state.total:
-        return f"chunk {i} ends at byte {end}, past the end of the file ({state.total} bytes)"
-    if i == state.n_total and state.order and state.order[-1] < i:
-        last_i = state.order[-1]
-        if state.pieces[last_i][0] + state.pieces[last_i][1] > end:
-            return f"chunk {last_i} extends past the end of the file ({end} bytes)"
-    pos = bisect.bisect_left(state.order, i)
-    if pos > 0:
-        prev_i = state.order[pos - 1]
-        prev_off, prev_size, _ = state.pieces[prev_i]
-        room = offset - (prev_off + prev_size)
-        if room < i - prev_i - 1:
-            return f"chunk {i} at offset {offset} overlaps chunk {prev_i}"
-        if prev_i == i - 1 and room > 0:
-            return f"hole of {room} bytes between chunks {prev_i} and {i}"
-    if pos < len(state.order):
-        next_i = state.order[pos]
-        room = state.pieces[next_i][0] - end
-        if room < next_i - i - 1:
-            return f"chunk {i} at offset {offset} overlaps chunk {next_i}"
-        if next_i == i + 1 and room > 0:
-            return f"hole of {room} bytes between chunks {i} and {next_i}"
-    return None
-
-
 def _split(rel_path: str) -> tuple[str, str]:
     subdir, _, name = rel_path.rpartition("/")
     return subdir, name
 
 
-def _partial_name(rel_path: str, file_hash: bytes) -> tuple[str, str]:
-    subdir, name = _split(rel_path)
-    name_id = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
-    return subdir, f".{name[:80]}.{name_id}.{file_hash.hex()[:16]}.partial"
-
-
 class Reassembler:
     """Collect chunks of many files and hand back each file once it is complete and verified.
 
-    ``max_file_bytes`` bounds one file (None: no bound). ``clock`` gives message times
-    (epoch seconds). At most ``max_finished`` finished file keys are remembered so that
-    late duplicates of finished files are recognised (oldest forgotten first).
+    ``max_file_bytes`` bounds one file (None: only what a file offset can hold, 2**63-1
+    bytes). ``reserved`` lists POSIX paths relative to ``output_dir`` that no file may
+    reach (see :func:`reserved_paths`); the staging folder is always one, in every mode,
+    so that a name is refused or accepted alike whatever the mode. ``clock`` gives
+    message times (epoch seconds). At most ``max_finished`` finished file keys are
+    remembered so that late duplicates of finished files are recognised (oldest
+    forgotten first).
+
+    In disk and both modes, creating a Reassembler deletes the staging files that runs
+    which ended left behind (see :class:`~._safe_disk.StagingArea`; ``stale_removed``
+    counts their folders), and :meth:`close` (or the end of the process) deletes its
+    own: their messages were not committed unless the file is in Girder, so they are
+    read again and their files rebuilt.
     """
 
     def __init__(self, mode: Mode | str = Mode.MEMORY, output_dir: Path | str | None = None,
-                 max_file_bytes: int | None = None, *, clock: Callable[[], float] = time.time,
+                 max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES, *,
+                 reserved: Iterable[str] = (), clock: Callable[[], float] = time.time,
                  max_finished: int = 10_000, hash_pipe: HashPipe | None = None) -> None:
         self.mode = Mode(mode)
         if self.mode is not Mode.MEMORY and output_dir is None:
             raise ValueError(f"mode {self.mode.value!r} needs an output_dir")
+        limit = MAX_POSSIBLE_FILE_BYTES if max_file_bytes is None else max_file_bytes
+        if not 1 <= limit <= MAX_POSSIBLE_FILE_BYTES:
+            raise ValueError(f"max_file_bytes must be within 1..2**63-1, not {limit}")
+        self.max_file_bytes = limit
         self._disk = SafeDir(Path(output_dir)) if self.mode is not Mode.MEMORY else None
         self.output_dir = self._disk.root if self._disk else None
-        self.max_file_bytes = max_file_bytes
+        self._staging = StagingArea(self._disk) if self._disk else None
+        self.stale_removed = self._staging.stale_removed if self._staging else 0
+        self._reserved = tuple(sorted({tuple(r.split("/")) for r in reserved}
+                                      | {(STAGING_DIR,)}))
         self._clock = clock
         self._files: dict[FileKey, _State] = {}
         self._finished: OrderedDict[FileKey, str] = OrderedDict()
         self._max_finished = max_finished
+        self._serial = 0
         self._bytes_held = 0
         self._hashes = hash_pipe or HashPipe()
         self._lock = threading.Lock()
@@ -248,11 +252,17 @@ class Reassembler:
         """Chunk bytes currently held in RAM across all files (for back-pressure)."""
         return self._bytes_held
 
+    @property
+    def staging_dir(self) -> Path | None:
+        """This run's staging folder (disk and both modes), else None."""
+        return self._staging.path if self._staging else None
+
     def add(self, chunk: Chunk) -> AddResult:
         """Add one decoded chunk and say what happened (see :class:`AddStatus`).
 
         Raises :class:`StorageError` (transient) if the disk fails for a reason that is
         not the file's fault; the chunk is then not recorded and may be added again.
+        Raises nothing else: whatever its fields, a chunk is at worst its file's rejection.
         """
         with self._lock:
             now = self._clock()
@@ -265,6 +275,9 @@ class Reassembler:
                 return AddResult(status, key, reason)
             state = self._files.get(key)
             try:
+                problem = size_problem(chunk, self.max_file_bytes)
+                if problem:
+                    raise _Rejection(problem)
                 if state is None:
                     state = self._new_state(chunk, now)
                 return self._add_to(state, chunk, key, now)
@@ -275,12 +288,13 @@ class Reassembler:
         problem = path_problem(chunk.filename, chunk.subdir, chunk.filename_append)
         if problem:
             raise _Rejection(f"unsafe path: {problem}")
-        if self.max_file_bytes is not None and chunk.n_total_chunks > self.max_file_bytes:
-            raise _Rejection(f"file too large: {chunk.n_total_chunks} chunks exceed the "
-                             f"{self.max_file_bytes}-byte limit")
+        problem = reserved_problem(chunk.rel_path, self._reserved)
+        if problem:
+            raise _Rejection(problem)
         partial = None
-        if self._disk is not None:
-            partial = _partial_name(chunk.rel_path, chunk.file_hash)
+        if self._staging is not None:
+            self._serial += 1
+            partial = staging_name(chunk.rel_path, chunk.file_hash, self._serial)
         return _State(chunk, now, partial, self._hashes.digest())
 
     def _add_to(self, state: _State, chunk: Chunk, key: FileKey, now: float) -> AddResult:
@@ -296,10 +310,7 @@ class Reassembler:
                     return self._complete(state, key, now)
                 return AddResult(AddStatus.DUPLICATE, key, f"chunk {i} already received")
             raise _Rejection(f"chunk {i} received twice with different offset or data")
-        if self.max_file_bytes is not None and offset + size > self.max_file_bytes:
-            raise _Rejection(f"file too large: chunk {i} ends at byte {offset + size}, "
-                             f"over the {self.max_file_bytes}-byte limit")
-        problem = _placement_problem(state, i, offset, size)
+        problem = placement_problem(state, i, offset, size)
         if problem:
             raise _Rejection(problem)
         self._store(state, chunk, key)
@@ -312,9 +323,9 @@ class Reassembler:
         i = chunk.chunk_i
         if state.partial is not None:
             try:
-                self._disk.write(*state.partial, chunk.chunk_offset, chunk.data,
-                                 truncate=not state.pieces)
-            except OSError as exc:
+                self._staging.write(state.partial, chunk.chunk_offset, chunk.data,
+                                    truncate=not state.pieces)
+            except (OSError, OverflowError, ValueError) as exc:
                 self._raise_os_error(exc, state.rel_path)
         if not state.pieces:
             self._files[key] = state
@@ -345,17 +356,21 @@ class Reassembler:
             last += 1
         start = state.pieces[first][0]
         end = state.pieces[last][0] + state.pieces[last][1]
-        disk, (subdir, name) = self._disk, state.partial
+        staging, name = self._staging, state.partial
 
         def read_back(feed: Callable[[memoryview], None]) -> None:
-            disk.hash_range(subdir, name, start, end, feed)
+            staging.hash_range(name, start, end, feed)
 
         state.digest.update_later(read_back, end - start)
         state.next_hash_i = last + 1
 
     @staticmethod
-    def _raise_os_error(exc: OSError, rel_path: str) -> None:
-        if exc.errno in PATH_ERRNOS:
+    def _raise_os_error(exc: BaseException, rel_path: str) -> None:
+        """A file system error as the file's rejection (a name or an offset the file
+        system refuses) or as a transient :class:`StorageError` (the storage fails)."""
+        if isinstance(exc, (OverflowError, ValueError)):
+            raise _Rejection(f"cannot write below output_dir: {exc}") from exc
+        if isinstance(exc, OSError) and exc.errno in PATH_ERRNOS:
             raise _Rejection(f"cannot write below output_dir: {exc.strerror}") from exc
         raise StorageError(f"local storage failed: {exc}", rel_path=rel_path) from exc
 
@@ -365,25 +380,18 @@ class Reassembler:
         if self.mode is not Mode.DISK:
             data = Pieces([state.data[i] for i in range(1, state.n_total + 1)])
         else:
-            try:
-                state.digest.wait()
-            except OSError:  # a read-back on the hash thread failed: read it all again here
-                state.digest = self._hashes.digest()
-            if state.digest.hashed_bytes < total:
-                try:
-                    self._disk.hash_range(*state.partial, state.digest.hashed_bytes, total,
-                                          state.hash_block)
-                except OSError as exc:
-                    self._raise_os_error(exc, state.rel_path)
+            self._finish_disk_hash(state)
         if state.digest.sha512() != state.file_hash:
             raise _Rejection("mismatched hash: sha512 of the rebuilt file differs from "
                              "file_hash")
         path = None
-        if state.partial is not None:
+        if self.mode is Mode.DISK:
+            path = self._staging.path_of(state.partial)
+        elif state.partial is not None:
             subdir, final_name = _split(state.rel_path)
             try:
-                self._disk.publish(subdir, state.partial[1], final_name)
-            except OSError as exc:
+                self._disk.publish(self._staging.fd, state.partial, subdir, final_name)
+            except (OSError, ValueError) as exc:
                 self._raise_os_error(exc, state.rel_path)
             path = self._disk.root.joinpath(*state.rel_path.split("/"))
         completed = CompletedFile(state.rel_path, state.file_hash, state.digest.sha256_hex(),
@@ -392,6 +400,20 @@ class Reassembler:
         self._release(key, state)
         self._remember(key, "")
         return AddResult(AddStatus.COMPLETED, key, completed=completed)
+
+    def _finish_disk_hash(self, state: _State) -> None:
+        """Wait for the read-backs queued on the hash thread; if one failed, hash the
+        whole staging file again here."""
+        try:
+            state.digest.wait()
+        except Exception:  # noqa: BLE001 - whatever failed there is redone here
+            state.digest = self._hashes.digest()
+        if state.digest.hashed_bytes < state.total:
+            try:
+                self._staging.hash_range(state.partial, state.digest.hashed_bytes,
+                                         state.total, state.hash_block)
+            except (OSError, OverflowError, ValueError) as exc:
+                self._raise_os_error(exc, state.rel_path)
 
     def _reject(self, key: FileKey, state: _State | None, chunk: Chunk, now: float,
                 reason: str) -> AddResult:
@@ -414,7 +436,25 @@ class Reassembler:
         state.digest.discard()
         self._release(key, state)
         if state.partial is not None:
-            self._disk.remove(*state.partial)
+            self._staging.remove(state.partial)
+
+    def close(self) -> None:
+        """The run is over and no upload reads a completed file any more: delete the
+        staging folder and what is left in it (see :class:`~._safe_disk.StagingArea`).
+        Also done when the Reassembler is collected or the process exits."""
+        if self._staging is not None:
+            self._staging.close()
+
+    def release(self, completed: CompletedFile) -> None:
+        """The fate of ``completed`` is settled (in Girder, failed for good, or handed
+        over to another consumer): in disk mode, delete its staging file, as
+        OpenMSIStream 1.8.8 deletes a file rebuilt on disk once it was processed, whether
+        the upload worked or not. A no-op in memory mode and in both mode, which keeps
+        the local copy. Never raises; releasing twice is harmless."""
+        if self.mode is not Mode.DISK or completed.path is None:
+            return
+        if completed.path.parent == self._staging.path:  # never a path of another run
+            self._staging.remove(completed.path.name)
 
     def _remember(self, key: FileKey, outcome: str) -> None:
         self._finished[key] = outcome

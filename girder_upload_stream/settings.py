@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
+
 __all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaSettings", "RunSettings"]
 
 DEFAULT_COLLECTION_NAME = "WholeTale Catalog"
@@ -67,7 +69,8 @@ class RunSettings(BaseModel):
     logger_file_path: Path | None = None
     download_regex: str | None = None
     memory_budget_bytes: int = Field(default=1 << 30, ge=1 << 20)
-    max_file_bytes: int | None = None
+    #: The largest file rebuilt (--max_file_size_mb); a chunk of a larger one rejects it.
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=1, le=MAX_POSSIBLE_FILE_BYTES)
     max_unit_files: int = Field(default=64, ge=1)
     #: Bytes per upload unit: small enough that units running side by side stay close
     #: in offset order (a restart re-reads what lies between them), large enough that

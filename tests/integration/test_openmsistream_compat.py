@@ -192,11 +192,14 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
             assert done.file_mtime == pytest.approx(mtimes[rel], abs=1e-3), (mode, rel)
             if mode == "memory":
                 assert done.data == data, f"memory: {rel} differs"
-            else:
-                assert done.path == out_dir / rel, (done.path, rel)
+            else:  # the verified staging file, which the upload reads
+                assert done.path.parent == reassembler.staging_dir, (done.path, rel)
                 assert done.path.read_bytes() == data, f"disk: {rel} differs"
-    rebuilt = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    assert rebuilt == sorted(expected), f"unexpected files on disk: {rebuilt}"
+    staged = sorted(p.name for p in reassembler.staging_dir.iterdir())
+    assert staged == sorted(f.path.name for f in completed.values()), staged
+    elsewhere = [p for p in out_dir.rglob("*")
+                 if p.is_file() and reassembler.staging_dir not in p.parents]
+    assert not elsewhere, f"disk mode wrote files outside its staging folder: {elsewhere}"
 
 
 # ------------------------------------------------- 2. our producer -> real OpenMSIStream

@@ -149,8 +149,9 @@ def test_shuffled_chunks_with_duplicates_become_files_and_commit_after_upload(
     for unit in units:
         for f in unit.files:
             assert f.sha256 == hashlib.sha256(files[f.rel_path]).hexdigest()
-            if mode is Mode.DISK:
-                assert f.data is None and f.path == (tmp_path / "out" / f.rel_path).resolve()
+            if mode is Mode.DISK:  # uploaded from the verified staging file
+                assert f.data is None and f.path.parent == proc.reassembler.staging_dir
+                assert f.path.read_bytes() == files[f.rel_path]
     assert proc.take_units() == []  # each file once
     assert proc.offsets.committable() == held
 
@@ -564,7 +565,8 @@ def test_bytes_held_stays_zero_in_disk_mode(tmp_path) -> None:
     proc.handle(log.put(0, *c2))
     [unit] = proc.take_units()
     assert proc.bytes_held == 0 and not proc.idle
-    assert (tmp_path / "d.bin").read_bytes() == b"y" * 12
+    [done] = unit.files
+    assert done.path.read_bytes() == b"y" * 12
     proc.finish_unit(unit, outcomes(unit))
     assert proc.idle
 

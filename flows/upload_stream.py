@@ -10,6 +10,7 @@ time. For the same reason the body references no module-level locks or events.
 """
 
 import os
+from contextlib import nullcontext
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -21,7 +22,7 @@ from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fall
 from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
 from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES
-from girder_upload_stream.runner import reset_stop
+from girder_upload_stream.runner import StopSignal, stop_on_signals
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
 from girder_upload_stream.units import UploadChannel, UploadUnit
@@ -122,18 +123,21 @@ def upload_stream(
                 find_in_girder, {"keys": keys, "girder": girder, "topic": topic_name,
                                  "n": len(keys)}))
 
-        reset_stop()
+        stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
         group_id = kafka.group_id
         runner = build_runner(
             run, kafka, submit, probe=probe, early_outcomes=channel.drain,
             registry_fallback=lambda: load_registry_fallback(topic_name, group_id),
             log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-            girder_api_url=girder.api_url)
+            girder_api_url=girder.api_url, stop=stop)
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(
             ArtifactPublisher(runner.processor.recorder, topic_name, group_id))
         try:
-            summary = runner.run()
+            # A command-line run stops gracefully on SIGINT/SIGTERM; a deployment run
+            # keeps Prefect's own handling (a TerminationSignal, below).
+            with stop_on_signals(stop) if interactive else nullcontext():
+                summary = runner.run()
         except TerminationSignal:
             # SIGTERM or a cancellation: the runner already stopped gracefully.
             summary = runner.summary

@@ -22,7 +22,7 @@ from girder_upload_stream.log_topic import LogBuffer, LogMessages, LogTopic, spl
 from girder_upload_stream.pipeline import StreamProcessor
 from girder_upload_stream.reassembly import Reassembler, reserved_paths
 from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
-from girder_upload_stream.runner import SideJob, StreamRunner
+from girder_upload_stream.runner import SideJob, StopSignal, StreamRunner
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
 __all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner"]
@@ -120,10 +120,12 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  early_outcomes: Any = None,
                  registry_fallback: Callable[[], set[tuple[str, str]]] | None = None,
                  log_topic: LogTopic | None = None, secrets: Iterable[str] = (),
-                 girder_api_url: str | None = None) -> StreamRunner:
+                 girder_api_url: str | None = None, stop: StopSignal | None = None
+                 ) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
     ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
-    ``early_outcomes()`` drains the per-file outcomes of units still running.
+    ``early_outcomes()`` drains the per-file outcomes of units still running; ``stop``
+    is the run's stop request (its console's "quit" sets it too).
     ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
     Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
 
@@ -134,7 +136,7 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     log_job = _log_job(log_topic, kafka, secrets) if log_topic is not None else None
     try:
         return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
-                      registry_fallback, log_job, girder_api_url)
+                      registry_fallback, log_job, girder_api_url, stop or StopSignal())
     except BaseException:
         if log_job is not None:
             log_job.detach()
@@ -152,7 +154,8 @@ def _log_job(log_topic: LogTopic, kafka: KafkaSettings, secrets: Iterable[str]) 
 def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
            extra_jobs: list[SideJob] | None, probe: Any, early_outcomes: Any,
            registry_fallback: Callable[[], set[tuple[str, str]]] | None,
-           log_job: LogMessages | None, girder_api_url: str | None) -> StreamRunner:
+           log_job: LogMessages | None, girder_api_url: str | None,
+           stop: StopSignal) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
@@ -175,7 +178,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         stale_partial_seconds=run.stale_partial_seconds,
         max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
-                                   output_dir=output_dir.resolve()),
+                                   output_dir=output_dir.resolve(), stop=stop),
                            RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
         producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,
@@ -192,6 +195,6 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
                           on_assign=processor.assigned,
                           on_lost=lambda tps: holder["runner"].on_lost(tps))
     runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.try_save,
-                          probe=probe, early_outcomes=early_outcomes)
+                          probe=probe, early_outcomes=early_outcomes, stop=stop)
     holder["runner"] = runner
     return runner

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,12 +162,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.addHandler(handler)
 
 
-def _install_signal_handlers() -> None:
-    from girder_upload_stream.runner import request_stop
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: request_stop(signal.Signals(signum).name))
-
-
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate, then run the flow until it stops: 0 on a graceful stop, 1 if the last
     save of the registries failed (the offsets it guarded stayed uncommitted)."""
@@ -180,7 +173,6 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not api_key:
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
     _setup_logging(args)
-    _install_signal_handlers()
     # The key travels by environment, never as a flow parameter (Prefect stores those).
     os.environ["GIRDER_API_KEY"] = api_key
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

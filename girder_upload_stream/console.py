@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from girder_upload_stream.runner import request_stop
+from girder_upload_stream.runner import StopSignal
 
 __all__ = ["Console", "announce_start", "start_lines"]
 
@@ -68,8 +68,9 @@ class Console:
 
     def __init__(self, update_seconds: float, *, interactive: bool = True,
                  stdin: TextIO | None = None, stdout: TextIO | None = None,
-                 output_dir: Path | None = None) -> None:
+                 output_dir: Path | None = None, stop: StopSignal | None = None) -> None:
         self.update_seconds = update_seconds
+        self.stop = stop or StopSignal()  # the run's: "quit" asks it to stop
         self.out = stdout or sys.stdout
         self.output_dir = output_dir  # named in the shutdown line
         self._last_dot = time.monotonic()
@@ -84,7 +85,7 @@ class Console:
             for line in source:
                 command = line.strip().lower()
                 if command in ("q", "quit"):
-                    request_stop("quit typed on the console")
+                    self.stop.request("quit typed on the console")
                     return
                 if command in ("c", "check"):
                     self._check_requested.set()

@@ -12,9 +12,11 @@ worked: while it fails, uploads go on and commits wait.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,26 +26,50 @@ from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.codec import FileKey
 from girder_upload_stream.units import FileOutcome, UploadUnit, mark_moved
 
-__all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "STOP", "request_stop",
-           "reset_stop"]
+__all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "StopSignal",
+           "stop_on_signals"]
 
 logger = logging.getLogger(__name__)
 
-#: Set by signal handlers, the console's "quit" and Prefect cancellation.
-STOP = threading.Event()
 SHUTDOWN_GRACE_SECONDS = 20.0
 
 
-def request_stop(reason: str) -> None:
-    """Ask the running loop to stop gracefully (safe from signal handlers)."""
-    if not STOP.is_set():
-        logger.info("stop requested: %s", reason)
-    STOP.set()
+class StopSignal:
+    """One run's stop request: set by its signal handlers, its console's "quit" or its
+    caller; safe from signal handlers and other threads. Each run owns its own, so a
+    second run in the same process (a test, a served deployment) starts fresh."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            logger.info("stop requested: %s", reason)
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
 
 
-def reset_stop() -> None:
-    """Forget an earlier stop request (a new run in the same process starts fresh)."""
-    STOP.clear()
+@contextmanager
+def stop_on_signals(stop: StopSignal) -> Iterator[None]:
+    """SIGINT and SIGTERM request a graceful stop of the run while inside (in the main
+    thread only: elsewhere the process's handlers stay); the previous handlers come back
+    at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda signum, _frame: stop.request(signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class UploadHandle(Protocol):
@@ -85,8 +111,10 @@ class StreamRunner:
                  before_commit: Callable[[], None] | None = None,
                  probe: Callable[[list[FileKey]], ProbeHandle] | None = None,
                  early_outcomes: Callable[[], list[tuple[int, FileOutcome]]] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 stop: StopSignal | None = None) -> None:
         self.settings = settings
+        self.stop = stop or StopSignal()
         self.processor = processor
         self.group = group
         self._submit = submit
@@ -239,7 +267,7 @@ class StreamRunner:
     # -- the loop --------------------------------------------------------------------
     def _stop_reason(self) -> str | None:
         now = self._clock()
-        if STOP.is_set():
+        if self.stop.is_set():
             return "stop requested"
         limit = self.settings.max_runtime_seconds
         if limit is not None and now - self._started >= limit:

@@ -4,7 +4,8 @@ them are left to the next owner (no race to Girder), the others are kept."""
 from __future__ import annotations
 
 from girder_upload_stream.units import Outcome
-from tests.unit.test_pipeline import TOPIC, Log, encoded, make, upload_all
+from tests.unit.fakes import TOPIC, Log, encoded, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
 

@@ -16,7 +16,8 @@ from girder_upload_stream.pipeline import PartitionInfo, file_generation
 from girder_upload_stream.pieces import Pieces
 from girder_upload_stream.reassembly import FileProgress
 from girder_upload_stream.units import FileOutcome, Outcome
-from tests.unit.test_pipeline import TOPIC, Clock, Log, SpyRecorder, encoded, make, upload_all
+from tests.unit.fakes import TOPIC, Clock, Log, SpyRecorder, encoded, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
 
@@ -286,7 +287,7 @@ class ProbeHandle:
 
 
 def test_runner_looks_up_reread_files_and_waits_for_lookups_before_idle_stop() -> None:
-    from tests.unit.test_runner import make as make_runner, put_file
+    from tests.unit.fakes import make_runner, put_file
     handles: list[ProbeHandle] = []
     runner, group, submit = make_runner(max_idle_seconds=0.0)
     runner._probe = lambda keys: handles.append(ProbeHandle(keys, True)) or handles[-1]
@@ -304,7 +305,7 @@ def test_runner_looks_up_reread_files_and_waits_for_lookups_before_idle_stop() -
 
 
 def test_runner_retries_a_failed_lookup() -> None:
-    from tests.unit.test_runner import make as make_runner, put_file
+    from tests.unit.fakes import make_runner, put_file
     handles: list[ProbeHandle] = []
     runner, group, _ = make_runner()
     runner._probe = lambda keys: handles.append(
@@ -460,7 +461,7 @@ def test_files_settle_as_they_land_not_when_their_unit_ends() -> None:
 
 
 def test_runner_drains_early_outcomes() -> None:
-    from tests.unit.test_runner import make as make_runner, put_file
+    from tests.unit.fakes import make_runner, put_file
     reported: list = []
     runner, group, submit = make_runner(max_unit_files=8)
     runner._early_outcomes = lambda: [reported.pop(0) for _ in range(len(reported))]
@@ -476,8 +477,8 @@ def test_runner_drains_early_outcomes() -> None:
 
 
 def test_idle_stop_waits_while_the_broker_does_not_answer() -> None:
-    from tests.unit.test_runner import Clock as RunnerClock, make as make_runner
-    clock = RunnerClock()
+    from tests.unit.fakes import Clock as RunnerClock, make_runner
+    clock = RunnerClock(now=100.0)
     runner, group, _ = make_runner(clock=clock, max_idle_seconds=5.0)
     group.quiet_seconds = lambda: 2.0  # the broker failed 2 s ago
     group.caught_up = lambda: True
@@ -492,8 +493,8 @@ def test_idle_stop_waits_while_the_broker_does_not_answer() -> None:
 
 
 def test_idle_stop_waits_while_messages_are_behind() -> None:
-    from tests.unit.test_runner import Clock as RunnerClock, make as make_runner
-    clock = RunnerClock()
+    from tests.unit.fakes import Clock as RunnerClock, make_runner
+    clock = RunnerClock(now=100.0)
     runner, group, _ = make_runner(clock=clock, max_idle_seconds=5.0)
     answers = [False, True]
     group.caught_up = lambda: answers.pop(0)

@@ -12,7 +12,8 @@ from girder_upload_stream.offsets import (
     MAX_SPANS_CHARS, OffsetTracker, format_metadata, parse_metadata, parse_spans, spans_of,
 )
 from girder_upload_stream.pipeline import PartitionInfo
-from tests.unit.test_pipeline import TOPIC, Log, encoded, make, upload_all
+from tests.unit.fakes import TOPIC, Log, encoded, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0 = (TOPIC, 0)
 

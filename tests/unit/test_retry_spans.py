@@ -8,7 +8,8 @@ from girder_upload_stream.offsets import (MAX_FAILED_CHARS, OffsetTracker, forma
                                           parse_failed, parse_metadata, parse_spans)
 from girder_upload_stream.pipeline import RETRIED_NEXT_RUN, PartitionInfo
 from girder_upload_stream.units import FileOutcome, Outcome
-from tests.unit.test_pipeline import TOPIC, Log, encoded, make, outcomes, upload_all
+from tests.unit.fakes import TOPIC, Log, encoded, outcomes, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
 
@@ -57,8 +58,7 @@ def test_a_commit_lists_the_retry_spans_not_yet_read_again() -> None:
     assert tracker.failed_spans(P0, 10) == [(3, 5), (7, 8)]
 
 
-def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run() -> None:
-    log = Log()
+def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run(log: Log) -> None:
     first = make()
     pairs = encoded(b"R" * 12, "r.bin")
     msgs = [log.put(0, *pairs[0]), log.put(1, *pairs[1]),
@@ -89,8 +89,7 @@ def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run() ->
     assert second.offsets.commit_plan() == {P0: (2, "gus1:hw=2;p="), P1: (1, "gus1:hw=1;p=")}
 
 
-def test_the_registry_says_a_failed_file_waits_for_the_next_run() -> None:
-    log = Log()
+def test_the_registry_says_a_failed_file_waits_for_the_next_run(log: Log) -> None:
     proc = make()
     proc.handle(log.put(0, *encoded(b"x", "x.bin")[0]))
     [unit] = proc.take_units()
@@ -101,9 +100,8 @@ def test_the_registry_says_a_failed_file_waits_for_the_next_run() -> None:
     assert spy_reasons == [f"HTTP 403: forbidden; {RETRIED_NEXT_RUN}"]
 
 
-def test_a_file_produced_again_is_not_listed_for_retry() -> None:
+def test_a_file_produced_again_is_not_listed_for_retry(log: Log) -> None:
     """A second production holds nothing: Girder had its content when it began."""
-    log = Log()
     proc = make()
     pairs = encoded(b"again", "a.bin")
     proc.handle(log.put(0, *pairs[0]))

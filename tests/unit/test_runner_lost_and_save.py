@@ -15,8 +15,9 @@ from girder_upload_stream.reassembly import Reassembler
 from girder_upload_stream.recording import RegistryRecorder
 from girder_upload_stream.runner import StreamRunner
 from girder_upload_stream.units import Outcome
-from tests.unit.test_runner import (TOPIC, Clock, FakeGroup, Submitter, make, put_file,
-                                    settings)
+from tests.unit.fakes import TOPIC, Clock, FakeGroup, Submitter, put_file
+from tests.unit.fakes import make_runner as make
+from tests.unit.fakes import run_settings as settings
 
 P1, P2 = (TOPIC, 1), (TOPIC, 2)
 
@@ -346,7 +347,6 @@ def test_the_command_exits_non_zero_when_the_last_save_failed(monkeypatch, capsy
                "registry_save_error": save_error}
     monkeypatch.setattr(flow_module, "upload_stream", lambda **kwargs: summary)
     monkeypatch.setattr(cli_run, "_setup_logging", lambda args: None)
-    monkeypatch.setattr(cli_run, "_install_signal_handlers", lambda: None)
     monkeypatch.setenv("GIRDER_API_KEY", "k")
     parser = argparse.ArgumentParser()
     cli_run.add_run_arguments(parser, default_config="local")

@@ -21,9 +21,9 @@ from pydantic import SecretStr
 from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
 from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
-from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES
 from girder_upload_stream.runner import StopSignal, stop_on_signals
-from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
+from girder_upload_stream.options import DEFAULTS
+from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
 from girder_upload_stream.units import UploadChannel, UploadUnit
 
@@ -54,35 +54,35 @@ def _api_key(key: SecretStr | None, block: str | None) -> SecretStr | None:
 
 @flow(name="girder-upload-stream", log_prints=False)
 def upload_stream(
-    topic_name: str = "test",
+    topic_name: str = DEFAULTS.topic_name,
     config: str = "local",
     girder_api_url: str | None = None,
     girder_api_key: SecretStr | None = None,
     girder_api_key_block: str | None = None,
-    girder_root_folder_id: str | None = None,
-    collection_name: str = DEFAULT_COLLECTION_NAME,
-    girder_root_folder_path: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    replace_existing: bool = False,
-    n_threads: int = 2,
-    consumer_group_id: str = "create_new",
-    download_regex: str | None = None,
-    output_dir: str = "GirderUploadStreamProcessor_output",
-    mode: Literal["memory", "disk", "both"] = "memory",
-    update_seconds: float = 300,
-    max_idle_seconds: float | None = None,
-    max_runtime_seconds: float | None = None,
-    heartbeat_topic_name: str | None = None,
-    heartbeat_program_id: str | None = None,
-    heartbeat_interval_secs: float = 30,
-    log_topic_name: str | None = None,
-    log_program_id: str | None = None,
-    log_interval_secs: float = 60,
-    memory_budget_mb: int = 1024,
-    max_file_size_mb: int = DEFAULT_MAX_FILE_BYTES >> 20,
-    stale_partial_seconds: float | None = 3600,
+    girder_root_folder_id: str | None = DEFAULTS.girder_root_folder_id,
+    collection_name: str = DEFAULTS.collection_name,
+    girder_root_folder_path: str | None = DEFAULTS.girder_root_folder_path,
+    metadata: dict[str, Any] | None = DEFAULTS.metadata,
+    replace_existing: bool = DEFAULTS.replace_existing,
+    n_threads: int = DEFAULTS.n_threads,
+    consumer_group_id: str = DEFAULTS.consumer_group_id,
+    download_regex: str | None = DEFAULTS.download_regex,
+    output_dir: str = DEFAULTS.output_dir,
+    mode: Literal["memory", "disk", "both"] = DEFAULTS.mode,
+    update_seconds: float = DEFAULTS.update_seconds,
+    max_idle_seconds: float | None = DEFAULTS.max_idle_seconds,
+    max_runtime_seconds: float | None = DEFAULTS.max_runtime_seconds,
+    heartbeat_topic_name: str | None = DEFAULTS.heartbeat_topic_name,
+    heartbeat_program_id: str | None = DEFAULTS.heartbeat_program_id,
+    heartbeat_interval_secs: float = DEFAULTS.heartbeat_interval_secs,
+    log_topic_name: str | None = DEFAULTS.log_topic_name,
+    log_program_id: str | None = DEFAULTS.log_program_id,
+    log_interval_secs: float = DEFAULTS.log_interval_secs,
+    memory_budget_mb: int = DEFAULTS.memory_budget_mb,
+    max_file_size_mb: int = DEFAULTS.max_file_size_mb,
+    stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
     interactive: bool = False,
-    logs_dir: str | None = None,
+    logs_dir: str | None = DEFAULTS.logs_dir,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from girder_upload_stream import __version__
 from girder_upload_stream.codec import DEFAULT_CHUNK_SIZE
 from girder_upload_stream.config import load_config
-from girder_upload_stream.cli_run import positive_int
+from girder_upload_stream.cli_run import add_run_arguments, run_from_args, run_guarded
 from girder_upload_stream.config_files import resolve_config_path
-from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.options import positive_int
 from girder_upload_stream.producer import DEFAULT_UPLOAD_REGEX, ProduceSummary, produce_path
 
-__all__ = ["build_parser", "main", "run_guarded"]
+__all__ = ["build_parser", "main"]
 
 
 def _regex(text: str) -> re.Pattern[str]:
@@ -74,7 +74,6 @@ def _run_produce(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from girder_upload_stream.cli_run import add_run_arguments, run_from_args
     run = sub.add_parser(
         "run", help="consume chunk messages and upload the rebuilt files to Girder",
         description="Read chunk messages from a topic, rebuild the files and upload them to "
@@ -95,18 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_produce(sub)
     return parser
-
-
-def run_guarded(action) -> int:
-    """Run a command; our own errors become one clear line and exit status 2."""
-    try:
-        return action()
-    except GirderUploadStreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,144 +10,37 @@ registries, exit 0.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
-from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
+from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.options import add_options, flow_arguments
 
-__all__ = ["add_run_arguments", "positive_int", "positive_float", "run_from_args",
-           "processor_main"]
+__all__ = ["add_run_arguments", "run_from_args", "processor_main", "run_guarded"]
 
 UNSUPPORTED = {
     "treat_undecryptable_as_plaintext": "KafkaCrypto encryption",
     "max_wait_per_decrypt": "KafkaCrypto encryption",
     "max_initial_wait_per_decrypt": "KafkaCrypto encryption",
 }
-LEVELS = ["debug", "info", "warning", "error", "critical"]
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"lab\": \"x\"}'")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with a usage error (exit 2) otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (OpenMSIStream's type of the interval options)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
-
-
-def _file_size_mb(text: str) -> int:
-    """argparse type of --max_file_size_mb: 1 MiB up to what a file offset holds."""
-    value = positive_int(text)
-    if value > MAX_POSSIBLE_FILE_BYTES >> 20:
-        raise argparse.ArgumentTypeError(f"at most {MAX_POSSIBLE_FILE_BYTES >> 20} "
-                                         "(2**63 bytes: no file can be larger)")
-    return value
-
-
-def _add_girder(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
+    """Every option of OpenMSIStream's GirderUploadStreamProcessor, plus ours (defined
+    once, in :mod:`girder_upload_stream.options`)."""
     parser.add_argument("girder_api_url", help="Girder REST API URL, e.g. http://host/api/v1")
     parser.add_argument("girder_api_key", nargs="?", default=None,
                         help="Girder API key (default: $GIRDER_API_KEY, which keeps it out "
                              "of the process list)")
-    parser.add_argument("--girder_root_folder_id", help="id of the root folder to upload below")
-    parser.add_argument("--collection_name", default=DEFAULT_COLLECTION_NAME,
-                        help="collection of the root folder when no id is given "
-                             "(default: %(default)s)")
-    parser.add_argument("--girder_root_folder_path",
-                        help="root folder path, collection name first (default: "
-                             "'{collection_name}/{topic_name}'); created if missing")
-    parser.add_argument("--metadata", type=_json_object,
-                        help="JSON object added to every item's and folder's metadata")
-    parser.add_argument("--replace_existing", action="store_true",
-                        help="replace an item's contents when a different file of the same "
-                             "name is already there (default: skip with a warning)")
-
-
-def _add_kafka(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config,
                         help="config file path, or a bundled config name (default: %(default)s)")
-    parser.add_argument("--topic_name", default="test", help="topic (default: %(default)s)")
-    parser.add_argument("--n_threads", type=positive_int, default=2,
-                        help="consumers in the group, and uploads at once (default: %(default)s)")
-    parser.add_argument("--consumer_group_id", default="create_new",
-                        help="consumer group; 'create_new' makes a fresh one (default)")
-    parser.add_argument("--download_regex",
-                        help="only files whose relative path matches are uploaded")
-    parser.add_argument("--heartbeat_topic_name", help="topic for heartbeat messages")
-    parser.add_argument("--heartbeat_program_id", help="heartbeat key prefix")
-    parser.add_argument("--heartbeat_interval_secs", type=float, default=30,
-                        help="seconds between heartbeats (default: %(default)s)")
-    parser.add_argument("--log_topic_name",
-                        help="topic for log messages (the program's log lines)")
-    parser.add_argument("--log_program_id", help="log message key prefix")
-    parser.add_argument("--log_interval_secs", type=positive_float, default=60,
-                        help="seconds between log messages (default: %(default)s)")
+    add_options(parser)
     for name in UNSUPPORTED:
         parser.add_argument(f"--{name}", default=None, nargs="?", const=True,
                             help=argparse.SUPPRESS)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
-    """Every option of OpenMSIStream's GirderUploadStreamProcessor, plus ours."""
-    _add_girder(parser)
-    _add_kafka(parser, default_config)
-    parser.add_argument("--output_dir", type=Path,
-                        default=Path("GirderUploadStreamProcessor_output"),
-                        help="registries, logs and (disk mode) files (default: %(default)s)")
-    parser.add_argument("--mode", choices=["memory", "disk", "both"], default="memory",
-                        help="where files are rebuilt (default: %(default)s)")
-    parser.add_argument("--logger_stream_level", choices=LEVELS, default="info")
-    parser.add_argument("--logger_file_level", choices=LEVELS, default="info")
-    parser.add_argument("--logger_file_path", type=Path,
-                        help="folder of the log file and registries (default: OUTPUT_DIR/LOGS)")
-    parser.add_argument("--update_seconds", type=float, default=300,
-                        help="seconds between the '.' alive lines (default: %(default)s)")
-    parser.add_argument("--max_idle_seconds", type=float,
-                        help="stop after this long with no new message and nothing in flight")
-    parser.add_argument("--max_runtime_seconds", type=float, help="stop after this long")
-    parser.add_argument("--stale_partial_seconds", type=float, default=3600,
-                        help="a file missing chunks for this long stops holding back offset "
-                             "commits and is registered as failed; 0 = never "
-                             "(default: %(default)s)")
-    parser.add_argument("--memory_budget_mb", type=positive_int, default=1024,
-                        help="pause fetching while files held in RAM exceed this "
-                             "(default: %(default)s)")
-    parser.add_argument("--max_file_size_mb", type=_file_size_mb,
-                        default=DEFAULT_MAX_FILE_BYTES >> 20,
-                        help="largest file rebuilt, in MiB; a chunk of a larger file "
-                             "rejects the file (default: %(default)s, 1 TiB)")
-
-
 def _setup_logging(args: argparse.Namespace) -> None:
-    logs_dir = args.logger_file_path or args.output_dir / "LOGS"
+    logs_dir = args.logs_dir or args.output_dir / "LOGS"
     logs_dir.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("girder_upload_stream")
     root.setLevel(logging.DEBUG)
@@ -179,23 +72,8 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     # Prefect's temporary (ephemeral) server can take >20 s to start on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from girder_upload_stream.flows.upload_stream import upload_stream
-    summary = upload_stream(
-        topic_name=args.topic_name, config=args.config, girder_api_url=args.girder_api_url,
-        girder_root_folder_id=args.girder_root_folder_id,
-        collection_name=args.collection_name, girder_root_folder_path=args.girder_root_folder_path,
-        metadata=args.metadata, replace_existing=args.replace_existing, n_threads=args.n_threads,
-        consumer_group_id=args.consumer_group_id, download_regex=args.download_regex,
-        output_dir=str(args.output_dir), mode=args.mode, update_seconds=args.update_seconds,
-        max_idle_seconds=args.max_idle_seconds, max_runtime_seconds=args.max_runtime_seconds,
-        heartbeat_topic_name=args.heartbeat_topic_name,
-        heartbeat_program_id=args.heartbeat_program_id,
-        heartbeat_interval_secs=args.heartbeat_interval_secs,
-        log_topic_name=args.log_topic_name, log_program_id=args.log_program_id,
-        log_interval_secs=args.log_interval_secs,
-        memory_budget_mb=args.memory_budget_mb, max_file_size_mb=args.max_file_size_mb,
-        interactive=True,
-        stale_partial_seconds=args.stale_partial_seconds or None,
-        logs_dir=str(args.logger_file_path) if args.logger_file_path else None)
+    summary = upload_stream(config=args.config, girder_api_url=args.girder_api_url,
+                            interactive=True, **flow_arguments(args))
     print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
@@ -209,6 +87,18 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+def run_guarded(action) -> int:
+    """Run a command; our own errors become one clear line and exit status 2."""
+    try:
+        return action()
+    except GirderUploadStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def processor_main(argv: list[str] | None = None) -> int:
     """Entry point of the ``GirderUploadStreamProcessor`` command."""
     parser = argparse.ArgumentParser(
@@ -217,5 +107,4 @@ def processor_main(argv: list[str] | None = None) -> int:
                     "upload them to Girder (girder-upload-stream's drop-in for OpenMSIStream's "
                     "command). Type 'c' to check progress, 'q' to quit.")
     add_run_arguments(parser, default_config="test")
-    from girder_upload_stream.cli import run_guarded
     return run_guarded(lambda: run_from_args(parser.parse_args(argv), parser))

@@ -198,3 +198,23 @@ def test_doc_test_markers_precede_bash_blocks() -> None:
             if line.strip() == "<!-- doc-test -->":
                 following = lines[index + 1].strip() if index + 1 < len(lines) else ""
                 assert following == "```bash", f"{path.name}:{index + 1}"
+
+
+def test_options_are_defined_once_for_the_flow_and_both_commands() -> None:
+    """The flow's defaults are the options' defaults, and both commands parse to them."""
+    import inspect
+
+    from girder_upload_stream.flows.upload_stream import upload_stream
+    from girder_upload_stream.options import OPTIONS, flow_arguments
+    signature = inspect.signature(upload_stream.fn).parameters
+    own = {"config", "girder_api_url", "girder_api_key", "girder_api_key_block", "interactive"}
+    flow_options = {o.name: o for o in OPTIONS if o.flow}
+    assert set(signature) - own == set(flow_options), "a flow parameter is not an option"
+    for name, option in flow_options.items():
+        assert signature[name].default == option.default, name
+    for command in (cli.build_parser().parse_args(["run", "http://g/api/v1"]),
+                    _processor_parser().parse_args(["http://g/api/v1"])):
+        parsed = flow_arguments(command)
+        for name, option in flow_options.items():
+            expected = option.to_flow(option.default) if option.to_flow else option.default
+            assert parsed[name] == expected, name

@@ -72,6 +72,9 @@ def upload_stream(
     heartbeat_topic_name: str | None = None,
     heartbeat_program_id: str | None = None,
     heartbeat_interval_secs: float = 30,
+    treat_undecryptable_as_plaintext: bool = False,
+    max_wait_per_decrypt: float = 5.0,
+    max_initial_wait_per_decrypt: float = 60.0,
     memory_budget_mb: int = 1024,
     stale_partial_seconds: float | None = 3600,
     interactive: bool = False,
@@ -91,7 +94,10 @@ def upload_stream(
                              root_folder_path=girder_root_folder_path,
                              metadata=metadata or {}, replace_existing=replace_existing)
     kafka = kafka_settings(config, topic_name, consumer_group_id, n_threads,
-                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs)
+                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs,
+                           treat_undecryptable_as_plaintext=treat_undecryptable_as_plaintext,
+                           max_wait_per_decrypt=max_wait_per_decrypt,
+                           max_initial_wait_per_decrypt=max_initial_wait_per_decrypt)
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
                       update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
@@ -130,7 +136,10 @@ def upload_stream(
             close_channel(channel)
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
+    encrypted = {}
+    if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
+        encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
-            "pending_messages": summary.pending_messages}
+            "pending_messages": summary.pending_messages, **encrypted}

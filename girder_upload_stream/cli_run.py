@@ -26,9 +26,6 @@ UNSUPPORTED = {
     "log_topic_name": "log messages to a Kafka topic",
     "log_program_id": "log messages to a Kafka topic",
     "log_interval_secs": "log messages to a Kafka topic",
-    "treat_undecryptable_as_plaintext": "KafkaCrypto encryption",
-    "max_wait_per_decrypt": "KafkaCrypto encryption",
-    "max_initial_wait_per_decrypt": "KafkaCrypto encryption",
 }
 LEVELS = ["debug", "info", "warning", "error", "critical"]
 
@@ -40,6 +37,17 @@ def _json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"lab\": \"x\"}'")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0, with a usage error (exit 2) otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
     return value
 
 
@@ -87,9 +95,24 @@ def _add_kafka(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--heartbeat_program_id", help="heartbeat key prefix")
     parser.add_argument("--heartbeat_interval_secs", type=float, default=30,
                         help="seconds between heartbeats (default: %(default)s)")
+    _add_kafkacrypto(parser)
     for name in UNSUPPORTED:
         parser.add_argument(f"--{name}", default=None, nargs="?", const=True,
                             help=argparse.SUPPRESS)
+
+
+def _add_kafkacrypto(parser: argparse.ArgumentParser) -> None:
+    """OpenMSIStream's three KafkaCrypto options; they matter only when the config has
+    a [kafkacrypto] section (an encrypted topic)."""
+    parser.add_argument("--treat_undecryptable_as_plaintext", action="store_true",
+                        help="read messages that are not KafkaCrypto messages at all as "
+                             "plaintext (default: register them as failed)")
+    parser.add_argument("--max_wait_per_decrypt", type=positive_float, default=5.0,
+                        help="seconds a message waits for its decryption key, once a first "
+                             "message had to be given up (default: %(default)s)")
+    parser.add_argument("--max_initial_wait_per_decrypt", type=positive_float, default=60.0,
+                        help="seconds a message waits for its decryption key until then "
+                             "(default: %(default)s)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
@@ -169,6 +192,9 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         heartbeat_topic_name=args.heartbeat_topic_name,
         heartbeat_program_id=args.heartbeat_program_id,
         heartbeat_interval_secs=args.heartbeat_interval_secs,
+        treat_undecryptable_as_plaintext=args.treat_undecryptable_as_plaintext,
+        max_wait_per_decrypt=args.max_wait_per_decrypt,
+        max_initial_wait_per_decrypt=args.max_initial_wait_per_decrypt,
         memory_budget_mb=args.memory_budget_mb, interactive=True,
         stale_partial_seconds=args.stale_partial_seconds or None,
         logs_dir=str(args.logger_file_path) if args.logger_file_path else None)
@@ -176,6 +202,10 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
           f"re-read and found in Girder", flush=True)
+    if summary.get("messages_not_decrypted"):
+        print(f"{summary['messages_not_decrypted']} message(s) could not be decrypted and were "
+              f"left uncommitted: the next run of this consumer group reads them again",
+              flush=True)
     return 0
 
 

@@ -22,8 +22,8 @@ committed. The rules:
 4. A message that is not a KafkaCrypto message at all (plaintext in an encrypted
    topic) can never be decrypted. With ``--treat_undecryptable_as_plaintext`` it goes
    on as it is (and the pipeline decodes it like any plaintext chunk); without, it is
-   registered as ``failed`` with the reason and is done (committed past): no key will
-   ever make it a file.
+   registered as ``failed`` with the reason and, like a message given up, left
+   uncommitted: a run of the same group with the flag reads it again as plaintext.
 5. While more than ``wait_bytes`` of messages wait within their wait, fetching pauses
    (back-pressure), so a topic encrypted with keys this node cannot get does not
    fill the memory; messages given up keep at most ``keep_bytes``, the oldest drop
@@ -195,16 +195,22 @@ class DecryptingReader:
         return ready, given_up
 
     def _settle(self, entry: _Held, state: str, ready: list[PlainMessage]) -> None:
-        """A message that no longer waits: on to the pipeline, or registered (rule 4)."""
+        """A message that no longer waits: on to the pipeline, or held for good (rule 4)."""
         if state == _NEVER and not self.as_plaintext:
             parts = " and ".join(entry.decryption.never_parts())
             self._register(entry, f"{NOT_ENCRYPTED}: its {parts} cannot be decrypted by any "
-                                  f"key (plaintext in an encrypted topic?); run with "
-                                  f"--treat_undecryptable_as_plaintext to read such messages "
-                                  f"as plaintext")
+                                  f"key (plaintext in an encrypted topic?); left uncommitted: "
+                                  f"run this group with --treat_undecryptable_as_plaintext to "
+                                  f"read such messages as plaintext")
+            if not self.rejected:
+                logger.error("%s[%d]@%d is %s (plaintext in an encrypted topic?): registered "
+                             "as failed and left uncommitted; --treat_undecryptable_as_"
+                             "plaintext reads such messages as plaintext", entry.topic,
+                             entry.partition, entry.offset, NOT_ENCRYPTED)
             self.rejected += 1
-            logger.error("%s[%d]@%d is %s; registered as failed and skipped", entry.topic,
-                         entry.partition, entry.offset, NOT_ENCRYPTED)
+            entry.given_up = True
+            entry.decryption.release()  # no key can help: nothing to retry in this run
+            self._held[(entry.topic, entry.partition, entry.offset)] = entry
             return
         key, value = entry.decryption.plaintext()
         if entry.given_up:
@@ -257,7 +263,8 @@ class DecryptingReader:
         found = set()
         for row in table.rows() if table is not None else ():
             reason = str(row.extra.get("reason", ""))
-            if row.generation.startswith("offset-") and reason.startswith(NOT_DECRYPTED):
+            if row.generation.startswith("offset-") and reason.startswith((NOT_DECRYPTED,
+                                                                           NOT_ENCRYPTED)):
                 name = row.rel_filepath.name
                 topic = name[len("message "):].rsplit("[", 1)[0]
                 found.add((topic, int(row.extra["partition"]), int(row.extra["offset"])))
@@ -328,8 +335,9 @@ class DecryptingReader:
         for key in [k for k, e in self._held.items() if e.tp in lost]:
             del self._held[key]
 
-    def close(self) -> None:
-        """Say what is left: the messages that stay uncommitted for a restart."""
+    def report_left(self) -> None:
+        """Say what is left: the messages that stay uncommitted for a restart (called
+        before the consumer leaves its group, which revokes, and forgets, them)."""
         left = list(self._held.values())
         if left:
             by_tp: dict[TopicPartition, list[int]] = {}
@@ -340,6 +348,9 @@ class DecryptingReader:
             logger.warning("%d message(s) could not be decrypted and were left "
                            "uncommitted (%s): the next run of this group reads them again",
                            len(left), where)
+
+    def close(self) -> None:
+        """Forget what is held and stop the KafkaCrypto node."""
         self._held.clear()
         if self._on_close is not None:
             self._on_close()

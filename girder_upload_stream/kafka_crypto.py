@@ -78,12 +78,14 @@ def _import_kafkacrypto() -> Any:
             f"the config has a [kafkacrypto] section but kafkacrypto cannot be imported "
             f"({exc}): install it with `pip install 'girder-upload-stream[kafkacrypto]'` "
             f"and the system's libsodium (Debian: apt-get install libsodium23)") from None
-    # Its INFO lines (every setting it loads) and WARNING tracebacks drown ours; what
-    # matters is reported by this project. Debug logging shows them again.
-    crypto_logger = logging.getLogger("kafkacrypto")
-    if crypto_logger.level == logging.NOTSET:
-        crypto_logger.setLevel(logging.ERROR)
     return kafkacrypto
+
+
+def _quiet_kafkacrypto() -> None:
+    """kafkacrypto's INFO lines (every setting it loads, every message it cannot
+    decrypt yet) and WARNING tracebacks drown ours, and what matters is reported by
+    this project: its loggers show errors only."""
+    logging.getLogger("kafkacrypto").setLevel(logging.ERROR)
 
 
 def _resolve(value: str | None, default: str, folder: Path) -> str:
@@ -122,6 +124,7 @@ class KafkaCryptoNode:
                 ratchet = _resolve(store.load_value("ratchet"), f"{self.node_id}.seed", folder)
             finally:
                 store.close()
+            _quiet_kafkacrypto()  # the store just set kafkacrypto's loggers from its file
             consumer.update(broker)
             producer.update(broker)
             self._crypto = kafkacrypto.KafkaCrypto(
@@ -130,7 +133,12 @@ class KafkaCryptoNode:
                 cryptokey=cryptokey, seed=ratchet)
         except ConfigError:
             raise
+        except BlockingIOError:
+            raise ConfigError("the KafkaCrypto node's store is in use by another running "
+                              "program (a node's files can serve one program at a time)",
+                              path=str(self.store_path)) from None
         except Exception as exc:  # kafkacrypto raises plain exceptions for bad stores
+            logger.debug("KafkaCrypto node start failed", exc_info=True)
             raise ConfigError(f"cannot start the KafkaCrypto node: {type(exc).__name__}: {exc}",
                               path=str(self.store_path)) from None
         # kafkacrypto's deserializer sleeps up to ~10 s on the first message of each key

@@ -412,6 +412,9 @@ class ConsumerGroup:
 
     def close(self) -> None:
         """Leave the group; the revoke callback gets a last chance to commit."""
+        if self._reader is not None:  # before the revoke forgets them
+            self._left_encrypted = self._reader.held
+            self._reader.report_left()
         if self._consumer is not None:
             try:
                 self._consumer.close()
@@ -421,7 +424,6 @@ class ConsumerGroup:
         self._owned.clear()
         self._start_at.clear()
         if self._reader is not None:
-            self._left_encrypted = self._reader.held
             self._reader.close()  # and its KafkaCrypto node
             self._reader = None
 

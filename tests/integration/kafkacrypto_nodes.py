@@ -18,8 +18,12 @@ created by KafkaCrypto on first use).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -57,7 +61,22 @@ def _keys(rot_password: str, provisioner_password: str):
 def provision_node(folder: Path, node_id: str, role: str, topic_roots: list[str], *,
                    rot_password: str, provisioner_password: str) -> Path:
     """Provision ``node_id`` as a ``role`` ("producer" or "consumer") for the given
-    topic roots; returns the path of its KafkaCrypto config file."""
+    topic roots; returns the path of its KafkaCrypto config file.
+
+    It runs in a child process, as an offline provisioning tool would: kafkacrypto's
+    store keeps its file locked until the object is garbage-collected (its close()
+    fails before unlocking), and pytest's log capture holds on to such objects, which
+    would lock the node out of the programs under test."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.kafkacrypto_nodes", str(folder), node_id,
+         role, json.dumps(list(topic_roots)), rot_password, provisioner_password],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"provisioning {node_id} failed:\n{done.stdout}{done.stderr}"
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _provision(folder: Path, node_id: str, role: str, topic_roots: list[str], *,
+               rot_password: str, provisioner_password: str) -> Path:
     from kafkacrypto import KafkaCryptoStore
     from kafkacrypto.cryptokey import CryptoKey
 
@@ -119,3 +138,19 @@ def write_node_config(path: Path, bootstrap: str, node_id: str | None = None,
         "value.deserializer = DataFileChunkDeserializer\n"
         f"\n[kafkacrypto]\n{crypto}")
     return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="provision one KafkaCrypto test node")
+    for name in ("folder", "node_id", "role", "topic_roots", "rot_password",
+                 "provisioner_password"):
+        parser.add_argument(name)
+    args = parser.parse_args()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import logging
+        logging.disable(logging.WARNING)  # kafkacrypto's notes on the new files
+        path = _provision(Path(args.folder), args.node_id, args.role,
+                          json.loads(args.topic_roots), rot_password=args.rot_password,
+                          provisioner_password=args.provisioner_password)
+    print(path)

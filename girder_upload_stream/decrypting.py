@@ -148,7 +148,10 @@ class DecryptingReader:
         self._recorder = recorder
         self.wait_bytes, self.keep_bytes = wait_bytes, keep_bytes
         self._clock, self._on_close = clock, on_close
+        # Held messages with their bytes (waiting, or given up and still retried) ...
         self._held: dict[tuple[str, int, int], _Held] = {}
+        # ... and held offsets alone (no retry before a restart), which may be many.
+        self._holes: dict[TopicPartition, set[int]] = {}
         self._gave_up_once = False
         self.decrypted = 0
         self.rejected = 0
@@ -179,7 +182,7 @@ class DecryptingReader:
         for key in sorted(self._held):
             entry = self._held[key]
             pause = _GIVEN_UP_RETRY_SECONDS if entry.given_up else _WAIT_RETRY_SECONDS
-            if entry.decryption.size and now - entry.tried_at >= pause:
+            if now - entry.tried_at >= pause:
                 entry.tried_at = now
                 state = entry.decryption.retry()
                 if state != _WAIT:
@@ -208,9 +211,7 @@ class DecryptingReader:
                              "plaintext reads such messages as plaintext", entry.topic,
                              entry.partition, entry.offset, NOT_ENCRYPTED)
             self.rejected += 1
-            entry.given_up = True
-            entry.decryption.release()  # no key can help: nothing to retry in this run
-            self._held[(entry.topic, entry.partition, entry.offset)] = entry
+            self._hole(entry)  # no key can help: nothing to retry in this run
             return
         key, value = entry.decryption.plaintext()
         if entry.given_up:
@@ -220,15 +221,21 @@ class DecryptingReader:
         self.decrypted += state == _CLEAR
         ready.append(PlainMessage(entry.topic, entry.partition, entry.offset, key, value))
 
+    def _hole(self, entry: _Held) -> None:
+        """Keep only the offset of a held message: its bytes are dropped."""
+        entry.decryption.release()
+        self._held.pop((entry.topic, entry.partition, entry.offset), None)
+        self._holes.setdefault(entry.tp, set()).add(entry.offset)
+
     def _release_over_cap(self) -> None:
         """Rule 5: drop the bytes of the oldest given-up messages beyond ``keep_bytes``."""
         kept = 0
         for key in sorted(self._held, reverse=True):
             entry = self._held[key]
-            if entry.given_up and entry.decryption.size:
+            if entry.given_up:
                 kept += entry.decryption.size
                 if kept > self.keep_bytes:
-                    entry.decryption.release()
+                    self._hole(entry)
 
     def _report(self, given_up: list[_Held]) -> None:
         where = ", ".join(f"{e.topic}[{e.partition}]@{e.offset}" for e in given_up[:5])
@@ -296,16 +303,18 @@ class DecryptingReader:
     @property
     def not_decrypted(self) -> int:
         """Messages given up (for now) and still not decrypted."""
-        return sum(e.given_up for e in self._held.values())
+        return (sum(e.given_up for e in self._held.values())
+                + sum(map(len, self._holes.values())))
 
     @property
     def held(self) -> int:
         """Messages held back: waiting for a key, or given up for now."""
-        return len(self._held)
+        return len(self._held) + sum(map(len, self._holes.values()))
 
     def held_offsets(self, tp: TopicPartition) -> list[int]:
         """Offsets of ``tp`` held back (waiting or given up), in order."""
-        return sorted(e.offset for e in self._held.values() if e.tp == tp)
+        return sorted([e.offset for e in self._held.values() if e.tp == tp]
+                      + list(self._holes.get(tp, ())))
 
     def clamp(self, offsets: dict[TopicPartition, tuple[int, str]]
               ) -> dict[TopicPartition, tuple[int, str]]:
@@ -334,23 +343,26 @@ class DecryptingReader:
         lost = set(tps)
         for key in [k for k, e in self._held.items() if e.tp in lost]:
             del self._held[key]
+        for tp in lost:
+            self._holes.pop(tp, None)
 
     def report_left(self) -> None:
         """Say what is left: the messages that stay uncommitted for a restart (called
         before the consumer leaves its group, which revokes, and forgets, them)."""
-        left = list(self._held.values())
-        if left:
-            by_tp: dict[TopicPartition, list[int]] = {}
-            for entry in left:
-                by_tp.setdefault(entry.tp, []).append(entry.offset)
+        by_tp: dict[TopicPartition, list[int]] = {tp: list(o) for tp, o in self._holes.items()
+                                                  if o}
+        for entry in self._held.values():
+            by_tp.setdefault(entry.tp, []).append(entry.offset)
+        if by_tp:
             where = "; ".join(f"{t}[{p}] from offset {min(o)} ({len(o)})"
                               for (t, p), o in sorted(by_tp.items()))
             logger.warning("%d message(s) could not be decrypted and were left "
                            "uncommitted (%s): the next run of this group reads them again",
-                           len(left), where)
+                           self.held, where)
 
     def close(self) -> None:
         """Forget what is held and stop the KafkaCrypto node."""
         self._held.clear()
+        self._holes.clear()
         if self._on_close is not None:
             self._on_close()

@@ -168,6 +168,7 @@ class ConsumerGroup:
         self._reader: Any = None  # a DecryptingReader on encrypted topics
         self._left_encrypted = 0
         self._wish_paused = False  # what the runner asked for; decryption may add a pause
+        self._last_sent: dict[tuple[str, int], tuple[int, str]] = {}  # encrypted topics
 
     def _connect(self) -> Any:
         if self._consumer is None:
@@ -268,6 +269,7 @@ class ConsumerGroup:
             self._reader.forget(tps)
         for tp in tps:
             self._owned.discard(tp)
+            self._last_sent.pop(tp, None)
             self._start_at.pop(tp, None)
             self._read_up_to.pop(tp, None)
 
@@ -315,23 +317,36 @@ class ConsumerGroup:
         its next round (the offsets stay committable).
         """
         from confluent_kafka import KafkaException, TopicPartition
-        # Messages not decrypted yet are unknown to the caller: the broker gets offsets
-        # that stop before them, the caller hears its own offsets were accepted.
-        sent = offsets if self._reader is None else self._reader.clamp(offsets)
+        sent, accepted = self._decrypted_commits(offsets)
         tps = [TopicPartition(topic, partition, offset, metadata=metadata)
                for (topic, partition), (offset, metadata) in sent.items()
                if (topic, partition) in self._owned]
         if not tps or self._consumer is None:
-            return {}
-        accepted: dict[tuple[str, int], tuple[int, str]] = {}
+            return accepted
         try:
             for tp in self._consumer.commit(offsets=tps, asynchronous=False) or tps:
                 if tp.error is None:
-                    accepted[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
+                    accepted[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
+                    self._last_sent[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
         except KafkaException as exc:
             self._trouble_at = time.monotonic()
             logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
+
+    def _decrypted_commits(self, offsets: dict[tuple[str, int], tuple[int, str]]):
+        """On an encrypted topic, the commits that stop before the messages not decrypted
+        yet (which the caller does not know of), and those already made as they are.
+        The caller hears what was really committed: a message decrypted later lies
+        below its own offsets, and must hold the next commits like any pending one."""
+        if self._reader is None:
+            return offsets, {}
+        sent, accepted = {}, {}
+        for tp, value in self._reader.clamp(offsets).items():
+            if self._last_sent.get(tp) == value:
+                accepted[tp] = value  # a held message keeps the commit where it was
+            else:
+                sent[tp] = value
+        return sent, accepted
 
     def seek(self, tp: tuple[str, int], offset: int) -> bool:
         """Read ``tp`` on from ``offset`` (skipping what lies between); False if the

@@ -195,37 +195,50 @@ def test_openmsistream_encrypted_producer_to_girder(tmp_path, stack_env, prefect
 
 
 @pytest.mark.timeout(300)
-def test_plain_consumer_never_sees_the_bytes(tmp_path, stack_env, prefect_env,
-                                             encrypted_topic, make_group, make_collection,
-                                             girder_client, programs):
-    """(b) With our ``produce`` on an encrypted topic, a plain Kafka consumer of the topic
-    reads neither the files' bytes nor their names, while our consumer (a node of the
-    same root of trust) rebuilds them exactly."""
+def test_plain_consumer_never_sees_the_bytes(tmp_path, stack_env, prefect_env, make_topic,
+                                             make_group, make_collection, girder_client,
+                                             kafka_admin, programs):
+    """(b) Our ``produce`` on an encrypted topic creates its key-exchange topics; a plain
+    Kafka consumer of the topic reads neither the files' bytes nor their names, while
+    our consumer (a node of the same root of trust), started once everything is
+    produced, gets the keys from the producer and rebuilds the files exactly."""
     from girder_upload_stream.codec import decode_chunk
     from girder_upload_stream.errors import ChunkDecodeError
+    from girder_upload_stream.kafka_crypto import key_exchange_topics
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
-    topic = encrypted_topic(partitions=3)
+    topic = make_topic(partitions=3)
     configs = provision(tmp_path / "nodes", bootstrap, topic)
     folder = root_folder(girder_client, make_collection)
     files = write_tree(tmp_path / "tree", lab_files(seed=2))
     env = consumer_env(stack_env, prefect_env)
     out, group = tmp_path / "out", make_group()
-    consumer = Program(processor_argv(stack_env["GIRDER_API_URL"], configs["consumer"], topic,
-                                      folder, out, group),
-                       tmp_path / "consumer.out", cwd=tmp_path, env=env)
-    programs.append(consumer)
+    logs = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     producer = our_producer(tmp_path / "tree", configs["producer"], topic,
                             tmp_path / "producer.out", tmp_path, 120, env)
     programs.append(producer)
-    logs = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     try:
+        wait_for(lambda: "answering key requests" in producer.output(),
+                 "every chunk acknowledged", producer)
+        topics = kafka_admin.list_topics(timeout=10).topics
+        for name in key_exchange_topics(topic):
+            assert name in topics and len(topics[name].partitions) == 1, (name, topics.get(name))
+        consumer = Program(processor_argv(stack_env["GIRDER_API_URL"], configs["consumer"],
+                                          topic, folder, out, group),
+                           tmp_path / "consumer.out", cwd=tmp_path, env=env)
+        programs.append(consumer)
         wait_for(files_in_girder(girder_client, folder["_id"], files), "the files in Girder",
                  consumer, logs, timeout=RUN_TIMEOUT)
-    finally:
+        consumer.send_line("q")
+        assert consumer.wait(60) == 0, consumer.describe(logs)
         produced = stop_producer(producer)
-    assert "answering key requests" in produced, produced
-    consumer.send_line("q")
-    assert consumer.wait(60) == 0, consumer.describe(logs)
+    finally:
+        for future in kafka_admin.delete_topics(key_exchange_topics(topic)).values():
+            try:
+                future.result(timeout=60)
+            except Exception:  # noqa: BLE001 - cleanup is best effort
+                pass
+    assert "created the KafkaCrypto key-exchange topics" in produced, produced
+    assert "do not exist" not in consumer.output(), consumer.describe(logs)
     assert_uploaded(girder_client, folder["_id"], files, topic)
 
     n_messages = sum(n_chunks(data) for data in files.values())

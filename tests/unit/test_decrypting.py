@@ -71,6 +71,20 @@ class Msg:
     def value(self): return self._v
 
 
+class FakeBroker:
+    """A consumer's commit(), remembering what it was given."""
+
+    def __init__(self) -> None:
+        self.committed: dict[tuple[str, int], tuple[int, str]] = {}
+        self.calls = 0
+
+    def commit(self, offsets, asynchronous=False):
+        self.calls += 1
+        for tp in offsets:  # error is None: every commit succeeds
+            self.committed[(tp.topic, tp.partition)] = (tp.offset, tp.metadata)
+        return offsets
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -294,3 +308,38 @@ def test_the_value_is_not_touched_while_the_key_waits(tmp_path: Path):
     assert decryption.retry() == PartState.CLEAR
     assert node.value_deserializer.calls == 1
     assert decryption.plaintext() == (b"plain", b"plain")
+
+
+def test_a_message_decrypted_late_holds_the_next_commits_until_its_file_is_done(keys, clock):
+    """The consumer group reports the clamped commits back to the offset tracker, so a
+    message that decrypts after later ones were committed around it is pending below
+    nothing the broker has: the commit cannot pass it before its file is done."""
+    from girder_upload_stream.kafka_io import ConsumerGroup
+    keys.have.add("k1")
+    group = ConsumerGroup({}, TOPIC)
+    group._reader = r = reader(keys, clock)
+    tp = (TOPIC, 0)
+    tracker = OffsetTracker()
+    tracker.assigned(tp, None, None)
+    index = {2: "k2"}
+    out = r.take([Msg(0, i, enc(index.get(i, "k1"), b"m"), enc(index.get(i, "k1"), b"v"))
+                  for i in range(6)])
+    for m in out:
+        tracker.read(tp, m.offset())
+    broker = FakeBroker()
+    group._consumer, group._owned = broker, {tp}
+    tracker.committed(group.commit(tracker.commit_plan()))  # as the runner does
+    assert broker.committed[tp][0] == 2, "the broker's offset stops before the held one"
+    tracker.committed(group.commit(tracker.commit_plan()))
+    assert broker.calls == 1, "the same clamped commit is not sent again"
+
+    keys.have.add("k2")
+    clock.now += 1
+    (late,) = r.take([])
+    tracker.read(tp, late.offset(), "file-of-2")  # its file is not in Girder yet
+    tracker.committed(group.commit(tracker.commit_plan()))
+    offset, metadata = broker.committed[tp]
+    assert offset <= 2 and (2, 3) in parse_spans(metadata, offset), (offset, metadata)
+    tracker.file_done("file-of-2")
+    tracker.committed(group.commit(tracker.commit_plan()))
+    assert broker.committed[tp][0] == 6

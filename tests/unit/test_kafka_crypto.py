@@ -45,3 +45,27 @@ def test_a_broken_store_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot start the KafkaCrypto node") as caught:
         kafka_crypto.KafkaCryptoNode(store, {"bootstrap.servers": "127.0.0.1:9"})
     assert str(store) in str(caught.value)
+
+
+class _Metadata:
+    def __init__(self, names):
+        self.topics = {name: type("T", (), {"error": None})() for name in names}
+
+
+class _Client:
+    def __init__(self, names):
+        self.names = names
+
+    def list_topics(self, timeout=None):
+        return _Metadata(self.names)
+
+
+def test_missing_key_exchange_topics_are_reported(caplog):
+    client = _Client(["lab.raw", "lab.keys", "lab.subs"])
+    assert kafka_crypto.missing_key_exchange_topics(client, "lab.raw") == ["lab.reqs"]
+    with caplog.at_level("ERROR", logger="girder_upload_stream.kafka_crypto"):
+        kafka_crypto.warn_missing_key_topics(client, "lab.raw")
+    assert "lab.reqs do not exist" in caplog.text
+    caplog.clear()
+    kafka_crypto.warn_missing_key_topics(_Client(["lab.keys", "lab.reqs", "lab.subs"]), "lab")
+    assert caplog.text == ""

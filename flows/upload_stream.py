@@ -78,6 +78,9 @@ def upload_stream(
     log_topic_name: str | None = DEFAULTS.log_topic_name,
     log_program_id: str | None = DEFAULTS.log_program_id,
     log_interval_secs: float = DEFAULTS.log_interval_secs,
+    treat_undecryptable_as_plaintext: bool = DEFAULTS.treat_undecryptable_as_plaintext,
+    max_wait_per_decrypt: float = DEFAULTS.max_wait_per_decrypt,
+    max_initial_wait_per_decrypt: float = DEFAULTS.max_initial_wait_per_decrypt,
     memory_budget_mb: int = DEFAULTS.memory_budget_mb,
     max_file_size_mb: int = DEFAULTS.max_file_size_mb,
     stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
@@ -98,7 +101,10 @@ def upload_stream(
                              root_folder_path=girder_root_folder_path,
                              metadata=metadata or {}, replace_existing=replace_existing)
     kafka = kafka_settings(config, topic_name, consumer_group_id, n_threads,
-                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs)
+                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs,
+                           treat_undecryptable_as_plaintext=treat_undecryptable_as_plaintext,
+                           max_wait_per_decrypt=max_wait_per_decrypt,
+                           max_initial_wait_per_decrypt=max_initial_wait_per_decrypt)
     log_topic = log_topic_settings(config, log_topic_name, log_program_id, log_interval_secs,
                                    kafka.group_id)
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
@@ -143,8 +149,11 @@ def upload_stream(
             summary = runner.summary
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
+    encrypted = {}
+    if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
+        encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages,
-            "registry_save_error": summary.save_error}
+            "registry_save_error": summary.save_error, **encrypted}

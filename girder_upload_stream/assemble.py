@@ -23,7 +23,8 @@ from girder_upload_stream.pipeline import StreamProcessor
 from girder_upload_stream.reassembly import Reassembler, reserved_paths
 from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.runner import SideJob, StopSignal, StreamRunner
-from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
+from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, KafkaSettings,
+                                           RunSettings)
 
 __all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner"]
 
@@ -32,12 +33,25 @@ logger = logging.getLogger(__name__)
 
 def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
                    heartbeat_topic: str | None = None, heartbeat_program_id: str | None = None,
-                   heartbeat_interval_secs: float = 30.0) -> KafkaSettings:
-    """Read the config file (a path or a bundled name) into typed Kafka settings."""
+                   heartbeat_interval_secs: float = 30.0, *,
+                   treat_undecryptable_as_plaintext: bool = False,
+                   max_wait_per_decrypt: float = 5.0,
+                   max_initial_wait_per_decrypt: float = 60.0) -> KafkaSettings:
+    """Read the config file (a path or a bundled name) into typed Kafka settings; a
+    ``[kafkacrypto]`` section makes the topic an encrypted one (the three decrypt
+    options only matter then)."""
     file_config = load_config(resolve_config_path(config))
+    crypto = None
     if file_config.uses_kafkacrypto:
-        raise ConfigError("the config has a [kafkacrypto] section: encrypted topics are not "
-                          "supported by girder-upload-stream", path=str(file_config.path))
+        from girder_upload_stream.kafka_crypto import node_dirs
+        crypto = KafkaCryptoSettings(
+            config_file=file_config.kafkacrypto_node_config(node_dirs()),
+            broker=file_config.section("broker"),
+            treat_undecryptable_as_plaintext=treat_undecryptable_as_plaintext,
+            max_wait_per_decrypt=max_wait_per_decrypt,
+            max_initial_wait_per_decrypt=max_initial_wait_per_decrypt)
+        logger.info("%s is encrypted with KafkaCrypto: node store %s", topic,
+                    crypto.config_file)
     if not file_config.auto_commit_disabled:
         logger.warning("enable.auto.commit is not False in the [consumer] section of %s; "
                        "girder-upload-stream turns it off anyway and commits offsets itself, "
@@ -58,7 +72,7 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
                          n_threads=n_threads, heartbeat_topic=heartbeat_topic,
                          heartbeat_program_id=heartbeat_program_id or f"girder-upload-stream-{consumer['group.id']}",
                          heartbeat_interval_secs=heartbeat_interval_secs,
-                         heartbeat_producer=heartbeat)
+                         heartbeat_producer=heartbeat, kafkacrypto=crypto)
 
 
 def log_topic_settings(config: str, topic: str | None, program_id: str | None,
@@ -193,7 +207,8 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
     group = ConsumerGroup(kafka.consumer, kafka.topic,
                           on_revoke=lambda tps: holder["runner"].on_revoke(tps),
                           on_assign=processor.assigned,
-                          on_lost=lambda tps: holder["runner"].on_lost(tps))
+                          on_lost=lambda tps: holder["runner"].on_lost(tps),
+                          kafkacrypto=kafka.kafkacrypto, recorder=recorder)
     runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.try_save,
                           probe=probe, early_outcomes=early_outcomes, stop=stop)
     holder["runner"] = runner

@@ -49,14 +49,71 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
                          help="only relative paths matching this are produced (default: "
                               "everything except names starting with '.' or ending in '.log')")
     produce.add_argument("--quiet", action="store_true", help="no progress lines")
+    produce.add_argument("--serve_keys_seconds", type=_seconds, default=30.0,
+                         help="encrypted topics only: seconds to keep answering consumers' "
+                              "key requests once every chunk is acknowledged "
+                              "(default: %(default)s)")
     produce.set_defaults(handler=_run_produce)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be zero or more")
+    return value
+
+
+def _open_encryption(file_config, topic: str):
+    """The KafkaCrypto node of an encrypted topic's producer, with the topic's
+    key-exchange topics created first (the broker does not create topics itself)."""
+    from girder_upload_stream.kafka_crypto import (ensure_key_exchange_topics, node_dirs,
+                                                   open_node)
+    broker = file_config.section("broker")
+    store = file_config.kafkacrypto_node_config(node_dirs())
+    ensure_key_exchange_topics(broker, topic)
+    return open_node(store, broker)
+
+
+def _serve_keys(node, seconds: float, quiet: bool) -> None:
+    """Keep the node running so that consumers that ask for this run's keys get them;
+    its keys are saved in its store either way, so a later run of this node can answer
+    requests made meanwhile. Ctrl-C ends the wait early."""
+    if seconds > 0 and not quiet:
+        print(f"answering key requests for {seconds:g}s (Ctrl-C to stop)", flush=True)
+    try:
+        node.wait_keys_saved(timeout=max(seconds, 10.0))
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        pass
 
 
 def _run_produce(args: argparse.Namespace) -> int:
     if not args.path.exists():
         print(f"error: {args.path} does not exist", file=sys.stderr)
         return 2
-    settings = load_config(resolve_config_path(args.config)).producer_settings()
+    file_config = load_config(resolve_config_path(args.config))
+    settings = file_config.producer_settings()
+    node = _open_encryption(file_config, args.topic_name) if file_config.uses_kafkacrypto \
+        else None
+    try:
+        summary = _produce(args, settings, node)
+        for failure in summary.failed_files + summary.delivery_failures[:20]:
+            print(f"error: {failure}", file=sys.stderr)
+        print(summary.describe(), flush=True)
+        if node is not None:
+            _serve_keys(node, args.serve_keys_seconds, args.quiet)
+    finally:
+        if node is not None:
+            node.close()
+    return 0 if summary.ok else 1
+
+
+def _produce(args: argparse.Namespace, settings: dict, node) -> ProduceSummary:
     last = [time.monotonic()]
 
     def progress(summary: ProduceSummary) -> None:
@@ -65,12 +122,9 @@ def _run_produce(args: argparse.Namespace) -> int:
             print(f"... {summary.files} file(s), {summary.chunks} chunk(s) queued, "
                   f"{summary.acked} acknowledged", flush=True)
 
-    summary = produce_path(args.path, settings, args.topic_name, chunk_size=args.chunk_size,
-                           upload_regex=args.upload_regex, progress=progress)
-    for failure in summary.failed_files + summary.delivery_failures[:20]:
-        print(f"error: {failure}", file=sys.stderr)
-    print(summary.describe(), flush=True)
-    return 0 if summary.ok else 1
+    return produce_path(args.path, settings, args.topic_name, chunk_size=args.chunk_size,
+                        upload_regex=args.upload_regex, progress=progress,
+                        encrypt=node.encrypt if node is not None else None)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

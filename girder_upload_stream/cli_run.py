@@ -19,11 +19,6 @@ from girder_upload_stream.options import add_options, flow_arguments
 
 __all__ = ["add_run_arguments", "run_from_args", "processor_main", "run_guarded"]
 
-UNSUPPORTED = {
-    "treat_undecryptable_as_plaintext": "KafkaCrypto encryption",
-    "max_wait_per_decrypt": "KafkaCrypto encryption",
-    "max_initial_wait_per_decrypt": "KafkaCrypto encryption",
-}
 def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     """Every option of OpenMSIStream's GirderUploadStreamProcessor, plus ours (defined
     once, in :mod:`girder_upload_stream.options`)."""
@@ -34,9 +29,6 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> N
     parser.add_argument("--config", default=default_config,
                         help="config file path, or a bundled config name (default: %(default)s)")
     add_options(parser)
-    for name in UNSUPPORTED:
-        parser.add_argument(f"--{name}", default=None, nargs="?", const=True,
-                            help=argparse.SUPPRESS)
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -58,10 +50,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate, then run the flow until it stops: 0 on a graceful stop, 1 if the last
     save of the registries failed (the offsets it guarded stayed uncommitted)."""
-    given = [f"--{name}" for name in UNSUPPORTED if getattr(args, name) is not None]
-    if given:
-        parser.error(f"{', '.join(given)}: not supported by girder-upload-stream "
-                     f"({UNSUPPORTED[given[0][2:]]} is not implemented)")
     api_key = args.girder_api_key or os.environ.get("GIRDER_API_KEY")
     if not api_key:
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
@@ -78,6 +66,10 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
           f"re-read and found in Girder", flush=True)
+    if summary.get("messages_not_decrypted"):
+        print(f"{summary['messages_not_decrypted']} message(s) could not be decrypted and were "
+              f"left uncommitted: the next run of this consumer group reads them again",
+              flush=True)
     if summary.get("registry_save_error"):
         print(f"error: the last save of the registries failed "
               f"({summary['registry_save_error']}); the offsets of files processed since "

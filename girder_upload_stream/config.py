@@ -35,6 +35,7 @@ from .errors import ConfigError
 
 __all__ = [
     "CREATE_NEW",
+    "KAFKACRYPTO_SECTION",
     "SERDES_KEYS",
     "KafkaFileConfig",
     "load_config",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 CREATE_NEW = "create_new"
+KAFKACRYPTO_SECTION = "kafkacrypto"
+#: A KafkaCrypto store path may be written as kafkacrypto writes its own: ``file#PATH``.
+_FILE_PREFIX = "file#"
 SERDES_KEYS = frozenset(
     {"key.serializer", "value.serializer", "key.deserializer", "value.deserializer"}
 )
@@ -76,7 +80,42 @@ class KafkaFileConfig:
     @property
     def uses_kafkacrypto(self) -> bool:
         """True if the file has a ``[kafkacrypto]`` section (encrypted topics)."""
-        return "kafkacrypto" in self.sections
+        return KAFKACRYPTO_SECTION in self.sections
+
+    def kafkacrypto_node_config(self, node_dirs: list[Path] | None = None) -> Path | None:
+        """The KafkaCrypto store (the node's own ``.config`` file) that ``[kafkacrypto]``
+        names, found as OpenMSIStream 1.8.8 finds it; None without that section.
+
+        ``config_file = PATH`` names the store itself (a leading ``file#`` is removed; a
+        relative path is relative to the current directory). Otherwise ``node_id = ID``
+        names a folder ``ID/`` holding ``ID.config``, looked for in each of ``node_dirs``
+        (the bundled-config folders), then next to this config file, then in the
+        current directory. ``config_file`` wins when both are given. A section with
+        neither, or a store that is not there, is a :class:`ConfigError`.
+        """
+        if not self.uses_kafkacrypto:
+            return None
+        options = self.section(KAFKACRYPTO_SECTION)
+        if options.get("config_file"):
+            text = options["config_file"].strip()
+            path = Path(text[len(_FILE_PREFIX):] if text.startswith(_FILE_PREFIX) else text)
+            if not path.is_file():
+                raise ConfigError(f"KafkaCrypto config file {str(path)!r} not found",
+                                  path=str(self.path), section=KAFKACRYPTO_SECTION,
+                                  option="config_file")
+            return path.resolve()
+        node_id = options.get("node_id", "").strip()
+        if not node_id:
+            raise ConfigError("the [kafkacrypto] section needs node_id or config_file",
+                              path=str(self.path), section=KAFKACRYPTO_SECTION)
+        folders = [*(node_dirs or []), self.path.resolve().parent, Path.cwd()]
+        candidates = [folder / node_id / f"{node_id}.config" for folder in folders]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.resolve()
+        raise ConfigError(f"no KafkaCrypto config file for node_id {node_id!r} (looked for "
+                          f"{', '.join(str(c) for c in candidates)})", path=str(self.path),
+                          section=KAFKACRYPTO_SECTION, option="node_id")
 
     def has_section(self, name: str) -> bool:
         """True if the file has a section called ``name``."""

@@ -12,11 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from girder_upload_stream.errors import TerminalError, TransientError
 from girder_upload_stream.kafka_side import HeartbeatProducer, LogProducer
 from girder_upload_stream.pipeline import PartitionInfo
+
+if TYPE_CHECKING:
+    from girder_upload_stream.settings import KafkaCryptoSettings
 
 __all__ = [
     "KafkaTransientError",
@@ -61,13 +64,17 @@ class ChunkProducer:
 
     ``send`` never drops a message silently: when librdkafka's local queue is full it
     serves delivery callbacks until there is room, and every delivery error is kept
-    in the report so the caller can exit non-zero.
+    in the report so the caller can exit non-zero. ``encrypt(topic, key, value)``
+    (a KafkaCrypto node's) encrypts each message before it is queued.
     """
 
     def __init__(self, settings: dict[str, Any], topic: str,
-                 on_delivered: Callable[[int], None] | None = None) -> None:
+                 on_delivered: Callable[[int], None] | None = None,
+                 encrypt: Callable[[str, bytes, bytes], tuple[bytes, bytes]] | None = None
+                 ) -> None:
         self._settings = dict(settings)
         self.topic = topic
+        self._encrypt = encrypt
         self._producer = None
         self._on_delivered = on_delivered
         self._lock = threading.Lock()
@@ -97,9 +104,12 @@ class ChunkProducer:
     def send(self, key: str, value: bytes, *, rel_path: str | None = None) -> None:
         """Queue one message; block (serving callbacks) while the local queue is full."""
         producer = self._client()
+        key_bytes = key.encode("utf-8")
+        if self._encrypt is not None:
+            key_bytes, value = self._encrypt(self.topic, key_bytes, value)
         while True:
             try:
-                producer.produce(self.topic, value=value, key=key.encode("utf-8"),
+                producer.produce(self.topic, value=value, key=key_bytes,
                                  on_delivery=self._delivered)
                 break
             except BufferError:
@@ -133,12 +143,19 @@ class ConsumerGroup:
     :class:`PartitionInfo` per partition gained, before any of its messages. One
     consumer per process: upload concurrency comes from the upload workers, and a
     second consumer would only add a rebalance (and its re-reads) at every start.
+
+    With ``kafkacrypto`` settings the topic is encrypted: a KafkaCrypto node is started
+    with the consumer, polled messages are decrypted before they are returned, and
+    commits never pass a message that is not decrypted yet (decrypting.py);
+    ``recorder`` registers the messages given up.
     """
 
     def __init__(self, settings: dict[str, Any], topic: str, *,
                  on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
                  on_assign: Callable[[list[PartitionInfo]], None] | None = None,
-                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None) -> None:
+                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None,
+                 kafkacrypto: KafkaCryptoSettings | None = None,
+                 recorder: Any = None) -> None:
         self._settings = {**settings, "enable.auto.commit": False}
         self.topic = topic
         self._on_revoke = on_revoke
@@ -155,16 +172,27 @@ class ConsumerGroup:
         self._n_partitions: int | None = None
         self._revoked_at: float | None = None
         self._fatal = None
+        self._kafkacrypto, self._recorder = kafkacrypto, recorder
+        self._reader: Any = None  # a DecryptingReader on encrypted topics
+        self._left_encrypted = 0
+        self._wish_paused = False  # what the runner asked for; decryption may add a pause
+        self._last_sent: dict[tuple[str, int], tuple[int, str]] = {}  # encrypted topics
 
     def _connect(self) -> Any:
         if self._consumer is None:
             from confluent_kafka import Consumer, KafkaException
+            if self._kafkacrypto is not None and self._reader is None:
+                from girder_upload_stream.kafka_crypto import start_decryption
+                self._reader = start_decryption(self._kafkacrypto, self._recorder)
             try:
                 consumer = Consumer({**self._settings, "error_cb": self._on_error})
                 consumer.subscribe([self.topic], on_assign=self._assigned,
                                    on_revoke=self._revoked, on_lost=self._lost)
                 self._consumer = consumer
                 self._check_topic(consumer)
+                if self._reader is not None:
+                    from girder_upload_stream.kafka_crypto import warn_missing_key_topics
+                    warn_missing_key_topics(consumer, self.topic)
             except KafkaException as exc:
                 raise KafkaTerminalError(f"cannot create a Kafka consumer: {exc}",
                                          topic=self.topic) from exc
@@ -258,8 +286,11 @@ class ConsumerGroup:
             self._revoked_at = time.monotonic()
         if callback is not None and tps:
             callback(tps)
+        if self._reader is not None:
+            self._reader.forget(tps)
         for tp in tps:
             self._owned.discard(tp)
+            self._last_sent.pop(tp, None)
             self._start_at.pop(tp, None)
             self._read_up_to.pop(tp, None)
 
@@ -288,7 +319,16 @@ class ConsumerGroup:
         if self._fatal is not None:
             raise KafkaTerminalError(f"fatal consumer error: {self._fatal.str()}",
                                      topic=self.topic)
+        if self._reader is not None:
+            good = self._reader.take(good)
+            self._apply_pause()
         return good
+
+    @property
+    def not_decrypted(self) -> int:
+        """Messages of an encrypted topic held back (not decrypted yet, uncommitted);
+        after :meth:`close`, how many were left so."""
+        return self._reader.held if self._reader is not None else self._left_encrypted
 
     def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
                ) -> dict[tuple[str, int], tuple[int, str]]:
@@ -298,20 +338,36 @@ class ConsumerGroup:
         its next round (the offsets stay committable).
         """
         from confluent_kafka import KafkaException, TopicPartition
+        sent, accepted = self._decrypted_commits(offsets)
         tps = [TopicPartition(topic, partition, offset, metadata=metadata)
-               for (topic, partition), (offset, metadata) in offsets.items()
+               for (topic, partition), (offset, metadata) in sent.items()
                if (topic, partition) in self._owned]
         if not tps or self._consumer is None:
-            return {}
-        accepted: dict[tuple[str, int], tuple[int, str]] = {}
+            return accepted
         try:
             for tp in self._consumer.commit(offsets=tps, asynchronous=False) or tps:
                 if tp.error is None:
-                    accepted[(tp.topic, tp.partition)] = offsets[(tp.topic, tp.partition)]
+                    accepted[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
+                    self._last_sent[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
         except KafkaException as exc:
             self._trouble_at = time.monotonic()
             logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
+
+    def _decrypted_commits(self, offsets: dict[tuple[str, int], tuple[int, str]]):
+        """On an encrypted topic, the commits that stop before the messages not decrypted
+        yet (which the caller does not know of), and those already made as they are.
+        The caller hears what was really committed: a message decrypted later lies
+        below its own offsets, and must hold the next commits like any pending one."""
+        if self._reader is None:
+            return offsets, {}
+        sent, accepted = {}, {}
+        for tp, value in self._reader.clamp(offsets).items():
+            if self._last_sent.get(tp) == value:
+                accepted[tp] = value  # a held message keeps the commit where it was
+            else:
+                sent[tp] = value
+        return sent, accepted
 
     def seek(self, tp: tuple[str, int], offset: int) -> bool:
         """Read ``tp`` on from ``offset`` (skipping what lies between); False if the
@@ -328,7 +384,13 @@ class ConsumerGroup:
 
     def pause(self, paused: bool) -> None:
         """Stop (or restart) fetching on every assigned partition; polling continues,
-        so the group membership stays alive while uploads drain."""
+        so the group membership stays alive while uploads drain. Fetching also stays
+        paused while too many messages wait for their decryption key."""
+        self._wish_paused = paused
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        paused = self._wish_paused or (self._reader is not None and self._reader.backlog_full)
         if paused == self._paused:
             return
         self._paused = paused
@@ -375,8 +437,8 @@ class ConsumerGroup:
         """True if the broker answers and every assigned partition has been read to its
         end: what an idle stop needs (a broker that is down is not "no new message")."""
         from confluent_kafka import KafkaException
-        if not self._owned:
-            return False
+        if not self._owned or (self._reader is not None and self._reader.waiting):
+            return False  # messages waiting for their decryption key are not idleness
         try:
             return all(high <= position for position, high in self._positions(timeout))
         except KafkaException as exc:
@@ -386,6 +448,9 @@ class ConsumerGroup:
 
     def close(self) -> None:
         """Leave the group; the revoke callback gets a last chance to commit."""
+        if self._reader is not None:  # before the revoke forgets them
+            self._left_encrypted = self._reader.held
+            self._reader.report_left()
         if self._consumer is not None:
             try:
                 self._consumer.close()
@@ -394,3 +459,7 @@ class ConsumerGroup:
         self._consumer = None
         self._owned.clear()
         self._start_at.clear()
+        if self._reader is not None:
+            self._reader.close()  # and its KafkaCrypto node
+            self._reader = None
+

@@ -120,6 +120,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_program_id", None, "log message key prefix"),
     Option("log_interval_secs", 60, "seconds between log messages (default: %(default)s)",
            parse=positive_float),
+    Option("treat_undecryptable_as_plaintext", False, "KafkaCrypto: read messages that are "
+           "not KafkaCrypto messages at all as plaintext (default: register them as failed)",
+           switch=True),
+    Option("max_wait_per_decrypt", 5.0, "KafkaCrypto: seconds a message waits for its "
+           "decryption key, once a first message had to be given up (default: %(default)s)",
+           parse=positive_float),
+    Option("max_initial_wait_per_decrypt", 60.0, "KafkaCrypto: seconds a message waits for "
+           "its decryption key until then (default: %(default)s)", parse=positive_float),
     # -- the run
     Option("output_dir", "GirderUploadStreamProcessor_output",
            "registries, logs and (disk mode) files being rebuilt (default: %(default)s)",

@@ -81,8 +81,11 @@ def iter_source_files(root: Path, upload_regex: re.Pattern[str] = DEFAULT_UPLOAD
 def produce_path(root: Path, settings: dict[str, Any], topic: str, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE,
                  upload_regex: re.Pattern[str] = DEFAULT_UPLOAD_REGEX,
-                 progress: Callable[[ProduceSummary], None] | None = None) -> ProduceSummary:
-    """Chunk every selected file under ``root`` and produce it to ``topic``.
+                 progress: Callable[[ProduceSummary], None] | None = None,
+                 encrypt: Callable[[str, bytes, bytes], tuple[bytes, bytes]] | None = None
+                 ) -> ProduceSummary:
+    """Chunk every selected file under ``root`` and produce it to ``topic``; with
+    ``encrypt`` (a KafkaCrypto node's), each key and value is encrypted first.
 
     A file that cannot be read or has an unsafe name is reported and skipped; the run
     goes on. Returns once the broker has acknowledged (or refused) every chunk.
@@ -91,7 +94,7 @@ def produce_path(root: Path, settings: dict[str, Any], topic: str, *,
     needed = chunk_size + _MESSAGE_OVERHEAD
     if int(settings.get("message.max.bytes", 1_000_000)) < needed:
         settings["message.max.bytes"] = str(needed)
-    producer = ChunkProducer(settings, topic)
+    producer = ChunkProducer(settings, topic, encrypt=encrypt)
     summary = ProduceSummary()
     started = time.monotonic()
     for path, subdir, rel_path in iter_source_files(root, upload_regex):

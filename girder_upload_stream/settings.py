@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
 
-__all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaSettings", "RunSettings"]
+__all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaCryptoSettings", "KafkaSettings",
+           "RunSettings"]
 
 DEFAULT_COLLECTION_NAME = "WholeTale Catalog"
 
@@ -41,6 +42,18 @@ class GirderSettings(BaseModel):
         return (self.api_url, self.api_key.get_secret_value(), self.model_dump_json())
 
 
+class KafkaCryptoSettings(BaseModel):
+    """Decryption of a KafkaCrypto-encrypted topic (the config's ``[kafkacrypto]``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config_file: Path  # the node's KafkaCrypto store, found as OpenMSIStream finds it
+    broker: dict[str, str] = Field(default_factory=dict)  # [broker], for the key exchange
+    treat_undecryptable_as_plaintext: bool = False
+    max_wait_per_decrypt: float = Field(default=5.0, gt=0)
+    max_initial_wait_per_decrypt: float = Field(default=60.0, gt=0)
+
+
 class KafkaSettings(BaseModel):
     """The topic, the consumer group and the librdkafka settings from the config file."""
 
@@ -57,6 +70,7 @@ class KafkaSettings(BaseModel):
     heartbeat_program_id: str | None = None
     heartbeat_interval_secs: float = 30.0
     heartbeat_producer: dict[str, str] = Field(default_factory=dict)
+    kafkacrypto: KafkaCryptoSettings | None = None  # None: the topic is not encrypted
 
 
 class RunSettings(BaseModel):

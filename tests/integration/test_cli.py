@@ -32,6 +32,8 @@ SUPPORTED_OPTIONS = [
     "--logger_stream_level", "--logger_file_level", "--logger_file_path", "--update_seconds",
     "--heartbeat_topic_name", "--heartbeat_program_id", "--heartbeat_interval_secs",
     "--log_topic_name", "--log_program_id", "--log_interval_secs",
+    "--treat_undecryptable_as_plaintext", "--max_wait_per_decrypt",
+    "--max_initial_wait_per_decrypt",
 ]
 
 
@@ -93,23 +95,6 @@ def test_processor_help_lists_openmsistream_options(cli_env):
     for choice in ("memory", "disk", "both"):
         assert choice in text, text
     assert "default: test" in text, f"--config should default to 'test':\n{text}"
-
-
-@pytest.mark.parametrize("option", [["--max_wait_per_decrypt", "5"],
-                                    ["--treat_undecryptable_as_plaintext"]],
-                         ids=["max_wait_per_decrypt", "treat_undecryptable_as_plaintext"])
-@pytest.mark.parametrize("program", ["GirderUploadStreamProcessor", "run"])
-def test_unsupported_options_exit_non_zero(program, option, cli_env, tmp_path):
-    argv = ([str(OUR_PROCESSOR)] if program == "GirderUploadStreamProcessor"
-            else [str(OUR_CLI), "run"])
-    argv += ["http://127.0.0.1:9/api/v1", "some-key", "--output_dir", str(tmp_path / "out"),
-             *option]
-    done = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, cwd=tmp_path)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, f"{argv} exited 0:\n{output}"
-    assert "not supported" in output, output
-    assert option[0] in output, output
 
 
 # --------------------------------------------------------------------------- stopping

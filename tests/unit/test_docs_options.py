@@ -5,9 +5,6 @@
 * ``<!-- options-table: COMMAND -->``: every option of COMMAND, with its default. The
   set of ``--options`` must equal the one ``COMMAND --help`` prints, and each default
   cell must state the parser's default;
-* ``<!-- unsupported-options-table -->``: the OpenMSIStream options that are accepted
-  only to be refused; they must be exactly ``cli_run.UNSUPPORTED`` and absent from
-  ``--help``;
 * ``<!-- flow-parameters-table -->``: the flow's parameters and their defaults.
 
 Nothing here needs the stack.
@@ -136,14 +133,6 @@ def test_positional_arguments_are_documented() -> None:
     for action in _processor_parser()._actions:
         if not action.option_strings:
             assert f"`{action.dest}`" in firsts, action.dest
-
-
-def test_unsupported_options_table_matches_the_code() -> None:
-    rows = _table_after("unsupported-options-table")
-    documented = {OPTION.search(row[0]).group(): row[1] for row in rows}
-    assert documented == {f"--{name}": feature for name, feature
-                          in cli_run.UNSUPPORTED.items()}
-    assert not set(documented) & _help_options("GirderUploadStreamProcessor")
 
 
 def test_flow_parameters_table_matches_the_flow() -> None:

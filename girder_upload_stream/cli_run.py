@@ -4,7 +4,10 @@ OpenMSIStream's command, every argument and default kept) and ``girder-upload-st
 
 Both run the Prefect flow in-process. SIGINT, SIGTERM and ``q`` stop it gracefully:
 stop fetching, finish or record in-flight uploads, commit what is safe, write the
-registries, exit 0.
+registries, exit 0. Before the flow starts they log in to Girder and resolve the root
+folder: a refused key, an unreachable Girder or a root folder that does not resolve
+ends the command with one line on standard error and exit status 2, before anything
+is consumed.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def _add_girder(parser: argparse.ArgumentParser) -> None:
                         help="collection of the root folder when no id is given "
                              "(default: %(default)s)")
     parser.add_argument("--girder_root_folder_path",
-                        help="root folder path, collection name first (default: "
-                             "'{collection_name}/{topic_name}'); created if missing")
+                        help="root folder path below the collection, every part a folder "
+                             "(default: '{collection_name}/{topic_name}', i.e. "
+                             "/collection/C/C/TOPIC, as OpenMSIStream 1.8.8); created if "
+                             "missing")
     parser.add_argument("--metadata", type=_json_object,
                         help="JSON object added to every item's and folder's metadata")
     parser.add_argument("--replace_existing", action="store_true",
@@ -141,6 +146,19 @@ def _install_signal_handlers() -> None:
         signal.signal(sig, lambda signum, _frame: request_stop(signal.Signals(signum).name))
 
 
+def _check_girder(args: argparse.Namespace, api_key: str) -> None:
+    """Log in and resolve the root folder before Prefect starts, so that a wrong key
+    fails fast with one line (raised as GirderStartupError) and no flow-run traceback.
+    The flow checks again; the store it shares with this check has the answer cached."""
+    from girder_upload_stream.assemble import girder_settings
+    from girder_upload_stream.girder_io import store_for
+    settings = girder_settings(
+        args.girder_api_url, api_key, root_folder_id=args.girder_root_folder_id,
+        collection_name=args.collection_name, root_folder_path=args.girder_root_folder_path,
+        metadata=args.metadata or {}, replace_existing=args.replace_existing)
+    store_for(settings, args.topic_name).check()
+
+
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate, then run the flow until it stops; 0 on a graceful stop."""
     given = [f"--{name}" for name in UNSUPPORTED if getattr(args, name) is not None]
@@ -152,6 +170,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
     _setup_logging(args)
     _install_signal_handlers()
+    _check_girder(args, api_key)
     # The key travels by environment, never as a flow parameter (Prefect stores those).
     os.environ["GIRDER_API_KEY"] = api_key
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

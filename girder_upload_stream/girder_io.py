@@ -274,7 +274,7 @@ class GirderStore:
             oldest = self._oldest_item(folder, name, item) if shared() else item
             if oldest["_id"] == item["_id"]:
                 failpoints.hit("upload.mid")
-                self._put_file(item["_id"], completed, name, shared)
+                self._put_file(item["_id"], completed, shared)
                 return Outcome.UPLOADED, item["_id"]
             items = [oldest]
         item = items[0]
@@ -282,7 +282,7 @@ class GirderStore:
         if self._same_content(item, files, completed):
             return Outcome.SKIPPED_IDENTICAL, item["_id"]
         if not files:  # an item left without its file (a crash, or another consumer now)
-            self._put_file(item["_id"], completed, name, shared)
+            self._put_file(item["_id"], completed, shared)
             self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
                        "set metadata", rel)
             return Outcome.UPLOADED, item["_id"]
@@ -313,7 +313,7 @@ class GirderStore:
                            name)
         return self._keep_oldest(mine, twins, "item", name)
 
-    def _put_file(self, item_id: str, completed: CompletedFile, name: str,
+    def _put_file(self, item_id: str, completed: CompletedFile,
                   shared: Callable[[], bool]) -> None:
         """Upload the file into its item; when shared, make sure the item holds one file.
 
@@ -321,12 +321,12 @@ class GirderStore:
         item's files and removes its own unless it is the oldest of the identical ones:
         whatever the interleaving, exactly the oldest one stays.
 
-        The Girder file keeps the file's own name (Girder does not strip file names, and
-        OpenMSIStream passes it as it is); its mimetype is guessed from the item's
-        ``name`` as OpenMSIStream does (unknown: Girder's ``application/octet-stream``)."""
+        The Girder file keeps the file's own name, and its mimetype is guessed from that
+        name, as OpenMSIStream 1.8.8 does (Girder strips item names, not file names; an
+        unknown type is Girder's ``application/octet-stream``)."""
         client = self._client()
         file_name = PurePosixPath(completed.rel_path).name
-        mimetype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        mimetype = mimetypes.guess_type(file_name)[0] or "application/octet-stream"
         mine = self._call(lambda: client.uploadFile(item_id, self._stream(completed), file_name,
                                                     completed.size, parentType="item",
                                                     mimeType=mimetype),

@@ -129,22 +129,13 @@ def test_the_flow_fails_with_the_start_up_error(stack_env, prefect_env, make_top
 
 # ---------------------------------------------------------------- a key revoked mid-run
 
-@pytest.fixture
-def api_key(girder_client):
-    """A fresh API key of the stack's admin: ``(id, key)``; deleted after the test."""
-    doc = girder_client.post("api_key", parameters={"name": f"gus-test-{uuid.uuid4().hex[:8]}",
-                                                    "active": True})
-    yield doc["_id"], doc["key"]
-    girder_client.delete(f"api_key/{doc['_id']}")
-
-
 @pytest.mark.timeout(420)
 def test_a_key_revoked_mid_run_is_never_a_files_failure(
         tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
-        girder_client, kafka_admin, api_key, programs):
+        girder_client, kafka_admin, new_api_key, programs):
     bootstrap, api_url = stack_env["KAFKA_BOOTSTRAP_SERVERS"], stack_env["GIRDER_API_URL"]
     topic, group, collection = make_topic(partitions=2), make_group(), make_collection()
-    key_id, key = api_key
+    key_id, key = new_api_key
     out = tmp_path / "out"
     argv = _argv("run", api_url, topic, collection["name"], group, out)
     argv[argv.index("--max_idle_seconds") + 1] = "20"

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
 from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
+from girder_upload_stream.girder_io import store_for
 from girder_upload_stream.runner import StopSignal, stop_on_signals
 from girder_upload_stream.options import DEFAULTS
 from girder_upload_stream.settings import RunSettings
@@ -92,6 +93,8 @@ def upload_stream(
     The Girder API key comes from ``girder_api_key``, else the Prefect Secret block named
     ``girder_api_key_block``, else the ``GIRDER_API_KEY`` environment variable. Stops on
     ``max_idle_seconds`` / ``max_runtime_seconds``, SIGINT/SIGTERM, cancellation or ``q``.
+    Fails at once, before anything is consumed, when Girder refuses the key, cannot be
+    reached or the root folder does not resolve (``GirderStartupError``).
     """
     log = get_run_logger()
     girder = girder_settings(girder_api_url or os.environ.get("GIRDER_API_URL"),
@@ -114,9 +117,12 @@ def upload_stream(
                       max_file_bytes=max_file_size_mb << 20, interactive=interactive,
                       stale_partial_seconds=stale_partial_seconds or None,
                       logger_file_path=logs_dir)
+    # Log in and resolve the root folder before the consumer joins the group: a wrong
+    # key stops the run here, with nothing read, registered or committed.
+    root_folder = store_for(girder, topic_name).check()
     log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
-             "uploading to %s",
-             topic_name, kafka.group_id, n_threads, girder.api_url)
+             "uploading to %s below folder %s",
+             topic_name, kafka.group_id, n_threads, girder.api_url, root_folder)
     channel = UploadChannel()  # files report as they land: offsets need not wait for units
     with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
         def submit(unit: UploadUnit) -> _FutureHandle:

@@ -4,7 +4,10 @@ OpenMSIStream's command, every argument and default kept) and ``girder-upload-st
 
 Both run the Prefect flow in-process. SIGINT, SIGTERM and ``q`` stop it gracefully:
 stop fetching, finish or record in-flight uploads, commit what is safe, write the
-registries, exit 0.
+registries, exit 0. Before the flow starts they log in to Girder and resolve the root
+folder: a refused key, an unreachable Girder or a root folder that does not resolve
+ends the command with one line on standard error and exit status 2, before anything
+is consumed.
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.addHandler(handler)
 
 
+def _check_girder(args: argparse.Namespace, api_key: str) -> None:
+    """Log in and resolve the root folder before Prefect starts, so that a wrong key
+    fails fast with one line (raised as GirderStartupError) and no flow-run traceback.
+    The flow checks again; the store it shares with this check has the answer cached."""
+    from girder_upload_stream.assemble import girder_settings
+    from girder_upload_stream.girder_io import store_for
+    settings = girder_settings(
+        args.girder_api_url, api_key, root_folder_id=args.girder_root_folder_id,
+        collection_name=args.collection_name, root_folder_path=args.girder_root_folder_path,
+        metadata=args.metadata or {}, replace_existing=args.replace_existing)
+    store_for(settings, args.topic_name).check()
+
+
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate, then run the flow until it stops: 0 on a graceful stop, 1 if the last
     save of the registries failed (the offsets it guarded stayed uncommitted)."""
@@ -54,6 +70,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if not api_key:
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
     _setup_logging(args)
+    _check_girder(args, api_key)
     # The key travels by environment, never as a flow parameter (Prefect stores those).
     os.environ["GIRDER_API_KEY"] = api_key
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

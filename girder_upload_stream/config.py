@@ -19,6 +19,9 @@ Rules kept from OpenMSIStream 1.8.8:
 
 Differences: option names keep their case, ``%`` is not an interpolation character, and
 values stay strings (librdkafka parses them; ``"False"`` is a valid boolean there).
+No error message shows the value of a secret option (``sasl.password``...; see
+:func:`girder_upload_stream.redact.is_secret_option`) or the text of a line the INI
+parser could not read: such a line may hold a password.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .redact import is_secret_option
 
 __all__ = [
     "CREATE_NEW",
@@ -73,7 +77,8 @@ class KafkaFileConfig:
     """A parsed config file. ``sections`` holds raw (unexpanded) values by section name."""
 
     path: Path
-    sections: Mapping[str, Mapping[str, str]]
+    #: Raw values, secrets included: kept out of ``repr()``.
+    sections: Mapping[str, Mapping[str, str]] = field(repr=False)
     env: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False)
     fresh_group_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -139,17 +144,22 @@ class KafkaFileConfig:
     def _expand(self, value: str, section: str, option: str) -> str:
         if not value.startswith("$"):
             return value
+        # The value of a secret option may be the secret itself (a password that starts
+        # with '$'): its errors name the option, never the value or the variable.
+        secret = is_secret_option(option)
         if not _ENV_REF.match(value):
-            raise ConfigError(f"{value!r} is not an environment variable reference",
+            shown = "its value (not shown: a secret)" if secret else repr(value)
+            raise ConfigError(f"{shown} is not an environment variable reference",
                               path=str(self.path), section=section, option=option)
 
         def replace(match: re.Match[str]) -> str:
             name = match.group("braced") if match.group("braced") is not None \
                 else match.group("plain")
             if not name or name not in self.env:
-                raise ConfigError(
-                    f"environment variable {name!r} is not set",
-                    path=str(self.path), section=section, option=option)
+                shown = ("the environment variable its value names (not shown: a secret)"
+                         if secret else f"environment variable {name!r}")
+                raise ConfigError(f"{shown} is not set", path=str(self.path),
+                                  section=section, option=option)
             return self.env[name]
 
         return _ENV_REF.sub(replace, value)
@@ -216,6 +226,20 @@ class KafkaFileConfig:
         return parse_bool(value) is False
 
 
+def _ini_problem(exc: configparser.Error) -> str:
+    """What is wrong with the file, by line number only: configparser quotes the lines it
+    could not parse, and such a line may be ``sasl.password hunter2``."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        return f"line {exc.lineno} comes before the first [section] header"
+    if isinstance(exc, configparser.ParsingError):
+        lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+        return f"line(s) {lines} are not 'option = value' (text not shown)"
+    if isinstance(exc, (configparser.DuplicateOptionError,
+                        configparser.DuplicateSectionError)):
+        return str(exc)  # names a section or an option, never a value
+    return type(exc).__name__
+
+
 def load_config(path: str | os.PathLike[str],
                 env: Mapping[str, str] | None = None) -> KafkaFileConfig:
     """Read an OpenMSIStream-style config file; ``env`` defaults to ``os.environ``.
@@ -234,7 +258,7 @@ def load_config(path: str | os.PathLike[str],
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file: {exc}", path=str(config_path)) from None
     except configparser.Error as exc:
-        raise ConfigError(f"config file is not valid INI: {exc}",
+        raise ConfigError(f"config file is not valid INI: {_ini_problem(exc)}",
                           path=str(config_path)) from None
     if not parser.has_section("broker"):
         raise ConfigError("config file has no [broker] section", path=str(config_path))

@@ -65,11 +65,11 @@ def main() -> int:
     seconds = time.monotonic() - started
     busy = max(summary["active_seconds"], 1e-6)
     print(f"[demo] {summary['files_uploaded']} files ({size / 1e6:.1f} MB) uploaded to Girder "
-          f"collection 'Demo', folder '{topic}', {busy:.2f}s from the consumer's start to the "
+          f"folder /collection/Demo/Demo/{topic}, {busy:.2f}s from the consumer's start to the "
           f"last file in Girder ({summary['files_uploaded'] / busy:.1f} files/s, "
           f"{size / 1e6 / busy:.1f} MB/s; {seconds:.1f}s in all with flow start and idle stop)")
     api = os.environ["GIRDER_API_URL"]
-    print(f"[demo] in Girder: {api}/resource/lookup?path=/collection/Demo/{topic} "
+    print(f"[demo] in Girder: {api}/resource/lookup?path=/collection/Demo/Demo/{topic} "
           "(the stack serves Girder's REST API only; its web client is not built)")
     print(f"[demo] registries: {work / 'output' / 'LOGS'}")
     ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")

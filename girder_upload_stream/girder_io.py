@@ -1,29 +1,40 @@
 """Every girder-client call of the project lives here.
 
-A :class:`GirderStore` resolves the root folder once, mirrors sub-folders below it
-(created once and cached, not looked up per file), and uploads one item per file with
-its metadata. Re-delivered files are harmless: an item of the same name whose checksum
-matches is skipped, which is what makes uploads effectively-once. Library errors become
-:class:`GirderTransientError` (retry: connection errors, 429, 5xx) or
-:class:`GirderTerminalError` (record and move on: 4xx such as 401/403, bad names).
+A :class:`GirderStore` logs in and resolves the root folder once (:meth:`GirderStore.check`,
+before anything is consumed), mirrors sub-folders below it (created once and cached,
+not looked up per file), and uploads one item per file with its metadata. Re-delivered
+files are harmless: an item of the same name whose checksum matches is skipped, which
+is what makes uploads effectively-once. Names are those Girder stores (stripped of
+leading and trailing white space), so that a lookup finds what a create made.
+
+Library errors become :class:`GirderTransientError` (retry: connection errors, 429,
+5xx), :class:`GirderAuthError` (a transient one: the key or its token was refused; the
+client logs in again) or :class:`GirderTerminalError` (record and move on: other 4xx,
+such as 403 or an invalid name). Their texts never carry the API key: it travels in a
+request body, never a URL, and every library text is masked (see
+:mod:`girder_upload_stream.girder_errors`).
 """
 
 from __future__ import annotations
 
 import logging
+import mimetypes
 import threading
 from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from girder_upload_stream import __version__, failpoints
-from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.girder_errors import (LOGIN, GirderAuthError, GirderStartupError,
+                                                GirderTerminalError, GirderTransientError,
+                                                girder_name, translate)
 from girder_upload_stream.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.units import FileOutcome, Outcome
 
 __all__ = ["VERSION_FIELD", "VERSION_VALUE", "GirderTransientError", "GirderTerminalError",
-           "GirderStore", "store_for"]
+           "GirderAuthError", "GirderStartupError", "GirderStore", "girder_name", "store_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,29 +43,6 @@ logger = logging.getLogger(__name__)
 VERSION_FIELD = "OpenMSIStreamVersion"
 VERSION_VALUE = f"girder-upload-stream {__version__}"
 T = TypeVar("T")
-
-
-class GirderTransientError(TransientError):
-    """Girder could not be reached or answered 429/5xx: retry later."""
-
-
-class GirderTerminalError(TerminalError):
-    """Girder refused the request for a reason a retry will not fix."""
-
-
-def _translate(exc: Exception, what: str, rel_path: str | None) -> Exception:
-    import requests
-    from girder_client import HttpError
-    if isinstance(exc, HttpError):
-        status = exc.status
-        text = (exc.responseText or "")[:300]
-        cls = GirderTransientError if status == 429 or status >= 500 else GirderTerminalError
-        return cls(f"{what}: HTTP {status}: {text}", rel_path=rel_path)
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        return GirderTransientError(f"{what}: Girder unreachable: {exc}", rel_path=rel_path)
-    if isinstance(exc, requests.RequestException):
-        return GirderTransientError(f"{what}: {exc}", rel_path=rel_path)
-    return exc
 
 
 class GirderStore:
@@ -70,24 +58,35 @@ class GirderStore:
 
     # -- plumbing ------------------------------------------------------------------
     def _client(self):
+        """This thread's client, logged in (a new log-in after an authentication error)."""
         client = getattr(self._local, "client", None)
         if client is None:
             from girder_client import GirderClient
             client = GirderClient(apiUrl=self.settings.api_url)
-            self._call(lambda: client.authenticate(
-                apiKey=self.settings.api_key.get_secret_value()), "authenticate")
+            self._call(lambda: self._login(client), LOGIN)
             self._local.client = client
         return client
+
+    def _login(self, client: Any) -> None:
+        # girder-client's authenticate() puts the key in the URL's query string, which
+        # connection errors, proxies and access logs quote; a form body they do not.
+        answer = client.sendRestRequest(
+            "POST", "api_key/token", data={"key": self.settings.api_key.get_secret_value()})
+        client.setToken(answer["authToken"]["token"])
 
     def _call(self, fn: Callable[[], T], what: str, rel_path: str | None = None) -> T:
         self.requests += 1
         try:
             return fn()
         except Exception as exc:
-            translated = _translate(exc, what, rel_path)
-            if translated is exc:
+            failure = translate(exc, what, rel_path, (self.settings.api_key.get_secret_value(),))
+            if failure is None:
                 raise
-            raise translated from exc
+        if isinstance(failure, GirderAuthError):
+            self._local.client = None  # log in again at this thread's next request
+        # Raised outside the except block: the library's exception, whose text may quote
+        # a URL with credentials, is neither chained nor shown in a traceback.
+        raise failure
 
     def _meta(self, sha256: str | None = None) -> dict[str, Any]:
         meta: dict[str, Any] = {**self.settings.metadata, VERSION_FIELD: VERSION_VALUE,
@@ -97,6 +96,17 @@ class GirderStore:
         return meta
 
     # -- folders -------------------------------------------------------------------
+    def check(self) -> str:
+        """Log in and resolve the root folder, before anything is consumed: the id of
+        the root folder, or :class:`GirderStartupError` with a one-line reason."""
+        try:
+            return self.root_folder_id()
+        except GirderAuthError as exc:
+            reason = f"it did not accept the API key ({exc})"
+        except GirderUploadStreamError as exc:
+            reason = str(exc)
+        raise GirderStartupError(f"cannot start: Girder at {self.settings.api_url}: {reason}")
+
     def root_folder_id(self) -> str:
         """The root folder's id: given, or found/created from collection and path."""
         with self._folder_lock:
@@ -105,29 +115,39 @@ class GirderStore:
             return self._folders[""]
 
     def _resolve_root(self) -> str:
+        """As OpenMSIStream 1.8.8 does: the collection is found by name or created public;
+        then every part of the root path is a folder below it, the first part included.
+        Every folder gets the minimal metadata, except a first part named like the
+        collection (``{collection_name}/{topic}``, the default), which gets none."""
         client = self._client()
         if self.settings.root_folder_id:
             return self._call(lambda: client.getFolder(self.settings.root_folder_id),
                               "root folder")["_id"]
-        collection_name, *parts = self.settings.root_path_for(self.topic).split("/")
-        collection = self._find_collection(collection_name)
+        collection = self._collection(girder_name(self.settings.collection_name, "collection"))
+        path = self.settings.root_path_for(self.topic)
+        parent, parent_type = collection["_id"], "collection"
+        for depth, part in enumerate(path.split("/")):
+            metadata = None if depth == 0 and part == self.settings.collection_name \
+                else self._meta()
+            name = girder_name(part, f"folder (in the root folder path {path!r})")
+            parent = self._make_folder(parent, name, parent_type, metadata)
+            parent_type = "folder"
+        return parent
+
+    def _collection(self, name: str) -> dict:
+        """The collection ``name``, created public if missing (OpenMSIStream does)."""
+        client = self._client()
+        collection = self._find_collection(name)
         if collection is None:
             try:
-                collection = self._call(lambda: client.createCollection(collection_name),
+                collection = self._call(lambda: client.createCollection(name, public=True),
                                         "create collection")
             except GirderTerminalError as exc:
                 # Another consumer of the group created it since we looked.
-                collection = self._find_collection(collection_name)
+                collection = self._find_collection(name)
                 if "already exists" not in str(exc) or collection is None:
                     raise
-        parent, parent_type = collection["_id"], "collection"
-        for name in parts:
-            parent = self._make_folder(parent, name, parent_type)
-            parent_type = "folder"
-        if parent_type == "collection":
-            raise GirderTerminalError("the root folder path names only a collection; "
-                                      "add a folder (e.g. 'Collection/topic')")
-        return parent
+        return collection
 
     def _find_collection(self, name: str) -> dict | None:
         # A path lookup, not a text search: the dev stack's mongo-java-server has no
@@ -141,15 +161,17 @@ class GirderStore:
                 return None
             raise
 
-    def _make_folder(self, parent: str, name: str, parent_type: str = "folder") -> str:
-        """Find or create a folder; of twins made at the same moment by two consumers
-        (Girder's reuseExisting is not atomic), every consumer keeps the oldest."""
+    def _make_folder(self, parent: str, name: str, parent_type: str,
+                     metadata: dict[str, Any] | None) -> str:
+        """Find or create a folder (``name`` as Girder stores it) and set ``metadata`` on
+        it (None: leave it); of twins made at the same moment by two consumers (Girder's
+        reuseExisting is not atomic), every consumer keeps the oldest."""
         client = self._client()
 
         def create() -> dict:
             return self._call(lambda: client.createFolder(
                 parent, name, parentType=parent_type, reuseExisting=True,
-                metadata=self._meta()), f"create folder {name!r}")
+                metadata=metadata), f"create folder {name!r}")
         try:
             mine = create()
         except GirderTerminalError as exc:
@@ -173,19 +195,19 @@ class GirderStore:
         return oldest
 
     def folder_for(self, subdir: str) -> str:
-        """Id of the folder mirroring ``subdir`` below the root, created once, then cached."""
+        """Id of the folder mirroring ``subdir`` below the root, created once, then cached
+        (by the names Girder stores: ``' sub '`` and ``'sub'`` are one folder)."""
         root = self.root_folder_id()
         if not subdir:
             return root
+        names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
         with self._folder_lock:
-            if subdir in self._folders:
-                return self._folders[subdir]
-            parent, walked = root, []
-            for name in PurePosixPath(subdir).parts:
-                walked.append(name)
-                key = "/".join(walked)
+            parent = root
+            for depth in range(1, len(names) + 1):
+                key = "/".join(names[:depth])
                 if key not in self._folders:
-                    self._folders[key] = self._make_folder(parent, name)
+                    self._folders[key] = self._make_folder(parent, names[depth - 1],
+                                                           "folder", self._meta())
                 parent = self._folders[key]
             return parent
 
@@ -198,10 +220,11 @@ class GirderStore:
         file has no sha512 (an assetstore that does not hash) -- it is then rebuilt."""
         path = PurePosixPath(rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
-        client = self._client()
         try:
+            client = self._client()
+            name = girder_name(path.name)
             folder = self.folder_for(subdir)
-            items = self._call(lambda: list(client.listItem(folder, name=path.name)),
+            items = self._call(lambda: list(client.listItem(folder, name=name)),
                                "list items", rel_path)
             for item in items:
                 files = self._call(lambda: list(client.listFile(item["_id"])), "list files",
@@ -230,8 +253,8 @@ class GirderStore:
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
-            outcome, item_id = self._upload(completed, self.folder_for(subdir), path.name,
-                                            check)
+            name = girder_name(path.name)
+            outcome, item_id = self._upload(completed, self.folder_for(subdir), name, check)
         except GirderTerminalError as exc:
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc),
                                requests=self.requests - before)
@@ -240,6 +263,7 @@ class GirderStore:
 
     def _upload(self, completed: CompletedFile, folder: str, name: str,
                 shared: Callable[[], bool]) -> tuple[Outcome, str]:
+        """Upload into ``folder`` as the item ``name`` (the name Girder stores)."""
         client = self._client()
         rel = completed.rel_path
         items = self._call(lambda: list(client.listItem(folder, name=name)), "list items", rel)
@@ -250,7 +274,7 @@ class GirderStore:
             oldest = self._oldest_item(folder, name, item) if shared() else item
             if oldest["_id"] == item["_id"]:
                 failpoints.hit("upload.mid")
-                self._put_file(item["_id"], completed, name, shared)
+                self._put_file(item["_id"], completed, shared)
                 return Outcome.UPLOADED, item["_id"]
             items = [oldest]
         item = items[0]
@@ -258,7 +282,7 @@ class GirderStore:
         if self._same_content(item, files, completed):
             return Outcome.SKIPPED_IDENTICAL, item["_id"]
         if not files:  # an item left without its file (a crash, or another consumer now)
-            self._put_file(item["_id"], completed, name, shared)
+            self._put_file(item["_id"], completed, shared)
             self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
                        "set metadata", rel)
             return Outcome.UPLOADED, item["_id"]
@@ -289,16 +313,23 @@ class GirderStore:
                            name)
         return self._keep_oldest(mine, twins, "item", name)
 
-    def _put_file(self, item_id: str, completed: CompletedFile, name: str,
+    def _put_file(self, item_id: str, completed: CompletedFile,
                   shared: Callable[[], bool]) -> None:
         """Upload the file into its item; when shared, make sure the item holds one file.
 
         Two consumers of one group can upload the same file at once. Each then lists the
         item's files and removes its own unless it is the oldest of the identical ones:
-        whatever the interleaving, exactly the oldest one stays."""
+        whatever the interleaving, exactly the oldest one stays.
+
+        The Girder file keeps the file's own name, and its mimetype is guessed from that
+        name, as OpenMSIStream 1.8.8 does (Girder strips item names, not file names; an
+        unknown type is Girder's ``application/octet-stream``)."""
         client = self._client()
-        mine = self._call(lambda: client.uploadFile(item_id, self._stream(completed), name,
-                                                    completed.size, parentType="item"),
+        file_name = PurePosixPath(completed.rel_path).name
+        mimetype = mimetypes.guess_type(file_name)[0] or "application/octet-stream"
+        mine = self._call(lambda: client.uploadFile(item_id, self._stream(completed), file_name,
+                                                    completed.size, parentType="item",
+                                                    mimeType=mimetype),
                           "upload file", completed.rel_path)
         if not shared():
             return

@@ -101,7 +101,8 @@ OPTIONS: tuple[Option, ...] = (
            "collection of the root folder when no id is given (default: %(default)s)"),
     Option("girder_root_folder_path", None,
            "root folder path below the collection, every part a folder (default: "
-           "'{collection_name}/{topic_name}', as OpenMSIStream); created if missing"),
+           "'{collection_name}/{topic_name}', i.e. /collection/C/C/TOPIC, as OpenMSIStream "
+           "1.8.8); created if missing"),
     Option("metadata", None, "JSON object added to every item's and folder's metadata",
            parse=json_object),
     Option("replace_existing", False, "replace an item's contents when a different file "

@@ -25,7 +25,9 @@ class GirderSettings(BaseModel):
     api_key: SecretStr
     root_folder_id: str | None = None
     collection_name: str = DEFAULT_COLLECTION_NAME
-    root_folder_path: str | None = None  # default: "{collection_name}/{topic}"
+    #: Folders below the collection, '/'-separated (default "{collection_name}/{topic}":
+    #: OpenMSIStream 1.8.8 makes its first part a folder too, named like the collection).
+    root_folder_path: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     replace_existing: bool = False
 
@@ -35,7 +37,9 @@ class GirderSettings(BaseModel):
         return value.rstrip("/")
 
     def root_path_for(self, topic: str) -> str:
-        """The root folder path, collection name first, as OpenMSIStream builds it."""
+        """The root folder's path below the collection ``collection_name``, as
+        OpenMSIStream 1.8.8 builds it: every part is a folder, the first one included
+        (the default ``{collection_name}/{topic}`` gives ``/collection/C/C/topic``)."""
         return (self.root_folder_path or f"{self.collection_name}/{topic}").strip("/")
 
     def cache_key(self) -> tuple[str, str, str]:
@@ -61,7 +65,8 @@ class KafkaSettings(BaseModel):
 
     topic: str
     group_id: str
-    consumer: dict[str, str]
+    #: librdkafka settings, SASL/SSL passwords included: kept out of ``repr()``.
+    consumer: dict[str, str] = Field(repr=False)
     #: Upload tasks running at once (--n_threads). The process reads with one consumer:
     #: all polling happens in the flow's thread, so more consumers would only add
     #: rebalances (and their re-reads) without reading faster.
@@ -69,7 +74,7 @@ class KafkaSettings(BaseModel):
     heartbeat_topic: str | None = None
     heartbeat_program_id: str | None = None
     heartbeat_interval_secs: float = 30.0
-    heartbeat_producer: dict[str, str] = Field(default_factory=dict)
+    heartbeat_producer: dict[str, str] = Field(default_factory=dict, repr=False)
     kafkacrypto: KafkaCryptoSettings | None = None  # None: the topic is not encrypted
 
 

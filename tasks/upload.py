@@ -1,7 +1,8 @@
 """The Girder upload task: one task run per upload unit (many small files, or one big).
 
-Retries with backoff only for transient errors (Girder down, 429, 5xx); a retry re-runs
-the whole unit, which is safe because files already in Girder are skipped by checksum.
+Retries with backoff only for transient errors (Girder down, 429, 5xx, a refused
+log-in or token: never a file's failure); a retry re-runs the whole unit, which is
+safe because files already in Girder are skipped by checksum.
 No cache policy and no result persistence: inputs carry file bytes.
 """
 

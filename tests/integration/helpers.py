@@ -287,6 +287,12 @@ def item_path(gc, item: dict) -> str:
     return gc.get(f"resource/{item['_id']}/path", parameters={"type": "item"})
 
 
+def default_root_path(collection_name: str, topic: str) -> str:
+    """Girder path of the default root folder ``{collection_name}/{topic_name}``: every
+    part is a folder below the collection, as OpenMSIStream 1.8.8 makes it."""
+    return f"/collection/{collection_name}/{collection_name}/{topic}"
+
+
 def folder_by_path(gc, path: str) -> dict:
     """A folder by its Girder path, e.g. ``/collection/C/topic``."""
     return gc.get("resource/lookup", parameters={"path": path})

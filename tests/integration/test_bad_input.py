@@ -45,6 +45,7 @@ from tests.integration.helpers import (Program, assert_exactly_once, committed_o
                                        girder_listing, in_progress_rows, log_uniform_files,
                                        produce_raw, root_folder_or_none, stop_line,
                                        tree_snapshot, write_fault_config)
+from tests.integration.helpers import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -397,7 +398,7 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
         failures["files in LOGS that the program did not write"] = foreign
 
     # Girder: the good files exactly once; nothing else anywhere in the collection.
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     root = root_folder_or_none(girder_client, root_path)
     assert root is not None, f"{root_path} was never created"
     try:

@@ -21,6 +21,7 @@ from tests.integration.helpers import (CHUNK_SIZE, OUR_CLI, OUR_PROCESSOR, Progr
                                        assert_uploaded, finish, folder_by_path, girder_tree,
                                        n_chunks, processed_rel_paths, produce_ours, wait_for,
                                        write_omsi_config, write_tree)
+from tests.integration.helpers import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +114,7 @@ def test_run_stops_on_q(tmp_path, cli_env, stack_env, make_topic, make_group,
         tmp_path / "run.out", cwd=tmp_path, env=cli_env)
     programs.append(program)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     wait_for(all_in_girder(girder_client, root_path, files), "the files in Girder", program,
              log_file, timeout=RUN_TIMEOUT)
     program.send_line("q")
@@ -144,7 +145,7 @@ def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, sta
                       env={**cli_env, "GIRDER_API_KEY": stack_env["GIRDER_API_KEY"]})
     programs.append(program)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     wait_for(all_in_girder(girder_client, root_path, files), "the files in Girder", program,
              log_file, timeout=RUN_TIMEOUT)
     program.proc.send_signal(signal.SIGTERM)
@@ -199,6 +200,6 @@ def test_stops_on_max_idle_with_stdin_closed(tmp_path, cli_env, stack_env, make_
     n_messages = sum(n_chunks(d) for d in files.values())
     assert f"{n_messages} messages read" in output, program.describe(log_file)
     assert f"{len(files)} files uploaded" in output, program.describe(log_file)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     root = folder_by_path(girder_client, root_path)
     assert_uploaded(girder_client, root["_id"], files, topic, root_path=root_path)

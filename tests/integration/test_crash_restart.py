@@ -27,6 +27,7 @@ from tests.integration.helpers import (Program, assert_exactly_once, committed_o
                                        log_uniform_files, n_chunks, processed_rel_paths,
                                        produce_ours, root_folder_or_none, stop_line,
                                        write_fault_config, write_tree)
+from tests.integration.helpers import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def test_sigkill_at_each_crash_point_then_restart_uploads_each_file_once(
     out = tmp_path / "out"
     logs = out / "LOGS"
     log_file = (logs / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
                          write_fault_config(tmp_path / "consumer.config"), MAX_IDLE,
                          "--mode", mode)

@@ -31,7 +31,7 @@ def test_simultaneous_uploads_of_one_file_leave_one_item_with_one_file(
     collection = make_collection()
     settings = GirderSettings(api_url=stack_env["GIRDER_API_URL"],
                               api_key=stack_env["GIRDER_API_KEY"],
-                              root_folder_path=f"{collection['name']}/race")
+                              collection_name=collection["name"], root_folder_path="race")
     stores = [GirderStore(settings, "race-topic") for _ in range(2)]
     rng = random.Random(3)
     files = {f"d{i % 3}/f{i}.bin": rng.randbytes(50_000 + i) for i in range(12)}

@@ -33,6 +33,7 @@ from tests.integration.helpers import (Program, assert_exactly_once, committed_w
                                        end_offsets, finish, folder_by_path, log_uniform_files,
                                        messages_at, n_chunks, produce_ours,
                                        root_folder_or_none, stop_line, write_tree)
+from tests.integration.helpers import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,7 @@ def test_restart_after_a_kill_at_half_rereads_little_more_than_the_incomplete_fi
 
     out = tmp_path / "out"
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     # The bundled "local" config, so the restart is timed with the program's own
     # consumer settings (its 10 s session: the killed consumers' partitions come back
     # to the group when their session expires).

@@ -28,6 +28,7 @@ from tests.integration.helpers import (Program, assert_exactly_once, committed_o
                                        folder_by_path,
                                        processed_rel_paths, produce_raw, stop_line,
                                        write_fault_config)
+from tests.integration.helpers import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ def test_restart_without_local_registry(knowledge, tmp_path: Path, stack_env, pr
     # (with the span list, the finished files' chunks were fetched before the seek
     # over them took effect: such small messages come in one fetch; they are skipped).
     assert second["messages"] == ends[0] + 1, (second["messages"], ends)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
                         files, topic, root_path=root_path)
     end = committed_offsets(kafka_admin, group, topic)

@@ -15,6 +15,7 @@ import pytest
 from tests.integration.helpers import (Program, assert_exactly_once, consumer_argv,
                                        consumer_env, end_offsets, finish, folder_by_path,
                                        produce_ours, stop_line, write_tree)
+from tests.integration.helpers import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ def test_a_second_process_joining_mid_stream_leaves_every_file_once(
     lines = [stop_line(p.output()) for p in (first, second)]
     handed = "left to the next owner" in first.output() + second.output()
     print(f"[scale-out] {lines}; files handed over at the rebalance: {handed}", flush=True)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
                         files, topic, root_path=root_path)
     assert sum(line["uploaded"] + line["skipped"] for line in lines) >= len(files), lines

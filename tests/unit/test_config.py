@@ -95,11 +95,22 @@ def test_environment_variables_are_expanded_when_a_section_is_used(tmp_path):
 
 def test_an_unset_variable_names_itself_the_section_and_the_file(tmp_path):
     path = write(tmp_path, OPENMSISTREAM_STYLE)
+    config = load_config(path, env={"KAFKA_SERVERS": "b:1", "KAFKA_PASSWORD": "p"})
+    with pytest.raises(ConfigError) as caught:
+        config.consumer_settings()
+    text = str(caught.value)
+    assert "'KAFKA_USER'" in text and "section='broker'" in text
+    assert "option='sasl.username'" in text and str(path) in text
+
+
+def test_an_unset_variable_of_a_secret_option_names_the_option_only(tmp_path):
+    # The value of a secret option may be the password itself ('$ecret'): not shown.
+    path = write(tmp_path, OPENMSISTREAM_STYLE)
     config = load_config(path, env={"KAFKA_SERVERS": "b:1", "KAFKA_USER": "u"})
     with pytest.raises(ConfigError) as caught:
         config.consumer_settings()
     text = str(caught.value)
-    assert "'KAFKA_PASSWORD'" in text and "section='broker'" in text
+    assert "KAFKA_PASSWORD" not in text and "section='broker'" in text
     assert "option='sasl.password'" in text and str(path) in text
 
 

@@ -347,6 +347,7 @@ def test_the_command_exits_non_zero_when_the_last_save_failed(monkeypatch, capsy
                "registry_save_error": save_error}
     monkeypatch.setattr(flow_module, "upload_stream", lambda **kwargs: summary)
     monkeypatch.setattr(cli_run, "_setup_logging", lambda args: None)
+    monkeypatch.setattr(cli_run, "_check_girder", lambda args, api_key: None)  # no Girder here
     monkeypatch.setenv("GIRDER_API_KEY", "k")
     parser = argparse.ArgumentParser()
     cli_run.add_run_arguments(parser, default_config="local")

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
 from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
-from girder_upload_stream.girder_io import store_for
+from girder_upload_stream.girder_io import GirderStore
 from girder_upload_stream.runner import StopSignal, stop_on_signals
 from girder_upload_stream.options import DEFAULTS
 from girder_upload_stream.settings import RunSettings
@@ -119,7 +119,8 @@ def upload_stream(
                       logger_file_path=logs_dir)
     # Log in and resolve the root folder before the consumer joins the group: a wrong
     # key stops the run here, with nothing read, registered or committed.
-    root_folder = store_for(girder, topic_name).check()
+    store = GirderStore(girder, topic_name)  # this run's: one folder cache for every unit
+    root_folder = store.check()
     log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
              "uploading to %s below folder %s",
              topic_name, kafka.group_id, n_threads, girder.api_url, root_folder)
@@ -128,12 +129,11 @@ def upload_stream(
         def submit(unit: UploadUnit) -> _FutureHandle:
             unit.channel = channel
             return _FutureHandle(task_runner.submit(
-                upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
+                upload_unit, {"unit": unit, "store": store}))
 
         def probe(keys: list) -> _FutureHandle:
             return _FutureHandle(task_runner.submit(
-                find_in_girder, {"keys": keys, "girder": girder, "topic": topic_name,
-                                 "n": len(keys)}))
+                find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
 
         stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
         group_id = kafka.group_id
@@ -162,4 +162,5 @@ def upload_stream(
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages,
-            "registry_save_error": summary.save_error, **encrypted}
+            "registry_save_error": summary.save_error, "girder_requests": store.requests,
+            **encrypted}

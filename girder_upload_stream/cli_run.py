@@ -53,14 +53,14 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def _check_girder(args: argparse.Namespace, api_key: str) -> None:
     """Log in and resolve the root folder before Prefect starts, so that a wrong key
     fails fast with one line (raised as GirderStartupError) and no flow-run traceback.
-    The flow checks again; the store it shares with this check has the answer cached."""
+    The flow checks again with its own store (a login and a lookup or two)."""
     from girder_upload_stream.assemble import girder_settings
-    from girder_upload_stream.girder_io import store_for
+    from girder_upload_stream.girder_io import GirderStore
     settings = girder_settings(
         args.girder_api_url, api_key, root_folder_id=args.girder_root_folder_id,
         collection_name=args.collection_name, root_folder_path=args.girder_root_folder_path,
         metadata=args.metadata or {}, replace_existing=args.replace_existing)
-    store_for(settings, args.topic_name).check()
+    GirderStore(settings, args.topic_name).check()
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

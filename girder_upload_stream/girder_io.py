@@ -34,7 +34,7 @@ from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.units import FileOutcome, Outcome
 
 __all__ = ["VERSION_FIELD", "VERSION_VALUE", "GirderTransientError", "GirderTerminalError",
-           "GirderAuthError", "GirderStartupError", "GirderStore", "girder_name", "store_for"]
+           "GirderAuthError", "GirderStartupError", "GirderStore", "girder_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -348,16 +348,3 @@ class GirderStore:
         if completed.data is not None:
             return completed.data.open()
         return open(completed.path, "rb")  # noqa: SIM115 - girder-client reads then we drop it
-
-
-_stores: dict[tuple[Any, ...], GirderStore] = {}
-_stores_lock = threading.Lock()
-
-
-def store_for(settings: GirderSettings, topic: str) -> GirderStore:
-    """One shared store per settings and topic, so the folder cache survives across tasks."""
-    key = (*settings.cache_key(), topic)
-    with _stores_lock:
-        if key not in _stores:
-            _stores[key] = GirderStore(settings, topic)
-        return _stores[key]

@@ -42,8 +42,6 @@ class GirderSettings(BaseModel):
         (the default ``{collection_name}/{topic}`` gives ``/collection/C/C/topic``)."""
         return (self.root_folder_path or f"{self.collection_name}/{topic}").strip("/")
 
-    def cache_key(self) -> tuple[str, str, str]:
-        return (self.api_url, self.api_key.get_secret_value(), self.model_dump_json())
 
 
 class KafkaCryptoSettings(BaseModel):

@@ -13,8 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from girder_upload_stream.codec import FileKey
 from girder_upload_stream.errors import TransientError
-from girder_upload_stream.girder_io import store_for
-from girder_upload_stream.settings import GirderSettings
+from girder_upload_stream.girder_io import GirderStore
 from girder_upload_stream.units import FileOutcome, UploadUnit, is_shared, report_outcome
 
 __all__ = ["upload_unit", "find_in_girder"]
@@ -33,10 +32,10 @@ def _is_transient(task, task_run, state) -> bool:
 @task(name="upload-to-girder", retries=3, retry_delay_seconds=[2, 10, 30],
       retry_condition_fn=_is_transient, cache_policy=NO_CACHE, persist_result=False,
       task_run_name="upload unit {unit.unit_id} ({unit.nbytes} bytes)")
-def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[FileOutcome]:
+def upload_unit(unit: UploadUnit, store: GirderStore) -> list[FileOutcome]:
     """Upload every file of ``unit``; terminal problems come back as outcomes, transient
-    ones raise so that Prefect retries the unit."""
-    store = store_for(girder, topic)
+    ones raise so that Prefect retries the unit. ``store`` is the flow run's (its folder
+    cache serves every unit)."""
     outcomes = []
     for completed in unit.files:
         outcome = store.upload(completed, shared=lambda: is_shared(unit))
@@ -47,9 +46,8 @@ def upload_unit(unit: UploadUnit, girder: GirderSettings, topic: str) -> list[Fi
 
 @task(name="find-in-girder", cache_policy=NO_CACHE, persist_result=False,
       task_run_name="look up {n} re-read file(s)")
-def find_in_girder(keys: list[FileKey], girder: GirderSettings, topic: str,
+def find_in_girder(keys: list[FileKey], store: GirderStore,
                    n: int = 0) -> list[tuple[FileKey, bool | None]]:
     """After a restart: which re-read files Girder already holds (by name and sha512).
     No retries here: an unanswered key (None) is asked again by the loop later."""
-    store = store_for(girder, topic)
     return [(key, store.holds(key[0], key[1])) for key in keys]

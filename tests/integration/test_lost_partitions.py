@@ -23,6 +23,7 @@ from girder_upload_stream.kafka_io import ConsumerGroup
 from girder_upload_stream.pipeline import StreamProcessor
 from girder_upload_stream.reassembly import Reassembler
 from girder_upload_stream.runner import StreamRunner
+from girder_upload_stream.girder_io import GirderStore
 from girder_upload_stream.settings import GirderSettings, RunSettings
 from girder_upload_stream.tasks.upload import upload_unit
 from tests.integration.helpers import (committed_offsets, end_offsets, finish, produce_ours,
@@ -59,8 +60,10 @@ def _runner(bootstrap: str, topic: str, group: str, girder: GirderSettings) -> S
         on_assign=processor.assigned, on_lost=lambda tps: holder["runner"].on_lost(tps))
     run = RunSettings(commit_interval_seconds=3600.0, interactive=False)  # no periodic commit
 
+    store = GirderStore(girder, topic)
+
     def submit(unit):
-        return _Done(upload_unit.fn(unit, girder, topic))
+        return _Done(upload_unit.fn(unit, store))
 
     holder["runner"] = StreamRunner(run, processor, consumer, submit)
     return holder["runner"]

@@ -249,17 +249,14 @@ class GirderStore:
         still count."""
         check = shared if callable(shared) else (lambda: bool(shared))
         key = completed.file_key
-        before = self.requests
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
             name = girder_name(path.name)
             outcome, item_id = self._upload(completed, self.folder_for(subdir), name, check)
         except GirderTerminalError as exc:
-            return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc),
-                               requests=self.requests - before)
-        return FileOutcome(completed.rel_path, key, outcome, item_id=item_id,
-                           requests=self.requests - before)
+            return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc))
+        return FileOutcome(completed.rel_path, key, outcome, item_id=item_id)
 
     def _upload(self, completed: CompletedFile, folder: str, name: str,
                 shared: Callable[[], bool]) -> tuple[Outcome, str]:

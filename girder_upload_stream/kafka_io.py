@@ -54,10 +54,6 @@ class DeliveryReport:
     acked_bytes: int = 0
     failures: list[str] = field(default_factory=list)
 
-    @property
-    def unacknowledged(self) -> int:
-        return self.sent - self.acked
-
 
 class ChunkProducer:
     """Produces chunk messages to one topic and counts broker acknowledgements.

@@ -502,17 +502,6 @@ class Reassembler:
         return FileProgress(s.rel_path, s.file_hash.hex(), len(s.pieces), s.n_total,
                             s.bytes_received, s.bytes_held, s.first_at, s.last_at)
 
-    def discard_all(self) -> int:
-        """Forget every file in progress and delete its partial file (e.g. at shutdown).
-
-        Returns how many files were dropped. Finished keys are kept.
-        """
-        with self._lock:
-            states = list(self._files.items())
-            for key, state in states:
-                self._drop(key, state)
-            return len(states)
-
     def in_progress(self) -> list[FileProgress]:
         """One :class:`FileProgress` per file generation still being assembled."""
         with self._lock:

@@ -40,7 +40,6 @@ class FileOutcome:
     outcome: Outcome
     reason: str = ""
     item_id: str | None = None
-    requests: int = 0
 
 
 @dataclass

@@ -171,16 +171,6 @@ def test_discard_forgets_a_file_and_its_partial(sandbox):
     assert feed(reassembler, chunks)[-1].status is AddStatus.COMPLETED
 
 
-def test_discard_all_drops_every_file_in_progress(sandbox):
-    out, _ = sandbox
-    reassembler = Reassembler("both", out)
-    for name in ("a", "b"):
-        reassembler.add(chunks_of(b"0123456789", name, "s", 3)[1])
-    assert reassembler.discard_all() == 2
-    assert reassembler.in_progress() == [] and reassembler.bytes_held == 0
-    assert user_files(out) == set() and staged(reassembler) == set()
-
-
 def test_disk_mode_holds_no_chunk_data_in_memory(sandbox):
     out, _ = sandbox
     reassembler = Reassembler("disk", out)

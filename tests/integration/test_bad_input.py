@@ -406,11 +406,15 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
     except AssertionError as exc:
         failures["good files in Girder"] = str(exc)
     listing = girder_listing(girder_client, collection["_id"], "collection")
-    allowed_folders = {topic, topic2} | {f"{topic}/" + "/".join(rel.split("/")[:i])
-                                         for rel in good for i in range(1, rel.count("/") + 1)}
+    # The default root path '{collection}/{topic}': a first folder named like the
+    # collection, the topics' folders below it.
+    first = collection["name"]
+    below = f"{first}/{topic}/"
+    allowed_folders = {first, f"{first}/{topic}", f"{first}/{topic2}"} | {
+        below + "/".join(rel.split("/")[:i]) for rel in good for i in range(1, rel.count("/") + 1)}
     stray_folders = sorted(rel for rel, _ in listing.folders if rel not in allowed_folders)
     stray_items = sorted(rel for rel, _ in listing.items
-                         if not (rel.startswith(f"{topic}/") and rel[len(topic) + 1:] in good))
+                         if not (rel.startswith(below) and rel[len(below):] in good))
     if stray_folders or stray_items:
         failures["Girder folders or items named from hostile input"] = {
             "folders": stray_folders, "items": stray_items}

@@ -82,8 +82,9 @@ def test_a_wrong_key_stops_at_start_up_and_a_rerun_with_the_right_key_uploads_al
     shown = wrong.stdout + wrong.stderr
     assert wrong.returncode == 2, shown
     lines = wrong.stderr.strip().splitlines()
-    assert lines and lines[-1] == (f"error: cannot start: Girder at {api_url}: it did not "
-                                   f"accept the API key (log in: HTTP 400: Invalid API key.)"), shown
+    expected = (f"error: cannot start: Girder at {api_url}: it did not accept the API key "
+                f"(log in: HTTP 400: Invalid API key.)")
+    assert lines and lines[-1] == expected, shown
     assert "Traceback" not in shown and WRONG_KEY not in shown, shown
     assert _nothing_committed(kafka_admin, group, topic)
     assert not _collection_exists(girder_client, collection), "a collection was created"

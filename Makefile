@@ -78,7 +78,7 @@ demo: install  ## Start the stack and the Prefect UI, produce a sample tree, upl
 	@$(STACKCTL) up kafka mongo girder prefect
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=girder_upload_stream \
-	  $(VENV)/bin/python -m girder_upload_stream.demo
+	  $(VENV)/bin/python -m girder_upload_stream.cli.demo
 
 bench: install  ## Run the benchmarks (issue 6) and write docs/benchmarks.md; BENCH_ARGS=--quick for a smoke run
 	@$(STACKCTL) up kafka mongo girder prefect

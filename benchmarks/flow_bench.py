@@ -45,10 +45,10 @@ def task_runs_of(flow_run_id: str) -> int:
 def one_run(source: Path, n_files: int, total_bytes: int, threads: int, db: Path | None) -> dict:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from girder_upload_stream.config import load_config
-    from girder_upload_stream.config_files import resolve_config_path
+    from girder_upload_stream.wire.config import load_config
+    from girder_upload_stream.wire.config_files import resolve_config_path
     from girder_upload_stream.flows.upload_stream import upload_stream
-    from girder_upload_stream.producer import produce_path
+    from girder_upload_stream.wire.producer import produce_path
 
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"]})

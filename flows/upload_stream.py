@@ -18,15 +18,15 @@ from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
-from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
-from girder_upload_stream.assemble import (build_runner, girder_settings, kafka_settings,
+from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_registry_fallback
+from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
-from girder_upload_stream.girder_io import GirderStore
-from girder_upload_stream.runner import StopSignal, stop_on_signals
+from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
 from girder_upload_stream.options import DEFAULTS
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
-from girder_upload_stream.units import UploadChannel, UploadUnit
+from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 
 __all__ = ["upload_stream"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
+from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
 
 __all__ = ["Option", "OPTIONS", "DEFAULTS", "LEVELS", "positive_int", "positive_float",

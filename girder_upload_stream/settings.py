@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from girder_upload_stream.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
+from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
 
 __all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaCryptoSettings", "KafkaSettings",
            "RunSettings"]

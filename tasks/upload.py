@@ -11,10 +11,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from girder_upload_stream.codec import FileKey
+from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.errors import TransientError
-from girder_upload_stream.girder_io import GirderStore
-from girder_upload_stream.units import FileOutcome, UploadUnit, is_shared, report_outcome
+from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, is_shared, report_outcome
 
 __all__ = ["upload_unit", "find_in_girder"]
 

@@ -38,14 +38,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from girder_upload_stream.codec import (DEFAULT_MAX_FILE_BYTES, Chunk, chunk_file, encode_chunk,
+from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, Chunk, chunk_file, encode_chunk,
                                         make_key)
-from tests.integration.helpers import (Program, assert_exactly_once, committed_offsets,
-                                       consumer_argv, consumer_env, end_offsets,
-                                       girder_listing, in_progress_rows, log_uniform_files,
-                                       produce_raw, root_folder_or_none, stop_line,
-                                       tree_snapshot, write_fault_config)
-from tests.integration.helpers import default_root_path
+from tests.integration.girder_checks import (assert_exactly_once, girder_listing, root_folder_or_none)
+from tests.integration.kafka_checks import committed_offsets, end_offsets, produce_raw
+from tests.integration.local_files import in_progress_rows, log_uniform_files, tree_snapshot
+from tests.integration.programs import (Program, consumer_argv, consumer_env, stop_line, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 

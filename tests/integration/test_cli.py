@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (CHUNK_SIZE, OUR_CLI, OUR_PROCESSOR, Program,
-                                       assert_uploaded, finish, folder_by_path, girder_tree,
-                                       n_chunks, processed_rel_paths, produce_ours, wait_for,
-                                       write_omsi_config, write_tree)
-from tests.integration.helpers import default_root_path
+from tests.integration.girder_checks import assert_uploaded, folder_by_path, girder_tree
+from tests.integration.local_files import CHUNK_SIZE, n_chunks, processed_rel_paths, write_tree
+from tests.integration.programs import (OUR_CLI, OUR_PROCESSOR, Program, finish, produce_ours, wait_for, write_omsi_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (OMSI_BIN, OUR_CLI, Program, consumer_env, finish,
-                                       girder_listing, produce_ours, topic_messages,
-                                       wait_for, write_omsi_config, write_tree)
+from tests.integration.girder_checks import girder_listing
+from tests.integration.kafka_checks import topic_messages
+from tests.integration.local_files import write_tree
+from tests.integration.programs import (OMSI_BIN, OUR_CLI, Program, consumer_env, finish, produce_ours, wait_for, write_omsi_config)
 
 pytestmark = pytest.mark.integration
 

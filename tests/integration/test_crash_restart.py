@@ -21,13 +21,11 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (Program, assert_exactly_once, committed_offsets,
-                                       complete_in_girder, consumer_argv, consumer_env,
-                                       end_offsets, finish, folder_by_path, in_progress_rows,
-                                       log_uniform_files, n_chunks, processed_rel_paths,
-                                       produce_ours, root_folder_or_none, stop_line,
-                                       write_fault_config, write_tree)
-from tests.integration.helpers import default_root_path
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, folder_by_path, root_folder_or_none)
+from tests.integration.kafka_checks import committed_offsets, end_offsets
+from tests.integration.local_files import (in_progress_rows, log_uniform_files, n_chunks, processed_rel_paths, write_tree)
+from tests.integration.programs import (Program, consumer_argv, consumer_env, finish, produce_ours, stop_line, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (OUR_CLI, OUR_PROCESSOR, Program, assert_exactly_once,
-                                       assert_uploaded, committed_offsets, complete_in_girder,
-                                       default_root_path, end_offsets, finish, folder_by_path,
-                                       in_progress_rows, produce_ours, root_folder_or_none,
-                                       stop_line, wait_for, write_tree)
+from tests.integration.girder_checks import (assert_exactly_once, assert_uploaded, complete_in_girder, default_root_path, folder_by_path, root_folder_or_none)
+from tests.integration.kafka_checks import committed_offsets, end_offsets
+from tests.integration.local_files import in_progress_rows, write_tree
+from tests.integration.programs import (OUR_CLI, OUR_PROCESSOR, Program, finish, produce_ours, stop_line, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +110,7 @@ def test_the_flow_fails_with_the_start_up_error(stack_env, prefect_env, make_top
     from pydantic import SecretStr
 
     from girder_upload_stream.flows.upload_stream import upload_stream
-    from girder_upload_stream.girder_io import GirderStartupError
+    from girder_upload_stream.girder.store import GirderStartupError
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", stack_env["KAFKA_BOOTSTRAP_SERVERS"])
     topic, group = make_topic(partitions=1), make_group()
     collection = f"gus-auth-{uuid.uuid4().hex[:10]}"

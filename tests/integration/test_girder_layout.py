@@ -25,16 +25,14 @@ from typing import Any
 
 import pytest
 
-from girder_upload_stream.girder_io import GirderStore
-from girder_upload_stream.pieces import Pieces
-from girder_upload_stream.reassembly import CompletedFile
+from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.units import Outcome
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, OUR_CLI, VERSION_FIELD, Program,
-                                       assert_exactly_once, complete_in_girder,
-                                       default_root_path, finish, folder_by_path,
-                                       girder_listing, produce_ours, root_folder_or_none,
-                                       stop_line, wait_for, write_omsi_config, write_tree)
+from girder_upload_stream.ledger.units import Outcome
+from tests.integration.girder_checks import (VERSION_FIELD, assert_exactly_once, complete_in_girder, default_root_path, folder_by_path, girder_listing, root_folder_or_none)
+from tests.integration.local_files import CHUNK_SIZE, write_tree
+from tests.integration.programs import (OMSI_BIN, OUR_CLI, Program, finish, produce_ours, stop_line, wait_for, write_omsi_config)
 
 pytestmark = pytest.mark.integration
 

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, OUR_CLI, OUR_PROCESSOR, Program,
-                                       assert_uploaded, committed_offsets, consumer_env,
-                                       end_offsets, girder_tree, n_chunks,
-                                       processed_rel_paths, topic_messages, wait_for,
-                                       write_omsi_config, write_tree)
+from tests.integration.girder_checks import assert_uploaded, girder_tree
+from tests.integration.kafka_checks import committed_offsets, end_offsets, topic_messages
+from tests.integration.local_files import CHUNK_SIZE, n_chunks, processed_rel_paths, write_tree
+from tests.integration.programs import (OMSI_BIN, OUR_CLI, OUR_PROCESSOR, Program, consumer_env, wait_for, write_omsi_config)
 from tests.integration.kafkacrypto_nodes import provision_node, write_node_config
 
 pytestmark = pytest.mark.integration
@@ -43,7 +42,7 @@ RUN_TIMEOUT = 120.0
 def encrypted_topic(make_topic):
     """Factory: a fresh data topic plus its ``.keys``, ``.reqs`` and ``.subs`` topics
     (one partition each: kafkacrypto reads partition 0 only)."""
-    from girder_upload_stream.kafka_crypto import key_exchange_topics
+    from girder_upload_stream.kafka.crypto import key_exchange_topics
 
     def factory(partitions: int = 4) -> str:
         topic = make_topic(partitions=partitions)
@@ -155,7 +154,7 @@ def all_committed(admin, bootstrap: str, group: str, topic: str) -> None:
 
 
 def in_progress_rows(logs: Path, topic: str, group: str) -> list:
-    from girder_upload_stream.registry import InProgressTable
+    from girder_upload_stream.registry.tables import InProgressTable
     return InProgressTable.open(logs, topic, group).rows()
 
 
@@ -202,9 +201,9 @@ def test_plain_consumer_never_sees_the_bytes(tmp_path, stack_env, prefect_env, m
     Kafka consumer of the topic reads neither the files' bytes nor their names, while
     our consumer (a node of the same root of trust), started once everything is
     produced, gets the keys from the producer and rebuilds the files exactly."""
-    from girder_upload_stream.codec import decode_chunk
+    from girder_upload_stream.wire.codec import decode_chunk
     from girder_upload_stream.errors import ChunkDecodeError
-    from girder_upload_stream.kafka_crypto import key_exchange_topics
+    from girder_upload_stream.kafka.crypto import key_exchange_topics
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic = make_topic(partitions=3)
     configs = provision(tmp_path / "nodes", bootstrap, topic)

@@ -5,7 +5,7 @@ takes the partitions over and commits further than we had got. Nothing we do for
 lost partitions may commit over that progress: no commit is even tried for them (here
 the broker would refuse one, "Unknown member"; the runner must not rely on that).
 
-The runner is built in-process (as :func:`~girder_upload_stream.assemble.build_runner`
+The runner is built in-process (as :func:`~girder_upload_stream.loop.wiring.build_runner`
 does) so that the test decides when the loop stops polling; uploads go to the real
 Girder through the upload task's own function, run synchronously.
 """
@@ -19,15 +19,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from girder_upload_stream.kafka_io import ConsumerGroup
-from girder_upload_stream.pipeline import StreamProcessor
-from girder_upload_stream.reassembly import Reassembler
-from girder_upload_stream.runner import StreamRunner
-from girder_upload_stream.girder_io import GirderStore
+from girder_upload_stream.kafka.clients import ConsumerGroup
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.assembly.reassembly import Reassembler
+from girder_upload_stream.loop.runner import StreamRunner
+from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.settings import GirderSettings, RunSettings
 from girder_upload_stream.tasks.upload import upload_unit
-from tests.integration.helpers import (committed_offsets, end_offsets, finish, produce_ours,
-                                       write_tree)
+from tests.integration.kafka_checks import committed_offsets, end_offsets
+from tests.integration.local_files import write_tree
+from tests.integration.programs import finish, produce_ours
 
 pytestmark = pytest.mark.integration
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream.codec import decode_chunk
-from girder_upload_stream.reassembly import AddStatus, Reassembler
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, OUR_CLI, TIMEOUT,
-                                       Program, end_offsets, n_chunks, wait_for,
-                                       write_omsi_config)
+from girder_upload_stream.wire.codec import decode_chunk
+from girder_upload_stream.assembly.reassembly import AddStatus, Reassembler
+from tests.integration.kafka_checks import end_offsets
+from tests.integration.local_files import CHUNK_SIZE, n_chunks
+from tests.integration.programs import (OMSI_BIN, OUR_CLI, Program, TIMEOUT, wait_for, write_omsi_config)
 
 pytestmark = pytest.mark.integration
 

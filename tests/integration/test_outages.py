@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (BackgroundProducer, Program, assert_exactly_once,
-                                       committed_offsets, complete_in_girder,
-                                       component_stopped, consumer_argv, consumer_env,
-                                       end_offsets, girder_serves, kafka_serves,
-                                       log_uniform_files, root_folder_or_none, stop_line,
-                                       wait_for, write_fault_config)
-from tests.integration.helpers import default_root_path
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, root_folder_or_none)
+from tests.integration.kafka_checks import BackgroundProducer, committed_offsets, end_offsets
+from tests.integration.local_files import log_uniform_files
+from tests.integration.programs import (Program, component_stopped, consumer_argv, consumer_env, girder_serves, kafka_serves, stop_line, wait_for, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream import registry as R
+from girder_upload_stream.registry import tables as R
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_we_merge_openmsistreams_table_with_the_documented_one(omsi_python: Path
 
 
 def _items_named(gc, collection: dict, name: str) -> list[dict]:
-    from tests.integration.helpers import girder_listing
+    from tests.integration.girder_checks import girder_listing
     return [item for rel, item in girder_listing(gc, collection["_id"], "collection").items
             if rel.split("/")[-1] == name]
 
@@ -195,9 +195,9 @@ def test_switching_to_openmsistream_and_back_keeps_an_unfinished_file(
     on the same output folder and group, finds its row, re-reads the file from the topic
     once the chunk arrives and uploads it; ours, started again, takes over OpenMSIStream's
     tables and uploads nothing twice."""
-    from girder_upload_stream.codec import chunk_file, encode_chunk
-    from tests.integration.helpers import (OMSI_BIN, Program, consumer_argv, consumer_env,
-                                           produce_raw, wait_for, write_omsi_config)
+    from girder_upload_stream.wire.codec import chunk_file, encode_chunk
+    from tests.integration.kafka_checks import produce_raw
+    from tests.integration.programs import (OMSI_BIN, Program, consumer_argv, consumer_env, wait_for, write_omsi_config)
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group, collection = make_topic(2), make_group(), make_collection()
     config = write_omsi_config(tmp_path / "lab.config", bootstrap)

@@ -21,14 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from girder_upload_stream.artifact_content import artifact_keys
-from girder_upload_stream.codec import chunk_file, encode_chunk
-from tests.integration.helpers import (Program, assert_exactly_once, committed_offsets,
-                                       consumer_argv, consumer_env, drop_span_lists,
-                                       folder_by_path,
-                                       processed_rel_paths, produce_raw, stop_line,
-                                       write_fault_config)
-from tests.integration.helpers import default_root_path
+from girder_upload_stream.registry.artifact_content import artifact_keys
+from girder_upload_stream.wire.codec import chunk_file, encode_chunk
+from tests.integration.girder_checks import assert_exactly_once, folder_by_path
+from tests.integration.kafka_checks import committed_offsets, drop_span_lists, produce_raw
+from tests.integration.local_files import processed_rel_paths
+from tests.integration.programs import (Program, consumer_argv, consumer_env, stop_line, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (Program, assert_exactly_once, consumer_argv,
-                                       consumer_env, end_offsets, finish, folder_by_path,
-                                       produce_ours, stop_line, write_tree)
-from tests.integration.helpers import default_root_path
+from tests.integration.girder_checks import assert_exactly_once, folder_by_path
+from tests.integration.kafka_checks import end_offsets
+from tests.integration.local_files import write_tree
+from tests.integration.programs import (Program, consumer_argv, consumer_env, finish, produce_ours, stop_line)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 

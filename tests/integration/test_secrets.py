@@ -27,10 +27,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.helpers import (OUR_CLI, Program, assert_exactly_once,
-                                       complete_in_girder, default_root_path, finish,
-                                       folder_by_path, in_progress_rows, produce_ours,
-                                       root_folder_or_none, stop_line, wait_for, write_tree)
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, default_root_path, folder_by_path, root_folder_or_none)
+from tests.integration.local_files import in_progress_rows, write_tree
+from tests.integration.programs import OUR_CLI, Program, finish, produce_ours, stop_line, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +163,7 @@ def _in_progress_artifacts(topic: str, group: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from girder_upload_stream.artifact_content import artifact_keys
+    from girder_upload_stream.registry.artifact_content import artifact_keys
     key = artifact_keys(topic, group).in_progress
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(

@@ -18,13 +18,11 @@ from typing import Any
 
 import pytest
 
-from girder_upload_stream.reassembly import STAGING_DIR
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, Program, assert_uploaded,
-                                       committed_offsets, download_item, end_offsets, finish,
-                                       folder_by_path, girder_tree, n_chunks,
-                                       processed_rel_paths, produce_omsi_file, produce_ours,
-                                       sha256, topic_messages, wait_for, write_omsi_config,
-                                       write_tree)
+from girder_upload_stream.assembly.reassembly import STAGING_DIR
+from tests.integration.girder_checks import (assert_uploaded, download_item, folder_by_path, girder_tree)
+from tests.integration.kafka_checks import committed_offsets, end_offsets, topic_messages
+from tests.integration.local_files import (CHUNK_SIZE, n_chunks, processed_rel_paths, sha256, write_tree)
+from tests.integration.programs import (OMSI_BIN, Program, finish, produce_omsi_file, produce_ours, wait_for, write_omsi_config)
 
 pytestmark = pytest.mark.integration
 

@@ -7,14 +7,14 @@ import random
 from collections import deque
 from pathlib import Path
 
-from girder_upload_stream.codec import chunk_file, encode_chunk
+from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.pipeline import RawMessage, Recorder, StreamProcessor
-from girder_upload_stream.reassembly import CompletedFile, Mode, Reassembler, RejectedFile
-from girder_upload_stream.runner import StreamRunner
+from girder_upload_stream.ledger.processor import RawMessage, Recorder, StreamProcessor
+from girder_upload_stream.assembly.reassembly import CompletedFile, Mode, Reassembler, RejectedFile
+from girder_upload_stream.loop.runner import StreamRunner
 from girder_upload_stream.settings import RunSettings
-from girder_upload_stream.codec import Chunk
-from girder_upload_stream.units import FileOutcome, Outcome, UploadUnit
+from girder_upload_stream.wire.codec import Chunk
+from girder_upload_stream.ledger.units import FileOutcome, Outcome, UploadUnit
 
 __all__ = ["TOPIC", "PARTITIONS", "MiB", "Clock", "SpyRecorder", "Log", "encoded", "scatter",
            "make_processor", "outcomes", "upload_all", "content", "random_files",

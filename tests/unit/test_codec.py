@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.codec: wire format, validation, chunking."""
+"""Unit tests for girder_upload_stream.wire.codec: wire format, validation, chunking."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream.codec import (
+from girder_upload_stream.wire.codec import (
     DEFAULT_CHUNK_SIZE,
     MAX_NAME_BYTES,
     MAX_POSSIBLE_FILE_BYTES,

@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.config (OpenMSIStream-style INI config files)."""
+"""Unit tests for girder_upload_stream.wire.config (OpenMSIStream-style INI config files)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from girder_upload_stream.config import KafkaFileConfig, load_config, parse_bool
+from girder_upload_stream.wire.config import KafkaFileConfig, load_config, parse_bool
 from girder_upload_stream.errors import ConfigError
 
 # The shape of OpenMSIStream 1.8.8's bundled test.config, plus heartbeat and log sections.
@@ -240,7 +240,7 @@ def test_kafkacrypto_section_errors_are_clear(tmp_path, monkeypatch, section, fr
 
 
 def test_kafkacrypto_settings_in_kafka_settings(tmp_path, monkeypatch):
-    from girder_upload_stream.assemble import kafka_settings
+    from girder_upload_stream.loop.wiring import kafka_settings
     monkeypatch.chdir(tmp_path)
     store = _node(tmp_path, "lab")
     text = ("[broker]\nbootstrap.servers = b:1\nsecurity.protocol = PLAINTEXT\n"

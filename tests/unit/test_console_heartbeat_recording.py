@@ -1,5 +1,5 @@
 """Unit tests for the runner's side jobs: the console, heartbeats and the registry
-recorder (girder_upload_stream.console, .heartbeat, .recording)."""
+recorder (girder_upload_stream.loop.console, .heartbeat, .recording)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from girder_upload_stream import console as console_module
-from girder_upload_stream import heartbeat as heartbeat_module
-from girder_upload_stream import registry as R
-from girder_upload_stream.codec import chunk_file
+from girder_upload_stream.loop import console as console_module
+from girder_upload_stream.loop import heartbeat as heartbeat_module
+from girder_upload_stream.registry import tables as R
+from girder_upload_stream.wire.codec import chunk_file
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.heartbeat import Heartbeats, heartbeat_value
-from girder_upload_stream.pipeline import Counters, RawMessage
-from girder_upload_stream.pieces import Pieces
-from girder_upload_stream.reassembly import CompletedFile, Reassembler, RejectedFile
-from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
-from girder_upload_stream.runner import StopSignal
-from girder_upload_stream.units import FileOutcome, Outcome
+from girder_upload_stream.loop.heartbeat import Heartbeats, heartbeat_value
+from girder_upload_stream.ledger.processor import Counters, RawMessage
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import CompletedFile, Reassembler, RejectedFile
+from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
+from girder_upload_stream.loop.runner import StopSignal
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import Clock
 
 
@@ -370,7 +370,7 @@ def test_recorder_never_raises_on_unusable_names(recorder, rel_path) -> None:
 
 def test_registry_saver_saves_every_interval_and_at_the_end(recorder, tmp_path,
                                                             monkeypatch) -> None:
-    import girder_upload_stream.recording as recording_module
+    import girder_upload_stream.registry.recording as recording_module
     clock = Clock(50.0)
     monkeypatch.setattr(recording_module, "time", SimpleNamespace(monotonic=clock))
     saver = RegistrySaver(recorder, interval=2.0)

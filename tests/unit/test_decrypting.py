@@ -1,4 +1,4 @@
-"""The decryption rules of decrypting.py, with fake messages, keys and clock (the real
+"""The decryption rules of kafka/decrypting.py, with fake messages, keys and clock (the real
 KafkaCrypto node is exercised by tests/integration/test_kafkacrypto.py)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream.decrypting import (NOT_DECRYPTED, NOT_ENCRYPTED, DecryptingReader,
+from girder_upload_stream.kafka.decrypting import (NOT_DECRYPTED, NOT_ENCRYPTED, DecryptingReader,
                                              PlainMessage)
-from girder_upload_stream.offsets import OffsetTracker, format_metadata, parse_spans
-from girder_upload_stream.recording import RegistryRecorder
+from girder_upload_stream.ledger.offsets import OffsetTracker, format_metadata, parse_spans
+from girder_upload_stream.registry.recording import RegistryRecorder
 
 TOPIC = "lab"
 
@@ -270,7 +270,7 @@ def test_close_reports_what_is_left_and_stops_the_node(keys, clock, caplog):
     closed = []
     r = reader(keys, clock, on_close=lambda: closed.append(True))
     r.take([Msg(0, 4, enc("kx", b"a"), enc("kx", b"a"))])
-    with caplog.at_level("WARNING", logger="girder_upload_stream.decrypting"):
+    with caplog.at_level("WARNING", logger="girder_upload_stream.kafka.decrypting"):
         r.report_left()
     assert "1 message(s) could not be decrypted and were left uncommitted" in caplog.text
     assert "lab[0] from offset 4" in caplog.text
@@ -281,7 +281,7 @@ def test_close_reports_what_is_left_and_stops_the_node(keys, clock, caplog):
 def test_the_value_is_not_touched_while_the_key_waits(tmp_path: Path):
     """kafka_crypto.MessageDecryption looks at the (large) value only once the key no
     longer waits: same key index, and a retry of the value would copy it each time."""
-    from girder_upload_stream.kafka_crypto import MessageDecryption, PartState
+    from girder_upload_stream.kafka.crypto import MessageDecryption, PartState
 
     class Handle:
         def __init__(self, clear): self.clear, self.asked = clear, 0
@@ -314,7 +314,7 @@ def test_a_message_decrypted_late_holds_the_next_commits_until_its_file_is_done(
     """The consumer group reports the clamped commits back to the offset tracker, so a
     message that decrypts after later ones were committed around it is pending below
     nothing the broker has: the commit cannot pass it before its file is done."""
-    from girder_upload_stream.kafka_io import ConsumerGroup
+    from girder_upload_stream.kafka.clients import ConsumerGroup
     keys.have.add("k1")
     group = ConsumerGroup({}, TOPIC)
     group._reader = r = reader(keys, clock)

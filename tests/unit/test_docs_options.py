@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream import cli, cli_run
+from girder_upload_stream.cli import main as cli
+from girder_upload_stream.cli import run as cli_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGURATION = REPO_ROOT / "docs" / "configuration.md"
@@ -31,12 +32,12 @@ OPTION = re.compile(r"--[a-z][a-z0-9_]*")
 # How to print each command's help without relying on console scripts being on PATH.
 HELP_CODE = {
     "GirderUploadStreamProcessor":
-        "from girder_upload_stream.cli_run import processor_main; processor_main(['--help'])",
+        "from girder_upload_stream.cli.run import processor_main; processor_main(['--help'])",
     "girder-upload-stream run":
-        "from girder_upload_stream.cli import main; main(['run', '--help'])",
+        "from girder_upload_stream.cli.main import main; main(['run', '--help'])",
     "girder-upload-stream produce":
-        "from girder_upload_stream.cli import main; main(['produce', '--help'])",
-    "girder-upload-stream": "from girder_upload_stream.cli import main; main(['--help'])",
+        "from girder_upload_stream.cli.main import main; main(['produce', '--help'])",
+    "girder-upload-stream": "from girder_upload_stream.cli.main import main; main(['--help'])",
 }
 
 

@@ -15,12 +15,12 @@ import time
 
 import pytest
 
-from girder_upload_stream import _safe_disk as safe_disk_module
-from girder_upload_stream.codec import (DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES, Chunk,
+from girder_upload_stream.assembly import safe_disk as safe_disk_module
+from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES, Chunk,
                                         decode_chunk, encode_chunk)
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
-from girder_upload_stream.pipeline import RawMessage, StreamProcessor
-from girder_upload_stream.reassembly import AddStatus, Mode, Reassembler
+from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.assembly.reassembly import AddStatus, Mode, Reassembler
 
 MODES = [Mode.MEMORY, Mode.DISK, Mode.BOTH]
 
@@ -247,7 +247,7 @@ def test_a_pill_through_the_stream_processor_is_recorded_and_done(tmp_path):
 def test_the_command_line_option_is_bounded_by_what_a_file_offset_holds(capsys):
     import argparse
 
-    from girder_upload_stream.cli_run import add_run_arguments
+    from girder_upload_stream.cli.run import add_run_arguments
     parser = argparse.ArgumentParser()
     add_run_arguments(parser, default_config="test")
     base = ["http://girder/api/v1", "key"]

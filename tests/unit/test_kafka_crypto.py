@@ -1,4 +1,4 @@
-"""kafka_crypto.py's pure helpers and its refusal when kafkacrypto is missing (the
+"""kafka/crypto.py's pure helpers and its refusal when kafkacrypto is missing (the
 node itself runs against the real broker in tests/integration/test_kafkacrypto.py)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream import kafka_crypto
-from girder_upload_stream.config_files import BUNDLED_DIR
+from girder_upload_stream.kafka import crypto as kafka_crypto
+from girder_upload_stream.wire.config_files import BUNDLED_DIR
 from girder_upload_stream.errors import ConfigError
 
 
@@ -63,7 +63,7 @@ class _Client:
 def test_missing_key_exchange_topics_are_reported(caplog):
     client = _Client(["lab.raw", "lab.keys", "lab.subs"])
     assert kafka_crypto.missing_key_exchange_topics(client, "lab.raw") == ["lab.reqs"]
-    with caplog.at_level("ERROR", logger="girder_upload_stream.kafka_crypto"):
+    with caplog.at_level("ERROR", logger="girder_upload_stream.kafka.crypto"):
         kafka_crypto.warn_missing_key_topics(client, "lab.raw")
     assert "lab.reqs do not exist" in caplog.text
     caplog.clear()

@@ -1,5 +1,5 @@
-"""The log topic (girder_upload_stream.log_topic, kafka_side.LogProducer, the wiring in
-assemble) and OpenMSIStream's console lines (console.py). Nothing runs."""
+"""The log topic (girder_upload_stream.loop.log_topic, kafka_side.LogProducer, the wiring in
+assemble) and OpenMSIStream's console lines (loop/console.py). Nothing runs."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from girder_upload_stream import assemble
-from girder_upload_stream.cli_run import add_run_arguments
-from girder_upload_stream.console import Console, start_lines
+from girder_upload_stream.loop import wiring as assemble
+from girder_upload_stream.cli.run import add_run_arguments
+from girder_upload_stream.loop.console import Console, start_lines
 from girder_upload_stream.errors import ConfigError
-from girder_upload_stream.kafka_side import LogProducer
-from girder_upload_stream.log_topic import (DEFAULT_MAX_LINES, LogBuffer, LogMessages,
+from girder_upload_stream.kafka.side_producers import LogProducer
+from girder_upload_stream.loop.log_topic import (DEFAULT_MAX_LINES, LogBuffer, LogMessages,
                                             log_value, split_log_section)
-from girder_upload_stream.pipeline import Counters
-from girder_upload_stream.reassembly import Reassembler
+from girder_upload_stream.ledger.processor import Counters
+from girder_upload_stream.assembly.reassembly import Reassembler
 
 SECRET = "gk-Sup3rS3cretKey/+="
 
@@ -161,7 +161,7 @@ class DeliveryError:
 def test_log_producer_reports_failed_deliveries_once_per_streak(caplog) -> None:
     producer = LogProducer({"bootstrap.servers": "127.0.0.1:1"}, "logs", "prog")
     assert producer.key == "prog_log"
-    with caplog.at_level(logging.INFO, logger="girder_upload_stream.kafka_side"):
+    with caplog.at_level(logging.INFO, logger="girder_upload_stream.kafka.side_producers"):
         for _ in range(4):
             producer._delivered(DeliveryError(), None)
         producer._delivered(None, None)
@@ -174,7 +174,7 @@ def test_log_producer_reports_failed_deliveries_once_per_streak(caplog) -> None:
 def test_log_producer_send_never_raises(caplog) -> None:
     producer = LogProducer({"bootstrap.servers": "127.0.0.1:1", "no.such.setting": "1"},
                            "logs", "prog")
-    with caplog.at_level(logging.WARNING, logger="girder_upload_stream.kafka_side"):
+    with caplog.at_level(logging.WARNING, logger="girder_upload_stream.kafka.side_producers"):
         producer.send(log_value(["x"]))
     assert any("log message not sent to logs" in r.getMessage() for r in caplog.records)
     producer.close()
@@ -250,7 +250,7 @@ def test_console_logs_openmsistreams_check_and_shutdown_lines(caplog) -> None:
                                                        reassembler=Reassembler()))
     out = io.StringIO()
     console = Console(1e9, interactive=False, stdout=out, output_dir=Path("/data/out"))
-    with caplog.at_level(logging.INFO, logger="girder_upload_stream.console"):
+    with caplog.at_level(logging.INFO, logger="girder_upload_stream.loop.console"):
         console._check_requested.set()
         console.tick(runner)
         console.tick(runner, final=True)
@@ -271,7 +271,7 @@ def _kafka_settings(tmp_path: Path):
 
 
 def test_build_runner_sends_the_start_and_registry_lines_first(tmp_path: Path) -> None:
-    from girder_upload_stream.log_topic import LogTopic
+    from girder_upload_stream.loop.log_topic import LogTopic
     from girder_upload_stream.settings import RunSettings
     run = RunSettings(output_dir=tmp_path / "out", interactive=False)
     level = logging.getLogger("girder_upload_stream").level
@@ -295,7 +295,7 @@ def test_build_runner_sends_the_start_and_registry_lines_first(tmp_path: Path) -
 
 def test_build_runner_detaches_the_log_buffer_when_building_fails(tmp_path: Path,
                                                                   monkeypatch) -> None:
-    from girder_upload_stream.log_topic import LogTopic
+    from girder_upload_stream.loop.log_topic import LogTopic
     from girder_upload_stream.settings import RunSettings
     package = logging.getLogger("girder_upload_stream")
     before, level = list(package.handlers), package.level

@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.pipeline (StreamProcessor: messages in, upload
+"""Unit tests for girder_upload_stream.ledger.processor (StreamProcessor: messages in, upload
 units and committable offsets out)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import re
 import msgpack
 import pytest
 
-from girder_upload_stream.codec import Chunk, decode_chunk, encode_chunk
+from girder_upload_stream.wire.codec import Chunk, decode_chunk, encode_chunk
 from girder_upload_stream.errors import StorageError
-from girder_upload_stream.pipeline import (Counters, file_generation)
-from girder_upload_stream.reassembly import Mode
-from girder_upload_stream.units import FileOutcome, Outcome
+from girder_upload_stream.ledger.processor import (Counters, file_generation)
+from girder_upload_stream.assembly.reassembly import Mode
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import (TOPIC, Clock, Log, content, encoded, lowest_offsets, one_chunk,
                               outcomes, random_files, scatter, upload_all)
 from tests.unit.fakes import make_processor as make

@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.reassembly (all three modes, hostile inputs)."""
+"""Unit tests for girder_upload_stream.assembly.reassembly (all three modes, hostile inputs)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream import _safe_disk as safe_disk_module
-from girder_upload_stream.codec import Chunk, chunk_file, decode_chunk, encode_chunk
+from girder_upload_stream.assembly import safe_disk as safe_disk_module
+from girder_upload_stream.wire.codec import Chunk, chunk_file, decode_chunk, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError, FileRejectedError, StorageError
-from girder_upload_stream.reassembly import STAGING_DIR, AddStatus, Mode, Reassembler
+from girder_upload_stream.assembly.reassembly import STAGING_DIR, AddStatus, Mode, Reassembler
 
 MODES = [Mode.MEMORY, Mode.DISK, Mode.BOTH]
 

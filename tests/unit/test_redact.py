@@ -11,11 +11,11 @@ import pytest
 import requests
 from girder_client import HttpError
 
-from girder_upload_stream.config import load_config
+from girder_upload_stream.wire.config import load_config
 from girder_upload_stream.errors import ConfigError
-from girder_upload_stream.girder_errors import (LOGIN, GirderAuthError, GirderTerminalError,
+from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderTerminalError,
                                                 GirderTransientError, girder_name, translate)
-from girder_upload_stream.girder_io import GirderStore
+from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.redact import MASK, is_secret_option, redact
 from girder_upload_stream.settings import GirderSettings, KafkaSettings
 

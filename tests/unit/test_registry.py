@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.registry (OpenMSIStream-format registry files)."""
+"""Unit tests for girder_upload_stream.registry.tables (OpenMSIStream-format registry files)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream import _registry_csv
-from girder_upload_stream import registry as R
-from girder_upload_stream._registry_csv import format_datetime, parse_datetime
+from girder_upload_stream.registry import csv_files as _registry_csv
+from girder_upload_stream.registry import tables as R
+from girder_upload_stream.registry.csv_files import format_datetime, parse_datetime
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "openmsistream_registry_samples"
 T0 = datetime(2024, 3, 5, 7, 8, 9)

@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from girder_upload_stream import failpoints
-from girder_upload_stream.codec import decode_chunk
-from girder_upload_stream.offsets import OffsetTracker, format_metadata, parse_metadata
-from girder_upload_stream.pipeline import PartitionInfo, file_generation
-from girder_upload_stream.pieces import Pieces
-from girder_upload_stream.reassembly import FileProgress
-from girder_upload_stream.units import FileOutcome, Outcome
+from girder_upload_stream.wire.codec import decode_chunk
+from girder_upload_stream.ledger.offsets import OffsetTracker, format_metadata, parse_metadata
+from girder_upload_stream.ledger.processor import PartitionInfo, file_generation
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import FileProgress
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import TOPIC, Clock, Log, SpyRecorder, encoded, upload_all
 from tests.unit.fakes import make_processor as make
 
@@ -320,9 +320,9 @@ def test_runner_retries_a_failed_lookup() -> None:
 
 
 def test_recorder_keeps_first_offsets_and_marks_files_whose_messages_are_gone(tmp_path):
-    from girder_upload_stream.codec import chunk_file
-    from girder_upload_stream.recording import RegistryRecorder
-    from girder_upload_stream.registry import STATUS_FAILED, STATUS_IN_PROGRESS, RowKey
+    from girder_upload_stream.wire.codec import chunk_file
+    from girder_upload_stream.registry.recording import RegistryRecorder
+    from girder_upload_stream.registry.tables import STATUS_FAILED, STATUS_IN_PROGRESS, RowKey
     recorder = RegistryRecorder(tmp_path, TOPIC, "g")
     assert not recorder.had_local_state
     a = list(chunk_file(b"A" * 24, "sub", 8, filename="a.bin"))
@@ -418,8 +418,8 @@ def test_interleaved_copies_of_one_file_are_each_registered() -> None:
 
 
 def test_the_ledger_keeps_no_file_bytes_of_settled_files_and_forgets_old_ones() -> None:
-    from girder_upload_stream.ledger import FileLedger, FileState
-    from girder_upload_stream.reassembly import CompletedFile
+    from girder_upload_stream.ledger.records import FileLedger, FileState
+    from girder_upload_stream.assembly.reassembly import CompletedFile
     ledger = FileLedger(max_remembered=2)
     files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0,
                            Pieces([b"abc"]), None) for i in range(3)]
@@ -507,8 +507,8 @@ def test_idle_stop_waits_while_messages_are_behind() -> None:
 
 
 def test_stripe_into_units_deals_files_in_order_and_returns_the_rest() -> None:
-    from girder_upload_stream.reassembly import CompletedFile
-    from girder_upload_stream.units import stripe_into_units
+    from girder_upload_stream.assembly.reassembly import CompletedFile
+    from girder_upload_stream.ledger.units import stripe_into_units
 
     def f(name: str, size: int) -> CompletedFile:
         return CompletedFile(name, name.encode().ljust(64, b"."), "s", size, 1, 0.0, 0.0,

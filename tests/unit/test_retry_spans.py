@@ -4,10 +4,10 @@ seeks back to them, rebuilds the file and tries it again."""
 
 from __future__ import annotations
 
-from girder_upload_stream.offsets import (MAX_FAILED_CHARS, OffsetTracker, format_metadata,
+from girder_upload_stream.ledger.offsets import (MAX_FAILED_CHARS, OffsetTracker, format_metadata,
                                           parse_failed, parse_metadata, parse_spans)
-from girder_upload_stream.pipeline import RETRIED_NEXT_RUN, PartitionInfo
-from girder_upload_stream.units import FileOutcome, Outcome
+from girder_upload_stream.ledger.processor import RETRIED_NEXT_RUN, PartitionInfo
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import TOPIC, Log, encoded, outcomes, upload_all
 from tests.unit.fakes import make_processor as make
 

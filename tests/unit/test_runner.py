@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.runner (the polling loop, with fake Kafka and
+"""Unit tests for girder_upload_stream.loop.runner (the polling loop, with fake Kafka and
 fake upload tasks: nothing runs)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from girder_upload_stream import runner as runner_module
-from girder_upload_stream.runner import StopSignal, stop_on_signals
-from girder_upload_stream.units import Outcome
+from girder_upload_stream.loop import runner as runner_module
+from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
+from girder_upload_stream.ledger.units import Outcome
 from tests.unit.fakes import (TOPIC, Clock, FakeGroup, Job, MiB, Submitter, put_file)
 from tests.unit.fakes import make_runner as make
 

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from girder_upload_stream import kafka_io
-from girder_upload_stream import runner as runner_module
-from girder_upload_stream.pipeline import StreamProcessor
-from girder_upload_stream.reassembly import Reassembler
-from girder_upload_stream.recording import RegistryRecorder
-from girder_upload_stream.runner import StreamRunner
-from girder_upload_stream.units import Outcome
+from girder_upload_stream.kafka import clients as kafka_io
+from girder_upload_stream.loop import runner as runner_module
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.assembly.reassembly import Reassembler
+from girder_upload_stream.registry.recording import RegistryRecorder
+from girder_upload_stream.loop.runner import StreamRunner
+from girder_upload_stream.ledger.units import Outcome
 from tests.unit.fakes import TOPIC, Clock, FakeGroup, Submitter, put_file
 from tests.unit.fakes import make_runner as make
 from tests.unit.fakes import run_settings as settings
@@ -24,7 +24,7 @@ P1, P2 = (TOPIC, 1), (TOPIC, 2)
 
 class LosingGroup(FakeGroup):
     """A fake group that, at a chosen poll, reports partitions lost the way
-    :class:`~girder_upload_stream.kafka_io.ConsumerGroup` does: the callback runs inside
+    :class:`~girder_upload_stream.kafka.clients.ConsumerGroup` does: the callback runs inside
     poll, then the partitions leave the assignment (commits for them are refused)."""
 
     def __init__(self, n_partitions: int = 4) -> None:
@@ -169,7 +169,7 @@ def make_with_save(save, **overrides):
 def test_a_failing_save_holds_commits_and_uploads_go_on(caplog) -> None:
     save = FlakySave(failures=4)
     runner, group, submit = make_with_save(save)
-    with caplog.at_level(logging.WARNING, logger="girder_upload_stream.runner"):
+    with caplog.at_level(logging.WARNING, logger="girder_upload_stream.loop.runner"):
         for i in range(4):
             put_file(group, bytes([i]) * 4, f"f{i}.bin", [0])
             runner.step()
@@ -282,7 +282,7 @@ def test_a_side_job_failing_at_shutdown_does_not_skip_the_others_or_leaving() ->
 
 def test_registry_saver_reports_a_full_disk_once(failing_recorder, caplog,
                                                  monkeypatch) -> None:
-    from girder_upload_stream.recording import RegistrySaver
+    from girder_upload_stream.registry.recording import RegistrySaver
     saver = RegistrySaver(failing_recorder, interval=0)
     with caplog.at_level(logging.ERROR, logger="girder_upload_stream"):
         for _ in range(5):
@@ -296,7 +296,7 @@ def test_a_full_processed_part_that_cannot_be_written_keeps_its_rows(tmp_path,
                                                                      monkeypatch) -> None:
     from datetime import datetime
 
-    from girder_upload_stream import registry as R
+    from girder_upload_stream.registry import tables as R
     table = R.ProcessedTable(tmp_path, TOPIC, "g", "w", max_rows=2)
     real_write = table._write_locked
     monkeypatch.setattr(table, "_write_locked", lambda: (_ for _ in ()).throw(
@@ -314,7 +314,7 @@ def test_a_full_processed_part_that_cannot_be_written_keeps_its_rows(tmp_path,
 def test_recorder_merges_both_in_progress_names_and_drops_processed_rows(tmp_path) -> None:
     from datetime import datetime
 
-    from girder_upload_stream import registry as R
+    from girder_upload_stream.registry import tables as R
     folder = tmp_path / "LOGS"
     folder.mkdir()
     t0, t1 = datetime(2024, 1, 1, 0, 0, 0), datetime(2024, 1, 1, 0, 0, 5)
@@ -340,7 +340,7 @@ def test_the_command_exits_non_zero_when_the_last_save_failed(monkeypatch, capsy
                                                               save_error, status) -> None:
     import argparse
 
-    from girder_upload_stream import cli_run
+    from girder_upload_stream.cli import run as cli_run
     from girder_upload_stream.flows import upload_stream as flow_module
     summary = {"stopped_because": "stop requested", "messages_read": 3, "files_uploaded": 1,
                "files_skipped": 0, "files_failed": 0, "files_found_in_girder": 0,

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream.codec import Chunk, chunk_file, decode_chunk, encode_chunk
+from girder_upload_stream.wire.codec import Chunk, chunk_file, decode_chunk, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.pipeline import RawMessage, StreamProcessor
-from girder_upload_stream.reassembly import (STAGING_DIR, AddStatus, Mode, Reassembler,
+from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.assembly.reassembly import (STAGING_DIR, AddStatus, Mode, Reassembler,
                                              reserved_paths)
-from girder_upload_stream.units import FileOutcome, Outcome
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 MODES = [Mode.MEMORY, Mode.DISK, Mode.BOTH]
 
@@ -194,8 +194,8 @@ def test_release_touches_nothing_outside_its_own_staging_folder(tmp_path):
 
 CRASHING_RUN = """
 import os, sys
-from girder_upload_stream.codec import chunk_file
-from girder_upload_stream.reassembly import Reassembler
+from girder_upload_stream.wire.codec import chunk_file
+from girder_upload_stream.assembly.reassembly import Reassembler
 reassembler = Reassembler("disk", sys.argv[1])
 reassembler.add(next(chunk_file(b"0123456789", "", 4, filename="p.bin")))
 for chunk in chunk_file(b"never uploaded", "", 4, filename="q.bin"):
@@ -251,7 +251,7 @@ def test_a_run_that_ends_cleanly_leaves_no_folder_behind(tmp_path):
 # ------------------------------------------------------------ the pipeline releases
 
 # Calling Reassembler.release when a file is settled or handed over is the pipeline's
-# (pipeline.py, rewritten on main around the file ledger): until it does, a disk-mode
+# (ledger/processor.py, rewritten on main around the file ledger): until it does, a disk-mode
 # file stays in the staging folder until the run ends (Reassembler.close). strict: the
 # marker must go when the call is in.
 
@@ -346,7 +346,7 @@ def _rejected_in_logs(reassembler: Reassembler) -> bool:
 
 @pytest.mark.parametrize("mode", ["memory", "disk", "both"])
 def test_the_default_logs_folder_is_out_of_reach_of_message_names(tmp_path, mode):
-    from girder_upload_stream.assemble import build_reassembler
+    from girder_upload_stream.loop.wiring import build_reassembler
     from girder_upload_stream.settings import RunSettings
     run = RunSettings(mode=mode, output_dir=tmp_path / "out")
     reassembler = build_reassembler(run, run.output_dir)
@@ -360,7 +360,7 @@ def test_the_default_logs_folder_is_out_of_reach_of_message_names(tmp_path, mode
 
 
 def test_logs_in_output_dir_itself_are_refused_where_files_are_rebuilt_there(tmp_path):
-    from girder_upload_stream.assemble import build_reassembler
+    from girder_upload_stream.loop.wiring import build_reassembler
     from girder_upload_stream.errors import ConfigError
     from girder_upload_stream.settings import RunSettings
     out = tmp_path / "out"

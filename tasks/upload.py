@@ -34,14 +34,32 @@ def _is_transient(task, task_run, state) -> bool:
       task_run_name="upload unit {unit.unit_id} ({unit.nbytes} bytes)")
 def upload_unit(unit: UploadUnit, store: GirderStore) -> list[FileOutcome]:
     """Upload every file of ``unit``; terminal problems come back as outcomes, transient
-    ones raise so that Prefect retries the unit. ``store`` is the flow run's (its folder
-    cache serves every unit)."""
+    ones raise so that Prefect retries the unit. When Girder answered (a 5xx or 429 for
+    one file), the unit's other files are tried first: one file Girder keeps refusing
+    must not hold back the files packed with it. When Girder could not be reached, the
+    error is raised at once (the other files would only wait for it too). ``store`` is
+    the flow run's (its folder cache serves every unit)."""
     outcomes = []
+    deferred: TransientError | None = None
     for completed in unit.files:
-        outcome = store.upload(completed, shared=lambda: is_shared(unit))
+        try:
+            outcome = store.upload(completed, shared=lambda: is_shared(unit))
+        except TransientError as exc:
+            if not _girder_answered(exc):
+                raise
+            deferred = deferred or exc
+            continue
         report_outcome(unit, outcome)  # settles it before the unit ends
         outcomes.append(outcome)
+    if deferred is not None:
+        raise deferred
     return outcomes
+
+
+def _girder_answered(exc: TransientError) -> bool:
+    """True for an HTTP answer (5xx, 429) about one request, False for an unreachable
+    Girder (connection refused or reset, a timeout): see girder_io's error texts."""
+    return "Girder unreachable" not in exc.message
 
 
 @task(name="find-in-girder", cache_policy=NO_CACHE, persist_result=False,

@@ -277,6 +277,7 @@ class GirderStore:
         item = items[0]
         files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
         if self._same_content(item, files, completed):
+            self._repair_checksum(item, completed)
             return Outcome.SKIPPED_IDENTICAL, item["_id"]
         if not files:  # an item left without its file (a crash, or another consumer now)
             self._put_file(item["_id"], completed, shared)
@@ -301,6 +302,17 @@ class GirderStore:
         if sha512:
             return sha512 == completed.file_hash.hex()
         return (item.get("meta") or {}).get("checksum", {}).get("sha256") == completed.sha256
+
+    def _repair_checksum(self, item: dict, completed: CompletedFile) -> None:
+        """An item whose file already holds these bytes but whose checksum names other
+        ones: a replace whose metadata request failed (the file then failed, and this is
+        the retry). Its metadata is set now, so that the item describes its contents."""
+        checksum = (item.get("meta") or {}).get("checksum")
+        if not isinstance(checksum, dict) or checksum.get("sha256") in (None, completed.sha256):
+            return  # no checksum of ours to correct (e.g. an item someone else made)
+        client = self._client()
+        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
+                   "set metadata", completed.rel_path)
 
     def _oldest_item(self, folder: str, name: str, mine: dict) -> dict:
         """Of the items named ``name`` (two consumers may create one each at the same

@@ -150,6 +150,14 @@ class OffsetTracker:
                 seeks[tp] = target
         return seeks
 
+    def before_back_seek(self, tp: TopicPartition, offset: int) -> bool:
+        """True for a message fetched before rule 9's seek back took effect: the consumer
+        began at the committed offset, and it reads this message again once it has gone
+        back. Taken now, it would be taken twice (the second time as a new production of
+        a file already done)."""
+        target = self._back_to.get(tp)
+        return target is not None and offset >= target
+
     def sought(self, tp: TopicPartition, offset: int) -> None:
         """The consumer now reads ``tp`` from ``offset`` (so it is not asked again)."""
         self._sought[tp] = offset

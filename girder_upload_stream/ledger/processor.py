@@ -95,6 +95,10 @@ class StreamProcessor:
             self.counters.messages_skipped += 1
             self.offsets.read(tp, msg.offset)
             return
+        if self.offsets.before_back_seek(tp, msg.offset):
+            # Fetched before the seek back to a failed file (rule 9): read again after it.
+            self.counters.messages_skipped += 1
+            return
         chunk = self._decode(msg, tp)
         if chunk is None:
             return

@@ -81,12 +81,40 @@ def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run(log:
     second = make(known_done=set(first.known_done))
     second.assigned([PartitionInfo(TOPIC, p, *plan[(TOPIC, p)], 0) for p in (0, 1)])
     assert second.offsets.take_seeks() == {P0: 0, P1: 0}
+    for tp in (P0, P1):  # the runner tells the tracker once the consumer has sought
+        second.offsets.sought(tp, 0)
     for m in msgs:  # read again from offset 0 (ok.bin, done before, is recognised)
         second.handle(m)
     [unit] = second.take_units()
     assert [f.rel_path for f in unit.files] == ["r.bin"]
     second.finish_unit(unit, outcomes(unit))
     assert second.offsets.commit_plan() == {P0: (2, "gus1:hw=2;p="), P1: (1, "gus1:hw=1;p=")}
+
+
+def test_messages_fetched_before_the_seek_back_are_taken_once(log: Log) -> None:
+    """The next run's consumer begins at the committed offset and may fetch new messages
+    before it seeks back to the failed file: those are taken once, after the seek."""
+    first = make()
+    failed = log.put(0, *encoded(b"R" * 5, "r.bin")[0])
+    first.handle(failed)
+    [unit] = first.take_units()
+    first.finish_unit(unit, outcomes(unit, Outcome.FAILED_TERMINAL))
+    committed, metadata = first.offsets.commit_plan()[P0]
+    new = log.put(0, *encoded(b"new", "new.bin")[0])  # produced between the two runs
+
+    second = make(known_done=set(first.known_done))
+    second.assigned([PartitionInfo(TOPIC, 0, committed, metadata, 0)])
+    second.handle(new)  # fetched from the committed offset, before the seek
+    assert second.take_units() == [] and second.counters.messages_skipped == 1
+    assert second.offsets.take_seeks() == {P0: 0}
+    second.offsets.sought(P0, 0)
+    for m in (failed, new):
+        second.handle(m)
+    units = upload_all(second)
+    assert sorted(f.rel_path for u in units for f in u.files) == ["new.bin", "r.bin"]
+    assert [c[1] for c in second.recorder.of("file_outcome")] == ["r.bin", "new.bin"]
+    assert second.counters.files_skipped == 0
+    assert second.offsets.commit_plan() == {P0: (2, "gus1:hw=2;p=")}
 
 
 def test_the_registry_says_a_failed_file_waits_for_the_next_run(log: Log) -> None:

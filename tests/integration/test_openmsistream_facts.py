@@ -1,0 +1,136 @@
+"""What the real OpenMSIStream 1.8.8 ``GirderUploadStreamProcessor`` does in the cases of
+``test_openmsistream_cases.py`` and ``test_openmsistream_faults.py``, through the same
+fault-injecting proxy: the facts behind the differences that docs/migration.md lists.
+
+OpenMSIStream (GPL) runs only as a black box, through its console script from
+``.venv-openmsistream``; it has no idle stop, so each run is stopped with ``q`` once
+what the test waits for has happened.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.cases_support import Case, case  # noqa: F401
+from tests.integration.girder_checks import complete_in_girder, girder_tree
+from tests.integration.local_files import in_progress_rows
+from tests.integration.programs import wait_for
+
+pytestmark = pytest.mark.integration
+
+WRONG_KEY = "wrongkey" + "0" * 32
+
+
+def _omsi_rows(case: Case) -> dict[str, str]:
+    """``{relative path: status}`` of OpenMSIStream's in-progress registry."""
+    return {str(row.rel_filepath): row.status
+            for row in in_progress_rows(case.tmp / "omsi_out" / "LOGS", case.topic, case.group)}
+
+
+def test_openmsistream_refuses_invalid_metadata_json_from_its_constructor(case: Case):
+    case.produce({"waiting.txt": b"x"})
+    program = case.start_openmsistream("--metadata", "this is not valid JSON")
+    code = program.wait(90)
+    output = program.output()
+    print(f"[omsi invalid --metadata] exit {code}; last line: {output.strip().splitlines()[-1]!r}")
+    assert code != 0 and "Expecting value" in output, output[-3000:]
+    assert "Traceback" in output
+    assert case.nothing_committed()
+
+
+def test_openmsistream_with_a_wrong_key_and_a_collection_stops_at_startup(case: Case):
+    case.produce({"waiting.txt": b"x"})
+    program = case.start_openmsistream("--collection_name", case.collection["name"],
+                                       api_key=WRONG_KEY, root=False)
+    code = program.wait(90)
+    output = program.output()
+    print(f"[omsi wrong key, collection] exit {code}; "
+          f"{[line for line in output.splitlines() if 'ERROR' in line][:2]}")
+    assert code != 0, output[-3000:]
+    assert "failed to authenticate" in output or "Invalid API key" in output, output[-3000:]
+    assert case.nothing_committed()
+
+
+def test_openmsistream_with_a_wrong_key_and_a_root_folder_id_keeps_running(case: Case,
+                                                                          girder_client):
+    """With ``--girder_root_folder_id`` OpenMSIStream does not log in at start-up: it
+    runs, and the first complete file's thread dies at its log-in (a traceback that
+    quotes the key in the request's URL) and is restarted; nothing is uploaded."""
+    case.produce({"waiting.txt": b"x"})
+    program = case.start_openmsistream(api_key=WRONG_KEY)
+    wait_for(lambda: "Invalid API key" in program.output(), "OpenMSIStream's log-in",
+             program, timeout=90)
+    time.sleep(3)
+    alive = program.proc.poll() is None
+    program.stop(timeout=60)
+    output = program.output()
+    print(f"[omsi wrong key, root id] alive after the file: {alive}; registry rows "
+          f"{_omsi_rows(case)}; committed {case.committed()}")
+    assert alive and "Traceback" in output and WRONG_KEY in output
+    assert not girder_tree(girder_client, case.root["_id"]).items
+
+
+def test_openmsistream_fails_a_file_girder_refuses_and_its_restart_uploads_it(
+        case: Case, girder_client):
+    """The restart case: a 400 to one file's ``POST file`` fails it (registered
+    ``failed``); a second run of the group, Girder healthy, uploads it."""
+    files = {"victim.bin": bytes(range(256)) * 300, "ok.txt": b"fine\n"}
+    case.produce(files)
+    fault = case.proxy.fail("POST file", 400, name="victim.bin")
+    root = case.root["_id"]
+    case.run_openmsistream(
+        lambda out: "failed to upload the file" in out
+        and complete_in_girder(girder_client, root, files) == {"ok.txt"},
+        "ok.txt uploaded and victim.bin failed")
+    rows = _omsi_rows(case)
+    fault.disarm()
+    case.run_openmsistream(lambda out: complete_in_girder(girder_client, root, files)
+                           == set(files), "victim.bin uploaded by the restart")
+    print(f"[omsi 400 at POST file] registry after the first run: {rows}; the restart "
+          f"uploaded the file")
+    assert rows == {"victim.bin": "failed"}
+
+
+def test_openmsistream_retries_5xx_and_403_quickly_then_gives_up(case: Case,
+                                                                 girder_client):
+    """Its HTTP session retries 5 times within seconds, on 403, 429 and 5xx alike: a
+    short fault is ridden out, a lasting one fails the file, which stays out of Girder
+    for the rest of the run although Girder answers again."""
+    files = {"short.txt": b"short fault\n", "forbidden.txt": b"403 twice\n",
+             "lasting.bin": bytes(range(256)) * 300}
+    case.produce(files)
+    case.proxy.fail("POST item", 503, times=2, name="short.txt")
+    case.proxy.fail("POST item", 403, times=2, name="forbidden.txt")
+    lasting = case.proxy.fail("POST file", 503, name="lasting.bin")
+    root = case.root["_id"]
+    program = case.start_openmsistream(out=case.tmp / "omsi_out")
+    wait_for(lambda: "failed to upload the file" in program.output()
+             and complete_in_girder(girder_client, root, files) == {"short.txt", "forbidden.txt"},
+             "the short faults ridden out and the lasting one given up", program, timeout=120)
+    lasting.disarm()
+    time.sleep(20)
+    landed = complete_in_girder(girder_client, root, files)
+    program.stop(timeout=60)
+    print(f"[omsi 5xx] {lasting.hits} attempts at the lasting 503; in Girder 20 s after "
+          f"it ended: {sorted(landed)}; registry {_omsi_rows(case)}")
+    assert lasting.hits == 6 and "lasting.bin" not in landed
+    assert _omsi_rows(case) == {"lasting.bin": "failed"}
+
+
+def test_openmsistream_leaves_an_item_without_metadata_when_setting_it_fails(
+        case: Case, girder_client):
+    """A 400 to ``PUT item/:id/metadata`` after an upload: the item stays without its
+    metadata (checksum, topic, version) and the file is failed; its restart finds the
+    same bytes in Girder, skips it, and the item never gets its metadata."""
+    files = {"odd_failure.txt": b"Odd failure test"}
+    case.produce(files)
+    fault = case.proxy.fail("PUT item/:id/metadata", 400)
+    root = case.root["_id"]
+    case.run_openmsistream(lambda out: "failed to set metadata" in out, "the metadata failure")
+    fault.disarm()
+    case.run_openmsistream(lambda out: "Skipping upload" in out, "the restart's skip")
+    meta = girder_tree(girder_client, root).items["odd_failure.txt"].get("meta") or {}
+    print(f"[omsi metadata failure] item metadata after the restart: {meta}")
+    assert "checksum" not in meta and "KafkaTopic" not in meta

@@ -219,8 +219,12 @@ def test_no_key_anywhere_when_girder_goes_away_after_start_up(
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     root_path = default_root_path(collection["name"], topic)
     try:
-        wait_for(lambda: root_folder_or_none(girder_client, root_path) is not None,
-                 "the start-up check (root folder made)", program, log_file, timeout=120)
+        # Both start-up checks (the command's, then the flow run's) are over once the
+        # flow says where it uploads: only then may Girder go away.
+        wait_for(lambda: root_folder_or_none(girder_client, root_path) is not None
+                 and "below folder" in program.output(),
+                 "the start-up checks (root folder made, the flow consuming)", program,
+                 log_file, timeout=120)
         proxy.close()
         files = write_tree(tmp_path / "tree", {"a.txt": b"while Girder is away\n",
                                                "sub/b.bin": bytes(range(256)) * 400})

@@ -21,7 +21,8 @@ from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
 
 __all__ = ["Option", "OPTIONS", "DEFAULTS", "LEVELS", "positive_int", "positive_float",
-           "json_object", "file_size_mb", "add_options", "flow_arguments"]
+           "non_negative_float", "json_object", "file_size_mb", "add_options",
+           "flow_arguments"]
 
 LEVELS = ["debug", "info", "warning", "error", "critical"]
 
@@ -37,15 +38,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0 (OpenMSIStream's type of the interval options)."""
+def _number(text: str, ok: Callable[[float], bool], rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be a positive number")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(rule)
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (OpenMSIStream's type of the interval options)."""
+    return _number(text, lambda value: value > 0, "must be a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (seconds that may be none)."""
+    return _number(text, lambda value: value >= 0, "must be zero or more")
 
 
 def json_object(text: str) -> dict[str, Any]:

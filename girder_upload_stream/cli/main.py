@@ -18,7 +18,7 @@ from girder_upload_stream.wire.codec import DEFAULT_CHUNK_SIZE
 from girder_upload_stream.wire.config import load_config
 from girder_upload_stream.cli.run import add_run_arguments, run_from_args, run_guarded
 from girder_upload_stream.wire.config_files import resolve_config_path
-from girder_upload_stream.options import positive_int
+from girder_upload_stream.options import non_negative_float, positive_int
 from girder_upload_stream.wire.producer import DEFAULT_UPLOAD_REGEX, ProduceSummary, produce_path
 
 __all__ = ["build_parser", "main"]
@@ -49,21 +49,11 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
                          help="only relative paths matching this are produced (default: "
                               "everything except names starting with '.' or ending in '.log')")
     produce.add_argument("--quiet", action="store_true", help="no progress lines")
-    produce.add_argument("--serve_keys_seconds", type=_seconds, default=30.0,
+    produce.add_argument("--serve_keys_seconds", type=non_negative_float, default=30.0,
                          help="encrypted topics only: seconds to keep answering consumers' "
                               "key requests once every chunk is acknowledged "
                               "(default: %(default)s)")
     produce.set_defaults(handler=_run_produce)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be zero or more")
-    return value
 
 
 def _open_encryption(file_config, topic: str):

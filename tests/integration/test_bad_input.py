@@ -504,7 +504,7 @@ def test_poison_pills_in_disk_mode_are_rejected_commits_reach_the_end_and_nothin
     committed, end = committed_offsets(kafka_admin, group, topic), end_offsets(bootstrap, topic)
     if committed != end:
         failures["commits did not reach the end of the topic"] = (committed, end)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     root = root_folder_or_none(girder_client, root_path)
     try:
         assert root is not None, f"{root_path} was never created"

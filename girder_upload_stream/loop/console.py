@@ -5,7 +5,7 @@ Prefect worker nothing is read and nothing breaks).
 
 Besides our own lines on standard output, the lines OpenMSIStream 1.8.8's
 ``GirderUploadStreamProcessor`` logs at start, on ``check`` and at shutdown are logged
-(logger ``girder_upload_stream.loop.console``, level INFO) with the same wording, so that a
+(logger ``girder_upload_stream.console``, level INFO) with the same wording, so that a
 script reading them keeps working: what it listens to, where it writes, its counts.
 """
 
@@ -22,7 +22,8 @@ from girder_upload_stream.loop.runner import StopSignal
 
 __all__ = ["Console", "announce_start", "start_lines"]
 
-logger = logging.getLogger(__name__)
+# Named, not __name__: scripts read these lines, whatever module they come from.
+logger = logging.getLogger("girder_upload_stream.console")
 
 
 def start_lines(topic: str, n_threads: int, output_dir: Path, girder_api_url: str | None,

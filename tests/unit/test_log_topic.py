@@ -250,7 +250,7 @@ def test_console_logs_openmsistreams_check_and_shutdown_lines(caplog) -> None:
                                                        reassembler=Reassembler()))
     out = io.StringIO()
     console = Console(1e9, interactive=False, stdout=out, output_dir=Path("/data/out"))
-    with caplog.at_level(logging.INFO, logger="girder_upload_stream.loop.console"):
+    with caplog.at_level(logging.INFO, logger="girder_upload_stream.console"):
         console._check_requested.set()
         console.tick(runner)
         console.tick(runner, final=True)

@@ -10,7 +10,7 @@ STACKCTL := $(PYTHON) -m stack.stackctl
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install stack-install stack-up stack-down stack-status stack-env \
+.PHONY: help install libsodium stack-install stack-up stack-down stack-status stack-env \
         prefect-up prefect-down test unit integration demo bench profile clean
 
 help:  ## List the targets
@@ -19,10 +19,20 @@ help:  ## List the targets
 install: $(VENV)/.installed $(OMSI_VENV)/.installed  ## Create .venv (project, editable, with test deps) and the OpenMSIStream test venv
 
 $(VENV)/.installed: pyproject.toml
+	@$(MAKE) -s libsodium
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip uv
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -e '.[test]'
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python -e '.[test,kafkacrypto]'
 	touch $@
+
+# kafkacrypto (encrypted topics) calls libsodium through ctypes: the runtime library
+# is enough, no headers. Installed with apt when the dynamic linker does not know it.
+libsodium:  ## Install the system's libsodium (for KafkaCrypto) if it is missing
+	@if ldconfig -p 2>/dev/null | grep -q 'libsodium\.so'; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "installing libsodium23 (needed by kafkacrypto)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsodium23; \
+	else echo "libsodium not found and no apt-get: install libsodium for KafkaCrypto" >&2; exit 1; fi
 
 # OpenMSIStream is a test-only reference implementation. It lives in its own venv so
 # its `GirderUploadStreamProcessor` console script never shadows ours in .venv/bin.
@@ -68,7 +78,7 @@ demo: install  ## Start the stack and the Prefect UI, produce a sample tree, upl
 	@$(STACKCTL) up kafka mongo girder prefect
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=girder_upload_stream \
-	  $(VENV)/bin/python -m girder_upload_stream.demo
+	  $(VENV)/bin/python -m girder_upload_stream.cli.demo
 
 bench: install  ## Run the benchmarks (issue 6) and write docs/benchmarks.md; BENCH_ARGS=--quick for a smoke run
 	@$(STACKCTL) up kafka mongo girder prefect

@@ -169,9 +169,9 @@ class GirderView:
 def match_items(items: list[GirderItem], expected: dict[str, int]) -> dict:
     """Compare what is in Girder with ``{relative path: size}``.
 
-    Consumers put the tree under different root folders (ours: ``C/<topic>``;
-    OpenMSIStream 1.8.8: ``C/C/<topic>``), so a Girder path matches the expected
-    relative path it ends with. Returns the matched items, the missing and wrong-size
+    Consumers may put the tree under different root folders (both consumers in
+    ``C/C/<topic>`` by default, the girder-client limit in ``C/<topic>``), so a Girder
+    path matches the expected relative path it ends with. Returns the matched items, the missing and wrong-size
     paths, and duplicates (a relative path seen twice, a Girder ``name (1)``, or an item
     holding more than one file)."""
     by_rel: dict[str, list[GirderItem]] = {}

@@ -45,22 +45,20 @@ def task_runs_of(flow_run_id: str) -> int:
 def one_run(source: Path, n_files: int, total_bytes: int, threads: int, db: Path | None) -> dict:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from girder_upload_stream import girder_io
-    from girder_upload_stream.config import load_config
-    from girder_upload_stream.config_files import resolve_config_path
+    from girder_upload_stream.wire.config import load_config
+    from girder_upload_stream.wire.config_files import resolve_config_path
     from girder_upload_stream.flows.upload_stream import upload_stream
-    from girder_upload_stream.producer import produce_path
+    from girder_upload_stream.wire.producer import produce_path
 
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"]})
     admin.create_topics([NewTopic(topic, 4, 1)])[topic].result(timeout=60)
     produce_path(source, load_config(resolve_config_path("local")).producer_settings(), topic)
-    requests_before = sum(s.requests for s in girder_io._stores.values())
     db_before = db.stat().st_size if db and db.exists() else 0
     state = upload_stream(topic_name=topic, collection_name=f"Bench-{topic}", n_threads=threads,
                           max_idle_seconds=3, output_dir=tempfile.mkdtemp(), return_state=True)
     summary = state.result()
-    requests = sum(s.requests for s in girder_io._stores.values()) - requests_before
+    requests = summary["girder_requests"]
     time.sleep(3)  # let the server record the last task runs before counting
     db_growth = (db.stat().st_size - db_before) if db and db.exists() else 0
     active = summary["active_seconds"]

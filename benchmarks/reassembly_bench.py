@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from girder_upload_stream.codec import Chunk, decode_chunk, encode_chunk  # noqa: E402
-from girder_upload_stream.reassembly import AddStatus, Reassembler  # noqa: E402
+from girder_upload_stream.wire.codec import Chunk, decode_chunk, encode_chunk  # noqa: E402
+from girder_upload_stream.assembly.reassembly import AddStatus, Reassembler  # noqa: E402
 
 CHUNK = 524_288
 MIB = 1 << 20

@@ -10,6 +10,7 @@ time. For the same reason the body references no module-level locks or events.
 """
 
 import os
+from contextlib import nullcontext
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -17,12 +18,15 @@ from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
-from girder_upload_stream.artifacts import ArtifactPublisher, load_registry_fallback
-from girder_upload_stream.assemble import build_runner, girder_settings, kafka_settings
-from girder_upload_stream.runner import reset_stop
-from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME, RunSettings
+from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_registry_fallback
+from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
+                                           log_topic_settings)
+from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
+from girder_upload_stream.options import DEFAULTS
+from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
-from girder_upload_stream.units import UploadChannel, UploadUnit
+from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 
 __all__ = ["upload_stream"]
 
@@ -51,37 +55,46 @@ def _api_key(key: SecretStr | None, block: str | None) -> SecretStr | None:
 
 @flow(name="girder-upload-stream", log_prints=False)
 def upload_stream(
-    topic_name: str = "test",
+    topic_name: str = DEFAULTS.topic_name,
     config: str = "local",
     girder_api_url: str | None = None,
     girder_api_key: SecretStr | None = None,
     girder_api_key_block: str | None = None,
-    girder_root_folder_id: str | None = None,
-    collection_name: str = DEFAULT_COLLECTION_NAME,
-    girder_root_folder_path: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    replace_existing: bool = False,
-    n_threads: int = 2,
-    consumer_group_id: str = "create_new",
-    download_regex: str | None = None,
-    output_dir: str = "GirderUploadStreamProcessor_output",
-    mode: Literal["memory", "disk", "both"] = "memory",
-    update_seconds: float = 300,
-    max_idle_seconds: float | None = None,
-    max_runtime_seconds: float | None = None,
-    heartbeat_topic_name: str | None = None,
-    heartbeat_program_id: str | None = None,
-    heartbeat_interval_secs: float = 30,
-    memory_budget_mb: int = 1024,
-    stale_partial_seconds: float | None = 3600,
+    girder_root_folder_id: str | None = DEFAULTS.girder_root_folder_id,
+    collection_name: str = DEFAULTS.collection_name,
+    girder_root_folder_path: str | None = DEFAULTS.girder_root_folder_path,
+    metadata: dict[str, Any] | None = DEFAULTS.metadata,
+    replace_existing: bool = DEFAULTS.replace_existing,
+    n_threads: int = DEFAULTS.n_threads,
+    consumer_group_id: str = DEFAULTS.consumer_group_id,
+    download_regex: str | None = DEFAULTS.download_regex,
+    output_dir: str = DEFAULTS.output_dir,
+    mode: Literal["memory", "disk", "both"] = DEFAULTS.mode,
+    update_seconds: float = DEFAULTS.update_seconds,
+    max_idle_seconds: float | None = DEFAULTS.max_idle_seconds,
+    max_runtime_seconds: float | None = DEFAULTS.max_runtime_seconds,
+    heartbeat_topic_name: str | None = DEFAULTS.heartbeat_topic_name,
+    heartbeat_program_id: str | None = DEFAULTS.heartbeat_program_id,
+    heartbeat_interval_secs: float = DEFAULTS.heartbeat_interval_secs,
+    log_topic_name: str | None = DEFAULTS.log_topic_name,
+    log_program_id: str | None = DEFAULTS.log_program_id,
+    log_interval_secs: float = DEFAULTS.log_interval_secs,
+    treat_undecryptable_as_plaintext: bool = DEFAULTS.treat_undecryptable_as_plaintext,
+    max_wait_per_decrypt: float = DEFAULTS.max_wait_per_decrypt,
+    max_initial_wait_per_decrypt: float = DEFAULTS.max_initial_wait_per_decrypt,
+    memory_budget_mb: int = DEFAULTS.memory_budget_mb,
+    max_file_size_mb: int = DEFAULTS.max_file_size_mb,
+    stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
     interactive: bool = False,
-    logs_dir: str | None = None,
+    logs_dir: str | None = DEFAULTS.logs_dir,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 
     The Girder API key comes from ``girder_api_key``, else the Prefect Secret block named
     ``girder_api_key_block``, else the ``GIRDER_API_KEY`` environment variable. Stops on
     ``max_idle_seconds`` / ``max_runtime_seconds``, SIGINT/SIGTERM, cancellation or ``q``.
+    Fails at once, before anything is consumed, when Girder refuses the key, cannot be
+    reached or the root folder does not resolve (``GirderStartupError``).
     """
     log = get_run_logger()
     girder = girder_settings(girder_api_url or os.environ.get("GIRDER_API_URL"),
@@ -91,44 +104,63 @@ def upload_stream(
                              root_folder_path=girder_root_folder_path,
                              metadata=metadata or {}, replace_existing=replace_existing)
     kafka = kafka_settings(config, topic_name, consumer_group_id, n_threads,
-                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs)
+                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs,
+                           treat_undecryptable_as_plaintext=treat_undecryptable_as_plaintext,
+                           max_wait_per_decrypt=max_wait_per_decrypt,
+                           max_initial_wait_per_decrypt=max_initial_wait_per_decrypt)
+    log_topic = log_topic_settings(config, log_topic_name, log_program_id, log_interval_secs,
+                                   kafka.group_id)
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
                       update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
-                      memory_budget_bytes=memory_budget_mb << 20, interactive=interactive,
+                      memory_budget_bytes=memory_budget_mb << 20,
+                      max_file_bytes=max_file_size_mb << 20, interactive=interactive,
                       stale_partial_seconds=stale_partial_seconds or None,
                       logger_file_path=logs_dir)
+    # Log in and resolve the root folder before the consumer joins the group: a wrong
+    # key stops the run here, with nothing read, registered or committed.
+    store = GirderStore(girder, topic_name)  # this run's: one folder cache for every unit
+    root_folder = store.check()
     log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
-             "uploading to %s",
-             topic_name, kafka.group_id, n_threads, girder.api_url)
+             "uploading to %s below folder %s",
+             topic_name, kafka.group_id, n_threads, girder.api_url, root_folder)
     channel = UploadChannel()  # files report as they land: offsets need not wait for units
     with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
         def submit(unit: UploadUnit) -> _FutureHandle:
             unit.channel = channel
             return _FutureHandle(task_runner.submit(
-                upload_unit, {"unit": unit, "girder": girder, "topic": topic_name}))
+                upload_unit, {"unit": unit, "store": store}))
 
         def probe(keys: list) -> _FutureHandle:
             return _FutureHandle(task_runner.submit(
-                find_in_girder, {"keys": keys, "girder": girder, "topic": topic_name,
-                                 "n": len(keys)}))
+                find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
 
-        reset_stop()
+        stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
         group_id = kafka.group_id
         runner = build_runner(
             run, kafka, submit, probe=probe, early_outcomes=channel.drain,
-            registry_fallback=lambda: load_registry_fallback(topic_name, group_id))
+            registry_fallback=lambda: load_registry_fallback(topic_name, group_id),
+            log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
+            girder_api_url=girder.api_url, stop=stop)
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(
             ArtifactPublisher(runner.processor.recorder, topic_name, group_id))
         try:
-            summary = runner.run()
+            # A command-line run stops gracefully on SIGINT/SIGTERM; a deployment run
+            # keeps Prefect's own handling (a TerminationSignal, below).
+            with stop_on_signals(stop) if interactive else nullcontext():
+                summary = runner.run()
         except TerminationSignal:
             # SIGTERM or a cancellation: the runner already stopped gracefully.
             summary = runner.summary
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
+    encrypted = {}
+    if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
+        encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
     return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
-            "pending_messages": summary.pending_messages}
+            "pending_messages": summary.pending_messages,
+            "registry_save_error": summary.save_error, "girder_requests": store.requests,
+            **encrypted}

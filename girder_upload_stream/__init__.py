@@ -1,8 +1,8 @@
 """girder-upload-stream: rebuild files sent as OpenMSIStream chunks and upload them to Girder.
 
 The package's pure core (no Prefect, Kafka client or Girder client) lives in
-:mod:`girder_upload_stream.errors`, :mod:`girder_upload_stream.codec`,
-:mod:`girder_upload_stream.reassembly` and :mod:`girder_upload_stream.config`.
+:mod:`girder_upload_stream.errors`, :mod:`girder_upload_stream.wire.codec`,
+:mod:`girder_upload_stream.assembly.reassembly` and :mod:`girder_upload_stream.wire.config`.
 """
 
 __version__ = "0.1.0"

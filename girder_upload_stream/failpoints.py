@@ -7,7 +7,7 @@ itself: no ``finally`` block, no atexit handler, no flush runs, exactly as when 
 machine loses power or the kernel's OOM killer strikes. Unset (the normal case), ``hit``
 costs one dictionary lookup.
 
-The points (see :mod:`girder_upload_stream.offsets` for the order they probe):
+The points (see :mod:`girder_upload_stream.ledger.offsets` for the order they probe):
 
 * ``chunk.added``   -- a chunk of a file still incomplete was stored (mid-file)
 * ``upload.mid``    -- a Girder item was created, its file not uploaded yet (mid-upload)

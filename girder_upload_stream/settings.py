@@ -8,7 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-__all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaSettings", "RunSettings"]
+from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
+
+__all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaCryptoSettings", "KafkaSettings",
+           "RunSettings"]
 
 DEFAULT_COLLECTION_NAME = "WholeTale Catalog"
 
@@ -22,7 +25,9 @@ class GirderSettings(BaseModel):
     api_key: SecretStr
     root_folder_id: str | None = None
     collection_name: str = DEFAULT_COLLECTION_NAME
-    root_folder_path: str | None = None  # default: "{collection_name}/{topic}"
+    #: Folders below the collection, '/'-separated (default "{collection_name}/{topic}":
+    #: OpenMSIStream 1.8.8 makes its first part a folder too, named like the collection).
+    root_folder_path: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     replace_existing: bool = False
 
@@ -32,11 +37,23 @@ class GirderSettings(BaseModel):
         return value.rstrip("/")
 
     def root_path_for(self, topic: str) -> str:
-        """The root folder path, collection name first, as OpenMSIStream builds it."""
+        """The root folder's path below the collection ``collection_name``, as
+        OpenMSIStream 1.8.8 builds it: every part is a folder, the first one included
+        (the default ``{collection_name}/{topic}`` gives ``/collection/C/C/topic``)."""
         return (self.root_folder_path or f"{self.collection_name}/{topic}").strip("/")
 
-    def cache_key(self) -> tuple[str, str, str]:
-        return (self.api_url, self.api_key.get_secret_value(), self.model_dump_json())
+
+
+class KafkaCryptoSettings(BaseModel):
+    """Decryption of a KafkaCrypto-encrypted topic (the config's ``[kafkacrypto]``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config_file: Path  # the node's KafkaCrypto store, found as OpenMSIStream finds it
+    broker: dict[str, str] = Field(default_factory=dict)  # [broker], for the key exchange
+    treat_undecryptable_as_plaintext: bool = False
+    max_wait_per_decrypt: float = Field(default=5.0, gt=0)
+    max_initial_wait_per_decrypt: float = Field(default=60.0, gt=0)
 
 
 class KafkaSettings(BaseModel):
@@ -46,7 +63,8 @@ class KafkaSettings(BaseModel):
 
     topic: str
     group_id: str
-    consumer: dict[str, str]
+    #: librdkafka settings, SASL/SSL passwords included: kept out of ``repr()``.
+    consumer: dict[str, str] = Field(repr=False)
     #: Upload tasks running at once (--n_threads). The process reads with one consumer:
     #: all polling happens in the flow's thread, so more consumers would only add
     #: rebalances (and their re-reads) without reading faster.
@@ -54,7 +72,8 @@ class KafkaSettings(BaseModel):
     heartbeat_topic: str | None = None
     heartbeat_program_id: str | None = None
     heartbeat_interval_secs: float = 30.0
-    heartbeat_producer: dict[str, str] = Field(default_factory=dict)
+    heartbeat_producer: dict[str, str] = Field(default_factory=dict, repr=False)
+    kafkacrypto: KafkaCryptoSettings | None = None  # None: the topic is not encrypted
 
 
 class RunSettings(BaseModel):
@@ -67,7 +86,8 @@ class RunSettings(BaseModel):
     logger_file_path: Path | None = None
     download_regex: str | None = None
     memory_budget_bytes: int = Field(default=1 << 30, ge=1 << 20)
-    max_file_bytes: int | None = None
+    #: The largest file rebuilt (--max_file_size_mb); a chunk of a larger one rejects it.
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=1, le=MAX_POSSIBLE_FILE_BYTES)
     max_unit_files: int = Field(default=64, ge=1)
     #: Bytes per upload unit: small enough that units running side by side stay close
     #: in offset order (a restart re-reads what lies between them), large enough that

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream.codec import chunk_file, encode_chunk
-from girder_upload_stream.pipeline import RETRIED_NEXT_RUN
+from girder_upload_stream.wire.codec import chunk_file, encode_chunk
+from girder_upload_stream.ledger.processor import RETRIED_NEXT_RUN
 from tests.integration.girder_faults import FaultProxy
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, Program,
-                                       committed_offsets, committed_with_metadata,
-                                       consumer_argv, consumer_env, end_offsets,
-                                       in_progress_rows, processed_rel_paths, produce_raw,
-                                       stop_line, wait_for, write_fault_config,
-                                       write_omsi_config)
+from tests.integration.kafka_checks import (committed_offsets, committed_with_metadata,
+                                            end_offsets, produce_raw)
+from tests.integration.local_files import CHUNK_SIZE, in_progress_rows, processed_rel_paths
+from tests.integration.programs import (OMSI_BIN, Program, consumer_argv, consumer_env, stop_line,
+                                        wait_for, write_fault_config, write_omsi_config)
 
 __all__ = ["RETRIED_NEXT_RUN", "MAX_IDLE", "RUN_TIMEOUT", "Case", "Finished", "case",
            "produce_files"]

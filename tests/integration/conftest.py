@@ -164,3 +164,14 @@ def programs() -> Iterator[list]:
     yield started
     for program in started:
         program.stop(timeout=15)
+
+
+@pytest.fixture
+def new_api_key(girder_client, request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """A fresh API key of the stack's admin, ``(id, key)``, deleted after the test: a
+    secret a test can revoke, or look for in outputs without meeting other tests' use
+    of the stack's key."""
+    doc = girder_client.post("api_key", parameters={"name": unique_name("key", request),
+                                                    "active": True})
+    yield doc["_id"], doc["key"]
+    girder_client.delete(f"api_key/{doc['_id']}")

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import CHUNK_SIZE, finish, n_chunks, produce_ours, write_tree
+from tests.integration.local_files import CHUNK_SIZE, n_chunks, write_tree
+from tests.integration.programs import finish, produce_ours
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,7 @@ def run_flow(stack_env, prefect_env, tmp_path, monkeypatch):
 def fallback_spy(monkeypatch):
     """Records what the flow's registry fallback returned, by wrapping the function the
     flow module calls (its lambda looks the name up at call time)."""
-    from girder_upload_stream.artifacts import load_registry_fallback
+    from girder_upload_stream.prefect_glue.artifacts import load_registry_fallback
     from girder_upload_stream.flows import upload_stream as flow_module
     calls: list[tuple[tuple[str, str], set]] = []
 
@@ -85,9 +86,9 @@ def produce_garbage(bootstrap: str, topic: str) -> None:
 def test_artifacts_of_a_run_and_the_fallback_of_a_restart(
         tmp_path: Path, stack_env, make_topic, make_group, make_collection, run_flow,
         fallback_spy):
-    from girder_upload_stream.artifact_content import artifact_keys
-    from girder_upload_stream.artifacts import load_registry_fallback
-    from girder_upload_stream.kafka_io import ConsumerGroup
+    from girder_upload_stream.registry.artifact_content import artifact_keys
+    from girder_upload_stream.prefect_glue.artifacts import load_registry_fallback
+    from girder_upload_stream.kafka.clients import ConsumerGroup
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
     rng = random.Random(11)

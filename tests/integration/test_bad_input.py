@@ -9,8 +9,17 @@ files are also rebuilt on disk, where a path escape would do harm.
 
 Checked: every good file lands once; every bad message or file is logged and listed in
 the in-progress registry (``failed`` or ``mismatched_hash``, with the reason in the row's
-``extra``); the program runs on to its idle stop and exits 0; nothing changes outside
-the output folder; and no Girder folder or item is named from hostile input.
+``extra``); the program runs on to its idle stop and exits 0; the group's commits reach
+the end of the topic; nothing changes outside the output folder, nor in its ``LOGS``
+folder but the program's own files; and no Girder folder or item is named from hostile
+input.
+
+Poison pills (integers no real file can have, a chunk count of 2**62 sent twice, an
+offset past the size limit or past what the file system allows), paths that reach the
+consumer's own folders (``LOGS``, ``.gus-staging``) and names long in bytes are sent
+in both mode with the rest, and again in disk mode with a small ``--max_file_size_mb``
+and a file size limit (``ulimit -f``) on the consumer, so that the file system itself
+refuses an offset (EFBIG) below the size limit.
 
 Layout (so that "outside" can be checked): ``tmp/box/out`` is the output folder,
 ``tmp/box/outside`` a sibling with a sentinel file, and ``tmp/box`` holds nothing else.
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import subprocess
 from dataclasses import dataclass
@@ -28,11 +38,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from girder_upload_stream.codec import Chunk, chunk_file, encode_chunk, make_key
-from tests.integration.helpers import (Program, assert_exactly_once, consumer_argv,
-                                       consumer_env, girder_listing, in_progress_rows,
-                                       log_uniform_files, produce_raw, root_folder_or_none,
-                                       stop_line, tree_snapshot, write_fault_config)
+from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, Chunk, chunk_file, encode_chunk,
+                                        make_key)
+from tests.integration.girder_checks import (assert_exactly_once, girder_listing, root_folder_or_none)
+from tests.integration.kafka_checks import committed_offsets, end_offsets, produce_raw
+from tests.integration.local_files import in_progress_rows, log_uniform_files, tree_snapshot
+from tests.integration.programs import (Program, consumer_argv, consumer_env, stop_line, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +93,7 @@ class Bad:
     rel: str | None = None
     status: str | None = None  # a required status, when the class has its own
     where: list[tuple[int, int]] | None = None
+    reason: str | None = None  # a fragment the registered reason must contain
 
 
 def hostile_cases(outside: Path) -> list[Bad]:
@@ -163,7 +176,68 @@ def hostile_cases(outside: Path) -> list[Bad]:
                [_chunk(b"through the link", "evil.txt", "escape")])
     whole_file("below a symlink in output_dir", "escape/deeper/evil.txt",
                [_chunk(b"below the link", "evil.txt", "escape/deeper")])
+    bad += poison_pills(len(bad))
     return bad
+
+
+CJK_74 = "\u6f22" * 74  # 222 bytes in UTF-8
+
+
+def long_named_files(seed: int) -> dict[str, bytes]:
+    """Good files whose names are long in bytes: up to 255 per component must work."""
+    rng = random.Random(seed)
+    return {CJK_74: rng.randbytes(3000), f"long/{CJK_74}": rng.randbytes(200),
+            f"{'d' * 255}/{'n' * 251}.bin": rng.randbytes(70_000),
+            "LOGS2/not reserved.txt": b"a folder named like LOGS, but not LOGS"}
+
+
+def poison_pills(first_partition: int, limit: int = DEFAULT_MAX_FILE_BYTES) -> list[Bad]:
+    """Chunks no file under ``limit`` bytes can have, paths reaching the consumer's own
+    folders, and names over 255 bytes. Each case is one message (rejected by the codec)
+    or one file (``rel``: rejected by the reassembler, its later chunks ignored)."""
+    cases: list[Bad] = []
+
+    def message(label: str, chunk: Chunk, reason: str) -> None:
+        cases.append(Bad(label, [encode_chunk(chunk)], (first_partition + len(cases)) % 4,
+                         reason=reason))
+
+    def whole_file(label: str, chunks: list[Chunk], reason: str) -> None:
+        cases.append(Bad(label, [encode_chunk(c) for c in chunks],
+                         (first_partition + len(cases)) % 4, chunks[0].rel_path, reason=reason))
+
+    message("n_total_chunks 2**63", _chunk(b"pill", "p1.bin", "pills", 1, 2**63), "more chunks")
+    message("n_total_chunks 2**64-1", _chunk(b"pill", "p2.bin", "pills", 1, 2**64 - 1),
+            "more chunks")
+    message("n_total_chunks 2**63-1", _chunk(b"pill", "p3.bin", "pills", 1, 2**63 - 1),
+            "more than any file can hold")
+    message("chunk_offset 2**63-1", _chunk(b"pill", "p4.bin", "pills", 2, 2, 2**63 - 1),
+            "more than any file can hold")
+    message("chunk_offset 2**64-1", _chunk(b"pill", "p5.bin", "pills", 2, 2, 2**64 - 1),
+            "more than any file can hold")
+    message("chunk_offset below its chunk number", _chunk(b"pill", "p6.bin", "pills", 9, 9, 3),
+            "is invalid for chunk 9")
+    message("file name of 256 bytes", _chunk(b"long", "n" * 256, "names"),
+            "no file system holds a name over 255 bytes")
+    message("sub-folder of 300 bytes", _chunk(b"long", "f.bin", "names/" + "\u00e9" * 150),
+            "no file system holds a name over 255 bytes")
+    whole_file("2**62 chunks sent twice", [
+        _chunk(b"pill", "count.bin", "pills", 1, 2**62, file_data=b"huge"),
+        _chunk(b"pill", "count.bin", "pills", 1, 2**62, file_data=b"huge"),
+        _chunk(b"more", "count.bin", "pills", 2, 2**62, 4, file_data=b"huge")],
+        f"{2**62} chunks exceed the {limit}-byte limit")
+    whole_file("offset just past the size limit", [
+        _chunk(b"12345678", "over.bin", "pills", 2, 2, limit - 7, file_data=b"over"),
+        _chunk(b"head", "over.bin", "pills", 1, 2, 0, file_data=b"over")],
+        f"over the {limit}-byte limit")
+    whole_file("sub-folder LOGS (a forged registry row)", [
+        _chunk(b"filename;rel_filepath;n_chunks\n", "processed_from_x_by_y.csv", "LOGS")],
+        "reserved path: 'LOGS/processed_from_x_by_y.csv' reaches 'LOGS'")
+    whole_file("a file named LOGS", [_chunk(b"in the way", "LOGS")],
+               "reserved path: 'LOGS' reaches 'LOGS'")
+    whole_file("into the staging folder", [
+        _chunk(b"staged", "0" * 40 + "-1.partial", ".gus-staging/run-0123456789abcdef")],
+        "reaches '.gus-staging'")
+    return cases
 
 
 def good_messages(files: dict[str, bytes]) -> list[tuple[str, bytes, None]]:
@@ -191,6 +265,15 @@ NON_CHUNK_MESSAGES: list[tuple[bytes | str | None, bytes | None]] = [
 
 
 
+OWN_LOG_FILES = ("GirderUploadStreamProcessor.log", "consuming_from_", "processed_from_")
+
+
+def _foreign_in_logs(logs: Path) -> list[str]:
+    """What the LOGS folder holds that is not one of the program's own files."""
+    return sorted(rel for rel, (kind, *_) in tree_snapshot(logs).items()
+                  if kind != "file" or not rel.startswith(OWN_LOG_FILES))
+
+
 def _problems_logged(text: str, topic: str, where: list[tuple[int, int]],
                      rel: str | None) -> list[str]:
     """What is missing from the log: a WARNING/ERROR line naming each message (by topic,
@@ -208,12 +291,14 @@ def _problems_logged(text: str, topic: str, where: list[tuple[int, int]],
 
 
 def _registry_problems(rows: list, where: list[tuple[int, int]], rel: str | None,
-                       status: str | None) -> list[str]:
-    """Why the in-progress registry does not list this case with a reason."""
+                       status: str | None, fragment: str | None = None) -> list[str]:
+    """Why the in-progress registry does not list this case with a reason (containing
+    ``fragment``, when given)."""
     def ok(row) -> bool:
         reason = (row.extra or {}).get("reason")
         return (row.status in BAD_STATUSES and (status is None or row.status == status)
-                and isinstance(reason, str) and bool(reason.strip()))
+                and isinstance(reason, str) and bool(reason.strip())
+                and (fragment is None or fragment in reason))
 
     if rel is not None:
         found = [r for r in rows if str(r.rel_filepath) == rel]
@@ -247,7 +332,7 @@ def _run(argv: list[str], name: str, tmp_path: Path, env: dict, programs: list,
 @pytest.mark.timeout(420)
 def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_contained(
         tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
-        girder_client, programs):
+        girder_client, kafka_admin, programs):
     bootstrap, api_url = stack_env["KAFKA_BOOTSTRAP_SERVERS"], stack_env["GIRDER_API_URL"]
     topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
     box = tmp_path / "box"
@@ -261,6 +346,7 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
 
     good = log_uniform_files(24, 44, 1024, 300 << 10,
                              folders=("", "good", "good/nested/deeper", "données été"))
+    good |= long_named_files(44)
     bad = hostile_cases(outside)
     stream = good_messages(good)
     half = len(stream) // 2
@@ -281,7 +367,9 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
     not_logged = {case.label: m for case in bad
                   if (m := _problems_logged(text, topic, case.where, case.rel))}
     not_registered = {case.label: p for case in bad
-                      if (p := _registry_problems(rows, case.where, case.rel, case.status))}
+                      if (p := _registry_problems(rows, case.where, case.rel, case.status,
+                                                  case.reason))}
+    committed, end = committed_offsets(kafka_admin, group, topic), end_offsets(bootstrap, topic)
 
     # A second topic holding no chunk data at all, consumed into the same output folder.
     topic2, group2 = make_topic(partitions=4), make_group()
@@ -303,9 +391,13 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
         failures["bad input not logged"] = not_logged
     if not_registered:
         failures["bad input not in the in-progress registry with a reason"] = not_registered
+    if committed != end:
+        failures["commits did not reach the end of the topic"] = (committed, end)
+    if foreign := _foreign_in_logs(out / "LOGS"):
+        failures["files in LOGS that the program did not write"] = foreign
 
     # Girder: the good files exactly once; nothing else anywhere in the collection.
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     root = root_folder_or_none(girder_client, root_path)
     assert root is not None, f"{root_path} was never created"
     try:
@@ -313,11 +405,15 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
     except AssertionError as exc:
         failures["good files in Girder"] = str(exc)
     listing = girder_listing(girder_client, collection["_id"], "collection")
-    allowed_folders = {topic, topic2} | {f"{topic}/" + "/".join(rel.split("/")[:i])
-                                         for rel in good for i in range(1, rel.count("/") + 1)}
+    # The default root path '{collection}/{topic}': a first folder named like the
+    # collection, the topics' folders below it.
+    first = collection["name"]
+    below = f"{first}/{topic}/"
+    allowed_folders = {first, f"{first}/{topic}", f"{first}/{topic2}"} | {
+        below + "/".join(rel.split("/")[:i]) for rel in good for i in range(1, rel.count("/") + 1)}
     stray_folders = sorted(rel for rel, _ in listing.folders if rel not in allowed_folders)
     stray_items = sorted(rel for rel, _ in listing.items
-                         if not (rel.startswith(f"{topic}/") and rel[len(topic) + 1:] in good))
+                         if not (rel.startswith(below) and rel[len(below):] in good))
     if stray_folders or stray_items:
         failures["Girder folders or items named from hostile input"] = {
             "folders": stray_folders, "items": stray_items}
@@ -333,6 +429,7 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
         failures["the planted symlink was replaced"] = str(out / "escape")
     inside = {rel for rel, (kind, *_) in tree_snapshot(out).items()
               if kind != "dir" and not rel.startswith("LOGS/")}
+    # ... and no staging file left: each one completed (and was published) or was dropped
     if inside - set(good) - {"escape"}:
         failures["unexpected files below the output folder"] = sorted(
             inside - set(good) - {"escape"})
@@ -344,5 +441,86 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
     print(f"[bad input] {len(good)} good files, {len(bad)} hostile cases "
           f"({len(flat_bad)} messages), {len(NON_CHUNK_MESSAGES)} non-chunk messages; "
           f"registry rows: {len(rows)} + {len(rows2)}; failures: {sorted(failures)}",
+          flush=True)
+    assert not failures, "\n".join(f"{what}: {detail}" for what, detail in failures.items())
+
+
+DISK_LIMIT_MB = 200
+FSIZE_LIMIT_KIB = 64 << 10  # ulimit -f: 64 MiB, below the size limit
+
+
+@pytest.mark.timeout(300)
+def test_poison_pills_in_disk_mode_are_rejected_commits_reach_the_end_and_nothing_stays(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, kafka_admin, programs):
+    """Disk mode, ``--max_file_size_mb 200`` and ``ulimit -f`` 64 MiB: a chunk within the
+    size limit but past what the file system lets this process write (EFBIG) rejects its
+    file like any pill; good files land in Girder and are deleted from disk once there
+    (as OpenMSIStream 1.8.8 does), and no staging file is left."""
+    bootstrap, api_url = stack_env["KAFKA_BOOTSTRAP_SERVERS"], stack_env["GIRDER_API_URL"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    box = tmp_path / "box"
+    out, outside = box / "out", box / "outside"
+    (out / "LOGS").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "sentinel.txt").write_bytes(b"must not change")
+    before = tree_snapshot(box, skip=out)
+
+    limit = DISK_LIMIT_MB << 20
+    good = log_uniform_files(12, 45, 1024, 400 << 10, folders=("", "good", "good/deeper"))
+    good |= long_named_files(45)
+    bad = poison_pills(0, limit)
+    big = 100 << 20  # under the size limit, over ulimit -f
+    efbig = [_chunk(b"past ulimit -f", "efbig.bin", "pills", 2, 3, big, file_data=b"efbig"),
+             _chunk(b"head", "efbig.bin", "pills", 1, 3, 0, file_data=b"efbig")]
+    bad.append(Bad("an offset the file system refuses (EFBIG)",
+                   [encode_chunk(c) for c in efbig], 1, "pills/efbig.bin",
+                   reason="cannot write below output_dir: File too large"))
+    stream = good_messages(good)
+    half = len(stream) // 2
+    flat_bad = [(k, v, case.partition) for case in bad for k, v in case.messages]
+    where = produce_raw(bootstrap, topic, stream[:half] + flat_bad + stream[half:])
+    bad_where = where[half:half + len(flat_bad)]
+    for case in bad:
+        case.where, bad_where = bad_where[:len(case.messages)], bad_where[len(case.messages):]
+
+    log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
+    argv = consumer_argv(api_url, topic, collection["name"], out, group,
+                         write_fault_config(tmp_path / "consumer.config"), MAX_IDLE,
+                         "--mode", "disk", "--max_file_size_mb", str(DISK_LIMIT_MB))
+    limited = ["bash", "-c", f'ulimit -f {FSIZE_LIMIT_KIB} && exec "$@"', "ulimit", *argv]
+    _, text = _run(limited, "disk.out", tmp_path, consumer_env(stack_env, prefect_env),
+                   programs, log_file)
+
+    rows = in_progress_rows(out / "LOGS", topic, group)
+    failures: dict[str, object] = {}
+    if not_logged := {case.label: m for case in bad
+                      if (m := _problems_logged(text, topic, case.where, case.rel))}:
+        failures["bad input not logged"] = not_logged
+    if not_registered := {case.label: p for case in bad
+                          if (p := _registry_problems(rows, case.where, case.rel, None,
+                                                      case.reason))}:
+        failures["bad input not registered with its reason"] = not_registered
+    committed, end = committed_offsets(kafka_admin, group, topic), end_offsets(bootstrap, topic)
+    if committed != end:
+        failures["commits did not reach the end of the topic"] = (committed, end)
+    root_path = default_root_path(collection["name"], topic)
+    root = root_folder_or_none(girder_client, root_path)
+    try:
+        assert root is not None, f"{root_path} was never created"
+        assert_exactly_once(girder_client, root["_id"], good, topic, root_path=root_path)
+    except AssertionError as exc:
+        failures["good files in Girder"] = str(exc)
+    if changed := sorted(set(before.items()) ^ set(tree_snapshot(box, skip=out).items())):
+        failures["changed outside the output folder"] = changed
+    if foreign := _foreign_in_logs(out / "LOGS"):
+        failures["files in LOGS that the program did not write"] = foreign
+    left = sorted(rel for rel, (kind, *_) in tree_snapshot(out).items()
+                  if kind != "dir" and not rel.startswith("LOGS/"))
+    if left:  # uploaded files are deleted; rejected ones and the run's folder too
+        failures["files left below the output folder"] = left
+    print(f"[bad input, disk] {len(good)} good files, {len(bad)} hostile cases "
+          f"({len(flat_bad)} messages); committed {sum(committed.values())} of "
+          f"{sum(end.values())}; registry rows: {len(rows)}; failures: {sorted(failures)}",
           flush=True)
     assert not failures, "\n".join(f"{what}: {detail}" for what, detail in failures.items())

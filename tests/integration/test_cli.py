@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (CHUNK_SIZE, OUR_CLI, OUR_PROCESSOR, Program,
-                                       assert_uploaded, finish, folder_by_path, girder_tree,
-                                       n_chunks, processed_rel_paths, produce_ours, wait_for,
-                                       write_omsi_config, write_tree)
+from tests.integration.girder_checks import assert_uploaded, folder_by_path, girder_tree
+from tests.integration.local_files import CHUNK_SIZE, n_chunks, processed_rel_paths, write_tree
+from tests.integration.programs import (OUR_CLI, OUR_PROCESSOR, Program, finish, produce_ours, wait_for, write_omsi_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +31,9 @@ SUPPORTED_OPTIONS = [
     "--n_threads", "--consumer_group_id", "--download_regex", "--output_dir", "--mode",
     "--logger_stream_level", "--logger_file_level", "--logger_file_path", "--update_seconds",
     "--heartbeat_topic_name", "--heartbeat_program_id", "--heartbeat_interval_secs",
+    "--log_topic_name", "--log_program_id", "--log_interval_secs",
+    "--treat_undecryptable_as_plaintext", "--max_wait_per_decrypt",
+    "--max_initial_wait_per_decrypt",
 ]
 
 
@@ -94,23 +97,6 @@ def test_processor_help_lists_openmsistream_options(cli_env):
     assert "default: test" in text, f"--config should default to 'test':\n{text}"
 
 
-@pytest.mark.parametrize("option", [["--log_topic_name", "x"],
-                                    ["--treat_undecryptable_as_plaintext"]],
-                         ids=["log_topic_name", "treat_undecryptable_as_plaintext"])
-@pytest.mark.parametrize("program", ["GirderUploadStreamProcessor", "run"])
-def test_unsupported_options_exit_non_zero(program, option, cli_env, tmp_path):
-    argv = ([str(OUR_PROCESSOR)] if program == "GirderUploadStreamProcessor"
-            else [str(OUR_CLI), "run"])
-    argv += ["http://127.0.0.1:9/api/v1", "some-key", "--output_dir", str(tmp_path / "out"),
-             *option]
-    done = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, cwd=tmp_path)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0, f"{argv} exited 0:\n{output}"
-    assert "not supported" in output, output
-    assert option[0] in output, output
-
-
 # --------------------------------------------------------------------------- stopping
 
 @pytest.mark.timeout(150)
@@ -127,7 +113,7 @@ def test_run_stops_on_q(tmp_path, cli_env, stack_env, make_topic, make_group,
         tmp_path / "run.out", cwd=tmp_path, env=cli_env)
     programs.append(program)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     wait_for(all_in_girder(girder_client, root_path, files), "the files in Girder", program,
              log_file, timeout=RUN_TIMEOUT)
     program.send_line("q")
@@ -158,7 +144,7 @@ def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, sta
                       env={**cli_env, "GIRDER_API_KEY": stack_env["GIRDER_API_KEY"]})
     programs.append(program)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     wait_for(all_in_girder(girder_client, root_path, files), "the files in Girder", program,
              log_file, timeout=RUN_TIMEOUT)
     program.proc.send_signal(signal.SIGTERM)
@@ -213,6 +199,6 @@ def test_stops_on_max_idle_with_stdin_closed(tmp_path, cli_env, stack_env, make_
     n_messages = sum(n_chunks(d) for d in files.values())
     assert f"{n_messages} messages read" in output, program.describe(log_file)
     assert f"{len(files)} files uploaded" in output, program.describe(log_file)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     root = folder_by_path(girder_client, root_path)
     assert_uploaded(girder_client, root["_id"], files, topic, root_path=root_path)

@@ -93,8 +93,8 @@ def test_served_deployment_run_uploads_files(stack_env, prefect_env, make_topic,
                         "collection_name": collection, "max_idle_seconds": 3,
                         "output_dir": str(tmp_path / "out")})
         assert flow_run.state.is_completed(), (tmp_path / "serve.log").read_text()[-3000:]
-        root = girder_client.resourceLookup(f"/collection/{collection}/{topic}")
-        sub = girder_client.resourceLookup(f"/collection/{collection}/{topic}/sub")
+        root = girder_client.resourceLookup(f"/collection/{collection}/{collection}/{topic}")
+        sub = girder_client.resourceLookup(f"/collection/{collection}/{collection}/{topic}/sub")
         assert [i["name"] for i in girder_client.listItem(root["_id"])] == ["a.txt"]
         assert [i["name"] for i in girder_client.listItem(sub["_id"])] == ["b.bin"]
     finally:

@@ -10,12 +10,12 @@ import threading
 
 import pytest
 
-from girder_upload_stream.girder_io import GirderStore
-from girder_upload_stream.pieces import Pieces
-from girder_upload_stream.reassembly import CompletedFile
+from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.units import Outcome
-from tests.integration.helpers import download_item, folder_by_path, girder_listing
+from girder_upload_stream.ledger.units import Outcome
+from tests.integration.girder_checks import download_item, folder_by_path, girder_listing
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def test_simultaneous_uploads_of_one_file_leave_one_item_with_one_file(
     collection = make_collection()
     settings = GirderSettings(api_url=stack_env["GIRDER_API_URL"],
                               api_key=stack_env["GIRDER_API_KEY"],
-                              root_folder_path=f"{collection['name']}/race")
+                              collection_name=collection["name"], root_folder_path="race")
     stores = [GirderStore(settings, "race-topic") for _ in range(2)]
     rng = random.Random(3)
     files = {f"d{i % 3}/f{i}.bin": rng.randbytes(50_000 + i) for i in range(12)}

@@ -22,11 +22,12 @@ import pytest
 from tests.integration.cases_support import (MAX_IDLE, Case, Finished, case,  # noqa: F401
                                              produce_files)
 from tests.integration.girder_faults import FaultProxy
-from tests.integration.helpers import (CHUNK_SIZE, OUR_PROCESSOR, Program, committed_offsets,
-                                       consumer_argv, consumer_env, download_item, end_offsets,
-                                       finish, folder_by_path, girder_tree, n_chunks,
-                                       processed_rel_paths, produce_omsi_file, sha256,
-                                       stop_line, write_fault_config, write_omsi_config)
+from tests.integration.girder_checks import download_item, folder_by_path, girder_tree
+from tests.integration.kafka_checks import committed_offsets, end_offsets
+from tests.integration.local_files import CHUNK_SIZE, n_chunks, processed_rel_paths, sha256
+from tests.integration.programs import (OUR_PROCESSOR, Program, consumer_argv, consumer_env,
+                                        finish, produce_omsi_file, stop_line, write_fault_config,
+                                        write_omsi_config)
 
 pytestmark = pytest.mark.integration
 

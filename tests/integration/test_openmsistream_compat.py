@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream.codec import decode_chunk
-from girder_upload_stream.reassembly import AddStatus, Reassembler
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, OUR_CLI, TIMEOUT,
-                                       Program, end_offsets, n_chunks, wait_for,
-                                       write_omsi_config)
+from girder_upload_stream.wire.codec import decode_chunk
+from girder_upload_stream.assembly.reassembly import AddStatus, Reassembler
+from tests.integration.kafka_checks import end_offsets
+from tests.integration.local_files import CHUNK_SIZE, n_chunks
+from tests.integration.programs import (OMSI_BIN, OUR_CLI, Program, TIMEOUT, wait_for, write_omsi_config)
 
 pytestmark = pytest.mark.integration
 
@@ -192,11 +192,14 @@ def test_openmsistream_producers_to_our_reassembler(tmp_path, kafka_bootstrap, m
             assert done.file_mtime == pytest.approx(mtimes[rel], abs=1e-3), (mode, rel)
             if mode == "memory":
                 assert done.data == data, f"memory: {rel} differs"
-            else:
-                assert done.path == out_dir / rel, (done.path, rel)
+            else:  # the verified staging file, which the upload reads
+                assert done.path.parent == reassembler.staging_dir, (done.path, rel)
                 assert done.path.read_bytes() == data, f"disk: {rel} differs"
-    rebuilt = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    assert rebuilt == sorted(expected), f"unexpected files on disk: {rebuilt}"
+    staged = sorted(p.name for p in reassembler.staging_dir.iterdir())
+    assert staged == sorted(f.path.name for f in completed.values()), staged
+    elsewhere = [p for p in out_dir.rglob("*")
+                 if p.is_file() and reassembler.staging_dir not in p.parents]
+    assert not elsewhere, f"disk mode wrote files outside its staging folder: {elsewhere}"
 
 
 # ------------------------------------------------- 2. our producer -> real OpenMSIStream

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from tests.integration.cases_support import Case, case  # noqa: F401
-from tests.integration.helpers import (complete_in_girder, girder_tree, in_progress_rows,
-                                       wait_for)
+from tests.integration.girder_checks import complete_in_girder, girder_tree
+from tests.integration.local_files import in_progress_rows
+from tests.integration.programs import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -24,8 +24,10 @@ import pytest
 from tests.integration.cases_support import (RETRIED_NEXT_RUN, Case, Finished,  # noqa: F401
                                              case)
 from tests.integration.girder_faults import DROP
-from tests.integration.helpers import (assert_exactly_once, complete_in_girder, download_item,
-                                       girder_tree, sha256, wait_for)
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder,
+                                             download_item, girder_tree)
+from tests.integration.local_files import sha256
+from tests.integration.programs import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import (BackgroundProducer, Program, assert_exactly_once,
-                                       committed_offsets, complete_in_girder,
-                                       component_stopped, consumer_argv, consumer_env,
-                                       end_offsets, girder_serves, kafka_serves,
-                                       log_uniform_files, root_folder_or_none, stop_line,
-                                       wait_for, write_fault_config)
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, root_folder_or_none)
+from tests.integration.kafka_checks import BackgroundProducer, committed_offsets, end_offsets
+from tests.integration.local_files import log_uniform_files
+from tests.integration.programs import (Program, component_stopped, consumer_argv, consumer_env, girder_serves, kafka_serves, stop_line, wait_for, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +84,7 @@ def test_girder_down_for_30s_mid_stream_loses_nothing_and_retries(
     files, out, program, producer = _start(tmp_path, stack_env, prefect_env, topic, group,
                                            collection, programs, seed=31, max_idle=MAX_IDLE)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     wait_for(lambda: _landed(girder_client, root_path, files) >= 3,
              "the first files in Girder", program, log_file, timeout=90)
     before = _landed(girder_client, root_path, files)
@@ -122,7 +121,7 @@ def test_broker_restart_mid_stream_loses_and_doubles_nothing(
                                            collection, programs, seed=32,
                                            max_idle=MAX_IDLE_KAFKA)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     wait_for(lambda: _landed(girder_client, root_path, files) >= 3,
              "the first files in Girder", program, log_file, timeout=90)
     before = _landed(girder_client, root_path, files)

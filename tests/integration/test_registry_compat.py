@@ -1,8 +1,10 @@
 """Our registry files against the real OpenMSIStream 1.8.8 (in ``.venv-openmsistream``).
 
-No servers needed: OpenMSIStream's ``DataclassTable`` and ``StreamProcessorRegistry`` run
-in a subprocess of that venv's Python on files in a temporary folder. ``make install``
-always creates the venv, so a missing venv fails these tests instead of skipping them.
+Most tests need no server: OpenMSIStream's ``DataclassTable`` and
+``StreamProcessorRegistry`` run in a subprocess of that venv's Python on files in a
+temporary folder. The last one switches a consumer group from ours to OpenMSIStream's
+``GirderUploadStreamProcessor`` and back on the local stack. ``make install`` always
+creates the venv, so a missing venv fails these tests instead of skipping them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream import registry as R
+from girder_upload_stream.registry import tables as R
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +49,13 @@ for name, rel, status, n in json.loads(sys.argv[2]):
     table.add_entries(reg.StreamHandlerRegistryLineInProgress(
         name, pathlib.Path(rel), status, n, t0, t1))
 table.dump_to_file()
+"""
+# What OpenMSIStream's registry of t/g in a folder will re-read at its next start.
+RERUN_SCRIPT = """
+import json, pathlib, sys
+from openmsistream.data_file_io.actor.file_registry import stream_handler_registries as reg
+registry = reg.StreamProcessorRegistry(pathlib.Path(sys.argv[1]), "t", "g")
+print(json.dumps(sorted(str(p) for p in registry.filepaths_to_rerun)))
 """
 # Starts OpenMSIStream's registry on a folder: it consolidates processed_from_t_by_g*.csv.
 CONSOLIDATE_SCRIPT = """
@@ -137,3 +146,94 @@ def test_we_read_openmsistream_written_tables_exactly(
         ours.update(row)
     ours.save()
     assert ours.path.read_bytes() == theirs.read_bytes()
+
+
+def test_openmsistream_rereads_our_failed_and_in_progress_rows(omsi_python: Path,
+                                                              tmp_path: Path) -> None:
+    """After a switch back, OpenMSIStream 1.8.8 finds every row we wrote, also rows we
+    merged from the table under the documented name (earlier versions of ours)."""
+    seed = R.InProgressTable(R.seed_in_progress_path(tmp_path, "t", "g"))
+    seed.update(R.InProgressRow("old.dat", "sub/old.dat", R.STATUS_FAILED, 2, T0, T1, "h0"))
+    seed.save()
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    for i, status in enumerate(STATUSES):
+        table.update(R.InProgressRow(f"f{i}.dat", f"d/f{i}.dat", status, i + 1, T0, T1,
+                                     f"h{i + 1}", {"reason": "x"}))
+    table.save()
+    rerun = json.loads(run_omsi(omsi_python, RERUN_SCRIPT, str(tmp_path)))
+    assert rerun == ["d/f0.dat", "d/f1.dat", "d/f2.dat", "sub/old.dat"]
+    assert not R.seed_in_progress_path(tmp_path, "t", "g").exists()
+
+
+def test_we_merge_openmsistreams_table_with_the_documented_one(omsi_python: Path,
+                                                               tmp_path: Path) -> None:
+    theirs = R.in_progress_path(tmp_path, "t", "g")
+    spec = [["a.dat", "a.dat", "failed", 1], ["b.dat", "s/b.dat", "in_progress", 2]]
+    run_omsi(omsi_python, WRITE_SCRIPT, str(theirs), json.dumps(spec))
+    seed = R.InProgressTable(R.seed_in_progress_path(tmp_path, "t", "g"))
+    seed.update(R.InProgressRow("c.dat", "c.dat", R.STATUS_MISMATCHED_HASH, 3, T0, T1, "h"))
+    seed.save()
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    assert [(r.filename, r.status) for r in table.rows()] == [
+        ("a.dat", "failed"), ("b.dat", "in_progress"), ("c.dat", "mismatched_hash")]
+    table.save()
+    seen = json.loads(run_omsi(omsi_python, READ_SCRIPT, "in_progress", str(theirs)))
+    assert [(o["filename"], o["status"]) for o in seen] == [
+        ("a.dat", "failed"), ("b.dat", "in_progress"), ("c.dat", "mismatched_hash")]
+
+
+def _items_named(gc, collection: dict, name: str) -> list[dict]:
+    from tests.integration.girder_checks import girder_listing
+    return [item for rel, item in girder_listing(gc, collection["_id"], "collection").items
+            if rel.split("/")[-1] == name]
+
+
+def test_switching_to_openmsistream_and_back_keeps_an_unfinished_file(
+        tmp_path: Path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs) -> None:
+    """Ours leaves a file in progress (a chunk is missing); OpenMSIStream 1.8.8, started
+    on the same output folder and group, finds its row, re-reads the file from the topic
+    once the chunk arrives and uploads it; ours, started again, takes over OpenMSIStream's
+    tables and uploads nothing twice."""
+    from girder_upload_stream.wire.codec import chunk_file, encode_chunk
+    from tests.integration.kafka_checks import produce_raw
+    from tests.integration.programs import (OMSI_BIN, Program, consumer_argv, consumer_env, wait_for, write_omsi_config)
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(2), make_group(), make_collection()
+    config = write_omsi_config(tmp_path / "lab.config", bootstrap)
+    out, logs = tmp_path / "out", tmp_path / "out" / "LOGS"
+    done = [encode_chunk(c) for c in chunk_file(b"done" * 5000, "", 65536, filename="x.dat")]
+    partial = [encode_chunk(c) for c in chunk_file(bytes(range(256)) * 800, "run", 65536,
+                                                   filename="y.dat")]
+    produce_raw(bootstrap, topic, [(k, v, None) for k, v in done + partial[:-1]])
+    env = consumer_env(stack_env, prefect_env)
+    argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
+                         config, 4)
+    first = Program(argv, tmp_path / "ours1.log", cwd=tmp_path, env=env,
+                    stdin=subprocess.DEVNULL)
+    programs.append(first)
+    assert first.wait(180) == 0, first.describe()
+    [row] = R.InProgressTable(R.in_progress_path(logs, topic, group)).rows()
+    assert (str(row.rel_filepath), row.status) == ("run/y.dat", R.STATUS_IN_PROGRESS)
+    assert not R.seed_in_progress_path(logs, topic, group).exists()
+
+    produce_raw(bootstrap, topic, [(partial[-1][0], partial[-1][1], None)])
+    theirs = Program([OMSI_BIN / "GirderUploadStreamProcessor", stack_env["GIRDER_API_URL"],
+                      stack_env["GIRDER_API_KEY"], "--config", config, "--topic_name", topic,
+                      "--collection_name", collection["name"], "--output_dir", out,
+                      "--consumer_group_id", group], tmp_path / "theirs.log", cwd=tmp_path)
+    programs.append(theirs)
+    wait_for(lambda: _items_named(girder_client, collection, "y.dat"), "y.dat in Girder",
+             theirs, timeout=120)
+    assert theirs.stop(timeout=60) == 0, theirs.describe()
+    assert "re-read messages for 1 previously-failed file" in theirs.output(), theirs.describe()
+    assert R.InProgressTable(R.in_progress_path(logs, topic, group)).rows() == []
+    assert "run/y.dat" in {str(r.rel_filepath) for r in R.read_processed(logs, topic, group).rows}
+
+    again = Program(argv, tmp_path / "ours2.log", cwd=tmp_path, env=env,
+                    stdin=subprocess.DEVNULL)
+    programs.append(again)
+    assert again.wait(180) == 0, again.describe()
+    assert len(_items_named(girder_client, collection, "x.dat")) == 1
+    assert len(_items_named(girder_client, collection, "y.dat")) == 1
+    assert R.InProgressTable.open(logs, topic, group).rows() == []

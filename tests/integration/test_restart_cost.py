@@ -28,11 +28,11 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (Program, assert_exactly_once, committed_with_metadata,
-                                       complete_in_girder, consumer_argv, consumer_env,
-                                       end_offsets, finish, folder_by_path, log_uniform_files,
-                                       messages_at, n_chunks, produce_ours,
-                                       root_folder_or_none, stop_line, write_tree)
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, folder_by_path, root_folder_or_none)
+from tests.integration.kafka_checks import committed_with_metadata, end_offsets, messages_at
+from tests.integration.local_files import log_uniform_files, n_chunks, write_tree
+from tests.integration.programs import (Program, consumer_argv, consumer_env, finish, produce_ours, stop_line)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def test_restart_after_a_kill_at_half_rereads_little_more_than_the_incomplete_fi
 
     out = tmp_path / "out"
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     # The bundled "local" config, so the restart is timed with the program's own
     # consumer settings (its 10 s session: the killed consumers' partitions come back
     # to the group when their session expires).
@@ -140,7 +140,7 @@ def test_restart_after_a_kill_at_half_rereads_little_more_than_the_incomplete_fi
 def _commit_holders(bootstrap: str, topic: str, committed: dict[int, tuple[int, str]],
                     at_kill: set[str], files: dict[str, bytes]) -> str:
     """Which file's chunk each partition's committed offset pointed at, for a diagnosis."""
-    from girder_upload_stream.codec import decode_chunk
+    from girder_upload_stream.wire.codec import decode_chunk
     found = messages_at(bootstrap, topic, {p: offset for p, (offset, _) in committed.items()})
     lines = []
     for partition, (offset, metadata) in sorted(committed.items()):

@@ -21,13 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from girder_upload_stream.artifact_content import artifact_keys
-from girder_upload_stream.codec import chunk_file, encode_chunk
-from tests.integration.helpers import (Program, assert_exactly_once, committed_offsets,
-                                       consumer_argv, consumer_env, drop_span_lists,
-                                       folder_by_path,
-                                       processed_rel_paths, produce_raw, stop_line,
-                                       write_fault_config)
+from girder_upload_stream.registry.artifact_content import artifact_keys
+from girder_upload_stream.wire.codec import chunk_file, encode_chunk
+from tests.integration.girder_checks import assert_exactly_once, folder_by_path
+from tests.integration.kafka_checks import committed_offsets, drop_span_lists, produce_raw
+from tests.integration.local_files import processed_rel_paths
+from tests.integration.programs import (Program, consumer_argv, consumer_env, stop_line, write_fault_config)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,7 @@ def test_restart_without_local_registry(knowledge, tmp_path: Path, stack_env, pr
     # (with the span list, the finished files' chunks were fetched before the seek
     # over them took effect: such small messages come in one fetch; they are skipped).
     assert second["messages"] == ends[0] + 1, (second["messages"], ends)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
                         files, topic, root_path=root_path)
     end = committed_offsets(kafka_admin, group, topic)

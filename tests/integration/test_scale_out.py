@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from tests.integration.helpers import (Program, assert_exactly_once, consumer_argv,
-                                       consumer_env, end_offsets, finish, folder_by_path,
-                                       produce_ours, stop_line, write_tree)
+from tests.integration.girder_checks import assert_exactly_once, folder_by_path
+from tests.integration.kafka_checks import end_offsets
+from tests.integration.local_files import write_tree
+from tests.integration.programs import (Program, consumer_argv, consumer_env, finish, produce_ours, stop_line)
+from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +55,7 @@ def test_a_second_process_joining_mid_stream_leaves_every_file_once(
     lines = [stop_line(p.output()) for p in (first, second)]
     handed = "left to the next owner" in first.output() + second.output()
     print(f"[scale-out] {lines}; files handed over at the rebalance: {handed}", flush=True)
-    root_path = f"/collection/{collection['name']}/{topic}"
+    root_path = default_root_path(collection["name"], topic)
     assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
                         files, topic, root_path=root_path)
     assert sum(line["uploaded"] + line["skipped"] for line in lines) >= len(files), lines

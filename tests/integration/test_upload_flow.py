@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import (CHUNK_SIZE, OMSI_BIN, Program, assert_uploaded,
-                                       committed_offsets, download_item, end_offsets, finish,
-                                       folder_by_path, girder_tree, n_chunks,
-                                       processed_rel_paths, produce_omsi_file, produce_ours,
-                                       sha256, topic_messages, wait_for, write_omsi_config,
-                                       write_tree)
+from girder_upload_stream.assembly.reassembly import STAGING_DIR
+from tests.integration.girder_checks import (assert_uploaded, download_item, folder_by_path, girder_tree)
+from tests.integration.kafka_checks import committed_offsets, end_offsets, topic_messages
+from tests.integration.local_files import (CHUNK_SIZE, n_chunks, processed_rel_paths, sha256, write_tree)
+from tests.integration.programs import (OMSI_BIN, Program, finish, produce_omsi_file, produce_ours, wait_for, write_omsi_config)
 
 pytestmark = pytest.mark.integration
 
@@ -165,16 +164,21 @@ def test_files_from_all_producers_land_in_girder(n_threads, mode, tmp_path, kafk
     assert result["files_uploaded"] == len(expected), result
     assert result["files_failed"] == 0 and result["messages_rejected"] == 0, result
     assert result["pending_messages"] == 0, result
-    root_id, root_path = collection_root(girder_client, collection, topic)
+    root_id, root_path = collection_root(girder_client, collection, collection["name"], topic)
     assert_uploaded(girder_client, root_id, expected, topic, METADATA, root_path=root_path)
-    # The topic folder made from the default path '{collection}/{topic}' has the metadata.
+    # The default path '{collection}/{topic}' makes two folders, as OpenMSIStream 1.8.8:
+    # the topic's has the metadata, the first one (named like the collection) has none.
     root_meta = girder_client.getFolder(root_id).get("meta") or {}
     assert root_meta.get("KafkaTopic") == topic and "checksum" not in root_meta, root_meta
+    first = folder_by_path(girder_client, f"/collection/{collection['name']}/{collection['name']}")
+    assert not first.get("meta"), first.get("meta")
 
+    # Disk mode rebuilds files only in its staging folder, and deletes them (once
+    # uploaded, or when the run ends); both mode keeps a local copy of each.
     rebuilt = {p.relative_to(out_dir).as_posix(): p for p in out_dir.rglob("*")
-               if p.is_file() and "LOGS" not in p.relative_to(out_dir).parts}
-    if mode == "memory":
-        assert not rebuilt, f"memory mode wrote files to disk: {sorted(rebuilt)}"
+               if p.is_file() and p.relative_to(out_dir).parts[0] not in ("LOGS", STAGING_DIR)}
+    if mode != "both":
+        assert not rebuilt, f"{mode} mode left files on disk: {sorted(rebuilt)}"
     else:
         assert sorted(rebuilt) == sorted(expected), f"{mode}: files on disk {sorted(rebuilt)}"
         for rel, data in expected.items():
@@ -203,7 +207,7 @@ def test_download_regex_uploads_only_matching_files(tmp_path, kafka_env, make_to
     assert result["files_uploaded"] == len(wanted), result
     assert result["messages_read"] >= sum(n_chunks(d) for d in files.values()), result
     assert result["messages_processed"] == sum(n_chunks(d) for d in wanted.values()), result
-    root_id, root_path = collection_root(girder_client, collection, topic)
+    root_id, root_path = collection_root(girder_client, collection, collection["name"], topic)
     tree = assert_uploaded(girder_client, root_id, wanted, topic, root_path=root_path)
     assert "skip" not in tree.folders and "日本" not in tree.folders, sorted(tree.folders)
 
@@ -224,16 +228,18 @@ def test_root_folder(how, tmp_path, kafka_env, make_topic, make_collection, gird
         root_path = f"/collection/{collection['name']}/given/root by id"
         made_by_flow: list[str] = []
     elif how == "collection_name":
-        # A collection that does not exist yet: the flow creates it, then '{name}/{topic}'.
+        # A collection that does not exist yet: the flow creates it (public), then the
+        # folders '{name}/{topic}' below it.
         name = f"gus-{topic}"
         request.addfinalizer(lambda: _delete_collection(girder_client, name))
         options = {"collection_name": name}
-        root_path = f"/collection/{name}/{topic}"
+        root_path = f"/collection/{name}/{name}/{topic}"
         made_by_flow = [root_path]
     else:
+        # Every part of the path is a folder below the collection, none a collection.
         collection = make_collection()
         options = {"collection_name": collection["name"],
-                   "girder_root_folder_path": f"{collection['name']}/niveau un/niveau deux"}
+                   "girder_root_folder_path": "niveau un/niveau deux"}
         root_path = f"/collection/{collection['name']}/niveau un/niveau deux"
         made_by_flow = [f"/collection/{collection['name']}/niveau un", root_path]
 
@@ -250,6 +256,12 @@ def test_root_folder(how, tmp_path, kafka_env, make_topic, make_collection, gird
     if how == "folder_id":
         assert not (girder_client.getFolder(root["_id"]).get("meta") or {}), \
             "the given root folder's metadata was changed"
+    if how == "collection_name":
+        created = girder_client.get(
+            "resource/lookup", parameters={"path": f"/collection/{name}"})
+        assert created["public"] is True, created
+        assert not (folder_by_path(girder_client, f"/collection/{name}/{name}").get("meta")), \
+            "the first folder, named like the collection, has no metadata (OpenMSIStream)"
 
 
 def _delete_collection(gc, name: str) -> None:
@@ -272,7 +284,7 @@ def test_reproduced_and_changed_files(tmp_path, kafka_env, make_topic, make_grou
     produce_small_tree(tmp_path, topic, kafka_env, files)
     first = run_flow(topic, collection_name=collection["name"], consumer_group_id=make_group())
     assert first["files_uploaded"] == len(files), first
-    root_id, root_path = collection_root(girder_client, collection, topic)
+    root_id, root_path = collection_root(girder_client, collection, collection["name"], topic)
     before = assert_uploaded(girder_client, root_id, files, topic, root_path=root_path)
 
     # The same files again, read by a NEW group (from the start: both copies): no new item.
@@ -396,5 +408,5 @@ def test_committed_offsets_reach_the_end(tmp_path, kafka_env, kafka_admin, make_
 
     committed = committed_offsets(kafka_admin, group, topic)
     assert committed == ends, f"committed {committed} != end offsets {ends}"
-    root_id, _ = collection_root(girder_client, collection, topic)
+    root_id, _ = collection_root(girder_client, collection, collection["name"], topic)
     assert sorted(girder_tree(girder_client, root_id).items) == sorted(files)

@@ -1,5 +1,5 @@
-"""Unit tests for the Prefect artifacts of a run (girder_upload_stream.artifact_content and
-girder_upload_stream.artifacts): keys, table rows, progress, the end-of-run markdown,
+"""Unit tests for the Prefect artifacts of a run (girder_upload_stream.registry.artifact_content and
+girder_upload_stream.prefect_glue.artifacts): keys, table rows, progress, the end-of-run markdown,
 the fallback parsing and the publisher's throttling, with a fake publish function and
 no Prefect server."""
 
@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from girder_upload_stream import artifacts as A
-from girder_upload_stream import registry as R
-from girder_upload_stream.artifact_content import (
+from girder_upload_stream.prefect_glue import artifacts as A
+from girder_upload_stream.registry import tables as R
+from girder_upload_stream.registry.artifact_content import (
     IN_PROGRESS_LIMIT, RECENT_UPLOADS_LIMIT, RunFacts, artifact_keys, fallback_keys,
     in_progress_table, key_slug, progress_description, progress_percent,
     recent_uploads_table, summary_markdown)
-from girder_upload_stream.pipeline import Counters
-from girder_upload_stream.recording import RegistryRecorder
+from girder_upload_stream.ledger.processor import Counters
+from girder_upload_stream.registry.recording import RegistryRecorder
 
 KEY_RE = re.compile(r"^[a-z0-9-]+$")
 T0 = datetime(2024, 6, 3, 14, 5, 9)

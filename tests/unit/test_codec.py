@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.codec: wire format, validation, chunking."""
+"""Unit tests for girder_upload_stream.wire.codec: wire format, validation, chunking."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream.codec import (
+from girder_upload_stream.wire.codec import (
     DEFAULT_CHUNK_SIZE,
+    MAX_NAME_BYTES,
+    MAX_POSSIBLE_FILE_BYTES,
     Chunk,
     chunk_file,
     decode_chunk,
@@ -304,6 +306,72 @@ def test_out_of_range_numbers_are_rejected(offset, i, n, match):
     chunk = make_chunk(chunk_offset=offset, chunk_i=i, n_total_chunks=n)
     with pytest.raises(ChunkDecodeError, match=match):
         decode_chunk(encode_chunk(chunk)[1])
+
+
+# Integers at the limits of what msgpack carries (uint64) and a file offset holds (int64).
+@pytest.mark.parametrize(("offset", "i", "n", "match"), [
+    (0, 1, 2**63 - 1, "needs a file of at least"),  # one byte + 2**63-2 more chunks
+    (0, 1, 2**63, "more chunks than any file"),
+    (0, 1, 2**64 - 1, "more chunks than any file"),
+    (2**63 - 1, 2, 2, "more than any file can hold"),
+    (2**63 - 7, 2, 2, "more than any file can hold"),  # ends one byte past 2**63-1
+    (2**64 - 1, 2, 2, "more than any file can hold"),
+    (0, 2**63, 2**63, "more chunks than any file"),
+    (2, 4, 5, "chunk_offset 2 is invalid for chunk 4"),  # 3 chunks before: >= 3 bytes
+    (-2**63, 2, 2, "chunk_offset"),
+])
+def test_integers_no_file_can_have_are_rejected(offset, i, n, match):
+    chunk = make_chunk(chunk_offset=offset, chunk_i=i, n_total_chunks=n)
+    with pytest.raises(ChunkDecodeError, match=match):
+        decode_chunk(encode_chunk(chunk)[1], chunk.key)
+
+
+@pytest.mark.parametrize(("offset", "i", "n"), [
+    (0, 1, 2**62), (2**63 - 8, 2, 2),  # "payload" (7 bytes) ends at exactly 2**63-1
+    (2**62, 3, 2**61), (1, 2, 3),
+])
+def test_integers_at_the_edge_of_a_file_still_decode(offset, i, n):
+    """The codec only refuses what no file can be; the size limit is the reassembler's."""
+    chunk = make_chunk(chunk_offset=offset, chunk_i=i, n_total_chunks=n)
+    decoded = decode_chunk(encode_chunk(chunk)[1], chunk.key)
+    assert (decoded.chunk_offset, decoded.chunk_i, decoded.n_total_chunks) == (offset, i, n)
+    assert offset + decoded.size + (n - i) <= MAX_POSSIBLE_FILE_BYTES
+
+
+CJK_74 = "\u6f22" * 74  # 222 bytes in UTF-8
+
+
+@pytest.mark.parametrize(("filename", "subdir", "append"), [
+    (CJK_74, "", ""), ("a" * 255, "", ""), ("f.txt", "b" * 255, ""),
+    ("\u00e9" * 127 + "x", "\u00e9" * 127 + "x/" + CJK_74, ""),
+    ("a" * 250 + ".txt", "", "_"),  # 255 bytes once the append is in
+])
+def test_names_up_to_255_bytes_per_component_are_accepted(filename, subdir, append):
+    assert path_problem(filename, subdir, append) is None
+    chunk = make_chunk(filename=filename, subdir=subdir, filename_append=append)
+    assert decode_chunk(encode_chunk(chunk)[1], chunk.key).rel_path == chunk.rel_path
+
+
+@pytest.mark.parametrize(("filename", "subdir", "append", "what"), [
+    ("a" * 256, "", "", "filename"), ("\u6f22" * 86, "", "", "filename"),  # 258 bytes
+    ("f.txt", "ok/" + "b" * 256, "", "subdir"),
+    ("a" * 251 + ".txt", "", "_", "file name"),  # 256 bytes once the append is in
+])
+def test_a_component_over_255_bytes_is_rejected_with_one_reason(filename, subdir, append,
+                                                                what, tmp_path):
+    problem = path_problem(filename, subdir, append)
+    assert problem is not None and problem.startswith(what)
+    assert f"no file system holds a name over {MAX_NAME_BYTES} bytes" in problem
+    chunk = make_chunk(filename=filename, subdir=subdir, filename_append=append)
+    with pytest.raises(ChunkDecodeError, match=f"unsafe path: {problem}"):
+        decode_chunk(encode_chunk(chunk)[1])
+    with pytest.raises(FileRejectedError, match=problem):  # the producer refuses it too
+        list(chunk_file(b"data", subdir, filename=filename, filename_append=append))
+
+
+def test_a_lone_surrogate_in_a_name_is_a_problem_not_an_exception():
+    assert "cannot encode" in path_problem("bad\udcff.txt", "")
+    assert "cannot encode" in path_problem("f.txt", "d\ud800")
 
 
 @pytest.mark.parametrize(("filename", "subdir", "append"), [

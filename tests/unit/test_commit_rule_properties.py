@@ -24,11 +24,11 @@ import hashlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream.codec import chunk_file, decode_chunk, encode_chunk
-from girder_upload_stream.offsets import parse_failed, parse_metadata, parse_spans
-from girder_upload_stream.pipeline import PartitionInfo, RawMessage, Recorder, StreamProcessor
-from girder_upload_stream.reassembly import Reassembler
-from girder_upload_stream.units import FileOutcome, Outcome
+from girder_upload_stream.wire.codec import chunk_file, decode_chunk, encode_chunk
+from girder_upload_stream.ledger.offsets import parse_failed, parse_metadata, parse_spans
+from girder_upload_stream.ledger.processor import PartitionInfo, RawMessage, Recorder, StreamProcessor
+from girder_upload_stream.assembly.reassembly import Reassembler
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 TOPIC = "t"
 N_PARTITIONS = 3

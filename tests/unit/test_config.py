@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.config (OpenMSIStream-style INI config files)."""
+"""Unit tests for girder_upload_stream.wire.config (OpenMSIStream-style INI config files)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from girder_upload_stream.config import KafkaFileConfig, load_config, parse_bool
+from girder_upload_stream.wire.config import KafkaFileConfig, load_config, parse_bool
 from girder_upload_stream.errors import ConfigError
 
 # The shape of OpenMSIStream 1.8.8's bundled test.config, plus heartbeat and log sections.
@@ -95,11 +95,22 @@ def test_environment_variables_are_expanded_when_a_section_is_used(tmp_path):
 
 def test_an_unset_variable_names_itself_the_section_and_the_file(tmp_path):
     path = write(tmp_path, OPENMSISTREAM_STYLE)
+    config = load_config(path, env={"KAFKA_SERVERS": "b:1", "KAFKA_PASSWORD": "p"})
+    with pytest.raises(ConfigError) as caught:
+        config.consumer_settings()
+    text = str(caught.value)
+    assert "'KAFKA_USER'" in text and "section='broker'" in text
+    assert "option='sasl.username'" in text and str(path) in text
+
+
+def test_an_unset_variable_of_a_secret_option_names_the_option_only(tmp_path):
+    # The value of a secret option may be the password itself ('$ecret'): not shown.
+    path = write(tmp_path, OPENMSISTREAM_STYLE)
     config = load_config(path, env={"KAFKA_SERVERS": "b:1", "KAFKA_USER": "u"})
     with pytest.raises(ConfigError) as caught:
         config.consumer_settings()
     text = str(caught.value)
-    assert "'KAFKA_PASSWORD'" in text and "section='broker'" in text
+    assert "KAFKA_PASSWORD" not in text and "section='broker'" in text
     assert "option='sasl.password'" in text and str(path) in text
 
 
@@ -180,6 +191,70 @@ def test_kafkacrypto_sections_are_reported(tmp_path):
     assert load_config(write(tmp_path, text), env={}).uses_kafkacrypto
     assert not load_config(write(tmp_path, text.split("[kafka")[0], "p.config"),
                            env={}).uses_kafkacrypto
+
+
+def _node(folder, node_id: str):
+    """A node folder as provisioning leaves it: ``<folder>/<node_id>/<node_id>.config``."""
+    store = folder / node_id / f"{node_id}.config"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text("[DEFAULT]\nnode_id : " + node_id + "\n")
+    return store.resolve()
+
+
+def test_kafkacrypto_node_is_found_as_openmsistream_finds_it(tmp_path, monkeypatch):
+    bundled, conf_dir, cwd = tmp_path / "bundled", tmp_path / "conf", tmp_path / "cwd"
+    for folder in (bundled, conf_dir, cwd):
+        folder.mkdir()
+    monkeypatch.chdir(cwd)
+    text = "[broker]\nbootstrap.servers = b:1\n[kafkacrypto]\nnode_id = $NODE\n"
+    config = load_config(write(conf_dir, text), env={"NODE": "lab"})
+    in_cwd = _node(cwd, "lab")
+    assert config.kafkacrypto_node_config([bundled]) == in_cwd, "the current directory last"
+    next_to_config = _node(conf_dir, "lab")
+    assert config.kafkacrypto_node_config([bundled]) == next_to_config
+    in_bundled = _node(bundled, "lab")
+    assert config.kafkacrypto_node_config([bundled]) == in_bundled, "bundled folders first"
+    assert load_config(write(conf_dir, "[broker]\nbootstrap.servers = b:1\n", "p.config"),
+                       env={}).kafkacrypto_node_config([bundled]) is None
+
+
+def test_kafkacrypto_config_file_wins_and_may_be_written_with_file_prefix(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = _node(tmp_path, "other")
+    for value in (str(store), f"file#{store}", "other/other.config"):
+        text = f"[broker]\nbootstrap.servers = b:1\n[kafkacrypto]\nnode_id = lab\nconfig_file = {value}\n"
+        assert load_config(write(tmp_path, text), env={}).kafkacrypto_node_config([]) == store
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ("config_file = /nowhere/x.config", "KafkaCrypto config file '/nowhere/x.config' not found"),
+    ("node_id = ghost", "no KafkaCrypto config file for node_id 'ghost'"),
+    ("", "needs node_id or config_file"),
+])
+def test_kafkacrypto_section_errors_are_clear(tmp_path, monkeypatch, section, fragment):
+    monkeypatch.chdir(tmp_path)
+    text = f"[broker]\nbootstrap.servers = b:1\n[kafkacrypto]\n{section}\n"
+    with pytest.raises(ConfigError, match=fragment) as caught:
+        load_config(write(tmp_path, text), env={}).kafkacrypto_node_config([])
+    assert "kafkacrypto" in str(caught.value)
+
+
+def test_kafkacrypto_settings_in_kafka_settings(tmp_path, monkeypatch):
+    from girder_upload_stream.loop.wiring import kafka_settings
+    monkeypatch.chdir(tmp_path)
+    store = _node(tmp_path, "lab")
+    text = ("[broker]\nbootstrap.servers = b:1\nsecurity.protocol = PLAINTEXT\n"
+            "[consumer]\nenable.auto.commit = False\n[kafkacrypto]\nnode_id = lab\n")
+    path = write(tmp_path, text)
+    kafka = kafka_settings(str(path), "t", "g", 2, max_wait_per_decrypt=2.5,
+                           treat_undecryptable_as_plaintext=True)
+    crypto = kafka.kafkacrypto
+    assert crypto.config_file == store and crypto.max_wait_per_decrypt == 2.5
+    assert crypto.treat_undecryptable_as_plaintext and crypto.max_initial_wait_per_decrypt == 60
+    assert crypto.broker == {"bootstrap.servers": "b:1", "security.protocol": "PLAINTEXT"}
+    assert "node_id" not in kafka.consumer
+    plain = write(tmp_path, "[broker]\nbootstrap.servers = b:1\n", "plain.config")
+    assert kafka_settings(str(plain), "t", "g", 2).kafkacrypto is None
 
 
 def test_parse_bool():

@@ -1,5 +1,5 @@
 """Unit tests for the runner's side jobs: the console, heartbeats and the registry
-recorder (girder_upload_stream.console, .heartbeat, .recording)."""
+recorder (girder_upload_stream.loop.console, .heartbeat, .recording)."""
 
 from __future__ import annotations
 
@@ -14,33 +14,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from girder_upload_stream import console as console_module
-from girder_upload_stream import heartbeat as heartbeat_module
-from girder_upload_stream import registry as R
-from girder_upload_stream.codec import chunk_file
+from girder_upload_stream.loop import console as console_module
+from girder_upload_stream.loop import heartbeat as heartbeat_module
+from girder_upload_stream.registry import tables as R
+from girder_upload_stream.wire.codec import chunk_file
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.heartbeat import Heartbeats, heartbeat_value
-from girder_upload_stream.pipeline import Counters, RawMessage
-from girder_upload_stream.pieces import Pieces
-from girder_upload_stream.reassembly import CompletedFile, Reassembler, RejectedFile
-from girder_upload_stream.recording import RegistryRecorder, RegistrySaver
-from girder_upload_stream.runner import STOP
-from girder_upload_stream.units import FileOutcome, Outcome
-
-
-@pytest.fixture(autouse=True)
-def clear_stop():
-    STOP.clear()
-    yield
-    STOP.clear()
-
-
-class Clock:
-    def __init__(self, now: float = 50.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from girder_upload_stream.loop.heartbeat import Heartbeats, heartbeat_value
+from girder_upload_stream.ledger.processor import Counters, RawMessage
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import CompletedFile, Reassembler, RejectedFile
+from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
+from girder_upload_stream.loop.runner import StopSignal
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from tests.unit.fakes import Clock
 
 
 def fake_runner(**counts) -> SimpleNamespace:
@@ -90,15 +76,18 @@ class BrokenInput(io.StringIO):
 
 @pytest.mark.parametrize("command", ["q", "quit", "  QUIT  ", "Q"])
 def test_console_quit_requests_stop(command) -> None:
-    console_module.Console(3600, stdin=io.StringIO(f"{command}\n"), stdout=io.StringIO())
-    assert wait_for(STOP.is_set)
+    stop = StopSignal()
+    console_module.Console(3600, stdin=io.StringIO(f"{command}\n"), stdout=io.StringIO(),
+                           stop=stop)
+    assert wait_for(stop.is_set) and stop.reason == "quit typed on the console"
 
 
 @pytest.mark.parametrize("command", ["c", "check", " Check "])
 def test_console_check_prints_counts_once(command) -> None:
     out = io.StringIO()
     stdin = TrackedInput(f"{command}\n")
-    console = console_module.Console(3600, stdin=stdin, stdout=out)
+    stop = StopSignal()
+    console = console_module.Console(3600, stdin=stdin, stdout=out, stop=stop)
     assert stdin.exhausted.wait(0.2)
     runner = fake_runner(messages_read=7, bytes_read=12345, files_uploaded=2,
                          files_skipped=1, files_failed=3, messages_rejected=4)
@@ -109,7 +98,7 @@ def test_console_check_prints_counts_once(command) -> None:
     assert "0 file(s) in progress" in text
     console.tick(runner)
     assert out.getvalue() == text  # printed once per request
-    assert not STOP.is_set()
+    assert not stop.is_set()
 
 
 def test_console_final_tick_always_prints_counts() -> None:
@@ -124,10 +113,11 @@ def test_console_final_tick_always_prints_counts() -> None:
 def test_console_ignores_eof_and_other_lines() -> None:
     stdin = TrackedInput("hello\n\nqq\ncheckk\n")
     out = io.StringIO()
-    console = console_module.Console(3600, stdin=stdin, stdout=out)
+    stop = StopSignal()
+    console = console_module.Console(3600, stdin=stdin, stdout=out, stop=stop)
     assert stdin.exhausted.wait(0.2)
     time.sleep(0.01)
-    assert not STOP.is_set()
+    assert not stop.is_set()
     console.tick(fake_runner())
     assert out.getvalue() == ""
 
@@ -136,30 +126,34 @@ def test_console_closed_stdin_no_thread_no_stop() -> None:
     stdin = io.StringIO("q\n")
     stdin.close()
     before = threading.active_count()
-    console_module.Console(3600, stdin=stdin, stdout=io.StringIO())
+    stop = StopSignal()
+    console_module.Console(3600, stdin=stdin, stdout=io.StringIO(), stop=stop)
     assert threading.active_count() == before
-    assert not STOP.is_set()
+    assert not stop.is_set()
 
 
 @pytest.mark.parametrize("error", [ValueError("I/O operation on closed file"),
                                    OSError("bad fd")])
 def test_console_unreadable_stdin_is_ignored(error) -> None:
     stdin = BrokenInput(error)
-    console_module.Console(3600, stdin=stdin, stdout=io.StringIO())
+    stop = StopSignal()
+    console_module.Console(3600, stdin=stdin, stdout=io.StringIO(), stop=stop)
     assert stdin.tried.wait(0.2)
     time.sleep(0.01)
-    assert not STOP.is_set()
+    assert not stop.is_set()
 
 
 def test_console_not_interactive_reads_nothing() -> None:
     stdin = TrackedInput("q\n")
-    console_module.Console(3600, interactive=False, stdin=stdin, stdout=io.StringIO())
+    stop = StopSignal()
+    console_module.Console(3600, interactive=False, stdin=stdin, stdout=io.StringIO(),
+                           stop=stop)
     assert not stdin.exhausted.wait(0.05)
-    assert not STOP.is_set()
+    assert not stop.is_set()
 
 
 def test_console_prints_a_dot_every_update_seconds(monkeypatch) -> None:
-    clock = Clock()
+    clock = Clock(50.0)
     monkeypatch.setattr(console_module, "time", SimpleNamespace(monotonic=clock))
     out = io.StringIO()
     console = console_module.Console(10, interactive=False, stdout=out)
@@ -211,7 +205,7 @@ class FakeProducer:
 
 
 def test_heartbeats_send_deltas_every_interval_and_at_the_end(monkeypatch) -> None:
-    clock = Clock()
+    clock = Clock(50.0)
     monkeypatch.setattr(heartbeat_module, "time", SimpleNamespace(monotonic=clock))
     producer = FakeProducer()
     beats = Heartbeats(producer, interval=30)
@@ -376,8 +370,8 @@ def test_recorder_never_raises_on_unusable_names(recorder, rel_path) -> None:
 
 def test_registry_saver_saves_every_interval_and_at_the_end(recorder, tmp_path,
                                                             monkeypatch) -> None:
-    import girder_upload_stream.recording as recording_module
-    clock = Clock()
+    import girder_upload_stream.registry.recording as recording_module
+    clock = Clock(50.0)
     monkeypatch.setattr(recording_module, "time", SimpleNamespace(monotonic=clock))
     saver = RegistrySaver(recorder, interval=2.0)
     [c] = chunks(b"abcdefgh", "s.bin", size=4)[:1]

@@ -5,9 +5,6 @@
 * ``<!-- options-table: COMMAND -->``: every option of COMMAND, with its default. The
   set of ``--options`` must equal the one ``COMMAND --help`` prints, and each default
   cell must state the parser's default;
-* ``<!-- unsupported-options-table -->``: the OpenMSIStream options that are accepted
-  only to be refused; they must be exactly ``cli_run.UNSUPPORTED`` and absent from
-  ``--help``;
 * ``<!-- flow-parameters-table -->``: the flow's parameters and their defaults.
 
 Nothing here needs the stack.
@@ -24,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from girder_upload_stream import cli, cli_run
+from girder_upload_stream.cli import main as cli
+from girder_upload_stream.cli import run as cli_run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGURATION = REPO_ROOT / "docs" / "configuration.md"
@@ -34,12 +32,12 @@ OPTION = re.compile(r"--[a-z][a-z0-9_]*")
 # How to print each command's help without relying on console scripts being on PATH.
 HELP_CODE = {
     "GirderUploadStreamProcessor":
-        "from girder_upload_stream.cli_run import processor_main; processor_main(['--help'])",
+        "from girder_upload_stream.cli.run import processor_main; processor_main(['--help'])",
     "girder-upload-stream run":
-        "from girder_upload_stream.cli import main; main(['run', '--help'])",
+        "from girder_upload_stream.cli.main import main; main(['run', '--help'])",
     "girder-upload-stream produce":
-        "from girder_upload_stream.cli import main; main(['produce', '--help'])",
-    "girder-upload-stream": "from girder_upload_stream.cli import main; main(['--help'])",
+        "from girder_upload_stream.cli.main import main; main(['produce', '--help'])",
+    "girder-upload-stream": "from girder_upload_stream.cli.main import main; main(['--help'])",
 }
 
 
@@ -138,14 +136,6 @@ def test_positional_arguments_are_documented() -> None:
             assert f"`{action.dest}`" in firsts, action.dest
 
 
-def test_unsupported_options_table_matches_the_code() -> None:
-    rows = _table_after("unsupported-options-table")
-    documented = {OPTION.search(row[0]).group(): row[1] for row in rows}
-    assert documented == {f"--{name}": feature for name, feature
-                          in cli_run.UNSUPPORTED.items()}
-    assert not set(documented) & _help_options("GirderUploadStreamProcessor")
-
-
 def test_flow_parameters_table_matches_the_flow() -> None:
     from girder_upload_stream.flows.upload_stream import upload_stream
     parameters = inspect.signature(upload_stream.fn).parameters
@@ -198,3 +188,23 @@ def test_doc_test_markers_precede_bash_blocks() -> None:
             if line.strip() == "<!-- doc-test -->":
                 following = lines[index + 1].strip() if index + 1 < len(lines) else ""
                 assert following == "```bash", f"{path.name}:{index + 1}"
+
+
+def test_options_are_defined_once_for_the_flow_and_both_commands() -> None:
+    """The flow's defaults are the options' defaults, and both commands parse to them."""
+    import inspect
+
+    from girder_upload_stream.flows.upload_stream import upload_stream
+    from girder_upload_stream.options import OPTIONS, flow_arguments
+    signature = inspect.signature(upload_stream.fn).parameters
+    own = {"config", "girder_api_url", "girder_api_key", "girder_api_key_block", "interactive"}
+    flow_options = {o.name: o for o in OPTIONS if o.flow}
+    assert set(signature) - own == set(flow_options), "a flow parameter is not an option"
+    for name, option in flow_options.items():
+        assert signature[name].default == option.default, name
+    for command in (cli.build_parser().parse_args(["run", "http://g/api/v1"]),
+                    _processor_parser().parse_args(["http://g/api/v1"])):
+        parsed = flow_arguments(command)
+        for name, option in flow_options.items():
+            expected = option.to_flow(option.default) if option.to_flow else option.default
+            assert parsed[name] == expected, name

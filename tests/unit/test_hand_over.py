@@ -3,8 +3,9 @@ them are left to the next owner (no race to Girder), the others are kept."""
 
 from __future__ import annotations
 
-from girder_upload_stream.units import Outcome
-from tests.unit.test_pipeline import TOPIC, Log, encoded, make, upload_all
+from girder_upload_stream.ledger.units import Outcome
+from tests.unit.fakes import TOPIC, Log, encoded, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
 
@@ -38,7 +39,7 @@ def test_nothing_is_handed_over_when_other_partitions_are_revoked():
 
 
 def test_units_in_flight_at_a_revoke_check_for_twins_also_in_a_copy_of_the_unit():
-    from girder_upload_stream.units import UploadChannel, UploadUnit, is_shared, mark_moved
+    from girder_upload_stream.ledger.units import UploadChannel, UploadUnit, is_shared, mark_moved
     channel = UploadChannel()
     unit = UploadUnit(7, channel=channel)
     copy = UploadUnit(7, channel=channel)  # what a task runner may hold instead

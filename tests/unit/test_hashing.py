@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.hashing (the file-hash helper thread)."""
+"""Unit tests for girder_upload_stream.assembly.hashing (the file-hash helper thread)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from girder_upload_stream.hashing import INLINE_BYTES, HashPipe
+from girder_upload_stream.assembly.hashing import INLINE_BYTES, HashPipe
 
 
 def blocks(seed: int, n: int) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.offsets (the at-least-once commit rule)."""
+"""Unit tests for girder_upload_stream.ledger.offsets (the at-least-once commit rule)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream.offsets import OffsetTracker
+from girder_upload_stream.ledger.offsets import OffsetTracker
 
 P0, P1, P2 = ("t", 0), ("t", 1), ("t", 2)
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from girder_upload_stream.pieces import Pieces
+from girder_upload_stream.assembly.pieces import Pieces
 
 
 def _parts(seed: int) -> list[bytes]:

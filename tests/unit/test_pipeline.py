@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.pipeline (StreamProcessor: messages in, upload
+"""Unit tests for girder_upload_stream.ledger.processor (StreamProcessor: messages in, upload
 units and committable offsets out)."""
 
 from __future__ import annotations
@@ -6,123 +6,18 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from pathlib import Path
 
 import msgpack
 import pytest
 
-from girder_upload_stream.codec import Chunk, chunk_file, decode_chunk, encode_chunk
-from girder_upload_stream.errors import ChunkDecodeError, StorageError
-from girder_upload_stream.pipeline import (Counters, RawMessage, Recorder, StreamProcessor,
-                                           file_generation)
-from girder_upload_stream.reassembly import CompletedFile, Mode, Reassembler, RejectedFile
-from girder_upload_stream.units import FileOutcome, Outcome, UploadUnit
-
-TOPIC = "t"
-PARTITIONS = [(TOPIC, p) for p in range(4)]
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class SpyRecorder(Recorder):
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None:
-        self.calls.append(("chunk_added", chunk.rel_path, chunk.chunk_i))
-
-    def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
-        self.calls.append(("message_rejected", msg.partition, msg.offset, error.reason))
-
-    def file_rejected(self, rejected: RejectedFile) -> None:
-        self.calls.append(("file_rejected", rejected.rel_path, rejected.reason))
-
-    def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:
-        self.calls.append(("file_outcome", completed.rel_path, outcome.outcome))
-
-    def of(self, kind: str) -> list[tuple]:
-        return [c for c in self.calls if c[0] == kind]
-
-
-class Log:
-    """A fake topic: appends (key, value) pairs to partitions, handing out offsets."""
-
-    def __init__(self) -> None:
-        self.next = {tp: 0 for tp in PARTITIONS}
-
-    def put(self, partition: int, key: bytes | str | None, value: bytes | None) -> RawMessage:
-        tp = (TOPIC, partition)
-        offset = self.next[tp]
-        self.next[tp] += 1
-        if isinstance(key, str):
-            key = key.encode()
-        return RawMessage(TOPIC, partition, offset, key, value)
-
-    def end(self) -> dict:
-        return {tp: n for tp, n in self.next.items() if n}
-
-
-def encoded(data: bytes, name: str, subdir: str = "", size: int = 8) -> list[tuple[str, bytes]]:
-    return [encode_chunk(c) for c in chunk_file(data, subdir, size, filename=name)]
-
-
-def scatter(log: Log, files: dict[str, bytes], rng: random.Random, size: int = 8,
-            duplicates: int = 0) -> list[RawMessage]:
-    """Every chunk of every file (plus some duplicates) on random partitions, shuffled;
-    returned in a delivery order that interleaves partitions but keeps each in order."""
-    pairs = [pair for rel, data in files.items()
-             for pair in encoded(data, rel.rpartition("/")[2], rel.rpartition("/")[0], size)]
-    pairs += rng.sample(pairs, duplicates)
-    rng.shuffle(pairs)
-    return [log.put(rng.randrange(4), key, value) for key, value in pairs]
-
-
-def make(mode: Mode = Mode.MEMORY, out: Path | None = None, **kwargs) -> StreamProcessor:
-    kwargs.setdefault("recorder", SpyRecorder())
-    kwargs.setdefault("clock", Clock())
-    return StreamProcessor(Reassembler(mode, out), **kwargs)
-
-
-def outcomes(unit: UploadUnit, outcome: Outcome = Outcome.UPLOADED) -> list[FileOutcome]:
-    return [FileOutcome(f.rel_path, (f.rel_path, f.file_hash), outcome) for f in unit.files]
-
-
-def upload_all(proc: StreamProcessor, outcome: Outcome = Outcome.UPLOADED) -> list[UploadUnit]:
-    units = proc.take_units()
-    for unit in units:
-        proc.finish_unit(unit, outcomes(unit, outcome))
-    return units
-
-
-def content(f: CompletedFile) -> bytes:
-    return f.data if f.data is not None else f.path.read_bytes()
-
-
-def random_files(rng: random.Random, n: int) -> dict[str, bytes]:
-    return {f"{'sub/' if i % 3 else ''}file{i}.bin": rng.randbytes(rng.randint(1, 60))
-            for i in range(n)}
-
-
-def lowest_offsets(messages: list[RawMessage]) -> dict:
-    lowest: dict = {}
-    for m in messages:
-        tp = (m.topic, m.partition)
-        lowest[tp] = min(lowest.get(tp, m.offset), m.offset)
-    return lowest
-
-
-def one_chunk(log: Log, partition: int, data: bytes, name: str) -> RawMessage:
-    [(key, value)] = encoded(data, name, size=len(data))
-    return log.put(partition, key, value)
-
+from girder_upload_stream.wire.codec import Chunk, decode_chunk, encode_chunk
+from girder_upload_stream.errors import StorageError
+from girder_upload_stream.ledger.processor import (Counters, file_generation)
+from girder_upload_stream.assembly.reassembly import Mode
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from tests.unit.fakes import (TOPIC, Clock, Log, content, encoded, lowest_offsets, one_chunk,
+                              outcomes, random_files, scatter, upload_all)
+from tests.unit.fakes import make_processor as make
 
 # ---------------------------------------------------------------- the happy path
 
@@ -149,8 +44,9 @@ def test_shuffled_chunks_with_duplicates_become_files_and_commit_after_upload(
     for unit in units:
         for f in unit.files:
             assert f.sha256 == hashlib.sha256(files[f.rel_path]).hexdigest()
-            if mode is Mode.DISK:
-                assert f.data is None and f.path == (tmp_path / "out" / f.rel_path).resolve()
+            if mode is Mode.DISK:  # uploaded from the verified staging file
+                assert f.data is None and f.path.parent == proc.reassembler.staging_dir
+                assert f.path.read_bytes() == files[f.rel_path]
     assert proc.take_units() == []  # each file once
     assert proc.offsets.committable() == held
 
@@ -564,7 +460,8 @@ def test_bytes_held_stays_zero_in_disk_mode(tmp_path) -> None:
     proc.handle(log.put(0, *c2))
     [unit] = proc.take_units()
     assert proc.bytes_held == 0 and not proc.idle
-    assert (tmp_path / "d.bin").read_bytes() == b"y" * 12
+    [done] = unit.files
+    assert done.path.read_bytes() == b"y" * 12
     proc.finish_unit(unit, outcomes(unit))
     assert proc.idle
 

@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.reassembly (all three modes, hostile inputs)."""
+"""Unit tests for girder_upload_stream.assembly.reassembly (all three modes, hostile inputs)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream import _safe_disk as safe_disk_module
-from girder_upload_stream.codec import Chunk, chunk_file, decode_chunk, encode_chunk
+from girder_upload_stream.assembly import safe_disk as safe_disk_module
+from girder_upload_stream.wire.codec import Chunk, chunk_file, decode_chunk, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError, FileRejectedError, StorageError
-from girder_upload_stream.reassembly import AddStatus, Mode, Reassembler
+from girder_upload_stream.assembly.reassembly import STAGING_DIR, AddStatus, Mode, Reassembler
 
 MODES = [Mode.MEMORY, Mode.DISK, Mode.BOTH]
 
@@ -37,6 +37,16 @@ def forged(data: bytes, offset: int, i: int, n: int, file_data: bytes = b"",
 
 def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def user_files(root: Path) -> set[str]:
+    """What a rebuilt tree shows below ``root``: everything but the staging folder."""
+    return {p for p in files_under(root) if p.split("/")[0] != STAGING_DIR}
+
+
+def staged(reassembler: Reassembler) -> set[str]:
+    """The files in the reassembler's staging folder (disk and both modes)."""
+    return {p.name for p in reassembler.staging_dir.iterdir()}
 
 
 @pytest.fixture
@@ -74,16 +84,25 @@ def test_in_order_file_completes_in_every_mode(sandbox, mode):
     assert (done.data == data) if mode is not Mode.DISK else done.data is None
     if mode is Mode.MEMORY:
         assert done.path is None and not out.exists()
-    else:
+    elif mode is Mode.DISK:  # uploaded from the verified staging file, nothing else written
+        assert done.path.parent == reassembler.staging_dir
+        assert done.path.read_bytes() == data
+        assert user_files(out) == set()
+        reassembler.release(done)
+        assert staged(reassembler) == set()
+    else:  # both: the staging file became the local copy
         assert done.path == out.resolve() / "a" / "b" / "x.bin"
         assert done.path.read_bytes() == data
-        assert files_under(out) == {"a", "a/b", "a/b/x.bin"}
+        assert user_files(out) == {"a", "a/b", "a/b/x.bin"}
+        assert staged(reassembler) == set()
+        reassembler.release(done)  # keeps the local copy
+        assert done.path.read_bytes() == data
     assert reassembler.bytes_held == 0 and reassembler.in_progress() == []
 
 
 def test_filename_append_names_the_rebuilt_file(sandbox):
     out, _ = sandbox
-    reassembler = Reassembler("disk", out)
+    reassembler = Reassembler("both", out)
     results = feed(reassembler, chunks_of(b"abcdef", "scan.tar.gz", "d", 4, "_v2"))
     assert results[-1].completed.rel_path == "d/scan.tar_v2.gz"
     assert (out / "d" / "scan.tar_v2.gz").read_bytes() == b"abcdef"
@@ -119,11 +138,16 @@ def test_two_generations_of_one_path_assemble_side_by_side(sandbox, mode):
     results = feed(reassembler, [old_chunks[0], new_chunks[1], old_chunks[1], new_chunks[0]])
     assert results[-1].status is AddStatus.COMPLETED
     assert len(reassembler.in_progress()) == 1
+    first = results[-1].completed
     results = feed(reassembler, old_chunks[2:])
-    assert results[-1].completed.sha256 == hashlib.sha256(old).hexdigest()
-    if mode is not Mode.MEMORY:
+    second = results[-1].completed
+    assert second.sha256 == hashlib.sha256(old).hexdigest()
+    if mode is Mode.BOTH:
         assert (out / "f.bin").read_bytes() == old  # the last completed wins on disk
-        assert files_under(out) == {"f.bin"}
+        assert user_files(out) == {"f.bin"}
+    if mode is Mode.DISK:  # each generation keeps its own verified bytes until released
+        assert (first.path.read_bytes(), second.path.read_bytes()) == (new, old)
+        assert user_files(out) == set() and len(staged(reassembler)) == 2
 
 
 def test_same_content_rechunked_after_completion_is_a_duplicate():
@@ -143,18 +167,8 @@ def test_discard_forgets_a_file_and_its_partial(sandbox):
     assert reassembler.discard(chunks[0].file_key) is True
     assert reassembler.discard(chunks[0].file_key) is False
     assert reassembler.bytes_held == 0 and reassembler.in_progress() == []
-    assert files_under(out) == {"sub"}
+    assert user_files(out) == set() and staged(reassembler) == set()
     assert feed(reassembler, chunks)[-1].status is AddStatus.COMPLETED
-
-
-def test_discard_all_drops_every_file_in_progress(sandbox):
-    out, _ = sandbox
-    reassembler = Reassembler("both", out)
-    for name in ("a", "b"):
-        reassembler.add(chunks_of(b"0123456789", name, "s", 3)[1])
-    assert reassembler.discard_all() == 2
-    assert reassembler.in_progress() == [] and reassembler.bytes_held == 0
-    assert files_under(out) == {"s"}
 
 
 def test_disk_mode_holds_no_chunk_data_in_memory(sandbox):
@@ -211,11 +225,15 @@ def test_any_order_interleaving_and_duplication_rebuilds_every_file(specs, same_
             assert (done.size, done.sha256) == (len(data), hashlib.sha256(data).hexdigest())
             if mode is not Mode.DISK:
                 assert done.data == data
-            if mode is not Mode.MEMORY and not same_path:
+            if mode is Mode.DISK or (mode is Mode.BOTH and not same_path):
                 assert done.path.read_bytes() == data
         assert reassembler.bytes_held == 0 and reassembler.in_progress() == []
+        if mode is Mode.DISK:  # the completed files, until released
+            assert len(staged(reassembler)) == len(completed)
+            for done in completed:
+                reassembler.release(done)
         if mode is not Mode.MEMORY:
-            assert not [p for p in files_under(out) if p.endswith(".partial")]
+            assert staged(reassembler) == set()
 
 
 # ---------------------------------------------------------------- hostile files
@@ -241,7 +259,7 @@ def test_mismatched_file_hash_is_rejected_and_cleaned_up(sandbox, mode):
     assert reassembler.bytes_held == 0 and reassembler.in_progress() == []
     assert reassembler.add(chunks[0]).status is AddStatus.IGNORED
     if mode is not Mode.MEMORY:
-        assert files_under(out) == set()
+        assert user_files(out) == set() and staged(reassembler) == set()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -267,7 +285,7 @@ def test_n_total_chunks_changing_within_a_generation_is_rejected(sandbox, mode):
     ((b"abcd", 0, 1), (b"efgh", 4, 1), "received twice"),
     ((b"ijkl", 8, 3), (b"efgh", 9, 2), "past the end"),
     ((b"efgh", 9, 2), (b"ijkl", 8, 3), "past the end"),
-    ((b"abcd", 0, 1), (b"xy", 1, 3), "chunk 1 extends past the end"),
+    ((b"abcd", 0, 1), (b"x", 2, 3), "chunk 1 extends past the end"),
     ((b"ef", 4, 2), (b"xy", 5, 3), "overlaps chunk 2"),
 ])
 def test_overlapping_holes_and_exceeding_offsets_are_rejected(sandbox, first, second,
@@ -277,7 +295,7 @@ def test_overlapping_holes_and_exceeding_offsets_are_rejected(sandbox, first, se
     file_data = b"abcdefghijkl"
     assert reassembler.add(forged(*first, 3, file_data)).status is AddStatus.ACCEPTED
     rejected(reassembler.add(forged(*second, 3, file_data)), fragment)
-    assert files_under(out) == set()
+    assert user_files(out) == set() and staged(reassembler) == set()
     assert reassembler.bytes_held == 0
 
 
@@ -299,7 +317,7 @@ def test_files_over_the_size_limit_are_rejected(sandbox, mode):
     rejected(reassembler.add(forged(b"z", 0, 1, 11)), "11 chunks exceed")
     assert reassembler.bytes_held == 0
     if mode is not Mode.MEMORY:
-        assert files_under(out) == set()
+        assert user_files(out) == set() and staged(reassembler) == set()
 
 
 @pytest.mark.parametrize(("name", "subdir"), [
@@ -311,27 +329,31 @@ def test_unsafe_paths_are_rejected_even_when_the_codec_is_bypassed(sandbox, name
     reassembler = Reassembler("disk", out)
     rejected(reassembler.add(forged(b"data", 0, 1, 1, name=name, subdir=subdir)),
              "unsafe path")
-    assert files_under(out) == set()
+    assert user_files(out) == set() and staged(reassembler) == set()
 
 
-def test_symlinks_below_output_dir_are_never_followed(sandbox):
+@pytest.mark.parametrize("mode", [Mode.DISK, Mode.BOTH])
+def test_symlinks_below_output_dir_are_never_followed(sandbox, mode):
     out, outside = sandbox
     out.mkdir()
     (out / "link").symlink_to(outside, target_is_directory=True)
     (out / "real").mkdir()
     (out / "real" / "nested").symlink_to(outside, target_is_directory=True)
-    reassembler = Reassembler("disk", out)
+    reassembler = Reassembler(mode, out)
     for subdir in ("link", "real/nested", "link/deeper"):
-        rejected(reassembler.add(forged(b"data", 0, 1, 1, name="x", subdir=subdir)),
-                 "cannot write below output_dir")
-    assert files_under(out) == {"link", "real", "real/nested"}
+        result = reassembler.add(forged(b"data", 0, 1, 1, name="x", subdir=subdir))
+        if mode is Mode.BOTH:  # the local copy cannot be published there
+            rejected(result, "cannot write below output_dir")
+        else:  # disk mode writes only in its staging folder: the links do not matter
+            assert result.completed.path.read_bytes() == b"data"
+    assert user_files(out) == {"link", "real", "real/nested"}
 
 
 def test_a_final_path_that_is_a_symlink_is_replaced_not_followed(sandbox):
     out, outside = sandbox
     out.mkdir()
     (out / "f.bin").symlink_to(outside / "sentinel")
-    reassembler = Reassembler("disk", out)
+    reassembler = Reassembler("both", out)
     done = feed(reassembler, chunks_of(b"fresh data"))[-1].completed
     assert not done.path.is_symlink() and done.path.read_bytes() == b"fresh data"
 
@@ -339,16 +361,16 @@ def test_a_final_path_that_is_a_symlink_is_replaced_not_followed(sandbox):
 def test_a_final_path_that_is_a_directory_rejects_the_file(sandbox):
     out, _ = sandbox
     (out / "f.bin" / "inner").mkdir(parents=True)
-    reassembler = Reassembler("disk", out)
+    reassembler = Reassembler("both", out)
     rejected(feed(reassembler, chunks_of(b"abc"))[-1], "cannot write below output_dir")
-    assert files_under(out) == {"f.bin", "f.bin/inner"}
+    assert user_files(out) == {"f.bin", "f.bin/inner"} and staged(reassembler) == set()
 
 
 def test_a_regular_file_where_a_folder_should_be_rejects_the_file(sandbox):
     out, _ = sandbox
     out.mkdir()
     (out / "d").write_bytes(b"i am a file")
-    reassembler = Reassembler("disk", out)
+    reassembler = Reassembler("both", out)
     rejected(reassembler.add(forged(b"data", 0, 1, 1, subdir="d")), "cannot write")
 
 
@@ -364,7 +386,7 @@ def test_every_hostile_message_is_refused_before_reaching_the_disk(sandbox):
     for message in hostile:
         with pytest.raises(ChunkDecodeError):
             reassembler.add(decode_chunk(message, key))
-    assert not out.exists() or files_under(out) == set()
+    assert user_files(out) == set() and staged(reassembler) == set()
 
 
 # ---------------------------------------------------------------- storage failures
@@ -387,17 +409,20 @@ def test_disk_full_is_transient_and_the_chunk_can_be_added_again(sandbox, monkey
     assert feed(reassembler, chunks)[-1].completed.path.read_bytes() == b"abcdefgh"
 
 
-def test_a_failed_completion_is_retried_by_a_redelivered_chunk(sandbox, monkeypatch):
+@pytest.mark.parametrize(("mode", "call"), [(Mode.BOTH, "replace"), (Mode.DISK, "preadv")])
+def test_a_failed_completion_is_retried_by_a_redelivered_chunk(sandbox, monkeypatch, mode,
+                                                               call):
+    """Both mode fails to publish the local copy, disk mode to read the file back."""
     out, _ = sandbox
-    reassembler = Reassembler("disk", out)
+    reassembler = Reassembler(mode, out)
     chunks = chunks_of(b"abcdefgh", size=4)
     reassembler.add(chunks[1])  # out of order: completion must read the file back
-    real_replace = os.replace
-    monkeypatch.setattr(safe_disk_module.os, "replace",
+    real = getattr(os, call)
+    monkeypatch.setattr(safe_disk_module.os, call,
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
     with pytest.raises(StorageError):
         reassembler.add(chunks[0])
-    monkeypatch.setattr(safe_disk_module.os, "replace", real_replace)
+    monkeypatch.setattr(safe_disk_module.os, call, real)
     done = reassembler.add(chunks[0]).completed
     assert done.path.read_bytes() == b"abcdefgh"
     assert done.sha256 == hashlib.sha256(b"abcdefgh").hexdigest()
@@ -421,7 +446,8 @@ def test_large_chunks_arriving_as_from_several_partitions_rebuild_the_file(sandb
     data = random.Random(7).randbytes(40 * 200_000 + 123)
     chunks = chunks_of(data, size=200_000)
     order = chunks[1::3] + chunks[0::3] + chunks[2::3]
-    done = [r.completed for r in feed(Reassembler(mode, out), order) if r.completed]
+    reassembler = Reassembler(mode, out)  # kept: closing it deletes its staging files
+    done = [r.completed for r in feed(reassembler, order) if r.completed]
     assert len(done) == 1
     assert done[0].sha256 == hashlib.sha256(data).hexdigest()
     if mode is not Mode.MEMORY:
@@ -433,16 +459,16 @@ def test_a_read_back_failing_on_the_hash_thread_is_redone_at_completion(sandbox,
     data = b"0123456789abcdef"
     chunks = chunks_of(data, size=4)
     reassembler = Reassembler("disk", out)
-    real = safe_disk_module.SafeDir.hash_range
+    real = safe_disk_module.StagingArea.hash_range
     calls = []
 
     def flaky(self, *args):
-        calls.append(args[2:4])
+        calls.append(args[1:3])
         if len(calls) == 1:
             raise OSError(errno.EIO, "I/O error")
         return real(self, *args)
 
-    monkeypatch.setattr(safe_disk_module.SafeDir, "hash_range", flaky)
+    monkeypatch.setattr(safe_disk_module.StagingArea, "hash_range", flaky)
     feed(reassembler, [chunks[1], chunks[2]])
     done = feed(reassembler, [chunks[0], chunks[3]])[-1].completed
     assert calls == [(4, 12), (0, 16)]  # the early chunks, then the whole file again

@@ -1,4 +1,4 @@
-"""Unit tests for girder_upload_stream.registry (OpenMSIStream-format registry files)."""
+"""Unit tests for girder_upload_stream.registry.tables (OpenMSIStream-format registry files)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream import _registry_csv
-from girder_upload_stream import registry as R
-from girder_upload_stream._registry_csv import format_datetime, parse_datetime
+from girder_upload_stream.registry import csv_files as _registry_csv
+from girder_upload_stream.registry import tables as R
+from girder_upload_stream.registry.csv_files import format_datetime, parse_datetime
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "openmsistream_registry_samples"
 T0 = datetime(2024, 3, 5, 7, 8, 9)
@@ -179,19 +179,98 @@ def test_in_progress_table_operations(tmp_path: Path) -> None:
     assert table.save(force=True)
 
 
-def test_legacy_openmsistream_in_progress_is_taken_over(tmp_path: Path) -> None:
+def test_openmsistream_1_8_8_in_progress_table_is_ours(tmp_path: Path) -> None:
+    """We read and write the name OpenMSIStream 1.8.8 reads back (issue 16)."""
     shutil.copytree(SAMPLES / "LOGS", tmp_path, dirs_exist_ok=True)
-    legacy = R.legacy_in_progress_path(tmp_path, "topic", "group")
-    before = legacy.read_bytes()
-    table = R.InProgressTable.open(tmp_path, "topic", "group")
-    assert [r.status for r in table.rows()] == STATUSES
-    assert table.rows()[0].rel_filepath == PurePosixPath("données/ünïcødé 日本.bin")
-    assert table.dirty and table.save()
     ours = R.in_progress_path(tmp_path, "topic", "group")
-    assert ours.name == "consuming_from_topic_by_group_in_progress.csv"
-    assert legacy.read_bytes() == before
-    ours.write_text(IN_PROGRESS_HEADER)  # ours wins once it exists
-    assert len(R.InProgressTable.open(tmp_path, "topic", "group")) == 0
+    assert ours.name == "consuming_from_topic_in_progress_by_group.csv"
+    table = R.InProgressTable.open(tmp_path, "topic", "group")
+    assert table.path == ours and [r.status for r in table.rows()] == STATUSES
+    assert table.rows()[0].rel_filepath == PurePosixPath("données/ünïcødé 日本.bin")
+    assert not table.dirty  # nothing merged: nothing to rewrite
+    table.remove(table.rows()[1].key)
+    assert table.save()
+    assert [r.status for r in R.InProgressTable.open(tmp_path, "topic", "group").rows()] \
+        == [STATUSES[0], STATUSES[2]]
+
+
+def test_seed_name_of_earlier_versions_is_merged_then_retired(tmp_path: Path) -> None:
+    seed = R.seed_in_progress_path(tmp_path, "t", "g")
+    assert seed.name == "consuming_from_t_by_g_in_progress.csv"
+    earlier = R.InProgressTable(seed)  # as an earlier version of ours wrote it
+    earlier.update(ip_row("old.dat", "h1", R.STATUS_FAILED, extra={"reason": "400"}))
+    earlier.save()
+    assert R.sidecar_path(seed).is_file()
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    assert [(r.filename, r.generation, r.extra) for r in table.rows()] == [
+        ("old.dat", "h1", {"reason": "400"})]
+    assert table.dirty and seed.is_file()  # kept until the rows are saved under our name
+    table.save()
+    assert names_in(tmp_path) == {R.in_progress_path(tmp_path, "t", "g").name,
+                                  R.in_progress_path(tmp_path, "t", "g").name + ".extra"}
+    again = R.InProgressTable.open(tmp_path, "t", "g")
+    assert [(r.filename, r.generation, r.extra) for r in again.rows()] == [
+        ("old.dat", "h1", {"reason": "400"})]
+
+
+def test_both_names_are_read_and_merged(tmp_path: Path) -> None:
+    later = T1 + timedelta(hours=1)
+    seed = R.InProgressTable(R.seed_in_progress_path(tmp_path, "t", "g"))
+    seed.update(ip_row("only_seed.dat", status=R.STATUS_FAILED))
+    seed.update(R.InProgressRow("both.dat", "sub/both.dat", R.STATUS_FAILED, 2, T0, later))
+    seed.update(ip_row("stale.dat", status=R.STATUS_FAILED))
+    seed.save()
+    omsi = R.InProgressTable(R.in_progress_path(tmp_path, "t", "g"))  # as 1.8.8 writes it
+    omsi.update(ip_row("only_omsi.dat", status=R.STATUS_MISMATCHED_HASH))
+    omsi.update(R.InProgressRow("both.dat", "sub/both.dat", R.STATUS_IN_PROGRESS, 2, T0, T1))
+    omsi.update(R.InProgressRow("stale.dat", "sub/stale.dat", R.STATUS_IN_PROGRESS, 1, T0,
+                                later))
+    omsi.save()
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    got = {r.filename: r.status for r in table.rows()}
+    assert got == {"only_omsi.dat": R.STATUS_MISMATCHED_HASH,
+                   "both.dat": R.STATUS_FAILED,      # the seed's row is the later one
+                   "stale.dat": R.STATUS_IN_PROGRESS,  # 1.8.8's row is the later one
+                   "only_seed.dat": R.STATUS_FAILED}
+    table.save()
+    assert not R.seed_in_progress_path(tmp_path, "t", "g").exists()
+    reread = R.InProgressTable(R.in_progress_path(tmp_path, "t", "g"))
+    assert {r.filename: r.status for r in reread.rows()} == got
+
+
+def test_a_seed_table_with_bad_lines_is_kept_aside_when_retired(tmp_path: Path) -> None:
+    seed = R.seed_in_progress_path(tmp_path, "t", "g")
+    seed.write_text(IN_PROGRESS_HEADER + "\n'a.dat';'a.dat';'failed';1;'Tue Mar 05, 2024 at "
+                    "07:08:09';'Tue Mar 05, 2024 at 07:08:09'\nnot a row\n", encoding="utf-8")
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    assert [r.filename for r in table.rows()] == ["a.dat"] and table.issues
+    table.save()
+    assert not seed.exists()
+    assert [p.name for p in tmp_path.glob(seed.name + ".*.malformed")]
+
+
+def test_an_unreadable_seed_table_is_left_alone(tmp_path: Path) -> None:
+    seed = R.seed_in_progress_path(tmp_path, "t", "g")
+    seed.write_text("something;else\n", encoding="utf-8")
+    table = R.InProgressTable.open(tmp_path, "t", "g")
+    assert len(table) == 0 and any("not merged" in i.message for i in table.issues)
+    table.save()
+    assert seed.read_text(encoding="utf-8") == "something;else\n"
+
+
+def test_rows_processed_after_their_last_message_are_dropped(tmp_path: Path) -> None:
+    table = R.InProgressTable(tmp_path / "ip.csv")
+    table.update(ip_row("omsi_left.dat", status=R.STATUS_FAILED))           # no generation
+    table.update(ip_row("ours.dat", "g1", R.STATUS_FAILED))
+    table.update(ip_row("new_version.dat", "g2"))                           # other generation
+    table.update(ip_row("produced_again.dat", "g3"))
+    table.save()
+    dropped = table.drop_superseded([
+        proc_row("omsi_left.dat", "g9", at=T1), proc_row("ours.dat", "g1", at=T1),
+        proc_row("new_version.dat", "g1", at=T1 + timedelta(days=1)),
+        proc_row("produced_again.dat", "g3", at=T1 - timedelta(seconds=1))])
+    assert dropped == 2 and table.dirty
+    assert [r.filename for r in table.rows()] == ["new_version.dat", "produced_again.dat"]
 
 
 def test_to_dataframe(tmp_path: Path) -> None:

@@ -10,13 +10,14 @@ import sys
 import pytest
 
 from girder_upload_stream import failpoints
-from girder_upload_stream.codec import decode_chunk
-from girder_upload_stream.offsets import OffsetTracker, format_metadata, parse_metadata
-from girder_upload_stream.pipeline import PartitionInfo, file_generation
-from girder_upload_stream.pieces import Pieces
-from girder_upload_stream.reassembly import FileProgress
-from girder_upload_stream.units import FileOutcome, Outcome
-from tests.unit.test_pipeline import TOPIC, Clock, Log, SpyRecorder, encoded, make, upload_all
+from girder_upload_stream.wire.codec import decode_chunk
+from girder_upload_stream.ledger.offsets import OffsetTracker, format_metadata, parse_metadata
+from girder_upload_stream.ledger.processor import PartitionInfo, file_generation
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import FileProgress
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from tests.unit.fakes import TOPIC, Clock, Log, SpyRecorder, encoded, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
 
@@ -286,7 +287,7 @@ class ProbeHandle:
 
 
 def test_runner_looks_up_reread_files_and_waits_for_lookups_before_idle_stop() -> None:
-    from tests.unit.test_runner import make as make_runner, put_file
+    from tests.unit.fakes import make_runner, put_file
     handles: list[ProbeHandle] = []
     runner, group, submit = make_runner(max_idle_seconds=0.0)
     runner._probe = lambda keys: handles.append(ProbeHandle(keys, True)) or handles[-1]
@@ -304,7 +305,7 @@ def test_runner_looks_up_reread_files_and_waits_for_lookups_before_idle_stop() -
 
 
 def test_runner_retries_a_failed_lookup() -> None:
-    from tests.unit.test_runner import make as make_runner, put_file
+    from tests.unit.fakes import make_runner, put_file
     handles: list[ProbeHandle] = []
     runner, group, _ = make_runner()
     runner._probe = lambda keys: handles.append(
@@ -319,9 +320,9 @@ def test_runner_retries_a_failed_lookup() -> None:
 
 
 def test_recorder_keeps_first_offsets_and_marks_files_whose_messages_are_gone(tmp_path):
-    from girder_upload_stream.codec import chunk_file
-    from girder_upload_stream.recording import RegistryRecorder
-    from girder_upload_stream.registry import STATUS_FAILED, STATUS_IN_PROGRESS, RowKey
+    from girder_upload_stream.wire.codec import chunk_file
+    from girder_upload_stream.registry.recording import RegistryRecorder
+    from girder_upload_stream.registry.tables import STATUS_FAILED, STATUS_IN_PROGRESS, RowKey
     recorder = RegistryRecorder(tmp_path, TOPIC, "g")
     assert not recorder.had_local_state
     a = list(chunk_file(b"A" * 24, "sub", 8, filename="a.bin"))
@@ -417,8 +418,8 @@ def test_interleaved_copies_of_one_file_are_each_registered() -> None:
 
 
 def test_the_ledger_keeps_no_file_bytes_of_settled_files_and_forgets_old_ones() -> None:
-    from girder_upload_stream.ledger import FileLedger, FileState
-    from girder_upload_stream.reassembly import CompletedFile
+    from girder_upload_stream.ledger.records import FileLedger, FileState
+    from girder_upload_stream.assembly.reassembly import CompletedFile
     ledger = FileLedger(max_remembered=2)
     files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0,
                            Pieces([b"abc"]), None) for i in range(3)]
@@ -460,7 +461,7 @@ def test_files_settle_as_they_land_not_when_their_unit_ends() -> None:
 
 
 def test_runner_drains_early_outcomes() -> None:
-    from tests.unit.test_runner import make as make_runner, put_file
+    from tests.unit.fakes import make_runner, put_file
     reported: list = []
     runner, group, submit = make_runner(max_unit_files=8)
     runner._early_outcomes = lambda: [reported.pop(0) for _ in range(len(reported))]
@@ -476,8 +477,8 @@ def test_runner_drains_early_outcomes() -> None:
 
 
 def test_idle_stop_waits_while_the_broker_does_not_answer() -> None:
-    from tests.unit.test_runner import Clock as RunnerClock, make as make_runner
-    clock = RunnerClock()
+    from tests.unit.fakes import Clock as RunnerClock, make_runner
+    clock = RunnerClock(now=100.0)
     runner, group, _ = make_runner(clock=clock, max_idle_seconds=5.0)
     group.quiet_seconds = lambda: 2.0  # the broker failed 2 s ago
     group.caught_up = lambda: True
@@ -492,8 +493,8 @@ def test_idle_stop_waits_while_the_broker_does_not_answer() -> None:
 
 
 def test_idle_stop_waits_while_messages_are_behind() -> None:
-    from tests.unit.test_runner import Clock as RunnerClock, make as make_runner
-    clock = RunnerClock()
+    from tests.unit.fakes import Clock as RunnerClock, make_runner
+    clock = RunnerClock(now=100.0)
     runner, group, _ = make_runner(clock=clock, max_idle_seconds=5.0)
     answers = [False, True]
     group.caught_up = lambda: answers.pop(0)
@@ -506,8 +507,8 @@ def test_idle_stop_waits_while_messages_are_behind() -> None:
 
 
 def test_stripe_into_units_deals_files_in_order_and_returns_the_rest() -> None:
-    from girder_upload_stream.reassembly import CompletedFile
-    from girder_upload_stream.units import stripe_into_units
+    from girder_upload_stream.assembly.reassembly import CompletedFile
+    from girder_upload_stream.ledger.units import stripe_into_units
 
     def f(name: str, size: int) -> CompletedFile:
         return CompletedFile(name, name.encode().ljust(64, b"."), "s", size, 1, 0.0, 0.0,

@@ -8,11 +8,12 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from girder_upload_stream.offsets import (
+from girder_upload_stream.ledger.offsets import (
     MAX_SPANS_CHARS, OffsetTracker, format_metadata, parse_metadata, parse_spans, spans_of,
 )
-from girder_upload_stream.pipeline import PartitionInfo
-from tests.unit.test_pipeline import TOPIC, Log, encoded, make, upload_all
+from girder_upload_stream.ledger.processor import PartitionInfo
+from tests.unit.fakes import TOPIC, Log, encoded, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0 = (TOPIC, 0)
 

@@ -4,11 +4,12 @@ seeks back to them, rebuilds the file and tries it again."""
 
 from __future__ import annotations
 
-from girder_upload_stream.offsets import (MAX_FAILED_CHARS, OffsetTracker, format_metadata,
+from girder_upload_stream.ledger.offsets import (MAX_FAILED_CHARS, OffsetTracker, format_metadata,
                                           parse_failed, parse_metadata, parse_spans)
-from girder_upload_stream.pipeline import RETRIED_NEXT_RUN, PartitionInfo
-from girder_upload_stream.units import FileOutcome, Outcome
-from tests.unit.test_pipeline import TOPIC, Log, encoded, make, outcomes, upload_all
+from girder_upload_stream.ledger.processor import RETRIED_NEXT_RUN, PartitionInfo
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from tests.unit.fakes import TOPIC, Log, encoded, outcomes, upload_all
+from tests.unit.fakes import make_processor as make
 
 P0, P1 = (TOPIC, 0), (TOPIC, 1)
 
@@ -57,8 +58,7 @@ def test_a_commit_lists_the_retry_spans_not_yet_read_again() -> None:
     assert tracker.failed_spans(P0, 10) == [(3, 5), (7, 8)]
 
 
-def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run() -> None:
-    log = Log()
+def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run(log: Log) -> None:
     first = make()
     pairs = encoded(b"R" * 12, "r.bin")
     msgs = [log.put(0, *pairs[0]), log.put(1, *pairs[1]),
@@ -91,10 +91,9 @@ def test_a_failed_upload_releases_the_commit_and_is_retried_by_the_next_run() ->
     assert second.offsets.commit_plan() == {P0: (2, "gus1:hw=2;p="), P1: (1, "gus1:hw=1;p=")}
 
 
-def test_messages_fetched_before_the_seek_back_are_taken_once() -> None:
+def test_messages_fetched_before_the_seek_back_are_taken_once(log: Log) -> None:
     """The next run's consumer begins at the committed offset and may fetch new messages
     before it seeks back to the failed file: those are taken once, after the seek."""
-    log = Log()
     first = make()
     failed = log.put(0, *encoded(b"R" * 5, "r.bin")[0])
     first.handle(failed)
@@ -118,8 +117,7 @@ def test_messages_fetched_before_the_seek_back_are_taken_once() -> None:
     assert second.offsets.commit_plan() == {P0: (2, "gus1:hw=2;p=")}
 
 
-def test_the_registry_says_a_failed_file_waits_for_the_next_run() -> None:
-    log = Log()
+def test_the_registry_says_a_failed_file_waits_for_the_next_run(log: Log) -> None:
     proc = make()
     proc.handle(log.put(0, *encoded(b"x", "x.bin")[0]))
     [unit] = proc.take_units()
@@ -130,9 +128,8 @@ def test_the_registry_says_a_failed_file_waits_for_the_next_run() -> None:
     assert spy_reasons == [f"HTTP 403: forbidden; {RETRIED_NEXT_RUN}"]
 
 
-def test_a_file_produced_again_is_not_listed_for_retry() -> None:
+def test_a_file_produced_again_is_not_listed_for_retry(log: Log) -> None:
     """A second production holds nothing: Girder had its content when it began."""
-    log = Log()
     proc = make()
     pairs = encoded(b"again", "a.bin")
     proc.handle(log.put(0, *pairs[0]))

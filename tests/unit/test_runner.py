@@ -1,202 +1,16 @@
-"""Unit tests for girder_upload_stream.runner (the polling loop, with fake Kafka and
+"""Unit tests for girder_upload_stream.loop.runner (the polling loop, with fake Kafka and
 fake upload tasks: nothing runs)."""
 
 from __future__ import annotations
 
-from collections import deque
 
 import pytest
 
-from girder_upload_stream import runner as runner_module
-from girder_upload_stream.codec import chunk_file, encode_chunk
-from girder_upload_stream.pipeline import StreamProcessor
-from girder_upload_stream.reassembly import Reassembler
-from girder_upload_stream.runner import STOP, StreamRunner, request_stop
-from girder_upload_stream.settings import RunSettings
-from girder_upload_stream.units import FileOutcome, Outcome, UploadUnit
-
-TOPIC = "t"
-MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def clear_stop():
-    STOP.clear()
-    yield
-    STOP.clear()
-
-
-class Clock:
-    """Moves by ``step`` at every reading (so loops that wait on it end), or by hand."""
-
-    def __init__(self, step: float = 0.0, now: float = 100.0) -> None:
-        self.now, self.step = now, step
-
-    def __call__(self) -> float:
-        now = self.now
-        self.now += self.step
-        return now
-
-
-class FakeMsg:
-    def __init__(self, partition: int, offset: int, key: bytes | None,
-                 value: bytes | None) -> None:
-        self._p, self._o, self._k, self._v = partition, offset, key, value
-
-    def topic(self) -> str:
-        return TOPIC
-
-    def partition(self) -> int:
-        return self._p
-
-    def offset(self) -> int:
-        return self._o
-
-    def key(self) -> bytes | None:
-        return self._k
-
-    def value(self) -> bytes | None:
-        return self._v
-
-
-class FakeGroup:
-    """Delivers queued messages (none while paused), records commits, pauses, closes."""
-
-    def __init__(self, n_partitions: int = 4) -> None:
-        self.assignment = [(TOPIC, p) for p in range(n_partitions)]
-        self.queue: deque[FakeMsg] = deque()
-        self.next = {p: 0 for p in range(n_partitions)}
-        self.commits: list[dict] = []
-        self.committed: dict = {}
-        self.metadata: dict = {}
-        self.pauses: list[bool] = []
-        self.paused = False
-        self.closed = False
-        self.polls = 0
-        self.on_poll = None  # called at every poll (to script events)
-
-    def put(self, partition: int, key: str | bytes | None, value: bytes | None) -> FakeMsg:
-        msg = FakeMsg(partition, self.next[partition],
-                      key.encode() if isinstance(key, str) else key, value)
-        self.next[partition] += 1
-        self.queue.append(msg)
-        return msg
-
-    def poll(self, max_messages: int, timeout: float = 0.2) -> list[FakeMsg]:
-        assert not self.closed
-        self.polls += 1
-        if self.on_poll is not None:
-            self.on_poll(self)
-        if self.paused:
-            return []
-        n = min(max_messages, len(self.queue))
-        return [self.queue.popleft() for _ in range(n)]
-
-    def pause(self, paused: bool) -> None:
-        self.paused = paused
-        self.pauses.append(paused)
-
-    def commit(self, offsets: dict) -> dict:
-        """Takes ``{tp: (offset, metadata)}`` as the real group; records offsets only
-        (``metadata`` keeps the last metadata per partition)."""
-        plain = {tp: offset for tp, (offset, _) in offsets.items()}
-        self.metadata.update({tp: md for tp, (_, md) in offsets.items()})
-        self.commits.append(plain)
-        self.committed.update(plain)
-        return dict(offsets)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class Handle:
-    """An upload task the test finishes (or crashes) when it likes."""
-
-    def __init__(self, unit: UploadUnit) -> None:
-        self.unit = unit
-        self._done = False
-        self._outcomes: list[FileOutcome] = []
-        self._error: BaseException | None = None
-        self.done_after: int | None = None  # polls of done() before it reports done
-
-    def finish(self, outcome: Outcome = Outcome.UPLOADED) -> None:
-        self._outcomes = [FileOutcome(f.rel_path, (f.rel_path, f.file_hash), outcome)
-                          for f in self.unit.files]
-        self._done = True
-
-    def crash(self, error: BaseException) -> None:
-        self._error, self._done = error, True
-
-    def done(self) -> bool:
-        if self.done_after is not None:
-            self.done_after -= 1
-            if self.done_after <= 0:
-                self.finish()
-        return self._done
-
-    def result(self) -> list[FileOutcome]:
-        assert self._done, "result() called on a running task"
-        if self._error is not None:
-            raise self._error
-        return self._outcomes
-
-
-class Submitter:
-    def __init__(self, auto: Outcome | None = None) -> None:
-        self.handles: list[Handle] = []
-        self.auto = auto
-
-    def __call__(self, unit: UploadUnit) -> Handle:
-        handle = Handle(unit)
-        if self.auto is not None:
-            handle.finish(self.auto)
-        self.handles.append(handle)
-        return handle
-
-    def files(self) -> list[str]:
-        return [f.rel_path for h in self.handles for f in h.unit.files]
-
-
-class Job:
-    def __init__(self) -> None:
-        self.ticks: list[bool] = []
-
-    def tick(self, runner, final: bool = False) -> None:
-        self.ticks.append(final)
-
-
-def settings(**overrides) -> RunSettings:
-    base = {"commit_interval_seconds": 0.0, "poll_batch": 100, "interactive": False,
-            "retry_delay_seconds": 5.0, "max_unit_files": 1}
-    return RunSettings(**{**base, **overrides})
-
-
-def make(group: FakeGroup | None = None, submit: Submitter | None = None,
-         clock: Clock | None = None, jobs: list | None = None, **overrides):
-    run = settings(**overrides)
-    clock = clock or Clock()
-    processor = StreamProcessor(Reassembler(), max_unit_files=run.max_unit_files,
-                                max_unit_bytes=run.max_unit_bytes,
-                                retry_delay=run.retry_delay_seconds, clock=clock)
-    group = group or FakeGroup()
-    submit = submit or Submitter()
-    return StreamRunner(run, processor, group, submit, jobs, clock=clock), group, submit
-
-
-def put_file(group: FakeGroup, data: bytes, name: str, partitions: list[int],
-             size: int = 8, skip: set[int] = frozenset()) -> list:
-    """Queue a file's chunks, chunk i on partitions[i % len]; chunk numbers in ``skip``
-    are returned (key, value, partition) instead of queued."""
-    held = []
-    for i, chunk in enumerate(chunk_file(data, "", size, filename=name)):
-        key, value = encode_chunk(chunk)
-        partition = partitions[i % len(partitions)]
-        if chunk.chunk_i in skip:
-            held.append((partition, key, value))
-        else:
-            group.put(partition, key, value)
-    return held
-
+from girder_upload_stream.loop import runner as runner_module
+from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
+from girder_upload_stream.ledger.units import Outcome
+from tests.unit.fakes import (TOPIC, Clock, FakeGroup, Job, MiB, Submitter, put_file)
+from tests.unit.fakes import make_runner as make
 
 # ---------------------------------------------------------------- one round
 
@@ -372,8 +186,8 @@ def test_run_stops_at_max_runtime_even_while_busy(monkeypatch) -> None:
 
 
 def test_stop_requested_before_run() -> None:
-    request_stop("test")
     runner, group, _ = make(clock=Clock(step=0.1))
+    runner.stop.request("test")
     summary = runner.run()
     assert summary.stopped_because == "stop requested"
     assert group.polls >= 1 and group.closed
@@ -384,14 +198,14 @@ def test_stop_requested_from_a_side_job() -> None:
         def tick(self, runner, final: bool = False) -> None:
             super().tick(runner, final)
             if len(self.ticks) == 3:
-                request_stop("enough")
+                runner.stop.request("enough")
 
     job = Stopper()
     runner, _, _ = make(clock=Clock(step=0.1), jobs=[job])
     summary = runner.run()
     assert summary.stopped_because == "stop requested"
     assert job.ticks == [False, False, False, True]
-    assert STOP.is_set()
+    assert runner.stop.is_set() and runner.stop.reason == "enough"
 
 
 # ---------------------------------------------------------------- shutdown
@@ -482,8 +296,24 @@ def test_base_exception_in_loop_also_shuts_down() -> None:
     assert group.closed
 
 
-def test_request_stop_is_idempotent() -> None:
-    assert not STOP.is_set()
-    request_stop("one")
-    request_stop("two")
-    assert STOP.is_set()
+def test_a_stop_request_is_idempotent_and_each_run_has_its_own() -> None:
+    stop = StopSignal()
+    assert not stop.is_set()
+    stop.request("one")
+    stop.request("two")
+    assert stop.is_set() and stop.reason == "one"
+    first, _, _ = make()
+    second, _, _ = make()
+    first.stop.request("only the first")
+    assert not second.stop.is_set()
+
+
+def test_signals_request_a_stop_only_inside_and_the_old_handlers_come_back() -> None:
+    import os
+    import signal
+    stop = StopSignal()
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(stop):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.is_set() and stop.reason == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before

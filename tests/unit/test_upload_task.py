@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from girder_upload_stream.girder_io import GirderTransientError
+from girder_upload_stream.girder.store import GirderTransientError
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from girder_upload_stream.tasks import upload as upload_task
-from girder_upload_stream.units import FileOutcome, Outcome
-from tests.unit.test_pipeline import Log, encoded, make
+from tests.unit.fakes import Log, encoded
+from tests.unit.fakes import make_processor as make
 
 
 class FakeStore:
@@ -33,29 +34,28 @@ def _unit(names: list[str]):
     return unit
 
 
-def _run(monkeypatch, store: FakeStore, unit):
-    monkeypatch.setattr(upload_task, "store_for", lambda girder, topic: store)
-    return upload_task.upload_unit.fn(unit, None, "t")
+def _run(store: FakeStore, unit):
+    return upload_task.upload_unit.fn(unit, store)
 
 
-def test_a_file_girder_answers_5xx_for_does_not_hold_back_the_others(monkeypatch):
+def test_a_file_girder_answers_5xx_for_does_not_hold_back_the_others():
     store = FakeStore({"b.bin"}, "upload file: HTTP 503: busy")
     unit = _unit(["a.bin", "b.bin", "c.bin"])
     with pytest.raises(GirderTransientError, match="HTTP 503"):
-        _run(monkeypatch, store, unit)
+        _run(store, unit)
     assert store.tried == ["a.bin", "b.bin", "c.bin"]  # c.bin was tried after b.bin
 
 
-def test_an_unreachable_girder_stops_the_unit_at_once(monkeypatch):
+def test_an_unreachable_girder_stops_the_unit_at_once():
     store = FakeStore({"a.bin", "b.bin"}, "list items: Girder unreachable: refused")
     unit = _unit(["a.bin", "b.bin", "c.bin"])
     with pytest.raises(GirderTransientError, match="unreachable"):
-        _run(monkeypatch, store, unit)
+        _run(store, unit)
     assert store.tried == ["a.bin"]
 
 
-def test_a_unit_without_trouble_returns_every_outcome(monkeypatch):
+def test_a_unit_without_trouble_returns_every_outcome():
     store = FakeStore(set(), "")
-    outcomes = _run(monkeypatch, store, _unit(["a.bin", "b.bin"]))
+    outcomes = _run(store, _unit(["a.bin", "b.bin"]))
     assert [(o.rel_path, o.outcome) for o in outcomes] == [("a.bin", Outcome.UPLOADED),
                                                           ("b.bin", Outcome.UPLOADED)]

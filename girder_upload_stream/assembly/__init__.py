@@ -1,0 +1,1 @@
+"""Rebuilding files from chunks: reassembly, hashing, confined disk writes."""

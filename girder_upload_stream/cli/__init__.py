@@ -1,0 +1,1 @@
+"""The command lines: girder-upload-stream, GirderUploadStreamProcessor, make demo."""

@@ -1,0 +1,119 @@
+"""The consumer's command line: ``GirderUploadStreamProcessor`` (a drop-in for
+OpenMSIStream's command, every argument and default kept) and ``girder-upload-stream run``
+(the same options; its ``--config`` defaults to the bundled ``local`` config).
+
+Both run the Prefect flow in-process. SIGINT, SIGTERM and ``q`` stop it gracefully:
+stop fetching, finish or record in-flight uploads, commit what is safe, write the
+registries, exit 0. Before the flow starts they log in to Girder and resolve the root
+folder: a refused key, an unreachable Girder or a root folder that does not resolve
+ends the command with one line on standard error and exit status 2, before anything
+is consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.options import add_options, flow_arguments
+
+__all__ = ["add_run_arguments", "run_from_args", "processor_main", "run_guarded"]
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
+    """Every option of OpenMSIStream's GirderUploadStreamProcessor, plus ours (defined
+    once, in :mod:`girder_upload_stream.options`)."""
+    parser.add_argument("girder_api_url", help="Girder REST API URL, e.g. http://host/api/v1")
+    parser.add_argument("girder_api_key", nargs="?", default=None,
+                        help="Girder API key (default: $GIRDER_API_KEY, which keeps it out "
+                             "of the process list)")
+    parser.add_argument("--config", default=default_config,
+                        help="config file path, or a bundled config name (default: %(default)s)")
+    add_options(parser)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    logs_dir = args.logs_dir or args.output_dir / "LOGS"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("girder_upload_stream")
+    root.setLevel(logging.DEBUG)
+    # Our handlers own the console and file output; no second copy via the root logger.
+    root.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler, level in ((logging.StreamHandler(sys.stderr), args.logger_stream_level),
+                           (logging.FileHandler(logs_dir / "GirderUploadStreamProcessor.log",
+                                                encoding="utf-8"), args.logger_file_level)):
+        handler.setLevel(level.upper())
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def _check_girder(args: argparse.Namespace, api_key: str) -> None:
+    """Log in and resolve the root folder before Prefect starts, so that a wrong key
+    fails fast with one line (raised as GirderStartupError) and no flow-run traceback.
+    The flow checks again with its own store (a login and a lookup or two)."""
+    from girder_upload_stream.loop.wiring import girder_settings
+    from girder_upload_stream.girder.store import GirderStore
+    settings = girder_settings(
+        args.girder_api_url, api_key, root_folder_id=args.girder_root_folder_id,
+        collection_name=args.collection_name, root_folder_path=args.girder_root_folder_path,
+        metadata=args.metadata or {}, replace_existing=args.replace_existing)
+    GirderStore(settings, args.topic_name).check()
+
+
+def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Validate, then run the flow until it stops: 0 on a graceful stop, 1 if the last
+    save of the registries failed (the offsets it guarded stayed uncommitted)."""
+    api_key = args.girder_api_key or os.environ.get("GIRDER_API_KEY")
+    if not api_key:
+        parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
+    _setup_logging(args)
+    _check_girder(args, api_key)
+    # The key travels by environment, never as a flow parameter (Prefect stores those).
+    os.environ["GIRDER_API_KEY"] = api_key
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary (ephemeral) server can take >20 s to start on a small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from girder_upload_stream.flows.upload_stream import upload_stream
+    summary = upload_stream(config=args.config, girder_api_url=args.girder_api_url,
+                            interactive=True, **flow_arguments(args))
+    print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "
+          f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
+          f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
+          f"re-read and found in Girder", flush=True)
+    if summary.get("messages_not_decrypted"):
+        print(f"{summary['messages_not_decrypted']} message(s) could not be decrypted and were "
+              f"left uncommitted: the next run of this consumer group reads them again",
+              flush=True)
+    if summary.get("registry_save_error"):
+        print(f"error: the last save of the registries failed "
+              f"({summary['registry_save_error']}); the offsets of files processed since "
+              f"the last good save were not committed and are read again on restart",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def run_guarded(action) -> int:
+    """Run a command; our own errors become one clear line and exit status 2."""
+    try:
+        return action()
+    except GirderUploadStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def processor_main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``GirderUploadStreamProcessor`` command."""
+    parser = argparse.ArgumentParser(
+        prog="GirderUploadStreamProcessor",
+        description="Read OpenMSIStream chunk messages from a topic, rebuild the files and "
+                    "upload them to Girder (girder-upload-stream's drop-in for OpenMSIStream's "
+                    "command). Type 'c' to check progress, 'q' to quit.")
+    add_run_arguments(parser, default_config="test")
+    return run_guarded(lambda: run_from_args(parser.parse_args(argv), parser))

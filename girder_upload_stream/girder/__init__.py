@@ -1,0 +1,1 @@
+"""Every girder-client call: folders, items, files, metadata."""

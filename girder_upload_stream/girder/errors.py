@@ -1,0 +1,87 @@
+"""Girder's answers as the project's errors, and the names Girder stores.
+
+girder-client raises ``requests`` exceptions whose texts quote the request's URL, and
+``HttpError`` with Girder's answer. :func:`translate` turns them into
+:class:`GirderTransientError` (retry: connection errors, 429, 5xx),
+:class:`GirderAuthError` (a transient one: the key or its token was refused) or
+:class:`GirderTerminalError` (record and move on: other 4xx), built from texts with the
+secrets masked (:func:`~girder_upload_stream.redact.redact`); the library's exception
+is never kept in them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from girder_upload_stream.errors import GirderUploadStreamError, TerminalError, TransientError
+from girder_upload_stream.redact import redact
+
+__all__ = ["LOGIN", "GirderTransientError", "GirderTerminalError", "GirderAuthError",
+           "GirderStartupError", "girder_name", "translate"]
+
+#: The ``what`` of the log-in request: a 400/403 answer to it means a refused key.
+LOGIN = "log in"
+
+
+class GirderTransientError(TransientError):
+    """Girder could not be reached or answered 429/5xx: retry later."""
+
+
+class GirderTerminalError(TerminalError):
+    """Girder refused the request for a reason a retry will not fix."""
+
+
+class GirderAuthError(GirderTransientError):
+    """Girder did not accept the API key at log-in (Girder 5 answers 400), or no longer
+    accepts the token it gave (401: expired, or revoked with its key). Transient on
+    purpose: a file never fails for good because of it; it waits, its messages stay
+    uncommitted, and the thread's client logs in again at its next request."""
+
+
+class GirderStartupError(GirderUploadStreamError):
+    """The consumer cannot start: Girder refused the key, could not be reached, or the
+    root folder does not resolve. Raised before anything is consumed."""
+
+
+def girder_name(name: str, kind: str = "item") -> str:
+    """The name Girder stores for ``name``: it strips leading and trailing white space
+    (Python's ``str.strip``) of item, folder and collection names, but looks them up by
+    the exact name given. A name that is empty once stripped cannot be stored."""
+    stored = name.strip()
+    if not stored:
+        raise GirderTerminalError(f"the {kind} name {name!r} is empty once Girder strips "
+                                  f"its leading and trailing spaces")
+    return stored
+
+
+def _server_message(text: str) -> str:
+    """Girder's ``{"message": ..., "type": ...}`` answer as its message alone."""
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return text
+    return str(answer.get("message", text)) if isinstance(answer, dict) else text
+
+
+def translate(exc: Exception, what: str, rel_path: str | None,
+              secrets: tuple[str, ...]) -> GirderUploadStreamError | None:
+    """Our error for a library exception (None: not a request error), built from texts
+    with the secrets masked; the library's exception itself is never kept."""
+    import requests
+    from girder_client import HttpError
+    if isinstance(exc, HttpError):
+        status = exc.status
+        text = redact(_server_message(exc.responseText or ""), secrets)[:300]
+        if status == 401 or (what == LOGIN and status in (400, 403)):
+            cls: type[GirderUploadStreamError] = GirderAuthError
+        elif status == 429 or status >= 500:
+            cls = GirderTransientError
+        else:
+            cls = GirderTerminalError
+        return cls(f"{what}: HTTP {status}: {text}", rel_path=rel_path)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return GirderTransientError(f"{what}: Girder unreachable: {redact(exc, secrets)}",
+                                    rel_path=rel_path)
+    if isinstance(exc, requests.RequestException):
+        return GirderTransientError(f"{what}: {redact(exc, secrets)}", rel_path=rel_path)
+    return None

@@ -1,0 +1,1 @@
+"""Every confluent-kafka call: the consumer group, producers, encryption."""

@@ -1,0 +1,461 @@
+"""Every confluent-kafka call of the project lives here (and, for the best-effort side
+producers of heartbeats and log messages, in :mod:`girder_upload_stream.kafka.side_producers`).
+
+Clients connect lazily (on first use) and librdkafka errors are turned into the
+project's own exceptions, which carry topic, partition, offset and file path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
+from girder_upload_stream.ledger.processor import PartitionInfo
+
+if TYPE_CHECKING:
+    from girder_upload_stream.settings import KafkaCryptoSettings
+
+__all__ = [
+    "KafkaTransientError",
+    "KafkaTerminalError",
+    "DeliveryReport",
+    "ChunkProducer",
+    "ConsumerGroup",
+    "HeartbeatProducer",
+    "LogProducer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How long after losing partitions their old uploads may still run (and race ours).
+SHARED_AFTER_REVOKE_SECONDS = 120.0
+
+
+class KafkaTransientError(TransientError):
+    """A broker or network problem that a retry may fix."""
+
+
+class KafkaTerminalError(TerminalError):
+    """A Kafka problem a retry will not fix (bad settings, unknown topic, auth)."""
+
+
+@dataclass
+class DeliveryReport:
+    """What the broker acknowledged after a flush."""
+
+    sent: int = 0
+    acked: int = 0
+    acked_bytes: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class ChunkProducer:
+    """Produces chunk messages to one topic and counts broker acknowledgements.
+
+    ``send`` never drops a message silently: when librdkafka's local queue is full it
+    serves delivery callbacks until there is room, and every delivery error is kept
+    in the report so the caller can exit non-zero. ``encrypt(topic, key, value)``
+    (a KafkaCrypto node's) encrypts each message before it is queued.
+    """
+
+    def __init__(self, settings: dict[str, Any], topic: str,
+                 on_delivered: Callable[[int], None] | None = None,
+                 encrypt: Callable[[str, bytes, bytes], tuple[bytes, bytes]] | None = None
+                 ) -> None:
+        self._settings = dict(settings)
+        self.topic = topic
+        self._encrypt = encrypt
+        self._producer = None
+        self._on_delivered = on_delivered
+        self._lock = threading.Lock()
+        self.report = DeliveryReport()
+
+    def _client(self):
+        if self._producer is None:
+            from confluent_kafka import KafkaException, Producer
+            try:
+                self._producer = Producer(self._settings)
+            except KafkaException as exc:
+                raise KafkaTerminalError(f"cannot create a Kafka producer: {exc}",
+                                         topic=self.topic) from exc
+        return self._producer
+
+    def _delivered(self, err, msg) -> None:
+        with self._lock:
+            if err is not None:
+                key = msg.key().decode("utf-8", "replace") if msg.key() else "?"
+                self.report.failures.append(f"{key}: {err.str()}")
+                return
+            self.report.acked += 1
+            self.report.acked_bytes += len(msg.value() or b"")
+        if self._on_delivered is not None:
+            self._on_delivered(len(msg.value() or b""))
+
+    def send(self, key: str, value: bytes, *, rel_path: str | None = None) -> None:
+        """Queue one message; block (serving callbacks) while the local queue is full."""
+        producer = self._client()
+        key_bytes = key.encode("utf-8")
+        if self._encrypt is not None:
+            key_bytes, value = self._encrypt(self.topic, key_bytes, value)
+        while True:
+            try:
+                producer.produce(self.topic, value=value, key=key_bytes,
+                                 on_delivery=self._delivered)
+                break
+            except BufferError:
+                producer.poll(0.5)
+            except Exception as exc:  # KafkaException, or a TypeError/ValueError on bad input
+                raise KafkaTerminalError(f"cannot produce: {exc}", topic=self.topic,
+                                         rel_path=rel_path) from exc
+        self.report.sent += 1
+        producer.poll(0)
+
+    def flush(self, timeout: float = 120.0) -> DeliveryReport:
+        """Wait for every queued message to be acknowledged or to fail."""
+        if self._producer is not None:
+            remaining = self._producer.flush(timeout)
+            if remaining:
+                self.report.failures.append(
+                    f"{remaining} message(s) still queued after {timeout:.0f}s")
+        return self.report
+
+
+class ConsumerGroup:
+    """One confluent-kafka consumer of a group, driven from a single thread.
+
+    It is polled, committed, paused and closed by the thread that owns this object (the
+    flow's loop), so rebalance callbacks run there too and never race with the offset
+    bookkeeping. ``on_revoke(tps)`` is called before a partition is taken away in a
+    rebalance, so the caller can commit what is safe for it while it still owns it;
+    ``on_lost(tps)`` when partitions were taken away without one (the session timed
+    out, or the loop did not poll for ``max.poll.interval.ms``): another member may own
+    them already, so the caller must not commit for them. ``on_assign`` gets a
+    :class:`PartitionInfo` per partition gained, before any of its messages. One
+    consumer per process: upload concurrency comes from the upload workers, and a
+    second consumer would only add a rebalance (and its re-reads) at every start.
+
+    With ``kafkacrypto`` settings the topic is encrypted: a KafkaCrypto node is started
+    with the consumer, polled messages are decrypted before they are returned, and
+    commits never pass a message that is not decrypted yet (decrypting.py);
+    ``recorder`` registers the messages given up.
+    """
+
+    def __init__(self, settings: dict[str, Any], topic: str, *,
+                 on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
+                 on_assign: Callable[[list[PartitionInfo]], None] | None = None,
+                 on_lost: Callable[[list[tuple[str, int]]], None] | None = None,
+                 kafkacrypto: KafkaCryptoSettings | None = None,
+                 recorder: Any = None) -> None:
+        self._settings = {**settings, "enable.auto.commit": False}
+        self.topic = topic
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self._on_assign = on_assign
+        self._consumer: Any = None
+        self._owned: set[tuple[str, int]] = set()
+        self._paused = False
+        # One past the last offset returned per partition: the lag's fallback while
+        # librdkafka's position is unknown (e.g. just after a rebalance).
+        self._read_up_to: dict[tuple[str, int], int] = {}
+        self._start_at: dict[tuple[str, int], int] = {}  # where fetching began
+        self._trouble_at: float | None = None  # monotonic time of the last broker problem
+        self._n_partitions: int | None = None
+        self._revoked_at: float | None = None
+        self._fatal = None
+        self._kafkacrypto, self._recorder = kafkacrypto, recorder
+        self._reader: Any = None  # a DecryptingReader on encrypted topics
+        self._left_encrypted = 0
+        self._wish_paused = False  # what the runner asked for; decryption may add a pause
+        self._last_sent: dict[tuple[str, int], tuple[int, str]] = {}  # encrypted topics
+
+    def _connect(self) -> Any:
+        if self._consumer is None:
+            from confluent_kafka import Consumer, KafkaException
+            if self._kafkacrypto is not None and self._reader is None:
+                from girder_upload_stream.kafka.crypto import start_decryption
+                self._reader = start_decryption(self._kafkacrypto, self._recorder)
+            try:
+                consumer = Consumer({**self._settings, "error_cb": self._on_error})
+                consumer.subscribe([self.topic], on_assign=self._assigned,
+                                   on_revoke=self._revoked, on_lost=self._lost)
+                self._consumer = consumer
+                self._check_topic(consumer)
+                if self._reader is not None:
+                    from girder_upload_stream.kafka.crypto import warn_missing_key_topics
+                    warn_missing_key_topics(consumer, self.topic)
+            except KafkaException as exc:
+                raise KafkaTerminalError(f"cannot create a Kafka consumer: {exc}",
+                                         topic=self.topic) from exc
+        return self._consumer
+
+    def _on_error(self, err) -> None:
+        """librdkafka's error events (served from poll, in this thread): the broker is
+        unreachable, the group coordinator is gone... librdkafka retries them and logs
+        them itself; they are remembered so that such time never counts as idle."""
+        self._trouble_at = time.monotonic()
+        if err.fatal():
+            self._fatal = err
+
+    def quiet_seconds(self) -> float:
+        """Seconds since the last sign of a broker or group problem (inf: none yet)."""
+        return float("inf") if self._trouble_at is None else time.monotonic() - self._trouble_at
+
+    @property
+    def shared(self) -> bool:
+        """True when another member of the group may be uploading files this process
+        reads too: the group owns partitions this process does not, or partitions were
+        taken from it less than :data:`SHARED_AFTER_REVOKE_SECONDS` ago."""
+        if self._n_partitions is not None and len(self._owned) < self._n_partitions:
+            return True
+        return (self._revoked_at is not None
+                and time.monotonic() - self._revoked_at < SHARED_AFTER_REVOKE_SECONDS)
+
+    def _check_topic(self, consumer) -> None:
+        metadata = consumer.list_topics(self.topic, timeout=30)
+        topic = metadata.topics.get(self.topic)
+        if topic is not None and topic.error is None:
+            self._n_partitions = len(topic.partitions)
+        if topic is None or topic.error is not None:
+            self.close()
+            reason = topic.error.str() if topic is not None and topic.error else "unknown topic"
+            raise KafkaTerminalError(f"cannot consume: {reason}", topic=self.topic)
+
+    def _assigned(self, consumer, partitions) -> None:
+        self._owned.update((p.topic, p.partition) for p in partitions)
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        if partitions:
+            starts = self._starts(consumer, partitions)
+            for start in starts:
+                begin = start.committed if start.committed is not None else start.low
+                self._start_at[(start.topic, start.partition)] = begin or 0
+            if self._on_assign is not None:
+                self._on_assign(starts)
+
+    @staticmethod
+    def _starts(consumer, partitions) -> list[PartitionInfo]:
+        """Committed offsets (with metadata) and log start offsets of new partitions;
+        unknown (None) where the broker does not answer in time."""
+        from confluent_kafka import KafkaException
+        try:
+            committed = {(p.topic, p.partition): p
+                         for p in consumer.committed(partitions, timeout=15)}
+        except KafkaException as exc:
+            logger.warning("could not read committed offsets at assignment: %s", exc)
+            committed = {}
+        starts = []
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            known = committed.get(tp)
+            offset = known.offset if known is not None and known.offset >= 0 else None
+            try:
+                low = consumer.get_watermark_offsets(p, timeout=10)[0]
+            except KafkaException as exc:
+                logger.warning("could not read the oldest offset of %s[%d]: %s", *tp, exc)
+                low = None
+            starts.append(PartitionInfo(p.topic, p.partition, offset,
+                                         known.metadata if known is not None else None, low))
+        return starts
+
+    def _revoked(self, consumer, partitions) -> None:
+        self._taken(partitions, self._on_revoke)
+
+    def _lost(self, consumer, partitions) -> None:
+        """librdkafka says the partitions are gone already (no revoke came first)."""
+        tps = [(p.topic, p.partition) for p in partitions]
+        if tps:
+            logger.warning("lost %s (the consumer's session timed out, or it did not poll "
+                           "in time): nothing is committed for them, their next owner "
+                           "reads them again from the last commit",
+                           ", ".join(f"{t}[{p}]" for t, p in tps))
+        self._taken(partitions, self._on_lost)
+
+    def _taken(self, partitions, callback) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        if tps:
+            self._revoked_at = time.monotonic()
+        if callback is not None and tps:
+            callback(tps)
+        if self._reader is not None:
+            self._reader.forget(tps)
+        for tp in tps:
+            self._owned.discard(tp)
+            self._last_sent.pop(tp, None)
+            self._start_at.pop(tp, None)
+            self._read_up_to.pop(tp, None)
+
+    @property
+    def assignment(self) -> list[tuple[str, int]]:
+        return sorted(self._owned)
+
+    def poll(self, max_messages: int = 500, timeout: float = 0.2) -> list[Any]:
+        """Up to ``max_messages`` messages.
+
+        Fatal errors raise :class:`KafkaTerminalError`; other broker errors are logged
+        by librdkafka and retried by it, so they are skipped here.
+        """
+        batch = self._connect().consume(num_messages=max_messages, timeout=timeout)
+        good = []
+        for msg in batch:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+                self._read_up_to[(msg.topic(), msg.partition())] = msg.offset() + 1
+            elif err.fatal():
+                raise KafkaTerminalError(f"fatal consumer error: {err.str()}",
+                                         topic=msg.topic(), partition=msg.partition())
+            else:
+                self._trouble_at = time.monotonic()
+        if self._fatal is not None:
+            raise KafkaTerminalError(f"fatal consumer error: {self._fatal.str()}",
+                                     topic=self.topic)
+        if self._reader is not None:
+            good = self._reader.take(good)
+            self._apply_pause()
+        return good
+
+    @property
+    def not_decrypted(self) -> int:
+        """Messages of an encrypted topic held back (not decrypted yet, uncommitted);
+        after :meth:`close`, how many were left so."""
+        return self._reader.held if self._reader is not None else self._left_encrypted
+
+    def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
+               ) -> dict[tuple[str, int], tuple[int, str]]:
+        """Synchronously commit ``{tp: (offset, metadata)}`` for the partitions owned.
+
+        Returns what the broker accepted; a failed commit is retried by the caller on
+        its next round (the offsets stay committable).
+        """
+        from confluent_kafka import KafkaException, TopicPartition
+        sent, accepted = self._decrypted_commits(offsets)
+        tps = [TopicPartition(topic, partition, offset, metadata=metadata)
+               for (topic, partition), (offset, metadata) in sent.items()
+               if (topic, partition) in self._owned]
+        if not tps or self._consumer is None:
+            return accepted
+        try:
+            for tp in self._consumer.commit(offsets=tps, asynchronous=False) or tps:
+                if tp.error is None:
+                    accepted[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
+                    self._last_sent[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
+        except KafkaException as exc:
+            self._trouble_at = time.monotonic()
+            logger.warning("offset commit failed, will retry: %s", exc)
+        return accepted
+
+    def _decrypted_commits(self, offsets: dict[tuple[str, int], tuple[int, str]]):
+        """On an encrypted topic, the commits that stop before the messages not decrypted
+        yet (which the caller does not know of), and those already made as they are.
+        The caller hears what was really committed: a message decrypted later lies
+        below its own offsets, and must hold the next commits like any pending one."""
+        if self._reader is None:
+            return offsets, {}
+        sent, accepted = {}, {}
+        for tp, value in self._reader.clamp(offsets).items():
+            if self._last_sent.get(tp) == value:
+                accepted[tp] = value  # a held message keeps the commit where it was
+            else:
+                sent[tp] = value
+        return sent, accepted
+
+    def seek(self, tp: tuple[str, int], offset: int) -> bool:
+        """Read ``tp`` on from ``offset`` (skipping what lies between); False if the
+        partition is not ours or librdkafka refuses (it then reads on, which is safe)."""
+        from confluent_kafka import KafkaException, TopicPartition
+        if tp not in self._owned or self._consumer is None:
+            return False
+        try:
+            self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            logger.info("could not seek %s[%d] to %d, reading on: %s", *tp, offset, exc)
+            return False
+        return True
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or restart) fetching on every assigned partition; polling continues,
+        so the group membership stays alive while uploads drain. Fetching also stays
+        paused while too many messages wait for their decryption key."""
+        self._wish_paused = paused
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        paused = self._wish_paused or (self._reader is not None and self._reader.backlog_full)
+        if paused == self._paused:
+            return
+        self._paused = paused
+        if self._consumer is not None:
+            assigned = self._consumer.assignment()
+            if assigned:
+                (self._consumer.pause if paused else self._consumer.resume)(assigned)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _positions(self, timeout: float | None) -> list[tuple[int, int]]:
+        """``(position, end)`` of every assigned partition. The end comes from the last
+        fetch's statistics (``timeout`` None: no broker round trip) or from the broker;
+        the position is librdkafka's or, while that is unknown (before the first message
+        after an assignment), what was read or committed."""
+        from confluent_kafka import TopicPartition
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        result = []
+        for tp in consumer.position(consumer.assignment()):
+            key = (tp.topic, tp.partition)
+            position = max(tp.offset, self._read_up_to.get(key, -1), self._start_at.get(key, -1))
+            part = TopicPartition(tp.topic, tp.partition)
+            high = (consumer.get_watermark_offsets(part, cached=True) if timeout is None
+                    else consumer.get_watermark_offsets(part, timeout=timeout))[1]
+            result.append((position, high))
+        return result
+
+    def lag(self) -> int | None:
+        """Messages between the position and the end of every assigned partition (from
+        the last fetch's statistics, no broker round trip); None while unknown."""
+        from confluent_kafka import KafkaException
+        try:
+            known = [max(0, high - position) for position, high in self._positions(None)
+                     if position >= 0 and high >= 0]
+        except KafkaException:
+            return None
+        return sum(known) if known else None
+
+    def caught_up(self, timeout: float = 5.0) -> bool:
+        """True if the broker answers and every assigned partition has been read to its
+        end: what an idle stop needs (a broker that is down is not "no new message")."""
+        from confluent_kafka import KafkaException
+        if not self._owned or (self._reader is not None and self._reader.waiting):
+            return False  # messages waiting for their decryption key are not idleness
+        try:
+            return all(high <= position for position, high in self._positions(timeout))
+        except KafkaException as exc:
+            self._trouble_at = time.monotonic()
+            logger.info("not idle: the broker does not answer (%s)", exc)
+            return False
+
+    def close(self) -> None:
+        """Leave the group; the revoke callback gets a last chance to commit."""
+        if self._reader is not None:  # before the revoke forgets them
+            self._left_encrypted = self._reader.held
+            self._reader.report_left()
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except Exception as exc:  # closing is best effort at shutdown
+                logger.warning("error while closing a consumer: %s", exc)
+        self._consumer = None
+        self._owned.clear()
+        self._start_at.clear()
+        if self._reader is not None:
+            self._reader.close()  # and its KafkaCrypto node
+            self._reader = None
+

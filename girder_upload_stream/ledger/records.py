@@ -1,0 +1,347 @@
+"""The file ledger: one record per file generation, with an explicit state.
+
+A file generation (``(rel_path, file_hash)``) lives through these states::
+
+    ASSEMBLING ──complete──► READY ──dispatch──► UPLOADING ──settle──► DONE | FAILED
+        │  ▲                   ▲                    │
+        │  └──(chunks keep     └─────due────── WAITING_TO_RETRY ◄──retry_later──┘
+        │      coming)
+        ├──release──► RELEASED (incomplete for too long: holds no commit, may still complete)
+        ├──settle───► DONE (found in Girder) | FAILED (rejected: bad chunk, mismatched hash)
+        └──forget───► (gone: handed over to another consumer, or dropped)
+
+``DONE`` and ``FAILED`` are final: the record leaves the ledger, and what later
+messages of the same generation mean is decided from what the ledger remembers of it
+(:meth:`FileLedger.route`). A record also has a *role*: ``FIRST`` (its messages hold
+the partition's commit until it is settled) or ``AGAIN`` (the same content was put in
+Girder before -- "produced again" -- so its messages hold nothing).
+
+A generation produced again while its first copy is still on its way is not rebuilt:
+its chunks are counted by a :class:`RepeatCounter`, and each whole copy is registered
+once the first copy is settled.
+
+Pure bookkeeping: no Prefect, Kafka or Girder; the caller owns the clock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from girder_upload_stream.wire.codec import FileKey
+from girder_upload_stream.assembly.reassembly import CompletedFile
+
+__all__ = ["FileState", "Role", "Route", "FileRecord", "RepeatCounter", "FileLedger",
+           "LedgerError", "file_generation"]
+
+
+def file_generation(file_hash: bytes) -> str:
+    """The short id of one generation of a file (its sha512 prefix), as registries keep it."""
+    return file_hash.hex()[:32]
+
+
+class FileState(StrEnum):
+    ASSEMBLING = "assembling"
+    RELEASED = "released"  # still assembling, but no longer holding commits (stale)
+    READY = "ready"
+    UPLOADING = "uploading"
+    WAITING_TO_RETRY = "waiting_to_retry"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Role(StrEnum):
+    FIRST = "first"  # holds its messages' commits until settled
+    AGAIN = "again"  # produced again: Girder has the content already, holds nothing
+
+
+class Route(StrEnum):
+    """What a message of a generation means, before it reaches the reassembler."""
+
+    DONE_BEFORE = "done_before"      # re-read of a file processed before: done at once
+    COUNT_REPEAT = "count_repeat"    # a copy counted, not rebuilt: done at once
+    ASSEMBLE_AGAIN = "assemble_again"  # produced again after it was settled: rebuild, hold nothing
+    ASSEMBLE = "assemble"            # everything else: to the reassembler
+
+
+class LedgerError(RuntimeError):
+    """A transition the state machine does not allow (a programming error)."""
+
+
+_ALLOWED: dict[str, tuple[FileState, ...]] = {
+    "complete": (FileState.ASSEMBLING, FileState.RELEASED),
+    "release": (FileState.ASSEMBLING,),
+    "dispatch": (FileState.READY,),
+    "retry_later": (FileState.UPLOADING,),
+    "due": (FileState.WAITING_TO_RETRY,),
+    "settle": (FileState.ASSEMBLING, FileState.RELEASED, FileState.UPLOADING),
+}
+
+#: States whose file bytes (memory modes) are held by the ledger, not the reassembler.
+_HOLDING = (FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY)
+
+
+@dataclass(slots=True)
+class FileRecord:
+    """Everything the consumer knows of one generation it is working on."""
+
+    key: FileKey
+    role: Role
+    state: FileState = FileState.ASSEMBLING
+    completed: CompletedFile | None = None
+    unit_id: int | None = None
+    retry_at: float = 0.0
+    message_bytes: int = 0
+    looked_up: bool = False  # a Girder lookup was wanted once (at most once per record)
+
+    @property
+    def holds_commit(self) -> bool:
+        """Whether new messages of this file are pending until it is settled (a released
+        file's new chunks hold again: it may still complete)."""
+        return self.role is Role.FIRST
+
+    @property
+    def held_bytes(self) -> int:
+        """File bytes in RAM that this record (not the reassembler) holds."""
+        if self.state in _HOLDING and self.completed is not None \
+                and self.completed.data is not None:
+            return self.completed.size
+        return 0
+
+
+class RepeatCounter:
+    """Whole copies of one generation read, in O(1) per chunk whatever its chunk count.
+
+    ``count[i]`` is how often chunk ``i`` was read; ``level[k]`` how many chunk numbers
+    were read at least ``k`` times. Copy ``k`` is whole when ``level[k]`` reaches the
+    chunk count."""
+
+    __slots__ = ("n_total", "count", "level", "whole", "registered")
+
+    def __init__(self, n_total: int, received: Iterator[int] | list[int]) -> None:
+        self.n_total = n_total
+        self.count: dict[int, int] = {}
+        self.level: dict[int, int] = {}
+        self.whole = 0
+        self.registered = 1  # the first copy is registered by its own settlement
+        for chunk_i in received:
+            self.add(chunk_i)
+
+    def add(self, chunk_i: int) -> None:
+        seen = self.count.get(chunk_i, 0) + 1
+        self.count[chunk_i] = seen
+        self.level[seen] = self.level.get(seen, 0) + 1
+        if self.level[seen] == self.n_total and seen > self.whole:
+            self.whole = seen
+
+    def take_due(self) -> int:
+        """Whole copies beyond the first not registered yet (and mark them registered)."""
+        due = max(0, self.whole - self.registered)
+        self.registered += due
+        return due
+
+
+class FileLedger:
+    """The records of every generation in flight, plus a bounded memory of settled ones.
+
+    ``known_done``/``known_pending`` are ``(rel_path, generation)`` pairs the registries
+    list as processed / in progress (from a run before this one)."""
+
+    def __init__(self, known_done: set[tuple[str, str]] | None = None,
+                 known_pending: set[tuple[str, str]] | None = None,
+                 max_remembered: int = 10_000) -> None:
+        self.known_done = known_done or set()
+        self.known_pending = known_pending or set()
+        self._records: dict[FileKey, FileRecord] = {}
+        self._by_state: dict[FileState, dict[FileKey, FileRecord]] = {s: {} for s in FileState}
+        self._settled: OrderedDict[FileKey, CompletedFile] = OrderedDict()  # no bytes kept
+        self._failed: OrderedDict[FileKey, None] = OrderedDict()
+        self._repeats: dict[FileKey, RepeatCounter] = {}
+        self._lookups: dict[FileKey, float] = {}  # Girder lookups wanted, by due time
+        self._max = max_remembered
+        self.held_bytes = 0
+
+    # -- looking up ------------------------------------------------------------------
+    def get(self, key: FileKey) -> FileRecord | None:
+        return self._records.get(key)
+
+    def busy(self, key: FileKey) -> bool:
+        """True while a generation's fate is not durable yet."""
+        return key in self._records
+
+    def in_state(self, state: FileState) -> list[FileRecord]:
+        return list(self._by_state[state].values())
+
+    def count(self, *states: FileState) -> int:
+        return sum(len(self._by_state[s]) for s in states)
+
+    def is_known_done(self, key: FileKey) -> bool:
+        return (key[0], file_generation(key[1])) in self.known_done
+
+    def is_known_pending(self, key: FileKey) -> bool:
+        return (key[0], file_generation(key[1])) in self.known_pending
+
+    def failed_for_good(self, key: FileKey) -> bool:
+        """True if this generation's upload failed for good in this run."""
+        return key in self._failed
+
+    def route(self, key: FileKey, reread: bool, completed_here: bool) -> Route:
+        """The one place that says what a message means before reassembly (offsets
+        rules 3 and 7): ``reread`` -- an earlier owner of the group read it;
+        ``completed_here`` -- the reassembler completed this generation in this run."""
+        if key in self._records:
+            return Route.ASSEMBLE
+        if key in self._failed:
+            return Route.ASSEMBLE  # a failed file is rebuilt and tried again, holding commits
+        if reread:
+            return Route.DONE_BEFORE if self.is_known_done(key) else Route.ASSEMBLE
+        if key in self._repeats:
+            return Route.COUNT_REPEAT
+        if self.is_known_done(key) or completed_here:
+            return Route.ASSEMBLE_AGAIN
+        return Route.ASSEMBLE
+
+    # -- transitions -------------------------------------------------------------------
+    def _move(self, record: FileRecord, transition: str, state: FileState) -> None:
+        if record.state not in _ALLOWED[transition]:
+            raise LedgerError(f"{record.key[0]}: cannot {transition} a file that is "
+                              f"{record.state.value}")
+        self.held_bytes -= record.held_bytes
+        del self._by_state[record.state][record.key]
+        record.state = state
+        self._by_state[state][record.key] = record
+        self.held_bytes += record.held_bytes
+
+    def open(self, key: FileKey, role: Role = Role.FIRST) -> FileRecord:
+        """A record for a generation whose first message is being taken (or the one
+        already open)."""
+        record = self._records.get(key)
+        if record is None:
+            self._failed.pop(key, None)
+            record = FileRecord(key, role)
+            self._records[key] = record
+            self._by_state[record.state][key] = record
+        return record
+
+    def complete(self, key: FileKey, completed: CompletedFile) -> FileRecord:
+        """ASSEMBLING/RELEASED -> READY: the file is whole and its sha512 matched."""
+        record = self._records[key]
+        record.completed = completed
+        self._move(record, "complete", FileState.READY)
+        return record
+
+    def release(self, key: FileKey) -> None:
+        """ASSEMBLING -> RELEASED: incomplete for too long, stops holding commits."""
+        self._move(self._records[key], "release", FileState.RELEASED)
+
+    def dispatch(self, key: FileKey, unit_id: int) -> None:
+        """READY -> UPLOADING in upload unit ``unit_id``."""
+        record = self._records[key]
+        record.unit_id = unit_id
+        self._move(record, "dispatch", FileState.UPLOADING)
+
+    def retry_later(self, key: FileKey, at: float) -> None:
+        """UPLOADING -> WAITING_TO_RETRY until ``at`` (a transient failure)."""
+        record = self._records[key]
+        record.retry_at, record.unit_id = at, None
+        self._move(record, "retry_later", FileState.WAITING_TO_RETRY)
+
+    def due(self, now: float) -> list[FileRecord]:
+        """WAITING_TO_RETRY -> READY for every record whose delay has passed."""
+        due = [r for r in self._by_state[FileState.WAITING_TO_RETRY].values()
+               if r.retry_at <= now]
+        for record in due:
+            self._move(record, "due", FileState.READY)
+        return due
+
+    def settle(self, key: FileKey, state: FileState) -> FileRecord:
+        """-> DONE or FAILED, final: the record leaves the ledger. A generation done is
+        remembered (its copies may still be counted); one whose upload failed for good
+        is remembered as failed, so that producing it again retries it."""
+        if state not in (FileState.DONE, FileState.FAILED):
+            raise LedgerError(f"settle to {state.value}")
+        record = self._records[key]
+        self._move(record, "settle", state)
+        self._drop(record)
+        if state is FileState.DONE:
+            self.known_done.add((key[0], file_generation(key[1])))
+            if record.completed is not None:
+                self._remember(self._settled, key, replace(record.completed, data=None))
+        else:
+            self._repeats.pop(key, None)  # copies of a failed file are rebuilt, not counted
+            if record.completed is not None:  # uploaded in vain, not a bad file
+                self._remember(self._failed, key, None)
+        return record
+
+    def forget(self, key: FileKey) -> FileRecord | None:
+        """Any state -> gone (handed over, dropped): its messages come back as new."""
+        record = self._records.get(key)
+        if record is not None:
+            self._drop(record)
+            # Copies counted against a first copy that will not settle here must be
+            # rebuilt when their chunks come back, not counted again.
+            self._repeats.pop(key, None)
+        return record
+
+    def _drop(self, record: FileRecord) -> None:
+        self.held_bytes -= record.held_bytes
+        del self._by_state[record.state][record.key]
+        del self._records[record.key]
+        self._lookups.pop(record.key, None)
+
+    def _remember(self, memory: OrderedDict, key: FileKey, value) -> None:
+        memory[key] = value
+        memory.move_to_end(key)
+        while len(memory) > self._max:
+            old, _ = memory.popitem(last=False)
+            self._repeats.pop(old, None)
+
+    # -- copies produced again --------------------------------------------------------
+    def count_repeat(self, key: FileKey, n_total: int, chunk_i: int,
+                     received: list[int] | None) -> None:
+        """Count one new (not re-read) chunk of a generation seen before; ``received``
+        (the chunks of the first copy read so far) starts the count."""
+        counter = self._repeats.get(key)
+        if counter is None:
+            if received is None:
+                return
+            counter = self._repeats[key] = RepeatCounter(n_total, received)
+        if counter.n_total == n_total:  # a chunk of another chunking is no copy of this one
+            counter.add(chunk_i)
+
+    def repeats_due(self, key: FileKey) -> list[CompletedFile]:
+        """The settled first copy once per whole copy counted since the last call (only
+        once the first copy is settled: before, the copies wait)."""
+        first, counter = self._settled.get(key), self._repeats.get(key)
+        if first is None or counter is None:
+            return []
+        return [first] * counter.take_due()
+
+    def counting(self, key: FileKey) -> bool:
+        return key in self._repeats
+
+    # -- Girder lookups of re-read files ----------------------------------------------
+    def want_lookup(self, key: FileKey, at: float) -> None:
+        """Ask Girder once whether it holds this generation (from ``at`` on)."""
+        record = self._records.get(key)
+        if record is not None and not record.looked_up:
+            record.looked_up = True
+            self._lookups[key] = at
+
+    def take_lookups(self, now: float) -> list[FileKey]:
+        """The lookups due now; each is handed out once (see :meth:`lookup_unanswered`)."""
+        due = [key for key, at in self._lookups.items() if at <= now]
+        for key in due:
+            del self._lookups[key]
+        return due
+
+    def lookup_unanswered(self, key: FileKey, at: float) -> None:
+        """Girder could not tell: ask again from ``at`` on (while the file is in flight)."""
+        if key in self._records:
+            self._lookups[key] = at
+
+    @property
+    def lookups_wanted(self) -> int:
+        return len(self._lookups)

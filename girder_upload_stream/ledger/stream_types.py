@@ -1,0 +1,74 @@
+"""What the polling loop and the pure core exchange: messages as read from Kafka,
+partitions as assigned, where each file's fate is written down (a :class:`Recorder`,
+the registries), and the run's counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from girder_upload_stream.wire.codec import Chunk
+from girder_upload_stream.errors import ChunkDecodeError
+from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress, RejectedFile
+from girder_upload_stream.ledger.units import FileOutcome
+
+__all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters"]
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """One message as read from Kafka (value may be None for tombstones)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    """A partition just assigned: its committed offset and commit metadata (None when
+    unknown or never committed) and the oldest offset still in the topic."""
+
+    topic: str
+    partition: int
+    committed: int | None
+    metadata: str | None
+    low: int | None
+
+
+class Recorder:
+    """Where file fates are written down (the registries); this base records nothing."""
+
+    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None: ...
+    def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None: ...
+    def file_rejected(self, rejected: RejectedFile) -> None: ...
+    def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None: ...
+    def file_found(self, progress: FileProgress) -> None: ...
+    def file_stale(self, progress: FileProgress, reason: str) -> None: ...
+    def file_dropped(self, progress: FileProgress) -> None: ...
+    def messages_gone(self, partition: int, first: int, end: int) -> None: ...
+
+
+@dataclass
+class Counters:
+    """Totals since start, and since the last heartbeat (``take_delta``)."""
+
+    messages_read: int = 0
+    bytes_read: int = 0
+    messages_processed: int = 0
+    bytes_processed: int = 0
+    files_uploaded: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+    files_found_in_girder: int = 0
+    messages_rejected: int = 0
+    messages_skipped: int = 0  # read, but done before a restart (offsets rule 8)
+    files_to_retry: int = 0  # upload failed for good: the next run tries again (rule 9)
+    _last: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def take_delta(self) -> dict[str, int]:
+        now = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
+        self._last = now
+        return delta

@@ -1,0 +1,1 @@
+"""The long-running loop: the runner, its side jobs, and its wiring."""

@@ -1,0 +1,345 @@
+"""The long-running consumer loop: poll, reassemble, hand units to uploads, commit.
+
+It imports no Prefect, Kafka or Girder module: the flow gives it a consumer group, a
+``submit`` function that starts an upload unit (a Prefect task) and returns a handle,
+and optional side jobs (registry saving, heartbeats, console). Polling never waits for
+an upload: finished handles are collected each round, so a slow Girder cannot push
+the consumer past ``max.poll.interval.ms``. Offsets are committed per
+:mod:`girder_upload_stream.ledger.offsets`, and only after ``before_commit`` (the registry save)
+worked: while it fails, uploads go on and commits wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from girder_upload_stream import failpoints
+from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.settings import RunSettings
+from girder_upload_stream.wire.codec import FileKey
+from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, mark_moved
+
+__all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "StopSignal",
+           "stop_on_signals"]
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+
+class StopSignal:
+    """One run's stop request: set by its signal handlers, its console's "quit" or its
+    caller; safe from signal handlers and other threads. Each run owns its own, so a
+    second run in the same process (a test, a served deployment) starts fresh."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            logger.info("stop requested: %s", reason)
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+@contextmanager
+def stop_on_signals(stop: StopSignal) -> Iterator[None]:
+    """SIGINT and SIGTERM request a graceful stop of the run while inside (in the main
+    thread only: elsewhere the process's handlers stay); the previous handlers come back
+    at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda signum, _frame: stop.request(signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class UploadHandle(Protocol):
+    def done(self) -> bool: ...
+    def result(self) -> list[FileOutcome]: ...
+
+
+class ProbeHandle(Protocol):
+    """A running Girder lookup: ``result()`` gives ``[(file_key, found)]``."""
+
+    def done(self) -> bool: ...
+    def result(self) -> list[tuple[FileKey, bool | None]]: ...
+
+
+class SideJob(Protocol):
+    """Periodic work beside the loop (registries, heartbeats, console dots)."""
+
+    def tick(self, runner: StreamRunner, final: bool = False) -> None: ...
+
+
+@dataclass
+class RunSummary:
+    stopped_because: str = ""
+    seconds: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+    pending_messages: int = 0
+    active_seconds: float = 0.0  # from start to the last file put in Girder
+    #: Why the last registry save failed (the recorder's ``save_error``); None if it
+    #: worked. Offsets past files processed since the last good save stayed uncommitted.
+    save_error: str | None = None
+
+
+class StreamRunner:
+    """Drives one :class:`StreamProcessor` from a consumer group until asked to stop."""
+
+    def __init__(self, settings: RunSettings, processor: StreamProcessor, group: Any,
+                 submit: Callable[[UploadUnit], UploadHandle],
+                 side_jobs: list[SideJob] | None = None,
+                 before_commit: Callable[[], None] | None = None,
+                 probe: Callable[[list[FileKey]], ProbeHandle] | None = None,
+                 early_outcomes: Callable[[], list[tuple[int, FileOutcome]]] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 stop: StopSignal | None = None) -> None:
+        self.settings = settings
+        self.stop = stop or StopSignal()
+        self.processor = processor
+        self.group = group
+        self._submit = submit
+        self.side_jobs = side_jobs or []
+        self._before_commit = before_commit
+        self._clock = clock
+        self._probe = probe
+        self._early_outcomes = early_outcomes
+        self._handles: dict[int, tuple[UploadUnit, UploadHandle]] = {}
+        self._probes: list[tuple[list[FileKey], ProbeHandle]] = []
+        self._started = clock()
+        self._last_message = self._started
+        self._last_commit = self._started
+        self.summary: RunSummary | None = None
+        self.stopping_reason = ""
+        self._save_raised = False  # the last before_commit raised (commits wait)
+
+    # -- one round --------------------------------------------------------------------
+    def step(self) -> int:
+        """Poll once, process, submit, collect and maybe commit; returns messages read."""
+        messages = self.group.poll(self.settings.poll_batch, timeout=0.2)
+        for msg in messages:
+            self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
+                                             msg.key(), msg.value()))
+        for tp, offset in self.processor.offsets.take_seeks().items():
+            if self.group.seek(tp, offset):  # over messages done before a restart (rule 8)
+                self.processor.offsets.sought(tp, offset)
+        if messages or not self.group.assignment:
+            # Idle time only counts while partitions are assigned (joining can take seconds).
+            self._last_message = self._clock()
+        for unit in self.processor.take_units():
+            unit.shared = bool(getattr(self.group, "shared", False))
+            self._handles[unit.unit_id] = (unit, self._submit(unit))
+        self._start_probes()
+        self.collect()
+        # Pausing only helps while uploads are pending (finishing them frees memory):
+        # files still assembling need more messages, so pausing then would wait for ever.
+        self.group.pause(self.processor.bytes_held > self.settings.memory_budget_bytes
+                         and not self.processor.idle)
+        if self._clock() - self._last_commit >= self.settings.commit_interval_seconds:
+            self.commit()
+        for job in self.side_jobs:
+            job.tick(self)
+        return len(messages)
+
+    def _start_probes(self) -> None:
+        keys = self.processor.take_probes()
+        if not keys:
+            return
+        if self._probe is None:  # nowhere to look: the files assemble as usual
+            for key in keys:
+                self.processor.probe_result(key, False)
+            return
+        self._probes.append((keys, self._probe(keys)))
+
+    def _collect_probes(self) -> None:
+        still = []
+        for keys, handle in self._probes:
+            if not handle.done():
+                still.append((keys, handle))
+                continue
+            try:
+                answers = handle.result()
+            except Exception as exc:  # noqa: BLE001 - asked again after retry_delay
+                logger.warning("Girder lookup of %d re-read file(s) failed: %s", len(keys), exc)
+                answers = [(key, None) for key in keys]
+            for key, found in answers:
+                self.processor.probe_result(key, found)
+        self._probes = still
+
+    @property
+    def busy(self) -> bool:
+        """True while uploads or Girder lookups are running."""
+        return bool(self._handles or self._probes)
+
+    def collect(self) -> None:
+        """Settle every file reported as landed, every finished upload unit and Girder
+        lookup (never blocks)."""
+        if self._early_outcomes is not None:
+            for unit_id, outcome in self._early_outcomes():
+                self.processor.settle_early(unit_id, outcome)
+        self._collect_probes()
+        for unit_id, (unit, handle) in list(self._handles.items()):
+            if not handle.done():
+                continue
+            del self._handles[unit_id]
+            try:
+                outcomes = handle.result()
+            except Exception as exc:  # the task failed after its retries
+                logger.warning("upload unit %d failed: %s", unit_id, exc)
+                self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
+            else:
+                failpoints.hit("upload.done")
+                self.processor.finish_unit(unit, outcomes)
+
+    def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
+        """Commit every offset the tracker says is safe, for partitions we own.
+
+        ``before_commit`` (the registry save) runs first, so that a file's processed row
+        is durable before the offsets past its messages are: a restart then recognises
+        the file's re-read chunks as done. If it fails (a full disk...) nothing is
+        committed: the offsets stay committable and the next round tries again."""
+        self._last_commit = self._clock()
+        offsets = self.processor.offsets.commit_plan(tps if tps is not None
+                                                     else self.group.assignment)
+        if offsets and self._durable():
+            failpoints.hit("commit.before")
+            self.processor.offsets.committed(self.group.commit(offsets))
+            failpoints.hit("commit.after")
+
+    def _durable(self) -> bool:
+        """Run ``before_commit``: False if it returned False (it logs why itself, e.g.
+        :meth:`RegistryRecorder.try_save`) or raised (logged here, once per streak)."""
+        if self._before_commit is None:
+            return True
+        try:
+            ok = self._before_commit() is not False
+        except Exception as exc:  # noqa: BLE001 - a failing save must not stop uploads
+            if not self._save_raised:
+                logger.error("offsets are not committed while the save before a commit "
+                             "fails (%s: %s); uploads go on, commits resume once it works",
+                             type(exc).__name__, exc)
+            self._save_raised = True
+            return False
+        if ok and self._save_raised:
+            logger.warning("the save before a commit works again: offset commits resume")
+            self._save_raised = False
+        return ok
+
+    def on_revoke(self, tps: list[tuple[str, int]]) -> None:
+        """Before losing partitions: commit what is safe for them, hand the files that
+        only they hold to the next owner, then forget them."""
+        self.commit(tps)
+        self._drop(tps)
+
+    def on_lost(self, tps: list[tuple[str, int]]) -> None:
+        """Partitions were taken away without a revoke (the session timed out): another
+        member may own them already and have committed past our progress, so nothing is
+        committed for them. Their files waiting for upload are handed over and their
+        pending offsets forgotten, as for a revoke; the new owner reads them again from
+        the group's last commit (files already in Girder are recognised there)."""
+        self._drop(tps)
+
+    def _drop(self, tps: list[tuple[str, int]]) -> None:
+        self.processor.hand_over(tps)
+        self.processor.offsets.forget(tps)
+        for unit, _ in self._handles.values():
+            mark_moved(unit)  # the next owner may upload its files at the same moment
+
+    # -- the loop --------------------------------------------------------------------
+    def _stop_reason(self) -> str | None:
+        now = self._clock()
+        if self.stop.is_set():
+            return "stop requested"
+        limit = self.settings.max_runtime_seconds
+        if limit is not None and now - self._started >= limit:
+            return f"max_runtime_seconds ({limit:g}) reached"
+        idle = self.settings.max_idle_seconds
+        if (idle is not None and now - self._last_message >= idle and self.processor.idle
+                and not self.busy):
+            # A broker that did not answer lately, or messages still waiting, is not
+            # idleness: the idle time counts from the broker's last problem.
+            quiet = getattr(self.group, "quiet_seconds", lambda: float("inf"))()
+            if quiet < idle:
+                self._last_message = now - quiet
+            elif getattr(self.group, "caught_up", lambda: True)():
+                return f"no new message for {idle:g}s and nothing in flight"
+            else:
+                self._last_message = now
+        return None
+
+    def run(self) -> RunSummary:
+        """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`).
+
+        An exception (e.g. Prefect's TerminationSignal on SIGTERM or cancellation) also
+        shuts down gracefully before it propagates; :attr:`summary` is then set."""
+        reason = None
+        try:
+            while reason is None:
+                self.step()
+                reason = self._stop_reason()
+        except BaseException as exc:  # a Prefect TerminationSignal is a BaseException
+            reason = f"interrupted ({type(exc).__name__})"
+            self.shutdown(reason)
+            raise
+        return self.shutdown(reason)
+
+    def shutdown(self, reason: str) -> RunSummary:
+        """Stop fetching, let in-flight uploads finish (bounded), commit what is safe,
+        run the side jobs a last time and leave the group. The group is left even when
+        a step before fails, so that its partitions move on at once."""
+        logger.info("shutting down: %s", reason)
+        self.stopping_reason = reason  # the side jobs' final tick may report it
+        try:
+            self.group.pause(True)
+            deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
+            while self.busy and self._clock() < deadline:
+                self.group.poll(1, timeout=0.1)  # keep the group membership alive
+                self.collect()
+            if self._handles:
+                logger.warning("%d upload unit(s) still running at shutdown; their messages "
+                               "stay uncommitted and are read again on restart",
+                               len(self._handles))
+            self.commit()
+            self._final_ticks()
+        finally:
+            self.group.close()
+        save_error = getattr(self.processor.recorder, "save_error", None)
+        if save_error is not None:
+            logger.error("the last save of the registries failed (%s): the offsets of "
+                         "files processed since the last good save stay uncommitted and "
+                         "are read again on restart", save_error)
+        self.summary = RunSummary(reason, self._clock() - self._started,
+                                  {k: v for k, v in vars(self.processor.counters).items()
+                                   if not k.startswith("_")},
+                                  self.processor.offsets.pending_count(),
+                                  (self.processor.last_settled_at or self._started)
+                                  - self._started, save_error)
+        return self.summary
+
+    def _final_ticks(self) -> None:
+        """Every side job's last tick; one failing does not skip the others."""
+        for job in self.side_jobs:
+            try:
+                job.tick(self, final=True)
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on
+                logger.error("%s failed at shutdown: %s: %s", type(job).__name__,
+                             type(exc).__name__, exc)

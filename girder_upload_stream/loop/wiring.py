@@ -1,0 +1,215 @@
+"""Build the consumer's parts from its options: settings models, reassembler,
+processor, consumer group and side jobs. Shared by the Prefect flow and the CLI, and
+free of Prefect imports so it is unit-testable."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from girder_upload_stream.wire.config import load_config
+from girder_upload_stream.wire.config_files import resolve_config_path
+from girder_upload_stream.loop.console import Console, announce_start
+from girder_upload_stream.errors import ConfigError
+from girder_upload_stream.loop.heartbeat import Heartbeats
+from girder_upload_stream.kafka.clients import ConsumerGroup, HeartbeatProducer, LogProducer
+from girder_upload_stream.loop.log_topic import LogBuffer, LogMessages, LogTopic, split_log_section
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.assembly.reassembly import Reassembler, reserved_paths
+from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
+from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner
+from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, KafkaSettings,
+                                           RunSettings)
+
+__all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner"]
+
+logger = logging.getLogger(__name__)
+
+
+def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
+                   heartbeat_topic: str | None = None, heartbeat_program_id: str | None = None,
+                   heartbeat_interval_secs: float = 30.0, *,
+                   treat_undecryptable_as_plaintext: bool = False,
+                   max_wait_per_decrypt: float = 5.0,
+                   max_initial_wait_per_decrypt: float = 60.0) -> KafkaSettings:
+    """Read the config file (a path or a bundled name) into typed Kafka settings; a
+    ``[kafkacrypto]`` section makes the topic an encrypted one (the three decrypt
+    options only matter then)."""
+    file_config = load_config(resolve_config_path(config))
+    crypto = None
+    if file_config.uses_kafkacrypto:
+        from girder_upload_stream.kafka.crypto import node_dirs
+        crypto = KafkaCryptoSettings(
+            config_file=file_config.kafkacrypto_node_config(node_dirs()),
+            broker=file_config.section("broker"),
+            treat_undecryptable_as_plaintext=treat_undecryptable_as_plaintext,
+            max_wait_per_decrypt=max_wait_per_decrypt,
+            max_initial_wait_per_decrypt=max_initial_wait_per_decrypt)
+        logger.info("%s is encrypted with KafkaCrypto: node store %s", topic,
+                    crypto.config_file)
+    if not file_config.auto_commit_disabled:
+        logger.warning("enable.auto.commit is not False in the [consumer] section of %s; "
+                       "girder-upload-stream turns it off anyway and commits offsets itself, "
+                       "after files are durable", file_config.path)
+    consumer = file_config.consumer_settings(group_id)
+    consumer.setdefault("auto.offset.reset", "earliest")
+    # Big fetches keep the single polling thread fed: an A/B on 8 x 256 MiB in disk mode
+    # ran 25% slower with librdkafka's 1 MiB per partition and a 32 MiB queue.
+    consumer.setdefault("fetch.message.max.bytes", str(16 << 20))
+    # A consumer that was killed never leaves its group: the broker hands its partitions
+    # to the restarted program only when its session expires. The loop never blocks (and
+    # librdkafka heartbeats from its own thread), so a 10 s session is safe and a
+    # restart after a crash resumes in seconds instead of librdkafka's 45.
+    consumer.setdefault("session.timeout.ms", "10000")
+    consumer.setdefault("heartbeat.interval.ms", "3000")
+    heartbeat = (file_config.heartbeat_producer_settings() if heartbeat_topic else {})
+    return KafkaSettings(topic=topic, group_id=consumer["group.id"], consumer=consumer,
+                         n_threads=n_threads, heartbeat_topic=heartbeat_topic,
+                         heartbeat_program_id=heartbeat_program_id or f"girder-upload-stream-{consumer['group.id']}",
+                         heartbeat_interval_secs=heartbeat_interval_secs,
+                         heartbeat_producer=heartbeat, kafkacrypto=crypto)
+
+
+def log_topic_settings(config: str, topic: str | None, program_id: str | None,
+                       interval_secs: float, group_id: str) -> LogTopic | None:
+    """The log topic's settings (None without ``topic``): the ``[log]`` section over,
+    or instead of, ``[broker]``, as for heartbeats; its ``max.logs.per.message`` and
+    ``log.level`` keys configure the buffer, not the producer."""
+    if not topic:
+        return None
+    if interval_secs <= 0:
+        raise ConfigError(f"log_interval_secs must be positive, got {interval_secs!r}")
+    file_config = load_config(resolve_config_path(config))
+    _, max_lines, level = split_log_section(file_config.section("log"), str(file_config.path))
+    producer, _, _ = split_log_section(file_config.log_producer_settings(),
+                                       str(file_config.path))
+    return LogTopic(topic, program_id or f"girder-upload-stream-{group_id}",
+                    float(interval_secs), producer, max_lines, level)
+
+
+def _secret_values(*settings: dict[str, str]) -> list[str]:
+    """Values of librdkafka settings that are secrets (``sasl.password``,
+    ``ssl.key.password``, ``sasl.oauthbearer.client.secret``,
+    ``sasl.oauthbearer.config``...)."""
+    return [value for section in settings for key, value in section.items()
+            if ("password" in key or "secret" in key or key == "sasl.oauthbearer.config")
+            and value]
+
+
+def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **options: Any
+                    ) -> GirderSettings:
+    if not api_url:
+        raise ConfigError("no Girder API URL: pass girder_api_url (or set GIRDER_API_URL)")
+    if not api_key:
+        raise ConfigError("no Girder API key: pass it, set GIRDER_API_KEY, or name a "
+                          "Prefect Secret block")
+    return GirderSettings(api_url=api_url, api_key=api_key, **options)
+
+
+def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
+    """The Reassembler of a run, with the consumer's own folders below ``output_dir``
+    (the staging folder, and the logs folder when it is inside) out of reach of the
+    paths that messages name."""
+    logs_dir = Path(run.logs_dir)
+    if run.mode != "memory" and logs_dir.resolve() == output_dir.resolve():
+        raise ConfigError(f"--logger_file_path is --output_dir ({output_dir}): in "
+                          f"{run.mode} mode files rebuilt there could overwrite the "
+                          "registries; give the logs a folder of their own")
+    reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes,
+                              reserved=reserved_paths(output_dir, [logs_dir]))
+    if reassembler.stale_removed:
+        logger.info("deleted the staging files of %d earlier run(s) below %s: their "
+                    "messages were not committed and are read again",
+                    reassembler.stale_removed, output_dir)
+    return reassembler
+
+
+def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
+                 extra_jobs: list[SideJob] | None = None, probe: Any = None,
+                 early_outcomes: Any = None,
+                 registry_fallback: Callable[[], set[tuple[str, str]]] | None = None,
+                 log_topic: LogTopic | None = None, secrets: Iterable[str] = (),
+                 girder_api_url: str | None = None, stop: StopSignal | None = None
+                 ) -> StreamRunner:
+    """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
+    ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
+    ``early_outcomes()`` drains the per-file outcomes of units still running; ``stop``
+    is the run's stop request (its console's "quit" sets it too).
+    ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
+    Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
+
+    ``registry_fallback`` is asked for the (rel_path, generation) of processed files
+    only when the logs folder holds no registry of this topic and group (e.g. a
+    restart on another machine); the flow passes the latest Prefect artifact's rows."""
+    # First, so that the log topic also gets what reading the registries logs.
+    log_job = _log_job(log_topic, kafka, secrets) if log_topic is not None else None
+    try:
+        return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
+                      registry_fallback, log_job, girder_api_url, stop or StopSignal())
+    except BaseException:
+        if log_job is not None:
+            log_job.detach()
+        raise
+
+
+def _log_job(log_topic: LogTopic, kafka: KafkaSettings, secrets: Iterable[str]) -> LogMessages:
+    buffer = LogBuffer(log_topic.max_lines, level=log_topic.level,
+                       secrets=[*secrets, *_secret_values(
+                           kafka.consumer, kafka.heartbeat_producer, log_topic.producer)])
+    return LogMessages(LogProducer(log_topic.producer, log_topic.topic, log_topic.program_id),
+                       log_topic.interval_secs, buffer, log_topic=log_topic)
+
+
+def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
+           extra_jobs: list[SideJob] | None, probe: Any, early_outcomes: Any,
+           registry_fallback: Callable[[], set[tuple[str, str]]] | None,
+           log_job: LogMessages | None, girder_api_url: str | None,
+           stop: StopSignal) -> StreamRunner:
+    output_dir = Path(run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
+    known_done = recorder.processed_keys()
+    if not recorder.had_local_state and registry_fallback is not None:
+        try:
+            fallback = registry_fallback() or set()
+        except Exception as exc:  # noqa: BLE001 - Kafka offsets and Girder still suffice
+            logger.warning("no local registry and the fallback failed: %s", exc)
+            fallback = set()
+        logger.info("no local registry of %s/%s: %d processed file(s) taken from the "
+                    "fallback", kafka.topic, kafka.group_id, len(fallback))
+        known_done |= fallback
+    reassembler = build_reassembler(run, output_dir)
+    processor = StreamProcessor(
+        reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
+        recorder=recorder, max_unit_files=run.max_unit_files,
+        max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds,
+        known_done=known_done, known_pending=recorder.pending_keys(),
+        stale_partial_seconds=run.stale_partial_seconds,
+        max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
+    jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
+                                   output_dir=output_dir.resolve(), stop=stop),
+                           RegistrySaver(recorder, run.registry_interval_seconds)]
+    if kafka.heartbeat_topic:
+        producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,
+                                     kafka.heartbeat_program_id)
+        jobs.append(Heartbeats(producer, kafka.heartbeat_interval_secs))
+    if log_job is not None:
+        jobs.append(log_job)  # after the console: its shutdown lines go in the last message
+    announce_start(kafka, output_dir.resolve(), girder_api_url,
+                   log_job.log_topic if log_job is not None else None)
+    jobs += extra_jobs or []
+    holder: dict[str, StreamRunner] = {}
+    group = ConsumerGroup(kafka.consumer, kafka.topic,
+                          on_revoke=lambda tps: holder["runner"].on_revoke(tps),
+                          on_assign=processor.assigned,
+                          on_lost=lambda tps: holder["runner"].on_lost(tps),
+                          kafkacrypto=kafka.kafkacrypto, recorder=recorder)
+    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.try_save,
+                          probe=probe, early_outcomes=early_outcomes, stop=stop)
+    holder["runner"] = runner
+    return runner

@@ -1,0 +1,193 @@
+"""Every option of a consumer run, defined once.
+
+The command lines (``GirderUploadStreamProcessor`` and ``girder-upload-stream run``) get
+their arguments from :data:`OPTIONS`, and the Prefect flow's parameters take their
+defaults from :data:`DEFAULTS`, so a default lives in one place (a unit test checks that
+the flow's signature agrees). Also the argparse value checks the options use.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
+from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
+
+__all__ = ["Option", "OPTIONS", "DEFAULTS", "LEVELS", "positive_int", "positive_float",
+           "non_negative_float", "json_object", "file_size_mb", "add_options",
+           "flow_arguments"]
+
+LEVELS = ["debug", "info", "warning", "error", "critical"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a usage error (exit 2) otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _number(text: str, ok: Callable[[float], bool], rule: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(rule)
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (OpenMSIStream's type of the interval options)."""
+    return _number(text, lambda value: value > 0, "must be a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (seconds that may be none)."""
+    return _number(text, lambda value: value >= 0, "must be zero or more")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type of --metadata: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"lab\": \"x\"}'")
+    return value
+
+
+def file_size_mb(text: str) -> int:
+    """argparse type of --max_file_size_mb: 1 MiB up to what a file offset holds."""
+    value = positive_int(text)
+    if value > MAX_POSSIBLE_FILE_BYTES >> 20:
+        raise argparse.ArgumentTypeError(f"at most {MAX_POSSIBLE_FILE_BYTES >> 20} "
+                                         "(2**63 bytes: no file can be larger)")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: ``name`` is the flow parameter and the flag (``--name``) unless
+    ``flag`` says otherwise; ``flow``/``cli`` say where it exists; ``parse`` checks and
+    converts the command-line text; ``to_flow`` converts the parsed value for the flow."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # a flag without value (store_true)
+    flag: str | None = None
+    flow: bool = True
+    cli: bool = True
+    to_flow: Callable[[Any], Any] | None = None
+
+    @property
+    def flag_name(self) -> str:
+        return f"--{self.flag or self.name}"
+
+
+def _path_or_none(value: Path | None) -> str | None:
+    return None if value is None else str(value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # -- Girder
+    Option("girder_root_folder_id", None, "id of the root folder to upload below"),
+    Option("collection_name", DEFAULT_COLLECTION_NAME,
+           "collection of the root folder when no id is given (default: %(default)s)"),
+    Option("girder_root_folder_path", None,
+           "root folder path below the collection, every part a folder (default: "
+           "'{collection_name}/{topic_name}', i.e. /collection/C/C/TOPIC, as OpenMSIStream "
+           "1.8.8); created if missing"),
+    Option("metadata", None, "JSON object added to every item's and folder's metadata",
+           parse=json_object),
+    Option("replace_existing", False, "replace an item's contents when a different file "
+           "of the same name is already there (default: skip with a warning)", switch=True),
+    # -- Kafka
+    Option("topic_name", "test", "topic (default: %(default)s)"),
+    Option("n_threads", 2, "uploads running at once (default: %(default)s)", parse=positive_int),
+    Option("consumer_group_id", "create_new",
+           "consumer group; 'create_new' makes a fresh one (default)"),
+    Option("download_regex", None, "only files whose relative path matches are uploaded"),
+    Option("heartbeat_topic_name", None, "topic for heartbeat messages"),
+    Option("heartbeat_program_id", None, "heartbeat key prefix"),
+    Option("heartbeat_interval_secs", 30, "seconds between heartbeats (default: %(default)s)",
+           parse=float),
+    Option("log_topic_name", None, "topic for log messages (the program's log lines)"),
+    Option("log_program_id", None, "log message key prefix"),
+    Option("log_interval_secs", 60, "seconds between log messages (default: %(default)s)",
+           parse=positive_float),
+    Option("treat_undecryptable_as_plaintext", False, "KafkaCrypto: read messages that are "
+           "not KafkaCrypto messages at all as plaintext (default: register them as failed)",
+           switch=True),
+    Option("max_wait_per_decrypt", 5.0, "KafkaCrypto: seconds a message waits for its "
+           "decryption key, once a first message had to be given up (default: %(default)s)",
+           parse=positive_float),
+    Option("max_initial_wait_per_decrypt", 60.0, "KafkaCrypto: seconds a message waits for "
+           "its decryption key until then (default: %(default)s)", parse=positive_float),
+    # -- the run
+    Option("output_dir", "GirderUploadStreamProcessor_output",
+           "registries, logs and (disk mode) files being rebuilt (default: %(default)s)",
+           parse=Path, to_flow=str),
+    Option("mode", "memory", "where files are rebuilt (default: %(default)s)",
+           choices=("memory", "disk", "both")),
+    Option("logger_stream_level", "info", "console log level", choices=tuple(LEVELS),
+           flow=False),
+    Option("logger_file_level", "info", "log file level", choices=tuple(LEVELS), flow=False),
+    Option("logs_dir", None, "folder of the log file and registries (default: OUTPUT_DIR/LOGS)",
+           parse=Path, flag="logger_file_path", to_flow=_path_or_none),
+    Option("update_seconds", 300, "seconds between the '.' alive lines (default: %(default)s)",
+           parse=float),
+    Option("max_idle_seconds", None,
+           "stop after this long with no new message and nothing in flight", parse=float),
+    Option("max_runtime_seconds", None, "stop after this long", parse=float),
+    Option("stale_partial_seconds", 3600,
+           "a file missing chunks for this long stops holding back offset commits and is "
+           "registered as failed; 0 = never (default: %(default)s)", parse=float),
+    Option("memory_budget_mb", 1024, "pause fetching while files held in RAM exceed this "
+           "(default: %(default)s)", parse=positive_int),
+    Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
+           "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
+           "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),
+)
+
+#: ``DEFAULTS.name``: the one default of each option (the flow's signature uses them).
+DEFAULTS = SimpleNamespace(**{option.name: option.default for option in OPTIONS})
+
+
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+                names: set[str] | None = None) -> None:
+    """Add the command-line options (all, or those in ``names``) to ``parser``."""
+    for option in OPTIONS:
+        if not option.cli or (names is not None and option.name not in names):
+            continue
+        if option.switch:
+            parser.add_argument(option.flag_name, dest=option.name, action="store_true",
+                                help=option.help)
+            continue
+        parser.add_argument(option.flag_name, dest=option.name, default=option.default,
+                            type=option.parse, choices=option.choices, help=option.help)
+
+
+def flow_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow's keyword arguments from parsed command-line options."""
+    values = {}
+    for option in OPTIONS:
+        if option.flow and option.cli:
+            value = getattr(args, option.name)
+            values[option.name] = option.to_flow(value) if option.to_flow else value
+    return values

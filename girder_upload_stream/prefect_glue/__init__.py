@@ -1,0 +1,1 @@
+"""Prefect-specific glue: artifacts of the registries, Secret blocks."""

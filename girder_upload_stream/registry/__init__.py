@@ -1,0 +1,1 @@
+"""The registry files (OpenMSIStream's CSV tables) and what records them."""

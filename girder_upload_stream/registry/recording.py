@@ -1,0 +1,236 @@
+"""Write file fates into the registries (OpenMSIStream's CSV tables under LOGS/).
+
+The in-progress table lists files being rebuilt or failed (``failed``,
+``mismatched_hash``) with the reason in the sidecar's ``extra``; the processed table
+lists every file put in Girder (or found there), once per time it was produced.
+Tables are saved atomically every few seconds and at shutdown by
+:class:`RegistrySaver`, so the files are accurate to within that interval. A save that
+fails (full disk, no permission) never stops the stream: :meth:`RegistryRecorder.try_save`
+logs it once per streak of failures and says so, so that offset commits (which need the
+save first) wait until a save works again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from datetime import datetime
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from girder_upload_stream.wire.codec import Chunk
+from girder_upload_stream.errors import ChunkDecodeError
+from girder_upload_stream.ledger.processor import RawMessage, Recorder, file_generation
+from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress, RejectedFile
+from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGRESS,
+                                           STATUS_MISMATCHED_HASH, InProgressRow,
+                                           InProgressTable, ProcessedRow, ProcessedTable,
+                                           RowKey, consolidate, in_progress_path,
+                                           part_files, processed_path, read_processed,
+                                           seed_in_progress_path)
+from girder_upload_stream.ledger.units import FileOutcome, Outcome
+
+__all__ = ["RegistryRecorder", "RegistrySaver"]
+
+logger = logging.getLogger(__name__)
+
+
+def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
+    """Registry bookkeeping must never stop the stream: log and go on."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except (ValueError, TypeError) as exc:
+            logger.error("registry entry not recorded (%s): %s", method.__name__, exc)
+    return wrapper
+
+
+def _holds_messages(row: InProgressRow) -> bool:
+    """A row whose file's messages stay uncommitted: in progress, or its upload failed
+    transiently (retried). Rejected and released files hold nothing."""
+    return row.status == STATUS_IN_PROGRESS or (
+        row.status == STATUS_FAILED
+        and str(row.extra.get("reason", "")).startswith(Outcome.FAILED_TRANSIENT.value))
+
+
+def _when(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch)
+
+
+class RegistryRecorder(Recorder):
+    """A :class:`Recorder` that keeps the in-progress and processed tables."""
+
+    def __init__(self, folder: Path, topic: str, group: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.topic, self.group = folder, topic, group
+        #: False when this folder held no registry of topic/group yet (a first start, or
+        #: a restart on another machine): restart knowledge must come from elsewhere.
+        self.had_local_state = (processed_path(folder, topic, group).is_file()
+                                or bool(part_files(folder, topic, group))
+                                or in_progress_path(folder, topic, group).is_file()
+                                or seed_in_progress_path(folder, topic, group).is_file())
+        merged = consolidate(folder, topic, group)
+        for issue in merged.issues:
+            logger.warning("registry: %s", issue)
+        processed = read_processed(folder, topic, group).rows
+        self._processed_keys = {(str(row.rel_filepath), row.generation) for row in processed}
+        self.in_progress = InProgressTable.open(folder, topic, group)
+        dropped = self.in_progress.drop_superseded(processed)
+        if dropped:
+            logger.info("registry: %d in-progress row(s) dropped: their files were "
+                        "processed after them", dropped)
+        self.processed = ProcessedTable(folder, topic, group, f"p{os.getpid()}")
+        #: Why the last :meth:`try_save` failed; None when it worked (or none ran yet).
+        self.save_error: str | None = None
+        self._failed_saves = 0  # in the current streak
+
+    @_never_raise
+    def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None:
+        key = RowKey(PurePosixPath(chunk.rel_path), file_generation(chunk.file_hash))
+        now = datetime.now()
+        old = self.in_progress.get(key)
+        # The lowest offset per partition tells, after a restart, whether retention
+        # deleted messages this file still needs (messages_gone).
+        first = dict(old.extra.get("first_offsets", {})) if old else {}
+        first[str(partition)] = min(first.get(str(partition), offset), offset)
+        self.in_progress.update(InProgressRow(
+            PurePosixPath(chunk.rel_path).name, key.rel_filepath, STATUS_IN_PROGRESS,
+            chunk.n_total_chunks, old.first_message if old else now, now, key.generation,
+            {**(old.extra if old else {}), "first_offsets": first}))
+
+    @_never_raise
+    def file_found(self, progress: FileProgress) -> None:
+        """A re-read file found in Girder: processed before (its row may be lost)."""
+        rel = PurePosixPath(progress.rel_path)
+        key = RowKey(rel, progress.file_hash_hex[:32])
+        self.in_progress.remove(key)
+        self.processed.add(ProcessedRow(
+            rel.name, rel, progress.n_total, _when(progress.first_message_at),
+            datetime.now(), key.generation, {"outcome": "found_in_girder"}))
+
+    @_never_raise
+    def file_stale(self, progress: FileProgress, reason: str) -> None:
+        self._mark_failed(progress.rel_path, progress.file_hash_hex[:32], reason)
+
+    @_never_raise
+    def file_dropped(self, progress: FileProgress) -> None:
+        """A stray re-sent chunk of a finished file, dropped: nothing to keep."""
+        self.in_progress.remove(RowKey(PurePosixPath(progress.rel_path),
+                                       progress.file_hash_hex[:32]))
+
+    @_never_raise
+    def messages_gone(self, partition: int, first: int, end: int) -> None:
+        """Retention deleted offsets ``first``..``end - 1`` of ``partition`` before they
+        were finished: files in progress with chunks there can never complete."""
+        for row in self.in_progress.rows():
+            offsets = row.extra.get("first_offsets", {})
+            if _holds_messages(row) and offsets.get(str(partition), end) < end:
+                self._mark_failed(str(row.rel_filepath), row.generation,
+                                  f"messages gone from the topic: partition {partition} "
+                                  f"offsets {first} to {end - 1} were deleted (retention) "
+                                  f"before the file was complete")
+
+    def _mark_failed(self, rel_path: str, generation: str, reason: str) -> None:
+        key = RowKey(PurePosixPath(rel_path), generation)
+        row = self.in_progress.get(key)
+        if row is None:
+            return
+        self.in_progress.update(InProgressRow(
+            row.filename, row.rel_filepath, STATUS_FAILED, row.n_chunks, row.first_message,
+            row.most_recent_message, row.generation, {**row.extra, "reason": reason}))
+
+    @_never_raise
+    def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
+        name = error.rel_path or f"message {msg.topic}[{msg.partition}]@{msg.offset}"
+        now = datetime.now()
+        self.in_progress.update(InProgressRow(
+            PurePosixPath(name).name or name, PurePosixPath(name), STATUS_FAILED, 0, now, now,
+            f"offset-{msg.partition}-{msg.offset}",
+            {"reason": error.reason, "partition": msg.partition, "offset": msg.offset}))
+
+    @_never_raise
+    def file_rejected(self, rejected: RejectedFile) -> None:
+        status = (STATUS_MISMATCHED_HASH if "hash" in rejected.reason.lower()
+                  else STATUS_FAILED)
+        self.in_progress.update(InProgressRow(
+            PurePosixPath(rejected.rel_path).name, PurePosixPath(rejected.rel_path), status,
+            rejected.n_total_chunks, _when(rejected.first_message_at),
+            _when(rejected.last_message_at), file_generation(rejected.file_hash),
+            {"reason": rejected.reason}))
+
+    @_never_raise
+    def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:
+        rel = PurePosixPath(completed.rel_path)
+        key = RowKey(rel, file_generation(completed.file_hash))
+        if outcome.outcome in (Outcome.FAILED_TRANSIENT, Outcome.FAILED_TERMINAL):
+            old = self.in_progress.get(key)
+            self.in_progress.update(InProgressRow(
+                rel.name, rel, STATUS_FAILED, completed.n_chunks,
+                _when(completed.first_message_at), _when(completed.last_message_at),
+                key.generation, {**(old.extra if old else {}),
+                                 "reason": f"{outcome.outcome.value}: {outcome.reason}"}))
+            return
+        self.in_progress.remove(key)
+        self.processed.add(ProcessedRow(
+            rel.name, rel, completed.n_chunks, _when(completed.first_message_at),
+            datetime.now(), key.generation,
+            {"outcome": outcome.outcome.value, "sha256": completed.sha256,
+             "item_id": outcome.item_id or ""}))
+
+    def pending_keys(self) -> set[tuple[str, str]]:
+        """(rel_path, generation) of the files whose messages were pending when the
+        table was saved (in progress, or waiting to retry an upload)."""
+        return {(str(row.rel_filepath), row.generation) for row in self.in_progress.rows()
+                if _holds_messages(row)}
+
+    def processed_keys(self) -> set[tuple[str, str]]:
+        """(rel_path, generation) of every file the processed table listed at start
+        (restart decisions)."""
+        return set(self._processed_keys)
+
+    def save(self, final: bool = False) -> None:
+        """Write both tables (if changed, or ``final``); ``final`` also merges the
+        processed parts. Raises what the file system raises."""
+        self.in_progress.save(force=final)
+        self.processed.save(force=final)
+        if final:
+            consolidate(self.folder, self.topic, self.group)
+
+    def try_save(self, final: bool = False) -> bool:
+        """:meth:`save`, never raising: False if it failed. The first failure of a streak
+        is logged as an error, the first success after it as a warning (a disk that
+        stays full is not reported every second); :attr:`save_error` holds the reason."""
+        try:
+            self.save(final=final)
+        except Exception as exc:  # noqa: BLE001 - OSError, or a registry format error
+            self.save_error = f"{type(exc).__name__}: {exc}"
+            self._failed_saves += 1
+            if self._failed_saves == 1:
+                logger.error("could not save the registries in %s (%s): uploads go on, "
+                             "offset commits wait until a save works again",
+                             self.folder, self.save_error)
+            return False
+        if self._failed_saves:
+            logger.warning("the registries are saved again after %d failed attempt(s): "
+                           "offset commits resume", self._failed_saves)
+        self.save_error, self._failed_saves = None, 0
+        return True
+
+
+class RegistrySaver:
+    """Runner side job: save the registries every ``interval`` seconds and at the end
+    (failures are logged by :meth:`RegistryRecorder.try_save` and retried next time)."""
+
+    def __init__(self, recorder: RegistryRecorder, interval: float) -> None:
+        self.recorder = recorder
+        self.interval = interval
+        self._last = time.monotonic()
+
+    def tick(self, runner: Any, final: bool = False) -> None:
+        if final or time.monotonic() - self._last >= self.interval:
+            self._last = time.monotonic()
+            self.recorder.try_save(final=final)

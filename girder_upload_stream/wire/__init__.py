@@ -1,0 +1,1 @@
+"""The wire: OpenMSIStream's chunk format, config files, and producing files."""

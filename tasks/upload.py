@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.errors import TransientError
+from girder_upload_stream.girder.errors import GirderAuthError
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, is_shared, report_outcome
 
@@ -57,9 +58,11 @@ def upload_unit(unit: UploadUnit, store: GirderStore) -> list[FileOutcome]:
 
 
 def _girder_answered(exc: TransientError) -> bool:
-    """True for an HTTP answer (5xx, 429) about one request, False for an unreachable
-    Girder (connection refused or reset, a timeout): see girder_io's error texts."""
-    return "Girder unreachable" not in exc.message
+    """True for an HTTP answer (5xx, 429) about one request; False for an unreachable
+    Girder (connection refused or reset, a timeout: see the texts of
+    girder_upload_stream/girder/errors.py) and for a refused token, which every other
+    file would meet too."""
+    return not isinstance(exc, GirderAuthError) and "Girder unreachable" not in exc.message
 
 
 @task(name="find-in-girder", cache_policy=NO_CACHE, persist_result=False,

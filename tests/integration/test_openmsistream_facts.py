@@ -30,6 +30,7 @@ def _omsi_rows(case: Case) -> dict[str, str]:
 
 
 def test_openmsistream_refuses_invalid_metadata_json_from_its_constructor(case: Case):
+    """Its own test expects the JSONDecodeError: a traceback and exit 1."""
     case.produce({"waiting.txt": b"x"})
     program = case.start_openmsistream("--metadata", "this is not valid JSON")
     code = program.wait(90)
@@ -41,6 +42,7 @@ def test_openmsistream_refuses_invalid_metadata_json_from_its_constructor(case: 
 
 
 def test_openmsistream_with_a_wrong_key_and_a_collection_stops_at_startup(case: Case):
+    """It looks the collection up from its constructor, so a wrong key stops it there."""
     case.produce({"waiting.txt": b"x"})
     program = case.start_openmsistream("--collection_name", case.collection["name"],
                                        api_key=WRONG_KEY, root=False)
@@ -72,25 +74,37 @@ def test_openmsistream_with_a_wrong_key_and_a_root_folder_id_keeps_running(case:
     assert not girder_tree(girder_client, case.root["_id"]).items
 
 
-def test_openmsistream_fails_a_file_girder_refuses_and_its_restart_uploads_it(
+def test_openmsistream_fails_files_girder_refuses_and_its_restart_retries_only_subfolders(
         case: Case, girder_client):
-    """The restart case: a 400 to one file's ``POST file`` fails it (registered
-    ``failed``); a second run of the group, Girder healthy, uploads it."""
-    files = {"victim.bin": bytes(range(256)) * 300, "ok.txt": b"fine\n"}
+    """The restart case: a 400 to two files' upload fails them (registered ``failed``);
+    a second run of the group, Girder healthy, rewinds to the start of the topic and
+    uploads the one in a sub-folder, but never the one at the producer's root: the key
+    filter of its re-read expects ``._victim.bin_chunk`` where the keys (1.8.8's own
+    producer's too) are ``_victim.bin_chunk``."""
+    files = {"victim.bin": bytes(range(256)) * 300, "sub/victim2.bin": b"\x05" * 70_000,
+             "ok.txt": b"fine\n"}
     case.produce(files)
-    fault = case.proxy.fail("POST file", 400, name="victim.bin")
+    faults = [case.proxy.fail("POST file", 400, name=name)
+              for name in ("victim.bin", "victim2.bin")]
     root = case.root["_id"]
     case.run_openmsistream(
-        lambda out: "failed to upload the file" in out
+        lambda out: out.count("failed to upload the file") >= 2
         and complete_in_girder(girder_client, root, files) == {"ok.txt"},
-        "ok.txt uploaded and victim.bin failed")
+        "ok.txt uploaded and the victims failed")
     rows = _omsi_rows(case)
-    fault.disarm()
-    case.run_openmsistream(lambda out: complete_in_girder(girder_client, root, files)
-                           == set(files), "victim.bin uploaded by the restart")
-    print(f"[omsi 400 at POST file] registry after the first run: {rows}; the restart "
-          f"uploaded the file")
-    assert rows == {"victim.bin": "failed"}
+    for fault in faults:
+        fault.disarm()
+    mark = len(case.proxy.seen)
+    output = case.run_openmsistream(
+        lambda out: "sub/victim2.bin" in complete_in_girder(girder_client, root, files)
+        and time.sleep(15) is None, "sub/victim2.bin uploaded by the restart")
+    landed = complete_in_girder(girder_client, root, files)
+    asked = {s.name for s in case.proxy.seen[mark:] if s.route == "POST file"}
+    print(f"[omsi restart] registry after the first run: {rows}; the restart uploaded "
+          f"{sorted(landed - {'ok.txt'})}, asked Girder for {sorted(asked)}; "
+          f"{[line for line in output.splitlines() if 'Consumers will start' in line]}")
+    assert rows == {"victim.bin": "failed", "sub/victim2.bin": "failed"}
+    assert landed == {"ok.txt", "sub/victim2.bin"} and asked == {"victim2.bin"}
 
 
 def test_openmsistream_retries_5xx_and_403_quickly_then_gives_up(case: Case,
@@ -124,13 +138,14 @@ def test_openmsistream_leaves_an_item_without_metadata_when_setting_it_fails(
     """A 400 to ``PUT item/:id/metadata`` after an upload: the item stays without its
     metadata (checksum, topic, version) and the file is failed; its restart finds the
     same bytes in Girder, skips it, and the item never gets its metadata."""
-    files = {"odd_failure.txt": b"Odd failure test"}
+    files = {"test_folder/odd_failure.txt": b"Odd failure test"}  # as in its test
     case.produce(files)
     fault = case.proxy.fail("PUT item/:id/metadata", 400)
     root = case.root["_id"]
     case.run_openmsistream(lambda out: "failed to set metadata" in out, "the metadata failure")
     fault.disarm()
     case.run_openmsistream(lambda out: "Skipping upload" in out, "the restart's skip")
-    meta = girder_tree(girder_client, root).items["odd_failure.txt"].get("meta") or {}
+    meta = girder_tree(girder_client, root).items["test_folder/odd_failure.txt"].get("meta") \
+        or {}
     print(f"[omsi metadata failure] item metadata after the restart: {meta}")
     assert "checksum" not in meta and "KafkaTopic" not in meta

@@ -81,7 +81,8 @@ def test_restart_with_the_same_group_uploads_the_file_that_failed(case: Case, gi
     second = case.run()
     assert second.code == 0, _described(case, second)
     summary = second.summary()
-    assert (summary["uploaded"], summary["failed"]) == (2, 0), (summary, _described(case, second))
+    assert (summary["uploaded"], summary["skipped"], summary["failed"]) == (2, 0, 0), \
+        (summary, _described(case, second))
     assert sorted(case.processed()) == sorted(files), case.processed()
     assert not case.failed_rows(), case.failed_rows()
     run2 = case.proxy.seen[mark:]
@@ -91,10 +92,10 @@ def test_restart_with_the_same_group_uploads_the_file_that_failed(case: Case, gi
     assert not case.behind(), case.behind()
 
 
-STEPS = {  # step: (route, status answered, the name the rule matches)
-    "item": ("POST item", 400, "victim.bin"),
-    "file_chunk": ("POST file/chunk", 403, "victim.bin"),
-    "folder": ("POST folder", 400, "victim_dir"),
+STEPS = {  # step: (route, status answered, the name the rule matches, the failed file)
+    "item": ("POST item", 400, "victim.bin", "victim.bin"),  # at the producer's root
+    "file_chunk": ("POST file/chunk", 403, "victim.bin", "victim_dir/victim.bin"),
+    "folder": ("POST folder", 400, "victim_dir", "victim_dir/victim.bin"),
 }
 
 
@@ -103,9 +104,9 @@ def test_a_4xx_at_a_step_fails_the_file_and_the_next_run_uploads_it(case: Case, 
                                                                     girder_client):
     """OpenMSIStream: test_girder_upload_failure_direct and the folder part of
     test_girder_odd_failures, with a 4xx at each step of one file's upload; the other
-    files land, and the restart of the group uploads the failed one."""
-    route, status, name = STEPS[step]
-    victim = "victim_dir/victim.bin"
+    files land, and the restart of the group uploads the failed one (also at the
+    producer's root, which OpenMSIStream's restart never reads again: see the facts)."""
+    route, status, name, victim = STEPS[step]
     files = {victim: bytes(range(200)) * 500, "ok.txt": b"fine\n",
              "ok_dir/ok2.bin": b"\x07" * 70_000}
     case.produce(files)

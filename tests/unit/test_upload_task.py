@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from girder_upload_stream.girder.errors import GirderAuthError
 from girder_upload_stream.girder.store import GirderTransientError
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from girder_upload_stream.tasks import upload as upload_task
@@ -13,15 +14,16 @@ from tests.unit.fakes import make_processor as make
 
 
 class FakeStore:
-    """Fails the files named in ``failing`` with ``error``; uploads the others."""
+    """Fails the files named in ``failing`` with ``error`` (of class ``kind``); uploads
+    the others."""
 
-    def __init__(self, failing: set[str], error: str) -> None:
-        self.failing, self.error, self.tried = failing, error, []
+    def __init__(self, failing: set[str], error: str, kind=GirderTransientError) -> None:
+        self.failing, self.error, self.kind, self.tried = failing, error, kind, []
 
     def upload(self, completed, shared=False) -> FileOutcome:
         self.tried.append(completed.rel_path)
         if completed.rel_path in self.failing:
-            raise GirderTransientError(self.error, rel_path=completed.rel_path)
+            raise self.kind(self.error, rel_path=completed.rel_path)
         return FileOutcome(completed.rel_path, completed.file_key, Outcome.UPLOADED)
 
 
@@ -50,6 +52,14 @@ def test_an_unreachable_girder_stops_the_unit_at_once():
     store = FakeStore({"a.bin", "b.bin"}, "list items: Girder unreachable: refused")
     unit = _unit(["a.bin", "b.bin", "c.bin"])
     with pytest.raises(GirderTransientError, match="unreachable"):
+        _run(store, unit)
+    assert store.tried == ["a.bin"]
+
+
+def test_a_refused_token_stops_the_unit_at_once():
+    store = FakeStore({"a.bin"}, "list items: HTTP 401: token expired", GirderAuthError)
+    unit = _unit(["a.bin", "b.bin"])
+    with pytest.raises(GirderAuthError):
         _run(store, unit)
     assert store.tried == ["a.bin"]
 

@@ -78,6 +78,10 @@ class RegistryRecorder(Recorder):
             logger.warning("registry: %s", issue)
         processed = read_processed(folder, topic, group).rows
         self._processed_keys = {(str(row.rel_filepath), row.generation) for row in processed}
+        # Skipped as different: done, but Girder does not hold that content.
+        self._in_girder_keys = {(str(row.rel_filepath), row.generation) for row in processed
+                                if (row.extra or {}).get("outcome")
+                                != Outcome.SKIPPED_DIFFERENT.value}
         self.in_progress = InProgressTable.open(folder, topic, group)
         dropped = self.in_progress.drop_superseded(processed)
         if dropped:
@@ -191,6 +195,11 @@ class RegistryRecorder(Recorder):
         """(rel_path, generation) of every file the processed table listed at start
         (restart decisions)."""
         return set(self._processed_keys)
+
+    def in_girder_keys(self) -> set[tuple[str, str]]:
+        """The processed files whose content Girder holds (all but those skipped because
+        a different file of that name was there)."""
+        return set(self._in_girder_keys)
 
     def save(self, final: bool = False) -> None:
         """Write both tables (if changed, or ``final``); ``final`` also merges the

@@ -207,7 +207,10 @@ class FileLedger:
         if key in self._failed:
             return Route.ASSEMBLE  # a failed file is rebuilt and tried again, holding commits
         if reread:
-            return Route.DONE_BEFORE if self.is_known_done(key) else Route.ASSEMBLE
+            # Done before, unless the registry says its messages are read again for it
+            # (in progress, or a failed upload retried by this run: rule 9).
+            done = self.is_known_done(key) and not self.is_known_pending(key)
+            return Route.DONE_BEFORE if done else Route.ASSEMBLE
         if key in self._repeats:
             return Route.COUNT_REPEAT
         if self.is_in_girder(key):

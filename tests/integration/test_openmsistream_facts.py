@@ -136,15 +136,20 @@ def test_openmsistream_retries_5xx_and_403_quickly_then_gives_up(case: Case,
 def test_openmsistream_leaves_an_item_without_metadata_when_setting_it_fails(
         case: Case, girder_client):
     """A 400 to ``PUT item/:id/metadata`` after an upload: the item stays without its
-    metadata (checksum, topic, version) and the file is failed; its restart finds the
-    same bytes in Girder, skips it, and the item never gets its metadata."""
+    metadata (checksum, topic, version) and the file is failed; when it reads the file
+    again (its restart, or a re-delivery in the same run) it finds the same bytes in
+    Girder, skips it, and the item never gets its metadata."""
     files = {"test_folder/odd_failure.txt": b"Odd failure test"}  # as in its test
     case.produce(files)
     fault = case.proxy.fail("PUT item/:id/metadata", 400)
     root = case.root["_id"]
-    case.run_openmsistream(lambda out: "failed to set metadata" in out, "the metadata failure")
+    first = case.run_openmsistream(lambda out: "failed to set metadata" in out,
+                                   "the metadata failure")
     fault.disarm()
-    case.run_openmsistream(lambda out: "Skipping upload" in out, "the restart's skip")
+    # Its messages may come again in the same run (its second consumer joins the group
+    # and gets them, uncommitted); else its restart reads them again.
+    if "Skipping upload" not in first:
+        case.run_openmsistream(lambda out: "Skipping upload" in out, "the restart's skip")
     meta = girder_tree(girder_client, root).items["test_folder/odd_failure.txt"].get("meta") \
         or {}
     print(f"[omsi metadata failure] item metadata after the restart: {meta}")

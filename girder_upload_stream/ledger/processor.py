@@ -59,12 +59,13 @@ class StreamProcessor:
                  max_unit_bytes: int = 16 << 20, retry_delay: float = 15.0,
                  known_done: set[tuple[str, str]] | None = None,
                  known_pending: set[tuple[str, str]] | None = None,
+                 known_in_girder: set[tuple[str, str]] | None = None,
                  stale_partial_seconds: float | None = 3600.0,
                  max_inflight_units: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
-        self.ledger = FileLedger(known_done, known_pending)
+        self.ledger = FileLedger(known_done, known_pending, known_in_girder=known_in_girder)
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
         self.offsets = OffsetTracker()
@@ -127,14 +128,17 @@ class StreamProcessor:
         key = chunk.file_key
         reread = self.offsets.is_reread(tp, offset)
         busy = self.ledger.busy(key)
-        route = self.ledger.route(key, reread, self.reassembler.is_completed(key))
+        route = self.ledger.route(key, reread)
         if route in (Route.DONE_BEFORE, Route.COUNT_REPEAT):
             self.offsets.read(tp, offset)
             if route is Route.COUNT_REPEAT:
                 self.ledger.count_repeat(key, chunk.n_total_chunks, chunk.chunk_i, None)
                 self._register_repeats(key)
             return
-        result = self._reassemble(chunk, route, tp, offset)
+        # A new production of a file settled in this run is rebuilt from scratch, not
+        # taken for a duplicate of the first copy.
+        fresh = route is Route.ASSEMBLE_AGAIN or (not busy and not reread)
+        result = self._reassemble(chunk, fresh, tp, offset)
         if result is None:
             return
         if result.status is AddStatus.IGNORED or (result.status is AddStatus.DUPLICATE
@@ -148,12 +152,13 @@ class StreamProcessor:
             self._count_copy(record, chunk, result.status)
         self._apply(record, result, chunk, tp, offset, size, reread and not busy)
 
-    def _reassemble(self, chunk: Chunk, route: Route, tp: tuple[str, int],
+    def _reassemble(self, chunk: Chunk, fresh: bool, tp: tuple[str, int],
                     offset: int) -> AddResult | None:
-        """The chunk into the reassembler; None when local storage failed (the message
-        then stays pending, so a restart reads it again: not the file's fault)."""
+        """The chunk into the reassembler (``fresh``: forget what it completed of this
+        generation before); None when local storage failed (the message then stays
+        pending, so a restart reads it again: not the file's fault)."""
         key = chunk.file_key
-        if route is Route.ASSEMBLE_AGAIN or self.ledger.failed_for_good(key):
+        if fresh and self.reassembler.is_completed(key):
             self.reassembler.discard(key)  # rebuilt from scratch, not a duplicate
         try:
             return self.reassembler.add(chunk)
@@ -207,10 +212,12 @@ class StreamProcessor:
                 first.rel_path, key, Outcome.SKIPPED_IDENTICAL, "produced again"))
             self.counters.files_skipped += 1
 
-    def _finish(self, record: FileRecord, state: FileState, retry: bool = False) -> None:
+    def _finish(self, record: FileRecord, state: FileState, retry: bool = False,
+                in_girder: bool = True) -> None:
         """The one settle path: the record leaves the ledger, its messages are done
-        (``retry``: read again by the next run, offsets rule 9)."""
-        self.ledger.settle(record.key, state)
+        (``retry``: read again by the next run, offsets rule 9; ``in_girder``: Girder
+        holds its content, which a file skipped as different is not)."""
+        self.ledger.settle(record.key, state, in_girder=in_girder)
         self.offsets.file_done(record.key, retry=retry)
 
     # -- partitions ----------------------------------------------------------------------
@@ -397,7 +404,8 @@ class StreamProcessor:
         self.counters.messages_processed += completed.n_chunks
         self.counters.bytes_processed += record.message_bytes or completed.size
         self._finish(record, FileState.FAILED if failed else FileState.DONE,
-                     retry=failed and record.role is Role.FIRST)
+                     retry=failed and record.role is Role.FIRST,
+                     in_girder=outcome.outcome is not Outcome.SKIPPED_DIFFERENT)
         if failed:
             self.counters.files_to_retry += 1
         else:

@@ -147,13 +147,19 @@ class FileLedger:
     """The records of every generation in flight, plus a bounded memory of settled ones.
 
     ``known_done``/``known_pending`` are ``(rel_path, generation)`` pairs the registries
-    list as processed / in progress (from a run before this one)."""
+    list as processed / in progress (from a run before this one); ``known_in_girder``
+    those of the processed files whose content Girder holds (default: all)."""
 
     def __init__(self, known_done: set[tuple[str, str]] | None = None,
                  known_pending: set[tuple[str, str]] | None = None,
-                 max_remembered: int = 10_000) -> None:
+                 max_remembered: int = 10_000,
+                 known_in_girder: set[tuple[str, str]] | None = None) -> None:
         self.known_done = known_done or set()
         self.known_pending = known_pending or set()
+        # Done files whose content Girder holds (not those skipped as different): only
+        # these, produced again, need not hold their commit.
+        self.known_in_girder = set(self.known_done if known_in_girder is None
+                                   else known_in_girder)
         self._records: dict[FileKey, FileRecord] = {}
         self._by_state: dict[FileState, dict[FileKey, FileRecord]] = {s: {} for s in FileState}
         self._settled: OrderedDict[FileKey, CompletedFile] = OrderedDict()  # no bytes kept
@@ -180,6 +186,9 @@ class FileLedger:
     def is_known_done(self, key: FileKey) -> bool:
         return (key[0], file_generation(key[1])) in self.known_done
 
+    def is_in_girder(self, key: FileKey) -> bool:
+        return (key[0], file_generation(key[1])) in self.known_in_girder
+
     def is_known_pending(self, key: FileKey) -> bool:
         return (key[0], file_generation(key[1])) in self.known_pending
 
@@ -187,19 +196,24 @@ class FileLedger:
         """True if this generation's upload failed for good in this run."""
         return key in self._failed
 
-    def route(self, key: FileKey, reread: bool, completed_here: bool) -> Route:
+    def route(self, key: FileKey, reread: bool) -> Route:
         """The one place that says what a message means before reassembly (offsets
-        rules 3 and 7): ``reread`` -- an earlier owner of the group read it;
-        ``completed_here`` -- the reassembler completed this generation in this run."""
+        rules 3 and 7): ``reread`` -- an earlier owner of the group read it. A new
+        production of a file whose content Girder holds is rebuilt without holding its
+        commit; of any other file settled before (failed for good, or skipped because a
+        different file of that name was there), it is rebuilt holding it."""
         if key in self._records:
             return Route.ASSEMBLE
         if key in self._failed:
             return Route.ASSEMBLE  # a failed file is rebuilt and tried again, holding commits
         if reread:
-            return Route.DONE_BEFORE if self.is_known_done(key) else Route.ASSEMBLE
+            # Done before, unless the registry says its messages are read again for it
+            # (in progress, or a failed upload retried by this run: rule 9).
+            done = self.is_known_done(key) and not self.is_known_pending(key)
+            return Route.DONE_BEFORE if done else Route.ASSEMBLE
         if key in self._repeats:
             return Route.COUNT_REPEAT
-        if self.is_known_done(key) or completed_here:
+        if self.is_in_girder(key):
             return Route.ASSEMBLE_AGAIN
         return Route.ASSEMBLE
 
@@ -256,7 +270,7 @@ class FileLedger:
             self._move(record, "due", FileState.READY)
         return due
 
-    def settle(self, key: FileKey, state: FileState) -> FileRecord:
+    def settle(self, key: FileKey, state: FileState, in_girder: bool = True) -> FileRecord:
         """-> DONE or FAILED, final: the record leaves the ledger. A generation done is
         remembered (its copies may still be counted); one whose upload failed for good
         is remembered as failed, so that producing it again retries it."""
@@ -267,6 +281,8 @@ class FileLedger:
         self._drop(record)
         if state is FileState.DONE:
             self.known_done.add((key[0], file_generation(key[1])))
+            if in_girder:
+                self.known_in_girder.add((key[0], file_generation(key[1])))
             if record.completed is not None:
                 self._remember(self._settled, key, replace(record.completed, data=None))
         else:

@@ -189,6 +189,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         recorder=recorder, max_unit_files=run.max_unit_files,
         max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds,
         known_done=known_done, known_pending=recorder.pending_keys(),
+        known_in_girder=recorder.in_girder_keys() | (known_done - recorder.processed_keys()),
         stale_partial_seconds=run.stale_partial_seconds,
         max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,

@@ -23,7 +23,8 @@ from typing import Any
 
 from girder_upload_stream.wire.codec import Chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.processor import RawMessage, Recorder, file_generation
+from girder_upload_stream.ledger.processor import (RETRIED_NEXT_RUN, RawMessage, Recorder,
+                                                   file_generation)
 from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress, RejectedFile
 from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGRESS,
                                            STATUS_MISMATCHED_HASH, InProgressRow,
@@ -50,11 +51,14 @@ def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
 
 
 def _holds_messages(row: InProgressRow) -> bool:
-    """A row whose file's messages stay uncommitted: in progress, or its upload failed
-    transiently (retried). Rejected and released files hold nothing."""
+    """A row whose file's messages are read again by a restart: in progress, its upload
+    failed transiently (retried), or failed for good and listed for the next run
+    (offsets rule 9). Rejected and released files hold nothing."""
+    reason = str(row.extra.get("reason", ""))
     return row.status == STATUS_IN_PROGRESS or (
         row.status == STATUS_FAILED
-        and str(row.extra.get("reason", "")).startswith(Outcome.FAILED_TRANSIENT.value))
+        and (reason.startswith(Outcome.FAILED_TRANSIENT.value)
+             or reason.endswith(RETRIED_NEXT_RUN)))
 
 
 def _when(epoch: float) -> datetime:
@@ -78,6 +82,10 @@ class RegistryRecorder(Recorder):
             logger.warning("registry: %s", issue)
         processed = read_processed(folder, topic, group).rows
         self._processed_keys = {(str(row.rel_filepath), row.generation) for row in processed}
+        # Skipped as different: done, but Girder does not hold that content.
+        self._in_girder_keys = {(str(row.rel_filepath), row.generation) for row in processed
+                                if (row.extra or {}).get("outcome")
+                                != Outcome.SKIPPED_DIFFERENT.value}
         self.in_progress = InProgressTable.open(folder, topic, group)
         dropped = self.in_progress.drop_superseded(processed)
         if dropped:
@@ -191,6 +199,11 @@ class RegistryRecorder(Recorder):
         """(rel_path, generation) of every file the processed table listed at start
         (restart decisions)."""
         return set(self._processed_keys)
+
+    def in_girder_keys(self) -> set[tuple[str, str]]:
+        """The processed files whose content Girder holds (all but those skipped because
+        a different file of that name was there)."""
+        return set(self._in_girder_keys)
 
     def save(self, final: bool = False) -> None:
         """Write both tables (if changed, or ``final``); ``final`` also merges the

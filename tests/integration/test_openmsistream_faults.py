@@ -245,10 +245,6 @@ def _put_item(girder_client, case: Case, rel: str, data: bytes) -> None:
     girder_client.uploadFile(item["_id"], io.BytesIO(data), name, len(data))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug, not fixed here: the processed registry lists the version skipped as different, "
-    "so its second production counts as a copy of a finished file (Girder is assumed to "
-    "hold it): its messages are done at once and a failed replace is not retried"))
 def test_a_failed_replace_of_a_version_skipped_before_is_retried(case: Case, girder_client):
     """OpenMSIStream's test_girder_replace_existing replaces the very version it skipped
     before. Here: Girder holds version 1; version 2 is skipped (no

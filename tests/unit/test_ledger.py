@@ -91,12 +91,11 @@ def test_forget_drops_any_state_and_its_bytes() -> None:
 def test_routes_of_a_message() -> None:
     done = ("done.bin", b"\x03" * 64)
     ledger = FileLedger(known_done={(done[0], file_generation(done[1]))})
-    assert ledger.route(done, reread=True, completed_here=False) is Route.DONE_BEFORE
-    assert ledger.route(done, reread=False, completed_here=False) is Route.ASSEMBLE_AGAIN
-    assert ledger.route(KEY, reread=False, completed_here=True) is Route.ASSEMBLE_AGAIN
-    assert ledger.route(KEY, reread=False, completed_here=False) is Route.ASSEMBLE
+    assert ledger.route(done, reread=True) is Route.DONE_BEFORE
+    assert ledger.route(done, reread=False) is Route.ASSEMBLE_AGAIN
+    assert ledger.route(KEY, reread=False) is Route.ASSEMBLE
     ledger.open(KEY)
-    assert ledger.route(KEY, reread=True, completed_here=True) is Route.ASSEMBLE  # busy
+    assert ledger.route(KEY, reread=True) is Route.ASSEMBLE  # busy
 
 
 def test_a_file_whose_upload_failed_for_good_is_rebuilt_when_produced_again() -> None:
@@ -107,9 +106,26 @@ def test_a_file_whose_upload_failed_for_good_is_rebuilt_when_produced_again() ->
     ledger.settle(KEY, FileState.FAILED)
     assert ledger.failed_for_good(KEY) and not ledger.is_known_done(KEY)
     # Never "already in Girder": a new production (or a re-read) rebuilds it, holding.
-    assert ledger.route(KEY, reread=False, completed_here=True) is Route.ASSEMBLE
-    assert ledger.route(KEY, reread=True, completed_here=True) is Route.ASSEMBLE
+    assert ledger.route(KEY, reread=False) is Route.ASSEMBLE
+    assert ledger.route(KEY, reread=True) is Route.ASSEMBLE
     assert ledger.open(KEY).role is Role.FIRST and not ledger.failed_for_good(KEY)
+
+
+def test_a_file_skipped_as_different_is_done_but_not_in_girder() -> None:
+    """Skipped because another file of that name was there: its fate is durable (a
+    re-read is done), but produced again it must hold its commit (the replace a later
+    run tries may fail, and must then be retried)."""
+    ledger = FileLedger(known_in_girder=set())
+    ledger.open(KEY)
+    ledger.complete(KEY, completed())
+    ledger.dispatch(KEY, 1)
+    ledger.settle(KEY, FileState.DONE, in_girder=False)
+    assert ledger.route(KEY, reread=True) is Route.DONE_BEFORE
+    assert ledger.route(KEY, reread=False) is Route.ASSEMBLE
+    other = ("o.bin", b"\x05" * 64)
+    ledger.open(other)
+    ledger.settle(other, FileState.DONE)
+    assert ledger.route(other, reread=False) is Route.ASSEMBLE_AGAIN
 
 
 def test_a_rejected_file_is_not_remembered_as_failed_upload() -> None:
@@ -130,7 +146,7 @@ def test_repeats_register_only_after_the_first_copy_settles() -> None:
     ledger.complete(KEY, completed())
     ledger.dispatch(KEY, 1)
     ledger.settle(KEY, FileState.DONE)
-    assert ledger.route(KEY, reread=False, completed_here=True) is Route.COUNT_REPEAT
+    assert ledger.route(KEY, reread=False) is Route.COUNT_REPEAT
     [first] = ledger.repeats_due(KEY)
     assert first.data is None and ledger.repeats_due(KEY) == []
 

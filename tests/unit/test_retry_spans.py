@@ -138,3 +138,20 @@ def test_a_file_produced_again_is_not_listed_for_retry(log: Log) -> None:
     [unit] = proc.take_units()
     proc.finish_unit(unit, outcomes(unit, Outcome.FAILED_TERMINAL))
     assert proc.offsets.failed_spans(P1, 1) == []
+
+
+def test_a_file_skipped_as_different_and_produced_again_is_retried_when_its_replace_fails(
+        log: Log) -> None:
+    """Found by re-creating OpenMSIStream's replace case: a version skipped because
+    another was in Girder is not "in Girder"; produced again (a later run with
+    --replace_existing), it holds its commit, and a failed replace is retried."""
+    proc = make()
+    [pair] = encoded(b"version 2", "v.txt", size=64)
+    proc.handle(log.put(0, *pair))
+    upload_all(proc, Outcome.SKIPPED_DIFFERENT)
+    proc.handle(log.put(1, *pair))  # produced again
+    assert proc.offsets.committable()[P1] == 0  # held
+    [unit] = proc.take_units()
+    proc.finish_unit(unit, outcomes(unit, Outcome.FAILED_TERMINAL))
+    assert proc.offsets.failed_spans(P1, 1) == [(0, 1)]
+    assert proc.counters.files_to_retry == 1

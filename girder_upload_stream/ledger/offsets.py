@@ -174,15 +174,18 @@ class OffsetTracker:
 
     def pending_spans(self, tp: TopicPartition, committed: int) -> list[Span]:
         """What a restart must read of ``[committed, N)`` (rule 8): the pending messages
-        read so far, and what is still unread of the span inherited at assignment."""
-        spans = [span for span in spans_of(self._pending.get(tp, ())) if span[1] > committed]
+        read so far, and what is still unread of the span inherited at assignment. A run
+        of pending offsets that begins below ``committed`` (a failed file read again by
+        rule 9) counts from ``committed`` on: its lower part is rule 9's list."""
+        spans = [(max(a, committed), b) for a, b in spans_of(self._pending.get(tp, ()))
+                 if b > committed]
         upcoming = max(self._next.get(tp, 0), committed)
         inherited = self._inherited.get(tp, [(self._floor.get(tp, 0),
                                               self._reread_below.get(tp, 0))])
         for start, end in inherited:
             if end > max(start, upcoming):
                 spans.append((max(start, upcoming), end))
-        return spans
+        return merge_spans(spans)
 
     def failed_spans(self, tp: TopicPartition, committed: int) -> list[Span]:
         """Rule 9's retry spans: messages of files whose upload failed for good, those

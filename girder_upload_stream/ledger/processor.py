@@ -136,8 +136,11 @@ class StreamProcessor:
                 self._register_repeats(key)
             return
         # A new production of a file settled in this run is rebuilt from scratch, not
-        # taken for a duplicate of the first copy.
-        fresh = route is Route.ASSEMBLE_AGAIN or (not busy and not reread)
+        # taken for a duplicate of the first copy; so is a file whose upload failed for
+        # good in this run, when its messages come again (rule 9's seek back after its
+        # partition was revoked and assigned again).
+        fresh = (route is Route.ASSEMBLE_AGAIN or self.ledger.failed_for_good(key)
+                 or (not busy and not reread))
         result = self._reassemble(chunk, fresh, tp, offset)
         if result is None:
             return

@@ -101,6 +101,14 @@ class World:
             key, value = self.log[partition][self.pos[partition]]
             self.proc.handle(RawMessage(TOPIC, partition, self.pos[partition], key, value))
             self.pos[partition] += 1
+            self.seek()
+
+    def seek(self) -> None:
+        """What the runner does after each batch: the seeks the tracker asks for (over
+        done spans, rule 8; back to failed files, rule 9), from the next delivery on."""
+        for (_, p), offset in self.proc.offsets.take_seeks().items():
+            self.pos[p] = offset
+            self.proc.offsets.sought((TOPIC, p), offset)
 
     def take(self) -> None:
         self.units += self.proc.take_units()

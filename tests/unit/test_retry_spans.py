@@ -117,6 +117,45 @@ def test_messages_fetched_before_the_seek_back_are_taken_once(log: Log) -> None:
     assert second.offsets.commit_plan() == {P0: (2, "gus1:hw=2;p=")}
 
 
+def test_a_partition_given_back_in_the_same_run_retries_its_failed_file(log: Log) -> None:
+    """A rebalance takes the partition away (committing first) and gives it back: the
+    consumer seeks back to the failed file, rebuilds it (not a duplicate of the copy it
+    completed before) and holds the commit until it is uploaded."""
+    proc = make()
+    failed = log.put(0, *encoded(b"R" * 5, "r.bin")[0])
+    proc.handle(failed)
+    [unit] = proc.take_units()
+    proc.finish_unit(unit, outcomes(unit, Outcome.FAILED_TERMINAL))
+    plan = proc.offsets.commit_plan()
+    committed, metadata = plan[P0]
+    assert metadata.endswith(";f=0.1")
+    proc.offsets.committed(plan)
+    proc.hand_over([P0])
+    proc.offsets.forget([P0])
+    proc.assigned([PartitionInfo(TOPIC, 0, committed, metadata, 0)])
+    assert proc.offsets.take_seeks() == {P0: 0}
+    proc.offsets.sought(P0, 0)
+    proc.handle(failed)
+    assert proc.offsets.failed_spans(P0, committed) == [(0, 1)]  # held while rebuilt
+    assert proc.offsets.commit_plan() == {}  # so nothing changes for the broker
+    [unit] = proc.take_units()
+    assert [f.rel_path for f in unit.files] == ["r.bin"]
+    proc.finish_unit(unit, outcomes(unit))
+    assert proc.offsets.commit_plan() == {P0: (1, "gus1:hw=1;p=")}
+
+
+def test_a_pending_run_that_begins_below_the_commit_is_listed_from_it() -> None:
+    """Rule 8's list starts at the committed offset: the part of a pending run below it
+    (a failed file read again) is rule 9's list, never a negative distance."""
+    tracker = OffsetTracker()
+    tracker.assigned(P0, 2, format_metadata(2, 2, [], [(0, 1)]))
+    tracker.sought(P0, 0)
+    for offset in range(0, 4):
+        tracker.read(P0, offset, "f")
+    assert tracker.pending_spans(P0, 2) == [(2, 4)]
+    assert tracker.failed_spans(P0, 2) == [(0, 2)]
+
+
 def test_the_registry_says_a_failed_file_waits_for_the_next_run(log: Log) -> None:
     proc = make()
     proc.handle(log.put(0, *encoded(b"x", "x.bin")[0]))

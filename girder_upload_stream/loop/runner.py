@@ -211,12 +211,18 @@ class StreamRunner:
                 self.processor.finish_unit(unit, outcomes)
 
     def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
-        """Commit every offset the tracker says is safe, for partitions we own.
+        """Commit every offset the tracker says is safe, for partitions we own. In this
+        order (the rules are those of :mod:`girder_upload_stream.ledger.offsets`):
 
-        ``before_commit`` (the registry save) runs first, so that a file's processed row
-        is durable before the offsets past its messages are: a restart then recognises
-        the file's re-read chunks as done. If it fails (a full disk...) nothing is
-        committed: the offsets stay committable and the next round tries again."""
+        1. the plan: per partition, the lowest pending offset (or one past the last
+           read) and the metadata of rules 7-9 (watermark, pending and retry spans);
+           nothing when neither moved since the last commit;
+        2. ``before_commit``, the registry save: every file whose messages the plan
+           passes is listed as processed or failed on disk first (rule 5), so a
+           restart recognises its re-read chunks. If it fails (a full disk...) nothing
+           is committed: the offsets stay committable and the next round tries again;
+        3. the commit itself, synchronous; what the broker accepted is remembered, so it
+           is not committed again."""
         self._last_commit = self._clock()
         offsets = self.processor.offsets.commit_plan(tps if tps is not None
                                                      else self.group.assignment)

@@ -132,9 +132,10 @@ def test_openmsistream_retries_5xx_and_403_quickly_then_gives_up(case: Case,
     print(f"[omsi 5xx] {lasting.hits} attempts at the lasting 503; in Girder 20 s after "
           f"it ended: {sorted(landed)}; registry {_omsi_rows(case)}")
     assert lasting.hits == 6 and "lasting.bin" not in landed
-    # Left to its next run: ``failed``, or ``in_progress`` when a rebalance between its two
-    # consumers handed the uncommitted messages over again.
-    assert set(_omsi_rows(case)) == {"lasting.bin"}
+    # Its registry lists the file given up, but when it marks it "failed" depends on its
+    # own save timing: both were seen within 20 s of the fault's end.
+    rows = _omsi_rows(case)
+    assert set(rows) == {"lasting.bin"} and rows["lasting.bin"] in ("failed", "in_progress")
 
 
 def test_openmsistream_leaves_an_item_without_metadata_when_setting_it_fails(

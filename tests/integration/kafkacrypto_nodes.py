@@ -30,6 +30,8 @@ from pathlib import Path
 
 import msgpack
 
+from tests.integration.programs import write_omsi_config
+
 __all__ = ["ROLES", "provision_node", "write_node_config"]
 
 #: What each role's signing key may do in the key exchange.
@@ -123,21 +125,8 @@ def write_node_config(path: Path, bootstrap: str, node_id: str | None = None,
     local broker is plaintext; KafkaCrypto's own default would be SSL."""
     crypto = (f"node_id = {node_id}\n" if node_id is not None
               else f"config_file = {config_file}\n")
-    path.write_text(
-        "[broker]\n"
-        f"bootstrap.servers = {bootstrap}\n"
-        "security.protocol = PLAINTEXT\n"
-        "\n[producer]\n"
-        "key.serializer   = StringSerializer\n"
-        "value.serializer = DataFileChunkSerializer\n"
-        "\n[consumer]\n"
-        "group.id           = create_new\n"
-        "auto.offset.reset  = earliest\n"
-        "enable.auto.commit = False\n"
-        "key.deserializer   = StringDeserializer\n"
-        "value.deserializer = DataFileChunkDeserializer\n"
-        f"\n[kafkacrypto]\n{crypto}")
-    return path
+    return write_omsi_config(path, bootstrap, broker_extra="security.protocol = PLAINTEXT\n",
+                             sections=f"\n[kafkacrypto]\n{crypto}")
 
 
 if __name__ == "__main__":

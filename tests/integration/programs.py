@@ -43,11 +43,14 @@ OUR_PROCESSOR = OUR_BIN / "GirderUploadStreamProcessor"
 TIMEOUT = 60.0
 
 
-def write_omsi_config(path: Path, bootstrap: str) -> Path:
-    """A config file for OpenMSIStream's own programs (and usable by ours)."""
+def write_omsi_config(path: Path, bootstrap: str, broker_extra: str = "",
+                      sections: str = "") -> Path:
+    """A config file for OpenMSIStream's own programs (and usable by ours);
+    ``broker_extra`` lines go into ``[broker]``, ``sections`` are appended."""
     path.write_text(
         "[broker]\n"
         f"bootstrap.servers = {bootstrap}\n"
+        f"{broker_extra}"
         "\n[producer]\n"
         "key.serializer   = StringSerializer\n"
         "value.serializer = DataFileChunkSerializer\n"
@@ -56,7 +59,8 @@ def write_omsi_config(path: Path, bootstrap: str) -> Path:
         "auto.offset.reset  = earliest\n"
         "enable.auto.commit = False\n"
         "key.deserializer   = StringDeserializer\n"
-        "value.deserializer = DataFileChunkDeserializer\n")
+        "value.deserializer = DataFileChunkDeserializer\n"
+        f"{sections}")
     return path
 
 

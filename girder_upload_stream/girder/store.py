@@ -7,6 +7,13 @@ files are harmless: an item of the same name whose checksum matches is skipped, 
 is what makes uploads effectively-once. Names are those Girder stores (stripped of
 leading and trailing white space), so that a lookup finds what a create made.
 
+A new small file costs two requests (see :meth:`GirderStore._upload`): ``POST item``
+with its metadata, then ``POST file`` carrying the whole file in its body (Girder
+finishes an upload whose first chunk is the whole file). Whether an item of the name
+was there already is read from that first answer (Girder renames a new item whose name
+is taken), so nothing is looked up per file unless it was; only then, and when another
+consumer of the group may be uploading the same file (``shared``), are there more.
+
 Library errors become :class:`GirderTransientError` (retry: connection errors, 429,
 5xx), :class:`GirderAuthError` (a transient one: the key or its token was refused; the
 client logs in again) or :class:`GirderTerminalError` (record and move on: other 4xx,
@@ -26,6 +33,7 @@ from typing import Any, TypeVar
 
 from girder_upload_stream import __version__, failpoints
 from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.girder.folders import FolderMixin
 from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderStartupError,
                                                 GirderTerminalError, GirderTransientError,
                                                 girder_name, translate)
@@ -33,8 +41,9 @@ from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
-__all__ = ["VERSION_FIELD", "VERSION_VALUE", "GirderTransientError", "GirderTerminalError",
-           "GirderAuthError", "GirderStartupError", "GirderStore", "girder_name"]
+__all__ = ["VERSION_FIELD", "VERSION_VALUE", "SMALL_UPLOAD_BYTES", "GirderTransientError",
+           "GirderTerminalError", "GirderAuthError", "GirderStartupError", "GirderStore",
+           "girder_name", "item_was_there"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +51,26 @@ logger = logging.getLogger(__name__)
 #: this program and its version instead of an OpenMSIStream release.
 VERSION_FIELD = "OpenMSIStreamVersion"
 VERSION_VALUE = f"girder-upload-stream {__version__}"
+#: Files up to this size travel in the body of the ``POST file`` that starts their
+#: upload (one request; Girder's CherryPy accepts bodies up to 100 MiB, girder-client
+#: does the same up to 64 MiB); larger ones go through ``POST file/chunk`` requests.
+SMALL_UPLOAD_BYTES = 32 << 20
 T = TypeVar("T")
 
 
-class GirderStore:
+class _StaleFolder(GirderTerminalError):
+    """Girder no longer knows a cached folder (deleted since): re-resolve and retry."""
+
+
+def item_was_there(created: dict, name: str) -> bool:
+    """Whether ``created``, the answer to ``POST item`` (without ``reuseExisting``) for
+    ``name``, says a sibling of that name was there: Girder then saves the new item as
+    ``name (1)``. A new item named as asked means there was none (or a twin is being
+    made at this very moment by another consumer: see ``shared``)."""
+    return created.get("name") != name
+
+
+class GirderStore(FolderMixin):
     """Uploads completed files below one root folder; thread-safe (one client per thread)."""
 
     def __init__(self, settings: GirderSettings, topic: str) -> None:
@@ -107,110 +132,6 @@ class GirderStore:
             reason = str(exc)
         raise GirderStartupError(f"cannot start: Girder at {self.settings.api_url}: {reason}")
 
-    def root_folder_id(self) -> str:
-        """The root folder's id: given, or found/created from collection and path."""
-        with self._folder_lock:
-            if "" not in self._folders:
-                self._folders[""] = self._resolve_root()
-            return self._folders[""]
-
-    def _resolve_root(self) -> str:
-        """As OpenMSIStream 1.8.8 does: the collection is found by name or created public;
-        then every part of the root path is a folder below it, the first part included.
-        Every folder gets the minimal metadata, except a first part named like the
-        collection (``{collection_name}/{topic}``, the default), which gets none."""
-        client = self._client()
-        if self.settings.root_folder_id:
-            return self._call(lambda: client.getFolder(self.settings.root_folder_id),
-                              "root folder")["_id"]
-        collection = self._collection(girder_name(self.settings.collection_name, "collection"))
-        path = self.settings.root_path_for(self.topic)
-        parent, parent_type = collection["_id"], "collection"
-        for depth, part in enumerate(path.split("/")):
-            metadata = None if depth == 0 and part == self.settings.collection_name \
-                else self._meta()
-            name = girder_name(part, f"folder (in the root folder path {path!r})")
-            parent = self._make_folder(parent, name, parent_type, metadata)
-            parent_type = "folder"
-        return parent
-
-    def _collection(self, name: str) -> dict:
-        """The collection ``name``, created public if missing (OpenMSIStream does)."""
-        client = self._client()
-        collection = self._find_collection(name)
-        if collection is None:
-            try:
-                collection = self._call(lambda: client.createCollection(name, public=True),
-                                        "create collection")
-            except GirderTerminalError as exc:
-                # Another consumer of the group created it since we looked.
-                collection = self._find_collection(name)
-                if "already exists" not in str(exc) or collection is None:
-                    raise
-        return collection
-
-    def _find_collection(self, name: str) -> dict | None:
-        # A path lookup, not a text search: the dev stack's mongo-java-server has no
-        # $text. Girder answers 400 for a path that does not exist.
-        client = self._client()
-        try:
-            return self._call(lambda: client.resourceLookup(f"/collection/{name}"),
-                              "find collection")
-        except GirderTerminalError as exc:
-            if "HTTP 400" in str(exc):
-                return None
-            raise
-
-    def _make_folder(self, parent: str, name: str, parent_type: str,
-                     metadata: dict[str, Any] | None) -> str:
-        """Find or create a folder (``name`` as Girder stores it) and set ``metadata`` on
-        it (None: leave it); of twins made at the same moment by two consumers (Girder's
-        reuseExisting is not atomic), every consumer keeps the oldest."""
-        client = self._client()
-
-        def create() -> dict:
-            return self._call(lambda: client.createFolder(
-                parent, name, parentType=parent_type, reuseExisting=True,
-                metadata=metadata), f"create folder {name!r}")
-        try:
-            mine = create()
-        except GirderTerminalError as exc:
-            if "already exists" not in str(exc):  # created by another between two checks
-                raise
-            mine = create()
-        twins = self._call(lambda: list(client.listFolder(parent, parentFolderType=parent_type,
-                                                          name=name)), "list folders", name)
-        return self._keep_oldest(mine, twins, "folder", name)["_id"]
-
-    def _keep_oldest(self, mine: dict, twins: list[dict], kind: str, name: str) -> dict:
-        """The oldest of same-named twins (Girder ids grow with time, so every consumer
-        picks the same one); ours is deleted if it is not that one."""
-        oldest = min([*twins, mine], key=lambda t: t["_id"])
-        if oldest["_id"] != mine["_id"]:
-            logger.info("%s %r: another consumer created it at the same time; using its "
-                        "%s", kind, name, kind)
-            client = self._client()
-            self._call(lambda: client.delete(f"{kind}/{mine['_id']}"),
-                       f"delete duplicate {kind}", name)
-        return oldest
-
-    def folder_for(self, subdir: str) -> str:
-        """Id of the folder mirroring ``subdir`` below the root, created once, then cached
-        (by the names Girder stores: ``' sub '`` and ``'sub'`` are one folder)."""
-        root = self.root_folder_id()
-        if not subdir:
-            return root
-        names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
-        with self._folder_lock:
-            parent = root
-            for depth in range(1, len(names) + 1):
-                key = "/".join(names[:depth])
-                if key not in self._folders:
-                    self._folders[key] = self._make_folder(parent, names[depth - 1],
-                                                           "folder", self._meta())
-                parent = self._folders[key]
-            return parent
-
     # -- items ---------------------------------------------------------------------
     def holds(self, rel_path: str, file_hash: bytes) -> bool | None:
         """Whether Girder already has this generation of ``rel_path`` (same name, one
@@ -244,37 +165,85 @@ class GirderStore:
 
         ``shared``: another consumer of the group may be uploading the same file now
         (the group has other members, or partitions moved lately): the item and its
-        file are then checked for twins after they are made, which costs two requests.
-        A callable is asked at each check, so partitions revoked during the upload
-        still count."""
+        file (and folders created now) are then checked for twins after they are made,
+        which costs two requests. A callable is asked at each check, so partitions
+        revoked during the upload still count.
+
+        A cached folder Girder no longer knows (deleted by someone) is resolved again
+        and the file tried once more."""
         check = shared if callable(shared) else (lambda: bool(shared))
         key = completed.file_key
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
             name = girder_name(path.name)
-            outcome, item_id = self._upload(completed, self.folder_for(subdir), name, check)
+            try:
+                outcome, item_id = self._upload(completed, self.folder_for(subdir, check),
+                                                name, check)
+            except _StaleFolder as exc:
+                logger.info("%s: %s; resolving its folders again", completed.rel_path, exc)
+                self._forget_folders()
+                outcome, item_id = self._upload(completed, self.folder_for(subdir, check),
+                                                name, check)
         except GirderTerminalError as exc:
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc))
         return FileOutcome(completed.rel_path, key, outcome, item_id=item_id)
 
     def _upload(self, completed: CompletedFile, folder: str, name: str,
                 shared: Callable[[], bool]) -> tuple[Outcome, str]:
-        """Upload into ``folder`` as the item ``name`` (the name Girder stores)."""
+        """Upload into ``folder`` as the item ``name`` (the name Girder stores).
+
+        The common case, a name not in Girder yet, is ``POST item`` (with the metadata)
+        and ``POST file`` (with the bytes). The item is created without
+        ``reuseExisting``: with it, Girder would set our metadata on an existing item
+        too, and an item skipped for different content would then name a checksum it
+        does not hold. Girder renames a new item whose name is taken instead; that
+        renamed, empty item is deleted and the existing one dealt with as before."""
+        item = self._create_item(folder, name, completed)
+        if item_was_there(item, name):
+            existing = self._items_named(folder, name, completed.rel_path)
+            if existing:
+                self._delete_empty_item(item, completed.rel_path)
+                return self._into_existing(existing[0], completed, shared)
+            # Only a folder has the name (Girder renamed ours for it): keep ours, as
+            # before this change (then also saved as ``name (1)``).
+        oldest = self._oldest_item(folder, item["name"], item) if shared() else item
+        if oldest["_id"] != item["_id"]:
+            return self._into_existing(oldest, completed, shared)
+        failpoints.hit("upload.mid")
+        self._put_file(item["_id"], completed, shared)
+        return Outcome.UPLOADED, item["_id"]
+
+    def _create_item(self, folder: str, name: str, completed: CompletedFile) -> dict:
+        """``POST item`` with the file's metadata; a folder Girder does not know raises
+        :class:`_StaleFolder` (the cache is wrong: the caller resolves it again)."""
+        client = self._client()
+        try:
+            return self._call(lambda: client.createItem(
+                folder, name, metadata=self._meta(completed.sha256)), "create item",
+                completed.rel_path)
+        except GirderTerminalError as exc:
+            if "HTTP 400" in str(exc) and "invalid folder id" in str(exc).lower():
+                raise _StaleFolder(str(exc), rel_path=completed.rel_path) from None
+            raise
+
+    def _items_named(self, folder: str, name: str, rel_path: str) -> list[dict]:
+        client = self._client()
+        return self._call(lambda: list(client.listItem(folder, name=name)), "list items",
+                          rel_path)
+
+    def _delete_empty_item(self, item: dict, rel_path: str) -> None:
+        """Delete the item we just made under a name Girder changed (it holds nothing)."""
+        client = self._client()
+        self._call(lambda: client.delete(f"item/{item['_id']}"), "delete renamed item",
+                   rel_path)
+
+    def _into_existing(self, item: dict, completed: CompletedFile,
+                       shared: Callable[[], bool]) -> tuple[Outcome, str]:
+        """An item of the file's name was there: skip identical content, fill an item
+        left without its file, replace (``--replace_existing``) or skip different."""
         client = self._client()
         rel = completed.rel_path
-        items = self._call(lambda: list(client.listItem(folder, name=name)), "list items", rel)
-        if not items:
-            item = self._call(lambda: client.createItem(
-                folder, name, metadata=self._meta(completed.sha256), reuseExisting=True),
-                "create item", rel)
-            oldest = self._oldest_item(folder, name, item) if shared() else item
-            if oldest["_id"] == item["_id"]:
-                failpoints.hit("upload.mid")
-                self._put_file(item["_id"], completed, shared)
-                return Outcome.UPLOADED, item["_id"]
-            items = [oldest]
-        item = items[0]
         files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
         if self._same_content(item, files, completed):
             self._repair_checksum(item, completed)
@@ -336,10 +305,12 @@ class GirderStore:
         client = self._client()
         file_name = PurePosixPath(completed.rel_path).name
         mimetype = mimetypes.guess_type(file_name)[0] or "application/octet-stream"
-        mine = self._call(lambda: client.uploadFile(item_id, self._stream(completed), file_name,
-                                                    completed.size, parentType="item",
-                                                    mimeType=mimetype),
-                          "upload file", completed.rel_path)
+        if completed.size <= SMALL_UPLOAD_BYTES:
+            mine = self._upload_whole(item_id, completed, file_name, mimetype)
+        else:
+            mine = self._call(lambda: client.uploadFile(
+                item_id, self._stream(completed), file_name, completed.size,
+                parentType="item", mimeType=mimetype), "upload file", completed.rel_path)
         if not shared():
             return
         files = self._call(lambda: list(client.listFile(item_id)), "list files",
@@ -351,6 +322,27 @@ class GirderStore:
                         completed.rel_path)
             self._call(lambda: client.delete(f"file/{mine['_id']}"), "delete duplicate file",
                        completed.rel_path)
+
+    def _upload_whole(self, item_id: str, completed: CompletedFile, file_name: str,
+                      mimetype: str) -> dict:
+        """One ``POST file`` whose body is the whole file: Girder starts the upload,
+        takes the body as its only chunk and answers with the finished file (see
+        ``initUpload`` in Girder's ``api/v1/file.py``). An answer that is still an upload
+        (Girder took fewer bytes) is a transient failure: the unit's retry redoes it."""
+        client = self._client()
+        with self._stream(completed) as stream:
+            body = stream.read()
+        params = {"parentType": "item", "parentId": item_id, "name": file_name,
+                  "size": completed.size, "mimeType": mimetype}
+        answer = self._call(lambda: client.post(
+            "file", parameters=params, data=body,
+            headers={"Content-Type": "application/octet-stream"}),
+            "upload file", completed.rel_path)
+        if "received" in answer or answer.get("itemId") != item_id:
+            raise GirderTransientError(
+                f"upload file: Girder did not finish the upload in one request (it answered "
+                f"{sorted(answer)[:8]})", rel_path=completed.rel_path)
+        return answer
 
     @staticmethod
     def _stream(completed: CompletedFile):

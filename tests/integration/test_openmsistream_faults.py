@@ -94,7 +94,8 @@ def test_restart_with_the_same_group_uploads_the_file_that_failed(case: Case, gi
 
 STEPS = {  # step: (route, status answered, the name the rule matches, the failed file)
     "item": ("POST item", 400, "victim.bin", "victim.bin"),  # at the producer's root
-    "file_chunk": ("POST file/chunk", 403, "victim.bin", "victim_dir/victim.bin"),
+    # A small file's bytes travel in its POST file (no POST file/chunk).
+    "file": ("POST file", 403, "victim.bin", "victim_dir/victim.bin"),
     "folder": ("POST folder", 400, "victim_dir", "victim_dir/victim.bin"),
 }
 
@@ -132,9 +133,9 @@ TRANSIENT = [  # (route, status or DROP, times, the name the rule matches, file)
     ("POST item", 503, 2, "a.txt", "a.txt"),
     ("POST file", 502, 1, "b.txt", "b.txt"),
     ("POST file", 500, 1, "c.txt", "c.txt"),
-    ("POST file/chunk", DROP, 1, "d.bin", "d.bin"),
+    ("POST file", DROP, 1, "d.bin", "d.bin"),  # its bytes are in that request
     ("POST folder", 429, 1, "e_dir", "e_dir/e.txt"),
-    ("GET item", 504, 1, "f.txt", "f.txt"),
+    ("POST item", 504, 1, "f.txt", "f.txt"),  # a new file sends no GET item
 ]
 
 
@@ -145,7 +146,7 @@ def test_transient_errors_at_each_step_are_retried_and_each_file_lands_once(case
     and test_girder_upload_failure_direct's 500, at every step: 5xx, 429 and a dropped
     connection are retried until each file is in Girder, once, and nothing fails."""
     files = {rel: f"{rel} content\n".encode() * 50 for *_, rel in TRANSIENT}
-    files["d.bin"] = bytes(range(256)) * 600  # several chunks of girder-client's
+    files["d.bin"] = bytes(range(256)) * 600  # several of the producer's chunks
     case.produce(files)
     faults = [case.proxy.fail(route, status, times=times, name=name)
               for route, status, times, name, _ in TRANSIENT]

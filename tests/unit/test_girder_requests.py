@@ -1,0 +1,302 @@
+"""The request logic of :class:`GirderStore` against a fake Girder client: which requests a
+new small file, a re-delivered one, a different one, a replaced one, a twin check and a
+stale folder cache cost, and that every outcome and every item's metadata stay as they
+were. The fake models only what the store relies on: Girder renames a new item whose
+name is taken (``name (1)``), ``createFolder(reuseExisting)`` returns the folder of that
+name, a ``POST file`` whose body is the whole file answers with the finished file, an
+unknown folder id is a 400. The real Girder is exercised in
+``tests/integration/test_girder_layout.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+import pytest
+from girder_client import HttpError
+
+from girder_upload_stream.assembly.pieces import Pieces
+from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.girder import store as store_module
+from girder_upload_stream.girder.store import (GirderStore, GirderTransientError,
+                                               item_was_there)
+from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.settings import GirderSettings
+
+_ids = (f"{n:024x}" for n in itertools.count(1))
+
+
+def _http_error(status: int, message: str) -> HttpError:
+    return HttpError(status=status, url="http://girder/api/v1/x", method="POST",
+                     text=json.dumps({"message": message, "type": "rest"}))
+
+
+class FakeGirder:
+    """Folders, items and files in dicts; ``calls`` lists each request's method name."""
+
+    def __init__(self) -> None:
+        self.folders: dict[str, dict] = {"root": {"_id": "root", "name": "root", "meta": {}}}
+        self.items: dict[str, dict] = {}
+        self.files: dict[str, dict] = {}
+        self.calls: list[str] = []
+        self.finish_uploads = True
+
+    # folders
+    def createFolder(self, parent, name, parentType="folder", reuseExisting=False,
+                     metadata=None):
+        self.calls.append("createFolder")
+        self._need_folder(parent)
+        found = [f for f in self.folders.values() if f.get("parent") == parent
+                 and f["name"] == name]
+        folder = found[0] if found and reuseExisting else {
+            "_id": next(_ids), "name": name, "parent": parent, "meta": {}}
+        self.folders[folder["_id"]] = folder
+        if metadata:
+            folder["meta"].update(metadata)
+        return dict(folder)
+
+    def listFolder(self, parent, parentFolderType="folder", name=None):
+        self.calls.append("listFolder")
+        return [dict(f) for f in self.folders.values() if f.get("parent") == parent
+                and f["name"] == name]
+
+    def _need_folder(self, folder_id):
+        if folder_id not in self.folders:
+            raise _http_error(400, f"Invalid folder id ({folder_id}).")
+
+    # items
+    def createItem(self, folder, name, description="", reuseExisting=False, metadata=None):
+        self.calls.append("createItem")
+        assert not reuseExisting, "reuseExisting would set our metadata on an existing item"
+        self._need_folder(folder)
+        taken = {i["name"] for i in self.items.values() if i["folder"] == folder} | {
+            f["name"] for f in self.folders.values() if f.get("parent") == folder}
+        stored, n = name, 0
+        while stored in taken:
+            n += 1
+            stored = f"{name} ({n})"
+        item = {"_id": next(_ids), "name": stored, "folder": folder, "meta": dict(metadata or {}),
+                "size": 0}
+        self.items[item["_id"]] = item
+        return dict(item)
+
+    def listItem(self, folder, name=None):
+        self.calls.append("listItem")
+        return [dict(i) for i in self.items.values() if i["folder"] == folder
+                and i["name"] == name]
+
+    def addMetadataToItem(self, item_id, metadata):
+        self.calls.append("addMetadataToItem")
+        self.items[item_id]["meta"].update(metadata)
+
+    def delete(self, path):
+        self.calls.append(f"delete {path.split('/')[0]}")
+        kind, doc_id = path.split("/")
+        store = {"item": self.items, "file": self.files, "folder": self.folders}[kind]
+        del store[doc_id]
+
+    # files
+    def listFile(self, item_id):
+        self.calls.append("listFile")
+        return [dict(f) for f in self.files.values() if f["itemId"] == item_id]
+
+    def _add_file(self, item_id, name, data, mimetype):
+        doc = {"_id": next(_ids), "itemId": item_id, "name": name, "size": len(data),
+               "sha512": hashlib.sha512(data).hexdigest(), "mimeType": mimetype, "data": data}
+        self.files[doc["_id"]] = doc
+        self.items[item_id]["size"] += len(data)
+        return dict(doc)
+
+    def post(self, path, parameters=None, data=None, headers=None):
+        self.calls.append(f"post {path}")
+        assert path == "file" and parameters["parentType"] == "item"
+        assert headers["Content-Type"] == "application/octet-stream"
+        assert len(data) == parameters["size"]
+        if not self.finish_uploads:
+            return {"_id": next(_ids), "received": 0, "size": parameters["size"]}
+        return self._add_file(parameters["parentId"], parameters["name"], data,
+                              parameters["mimeType"])
+
+    def uploadFile(self, item_id, stream, name, size, parentType="item", mimeType=None):
+        self.calls.append("uploadFile")
+        return self._add_file(item_id, name, stream.read(), mimeType)
+
+    def uploadFileContents(self, file_id, stream, size):
+        self.calls.append("uploadFileContents")
+        data = stream.read()
+        self.files[file_id].update(size=len(data), data=data,
+                                   sha512=hashlib.sha512(data).hexdigest())
+
+    # reading back
+    def item(self, folder, name) -> dict:
+        [item] = [i for i in self.items.values() if i["folder"] == folder and i["name"] == name]
+        return item
+
+    def content(self, item) -> list[bytes]:
+        return [f["data"] for f in self.files.values() if f["itemId"] == item["_id"]]
+
+
+def _completed(rel: str, data: bytes) -> CompletedFile:
+    return CompletedFile(rel, hashlib.sha512(data).digest(), hashlib.sha256(data).hexdigest(),
+                         len(data), 1, 0.0, 0.0, 0.0, Pieces([data]), None)
+
+
+@pytest.fixture
+def girder():
+    return FakeGirder()
+
+
+def _store(girder: FakeGirder, replace: bool = False) -> GirderStore:
+    settings = GirderSettings(api_url="http://127.0.0.1:1/api/v1", api_key="k" * 40,
+                              replace_existing=replace, metadata={"lab": "x"})
+    store = GirderStore(settings, "topic")
+    store._local.client = girder
+    store._folders[""] = "root"  # the root as resolved at start
+    return store
+
+
+def _upload(store, girder, rel, data, shared=False):
+    girder.calls.clear()
+    return store.upload(_completed(rel, data), shared), list(girder.calls)
+
+
+def test_a_new_small_file_is_two_requests_with_its_metadata_and_mimetype(girder):
+    store = _store(girder)
+    outcome, calls = _upload(store, girder, "a.png", b"png bytes")
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["createItem", "post file"]
+    item = girder.item("root", "a.png")
+    assert item["meta"]["checksum"] == {"sha256": hashlib.sha256(b"png bytes").hexdigest()}
+    assert item["meta"]["lab"] == "x" and item["meta"]["KafkaTopic"] == "topic"
+    [file] = girder.files.values()
+    assert (file["name"], file["mimeType"], file["data"]) == ("a.png", "image/png", b"png bytes")
+    assert store.requests == 2
+
+
+def test_folders_are_one_request_each_then_cached(girder):
+    store = _store(girder)
+    _, calls = _upload(store, girder, "d1/d2/x.txt", b"x")
+    assert calls == ["createFolder", "createFolder", "createItem", "post file"]
+    _, calls = _upload(store, girder, "d1/d2/y.txt", b"y")
+    assert calls == ["createItem", "post file"]
+    d1 = next(f for f in girder.folders.values() if f["name"] == "d1")
+    assert d1["meta"]["KafkaTopic"] == "topic" and "checksum" not in d1["meta"]
+
+
+def test_a_redelivered_identical_file_is_skipped_and_leaves_one_item(girder):
+    store = _store(girder)
+    _upload(store, girder, "a.txt", b"same")
+    before = dict(girder.item("root", "a.txt")["meta"])
+    outcome, calls = _upload(store, girder, "a.txt", b"same")
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
+    assert calls == ["createItem", "listItem", "delete item", "listFile"]
+    assert [i["name"] for i in girder.items.values()] == ["a.txt"]
+    assert girder.item("root", "a.txt")["meta"] == before
+
+
+def test_a_different_file_is_skipped_and_the_items_metadata_is_untouched(girder):
+    store = _store(girder)
+    _upload(store, girder, "a.txt", b"old")
+    before = dict(girder.item("root", "a.txt")["meta"])
+    outcome, _ = _upload(store, girder, "a.txt", b"new")
+    assert outcome.outcome is Outcome.SKIPPED_DIFFERENT
+    item = girder.item("root", "a.txt")
+    assert item["meta"] == before and girder.content(item) == [b"old"]
+    assert len(girder.items) == 1
+
+
+def test_replace_existing_swaps_contents_and_metadata(girder):
+    store = _store(girder, replace=True)
+    _upload(store, girder, "a.txt", b"old")
+    outcome, calls = _upload(store, girder, "a.txt", b"new")
+    assert outcome.outcome is Outcome.REPLACED
+    assert calls[-2:] == ["uploadFileContents", "addMetadataToItem"]
+    item = girder.item("root", "a.txt")
+    assert girder.content(item) == [b"new"] and len(girder.items) == 1
+    assert item["meta"]["checksum"]["sha256"] == hashlib.sha256(b"new").hexdigest()
+
+
+def test_an_item_left_without_its_file_is_filled(girder):
+    store = _store(girder)
+    left = girder.createItem("root", "a.txt", metadata={"other": 1})
+    outcome, calls = _upload(store, girder, "a.txt", b"data")
+    assert outcome.outcome is Outcome.UPLOADED and outcome.item_id == left["_id"]
+    assert calls[-2:] == ["post file", "addMetadataToItem"]
+    item = girder.item("root", "a.txt")
+    assert girder.content(item) == [b"data"] and item["meta"]["KafkaTopic"] == "topic"
+
+
+def test_a_folder_of_the_items_name_keeps_the_renamed_item(girder):
+    """As before: Girder saves the item as ``name (1)`` beside a folder ``name``."""
+    store = _store(girder)
+    girder.createFolder("root", "clash", reuseExisting=True)
+    outcome, calls = _upload(store, girder, "clash", b"data")
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["createItem", "listItem", "post file"]
+    assert girder.content(girder.item("root", "clash (1)")) == [b"data"]
+
+
+def test_shared_checks_twins_of_item_file_and_folders(girder):
+    store = _store(girder)
+    outcome, calls = _upload(store, girder, "d/a.txt", b"data", shared=lambda: True)
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["createFolder", "listFolder", "createItem", "listItem", "post file",
+                     "listFile"]
+
+
+def test_a_twin_item_made_at_the_same_moment_is_left_to_the_oldest(girder):
+    store = _store(girder)
+    oldest = girder.createItem("root", "a.txt", metadata={})
+    original = girder.createItem
+    # Another consumer's create landed between Girder's name check and its save: ours
+    # keeps the name too (Girder's check is not atomic).
+    girder.createItem = lambda folder, name, **kw: girder.items.setdefault(
+        "f" * 24, {"_id": "f" * 24, "name": name, "folder": folder,
+                   "meta": dict(kw["metadata"]), "size": 0}) and (
+        girder.calls.append("createItem") or dict(girder.items["f" * 24]))
+    outcome, _ = _upload(store, girder, "a.txt", b"data", shared=True)
+    girder.createItem = original
+    assert outcome.outcome is Outcome.UPLOADED and outcome.item_id == oldest["_id"]
+    assert "f" * 24 not in girder.items
+    assert girder.content(girder.items[oldest["_id"]]) == [b"data"]
+
+
+def test_a_deleted_folder_is_resolved_again_once(girder):
+    store = _store(girder)
+    _upload(store, girder, "d/a.txt", b"a")
+    folder_id = store._folders["d"]
+    del girder.folders[folder_id]  # someone deleted it in Girder
+    outcome, calls = _upload(store, girder, "d/b.txt", b"b")
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["createItem", "createFolder", "createItem", "post file"]
+    assert store._folders["d"] != folder_id and store._folders[""] == "root"
+
+
+def test_a_folder_still_unknown_after_resolving_fails_for_good(girder):
+    store = _store(girder)
+    store._folders[""] = "gone"  # the root itself deleted: resolving sub-folders cannot help
+    outcome, _ = _upload(store, girder, "a.txt", b"a")
+    assert outcome.outcome is Outcome.FAILED_TERMINAL
+    assert "Invalid folder id" in outcome.reason
+
+
+def test_a_big_file_goes_through_the_chunked_upload(girder, monkeypatch):
+    monkeypatch.setattr(store_module, "SMALL_UPLOAD_BYTES", 4)
+    store = _store(girder)
+    outcome, calls = _upload(store, girder, "big.bin", b"12345")
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["createItem", "uploadFile"]
+
+
+def test_an_upload_girder_did_not_finish_is_transient(girder):
+    store = _store(girder)
+    girder.finish_uploads = False
+    with pytest.raises(GirderTransientError, match="did not finish"):
+        store.upload(_completed("a.txt", b"data"))
+
+
+def test_item_was_there_reads_girders_rename():
+    assert not item_was_there({"name": "a.txt"}, "a.txt")
+    assert item_was_there({"name": "a.txt (1)"}, "a.txt")

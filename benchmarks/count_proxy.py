@@ -1,12 +1,16 @@
-"""A counting HTTP proxy in front of Girder, to measure Girder requests per file.
+"""A counting (and optionally delaying) HTTP proxy in front of Girder: Girder requests
+per file, and a remote Girder on the local stack.
 
 The consumers are black boxes (OpenMSIStream's in particular), so the only way to
 count the requests each one sends is to put something between it and Girder. The
 proxy forwards every request unchanged to Girder over one keep-alive connection per
 client connection and counts it by method and route (ids replaced by ``:id``).
 
-It adds latency, so it is used only in a separate, untimed pass; the timed runs talk
-to Girder directly.
+With ``delay`` (seconds) it holds every request that long before forwarding it, as a
+network round trip to a distant Girder would (requests on different connections wait
+side by side, as they would on a real link): scenario 7 of ``make bench``. Without it,
+it still adds some latency of its own, so the counting pass of scenario 1 is untimed;
+the timed runs there talk to Girder directly.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import http.client
 import re
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -34,9 +39,11 @@ def route_of(method: str, path: str) -> str:
 
 class CountingProxy:
     """``with CountingProxy(girder_api_url) as proxy:`` point clients at ``proxy.url``;
-    ``proxy.counts`` holds ``{"METHOD route": n}`` and ``proxy.total`` the sum."""
+    ``proxy.counts`` holds ``{"METHOD route": n}`` and ``proxy.total`` the sum.
+    ``delay``: seconds every request waits before it is forwarded (0: none)."""
 
-    def __init__(self, target_api_url: str) -> None:
+    def __init__(self, target_api_url: str, delay: float = 0.0) -> None:
+        self.delay = delay
         target = urlsplit(target_api_url)
         self.target_host = target.hostname
         self.target_port = target.port or 80
@@ -88,6 +95,8 @@ class CountingProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 headers["Host"] = f"{proxy.target_host}:{proxy.target_port}"
                 proxy._count(self.command, self.path)
+                if proxy.delay > 0:
+                    time.sleep(proxy.delay)
                 for attempt in (1, 2):
                     if self.upstream is None:
                         self.upstream = http.client.HTTPConnection(

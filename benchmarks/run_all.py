@@ -34,6 +34,7 @@ from benchmarks.bench_girder import GirderView, delete_topics, girder_client
 from benchmarks.bench_report import (
     Section, git_state, machine_facts, merged_sections, write_report,
 )
+from benchmarks.scenario_remote import scenario_remote
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
 from benchmarks.scenario_soak import scenario_soak
@@ -50,6 +51,7 @@ SCENARIOS = {
     4: ("restart cost", scenario_restart),
     5: ("scale-out", scenario_scaleout),
     6: ("soak", scenario_soak),
+    7: ("remote Girder", scenario_remote),
 }
 
 
@@ -77,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions per scenario (default: 3; quick: 1)")
     parser.add_argument("--n-threads", type=int, help="--n_threads of every consumer (default: 2)")
     parser.add_argument("--soak-minutes", type=float, help="soak duration (default: 30; quick: 1)")
+    parser.add_argument("--remote-delay-ms", type=float,
+                        help="scenario 7: delay added to every Girder request (default: 20)")
+    parser.add_argument("--remote-files", type=int,
+                        help="scenario 7: number of 64 KiB files (default: 300; quick: 40)")
     parser.add_argument("--no-soak-baseline", action="store_true",
                         help="run only our consumer in the soak")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
@@ -110,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     _preflight()
     sizes = QUICK if args.quick else FULL
     changes = {k: v for k, v in {"reps": args.reps, "n_threads": args.n_threads,
-                                 "soak_minutes": args.soak_minutes}.items() if v is not None}
+                                 "soak_minutes": args.soak_minutes,
+                                 "remote_delay_ms": args.remote_delay_ms,
+                                 "remote_files": args.remote_files}.items() if v is not None}
     if args.no_soak_baseline:
         changes["soak_baseline"] = False
     sizes = replace(sizes, **changes)

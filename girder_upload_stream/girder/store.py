@@ -88,6 +88,11 @@ class GirderStore(FolderMixin):
         if client is None:
             from girder_client import GirderClient
             client = GirderClient(apiUrl=self.settings.api_url)
+            # One keep-alive connection per thread, for the client's life (girder-client's
+            # own session, entered and kept): with a remote Girder every request would
+            # otherwise pay a new TCP (and TLS) set-up, a round trip or more.
+            self._local.session = client.session()
+            self._local.session.__enter__()
             self._call(lambda: self._login(client), LOGIN)
             self._local.client = client
         return client

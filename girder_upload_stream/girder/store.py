@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import re
 import threading
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -209,6 +210,7 @@ class GirderStore(FolderMixin):
             existing = self._items_named(folder, name, completed.rel_path)
             if existing:
                 self._delete_empty_item(item, completed.rel_path)
+                self._sweep_leftovers(folder, name, item["name"], completed)
                 return self._into_existing(existing[0], completed, shared)
             # Only a folder has the name (Girder renamed ours for it): keep ours, as
             # before this change (then also saved as ``name (1)``).
@@ -242,6 +244,23 @@ class GirderStore(FolderMixin):
         client = self._client()
         self._call(lambda: client.delete(f"item/{item['_id']}"), "delete renamed item",
                    rel_path)
+
+    def _sweep_leftovers(self, folder: str, name: str, renamed: str,
+                         completed: CompletedFile) -> None:
+        """Girder named ours ``name (k)`` with k > 1: ``name (1)`` .. ``name (k-1)`` are
+        taken, maybe by items a process killed between its ``POST item`` and the
+        ``DELETE`` of that renamed item left behind. Those (empty, and claiming this very
+        file's checksum) are deleted, so that the name holds one item again; any other
+        item of those names is left alone. At most four names are looked at."""
+        match = re.fullmatch(re.escape(name) + r" \((\d+)\)", renamed)
+        for k in range(1, min(int(match.group(1)), 5) if match else 1):
+            for other in self._items_named(folder, f"{name} ({k})", completed.rel_path):
+                checksum = (other.get("meta") or {}).get("checksum") or {}
+                if other.get("size") == 0 and checksum.get("sha256") == completed.sha256 \
+                        and completed.size > 0:
+                    logger.info("%s: deleting %r, an empty item left by an interrupted "
+                                "upload of it", completed.rel_path, other["name"])
+                    self._delete_empty_item(other, completed.rel_path)
 
     def _into_existing(self, item: dict, completed: CompletedFile,
                        shared: Callable[[], bool]) -> tuple[Outcome, str]:

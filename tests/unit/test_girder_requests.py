@@ -300,3 +300,19 @@ def test_an_upload_girder_did_not_finish_is_transient(girder):
 def test_item_was_there_reads_girders_rename():
     assert not item_was_there({"name": "a.txt"}, "a.txt")
     assert item_was_there({"name": "a.txt (1)"}, "a.txt")
+
+
+def test_empty_items_left_by_a_killed_redelivery_are_swept(girder):
+    """A process killed between ``POST item`` (renamed ``a.txt (1)``) and its ``DELETE``
+    leaves an empty ``a.txt (1)`` claiming the file's checksum: the next delivery, renamed
+    ``a.txt (2)``, deletes both; an unrelated ``a.txt (2)``-like item is left alone."""
+    store = _store(girder)
+    _upload(store, girder, "a.txt", b"same")
+    checksum = {"checksum": {"sha256": hashlib.sha256(b"same").hexdigest()}}
+    girder.createItem("root", "a.txt", metadata=checksum)  # the leftover: "a.txt (1)"
+    other = girder.createItem("root", "a.txt", metadata={"checksum": {"sha256": "x"}})
+    assert other["name"] == "a.txt (2)"
+    outcome, calls = _upload(store, girder, "a.txt", b"same")
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
+    assert sorted(i["name"] for i in girder.items.values()) == ["a.txt", "a.txt (2)"]
+    assert calls.count("delete item") == 2  # ours ("a.txt (3)") and the leftover

@@ -60,8 +60,8 @@ prefect-up: install  ## Start a local Prefect server (SQLite) with the UI on htt
 	@$(STACKCTL) up prefect
 	@$(STACKCTL) env prefect
 
-prefect-down:  ## Stop the local Prefect server
-	@$(STACKCTL) down prefect
+prefect-down:  ## Stop the Prefect worker (and its runs) and the local Prefect server
+	@$(STACKCTL) down prefect worker
 
 unit: install  ## Unit tests only (nothing running needed)
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
@@ -74,7 +74,7 @@ test: install  ## Install everything, start the stack, run the whole suite, stop
 	@status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	  $(STACKCTL) down; exit $$status
 
-demo: install  ## Start the stack and the Prefect UI, produce a sample tree, upload it to Girder
+demo: install  ## Stack, Prefect UI, deployments and their worker; upload a sample tree with a deployment run
 	@$(STACKCTL) up kafka mongo girder prefect
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=girder_upload_stream \
@@ -91,5 +91,5 @@ profile: install  ## Profile one consumer run with py-spy and summarise it; PROF
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m benchmarks.profile_consumer $(PROFILE_ARGS)
 
-clean: stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
+clean: prefect-down stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
 	rm -rf .stack $(VENV) $(OMSI_VENV)

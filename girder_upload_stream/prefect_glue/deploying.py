@@ -52,8 +52,9 @@ def ensure_process_pool(name: str = WORK_POOL) -> None:
 
 def start_deploy(repo_root: Path, prefect_file: Path = PREFECT_FILE,
                  env: dict[str, str] | None = None, log: Path | None = None,
-                 ) -> subprocess.Popen:
-    """Start ``prefect --no-prompt deploy --all --prefect-file FILE`` in ``repo_root``.
+                 names: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``prefect --no-prompt deploy --all --prefect-file FILE`` in ``repo_root``
+    (``--name N`` for each of ``names`` instead of ``--all`` when given).
 
     ``prefect.yaml`` reads ``$PWD`` (where workers run the flow from),
     ``$GIRDER_API_URL`` and ``$KAFKA_BOOTSTRAP_SERVERS`` when it is deployed, so they
@@ -62,9 +63,10 @@ def start_deploy(repo_root: Path, prefect_file: Path = PREFECT_FILE,
     prefect = Path(sys.executable).with_name("prefect")
     full_env = {**(os.environ if env is None else env), "PWD": str(repo_root)}
     out = open(log, "wb") if log is not None else subprocess.DEVNULL
+    which = [arg for name in names for arg in ("--name", name)] or ["--all"]
     try:
         return subprocess.Popen(
-            [str(prefect), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+            [str(prefect), "--no-prompt", "deploy", *which, "--prefect-file", str(prefect_file)],
             cwd=repo_root, env=full_env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT)
     finally:

@@ -86,6 +86,7 @@ def test_the_demo_in_a_browser(pages, worker_left_as_found, stack_env, prefect_e
         pages.shot("prefect-deployments")
 
         assert pages.flow_run(run_url) == ("Completed", "stream")
+        pages.shot("prefect-flow-run")
         artifacts = pages.run_artifacts()
         base = next(key for key in artifacts if key.endswith("-summary")).removesuffix("-summary")
         assert sorted(artifacts) == sorted(base + suffix for suffix in ARTIFACT_SUFFIXES)

@@ -10,7 +10,7 @@ STACKCTL := $(PYTHON) -m stack.stackctl
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install libsodium stack-install stack-up stack-down stack-status stack-env \
+.PHONY: help install libsodium browser stack-install stack-up stack-down stack-status stack-env \
         prefect-up prefect-down test unit integration demo bench profile clean
 
 help:  ## List the targets
@@ -33,6 +33,15 @@ libsodium:  ## Install the system's libsodium (for KafkaCrypto) if it is missing
 	  echo "installing libsodium23 (needed by kafkacrypto)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libsodium23; \
 	else echo "libsodium not found and no apt-get: install libsodium for KafkaCrypto" >&2; exit 1; fi
+
+# The browser test (tests/integration/test_browser.py) drives Debian's Chromium through
+# its chromedriver. Installed with apt when missing; no browser is ever downloaded.
+browser:  ## Install Debian's chromium and chromium-driver (the browser test) if missing
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (for the browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else echo "chromium or chromedriver missing and no apt-get: install them for the browser test" >&2; exit 1; fi
 
 # OpenMSIStream is a test-only reference implementation. It lives in its own venv so
 # its `GirderUploadStreamProcessor` console script never shadows ours in .venv/bin.
@@ -60,21 +69,21 @@ prefect-up: install  ## Start a local Prefect server (SQLite) with the UI on htt
 	@$(STACKCTL) up prefect
 	@$(STACKCTL) env prefect
 
-prefect-down:  ## Stop the local Prefect server
-	@$(STACKCTL) down prefect
+prefect-down:  ## Stop the Prefect worker (and its runs) and the local Prefect server
+	@$(STACKCTL) down prefect worker
 
 unit: install  ## Unit tests only (nothing running needed)
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
 
-integration: install  ## Integration tests against the running stack (starts one if none)
+integration: install browser  ## Integration tests against the running stack (starts one if none)
 	$(VENV)/bin/pytest -m integration $(PYTEST_ARGS)
 
-test: install  ## Install everything, start the stack, run the whole suite, stop the stack
+test: install browser  ## Install everything, start the stack, run the whole suite, stop the stack
 	@$(STACKCTL) up
 	@status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
 	  $(STACKCTL) down; exit $$status
 
-demo: install  ## Start the stack and the Prefect UI, produce a sample tree, upload it to Girder
+demo: install  ## Stack, Prefect UI, deployments and their worker; upload a sample tree with a deployment run
 	@$(STACKCTL) up kafka mongo girder prefect
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_LOGGING_EXTRA_LOGGERS=girder_upload_stream \
@@ -91,5 +100,5 @@ profile: install  ## Profile one consumer run with py-spy and summarise it; PROF
 	@set -a; eval "$$($(STACKCTL) env kafka mongo girder prefect)"; set +a; \
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m benchmarks.profile_consumer $(PROFILE_ARGS)
 
-clean: stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
+clean: prefect-down stack-down  ## Stop the stack and delete .stack/ and the virtualenvs
 	rm -rf .stack $(VENV) $(OMSI_VENV)

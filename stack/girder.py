@@ -4,8 +4,8 @@ Girder lives in its own virtualenv, ``.stack/girder/venv``, so its pins never
 meet the project's. It is served by ``girder serve --mode production`` (uvicorn
 in one process; any other mode turns on uvicorn's auto-reloader and a child
 process) on 127.0.0.1:28080 (``GUS_GIRDER_PORT``), with its database given as
-``--database mongodb://127.0.0.1:27117/girder``. No web client is built: only
-``/api/v1`` is used.
+``--database mongodb://127.0.0.1:27117/girder``. The REST API is at ``/api/v1``;
+the web client, which the Girder 5 wheel ships built, is served at ``/``.
 
 After start-up it is bootstrapped through its REST API, idempotently: the
 ``admin`` user (the first user registered becomes site admin), a filesystem

@@ -7,7 +7,10 @@ Usage: ``python3 -m stack.stackctl {install,up,down,status,env} [component ...]`
 * ``mongo``  - the MongoDB-wire-protocol server Girder stores its data in;
 * ``girder`` - Girder 5 REST API with a filesystem assetstore, admin user and API key;
 * ``prefect`` - ``prefect server start`` with SQLite, for the UI (not in the default set:
-  the project uses Prefect's ephemeral API unless ``PREFECT_API_URL`` is set).
+  the project uses Prefect's ephemeral API unless ``PREFECT_API_URL`` is set);
+* ``worker`` - a Prefect worker of the process work pool ``girder-upload-stream``, which
+  runs the deployments of ``deployments/prefect.yaml`` (not in the default set either;
+  it needs ``prefect`` running; ``make demo`` starts it, ``make prefect-down`` stops it).
 
 Every process binds to 127.0.0.1, keeps its data, log and pid file under ``.stack/``
 and is stopped by PID. ``up`` is idempotent; if a component fails to start, every
@@ -28,9 +31,9 @@ from stack.common import STACK_DIR, ComponentError
 __all__ = ["DEFAULT_COMPONENTS", "ALL_COMPONENTS", "main"]
 
 DEFAULT_COMPONENTS = ("kafka", "mongo", "girder")
-ALL_COMPONENTS = DEFAULT_COMPONENTS + ("prefect",)
+ALL_COMPONENTS = DEFAULT_COMPONENTS + ("prefect", "worker")
 _MODULES = {"kafka": "stack.kafka", "mongo": "stack.mongo", "girder": "stack.girder",
-            "prefect": "stack.prefect_server"}
+            "prefect": "stack.prefect_server", "worker": "stack.prefect_worker"}
 
 
 def _load(name: str) -> ModuleType:

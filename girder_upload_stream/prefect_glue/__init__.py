@@ -1,1 +1,1 @@
-"""Prefect-specific glue: artifacts of the registries, Secret blocks."""
+"""Prefect-specific glue: artifacts of the registries, Secret blocks, deployments."""

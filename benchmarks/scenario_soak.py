@@ -28,6 +28,9 @@ from benchmarks.bench_systems import (
 
 __all__ = ["SoakProducer", "scenario_soak"]
 
+#: Tables of Prefect's events, trimmed by the server's event retention (db_vacuum).
+EVENT_TABLES = ("events", "event_resources")
+
 
 class SoakProducer(threading.Thread):
     """Produces ``rate`` files/s of ``size`` bytes to ``topic`` in batches until stopped;
@@ -194,10 +197,19 @@ def _prefect_notes(ctx: Context, samples: list[list[str]], db0: int | None, db1:
              + f"; {runs} task runs for {n_files} files, {grown / max(n_files, 1) / KIB:.2f} "
              "KiB per file" + (f", {grown / runs / KIB:.1f} KiB per task run" if runs else "")
              + "."]
-    by_table = growth_by_table(*tables)
+    by_table = growth_by_table(*tables, top=20)
     if by_table:
-        notes.append("Prefect database growth by table (indexes included): " + ", ".join(
-            f"{name} {size / KIB:.0f} KiB" for name, size in by_table) + ".")
+        notes.append("Growth of the Prefect database by table (indexes included): "
+                     + ", ".join(f"{name} {size / KIB:.0f} KiB"
+                                 for name, size in by_table[:8]) + ".")
+        events = sum(size for name, size in by_table if name in EVENT_TABLES)
+        rest = sum(size for name, size in by_table if name not in EVENT_TABLES)
+        notes.append(
+            f"Prefect database, events (the server's event retention trims them: the "
+            f"local stack keeps routine task-run and artifact events 1 hour): "
+            f"{events / MIB / hours:.1f} MiB per hour; everything else (task runs, states, "
+            f"logs, artifacts: kept until their flow run is vacuumed): "
+            f"{rest / MIB / hours:.1f} MiB per hour.")
     added = {name: rows[1][name] - rows[0].get(name, 0) for name in rows[1]}
     if added:
         notes.append("Rows added: " + ", ".join(f"{name} {n}" for name, n in added.items())

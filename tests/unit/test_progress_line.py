@@ -16,7 +16,8 @@ from girder_upload_stream.options import DEFAULTS, OPTIONS
 from girder_upload_stream.settings import RunSettings
 
 MIB = 1 << 20
-LINE = re.compile(r"^progress: \d+:\d\d:\d\d up; [\d,]+ files? done \([\d.]+ (B|KiB|MiB|GiB|TiB)\), "
+LINE = re.compile(r"^progress: \d+:\d\d:\d\d up; [\d,]+ files? done "
+                  r"\([\d.]+ (B|KiB|MiB|GiB|TiB)\), "
                   r"[\d,]+ failed, [\d,]+ in progress; (lag [\d,]+ messages?|lag unknown); "
                   r"(rate not known yet|[\d.]+ files/s, [\d.]+ (B|KiB|MiB|GiB|TiB)/s over the "
                   r"last \d+ s)$")

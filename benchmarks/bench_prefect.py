@@ -15,7 +15,8 @@ from pathlib import Path
 
 from benchmarks.bench_common import PREFECT_DB, Stack
 
-__all__ = ["db_logical_bytes", "flow_run_ids", "task_runs", "server_version"]
+__all__ = ["db_logical_bytes", "table_bytes", "table_rows", "growth_by_table", "flow_run_ids",
+           "task_runs", "server_version"]
 
 _FLOW_RUN = re.compile(r"/runs/flow-run/([0-9a-f-]{36})")
 
@@ -32,6 +33,50 @@ def db_logical_bytes(path: Path = PREFECT_DB) -> int | None:
         return (pages - free) * page_size
     except sqlite3.Error:
         return None
+
+
+def table_bytes(path: Path = PREFECT_DB) -> dict[str, int]:
+    """Bytes of each table of the Prefect database, its indexes included (SQLite's
+    ``dbstat``: payload plus unused space of its pages); empty if it cannot be read."""
+    if not path.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+            owner = {name: table for name, table in db.execute(
+                "SELECT name, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')")}
+            sizes: dict[str, int] = {}
+            for name, size in db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"):
+                table = owner.get(name, name)
+                sizes[table] = sizes.get(table, 0) + int(size)
+        return sizes
+    except sqlite3.Error:
+        return {}
+
+
+def table_rows(path: Path = PREFECT_DB, tables: tuple[str, ...] = (
+        "task_run", "task_run_state", "flow_run_state", "log", "events", "event_resources",
+        "artifact", "artifact_collection")) -> dict[str, int]:
+    """Row counts of the tables our runs write to (missing tables are left out)."""
+    if not path.exists():
+        return {}
+    counts = {}
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+            for table in tables:
+                try:
+                    counts[table] = db.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+                except sqlite3.Error:
+                    continue
+    except sqlite3.Error:
+        return {}
+    return counts
+
+
+def growth_by_table(before: dict[str, int], after: dict[str, int], top: int = 8
+                    ) -> list[tuple[str, int]]:
+    """The tables that grew most from ``before`` to ``after``: ``[(table, bytes)]``."""
+    grown = [(name, after[name] - before.get(name, 0)) for name in after]
+    return sorted((g for g in grown if g[1] > 0), key=lambda g: -g[1])[:top]
 
 
 def flow_run_ids(output: str) -> list[str]:

@@ -19,13 +19,17 @@ from benchmarks.bench_common import KIB, MIB, BenchError, Proc, new_name
 from benchmarks.bench_config import Context
 from benchmarks.bench_data import Dataset, produce, write_random
 from benchmarks.bench_girder import GirderView, create_topic, match_items
-from benchmarks.bench_prefect import db_logical_bytes, flow_run_ids, task_runs
+from benchmarks.bench_prefect import (db_logical_bytes, flow_run_ids, growth_by_table,
+                                      table_bytes, table_rows, task_runs)
 from benchmarks.bench_report import Section, md_table
 from benchmarks.bench_systems import (
     Spec, display_argv, failure_hint, stall_for, start_system,
 )
 
 __all__ = ["SoakProducer", "scenario_soak"]
+
+#: Tables of Prefect's events, trimmed by the server's event retention (db_vacuum).
+EVENT_TABLES = ("events", "event_resources")
 
 
 class SoakProducer(threading.Thread):
@@ -80,7 +84,7 @@ def scenario_soak(ctx: Context) -> Section:
     ctx.topics.append(topic)
     systems = [Spec("ours", s.n_threads)] + ([Spec("omsi", s.n_threads)] if s.soak_baseline else [])
     views = {spec: GirderView(ctx.gc, new_name(f"soak-{spec.system}")) for spec in systems}
-    db0 = db_logical_bytes()
+    db0, tables0, rows0 = db_logical_bytes(), table_bytes(), table_rows()
     procs: dict[Spec, Proc] = {}
     producer = SoakProducer(ctx, topic)
     samples: list[list[str]] = []
@@ -150,11 +154,9 @@ def scenario_soak(ctx: Context) -> Section:
     ids = flow_run_ids(ours.output())
     time.sleep(3)
     runs, db1 = task_runs(ctx.stack, ids), db_logical_bytes()
-    hours = max(s.soak_minutes / 60, 1e-9)
-    if db1 is not None and db0 is not None:
-        section.notes.append(f"Prefect database: +{(db1 - db0) / MIB:.2f} MiB in all, "
-                             f"{(db1 - db0) / MIB / hours:.1f} MiB per hour of soak; "
-                             f"{runs} task runs for {expected.n_files} files.")
+    section.notes += _prefect_notes(ctx, samples, db0, db1, runs, expected.n_files,
+                                    (tables0, table_bytes()), (rows0, table_rows()))
+    section.headline += [note for note in section.notes if note.startswith("Prefect database")]
     section.commands = [f"# {' '.join(ctx.argv)}"] + [
         display_argv(p, ctx.stack, ctx.work) for p in procs.values()] + [
         "# every batch: .venv/bin/girder-upload-stream produce $WORK/soak-batches/bNNNNN "
@@ -165,6 +167,56 @@ def scenario_soak(ctx: Context) -> Section:
         shutil.rmtree(ctx.work / f"out-{view.name}-0", ignore_errors=True)
     ctx.drop_topic(topic)
     return section
+
+
+def _steady_rate(samples: list[list[str]]) -> float | None:
+    """MiB per hour of Prefect database growth between the first sample after start-up
+    (minute 1) and the last one taken while producing (the start-up's flow run, its
+    first artifacts and the catch-up at the end left out)."""
+    steady = [row for row in samples[1:-1] if row[-1] != "n/a"]
+    if len(steady) < 2:
+        return None
+    minutes = float(steady[-1][0]) - float(steady[0][0])
+    grown = float(steady[-1][-1]) - float(steady[0][-1])
+    return grown / minutes * 60 if minutes > 0 else None
+
+
+def _prefect_notes(ctx: Context, samples: list[list[str]], db0: int | None, db1: int | None,
+                   runs: int | None, n_files: int, tables: tuple[dict, dict],
+                   rows: tuple[dict, dict]) -> list[str]:
+    """What the soak wrote to the Prefect database: in all, per hour, per task run and
+    per file, and which tables took it."""
+    if db1 is None or db0 is None:
+        return ["Prefect database: not readable (is the stack's Prefect server up?)"]
+    grown = db1 - db0
+    hours = max(ctx.sizes.soak_minutes / 60, 1e-9)
+    steady = _steady_rate(samples)
+    notes = [f"Prefect database: +{grown / MIB:.2f} MiB in all, {grown / MIB / hours:.1f} MiB "
+             f"per hour of soak" + (f" ({steady:.1f} MiB per hour between minute 1 and the "
+                                    "end of producing)" if steady is not None else "")
+             + f"; {runs} task runs for {n_files} files, {grown / max(n_files, 1) / KIB:.2f} "
+             "KiB per file" + (f", {grown / runs / KIB:.1f} KiB per task run" if runs else "")
+             + "."]
+    by_table = growth_by_table(*tables, top=20)
+    if by_table:
+        notes.append("Growth of the Prefect database by table (indexes included): "
+                     + ", ".join(f"{name} {size / KIB:.0f} KiB"
+                                 for name, size in by_table[:8]) + ".")
+        events = sum(size for name, size in by_table if name in EVENT_TABLES)
+        rest = sum(size for name, size in by_table if name not in EVENT_TABLES)
+        notes.append(
+            f"Prefect database, events (the server's event retention trims them: the "
+            f"local stack keeps routine task-run and artifact events 1 hour): "
+            f"{events / MIB / hours:.1f} MiB per hour; everything else (task runs, states, "
+            f"logs, artifacts: kept until their flow run is vacuumed): "
+            f"{rest / MIB / hours:.1f} MiB per hour.")
+    added = {name: rows[1][name] - rows[0].get(name, 0) for name in rows[1]}
+    if added:
+        notes.append("Rows added: " + ", ".join(f"{name} {n}" for name, n in added.items())
+                     + ".")
+    for note in notes:
+        ctx.log(f"  {note}")
+    return notes
 
 
 def _sample(elapsed: float, producer: SoakProducer, procs: dict[Spec, Proc],

@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_registry_fallback
+from girder_upload_stream.prefect_glue.task_logs import quiet_completed_task_runs
 from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
 from girder_upload_stream.girder.store import GirderStore
@@ -71,6 +72,8 @@ def upload_stream(
     output_dir: str = DEFAULTS.output_dir,
     mode: Literal["memory", "disk", "both"] = DEFAULTS.mode,
     update_seconds: float = DEFAULTS.update_seconds,
+    progress_seconds: float = DEFAULTS.progress_seconds,
+    upload_linger_seconds: float = DEFAULTS.upload_linger_seconds,
     max_idle_seconds: float | None = DEFAULTS.max_idle_seconds,
     max_runtime_seconds: float | None = DEFAULTS.max_runtime_seconds,
     heartbeat_topic_name: str | None = DEFAULTS.heartbeat_topic_name,
@@ -111,7 +114,8 @@ def upload_stream(
     log_topic = log_topic_settings(config, log_topic_name, log_program_id, log_interval_secs,
                                    kafka.group_id)
     run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
-                      update_seconds=update_seconds,
+                      update_seconds=update_seconds, progress_seconds=progress_seconds,
+                      upload_linger_seconds=upload_linger_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
                       memory_budget_bytes=memory_budget_mb << 20,
                       max_file_bytes=max_file_size_mb << 20, interactive=interactive,
@@ -125,7 +129,8 @@ def upload_stream(
              "uploading to %s below folder %s",
              topic_name, kafka.group_id, n_threads, girder.api_url, root_folder)
     channel = UploadChannel()  # files report as they land: offsets need not wait for units
-    with ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
+    # Fewer rows in the Prefect database per task run: no 'Finished in state Completed()'.
+    with quiet_completed_task_runs(), ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
         def submit(unit: UploadUnit) -> _FutureHandle:
             unit.channel = channel
             return _FutureHandle(task_runner.submit(

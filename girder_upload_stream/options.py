@@ -152,6 +152,12 @@ OPTIONS: tuple[Option, ...] = (
            parse=Path, flag="logger_file_path", to_flow=_path_or_none),
     Option("update_seconds", 300, "seconds between the '.' alive lines (default: %(default)s)",
            parse=float),
+    Option("progress_seconds", 30, "seconds between the progress lines on standard error "
+           "(files and bytes done, lag, rate); 0 = none (default: %(default)s)",
+           parse=non_negative_float),
+    Option("upload_linger_seconds", 5.0, "seconds completed files may wait for more to share "
+           "their upload unit (one Prefect task run) unless they fill one; 0 = none "
+           "(default: %(default)s)", parse=non_negative_float),
     Option("max_idle_seconds", None,
            "stop after this long with no new message and nothing in flight", parse=float),
     Option("max_runtime_seconds", None, "stop after this long", parse=float),

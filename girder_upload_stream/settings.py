@@ -93,7 +93,12 @@ class RunSettings(BaseModel):
     #: in offset order (a restart re-reads what lies between them), large enough that
     #: small files still share a task run (64 x 64 KiB = 4 MiB).
     max_unit_bytes: int = Field(default=16 << 20, ge=1)
+    #: Seconds completed files may wait for company before a unit that is not full is
+    #: started (each unit is a Prefect task run, ~24 KiB of the server's database).
+    upload_linger_seconds: float = Field(default=5.0, ge=0)
     update_seconds: float = 300.0
+    #: Seconds between the progress lines on standard error (loop/progress.py); 0: none.
+    progress_seconds: float = Field(default=30.0, ge=0)
     max_idle_seconds: float | None = None
     max_runtime_seconds: float | None = None
     interactive: bool = True

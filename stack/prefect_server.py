@@ -4,10 +4,17 @@ Not part of the default stack: without ``PREFECT_API_URL`` Prefect runs an
 ephemeral API in-process, which is all the flow needs. Start this one to watch
 runs in the UI or to serve deployments: ``make prefect-up``, then open
 http://127.0.0.1:24200 and ``export PREFECT_API_URL=http://127.0.0.1:24200/api``.
+
+Its database stays bounded (:data:`RETENTION`, Prefect's database vacuum service, see
+docs/usage.md "Keeping the Prefect database small"): every 10 minutes the server deletes
+the routine events of task runs and artifacts older than an hour, every other event
+older than a day, and the flow runs (their task runs, logs and artifacts) that finished
+more than a day ago. A run still going is never deleted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.error
@@ -16,11 +23,27 @@ import urllib.request
 from stack.common import (HOST, REPO_ROOT, ComponentError, component_dir, log_path, read_pid,
                           rss_kib, spawn, stop_pid, wait_for_port)
 
-__all__ = ["NAME", "PORT", "install", "start", "stop", "status", "env"]
+__all__ = ["NAME", "PORT", "RETENTION", "install", "start", "stop", "status", "env"]
 
 NAME = "prefect"
 PORT = int(os.environ.get("GUS_PREFECT_PORT", "24200"))
 _PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"
+
+#: Event types our runs write by the hundreds an hour (three per task run, one per
+#: artifact publish): kept an hour. The task runs and artifacts stay in their own tables.
+_ROUTINE_EVENTS = ("prefect.task-run.Pending", "prefect.task-run.Running",
+                   "prefect.task-run.Completed", "prefect.artifact.created",
+                   "prefect.artifact.updated")
+#: Prefect's database vacuum settings (names and formats of Prefect 3.9's
+#: ``server.services.db_vacuum`` and ``server.events``).
+RETENTION = {
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "600",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": "86400",  # finished flow runs
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P1D",  # every event (an ISO 8601 duration)
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES": json.dumps(
+        {**{event: 3600 for event in _ROUTINE_EVENTS}, "prefect.flow-run.heartbeat": 86400}),
+}
 
 
 def _server_env() -> dict[str, str]:
@@ -29,6 +52,7 @@ def _server_env() -> dict[str, str]:
         "PREFECT_HOME": str(home),
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **RETENTION,
         "PREFECT_UI_API_URL": f"http://{HOST}:{PORT}/api",
         # The server must not talk to itself through a stale client setting.
         "PREFECT_API_URL": "",

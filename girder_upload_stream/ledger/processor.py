@@ -62,6 +62,7 @@ class StreamProcessor:
                  known_in_girder: set[tuple[str, str]] | None = None,
                  stale_partial_seconds: float | None = 3600.0,
                  max_inflight_units: int | None = None,
+                 linger_seconds: float = 0.0,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
@@ -72,6 +73,10 @@ class StreamProcessor:
         self.counters = Counters()
         self.stale_partial_seconds = stale_partial_seconds
         self.max_inflight_units = max_inflight_units  # None: every ready file at once
+        #: How long ready files may wait for more to share their upload unit (see
+        #: :meth:`take_units`); 0: none.
+        self.linger_seconds = linger_seconds
+        self._ready_since: float | None = None  # when the oldest waiting file became ready
         self.max_unit_files, self.max_unit_bytes = max_unit_files, max_unit_bytes
         self.retry_delay, self._clock, self._wall_clock = retry_delay, clock, wall_clock
         self._last_stale_check = wall_clock()
@@ -328,37 +333,67 @@ class StreamProcessor:
     # -- uploading -------------------------------------------------------------------
     def take_units(self) -> list[UploadUnit]:
         """Completed files (and transient failures whose delay passed) as upload units,
-        no more at once than ``max_inflight_units``."""
+        no more at once than ``max_inflight_units``, and no more than the files fill.
+
+        Every unit costs a Prefect task run (about 24 KiB of the server's database, its
+        events included), so at low rates files wait for company: until they fill a
+        unit, or ``linger_seconds`` have passed since a worker was free for them (the
+        lingering never delays a file's upload by more than that)."""
         self.expire_stale()
         free = (1 if self.max_inflight_units is None
                 else self.max_inflight_units - len(self._units))
         if free <= 0:
             return []  # every worker busy: sort and pack when one frees up, not each round
-        self.ledger.due(self._clock())
+        now = self._clock()
+        self.ledger.due(now)
         ready = self.ledger.in_state(FileState.READY)
         if not ready:
+            self._ready_since = None
             return []
+        if self._ready_since is None:
+            self._ready_since = now
+        if now - self._ready_since < self.linger_seconds \
+                and not self._fills_a_unit([r.completed for r in ready]):
+            return []  # lingering: more files may come to share the unit
         # Oldest messages first: a partition's commit waits for its lowest pending
         # offset, so uploading in completion order (scrambled across partitions) would
         # hold every commit near the start while the reading runs far ahead.
         ready.sort(key=lambda r: self.offsets.first_offset(r.key))
         files = [r.completed for r in ready]
+        self._ready_since = None
         if self.max_inflight_units is None:
             units = group_into_units(files, self._next_unit, self.max_unit_files,
                                      self.max_unit_bytes)
         else:
             # No more units than can run at once, striped, each of at most an even share
-            # of the files waiting (fair_share): the rest stay READY, so the next unit
-            # takes the oldest files when a worker frees up.
+            # of the files waiting (fair_share: a slow link's tail is not left to one
+            # worker) but of at least MIN_SHARE files (a few files are not spread over
+            # every worker: each unit costs a task run). The rest stay READY, so the
+            # next unit takes the oldest files when a worker frees up.
             per_unit = fair_share(len(files), self.max_inflight_units, self.max_unit_files)
-            units, _ = stripe_into_units(files, self._next_unit, free, per_unit,
-                                         self.max_unit_bytes)
+            units, rest = stripe_into_units(files, self._next_unit,
+                                            min(free, self._units_needed(files, per_unit)),
+                                            per_unit, self.max_unit_bytes)
+            if rest:
+                self._ready_since = now - self.linger_seconds  # they waited: no new linger
         self._next_unit += len(units)
         for unit in units:
             self._units[unit.unit_id] = unit
             for completed in unit.files:
                 self.ledger.dispatch(completed.file_key, unit.unit_id)
         return units
+
+    def _units_needed(self, files: list[CompletedFile], per_unit: int) -> int:
+        """How many units of at most ``per_unit`` files ``files`` fill at least (by count
+        and by bytes): striping a few files over every free worker would only cost more
+        task runs."""
+        by_count = -(-len(files) // per_unit)
+        by_bytes = -(-sum(f.size for f in files) // self.max_unit_bytes)
+        return max(1, by_count, by_bytes)
+
+    def _fills_a_unit(self, files: list[CompletedFile]) -> bool:
+        return (len(files) >= self.max_unit_files
+                or sum(f.size for f in files) >= self.max_unit_bytes)
 
     def settle_early(self, unit_id: int, outcome: FileOutcome) -> None:
         """A file of a unit still running has landed (or failed for good): settle it now,

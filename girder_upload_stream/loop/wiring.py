@@ -20,6 +20,7 @@ from girder_upload_stream.loop.heartbeat import Heartbeats
 from girder_upload_stream.kafka.clients import ConsumerGroup, HeartbeatProducer, LogProducer
 from girder_upload_stream.loop.log_topic import LogBuffer, LogMessages, LogTopic, split_log_section
 from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.loop.progress import ProgressLine
 from girder_upload_stream.assembly.reassembly import Reassembler, reserved_paths
 from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner
@@ -191,9 +192,11 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         known_done=known_done, known_pending=recorder.pending_keys(),
         known_in_girder=recorder.in_girder_keys() | (known_done - recorder.processed_keys()),
         stale_partial_seconds=run.stale_partial_seconds,
-        max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
+        max_inflight_units=kafka.n_threads,  # the flow runs n_threads upload tasks
+        linger_seconds=run.upload_linger_seconds)
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
                                    output_dir=output_dir.resolve(), stop=stop),
+                           ProgressLine(run.progress_seconds),
                            RegistrySaver(recorder, run.registry_interval_seconds)]
     if kafka.heartbeat_topic:
         producer = HeartbeatProducer(kafka.heartbeat_producer, kafka.heartbeat_topic,

@@ -9,9 +9,12 @@ For a topic and consumer group, with ``K = gus-<slug>-<hash8>`` (see
 * ``K-summary``: markdown written when the run ends.
 
 Every publish of a keyed table or markdown adds a version (a row) to the Prefect
-database, so :class:`ArtifactPublisher` publishes a table only when its content changed
-since its last publish, at most every ``interval_seconds``, and always at the end; the
-progress artifact is created once per run and then updated in place.
+database, and every publish or update an event (about 6 KiB with its indexes and
+resources), so :class:`ArtifactPublisher` publishes a table only when its content changed
+since its last publish, at most every :data:`TABLES_INTERVAL_SECONDS` (a version of the
+recent-uploads table of 200 rows is about 40 KiB), and always at the end; the progress
+artifact is created once per run and then updated in place, at most every
+:data:`PROGRESS_INTERVAL_SECONDS` (people watching a console have the progress line).
 
 :func:`load_registry_fallback` reads the latest recent-uploads table back, for a restart
 whose logs folder has no registry (another machine): its files' re-read chunks are then
@@ -36,12 +39,18 @@ from girder_upload_stream.registry.tables import (STATUS_IN_PROGRESS, ProcessedR
                                            in_progress_path, processed_path)
 
 __all__ = ["Publication", "publish_to_prefect", "in_flow_run", "ArtifactPublisher",
-           "load_registry_fallback", "MAX_BACKOFF_SECONDS"]
+           "load_registry_fallback", "MAX_BACKOFF_SECONDS", "TABLES_INTERVAL_SECONDS",
+           "PROGRESS_INTERVAL_SECONDS"]
 
 logger = logging.getLogger(__name__)
 
 #: Longest wait between two attempts while the Prefect API keeps failing.
 MAX_BACKOFF_SECONDS = 600.0
+#: Seconds between two versions of a table that changed (every 30 s, the recent-uploads
+#: table alone grew the Prefect database by ~9 MiB an hour at 2 files/s).
+TABLES_INTERVAL_SECONDS = 300.0
+#: Seconds between two updates of the progress artifact (each one is an event).
+PROGRESS_INTERVAL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -146,8 +155,9 @@ class ArtifactPublisher:
     longer each time (up to :data:`MAX_BACKOFF_SECONDS`) so that a Prefect API that is
     down does not slow every round of the loop with its retries."""
 
-    def __init__(self, recorder: Any, topic: str, group: str, interval_seconds: float = 30.0,
-                 *, progress_interval_seconds: float = 5.0,
+    def __init__(self, recorder: Any, topic: str, group: str,
+                 interval_seconds: float = TABLES_INTERVAL_SECONDS,
+                 *, progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
                  publish: Callable[[Publication], Any] = publish_to_prefect,
                  active: Callable[[], bool] = in_flow_run,
                  clock: Callable[[], float] = time.monotonic) -> None:

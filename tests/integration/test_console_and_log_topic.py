@@ -5,7 +5,8 @@ own consumer group, collection and output folder, both with a heartbeat topic an
 topic. Each is sent ``c`` once its files are in Girder, then ``q``.
 
 Checked: every line of OpenMSIStream's that scripts read (start, ``check``, shutdown)
-is printed by ours with the same words (output folders aside); both programs' log
+is printed by ours with the same words (output folders aside), our progress line
+(``--progress_seconds``) on; both programs' log
 messages have the same key form and JSON shape; ours carry our start and shutdown
 lines, and never the Girder API key.
 """
@@ -74,7 +75,8 @@ def test_console_lines_and_log_messages_match_openmsistream(
     programs.append(theirs)
     ours = Program([OUR_CLI, "run", api_url, *common, "--collection_name", ours_c["name"],
                     "--output_dir", ours_out, "--consumer_group_id", make_group(),
-                    "--heartbeat_program_id", "ours", "--log_program_id", "ours"],
+                    "--heartbeat_program_id", "ours", "--log_program_id", "ours",
+                    "--progress_seconds", "2"],  # our progress line on: nothing else changes
                    tmp_path / "ours.log", cwd=tmp_path, env=consumer_env(stack_env, prefect_env))
     programs.append(ours)
     for program, collection in ((theirs, theirs_c), (ours, ours_c)):
@@ -90,6 +92,8 @@ def test_console_lines_and_log_messages_match_openmsistream(
     got = _lines(OUR_LINE, ours.output(), ours_out)
     assert len(expected) == len(CLAIMED), f"OpenMSIStream printed:\n{theirs.output()}"
     assert got == expected, f"ours printed:\n{ours.output()}"
+    assert re.search(r"^progress: .* files? done ", ours.output(), re.MULTILINE), ours.output()
+    assert "progress: " not in theirs.output()
     assert api_key not in ours.output()
 
     messages = topic_messages(bootstrap, logs, make_group(), n_expected=4)

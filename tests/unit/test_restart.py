@@ -538,12 +538,12 @@ def test_no_more_units_than_workers_and_the_oldest_files_first() -> None:
     proc.finish_unit(units[0], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
                                             Outcome.UPLOADED) for f in units[0].files])
     [unit] = proc.take_units()
-    # Two files wait for two workers: the one free now takes its share, the oldest.
-    assert [f.rel_path for f in unit.files] == ["f4.bin"]
+    # Two files wait: fewer than an even share's floor (MIN_SHARE), so the worker free
+    # now takes both, the oldest first (one task run, not two).
+    assert [f.rel_path for f in unit.files] == ["f4.bin", "f5.bin"]
     proc.finish_unit(units[1], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
                                             Outcome.UPLOADED) for f in units[1].files])
-    [unit] = proc.take_units()
-    assert [f.rel_path for f in unit.files] == ["f5.bin"]
+    assert proc.take_units() == []
 
 
 def test_fair_share_leaves_waiting_files_to_the_other_workers() -> None:

@@ -33,7 +33,7 @@ _PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"
 #: artifact publish): kept an hour. The task runs and artifacts stay in their own tables.
 _ROUTINE_EVENTS = ("prefect.task-run.Pending", "prefect.task-run.Running",
                    "prefect.task-run.Completed", "prefect.artifact.created",
-                   "prefect.artifact.updated")
+                   "prefect.artifact.updated", "prefect.artifact-collection.updated")
 #: Prefect's database vacuum settings (names and formats of Prefect 3.9's
 #: ``server.services.db_vacuum`` and ``server.events``).
 RETENTION = {

@@ -151,3 +151,25 @@ def test_the_filter_is_on_the_task_run_logger_only_while_inside(caplog) -> None:
 
 def test_artifact_intervals() -> None:
     assert TABLES_INTERVAL_SECONDS == 300 and PROGRESS_INTERVAL_SECONDS == 60
+
+
+# ---------------------------------------------------------------- the local server's vacuum
+
+
+def test_the_local_servers_retention_settings_are_prefects(monkeypatch) -> None:
+    """stack/prefect_server.py's RETENTION parses as Prefect's own settings (names and
+    formats: an ISO 8601 duration, seconds, a JSON dict of seconds)."""
+    from datetime import timedelta
+
+    from prefect.settings import Settings
+
+    from stack.prefect_server import RETENTION
+    for name, value in RETENTION.items():
+        monkeypatch.setenv(name, value)
+    server = Settings().server
+    vacuum = server.services.db_vacuum
+    assert vacuum.enabled_vacuum_types == {"events", "flow_runs", "orphans"}
+    assert vacuum.loop_seconds == 600 and vacuum.retention_period == timedelta(days=1)
+    assert server.events.retention_period == timedelta(days=1)
+    assert vacuum.event_retention_overrides["prefect.task-run.Completed"] == timedelta(hours=1)
+    assert vacuum.event_retention_overrides["prefect.flow-run.heartbeat"] == timedelta(days=1)

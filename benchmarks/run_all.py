@@ -37,6 +37,7 @@ from benchmarks.bench_report import (
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
 from benchmarks.scenario_soak import scenario_soak
+from benchmarks.scenario_startup import scenario_startup
 from benchmarks.scenario_throughput import (
     scenario_big_files, scenario_huge_file, scenario_small_files,
 )
@@ -50,6 +51,7 @@ SCENARIOS = {
     4: ("restart cost", scenario_restart),
     5: ("scale-out", scenario_scaleout),
     6: ("soak", scenario_soak),
+    8: ("start-up", scenario_startup),
 }
 
 
@@ -60,7 +62,8 @@ def _only(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of scenario numbers: {text!r}") from None
     bad = [n for n in chosen if n not in SCENARIOS]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"scenarios are 1-{len(SCENARIOS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"scenarios are {', '.join(map(str, SCENARIOS))}, "
+                                         f"got {text!r}")
     return chosen
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from girder_upload_stream import startup
 from girder_upload_stream.errors import TerminalError, TransientError
 from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
 from girder_upload_stream.ledger.processor import PartitionInfo
@@ -184,6 +185,7 @@ class ConsumerGroup:
                 consumer = Consumer({**self._settings, "error_cb": self._on_error})
                 consumer.subscribe([self.topic], on_assign=self._assigned,
                                    on_revoke=self._revoked, on_lost=self._lost)
+                startup.mark("consumer subscribed")
                 self._consumer = consumer
                 self._check_topic(consumer)
                 if self._reader is not None:
@@ -231,6 +233,7 @@ class ConsumerGroup:
         if self._paused and partitions:
             consumer.pause(partitions)
         if partitions:
+            startup.mark("partitions assigned")
             starts = self._starts(consumer, partitions)
             for start in starts:
                 begin = start.committed if start.committed is not None else start.low

@@ -47,5 +47,5 @@ def prefect_api_url() -> str | None:
         return url.strip() or None
     if not _settings_may_name_an_api():
         return None
-    from prefect.settings import get_current_settings
-    return get_current_settings().api.url or None
+    from prefect.settings import Settings
+    return Settings().api.url or None  # read from its sources now, as a new process would

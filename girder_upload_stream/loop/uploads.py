@@ -76,9 +76,10 @@ class ThreadUploads:
     started, ends retry waits and waits for the units still running, as Prefect's
     ``ThreadPoolTaskRunner`` does."""
 
-    def __init__(self, n_threads: int) -> None:
+    def __init__(self, n_threads: int, delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self._executor = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="upload")
         self._closing = threading.Event()
+        self._delays = delays
 
     def __enter__(self) -> ThreadUploads:
         return self
@@ -96,14 +97,14 @@ class ThreadUploads:
 
     def _with_retries(self, attempt: Callable[[], list[FileOutcome]], name: str
                       ) -> list[FileOutcome]:
-        for number, delay in enumerate((*RETRY_DELAYS, None), start=1):
+        for number, delay in enumerate((*self._delays, None), start=1):
             try:
                 return attempt()
             except Exception as exc:
                 if delay is None or not is_retryable(exc) or self._closing.is_set():
                     raise
                 logger.warning("%s failed (%s); retry %d/%d in %g s", name, exc, number,
-                               len(RETRY_DELAYS), delay)
+                               len(self._delays), delay)
                 if self._closing.wait(delay):
                     raise
         raise AssertionError("unreachable")  # the loop returns or raises

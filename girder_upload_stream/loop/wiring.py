@@ -61,6 +61,11 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
     # Big fetches keep the single polling thread fed: an A/B on 8 x 256 MiB in disk mode
     # ran 25% slower with librdkafka's 1 MiB per partition and a 32 MiB queue.
     consumer.setdefault("fetch.message.max.bytes", str(16 << 20))
+    # The broker holds a fetch until fetch.min.bytes have come or fetch.wait.max.ms
+    # passed: with librdkafka's 500 ms (and the bundled configs' 100 kB minimum) a topic
+    # holding less than that took 0.8-2.8 s from the assignment to the first message,
+    # 0.4 s with 100 ms (issue 14, scenario 8). A busy topic fills the minimum at once.
+    consumer.setdefault("fetch.wait.max.ms", "100")
     # A consumer that was killed never leaves its group: the broker hands its partitions
     # to the restarted program only when its session expires. The loop never blocks (and
     # librdkafka heartbeats from its own thread), so a 10 s session is safe and a

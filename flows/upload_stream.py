@@ -60,23 +60,27 @@ class _TaskUploads:
             find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
 
 
-#: A store the command line checked a moment ago for the run it starts in this
-#: process, keyed by its settings and topic: the flow uses it instead of logging in
-#: and resolving the root folder a second time (see ``handed_over``).
-_CHECKED: dict[tuple[str, str], tuple[Any, Any, str]] = {}
+#: What the command line prepared for the run it starts in this process (its checked
+#: Girder store, its Kafka settings and joining group), keyed by Girder URL and topic:
+#: the flow run uses it instead of checking Girder a second time (see ``handed_over``).
+_PREPARED: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
-def handed_over(girder: Any, topic: str, store: Any, root_folder: str) -> None:
-    """Hand the flow run about to start in this process the store the caller checked
-    (one Girder start-up check per run, not two)."""
-    _CHECKED[(girder.api_url, topic)] = (girder, store, root_folder)
+def handed_over(girder: Any, topic: str, prepared: Any) -> None:
+    """Hand the flow run about to start in this process what the caller prepared
+    (:func:`girder_upload_stream.loop.session.prepare`): one Girder check per run, and
+    the group's join under way while Prefect starts the run."""
+    _PREPARED[(girder.api_url, topic)] = (girder, prepared)
 
 
-def _take_checked(girder: Any, topic: str) -> tuple[Any, str] | None:
-    found = _CHECKED.pop((girder.api_url, topic), None)
-    if found is None or found[0] != girder:
+def _take_prepared(girder: Any, topic: str) -> Any:
+    found = _PREPARED.pop((girder.api_url, topic), None)
+    if found is None:
         return None
-    return found[1], found[2]
+    if found[0] != girder:  # prepared for other settings: not this run's
+        found[1].close()
+        return None
+    return found[1]
 
 
 def _api_key(key: SecretStr | None, block: str | None) -> SecretStr | None:
@@ -138,4 +142,4 @@ def upload_stream(
     hooks = Hooks(log=get_run_logger(), uploads=_TaskUploads,
                   registry_fallback=load_registry_fallback, side_job=ArtifactPublisher,
                   interruptions=(TerminationSignal,))
-    return run_session(params, girder, hooks, _take_checked(girder, topic_name))
+    return run_session(params, girder, hooks, _take_prepared(girder, topic_name))

@@ -65,7 +65,7 @@ def _run_parameters(args: argparse.Namespace) -> dict:
     return params
 
 
-def _run(params: dict, girder, store) -> dict:
+def _run(params: dict, girder, prepared) -> dict:
     """Run the consumer: as a Prefect flow run when a Prefect API is configured,
     otherwise the same steps without Prefect (see the module's docstring)."""
     from girder_upload_stream.cli.prefect_mode import prefect_api_url
@@ -74,12 +74,12 @@ def _run(params: dict, girder, store) -> dict:
         logger.info("no Prefect API configured (PREFECT_API_URL): running without Prefect, "
                     "no flow run is recorded (set PREFECT_API_URL to record runs)")
         from girder_upload_stream.loop.session import plain_hooks, run_session
-        return run_session(params, girder, plain_hooks(), store)
+        return run_session(params, girder, plain_hooks(), prepared)
     logger.info("Prefect API at %s: running as a flow run of girder-upload-stream", api)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from girder_upload_stream.flows.upload_stream import handed_over, upload_stream
     startup.mark("Prefect imported")
-    handed_over(girder, params["topic_name"], *store)
+    handed_over(girder, params["topic_name"], prepared)
     return upload_stream(**params)
 
 
@@ -92,14 +92,18 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     startup.mark("command line read")
     _setup_logging(args)
     params = _run_parameters(args)
-    from girder_upload_stream.loop.session import checked_store, girder_settings_from
+    from girder_upload_stream.loop.session import girder_settings_from, prepare
     girder = girder_settings_from(params, api_key)
-    # Before Prefect starts, so that a wrong key fails fast with one line (raised as
-    # GirderStartupError) and no flow-run traceback; the run uses this check.
-    store = checked_store(girder, args.topic_name)
+    # Girder first, before Prefect starts, so that a wrong key fails fast with one line
+    # (raised as GirderStartupError) and no flow-run traceback; the run uses this check.
+    # Then the consumer subscribes: the group's join overlaps Prefect's start.
+    prepared = prepare(params, girder)
     # The key travels by environment, never as a flow parameter (Prefect stores those).
     os.environ["GIRDER_API_KEY"] = api_key
-    summary = _run(params, girder, store)
+    try:
+        summary = _run(params, girder, prepared)
+    finally:
+        prepared.close()  # only if the run never took the group
     print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "

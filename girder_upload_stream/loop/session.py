@@ -27,10 +27,10 @@ from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 from girder_upload_stream.loop.runner import SideJob, StopSignal, stop_on_signals
 from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
                                               log_topic_settings)
-from girder_upload_stream.settings import GirderSettings, RunSettings
+from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
-__all__ = ["Uploads", "Hooks", "girder_settings_from", "checked_store", "run_session",
-           "plain_hooks"]
+__all__ = ["Uploads", "Hooks", "Prepared", "girder_settings_from", "checked_store", "prepare",
+           "run_session", "plain_hooks"]
 
 
 class Uploads(Protocol):
@@ -74,6 +74,49 @@ def checked_store(girder: GirderSettings, topic: str) -> tuple[GirderStore, str]
     return store, root
 
 
+@dataclass
+class Prepared:
+    """What the command line made before the run: the checked store and its root
+    folder, the Kafka settings (a ``create_new`` group id is drawn once) and the
+    consumer group, subscribed already (None on encrypted topics: their consumer
+    needs the run's registry), so that the group's join overlaps Prefect's import
+    and the flow run's creation."""
+
+    store: GirderStore
+    root_folder: str
+    kafka: KafkaSettings
+    group: Any = None  # a ConsumerGroup, joining
+
+    def close(self) -> None:
+        """Leave the group if no run took it (the run failed to start)."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+
+def _kafka_settings(p: Mapping[str, Any]) -> KafkaSettings:
+    return kafka_settings(p["config"], p["topic_name"], p["consumer_group_id"], p["n_threads"],
+                          p["heartbeat_topic_name"], p["heartbeat_program_id"],
+                          p["heartbeat_interval_secs"],
+                          treat_undecryptable_as_plaintext=p["treat_undecryptable_as_plaintext"],
+                          max_wait_per_decrypt=p["max_wait_per_decrypt"],
+                          max_initial_wait_per_decrypt=p["max_initial_wait_per_decrypt"])
+
+
+def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
+    """Check Girder (first: a wrong key must stop the run before the group is joined),
+    then subscribe the run's consumer, whose join goes on while the caller does the
+    rest of its start-up."""
+    store, root = checked_store(girder, p["topic_name"])
+    kafka = _kafka_settings(p)
+    prepared = Prepared(store, root, kafka)
+    if kafka.kafkacrypto is None:
+        from girder_upload_stream.kafka.clients import ConsumerGroup
+        prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
+        prepared.group.connect()
+    return prepared
+
+
 def _run_settings(p: Mapping[str, Any]) -> RunSettings:
     return RunSettings(mode=p["mode"], output_dir=p["output_dir"],
                        download_regex=p["download_regex"], update_seconds=p["update_seconds"],
@@ -87,22 +130,21 @@ def _run_settings(p: Mapping[str, Any]) -> RunSettings:
 
 
 def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
-                store: tuple[GirderStore, str] | None = None) -> dict[str, Any]:
+                prepared: Prepared | None = None) -> dict[str, Any]:
     """Run one consumer with parameters ``p`` (the flow's parameter names) until it
-    stops; the summary the flow returns. ``store``: the run's checked store and root
-    folder, when the caller made them already (the command line checks Girder before
-    anything else); otherwise checked here, before the group is joined."""
+    stops; the summary the flow returns. ``prepared``: what the caller made already
+    (:func:`prepare`: the command line checks Girder before anything else and starts
+    the group's join); otherwise Girder is checked here, before the group is joined."""
     topic = p["topic_name"]
-    kafka = kafka_settings(p["config"], topic, p["consumer_group_id"], p["n_threads"],
-                           p["heartbeat_topic_name"], p["heartbeat_program_id"],
-                           p["heartbeat_interval_secs"],
-                           treat_undecryptable_as_plaintext=p["treat_undecryptable_as_plaintext"],
-                           max_wait_per_decrypt=p["max_wait_per_decrypt"],
-                           max_initial_wait_per_decrypt=p["max_initial_wait_per_decrypt"])
+    if prepared is None:
+        girder_store, root_folder = checked_store(girder, topic)
+        kafka, group = _kafka_settings(p), None
+    else:
+        girder_store, root_folder = prepared.store, prepared.root_folder
+        kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken
     log_topic = log_topic_settings(p["config"], p["log_topic_name"], p["log_program_id"],
                                    p["log_interval_secs"], kafka.group_id)
     run = _run_settings(p)
-    girder_store, root_folder = store if store is not None else checked_store(girder, topic)
     hooks.log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
                    "uploading to %s below folder %s", topic, kafka.group_id, p["n_threads"],
                    girder.api_url, root_folder)
@@ -115,12 +157,17 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
 
         stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
         fallback = hooks.registry_fallback
-        runner = build_runner(
-            run, kafka, submit, probe=lambda keys: uploads.submit_probe(keys, girder_store),
-            early_outcomes=channel.drain,
-            registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
-            log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-            girder_api_url=girder.api_url, stop=stop)
+        try:
+            runner = build_runner(
+                run, kafka, submit, probe=lambda keys: uploads.submit_probe(keys, girder_store),
+                early_outcomes=channel.drain,
+                registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
+                log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
+                girder_api_url=girder.api_url, stop=stop, group=group)
+        except BaseException:
+            if group is not None:
+                group.close()  # joined beforehand: leave at once
+            raise
         if hooks.side_job is not None:  # it reads the recorder build_runner made
             runner.side_jobs.append(hooks.side_job(runner.processor.recorder, topic, group_id))
         try:

@@ -347,7 +347,7 @@ def test_the_command_exits_non_zero_when_the_last_save_failed(monkeypatch, capsy
                "registry_save_error": save_error}
     monkeypatch.setattr(cli_run, "_run", lambda params, girder, store: summary)
     monkeypatch.setattr(cli_run, "_setup_logging", lambda args: None)
-    monkeypatch.setattr(session, "checked_store", lambda girder, topic: (None, "root"))  # no Girder here
+    monkeypatch.setattr(session, "prepare", lambda params, girder: session.Prepared(None, "root", None))  # no Girder, no Kafka here
     monkeypatch.setenv("GIRDER_API_KEY", "k")
     parser = argparse.ArgumentParser()
     cli_run.add_run_arguments(parser, default_config="local")

@@ -149,7 +149,9 @@ def _section(ctx: Context, specs: list[Spec], results, timelines, loads) -> Sect
     first = {spec: Stat.of(r.first_s for r in results[spec]) for spec in specs}
     section.headline = [
         "Start → first file in Girder: " + "; ".join(
-            f"{spec.label} {first[spec].median:.2f} s" for spec in specs) + "."]
+            f"{spec.label} {first[spec].median:.2f} s"
+            + (f" ({ratio(first[spec], omsi)} OpenMSIStream's)" if spec.system != "omsi" else "")
+            for spec in specs) + "."]
     return section
 
 

@@ -1,8 +1,10 @@
 """The upload flow: a long-running Prefect flow that polls Kafka in micro-batches and
 maps completed files, grouped into upload units, onto Girder upload tasks.
 
-Entrypoint for deployments: ``flows/upload_stream.py:upload_stream``. This module only
-sequences work; the parts live in ``girder_upload_stream``.
+Entrypoint for deployments: ``flows/upload_stream.py:upload_stream``. The run's steps
+are :func:`girder_upload_stream.loop.session.run_session`'s (shared with the commands'
+runs without a Prefect API); this module gives it the Prefect parts: upload units as
+task runs, the run logger, artifacts and the registry fallback read from them.
 
 No ``from __future__ import annotations`` here: a served deployment pickles the flow
 function by value, and Prefect must resolve its parameter types (``SecretStr``) at run

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "REPO_ROOT", "OUR_CLI", "OUR_PYTHON", "OMSI_BIN", "OMSI_PROCESSOR", "PREFECT_DB",
+    "REPO_ROOT", "OUR_CLI", "OUR_PROCESSOR", "OUR_PYTHON", "OMSI_BIN", "OMSI_PROCESSOR", "PREFECT_DB",
     "MIB", "KIB", "Stack", "load_stack", "new_name", "BenchError", "Proc", "tree_rss_bytes",
     "Stat", "fmt_mib", "fmt_s", "wait_until",
 ]
@@ -29,6 +29,7 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUR_BIN = REPO_ROOT / ".venv" / "bin"
 OUR_CLI = OUR_BIN / "girder-upload-stream"
+OUR_PROCESSOR = OUR_BIN / "GirderUploadStreamProcessor"
 OUR_PYTHON = OUR_BIN / "python"
 OMSI_BIN = Path(os.environ.get("GUS_OPENMSISTREAM_VENV", REPO_ROOT / ".venv-openmsistream")) / "bin"
 OMSI_PROCESSOR = OMSI_BIN / "GirderUploadStreamProcessor"

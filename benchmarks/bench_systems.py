@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.bench_common import (
-    OMSI_PROCESSOR, OUR_CLI, OUR_PYTHON, REPO_ROOT, BenchError, Proc, Stack, new_name,
+    OMSI_PROCESSOR, OUR_CLI, OUR_PROCESSOR, OUR_PYTHON, REPO_ROOT, BenchError, Proc, Stack, new_name,
 )
 from benchmarks.bench_data import Dataset
 from benchmarks.bench_girder import GirderView, match_items
@@ -33,7 +33,8 @@ __all__ = ["LABELS", "Spec", "RunResult", "omsi_config", "start_system", "displa
            "parse_bytes_read"]
 
 LABELS = {"ours": "girder-upload-stream", "omsi": "OpenMSIStream 1.8.8",
-          "limit": "girder-client limit"}
+          "limit": "girder-client limit",
+          "ours_dropin": "girder-upload-stream's GirderUploadStreamProcessor"}
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,15 @@ class Spec:
     mode: str = "memory"
     processes: int = 1
     group: str | None = None
+    #: ours only: PREFECT_API_URL set to the stack's server (False: a CLI user's
+    #: default, no Prefect API configured, in a scratch PREFECT_HOME)
+    prefect_server: bool = True
 
     @property
     def label(self) -> str:
         text = LABELS[self.system]
+        if self.system.startswith("ours") and not self.prefect_server:
+            text += ", no Prefect server"
         if self.system != "limit" and self.mode != "memory":
             text += f", {self.mode} mode"
         if self.processes > 1:
@@ -139,6 +145,9 @@ def start_system(stack: Stack, spec: Spec, work: Path, topic: str, collection: s
     elif spec.system == "omsi":
         argv = [OMSI_PROCESSOR, api, stack.girder_key, "--config", omsi_config(work, stack),
                 *common]
+    elif spec.system == "ours_dropin":
+        argv = [OUR_PROCESSOR, api, stack.girder_key, "--config", omsi_config(work, stack),
+                *common]
     elif spec.system == "limit":
         argv = [OUR_PYTHON, "-m", "benchmarks.girder_limit", data.root, "--collection",
                 collection, "--root_folder", topic, "--n_threads", str(spec.n_threads),
@@ -146,7 +155,11 @@ def start_system(stack: Stack, spec: Spec, work: Path, topic: str, collection: s
     else:
         raise ValueError(spec.system)
     log = work / f"log-{collection}-{index}.txt"
-    return Proc(f"{spec.label} #{index}", argv, log, stack.env(), cwd=REPO_ROOT)
+    env = stack.env()
+    if not spec.prefect_server:
+        env.pop("PREFECT_API_URL", None)
+        env["PREFECT_HOME"] = str(work / "prefect-home")  # not the user's ~/.prefect
+    return Proc(f"{spec.label} #{index}", argv, log, env, cwd=REPO_ROOT)
 
 
 def display_argv(proc: Proc, stack: Stack, work: Path) -> str:
@@ -198,7 +211,7 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
     collection = new_name(spec.system)
     view = GirderView(gc, collection)
     group = new_name("group") if spec.processes > 1 and not spec.group else None
-    db_before = db_logical_bytes() if spec.system == "ours" else None
+    db_before = db_logical_bytes() if spec.system == "ours" and spec.prefect_server else None
     if spec.system == "omsi" and spec.processes > 1:
         # OpenMSIStream's processes each create the collection at start; the one that
         # loses the race exits (HTTP 400). Made beforehand, both find it.
@@ -231,7 +244,7 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
     reads = [parse_messages_read(o) for o in outputs]
     result.messages_read = sum(r for r in reads if r is not None) if any(
         r is not None for r in reads) else None
-    if spec.system == "ours":
+    if spec.system == "ours" and spec.prefect_server:
         time.sleep(3)  # let the server record the last task runs and logs
         ids = [i for o in outputs for i in flow_run_ids(o)]
         result.task_runs = task_runs(stack, ids)

@@ -38,6 +38,7 @@ from benchmarks.scenario_remote import scenario_remote
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
 from benchmarks.scenario_soak import scenario_soak
+from benchmarks.scenario_startup import scenario_startup
 from benchmarks.scenario_throughput import (
     scenario_big_files, scenario_huge_file, scenario_small_files,
 )
@@ -52,6 +53,7 @@ SCENARIOS = {
     5: ("scale-out", scenario_scaleout),
     6: ("soak", scenario_soak),
     7: ("remote Girder", scenario_remote),
+    8: ("start-up", scenario_startup),
 }
 
 
@@ -62,7 +64,8 @@ def _only(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of scenario numbers: {text!r}") from None
     bad = [n for n in chosen if n not in SCENARIOS]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"scenarios are 1-{len(SCENARIOS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"scenarios are {', '.join(map(str, SCENARIOS))}, "
+                                         f"got {text!r}")
     return chosen
 
 

@@ -1,8 +1,10 @@
 """The upload flow: a long-running Prefect flow that polls Kafka in micro-batches and
 maps completed files, grouped into upload units, onto Girder upload tasks.
 
-Entrypoint for deployments: ``flows/upload_stream.py:upload_stream``. This module only
-sequences work; the parts live in ``girder_upload_stream``.
+Entrypoint for deployments: ``flows/upload_stream.py:upload_stream``. The run's steps
+are :func:`girder_upload_stream.loop.session.run_session`'s (shared with the commands'
+runs without a Prefect API); this module gives it the Prefect parts: upload units as
+task runs, the run logger, artifacts and the registry fallback read from them.
 
 No ``from __future__ import annotations`` here: a served deployment pickles the flow
 function by value, and Prefect must resolve its parameter types (``SecretStr``) at run
@@ -10,7 +12,6 @@ time. For the same reason the body references no module-level locks or events.
 """
 
 import os
-from contextlib import nullcontext
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -18,18 +19,14 @@ from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
+from girder_upload_stream import startup
+from girder_upload_stream.loop.session import Hooks, girder_settings_from, run_session
+from girder_upload_stream.options import DEFAULTS
 from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_registry_fallback
 from girder_upload_stream.prefect_glue.task_logs import quiet_completed_task_runs
-from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
-                                           log_topic_settings)
-from girder_upload_stream.girder.store import GirderStore
-from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
-from girder_upload_stream.options import DEFAULTS
-from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
-from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 
-__all__ = ["upload_stream"]
+__all__ = ["upload_stream", "handed_over"]
 
 
 class _FutureHandle:
@@ -43,6 +40,56 @@ class _FutureHandle:
 
     def result(self) -> Any:
         return self.future.result(raise_on_failure=True)
+
+
+class _TaskUploads:
+    """Upload units and lookups as Prefect task runs on a ``ThreadPoolTaskRunner``."""
+
+    def __init__(self, n_threads: int) -> None:
+        self._runner = ThreadPoolTaskRunner(max_workers=n_threads)
+        # Fewer rows in the Prefect database per task run: no 'Finished in state Completed()'.
+        self._quiet = quiet_completed_task_runs()
+
+    def __enter__(self) -> "_TaskUploads":
+        self._quiet.__enter__()
+        self._runner.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._runner.__exit__(*exc)
+        finally:
+            self._quiet.__exit__(*exc)
+
+    def submit_upload(self, unit: Any, store: Any) -> _FutureHandle:
+        return _FutureHandle(self._runner.submit(upload_unit, {"unit": unit, "store": store}))
+
+    def submit_probe(self, keys: list, store: Any) -> _FutureHandle:
+        return _FutureHandle(self._runner.submit(
+            find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
+
+
+#: What the command line prepared for the run it starts in this process (its checked
+#: Girder store, its Kafka settings and joining group), keyed by Girder URL and topic:
+#: the flow run uses it instead of checking Girder a second time (see ``handed_over``).
+_PREPARED: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def handed_over(girder: Any, topic: str, prepared: Any) -> None:
+    """Hand the flow run about to start in this process what the caller prepared
+    (:func:`girder_upload_stream.loop.session.prepare`): one Girder check per run, and
+    the group's join under way while Prefect starts the run."""
+    _PREPARED[(girder.api_url, topic)] = (girder, prepared)
+
+
+def _take_prepared(girder: Any, topic: str) -> Any:
+    found = _PREPARED.pop((girder.api_url, topic), None)
+    if found is None:
+        return None
+    if found[0] != girder:  # prepared for other settings: not this run's
+        found[1].close()
+        return None
+    return found[1]
 
 
 def _api_key(key: SecretStr | None, block: str | None) -> SecretStr | None:
@@ -99,73 +146,11 @@ def upload_stream(
     Fails at once, before anything is consumed, when Girder refuses the key, cannot be
     reached or the root folder does not resolve (``GirderStartupError``).
     """
-    log = get_run_logger()
-    girder = girder_settings(girder_api_url or os.environ.get("GIRDER_API_URL"),
-                             _api_key(girder_api_key, girder_api_key_block),
-                             root_folder_id=girder_root_folder_id,
-                             collection_name=collection_name,
-                             root_folder_path=girder_root_folder_path,
-                             metadata=metadata or {}, replace_existing=replace_existing)
-    kafka = kafka_settings(config, topic_name, consumer_group_id, n_threads,
-                           heartbeat_topic_name, heartbeat_program_id, heartbeat_interval_secs,
-                           treat_undecryptable_as_plaintext=treat_undecryptable_as_plaintext,
-                           max_wait_per_decrypt=max_wait_per_decrypt,
-                           max_initial_wait_per_decrypt=max_initial_wait_per_decrypt)
-    log_topic = log_topic_settings(config, log_topic_name, log_program_id, log_interval_secs,
-                                   kafka.group_id)
-    run = RunSettings(mode=mode, output_dir=output_dir, download_regex=download_regex,
-                      update_seconds=update_seconds, progress_seconds=progress_seconds,
-                      upload_linger_seconds=upload_linger_seconds,
-                      max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
-                      memory_budget_bytes=memory_budget_mb << 20,
-                      max_file_bytes=max_file_size_mb << 20, interactive=interactive,
-                      stale_partial_seconds=stale_partial_seconds or None,
-                      logger_file_path=logs_dir)
-    # Log in and resolve the root folder before the consumer joins the group: a wrong
-    # key stops the run here, with nothing read, registered or committed.
-    store = GirderStore(girder, topic_name)  # this run's: one folder cache for every unit
-    root_folder = store.check()
-    log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
-             "uploading to %s below folder %s",
-             topic_name, kafka.group_id, n_threads, girder.api_url, root_folder)
-    channel = UploadChannel()  # files report as they land: offsets need not wait for units
-    # Fewer rows in the Prefect database per task run: no 'Finished in state Completed()'.
-    with quiet_completed_task_runs(), ThreadPoolTaskRunner(max_workers=n_threads) as task_runner:
-        def submit(unit: UploadUnit) -> _FutureHandle:
-            unit.channel = channel
-            return _FutureHandle(task_runner.submit(
-                upload_unit, {"unit": unit, "store": store}))
-
-        def probe(keys: list) -> _FutureHandle:
-            return _FutureHandle(task_runner.submit(
-                find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
-
-        stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
-        group_id = kafka.group_id
-        runner = build_runner(
-            run, kafka, submit, probe=probe, early_outcomes=channel.drain,
-            registry_fallback=lambda: load_registry_fallback(topic_name, group_id),
-            log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-            girder_api_url=girder.api_url, stop=stop)
-        # The publisher reads the recorder build_runner made, so it joins afterwards.
-        runner.side_jobs.append(
-            ArtifactPublisher(runner.processor.recorder, topic_name, group_id))
-        try:
-            # A command-line run stops gracefully on SIGINT/SIGTERM; a deployment run
-            # keeps Prefect's own handling (a TerminationSignal, below).
-            with stop_on_signals(stop) if interactive else nullcontext():
-                summary = runner.run()
-        except TerminationSignal:
-            # SIGTERM or a cancellation: the runner already stopped gracefully.
-            summary = runner.summary
-    log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
-             summary.counters)
-    encrypted = {}
-    if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
-        encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
-    return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
-            "active_seconds": summary.active_seconds,
-            "group_id": kafka.group_id, **summary.counters,
-            "pending_messages": summary.pending_messages,
-            "registry_save_error": summary.save_error, "girder_requests": store.requests,
-            **encrypted}
+    startup.mark("flow run started")
+    params = dict(locals())
+    params["girder_api_url"] = girder_api_url or os.environ.get("GIRDER_API_URL")
+    girder = girder_settings_from(params, _api_key(girder_api_key, girder_api_key_block))
+    hooks = Hooks(log=get_run_logger(), uploads=_TaskUploads,
+                  registry_fallback=load_registry_fallback, side_job=ArtifactPublisher,
+                  interruptions=(TerminationSignal,))
+    return run_session(params, girder, hooks, _take_prepared(girder, topic_name))

@@ -2,12 +2,16 @@
 OpenMSIStream's command, every argument and default kept) and ``girder-upload-stream run``
 (the same options; its ``--config`` defaults to the bundled ``local`` config).
 
-Both run the Prefect flow in-process. SIGINT, SIGTERM and ``q`` stop it gracefully:
+With a Prefect API configured (``PREFECT_API_URL``, or a Prefect profile) both run the
+Prefect flow in-process, recorded as a flow run; without one they run the same steps
+without Prefect (:mod:`girder_upload_stream.loop.session`): no Prefect import, no
+temporary API server, nothing left running if the command is killed. The first log
+lines say which. SIGINT, SIGTERM and ``q`` stop it gracefully:
 stop fetching, finish or record in-flight uploads, commit what is safe, write the
-registries, exit 0. Before the flow starts they log in to Girder and resolve the root
-folder: a refused key, an unreachable Girder or a root folder that does not resolve
-ends the command with one line on standard error and exit status 2, before anything
-is consumed.
+registries, exit 0. Before anything else they log in to Girder and resolve the root
+folder, once (the flow run uses that check): a refused key, an unreachable Girder or a
+root folder that does not resolve ends the command with one line on standard error
+and exit status 2, before anything is consumed.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import logging
 import os
 import sys
 
+from girder_upload_stream import startup
 from girder_upload_stream.errors import GirderUploadStreamError
-from girder_upload_stream.options import add_options, flow_arguments
+from girder_upload_stream.options import OPTIONS, add_options, flow_arguments
 
 __all__ = ["add_run_arguments", "run_from_args", "processor_main", "run_guarded"]
+
+logger = logging.getLogger("girder_upload_stream.run")
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     """Every option of OpenMSIStream's GirderUploadStreamProcessor, plus ours (defined
@@ -50,35 +57,53 @@ def _setup_logging(args: argparse.Namespace) -> None:
         root.addHandler(handler)
 
 
-def _check_girder(args: argparse.Namespace, api_key: str) -> None:
-    """Log in and resolve the root folder before Prefect starts, so that a wrong key
-    fails fast with one line (raised as GirderStartupError) and no flow-run traceback.
-    The flow checks again with its own store (a login and a lookup or two)."""
-    from girder_upload_stream.loop.wiring import girder_settings
-    from girder_upload_stream.girder.store import GirderStore
-    settings = girder_settings(
-        args.girder_api_url, api_key, root_folder_id=args.girder_root_folder_id,
-        collection_name=args.collection_name, root_folder_path=args.girder_root_folder_path,
-        metadata=args.metadata or {}, replace_existing=args.replace_existing)
-    GirderStore(settings, args.topic_name).check()
+def _run_parameters(args: argparse.Namespace) -> dict:
+    """The flow's parameters from the command line (the flow's defaults for the rest)."""
+    params = {option.name: option.default for option in OPTIONS if option.flow}
+    params.update(flow_arguments(args))
+    params.update(config=args.config, girder_api_url=args.girder_api_url, interactive=True)
+    return params
+
+
+def _run(params: dict, girder, prepared) -> dict:
+    """Run the consumer: as a Prefect flow run when a Prefect API is configured,
+    otherwise the same steps without Prefect (see the module's docstring)."""
+    from girder_upload_stream.cli.prefect_mode import prefect_api_url
+    api = prefect_api_url()
+    if api is None:
+        logger.info("no Prefect API configured (PREFECT_API_URL): running without Prefect, "
+                    "no flow run is recorded (set PREFECT_API_URL to record runs)")
+        from girder_upload_stream.loop.session import plain_hooks, run_session
+        return run_session(params, girder, plain_hooks(), prepared)
+    logger.info("Prefect API at %s: running as a flow run of girder-upload-stream", api)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from girder_upload_stream.flows.upload_stream import handed_over, upload_stream
+    startup.mark("Prefect imported")
+    handed_over(girder, params["topic_name"], prepared)
+    return upload_stream(**params)
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Validate, then run the flow until it stops: 0 on a graceful stop, 1 if the last
-    save of the registries failed (the offsets it guarded stayed uncommitted)."""
+    """Validate, then run until it stops: 0 on a graceful stop, 1 if the last save of
+    the registries failed (the offsets it guarded stayed uncommitted)."""
     api_key = args.girder_api_key or os.environ.get("GIRDER_API_KEY")
     if not api_key:
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
+    startup.mark("command line read")
     _setup_logging(args)
-    _check_girder(args, api_key)
+    params = _run_parameters(args)
+    from girder_upload_stream.loop.session import girder_settings_from, prepare
+    girder = girder_settings_from(params, api_key)
+    # Girder first, before Prefect starts, so that a wrong key fails fast with one line
+    # (raised as GirderStartupError) and no flow-run traceback; the run uses this check.
+    # Then the consumer subscribes: the group's join overlaps Prefect's start.
+    prepared = prepare(params, girder)
     # The key travels by environment, never as a flow parameter (Prefect stores those).
     os.environ["GIRDER_API_KEY"] = api_key
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's temporary (ephemeral) server can take >20 s to start on a small machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from girder_upload_stream.flows.upload_stream import upload_stream
-    summary = upload_stream(config=args.config, girder_api_url=args.girder_api_url,
-                            interactive=True, **flow_arguments(args))
+    try:
+        summary = _run(params, girder, prepared)
+    finally:
+        prepared.close()  # only if the run never took the group
     print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "

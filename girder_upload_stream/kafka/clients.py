@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from girder_upload_stream import startup
 from girder_upload_stream.errors import TerminalError, TransientError
 from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
 from girder_upload_stream.ledger.processor import PartitionInfo
@@ -174,6 +175,23 @@ class ConsumerGroup:
         self._wish_paused = False  # what the runner asked for; decryption may add a pause
         self._last_sent: dict[tuple[str, int], tuple[int, str]] = {}  # encrypted topics
 
+    def bind(self, *, on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
+             on_assign: Callable[[list[PartitionInfo]], None] | None = None,
+             on_lost: Callable[[list[tuple[str, int]]], None] | None = None,
+             recorder: Any = None) -> None:
+        """Give a group made before its runner (and maybe joining already, see
+        :meth:`connect`) the runner's callbacks. librdkafka calls them from
+        :meth:`poll` only, so none was missed."""
+        self._on_revoke, self._on_assign, self._on_lost = on_revoke, on_assign, on_lost
+        self._recorder = recorder
+
+    def connect(self) -> None:
+        """Create the consumer and subscribe now rather than at the first poll: the
+        group is joined in librdkafka's threads meanwhile (a new group's first join
+        waits for the broker's ``group.initial.rebalance.delay.ms``), and the first
+        poll serves the assignment. Unknown topics raise here."""
+        self._connect()
+
     def _connect(self) -> Any:
         if self._consumer is None:
             from confluent_kafka import Consumer, KafkaException
@@ -184,6 +202,7 @@ class ConsumerGroup:
                 consumer = Consumer({**self._settings, "error_cb": self._on_error})
                 consumer.subscribe([self.topic], on_assign=self._assigned,
                                    on_revoke=self._revoked, on_lost=self._lost)
+                startup.mark("consumer subscribed")
                 self._consumer = consumer
                 self._check_topic(consumer)
                 if self._reader is not None:
@@ -231,6 +250,7 @@ class ConsumerGroup:
         if self._paused and partitions:
             consumer.pause(partitions)
         if partitions:
+            startup.mark("partitions assigned")
             starts = self._starts(consumer, partitions)
             for start in starts:
                 begin = start.committed if start.committed is not None else start.low

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from girder_upload_stream import failpoints
+from girder_upload_stream import failpoints, startup
 from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
@@ -136,6 +136,8 @@ class StreamRunner:
     def step(self) -> int:
         """Poll once, process, submit, collect and maybe commit; returns messages read."""
         messages = self.group.poll(self.settings.poll_batch, timeout=0.2)
+        if messages:
+            startup.mark(startup.FIRST_MESSAGE)
         for msg in messages:
             self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))
@@ -196,6 +198,7 @@ class StreamRunner:
         if self._early_outcomes is not None:
             for unit_id, outcome in self._early_outcomes():
                 self.processor.settle_early(unit_id, outcome)
+                self._note_first_file()
         self._collect_probes()
         for unit_id, (unit, handle) in list(self._handles.items()):
             if not handle.done():
@@ -209,6 +212,13 @@ class StreamRunner:
             else:
                 failpoints.hit("upload.done")
                 self.processor.finish_unit(unit, outcomes)
+                self._note_first_file()
+
+    def _note_first_file(self) -> None:
+        """The start-up timeline's last mark, once a file is in Girder."""
+        c = self.processor.counters
+        if c.files_uploaded + c.files_skipped + c.files_found_in_girder:
+            startup.mark(startup.FIRST_FILE)
 
     def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
         """Commit every offset the tracker says is safe, for partitions we own. In this

@@ -62,6 +62,11 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
     # Big fetches keep the single polling thread fed: an A/B on 8 x 256 MiB in disk mode
     # ran 25% slower with librdkafka's 1 MiB per partition and a 32 MiB queue.
     consumer.setdefault("fetch.message.max.bytes", str(16 << 20))
+    # The broker holds a fetch until fetch.min.bytes have come or fetch.wait.max.ms
+    # passed: with librdkafka's 500 ms (and the bundled configs' 100 kB minimum) a topic
+    # holding less than that took 0.8-2.8 s from the assignment to the first message,
+    # 0.4 s with 100 ms (issue 14, scenario 8). A busy topic fills the minimum at once.
+    consumer.setdefault("fetch.wait.max.ms", "100")
     # A consumer that was killed never leaves its group: the broker hands its partitions
     # to the restarted program only when its session expires. The loop never blocks (and
     # librdkafka heartbeats from its own thread), so a 10 s session is safe and a
@@ -135,12 +140,13 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  early_outcomes: Any = None,
                  registry_fallback: Callable[[], set[tuple[str, str]]] | None = None,
                  log_topic: LogTopic | None = None, secrets: Iterable[str] = (),
-                 girder_api_url: str | None = None, stop: StopSignal | None = None
-                 ) -> StreamRunner:
+                 girder_api_url: str | None = None, stop: StopSignal | None = None,
+                 group: ConsumerGroup | None = None) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
     ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
     ``early_outcomes()`` drains the per-file outcomes of units still running; ``stop``
-    is the run's stop request (its console's "quit" sets it too).
+    is the run's stop request (its console's "quit" sets it too); ``group``, a consumer
+    group of ``kafka``'s settings made (and joining) beforehand, else one is made.
     ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
     Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
 
@@ -151,7 +157,7 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     log_job = _log_job(log_topic, kafka, secrets) if log_topic is not None else None
     try:
         return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
-                      registry_fallback, log_job, girder_api_url, stop or StopSignal())
+                      registry_fallback, log_job, girder_api_url, stop or StopSignal(), group)
     except BaseException:
         if log_job is not None:
             log_job.detach()
@@ -170,7 +176,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
            extra_jobs: list[SideJob] | None, probe: Any, early_outcomes: Any,
            registry_fallback: Callable[[], set[tuple[str, str]]] | None,
            log_job: LogMessages | None, girder_api_url: str | None,
-           stop: StopSignal) -> StreamRunner:
+           stop: StopSignal, group: ConsumerGroup | None = None) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
@@ -208,11 +214,11 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
                    log_job.log_topic if log_job is not None else None)
     jobs += extra_jobs or []
     holder: dict[str, StreamRunner] = {}
-    group = ConsumerGroup(kafka.consumer, kafka.topic,
-                          on_revoke=lambda tps: holder["runner"].on_revoke(tps),
-                          on_assign=processor.assigned,
-                          on_lost=lambda tps: holder["runner"].on_lost(tps),
-                          kafkacrypto=kafka.kafkacrypto, recorder=recorder)
+    if group is None:
+        group = ConsumerGroup(kafka.consumer, kafka.topic, kafkacrypto=kafka.kafkacrypto)
+    group.bind(on_revoke=lambda tps: holder["runner"].on_revoke(tps),
+               on_assign=processor.assigned, on_lost=lambda tps: holder["runner"].on_lost(tps),
+               recorder=recorder)
     runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.try_save,
                           probe=probe, early_outcomes=early_outcomes, stop=stop)
     holder["runner"] = runner

@@ -126,11 +126,23 @@ def test_run_stops_on_q(tmp_path, cli_env, stack_env, make_topic, make_group,
                     root_path=root_path)
 
 
+def without_prefect_api(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """``env`` as a command-line user's who never set up Prefect: no PREFECT_API_URL,
+    no profile (an empty PREFECT_HOME)."""
+    return {**{k: v for k, v in env.items() if not k.startswith("PREFECT_")},
+            "PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("prefect_api", [True, False], ids=["prefect-server", "no-prefect-api"])
 def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, stack_env,
                                                           make_topic, make_group,
                                                           make_collection, girder_client,
-                                                          programs):
+                                                          programs, prefect_api):
+    """The same files, layout, metadata and registries whether the run is a Prefect
+    flow run or runs without a Prefect API."""
+    if not prefect_api:
+        cli_env = without_prefect_api(cli_env, tmp_path)
     topic = make_topic(partitions=4)
     collection = make_collection()
     files = produced_files(tmp_path, topic, stack_env["KAFKA_BOOTSTRAP_SERVERS"], seed=2)
@@ -157,7 +169,12 @@ def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, sta
                                              "TerminationSignal" in last), \
         program.describe(log_file)
     assert "Traceback" not in program.output(), program.describe(log_file)
-    assert "Finished in state Completed()" in program.output(), program.describe(log_file)
+    way = ("running as a flow run", "Finished in state Completed()") if prefect_api else \
+        ("running without Prefect",)
+    assert all(text in program.output() for text in way), program.describe(log_file)
+    if not prefect_api:  # no line of Prefect's own (a temporary server, a flow run)
+        assert all("PREFECT_API_URL" in line for line in program.output().splitlines()
+                   if "prefect" in line.lower()), program.describe(log_file)
     root = folder_by_path(girder_client, root_path)
     assert_uploaded(girder_client, root["_id"], files, topic, root_path=root_path)
     # The registries were written at shutdown: one consolidated processed table.

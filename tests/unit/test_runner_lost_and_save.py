@@ -341,13 +341,13 @@ def test_the_command_exits_non_zero_when_the_last_save_failed(monkeypatch, capsy
     import argparse
 
     from girder_upload_stream.cli import run as cli_run
-    from girder_upload_stream.flows import upload_stream as flow_module
+    from girder_upload_stream.loop import session
     summary = {"stopped_because": "stop requested", "messages_read": 3, "files_uploaded": 1,
                "files_skipped": 0, "files_failed": 0, "files_found_in_girder": 0,
                "registry_save_error": save_error}
-    monkeypatch.setattr(flow_module, "upload_stream", lambda **kwargs: summary)
+    monkeypatch.setattr(cli_run, "_run", lambda params, girder, store: summary)
     monkeypatch.setattr(cli_run, "_setup_logging", lambda args: None)
-    monkeypatch.setattr(cli_run, "_check_girder", lambda args, api_key: None)  # no Girder here
+    monkeypatch.setattr(session, "prepare", lambda params, girder: session.Prepared(None, "root", None))  # no Girder, no Kafka here
     monkeypatch.setenv("GIRDER_API_KEY", "k")
     parser = argparse.ArgumentParser()
     cli_run.add_run_arguments(parser, default_config="local")

@@ -1,0 +1,199 @@
+"""One consumer run, whoever starts it: the Prefect flow ``girder-upload-stream``
+(:mod:`girder_upload_stream.flows.upload_stream`, for deployments, the UI and the
+command line when a Prefect API is configured) or the command line alone, without a
+Prefect API, which then imports no Prefect module and starts no API server.
+
+The two differ only in what :class:`Hooks` gives: how upload units run (Prefect tasks,
+or :class:`~girder_upload_stream.loop.uploads.ThreadUploads` with the same retry
+policy), the run's logger, and the Prefect-only extras (artifacts, the registry
+fallback read from them, Prefect's termination signal). Everything else (settings,
+the Girder start-up check, the loop, the registries, the summary) is this module's, so
+both ways behave alike. No Prefect import here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import SecretStr
+
+from girder_upload_stream import startup
+from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
+from girder_upload_stream.loop.runner import SideJob, StopSignal, stop_on_signals
+from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
+                                              log_topic_settings)
+from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
+
+__all__ = ["Uploads", "Hooks", "Prepared", "girder_settings_from", "checked_store", "prepare",
+           "run_session", "plain_hooks"]
+
+
+class Uploads(Protocol):
+    """Runs upload units and Girder lookups; a context manager that, on exit, waits
+    for what is running."""
+
+    def __enter__(self) -> Uploads: ...
+    def __exit__(self, *exc: object) -> Any: ...
+    def submit_upload(self, unit: UploadUnit, store: GirderStore) -> Any: ...
+    def submit_probe(self, keys: list, store: GirderStore) -> Any: ...
+
+
+@dataclass
+class Hooks:
+    """What differs between a run under Prefect and one without."""
+
+    log: Any  # a logging.Logger or Prefect's run logger
+    uploads: Callable[[int], AbstractContextManager[Uploads]]  # n_threads -> Uploads
+    registry_fallback: Callable[[str, str], set[tuple[str, str]]] | None = None
+    side_job: Callable[[Any, str, str], SideJob] | None = None  # (recorder, topic, group)
+    interruptions: tuple[type[BaseException], ...] = ()  # stop the run gracefully
+
+
+def girder_settings_from(p: Mapping[str, Any], api_key: SecretStr | str | None
+                         ) -> GirderSettings:
+    """The Girder settings of a run's parameters ``p`` (the flow's parameter names)."""
+    return girder_settings(p.get("girder_api_url"), api_key,
+                           root_folder_id=p["girder_root_folder_id"],
+                           collection_name=p["collection_name"],
+                           root_folder_path=p["girder_root_folder_path"],
+                           metadata=p["metadata"] or {}, replace_existing=p["replace_existing"])
+
+
+def checked_store(girder: GirderSettings, topic: str) -> tuple[GirderStore, str]:
+    """The run's store, logged in and its root folder resolved (``GirderStartupError``
+    otherwise): done before the consumer joins the group, so that a wrong key stops
+    the run with nothing read, registered or committed."""
+    store = GirderStore(girder, topic)  # the run's: one folder cache for every unit
+    root = store.check()
+    startup.mark("Girder checked")
+    return store, root
+
+
+@dataclass
+class Prepared:
+    """What the command line made before the run: the checked store and its root
+    folder, the Kafka settings (a ``create_new`` group id is drawn once) and the
+    consumer group, subscribed already (None on encrypted topics: their consumer
+    needs the run's registry), so that the group's join overlaps Prefect's import
+    and the flow run's creation."""
+
+    store: GirderStore
+    root_folder: str
+    kafka: KafkaSettings
+    group: Any = None  # a ConsumerGroup, joining
+
+    def close(self) -> None:
+        """Leave the group if no run took it (the run failed to start)."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+
+def _kafka_settings(p: Mapping[str, Any]) -> KafkaSettings:
+    return kafka_settings(p["config"], p["topic_name"], p["consumer_group_id"], p["n_threads"],
+                          p["heartbeat_topic_name"], p["heartbeat_program_id"],
+                          p["heartbeat_interval_secs"],
+                          treat_undecryptable_as_plaintext=p["treat_undecryptable_as_plaintext"],
+                          max_wait_per_decrypt=p["max_wait_per_decrypt"],
+                          max_initial_wait_per_decrypt=p["max_initial_wait_per_decrypt"])
+
+
+def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
+    """Check Girder (first: a wrong key must stop the run before the group is joined),
+    then subscribe the run's consumer, whose join goes on while the caller does the
+    rest of its start-up."""
+    store, root = checked_store(girder, p["topic_name"])
+    kafka = _kafka_settings(p)
+    prepared = Prepared(store, root, kafka)
+    if kafka.kafkacrypto is None:
+        from girder_upload_stream.kafka.clients import ConsumerGroup
+        prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
+        prepared.group.connect()
+    return prepared
+
+
+def _run_settings(p: Mapping[str, Any]) -> RunSettings:
+    return RunSettings(mode=p["mode"], output_dir=p["output_dir"],
+                       download_regex=p["download_regex"], update_seconds=p["update_seconds"],
+                       progress_seconds=p["progress_seconds"],
+                       upload_linger_seconds=p["upload_linger_seconds"],
+                       max_idle_seconds=p["max_idle_seconds"],
+                       max_runtime_seconds=p["max_runtime_seconds"],
+                       memory_budget_bytes=p["memory_budget_mb"] << 20,
+                       max_file_bytes=p["max_file_size_mb"] << 20,
+                       interactive=p["interactive"],
+                       stale_partial_seconds=p["stale_partial_seconds"] or None,
+                       logger_file_path=p["logs_dir"])
+
+
+def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
+                prepared: Prepared | None = None) -> dict[str, Any]:
+    """Run one consumer with parameters ``p`` (the flow's parameter names) until it
+    stops; the summary the flow returns. ``prepared``: what the caller made already
+    (:func:`prepare`: the command line checks Girder before anything else and starts
+    the group's join); otherwise Girder is checked here, before the group is joined."""
+    topic = p["topic_name"]
+    if prepared is None:
+        girder_store, root_folder = checked_store(girder, topic)
+        kafka, group = _kafka_settings(p), None
+    else:
+        girder_store, root_folder = prepared.store, prepared.root_folder
+        kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken
+    log_topic = log_topic_settings(p["config"], p["log_topic_name"], p["log_program_id"],
+                                   p["log_interval_secs"], kafka.group_id)
+    run = _run_settings(p)
+    hooks.log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
+                   "uploading to %s below folder %s", topic, kafka.group_id, p["n_threads"],
+                   girder.api_url, root_folder)
+    channel = UploadChannel()  # files report as they land: offsets need not wait for units
+    group_id = kafka.group_id
+    with hooks.uploads(p["n_threads"]) as uploads:
+        def submit(unit: UploadUnit) -> Any:
+            unit.channel = channel
+            return uploads.submit_upload(unit, girder_store)
+
+        stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
+        fallback = hooks.registry_fallback
+        try:
+            runner = build_runner(
+                run, kafka, submit, probe=lambda keys: uploads.submit_probe(keys, girder_store),
+                early_outcomes=channel.drain,
+                registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
+                log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
+                girder_api_url=girder.api_url, stop=stop, group=group)
+        except BaseException:
+            if group is not None:
+                group.close()  # joined beforehand: leave at once
+            raise
+        if hooks.side_job is not None:  # it reads the recorder build_runner made
+            runner.side_jobs.append(hooks.side_job(runner.processor.recorder, topic, group_id))
+        try:
+            # A command-line run stops gracefully on SIGINT/SIGTERM; a deployment run
+            # keeps Prefect's own handling (a TerminationSignal, below).
+            with stop_on_signals(stop) if p["interactive"] else nullcontext():
+                summary = runner.run()
+        except hooks.interruptions:
+            # SIGTERM or a cancellation: the runner already stopped gracefully.
+            summary = runner.summary
+    hooks.log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
+                   summary.counters)
+    encrypted = {}
+    if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
+        encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
+    return {"stopped_because": summary.stopped_because, "seconds": summary.seconds,
+            "active_seconds": summary.active_seconds,
+            "group_id": kafka.group_id, **summary.counters,
+            "pending_messages": summary.pending_messages,
+            "registry_save_error": summary.save_error, "girder_requests": girder_store.requests,
+            **encrypted}
+
+
+def plain_hooks(log: logging.Logger | None = None) -> Hooks:
+    """The hooks of a run without Prefect: upload units on a plain thread pool."""
+    from girder_upload_stream.loop.uploads import ThreadUploads
+    return Hooks(log=log or logging.getLogger("girder_upload_stream.run"), uploads=ThreadUploads)

@@ -1,0 +1,116 @@
+"""Unit tests of the start-up pieces of issue 14: the timeline, which way the commands
+run (a Prefect API configured or not), and the plain upload runner's retry policy,
+which must be the Prefect task's."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from girder_upload_stream import startup
+from girder_upload_stream.cli import prefect_mode
+from girder_upload_stream.girder.errors import GirderTerminalError
+from girder_upload_stream.girder.store import GirderTransientError
+from girder_upload_stream.loop.uploads import RETRY_DELAYS, ThreadUploads
+from tests.unit.test_upload_task import FakeStore, _unit
+
+
+def test_the_timeline_keeps_the_first_mark_of_each_name_in_order():
+    timeline = startup.Timeline()
+    assert timeline.mark("a") and timeline.mark("b") and not timeline.mark("a")
+    marks = timeline.marks()
+    assert list(marks) == ["a", "b"] and 0 < marks["a"] <= marks["b"]
+    assert timeline.describe().startswith("a at ")
+
+
+def test_the_process_age_counts_from_the_process_start_not_the_import():
+    # pytest ran for a while before this test: the age is more than this test's time.
+    t0 = time.monotonic()
+    assert startup.process_age() > time.monotonic() - t0
+    assert startup.process_age() < 24 * 3600
+
+
+@pytest.fixture
+def no_prefect_sources(tmp_path, monkeypatch):
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_no_prefect_api_anywhere_means_no_prefect_import(no_prefect_sources, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect.settings", None)  # importing it would fail
+    assert prefect_mode.prefect_api_url() is None
+
+
+def test_the_environment_names_the_api(no_prefect_sources, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://p:4200/api")
+    assert prefect_mode.prefect_api_url() == "http://p:4200/api"
+    monkeypatch.setenv("PREFECT_API_URL", " ")
+    assert prefect_mode.prefect_api_url() is None
+
+
+def test_a_profile_that_names_an_api_is_asked_through_prefect(no_prefect_sources):
+    home = no_prefect_sources / "home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "lab"\n[profiles.lab]\nPREFECT_API_URL = "http://lab:4200/api"\n')
+    assert prefect_mode.prefect_api_url() == "http://lab:4200/api"
+
+
+class FlakyStore(FakeStore):
+    """Fails every upload ``times`` times with ``kind``, then uploads."""
+
+    def __init__(self, times: int, kind=GirderTransientError) -> None:
+        super().__init__(set(), "upload file: HTTP 503: busy", kind)
+        self.times = times
+
+    def upload(self, completed, shared=False):
+        if self.times > 0:
+            self.times -= 1
+            self.tried.append(completed.rel_path)
+            raise self.kind(self.error, rel_path=completed.rel_path)
+        return super().upload(completed, shared)
+
+
+def test_the_plain_runner_retries_transient_errors_as_the_task_does():
+    assert RETRY_DELAYS == (2, 10, 30)
+    from girder_upload_stream.tasks.upload import upload_unit
+    assert upload_unit.retries == len(RETRY_DELAYS)
+    assert list(upload_unit.retry_delay_seconds) == list(RETRY_DELAYS)
+    store = FlakyStore(times=3)
+    with ThreadUploads(2, delays=(0, 0, 0)) as uploads:
+        outcomes = uploads.submit_upload(_unit(["a.bin"]), store).result(timeout=10)
+    assert [o.rel_path for o in outcomes] == ["a.bin"] and len(store.tried) == 4  # 3 failed
+
+
+def test_the_plain_runner_gives_up_after_the_last_retry():
+    store = FlakyStore(times=4)
+    with ThreadUploads(1, delays=(0, 0, 0)) as uploads:
+        future = uploads.submit_upload(_unit(["a.bin"]), store)
+        with pytest.raises(GirderTransientError):
+            future.result(timeout=10)
+    assert len(store.tried) == 4
+
+
+def test_the_plain_runner_never_retries_a_terminal_error():
+    store = FlakyStore(times=1, kind=GirderTerminalError)
+    with ThreadUploads(1, delays=(0, 0, 0)) as uploads:
+        future = uploads.submit_upload(_unit(["a.bin"]), store)
+        with pytest.raises(GirderTerminalError):
+            future.result(timeout=10)
+    assert len(store.tried) == 1
+
+
+def test_leaving_the_plain_runner_ends_a_retry_wait():
+    store = FlakyStore(times=10)
+    t0 = time.monotonic()
+    with ThreadUploads(1, delays=(60, 60, 60)) as uploads:
+        future = uploads.submit_upload(_unit(["a.bin"]), store)
+        time.sleep(0.3)
+    with pytest.raises(GirderTransientError):
+        future.result(timeout=1)
+    assert time.monotonic() - t0 < 10 and len(store.tried) == 1

@@ -163,4 +163,5 @@ def upload_stream(
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages,
             "registry_save_error": summary.save_error, "girder_requests": store.requests,
+            "files_spilled": runner.processor.reassembler.spilled_files,
             **encrypted}

@@ -158,8 +158,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("stale_partial_seconds", 3600,
            "a file missing chunks for this long stops holding back offset commits and is "
            "registered as failed; 0 = never (default: %(default)s)", parse=float),
-    Option("memory_budget_mb", 1024, "pause fetching while files held in RAM exceed this "
-           "(default: %(default)s)", parse=positive_int),
+    Option("memory_budget_mb", 1024, "MiB of file bytes held in RAM (being rebuilt, waiting "
+           "for or in an upload); past it, files being rebuilt are spilled to the staging "
+           "folder and fetching pauses while uploads free memory (default: %(default)s)",
+           parse=positive_int),
     Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
            "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),

@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 STUCK_LOOKUP_SECONDS = 30.0
 #: What the registry says of a file whose upload failed for good (offsets rule 9).
 RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer group"
+#: Over the memory budget, files being rebuilt are spilled to disk down to this share of
+#: it, so that spilling is not redone at every chunk.
+SPILL_LOW_WATER = 0.75
+#: Bytes of messages one poll may take at most (the batch is held until handled).
+POLL_TARGET_BYTES = 32 << 20
 
 
 def _progress_of(completed: CompletedFile) -> FileProgress:
@@ -62,6 +67,7 @@ class StreamProcessor:
                  known_in_girder: set[tuple[str, str]] | None = None,
                  stale_partial_seconds: float | None = 3600.0,
                  max_inflight_units: int | None = None,
+                 memory_budget_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
@@ -72,6 +78,7 @@ class StreamProcessor:
         self.counters = Counters()
         self.stale_partial_seconds = stale_partial_seconds
         self.max_inflight_units = max_inflight_units  # None: every ready file at once
+        self.memory_budget_bytes = memory_budget_bytes  # None: unbounded (no spilling)
         self.max_unit_files, self.max_unit_bytes = max_unit_files, max_unit_bytes
         self.retry_delay, self._clock, self._wall_clock = retry_delay, clock, wall_clock
         self._last_stale_check = wall_clock()
@@ -107,6 +114,34 @@ class StreamProcessor:
             self.offsets.read(tp, msg.offset)
             return
         self._take(chunk, tp, msg.offset, size)
+        self._keep_within_budget()
+
+    def _keep_within_budget(self) -> None:
+        """Over the memory budget, move the largest files being rebuilt from RAM to
+        their staging files (:meth:`Reassembler.spill`), down to ``SPILL_LOW_WATER`` of
+        the budget less what completed files hold. Spilling loses nothing and never
+        waits for anything, so it cannot deadlock; completed files over the budget are
+        the loop's to handle (it pauses fetching until uploads free them)."""
+        budget = self.memory_budget_bytes
+        if budget is None or self.reassembler.bytes_held + self.ledger.held_bytes <= budget:
+            return
+        target = max(0, int(budget * SPILL_LOW_WATER) - self.ledger.held_bytes)
+        spilled = self.reassembler.spill(target)
+        if spilled:
+            logger.debug("over the memory budget: %d file(s) being rebuilt spilled to disk",
+                         spilled)
+
+    def poll_size(self, most: int) -> int:
+        """How many messages the next poll may take: ``most``, fewer when messages are
+        large, so that one batch (held until handled) stays near ``POLL_TARGET_BYTES``
+        and an eighth of the memory budget."""
+        if not self.counters.messages_read:
+            return most
+        target = POLL_TARGET_BYTES
+        if self.memory_budget_bytes is not None:
+            target = min(target, self.memory_budget_bytes // 8)
+        average = self.counters.bytes_read / self.counters.messages_read
+        return max(1, min(most, int(target // max(average, 1.0))))
 
     def _decode(self, msg: RawMessage, tp: tuple[str, int]) -> Chunk | None:
         try:

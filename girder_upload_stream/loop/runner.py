@@ -135,7 +135,8 @@ class StreamRunner:
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
         """Poll once, process, submit, collect and maybe commit; returns messages read."""
-        messages = self.group.poll(self.settings.poll_batch, timeout=0.2)
+        messages = self.group.poll(self.processor.poll_size(self.settings.poll_batch),
+                                   timeout=0.2)
         for msg in messages:
             self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))

@@ -191,7 +191,8 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         known_done=known_done, known_pending=recorder.pending_keys(),
         known_in_girder=recorder.in_girder_keys() | (known_done - recorder.processed_keys()),
         stale_partial_seconds=run.stale_partial_seconds,
-        max_inflight_units=kafka.n_threads)  # the flow runs n_threads upload tasks
+        max_inflight_units=kafka.n_threads,  # the flow runs n_threads upload tasks
+        memory_budget_bytes=run.memory_budget_bytes)
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
                                    output_dir=output_dir.resolve(), stop=stop),
                            RegistrySaver(recorder, run.registry_interval_seconds)]

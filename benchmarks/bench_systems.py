@@ -46,12 +46,15 @@ class Spec:
     mode: str = "memory"
     processes: int = 1
     group: str | None = None
+    budget_mb: int | None = None  # ours: --memory_budget_mb (None: its default)
 
     @property
     def label(self) -> str:
         text = LABELS[self.system]
         if self.system != "limit" and self.mode != "memory":
             text += f", {self.mode} mode"
+        if self.budget_mb is not None:
+            text += f", budget {self.budget_mb} MiB"
         if self.processes > 1:
             text += f", {self.processes} processes"
         return text
@@ -78,6 +81,17 @@ class RunResult:
     failure: str | None = None  # the consumer's first error line when files are missing
     messages_read: int | None = None
     outputs: list[str] = field(default_factory=list)
+    #: ours: seconds from the start to the first message read (the start-up), from its
+    #: last log lines; None for the others (the limit reads files from the start).
+    startup_s: float | None = None
+    uploads_in_flight: int | None = None  # ours: the most upload units at once
+
+    @property
+    def active_mb_s(self) -> float | None:
+        """MB/s from the first message read to the last file in Girder."""
+        if self.startup_s is None or self.seconds <= self.startup_s:
+            return None
+        return self.total_bytes / 1e6 / (self.seconds - self.startup_s)
 
     @property
     def files_s(self) -> float:
@@ -136,6 +150,8 @@ def start_system(stack: Stack, spec: Spec, work: Path, topic: str, collection: s
               "--consumer_group_id", group, "--update_seconds", "3600"]
     if spec.system == "ours":
         argv = [OUR_CLI, "run", api, "--config", "local", *common]
+        if spec.budget_mb is not None:
+            argv += ["--memory_budget_mb", str(spec.budget_mb)]
     elif spec.system == "omsi":
         argv = [OMSI_PROCESSOR, api, stack.girder_key, "--config", omsi_config(work, stack),
                 *common]
@@ -180,6 +196,16 @@ def failure_hint(output: str) -> str | None:
         if " 0 failed" not in line and "files_failed" not in line:
             return line[:300]
     return None
+
+
+_OURS_FIRST = re.compile(r"first message read at ([\d.]+) \(epoch s\); at most (\d+) upload")
+
+
+def parse_first_message(output: str) -> tuple[float | None, int | None]:
+    """(epoch of the first message read, most upload units at once), from our flow's
+    last log lines."""
+    found = _OURS_FIRST.findall(output)
+    return (float(found[-1][0]), int(found[-1][1])) if found else (None, None)
 
 
 _OURS_BYTES = re.compile(r"'bytes_read': (\d+)")
@@ -232,6 +258,11 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
     result.messages_read = sum(r for r in reads if r is not None) if any(
         r is not None for r in reads) else None
     if spec.system == "ours":
+        firsts = [parse_first_message(o) for o in outputs]
+        epochs = [f for f, _ in firsts if f is not None]
+        if epochs:
+            result.startup_s = min(epochs) - started
+            result.uploads_in_flight = max(n for _, n in firsts if n is not None)
         time.sleep(3)  # let the server record the last task runs and logs
         ids = [i for o in outputs for i in flow_run_ids(o)]
         result.task_runs = task_runs(stack, ids)

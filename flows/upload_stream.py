@@ -155,6 +155,10 @@ def upload_stream(
             summary = runner.summary
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
+    log.info("first message read at %s (epoch s); at most %d upload unit(s) in flight; "
+             "%d file(s) spilled to disk over the memory budget",
+             f"{summary.first_message_at:.3f}" if summary.first_message_at else "-",
+             summary.max_uploads_in_flight, runner.processor.reassembler.spilled_files)
     encrypted = {}
     if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
         encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
@@ -164,4 +168,6 @@ def upload_stream(
             "pending_messages": summary.pending_messages,
             "registry_save_error": summary.save_error, "girder_requests": store.requests,
             "files_spilled": runner.processor.reassembler.spilled_files,
+            "first_message_at": summary.first_message_at,
+            "max_uploads_in_flight": summary.max_uploads_in_flight,
             **encrypted}

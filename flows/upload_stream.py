@@ -22,6 +22,7 @@ from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_
 from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
                                            log_topic_settings)
 from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
 from girder_upload_stream.options import DEFAULTS
 from girder_upload_stream.settings import RunSettings
@@ -83,6 +84,7 @@ def upload_stream(
     max_wait_per_decrypt: float = DEFAULTS.max_wait_per_decrypt,
     max_initial_wait_per_decrypt: float = DEFAULTS.max_initial_wait_per_decrypt,
     memory_budget_mb: int = DEFAULTS.memory_budget_mb,
+    stream_min_mb: int = DEFAULTS.stream_min_mb,
     max_file_size_mb: int = DEFAULTS.max_file_size_mb,
     stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
     interactive: bool = False,
@@ -114,6 +116,7 @@ def upload_stream(
                       update_seconds=update_seconds,
                       max_idle_seconds=max_idle_seconds, max_runtime_seconds=max_runtime_seconds,
                       memory_budget_bytes=memory_budget_mb << 20,
+                      stream_min_bytes=(stream_min_mb << 20) if stream_min_mb else None,
                       max_file_bytes=max_file_size_mb << 20, interactive=interactive,
                       stale_partial_seconds=stale_partial_seconds or None,
                       logger_file_path=logs_dir)
@@ -136,12 +139,14 @@ def upload_stream(
                 find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
 
         stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
+        streams = StreamingUploads(store, kafka.group_id)  # big files, while they arrive
         group_id = kafka.group_id
         runner = build_runner(
             run, kafka, submit, probe=probe, early_outcomes=channel.drain,
             registry_fallback=lambda: load_registry_fallback(topic_name, group_id),
             log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-            girder_api_url=girder.api_url, stop=stop)
+            girder_api_url=girder.api_url, stop=stop,
+            open_stream=streams)
         # The publisher reads the recorder build_runner made, so it joins afterwards.
         runner.side_jobs.append(
             ArtifactPublisher(runner.processor.recorder, topic_name, group_id))
@@ -153,6 +158,8 @@ def upload_stream(
         except TerminationSignal:
             # SIGTERM or a cancellation: the runner already stopped gracefully.
             summary = runner.summary
+        finally:
+            streams.wait()
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
     log.info("first message read at %s (epoch s); at most %d upload unit(s) in flight; "
@@ -170,4 +177,5 @@ def upload_stream(
             "files_spilled": runner.processor.reassembler.spilled_files,
             "first_message_at": summary.first_message_at,
             "max_uploads_in_flight": summary.max_uploads_in_flight,
+            "streams_opened": streams.opened,
             **encrypted}

@@ -588,3 +588,43 @@ class Reassembler:
         state.bytes_held = 0
         state.storage = Storage.DISK
         return True
+
+    # -- streamed uploads -----------------------------------------------------------
+    def stream_view(self, file_key: FileKey) -> tuple[int | None, int, int] | None:
+        """``(size, prefix_end, last_chunk_offset)`` of a file being assembled: its size
+        once its last chunk is in (else None), the end of its in-order prefix (the bytes
+        a streamed upload may send), and where its last chunk begins (the bytes from
+        there are held back until the sha512 is checked). None if not assembling."""
+        with self._lock:
+            state = self._files.get(file_key)
+            if state is None:
+                return None
+            prefix_i = state.next_hash_i - 1
+            prefix_end = 0
+            if prefix_i >= 1:
+                offset, size, _ = state.pieces[prefix_i]
+                prefix_end = offset + size
+            last = state.pieces.get(state.n_total)
+            return state.total, prefix_end, last[0] if last else -1
+
+    def read_prefix(self, file_key: FileKey, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the in-order prefix of a file being assembled, from
+        RAM or its staging file (one copy); None once the file is no longer assembling
+        (completed, rejected, discarded): its :class:`CompletedFile` then has them."""
+        with self._lock:
+            state = self._files.get(file_key)
+            if state is None:
+                return None
+            if state.storage is Storage.DISK:
+                out = bytearray()
+                self._staging.hash_range(state.partial, start, end, out.extend)
+                return bytes(out)
+            parts, first = [], None
+            for i in range(1, state.next_hash_i):
+                offset, size, _ = state.pieces[i]
+                if offset + size > start and offset < end:
+                    first = offset if first is None else first
+                    parts.append(state.data[i])
+            if first is None:
+                return b""
+            return Pieces(parts).read_at(start - first, end - start)

@@ -28,6 +28,7 @@ from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.assembly.reassembly import (AddResult, AddStatus, CompletedFile,
                                              FileProgress, Reassembler)
 from girder_upload_stream.ledger.stream_types import Counters, PartitionInfo, RawMessage, Recorder
+from girder_upload_stream.ledger.streams import StreamHandle, StreamPlan, wants_stream
 from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, group_into_units,
                                         stripe_into_units)
 
@@ -68,6 +69,8 @@ class StreamProcessor:
                  stale_partial_seconds: float | None = 3600.0,
                  max_inflight_units: int | None = None,
                  memory_budget_bytes: int | None = None,
+                 open_stream: Callable[[StreamPlan], StreamHandle] | None = None,
+                 stream_min_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
@@ -79,6 +82,9 @@ class StreamProcessor:
         self.stale_partial_seconds = stale_partial_seconds
         self.max_inflight_units = max_inflight_units  # None: every ready file at once
         self.memory_budget_bytes = memory_budget_bytes  # None: unbounded (no spilling)
+        # Streamed uploads of big files (None: every file is uploaded at completion).
+        self.open_stream, self.stream_min_bytes = open_stream, stream_min_bytes
+        self.stream_shared: Callable[[], bool] = lambda: False  # set by the loop
         self.max_unit_files, self.max_unit_bytes = max_unit_files, max_unit_bytes
         self.retry_delay, self._clock, self._wall_clock = retry_delay, clock, wall_clock
         self._last_stale_check = wall_clock()
@@ -219,14 +225,56 @@ class StreamProcessor:
                 self.recorder.chunk_added(chunk, tp[1], offset)
             if first_reread and not self.ledger.is_known_pending(key):
                 self.ledger.want_lookup(key, self._clock())
+            self._stream(record, chunk)
             failpoints.hit("chunk.added")
         elif status is AddStatus.COMPLETED:
             self.ledger.complete(key, result.completed)
         elif status is AddStatus.REJECTED:
+            if record.stream is not None:  # its open Girder upload is removed
+                record.stream.abandon()
             logger.error("%s", result.rejected.to_error())
             self.counters.files_failed += 1
             self.recorder.file_rejected(result.rejected)
             self._finish(record, FileState.FAILED)
+
+    def _stream(self, record: FileRecord, chunk: Chunk) -> None:
+        """Open a streamed upload for a big file once its size is known, or tell the
+        open one that its prefix may have grown (never waits: the upload has its own
+        thread)."""
+        if record.state is FileState.STREAMING:
+            record.stream.nudge()
+            return
+        if self.open_stream is None or record.state is not FileState.ASSEMBLING \
+                or record.stream_tried:
+            return
+        key, reassembler = record.key, self.reassembler
+        view = reassembler.stream_view(key)
+        if view is None or not wants_stream(chunk.n_total_chunks, chunk.size, view[0],
+                                            self.stream_min_bytes, record.holds_commit
+                                            and record.role is Role.FIRST):
+            return
+        plan = StreamPlan(key[0], key[1], view[0], lambda: reassembler.stream_view(key),
+                          lambda start, end: reassembler.read_prefix(key, start, end),
+                          self.stream_shared)
+        self.ledger.stream(key, self.open_stream(plan))
+
+    def abandon_streams(self, reason: str) -> int:
+        """Give up every streamed upload still assembling (partitions revoked or lost:
+        another consumer may rebuild the file): each file goes on assembling and is
+        uploaded whole if it completes here. Returns how many."""
+        streaming = self.ledger.in_state(FileState.STREAMING)
+        for record in streaming:
+            self.ledger.unstream(record.key).abandon()
+        if streaming:
+            logger.info("%d streamed upload(s) abandoned: %s", len(streaming), reason)
+        return len(streaming)
+
+    def close_streams(self, timeout: float) -> None:
+        """At shutdown: abandon the streamed uploads not being finished (bounded)."""
+        for state in (FileState.STREAMING, FileState.READY, FileState.WAITING_TO_RETRY):
+            for record in self.ledger.in_state(state):
+                if record.stream is not None:
+                    record.stream.close(timeout)
 
     def _count_copy(self, record: FileRecord, chunk: Chunk, status: AddStatus) -> None:
         """A new (not re-read) chunk of a file in flight: a duplicate begins counting the
@@ -293,6 +341,8 @@ class StreamProcessor:
         handed = [r for r in waiting
                   if r.role is Role.FIRST and self.offsets.only_in(r.key, tps)]
         for record in handed:
+            if record.stream is not None:
+                record.stream.abandon()
             self.ledger.forget(record.key)
             self.reassembler.discard(record.key)  # so its chunks, if they come back, rebuild it
             self.reassembler.release(record.completed)
@@ -351,7 +401,10 @@ class StreamProcessor:
             self.reassembler.discard(record.key)
             self.recorder.file_dropped(progress)
             self.ledger.forget(record.key)
-        elif record.state is FileState.ASSEMBLING:
+            return
+        if record.state is FileState.STREAMING:  # stale: its open upload is removed
+            self.ledger.unstream(record.key).abandon()
+        if record.state is FileState.ASSEMBLING:
             self.ledger.release(record.key)
             released = self.offsets.file_done(record.key)
             reason = (f"incomplete: {progress.n_received} of {progress.n_total} chunks, "
@@ -390,6 +443,9 @@ class StreamProcessor:
         for unit in units:
             self._units[unit.unit_id] = unit
             for completed in unit.files:
+                record = self.ledger.get(completed.file_key)
+                if record.stream is not None:  # its finishing step sends the rest
+                    unit.streams[completed.file_key] = record.stream
                 self.ledger.dispatch(completed.file_key, unit.unit_id)
         return units
 

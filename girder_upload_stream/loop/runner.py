@@ -135,6 +135,7 @@ class StreamRunner:
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
         self._save_raised = False  # the last before_commit raised (commits wait)
+        processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
         self.max_uploads_in_flight = 0
 
@@ -275,6 +276,7 @@ class StreamRunner:
         self._drop(tps)
 
     def _drop(self, tps: list[tuple[str, int]]) -> None:
+        self.processor.abandon_streams("partitions revoked or lost")
         self.processor.hand_over(tps)
         self.processor.offsets.forget(tps)
         for unit, _ in self._handles.values():
@@ -330,6 +332,7 @@ class StreamRunner:
             while self.busy and self._clock() < deadline:
                 self.group.poll(1, timeout=0.1)  # keep the group membership alive
                 self.collect()
+            self.processor.close_streams(timeout=5.0)
             if self._handles:
                 logger.warning("%d upload unit(s) still running at shutdown; their messages "
                                "stay uncommitted and are read again on restart",

@@ -198,14 +198,18 @@ def failure_hint(output: str) -> str | None:
     return None
 
 
-_OURS_FIRST = re.compile(r"first message read at ([\d.]+) \(epoch s\); at most (\d+) upload")
+_OURS_FIRST = re.compile(r"first message read at ([\d.]+) \(epoch s\); at most (\d+) upload"
+                         r".*?at most (\d+) open at once")
 
 
 def parse_first_message(output: str) -> tuple[float | None, int | None]:
-    """(epoch of the first message read, most upload units at once), from our flow's
-    last log lines."""
+    """(epoch of the first message read, most Girder uploads open at once: upload units
+    or streamed uploads, whichever is more), from our flow's last log lines."""
     found = _OURS_FIRST.findall(output)
-    return (float(found[-1][0]), int(found[-1][1])) if found else (None, None)
+    if not found:
+        return None, None
+    first, units, streams = found[-1]
+    return float(first), max(int(units), int(streams))
 
 
 _OURS_BYTES = re.compile(r"'bytes_read': (\d+)")

@@ -163,9 +163,11 @@ def upload_stream(
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
     log.info("first message read at %s (epoch s); at most %d upload unit(s) in flight; "
-             "%d file(s) spilled to disk over the memory budget",
+             "%d file(s) spilled to disk over the memory budget; %d streamed upload(s), at "
+             "most %d open at once",
              f"{summary.first_message_at:.3f}" if summary.first_message_at else "-",
-             summary.max_uploads_in_flight, runner.processor.reassembler.spilled_files)
+             summary.max_uploads_in_flight, runner.processor.reassembler.spilled_files,
+             streams.opened, streams.max_open)
     encrypted = {}
     if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
         encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
@@ -177,5 +179,5 @@ def upload_stream(
             "files_spilled": runner.processor.reassembler.spilled_files,
             "first_message_at": summary.first_message_at,
             "max_uploads_in_flight": summary.max_uploads_in_flight,
-            "streams_opened": streams.opened,
+            "streams_opened": streams.opened, "max_streams_open": streams.max_open,
             **encrypted}

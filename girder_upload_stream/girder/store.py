@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 VERSION_FIELD = "OpenMSIStreamVersion"
 VERSION_VALUE = f"girder-upload-stream {__version__}"
 T = TypeVar("T")
+#: Bytes girder-client reads per upload request of a whole file (its default, 64 MiB,
+#: held one block per upload worker, is RAM the memory budget does not see).
+UPLOAD_BLOCK_BYTES = 16 << 20
 
 
 class GirderStore:
@@ -63,6 +66,7 @@ class GirderStore:
         if client is None:
             from girder_client import GirderClient
             client = GirderClient(apiUrl=self.settings.api_url)
+            client.MAX_CHUNK_SIZE = UPLOAD_BLOCK_BYTES
             self._call(lambda: self._login(client), LOGIN)
             self._local.client = client
         return client

@@ -67,8 +67,10 @@ class SessionState(StrEnum):
 class StreamSession:
     """One file's streamed upload; its thread opens the upload and sends the prefix."""
 
-    def __init__(self, store: GirderStore, plan: StreamPlan, group_id: str) -> None:
+    def __init__(self, store: GirderStore, plan: StreamPlan, group_id: str,
+                 on_open: Callable[[int], None] = lambda delta: None) -> None:
         self.store, self.plan, self.group_id = store, plan, group_id
+        self._on_open = on_open  # +1 when an upload opens, -1 when it is closed
         self.state = SessionState.OPENING
         self.item_id: str | None = None
         self.upload_id: str | None = None
@@ -144,6 +146,7 @@ class StreamSession:
             "parentType": "item", "parentId": item["_id"], "name": path.name,
             "size": plan.size, "mimeType": mimetype}), "open upload", plan.rel_path)
         self.upload_id = upload["_id"]
+        self._on_open(1)
         self.state = SessionState.STREAMING
         logger.info("%s: streaming into Girder while it arrives (%d bytes)", plan.rel_path,
                     plan.size)
@@ -190,6 +193,8 @@ class StreamSession:
         client = self.store._client()
         self.store._call(lambda: client.delete(f"file/upload/{upload_id}"), "cancel upload",
                          self.plan.rel_path)
+        if upload_id == self.upload_id:
+            self._on_open(-1)
 
     def _stop_thread(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -260,6 +265,7 @@ class StreamSession:
             stream.seek(self.sent)
             while self.sent < completed.size:
                 self._post_chunk(stream.read(min(STREAM_BLOCK, completed.size - self.sent)))
+        self._on_open(-1)  # finalized by its last byte
         meta = {**self.store._meta(completed.sha256), TAG_FIELD: None}  # null: key removed
         self.store._call(lambda: client.addMetadataToItem(self.item_id, meta), "set metadata",
                          completed.rel_path)
@@ -296,13 +302,20 @@ class StreamingUploads:
     def __init__(self, store: GirderStore, group_id: str) -> None:
         self.store, self.group_id = store, group_id
         self.sessions: list[StreamSession] = []
+        self.open_now = self.max_open = 0  # Girder uploads open at once (the benchmarks')
+        self._lock = threading.Lock()
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.open_now += delta
+            self.max_open = max(self.max_open, self.open_now)
 
     @property
     def opened(self) -> int:
         return len(self.sessions)
 
     def __call__(self, plan: StreamPlan) -> StreamSession:
-        session = StreamSession(self.store, plan, self.group_id)
+        session = StreamSession(self.store, plan, self.group_id, self._count)
         self.sessions.append(session)
         return session
 

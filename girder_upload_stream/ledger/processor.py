@@ -28,7 +28,8 @@ from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.assembly.reassembly import (AddResult, AddStatus, CompletedFile,
                                              FileProgress, Reassembler)
 from girder_upload_stream.ledger.stream_types import Counters, PartitionInfo, RawMessage, Recorder
-from girder_upload_stream.ledger.streams import StreamHandle, StreamPlan, wants_stream
+from girder_upload_stream.ledger.streams import (MAX_OPEN_STREAMS, StreamHandle, StreamPlan,
+                                                 wants_stream)
 from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, group_into_units,
                                         stripe_into_units)
 
@@ -245,7 +246,8 @@ class StreamProcessor:
             record.stream.nudge()
             return
         if self.open_stream is None or record.state is not FileState.ASSEMBLING \
-                or record.stream_tried:
+                or record.stream_tried \
+                or self.ledger.count(FileState.STREAMING) >= MAX_OPEN_STREAMS:
             return
         key, reassembler = record.key, self.reassembler
         view = reassembler.stream_view(key)

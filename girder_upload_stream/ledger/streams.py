@@ -15,11 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["DEFAULT_STREAM_MIN_BYTES", "StreamPlan", "StreamHandle", "wants_stream"]
+__all__ = ["DEFAULT_STREAM_MIN_BYTES", "MAX_OPEN_STREAMS", "StreamPlan", "StreamHandle",
+           "wants_stream"]
 
 #: Files from this size stream: 4 upload units' worth (16 MiB each). Below it, an
 #: upload at completion takes a fraction of a second and overlapping gains little.
 DEFAULT_STREAM_MIN_BYTES = 64 << 20
+#: At most this many files stream at once (each is a thread, a Girder item and an open
+#: upload): a flood of last chunks of files that never complete must not open one each.
+#: The others are uploaded at completion, or stream once a place is free.
+MAX_OPEN_STREAMS = 8
 
 
 @dataclass(frozen=True)

@@ -229,3 +229,21 @@ def test_outcome_of_a_failed_finish_retries_it_later(tmp_path) -> None:
     proc.finish_unit(unit, [FileOutcome(key[0], key, Outcome.FAILED_TRANSIENT, "503")])
     assert proc.ledger.get(key).state is FileState.WAITING_TO_RETRY
     assert proc.ledger.get(key).stream is opener.sessions[0]  # the retry resumes it
+
+
+def test_at_most_max_open_streams_files_stream_at_once(tmp_path) -> None:
+    from girder_upload_stream.ledger.streams import MAX_OPEN_STREAMS
+    log, opener = Log(), Opener()
+    proc = _proc(Mode.MEMORY, tmp_path, opener)
+    for i in range(MAX_OPEN_STREAMS + 3):  # last chunks (and one more) of files to come
+        for msg in _messages(log, bytes([i]) * 1_000, f"f{i}.bin", 100, [9, 0]):
+            proc.handle(msg)
+    assert len(opener.sessions) == MAX_OPEN_STREAMS
+    assert proc.ledger.count(FileState.STREAMING) == MAX_OPEN_STREAMS
+    # One finishes: the next file's next chunk opens a stream.
+    for msg in _messages(log, bytes([0]) * 1_000, "f0.bin", 100, list(range(1, 9))):
+        proc.handle(msg)
+    for msg in _messages(log, bytes([MAX_OPEN_STREAMS]) * 1_000, f"f{MAX_OPEN_STREAMS}.bin",
+                         100, [1]):
+        proc.handle(msg)
+    assert len(opener.sessions) == MAX_OPEN_STREAMS + 1

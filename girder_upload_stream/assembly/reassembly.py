@@ -616,15 +616,27 @@ class Reassembler:
             if state is None:
                 return None
             if state.storage is Storage.DISK:
-                out = bytearray()
-                self._staging.hash_range(state.partial, start, end, out.extend)
-                return bytes(out)
-            parts, first = [], None
-            for i in range(1, state.next_hash_i):
-                offset, size, _ = state.pieces[i]
-                if offset + size > start and offset < end:
-                    first = offset if first is None else first
-                    parts.append(state.data[i])
-            if first is None:
-                return b""
-            return Pieces(parts).read_at(start - first, end - start)
+                staging, name = self._staging, state.partial
+            else:
+                return self._read_ram(state, start, end)
+        # Outside the lock (the poll thread must not wait for a disk read): the prefix's
+        # bytes are written and never change; a file dropped meanwhile reads as None.
+        out = bytearray()
+        try:
+            staging.hash_range(name, start, end, out.extend)
+        except OSError:
+            return None
+        return bytes(out)
+
+    @staticmethod
+    def _read_ram(state: _State, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the in-order prefix held in RAM (one copy)."""
+        parts, first = [], None
+        for i in range(1, state.next_hash_i):
+            offset, size, _ = state.pieces[i]
+            if offset + size > start and offset < end:
+                first = offset if first is None else first
+                parts.append(state.data[i])
+        if first is None:
+            return b""
+        return Pieces(parts).read_at(start - first, end - start)

@@ -106,7 +106,8 @@ class StreamSession:
                     with self._cond:
                         if not self._stop:
                             self._cond.wait(0.5)
-        except GirderUploadStreamError as exc:  # transient or terminal: finish decides
+        except Exception as exc:  # noqa: BLE001 - Girder's (transient or terminal) or a
+            # local read's: never fatal, the finishing step uploads the file whole
             logger.warning("streamed upload of %s stopped (%s); it is uploaded whole once "
                            "complete", self.plan.rel_path, exc)
             self.error, self.state = exc, SessionState.BROKEN

@@ -50,6 +50,7 @@ class Spec:
     #: ours only: PREFECT_API_URL set to the stack's server (False: a CLI user's
     #: default, no Prefect API configured, in a scratch PREFECT_HOME)
     prefect_server: bool = True
+    budget_mb: int | None = None  # ours: --memory_budget_mb (None: its default)
 
     @property
     def label(self) -> str:
@@ -58,6 +59,8 @@ class Spec:
             text += ", no Prefect server"
         if self.system != "limit" and self.mode != "memory":
             text += f", {self.mode} mode"
+        if self.budget_mb is not None:
+            text += f", budget {self.budget_mb} MiB"
         if self.processes > 1:
             text += f", {self.processes} processes"
         return text
@@ -84,6 +87,17 @@ class RunResult:
     failure: str | None = None  # the consumer's first error line when files are missing
     messages_read: int | None = None
     outputs: list[str] = field(default_factory=list)
+    #: ours: seconds from the start to the first message read (the start-up), from its
+    #: last log lines; None for the others (the limit reads files from the start).
+    startup_s: float | None = None
+    uploads_in_flight: int | None = None  # ours: the most upload units at once
+
+    @property
+    def active_mb_s(self) -> float | None:
+        """MB/s from the first message read to the last file in Girder."""
+        if self.startup_s is None or self.seconds <= self.startup_s:
+            return None
+        return self.total_bytes / 1e6 / (self.seconds - self.startup_s)
 
     @property
     def files_s(self) -> float:
@@ -142,6 +156,8 @@ def start_system(stack: Stack, spec: Spec, work: Path, topic: str, collection: s
               "--consumer_group_id", group, "--update_seconds", "3600"]
     if spec.system == "ours":
         argv = [OUR_CLI, "run", api, "--config", "local", *common]
+        if spec.budget_mb is not None:
+            argv += ["--memory_budget_mb", str(spec.budget_mb)]
     elif spec.system == "omsi":
         argv = [OMSI_PROCESSOR, api, stack.girder_key, "--config", omsi_config(work, stack),
                 *common]
@@ -195,6 +211,20 @@ def failure_hint(output: str) -> str | None:
     return None
 
 
+_OURS_FIRST = re.compile(r"first message read at ([\d.]+) \(epoch s\); at most (\d+) upload"
+                         r".*?at most (\d+) open at once")
+
+
+def parse_first_message(output: str) -> tuple[float | None, int | None]:
+    """(epoch of the first message read, most Girder uploads open at once: upload units
+    or streamed uploads, whichever is more), from our flow's last log lines."""
+    found = _OURS_FIRST.findall(output)
+    if not found:
+        return None, None
+    first, units, streams = found[-1]
+    return float(first), max(int(units), int(streams))
+
+
 _OURS_BYTES = re.compile(r"'bytes_read': (\d+)")
 
 
@@ -244,6 +274,12 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
     reads = [parse_messages_read(o) for o in outputs]
     result.messages_read = sum(r for r in reads if r is not None) if any(
         r is not None for r in reads) else None
+    if spec.system == "ours":
+        firsts = [parse_first_message(o) for o in outputs]
+        epochs = [f for f, _ in firsts if f is not None]
+        if epochs:
+            result.startup_s = min(epochs) - started
+            result.uploads_in_flight = max(n for _, n in firsts if n is not None)
     if spec.system == "ours" and spec.prefect_server:
         time.sleep(3)  # let the server record the last task runs and logs
         ids = [i for o in outputs for i in flow_run_ids(o)]

@@ -170,22 +170,30 @@ def _size_table(section: Section, results: dict[Spec, list[RunResult]]) -> None:
     limit = next(runs for spec, runs in results.items() if spec.system == "limit")
     omsi = {spec.mode: runs for spec, runs in results.items() if spec.system == "omsi"}
     section.headers = ["system", "MB/s", "× OpenMSIStream (same mode)", "× limit",
+                       "MB/s first message → last file", "× limit (first message → last file)",
+                       "start-up: start → first message (s)",
                        "MB/s after the first file", "peak RSS (MiB)",
                        "RSS × OpenMSIStream (same mode)", "start → first file (s)",
-                       "missing / duplicates"]
+                       "Girder uploads open at once", "missing / duplicates"]
     for spec, runs in results.items():
         rate = _stat(runs, "mb_s")
         rss = Stat.of(r.peak_rss / MIB for r in runs)
         base = omsi.get(spec.mode) if spec.system == "ours" else None
+        active = _stat(runs, "active_mb_s") if spec.system == "ours" else None
         section.rows.append([
             spec.label, rate.show(), ratio(rate, _stat(base, "mb_s")) if base else "–",
             ratio(rate, _stat(limit, "mb_s")) if spec.system != "limit" else "1",
+            active.show() if active else "–",
+            ratio(active, _stat(limit, "mb_s")) if active else "–",
+            _stat(runs, "startup_s").show("{:.2f}") if active else "–",
             _stat(runs, "steady_mb_s").show(), rss.show("{:.0f}"),
             ratio(rss, Stat.of(r.peak_rss / MIB for r in base)) if base else "–",
-            _stat(runs, "first_s").show("{:.2f}"), _dups(runs)])
+            _stat(runs, "first_s").show("{:.2f}"),
+            Stat.of(r.uploads_in_flight for r in runs if r.uploads_in_flight is not None)
+            .show("{:.0f}") if active else "–", _dups(runs)])
         if base:
             section.headline.append(
-                f"{spec.mode} mode: {rate.median:.1f} MB/s, {ratio(rate, _stat(base, 'mb_s'))} "
+                f"{spec.label}: {rate.median:.1f} MB/s, {ratio(rate, _stat(base, 'mb_s'))} "
                 f"OpenMSIStream and {ratio(rate, _stat(limit, 'mb_s'))} the limit; peak RSS "
                 f"{rss.median:.0f} MiB, {ratio(rss, Stat.of(r.peak_rss / MIB for r in base))} "
                 "OpenMSIStream's.")
@@ -200,7 +208,8 @@ def scenario_big_files(ctx: Context) -> Section:
         "higher is better. Peak RSS of the consumer's process tree, sampled every 0.2 s from "
         "/proc: lower is better (RSS ratios < 1 mean less memory than OpenMSIStream).")
     data = big_files(ctx.work / "big", s.big_files, s.big_size)
-    specs = [Spec("ours", s.n_threads, "memory"), Spec("ours", s.n_threads, "disk"),
+    specs = [Spec("ours", s.n_threads, "memory", budget_mb=256),
+             Spec("ours", s.n_threads, "memory", budget_mb=1024), Spec("ours", s.n_threads, "disk"),
              Spec("omsi", s.n_threads, "memory"), Spec("omsi", s.n_threads, "disk"),
              Spec("limit", s.n_threads)]
     results = run_matrix(ctx, specs, data, "big", s.big_partitions)

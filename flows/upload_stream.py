@@ -133,6 +133,7 @@ def upload_stream(
     max_wait_per_decrypt: float = DEFAULTS.max_wait_per_decrypt,
     max_initial_wait_per_decrypt: float = DEFAULTS.max_initial_wait_per_decrypt,
     memory_budget_mb: int = DEFAULTS.memory_budget_mb,
+    stream_min_mb: int = DEFAULTS.stream_min_mb,
     max_file_size_mb: int = DEFAULTS.max_file_size_mb,
     stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
     interactive: bool = False,

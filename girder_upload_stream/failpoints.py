@@ -14,6 +14,7 @@ The points (see :mod:`girder_upload_stream.ledger.offsets` for the order they pr
 * ``upload.done``   -- a unit's uploads returned, their offsets not settled yet
 * ``commit.before`` -- the registries were saved, the offsets not committed yet (mid-commit)
 * ``commit.after``  -- the broker accepted a commit
+* ``stream.sent``   -- a block of a streamed file reached Girder, its upload unfinished
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["ENV_VAR", "POINTS", "hit", "configure"]
 
 ENV_VAR = "GUS_FAILPOINTS"
 POINTS = frozenset({"chunk.added", "upload.mid", "upload.done", "commit.before",
-                    "commit.after"})
+                    "commit.after", "stream.sent"})
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _remaining: dict[str, int] = {}

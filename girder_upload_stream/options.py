@@ -69,6 +69,17 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0, with a usage error (exit 2) otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def file_size_mb(text: str) -> int:
     """argparse type of --max_file_size_mb: 1 MiB up to what a file offset holds."""
     value = positive_int(text)
@@ -164,8 +175,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("stale_partial_seconds", 3600,
            "a file missing chunks for this long stops holding back offset commits and is "
            "registered as failed; 0 = never (default: %(default)s)", parse=float),
-    Option("memory_budget_mb", 1024, "pause fetching while files held in RAM exceed this "
-           "(default: %(default)s)", parse=positive_int),
+    Option("memory_budget_mb", 1024, "MiB of file bytes held in RAM (being rebuilt, waiting "
+           "for or in an upload); past it, files being rebuilt are spilled to the staging "
+           "folder and fetching pauses while uploads free memory (default: %(default)s)",
+           parse=positive_int),
+    Option("stream_min_mb", 64, "files of at least this many MiB stream into Girder while "
+           "they arrive (from their last chunk on: Girder needs the size); 0 = never "
+           "(default: %(default)s)", parse=non_negative_int),
     Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
            "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),

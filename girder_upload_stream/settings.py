@@ -86,6 +86,8 @@ class RunSettings(BaseModel):
     logger_file_path: Path | None = None
     download_regex: str | None = None
     memory_budget_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    #: Files from this size stream into Girder while they arrive (None: never).
+    stream_min_bytes: int | None = Field(default=64 << 20, ge=1)
     #: The largest file rebuilt (--max_file_size_mb); a chunk of a larger one rejects it.
     max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=1, le=MAX_POSSIBLE_FILE_BYTES)
     max_unit_files: int = Field(default=64, ge=1)

@@ -33,7 +33,8 @@ def _is_transient(task, task_run, state) -> bool:
       task_run_name="upload unit {unit.unit_id} ({unit.nbytes} bytes)")
 def upload_unit(unit: UploadUnit, store: GirderStore) -> list[FileOutcome]:
     """Upload every file of ``unit`` (:func:`~girder_upload_stream.loop.uploads.upload_files`);
-    ``store`` is the flow run's (its folder cache serves every unit)."""
+    ``store`` is the flow run's (its folder cache serves every unit); a file streamed
+    into Girder while it arrived is finished by its session."""
     return upload_files(unit, store)
 
 

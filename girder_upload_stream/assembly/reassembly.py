@@ -37,6 +37,7 @@ A :class:`Reassembler` is thread-safe (one internal lock) but not process-safe.
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -53,6 +54,8 @@ from girder_upload_stream.errors import FileRejectedError, StorageError
 from girder_upload_stream.assembly.hashing import FileDigest, HashPipe
 from girder_upload_stream.assembly.pieces import Pieces
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "Mode",
     "AddStatus",
@@ -60,6 +63,7 @@ __all__ = [
     "CompletedFile",
     "RejectedFile",
     "FileProgress",
+    "Storage",
     "Reassembler",
     "STAGING_DIR",
     "reserved_paths",
@@ -72,6 +76,15 @@ class Mode(StrEnum):
     MEMORY = "memory"
     DISK = "disk"
     BOTH = "both"
+
+
+class Storage(StrEnum):
+    """Where the bytes of one file being rebuilt are: the mode's choice, until a memory
+    budget moves (*spills*) them to a staging file (:meth:`Reassembler.spill`)."""
+
+    RAM = "ram"                    # memory mode
+    RAM_AND_DISK = "ram_and_disk"  # both mode: RAM, and the staging file
+    DISK = "disk"                  # disk mode, or spilled: the staging file only
 
 
 class AddStatus(StrEnum):
@@ -168,10 +181,10 @@ class _State:
 
     __slots__ = ("rel_path", "file_hash", "n_total", "file_mtime", "pieces", "order",
                  "data", "total", "bytes_received", "bytes_held", "digest",
-                 "next_hash_i", "first_at", "last_at", "partial")
+                 "next_hash_i", "first_at", "last_at", "partial", "storage")
 
     def __init__(self, chunk: Chunk, now: float, partial: str | None,
-                 digest: FileDigest) -> None:
+                 digest: FileDigest, storage: Storage) -> None:
         self.rel_path = chunk.rel_path
         self.file_hash = chunk.file_hash
         self.n_total = chunk.n_total_chunks
@@ -186,7 +199,8 @@ class _State:
         self.next_hash_i = 1
         self.first_at = now
         self.last_at = now
-        self.partial = partial  # the staging file's name, in disk/both modes
+        self.partial = partial  # the staging file's name, in disk/both modes or spilled
+        self.storage = storage
 
     def hash_block(self, block: memoryview) -> None:
         """Hash bytes read back from disk (into a reused buffer) before returning."""
@@ -235,6 +249,10 @@ class Reassembler:
         self._disk = SafeDir(Path(output_dir)) if self.mode is not Mode.MEMORY else None
         self.output_dir = self._disk.root if self._disk else None
         self._staging = StagingArea(self._disk) if self._disk else None
+        # Memory mode spills to a staging folder made when first needed (None: cannot).
+        self._spill_root = Path(output_dir) if output_dir is not None else None
+        self.spilled_files = 0
+        self.spilled_bytes = 0
         self.stale_removed = self._staging.stale_removed if self._staging else 0
         self._reserved = tuple(sorted({tuple(r.split("/")) for r in reserved}
                                       | {(STAGING_DIR,)}))
@@ -292,10 +310,15 @@ class Reassembler:
         if problem:
             raise _Rejection(problem)
         partial = None
-        if self._staging is not None:
-            self._serial += 1
-            partial = staging_name(chunk.rel_path, chunk.file_hash, self._serial)
-        return _State(chunk, now, partial, self._hashes.digest())
+        if self.mode is not Mode.MEMORY:
+            partial = self._new_partial(chunk.rel_path, chunk.file_hash)
+        storage = {Mode.MEMORY: Storage.RAM, Mode.DISK: Storage.DISK,
+                   Mode.BOTH: Storage.RAM_AND_DISK}[self.mode]
+        return _State(chunk, now, partial, self._hashes.digest(), storage)
+
+    def _new_partial(self, rel_path: str, file_hash: bytes) -> str:
+        self._serial += 1
+        return staging_name(rel_path, file_hash, self._serial)
 
     def _add_to(self, state: _State, chunk: Chunk, key: FileKey, now: float) -> AddResult:
         i, offset, size = chunk.chunk_i, chunk.chunk_offset, chunk.size
@@ -335,7 +358,7 @@ class Reassembler:
         if i == state.n_total:
             state.total = chunk.chunk_offset + chunk.size
         due = len(state.pieces) == state.n_total  # the file completes: hash it now
-        if self.mode is Mode.DISK:
+        if state.storage is Storage.DISK:
             if i == state.next_hash_i:
                 state.hash_piece(chunk.data, due)
                 self._hash_from_disk(state)
@@ -377,7 +400,7 @@ class Reassembler:
     def _complete(self, state: _State, key: FileKey, now: float) -> AddResult:
         total = state.total
         data: Pieces | None = None
-        if self.mode is not Mode.DISK:
+        if state.storage is not Storage.DISK:
             data = Pieces([state.data[i] for i in range(1, state.n_total + 1)])
         else:
             self._finish_disk_hash(state)
@@ -385,7 +408,7 @@ class Reassembler:
             raise _Rejection("mismatched hash: sha512 of the rebuilt file differs from "
                              "file_hash")
         path = None
-        if self.mode is Mode.DISK:
+        if self.mode is not Mode.BOTH and state.storage is Storage.DISK:
             path = self._staging.path_of(state.partial)
         elif state.partial is not None:
             subdir, final_name = _split(state.rel_path)
@@ -447,11 +470,12 @@ class Reassembler:
 
     def release(self, completed: CompletedFile) -> None:
         """The fate of ``completed`` is settled (in Girder, failed for good, or handed
-        over to another consumer): in disk mode, delete its staging file, as
-        OpenMSIStream 1.8.8 deletes a file rebuilt on disk once it was processed, whether
-        the upload worked or not. A no-op in memory mode and in both mode, which keeps
-        the local copy. Never raises; releasing twice is harmless."""
-        if self.mode is not Mode.DISK or completed.path is None:
+        over to another consumer): in disk mode (and for a file spilled in memory mode),
+        delete its staging file, as OpenMSIStream 1.8.8 deletes a file rebuilt on disk
+        once it was processed, whether the upload worked or not. A no-op for a file held
+        in RAM and in both mode, which keeps the local copy. Never raises; releasing
+        twice is harmless."""
+        if self.mode is Mode.BOTH or completed.path is None or self._staging is None:
             return
         if completed.path.parent == self._staging.path:  # never a path of another run
             self._staging.remove(completed.path.name)
@@ -506,3 +530,113 @@ class Reassembler:
         """One :class:`FileProgress` per file generation still being assembled."""
         with self._lock:
             return [self._progress_of(s) for s in self._files.values()]
+
+    # -- the memory budget ----------------------------------------------------------
+    def spill(self, max_ram_bytes: int) -> int:
+        """Move the bytes of files being rebuilt from RAM to their staging files, the
+        largest file first, until at most ``max_ram_bytes`` are held; returns how many
+        files were spilled. A spilled file goes on as in disk mode: its later chunks are
+        written to the staging file, its sha512 is read back from there, and its
+        :class:`CompletedFile` has a ``path`` and no ``data`` (the upload reads the disk).
+        Nothing is lost: the bytes are on disk before RAM lets go of them. A file that
+        cannot be written (a full disk) stays in RAM; the caller then pauses instead."""
+        with self._lock:
+            if self._bytes_held <= max_ram_bytes or not self._can_spill():
+                return 0
+            spilled = 0
+            for state in sorted(self._files.values(), key=lambda s: -s.bytes_held):
+                if self._bytes_held <= max_ram_bytes or not state.bytes_held:
+                    break
+                if not self._spill_one(state):
+                    break
+                spilled += 1
+            return spilled
+
+    def _can_spill(self) -> bool:
+        """A staging folder exists, or (memory mode) can be made below output_dir."""
+        if self._staging is None and self._spill_root is not None:
+            try:
+                self._disk = SafeDir(self._spill_root)
+                self._staging = StagingArea(self._disk)
+            except (OSError, ValueError) as exc:
+                logger.warning("cannot make a staging folder below %s to spill files "
+                               "being rebuilt to (%s): fetching pauses instead",
+                               self._spill_root, exc)
+                self._spill_root = None
+                self._disk = self._staging = None
+        return self._staging is not None
+
+    def _spill_one(self, state: _State) -> bool:
+        """One file's RAM to its staging file (written already in both mode)."""
+        if state.storage is Storage.RAM:
+            name = self._new_partial(state.rel_path, state.file_hash)
+            try:
+                for n, (i, data) in enumerate(sorted(state.data.items())):
+                    self._staging.write(name, state.pieces[i][0], data, truncate=n == 0)
+            except (OSError, OverflowError, ValueError) as exc:
+                self._staging.remove(name)
+                logger.warning("cannot spill %s to disk (%s): it stays in RAM",
+                               state.rel_path, exc)
+                return False
+            state.partial = name
+        # Chunks below next_hash_i are hashed (or queued with their own buffers); the
+        # rest are read back from disk when the in-order prefix reaches them.
+        self.spilled_files += 1
+        self.spilled_bytes += state.bytes_held
+        self._bytes_held -= state.bytes_held
+        state.data.clear()
+        state.bytes_held = 0
+        state.storage = Storage.DISK
+        return True
+
+    # -- streamed uploads -----------------------------------------------------------
+    def stream_view(self, file_key: FileKey) -> tuple[int | None, int, int] | None:
+        """``(size, prefix_end, last_chunk_offset)`` of a file being assembled: its size
+        once its last chunk is in (else None), the end of its in-order prefix (the bytes
+        a streamed upload may send), and where its last chunk begins (the bytes from
+        there are held back until the sha512 is checked). None if not assembling."""
+        with self._lock:
+            state = self._files.get(file_key)
+            if state is None:
+                return None
+            prefix_i = state.next_hash_i - 1
+            prefix_end = 0
+            if prefix_i >= 1:
+                offset, size, _ = state.pieces[prefix_i]
+                prefix_end = offset + size
+            last = state.pieces.get(state.n_total)
+            return state.total, prefix_end, last[0] if last else -1
+
+    def read_prefix(self, file_key: FileKey, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the in-order prefix of a file being assembled, from
+        RAM or its staging file (one copy); None once the file is no longer assembling
+        (completed, rejected, discarded): its :class:`CompletedFile` then has them."""
+        with self._lock:
+            state = self._files.get(file_key)
+            if state is None:
+                return None
+            if state.storage is Storage.DISK:
+                staging, name = self._staging, state.partial
+            else:
+                return self._read_ram(state, start, end)
+        # Outside the lock (the poll thread must not wait for a disk read): the prefix's
+        # bytes are written and never change; a file dropped meanwhile reads as None.
+        out = bytearray()
+        try:
+            staging.hash_range(name, start, end, out.extend)
+        except OSError:
+            return None
+        return bytes(out)
+
+    @staticmethod
+    def _read_ram(state: _State, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the in-order prefix held in RAM (one copy)."""
+        parts, first = [], None
+        for i in range(1, state.next_hash_i):
+            offset, size, _ = state.pieces[i]
+            if offset + size > start and offset < end:
+                first = offset if first is None else first
+                parts.append(state.data[i])
+        if first is None:
+            return b""
+        return Pieces(parts).read_at(start - first, end - start)

@@ -57,6 +57,9 @@ VERSION_VALUE = f"girder-upload-stream {__version__}"
 #: does the same up to 64 MiB); larger ones go through ``POST file/chunk`` requests.
 SMALL_UPLOAD_BYTES = 32 << 20
 T = TypeVar("T")
+#: Bytes girder-client reads per upload request of a whole file (its default, 64 MiB,
+#: held one block per upload worker, is RAM the memory budget does not see).
+UPLOAD_BLOCK_BYTES = 16 << 20
 
 
 class _StaleFolder(GirderTerminalError):
@@ -89,6 +92,7 @@ class GirderStore(FolderMixin):
         if client is None:
             from girder_client import GirderClient
             client = GirderClient(apiUrl=self.settings.api_url)
+            client.MAX_CHUNK_SIZE = UPLOAD_BLOCK_BYTES
             # One keep-alive connection per thread, for the client's life (girder-client's
             # own session, entered and kept): with a remote Girder every request would
             # otherwise pay a new TCP (and TLS) set-up, a round trip or more.

@@ -28,6 +28,8 @@ from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.assembly.reassembly import (AddResult, AddStatus, CompletedFile,
                                              FileProgress, Reassembler)
 from girder_upload_stream.ledger.stream_types import Counters, PartitionInfo, RawMessage, Recorder
+from girder_upload_stream.ledger.streams import (MAX_OPEN_STREAMS, StreamHandle, StreamPlan,
+                                                 wants_stream)
 from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, fair_share,
                                         group_into_units, stripe_into_units)
 
@@ -42,6 +44,11 @@ logger = logging.getLogger(__name__)
 STUCK_LOOKUP_SECONDS = 30.0
 #: What the registry says of a file whose upload failed for good (offsets rule 9).
 RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer group"
+#: Over the memory budget, files being rebuilt are spilled to disk down to this share of
+#: it, so that spilling is not redone at every chunk.
+SPILL_LOW_WATER = 0.75
+#: Bytes of messages one poll may take at most (the batch is held until handled).
+POLL_TARGET_BYTES = 32 << 20
 
 
 def _progress_of(completed: CompletedFile) -> FileProgress:
@@ -63,6 +70,9 @@ class StreamProcessor:
                  stale_partial_seconds: float | None = 3600.0,
                  max_inflight_units: int | None = None,
                  linger_seconds: float = 0.0,
+                 memory_budget_bytes: int | None = None,
+                 open_stream: Callable[[StreamPlan], StreamHandle] | None = None,
+                 stream_min_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
@@ -77,6 +87,10 @@ class StreamProcessor:
         #: :meth:`take_units`); 0: none.
         self.linger_seconds = linger_seconds
         self._ready_since: float | None = None  # when the oldest waiting file became ready
+        self.memory_budget_bytes = memory_budget_bytes  # None: unbounded (no spilling)
+        # Streamed uploads of big files (None: every file is uploaded at completion).
+        self.open_stream, self.stream_min_bytes = open_stream, stream_min_bytes
+        self.stream_shared: Callable[[], bool] = lambda: False  # set by the loop
         self.max_unit_files, self.max_unit_bytes = max_unit_files, max_unit_bytes
         self.retry_delay, self._clock, self._wall_clock = retry_delay, clock, wall_clock
         self._last_stale_check = wall_clock()
@@ -112,6 +126,34 @@ class StreamProcessor:
             self.offsets.read(tp, msg.offset)
             return
         self._take(chunk, tp, msg.offset, size)
+        self._keep_within_budget()
+
+    def _keep_within_budget(self) -> None:
+        """Over the memory budget, move the largest files being rebuilt from RAM to
+        their staging files (:meth:`Reassembler.spill`), down to ``SPILL_LOW_WATER`` of
+        the budget less what completed files hold. Spilling loses nothing and never
+        waits for anything, so it cannot deadlock; completed files over the budget are
+        the loop's to handle (it pauses fetching until uploads free them)."""
+        budget = self.memory_budget_bytes
+        if budget is None or self.reassembler.bytes_held + self.ledger.held_bytes <= budget:
+            return
+        target = max(0, int(budget * SPILL_LOW_WATER) - self.ledger.held_bytes)
+        spilled = self.reassembler.spill(target)
+        if spilled:
+            logger.debug("over the memory budget: %d file(s) being rebuilt spilled to disk",
+                         spilled)
+
+    def poll_size(self, most: int) -> int:
+        """How many messages the next poll may take: ``most``, fewer when messages are
+        large, so that one batch (held until handled) stays near ``POLL_TARGET_BYTES``
+        and an eighth of the memory budget."""
+        if not self.counters.messages_read:
+            return most
+        target = POLL_TARGET_BYTES
+        if self.memory_budget_bytes is not None:
+            target = min(target, self.memory_budget_bytes // 8)
+        average = self.counters.bytes_read / self.counters.messages_read
+        return max(1, min(most, int(target // max(average, 1.0))))
 
     def _decode(self, msg: RawMessage, tp: tuple[str, int]) -> Chunk | None:
         try:
@@ -189,14 +231,57 @@ class StreamProcessor:
                 self.recorder.chunk_added(chunk, tp[1], offset)
             if first_reread and not self.ledger.is_known_pending(key):
                 self.ledger.want_lookup(key, self._clock())
+            self._stream(record, chunk)
             failpoints.hit("chunk.added")
         elif status is AddStatus.COMPLETED:
             self.ledger.complete(key, result.completed)
         elif status is AddStatus.REJECTED:
+            if record.stream is not None:  # its open Girder upload is removed
+                record.stream.abandon()
             logger.error("%s", result.rejected.to_error())
             self.counters.files_failed += 1
             self.recorder.file_rejected(result.rejected)
             self._finish(record, FileState.FAILED)
+
+    def _stream(self, record: FileRecord, chunk: Chunk) -> None:
+        """Open a streamed upload for a big file once its size is known, or tell the
+        open one that its prefix may have grown (never waits: the upload has its own
+        thread)."""
+        if record.state is FileState.STREAMING:
+            record.stream.nudge()
+            return
+        if self.open_stream is None or record.state is not FileState.ASSEMBLING \
+                or record.stream_tried \
+                or self.ledger.count(FileState.STREAMING) >= MAX_OPEN_STREAMS:
+            return
+        key, reassembler = record.key, self.reassembler
+        view = reassembler.stream_view(key)
+        if view is None or not wants_stream(chunk.n_total_chunks, chunk.size, view[0],
+                                            self.stream_min_bytes, record.holds_commit
+                                            and record.role is Role.FIRST):
+            return
+        plan = StreamPlan(key[0], key[1], view[0], lambda: reassembler.stream_view(key),
+                          lambda start, end: reassembler.read_prefix(key, start, end),
+                          self.stream_shared)
+        self.ledger.stream(key, self.open_stream(plan))
+
+    def abandon_streams(self, reason: str) -> int:
+        """Give up every streamed upload still assembling (partitions revoked or lost:
+        another consumer may rebuild the file): each file goes on assembling and is
+        uploaded whole if it completes here. Returns how many."""
+        streaming = self.ledger.in_state(FileState.STREAMING)
+        for record in streaming:
+            self.ledger.unstream(record.key).abandon()
+        if streaming:
+            logger.info("%d streamed upload(s) abandoned: %s", len(streaming), reason)
+        return len(streaming)
+
+    def close_streams(self, timeout: float) -> None:
+        """At shutdown: abandon the streamed uploads not being finished (bounded)."""
+        for state in (FileState.STREAMING, FileState.READY, FileState.WAITING_TO_RETRY):
+            for record in self.ledger.in_state(state):
+                if record.stream is not None:
+                    record.stream.close(timeout)
 
     def _count_copy(self, record: FileRecord, chunk: Chunk, status: AddStatus) -> None:
         """A new (not re-read) chunk of a file in flight: a duplicate begins counting the
@@ -263,6 +348,8 @@ class StreamProcessor:
         handed = [r for r in waiting
                   if r.role is Role.FIRST and self.offsets.only_in(r.key, tps)]
         for record in handed:
+            if record.stream is not None:
+                record.stream.abandon()
             self.ledger.forget(record.key)
             self.reassembler.discard(record.key)  # so its chunks, if they come back, rebuild it
             self.reassembler.release(record.completed)
@@ -321,7 +408,10 @@ class StreamProcessor:
             self.reassembler.discard(record.key)
             self.recorder.file_dropped(progress)
             self.ledger.forget(record.key)
-        elif record.state is FileState.ASSEMBLING:
+            return
+        if record.state is FileState.STREAMING:  # stale: its open upload is removed
+            self.ledger.unstream(record.key).abandon()
+        if record.state is FileState.ASSEMBLING:
             self.ledger.release(record.key)
             released = self.offsets.file_done(record.key)
             reason = (f"incomplete: {progress.n_received} of {progress.n_total} chunks, "
@@ -380,6 +470,9 @@ class StreamProcessor:
         for unit in units:
             self._units[unit.unit_id] = unit
             for completed in unit.files:
+                record = self.ledger.get(completed.file_key)
+                if record.stream is not None:  # its finishing step sends the rest
+                    unit.streams[completed.file_key] = record.stream
                 self.ledger.dispatch(completed.file_key, unit.unit_id)
         return units
 

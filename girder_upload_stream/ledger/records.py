@@ -3,12 +3,20 @@
 A file generation (``(rel_path, file_hash)``) lives through these states::
 
     ASSEMBLING ──complete──► READY ──dispatch──► UPLOADING ──settle──► DONE | FAILED
-        │  ▲                   ▲                    │
-        │  └──(chunks keep     └─────due────── WAITING_TO_RETRY ◄──retry_later──┘
-        │      coming)
-        ├──release──► RELEASED (incomplete for too long: holds no commit, may still complete)
-        ├──settle───► DONE (found in Girder) | FAILED (rejected: bad chunk, mismatched hash)
-        └──forget───► (gone: handed over to another consumer, or dropped)
+     │  │  ▲                 ▲  ▲                  │
+     │  │  └──(chunks keep   │  └──────due──── WAITING_TO_RETRY ◄──retry_later──┘
+     │  │      coming)       │
+     │  └─stream─► STREAMING ┘complete (a big file: a Girder upload is open and is sent
+     │  ◄─unstream─┘ │         its in-order prefix while chunks keep coming; its final
+     │               │         bytes wait for the sha512, sent by the finishing unit)
+     │               └─settle─► FAILED (mismatched hash: the open upload is abandoned)
+     ├──release──► RELEASED (incomplete for too long: holds no commit, may still complete)
+     ├──settle───► DONE (found in Girder) | FAILED (rejected: bad chunk, mismatched hash)
+     └──forget───► (gone: handed over to another consumer, or dropped)
+
+``unstream`` is the way back when a streamed upload is abandoned (partitions revoked,
+the file stale, the upload broken): the file goes on assembling and is uploaded whole
+at completion, as any other; its open Girder upload is removed by its session.
 
 ``DONE`` and ``FAILED`` are final: the record leaves the ledger, and what later
 messages of the same generation mean is decided from what the ledger remembers of it
@@ -44,6 +52,7 @@ def file_generation(file_hash: bytes) -> str:
 
 class FileState(StrEnum):
     ASSEMBLING = "assembling"
+    STREAMING = "streaming"  # assembling, and its in-order prefix goes to a Girder upload
     RELEASED = "released"  # still assembling, but no longer holding commits (stale)
     READY = "ready"
     UPLOADING = "uploading"
@@ -71,12 +80,15 @@ class LedgerError(RuntimeError):
 
 
 _ALLOWED: dict[str, tuple[FileState, ...]] = {
-    "complete": (FileState.ASSEMBLING, FileState.RELEASED),
+    "complete": (FileState.ASSEMBLING, FileState.RELEASED, FileState.STREAMING),
     "release": (FileState.ASSEMBLING,),
+    "stream": (FileState.ASSEMBLING,),
+    "unstream": (FileState.STREAMING,),
     "dispatch": (FileState.READY,),
     "retry_later": (FileState.UPLOADING,),
     "due": (FileState.WAITING_TO_RETRY,),
-    "settle": (FileState.ASSEMBLING, FileState.RELEASED, FileState.UPLOADING),
+    "settle": (FileState.ASSEMBLING, FileState.RELEASED, FileState.STREAMING,
+               FileState.UPLOADING),
 }
 
 #: States whose file bytes (memory modes) are held by the ledger, not the reassembler.
@@ -95,6 +107,10 @@ class FileRecord:
     retry_at: float = 0.0
     message_bytes: int = 0
     looked_up: bool = False  # a Girder lookup was wanted once (at most once per record)
+    #: The streamed upload of this file (an opaque handle of the I/O side), from
+    #: ``stream`` until the file is settled; None: uploaded whole at completion.
+    stream: object | None = None
+    stream_tried: bool = False  # a stream was opened once (never twice per record)
 
     @property
     def holds_commit(self) -> bool:
@@ -245,6 +261,21 @@ class FileLedger:
         record.completed = completed
         self._move(record, "complete", FileState.READY)
         return record
+
+    def stream(self, key: FileKey, handle: object) -> None:
+        """ASSEMBLING -> STREAMING: a Girder upload of this file was opened (``handle``)
+        and is fed its in-order prefix while the file assembles."""
+        record = self._records[key]
+        self._move(record, "stream", FileState.STREAMING)
+        record.stream, record.stream_tried = handle, True
+
+    def unstream(self, key: FileKey) -> object | None:
+        """STREAMING -> ASSEMBLING: the streamed upload is given up; returns its handle
+        (for the caller to abandon). The file is uploaded whole once complete."""
+        record = self._records[key]
+        self._move(record, "unstream", FileState.ASSEMBLING)
+        handle, record.stream = record.stream, None
+        return handle
 
     def release(self, key: FileKey) -> None:
         """ASSEMBLING -> RELEASED: incomplete for too long, stops holding commits."""

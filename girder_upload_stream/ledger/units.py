@@ -11,6 +11,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.assembly.reassembly import CompletedFile
@@ -53,6 +54,9 @@ class UploadUnit:
     #: Another consumer of the group may upload the same files now (see
     #: :meth:`GirderStore.upload`); set by the loop from the group's state.
     shared: bool = False
+    #: Files of the unit whose upload was streamed while they arrived: their session
+    #: (girder/streaming.py), which sends the rest and sets the metadata.
+    streams: dict[FileKey, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:

@@ -100,6 +100,10 @@ class RunSummary:
     #: Why the last registry save failed (the recorder's ``save_error``); None if it
     #: worked. Offsets past files processed since the last good save stayed uncommitted.
     save_error: str | None = None
+    #: Wall-clock time (epoch seconds) the first message was read; None if none was.
+    first_message_at: float | None = None
+    #: The most upload units (one per big file) running at the same time.
+    max_uploads_in_flight: int = 0
 
 
 class StreamRunner:
@@ -131,13 +135,19 @@ class StreamRunner:
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
         self._save_raised = False  # the last before_commit raised (commits wait)
+        processor.stream_shared = lambda: bool(getattr(group, "shared", False))
+        self.first_message_at: float | None = None  # wall clock, for the benchmarks
+        self.max_uploads_in_flight = 0
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
         """Poll once, process, submit, collect and maybe commit; returns messages read."""
-        messages = self.group.poll(self.settings.poll_batch, timeout=0.2)
+        messages = self.group.poll(self.processor.poll_size(self.settings.poll_batch),
+                                   timeout=0.2)
         if messages:
             startup.mark(startup.FIRST_MESSAGE)
+            if self.first_message_at is None:
+                self.first_message_at = time.time()
         for msg in messages:
             self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))
@@ -150,6 +160,7 @@ class StreamRunner:
         for unit in self.processor.take_units():
             unit.shared = bool(getattr(self.group, "shared", False))
             self._handles[unit.unit_id] = (unit, self._submit(unit))
+        self.max_uploads_in_flight = max(self.max_uploads_in_flight, len(self._handles))
         self._start_probes()
         self.collect()
         # Pausing only helps while uploads are pending (finishing them frees memory):
@@ -275,6 +286,7 @@ class StreamRunner:
         self._drop(tps)
 
     def _drop(self, tps: list[tuple[str, int]]) -> None:
+        self.processor.abandon_streams("partitions revoked or lost")
         self.processor.hand_over(tps)
         self.processor.offsets.forget(tps)
         for unit, _ in self._handles.values():
@@ -330,6 +342,7 @@ class StreamRunner:
             while self.busy and self._clock() < deadline:
                 self.group.poll(1, timeout=0.1)  # keep the group membership alive
                 self.collect()
+            self.processor.close_streams(timeout=5.0)
             if self._handles:
                 logger.warning("%d upload unit(s) still running at shutdown; their messages "
                                "stay uncommitted and are read again on restart",
@@ -348,7 +361,8 @@ class StreamRunner:
                                    if not k.startswith("_")},
                                   self.processor.offsets.pending_count(),
                                   (self.processor.last_settled_at or self._started)
-                                  - self._started, save_error)
+                                  - self._started, save_error, self.first_message_at,
+                                  self.max_uploads_in_flight)
         return self.summary
 
     def _final_ticks(self) -> None:

@@ -23,8 +23,9 @@ from pydantic import SecretStr
 
 from girder_upload_stream import startup
 from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
-from girder_upload_stream.loop.runner import SideJob, StopSignal, stop_on_signals
+from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
 from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
                                               log_topic_settings)
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
@@ -125,6 +126,7 @@ def _run_settings(p: Mapping[str, Any]) -> RunSettings:
                        max_idle_seconds=p["max_idle_seconds"],
                        max_runtime_seconds=p["max_runtime_seconds"],
                        memory_budget_bytes=p["memory_budget_mb"] << 20,
+                       stream_min_bytes=(p["stream_min_mb"] << 20) if p["stream_min_mb"] else None,
                        max_file_bytes=p["max_file_size_mb"] << 20,
                        interactive=p["interactive"],
                        stale_partial_seconds=p["stale_partial_seconds"] or None,
@@ -158,6 +160,7 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
             return uploads.submit_upload(unit, girder_store)
 
         stop = StopSignal()  # this run's: its console's "quit" and (CLI) its signals
+        streams = StreamingUploads(girder_store, group_id)  # big files, while they arrive
         fallback = hooks.registry_fallback
         try:
             runner = build_runner(
@@ -165,7 +168,7 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
                 early_outcomes=channel.drain,
                 registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
                 log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-                girder_api_url=girder.api_url, stop=stop, group=group)
+                girder_api_url=girder.api_url, stop=stop, group=group, open_stream=streams)
         except BaseException:
             if group is not None:
                 group.close()  # joined beforehand: leave at once
@@ -180,8 +183,22 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
         except hooks.interruptions:
             # SIGTERM or a cancellation: the runner already stopped gracefully.
             summary = runner.summary
-    hooks.log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
-                   summary.counters)
+        finally:
+            streams.wait()
+    return _summarise(hooks.log, runner, summary, kafka, girder_store, streams)
+
+
+def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSettings,
+               store: GirderStore, streams: StreamingUploads) -> dict[str, Any]:
+    """Log how the run ended and return the flow's summary."""
+    log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
+             summary.counters)
+    spilled = runner.processor.reassembler.spilled_files
+    log.info("first message read at %s (epoch s); at most %d upload unit(s) in flight; "
+             "%d file(s) spilled to disk over the memory budget; %d streamed upload(s), at "
+             "most %d open at once",
+             f"{summary.first_message_at:.3f}" if summary.first_message_at else "-",
+             summary.max_uploads_in_flight, spilled, streams.opened, streams.max_open)
     encrypted = {}
     if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
         encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
@@ -189,7 +206,10 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages,
-            "registry_save_error": summary.save_error, "girder_requests": girder_store.requests,
+            "registry_save_error": summary.save_error, "girder_requests": store.requests,
+            "files_spilled": spilled, "first_message_at": summary.first_message_at,
+            "max_uploads_in_flight": summary.max_uploads_in_flight,
+            "streams_opened": streams.opened, "max_streams_open": streams.max_open,
             **encrypted}
 
 

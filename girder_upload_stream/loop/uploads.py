@@ -37,12 +37,19 @@ def upload_files(unit: UploadUnit, store: Any) -> list[FileOutcome]:
     one file), the unit's other files are tried first: one file Girder keeps refusing
     must not hold back the files packed with it. When Girder could not be reached, the
     error is raised at once (the other files would only wait for it too). ``store`` is
-    the run's :class:`~girder_upload_stream.girder.store.GirderStore`."""
+    the run's :class:`~girder_upload_stream.girder.store.GirderStore`. A file streamed
+    into Girder while it arrived is finished by its session (girder/streaming.py): the
+    rest of its bytes once verified, then its metadata; a retry resumes at Girder's
+    offset."""
     outcomes = []
     deferred: TransientError | None = None
     for completed in unit.files:
+        stream = unit.streams.get(completed.file_key)  # streamed while it arrived
         try:
-            outcome = store.upload(completed, shared=lambda: is_shared(unit))
+            if stream is not None:
+                outcome = stream.finish(completed, shared=lambda: is_shared(unit))
+            else:
+                outcome = store.upload(completed, shared=lambda: is_shared(unit))
         except TransientError as exc:
             if not _girder_answered(exc):
                 raise

@@ -141,12 +141,15 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  registry_fallback: Callable[[], set[tuple[str, str]]] | None = None,
                  log_topic: LogTopic | None = None, secrets: Iterable[str] = (),
                  girder_api_url: str | None = None, stop: StopSignal | None = None,
-                 group: ConsumerGroup | None = None) -> StreamRunner:
+                 group: ConsumerGroup | None = None,
+                 open_stream: Any = None) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
     ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
     ``early_outcomes()`` drains the per-file outcomes of units still running; ``stop``
     is the run's stop request (its console's "quit" sets it too); ``group``, a consumer
-    group of ``kafka``'s settings made (and joining) beforehand, else one is made.
+    group of ``kafka``'s settings made (and joining) beforehand, else one is made;
+    ``open_stream(plan)`` opens the streamed upload of a big file (None: every file
+    uploads at completion).
     ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
     Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
 
@@ -157,7 +160,8 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     log_job = _log_job(log_topic, kafka, secrets) if log_topic is not None else None
     try:
         return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
-                      registry_fallback, log_job, girder_api_url, stop or StopSignal(), group)
+                      registry_fallback, log_job, girder_api_url, stop or StopSignal(), group,
+                      open_stream)
     except BaseException:
         if log_job is not None:
             log_job.detach()
@@ -176,7 +180,8 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
            extra_jobs: list[SideJob] | None, probe: Any, early_outcomes: Any,
            registry_fallback: Callable[[], set[tuple[str, str]]] | None,
            log_job: LogMessages | None, girder_api_url: str | None,
-           stop: StopSignal, group: ConsumerGroup | None = None) -> StreamRunner:
+           stop: StopSignal, group: ConsumerGroup | None = None,
+           open_stream: Any = None) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
@@ -199,7 +204,9 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         known_in_girder=recorder.in_girder_keys() | (known_done - recorder.processed_keys()),
         stale_partial_seconds=run.stale_partial_seconds,
         max_inflight_units=kafka.n_threads,  # the flow runs n_threads upload tasks
-        linger_seconds=run.upload_linger_seconds)
+        linger_seconds=run.upload_linger_seconds,
+        memory_budget_bytes=run.memory_budget_bytes,
+        open_stream=open_stream, stream_min_bytes=run.stream_min_bytes)
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
                                    output_dir=output_dir.resolve(), stop=stop),
                            ProgressLine(run.progress_seconds),

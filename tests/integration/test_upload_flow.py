@@ -187,6 +187,32 @@ def test_files_from_all_producers_land_in_girder(n_threads, mode, tmp_path, kafk
     assert sorted(registry) == sorted(expected), registry
 
 
+# ------------------------------------------------- 1b. the memory budget spills, loses nothing
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["memory", "both"])
+def test_files_over_the_memory_budget_are_spilled_and_land_whole(
+        mode, tmp_path, kafka_env, make_topic, make_collection, girder_client, run_flow):
+    """A 1 MiB budget and files of 3 to 6 MiB spread over 4 partitions: the files being
+    rebuilt are spilled to the staging folder, every file lands byte for byte with its
+    metadata, and nothing is left in the staging folder."""
+    topic = make_topic(partitions=4)
+    collection = make_collection()
+    rng = random.Random(f"budget-{mode}")
+    files = {f"big/f{i}.bin": rng.randbytes((3 + i) * (1 << 20) + i) for i in range(4)}
+    produce_small_tree(tmp_path, topic, kafka_env, files)
+    out_dir = tmp_path / f"out-budget-{mode}"
+    result = run_flow(topic, collection_name=collection["name"], metadata=METADATA,
+                      mode=mode, output_dir=str(out_dir), memory_budget_mb=1)
+    assert result["files_uploaded"] == len(files), result
+    assert result["files_spilled"] >= 1, result
+    assert result["pending_messages"] == 0 and result["files_failed"] == 0, result
+    root_id, root_path = collection_root(girder_client, collection, collection["name"], topic)
+    assert_uploaded(girder_client, root_id, files, topic, METADATA, root_path=root_path)
+    staged = [p for p in (out_dir / STAGING_DIR).rglob("*") if p.is_file()]
+    assert staged == [], staged
+
+
 # ------------------------------------------------------------------ 2. --download_regex
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,59 @@
+"""Which files stream into Girder while they arrive, and what their upload may read.
+
+Pure: the processor decides, the I/O side (:mod:`girder_upload_stream.girder.streaming`)
+opens the upload and sends the bytes. A file streams when it is big (its chunk count
+times its chunk size reaches ``min_bytes``), its messages hold their commit (a file
+produced again is skipped by Girder anyway) and its size is known: Girder's upload
+needs the exact size up front, and the OpenMSIStream wire format carries none, so the
+upload opens once the file's last chunk is in. Smaller files keep the batched upload
+units (a streamed file costs one more Girder request and its own task run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["DEFAULT_STREAM_MIN_BYTES", "MAX_OPEN_STREAMS", "StreamPlan", "StreamHandle",
+           "wants_stream"]
+
+#: Files from this size stream: 4 upload units' worth (16 MiB each). Below it, an
+#: upload at completion takes a fraction of a second and overlapping gains little.
+DEFAULT_STREAM_MIN_BYTES = 64 << 20
+#: At most this many files stream at once (each is a thread, a Girder item and an open
+#: upload): a flood of last chunks of files that never complete must not open one each.
+#: The others are uploaded at completion, or stream once a place is free.
+MAX_OPEN_STREAMS = 8
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a streamed upload needs: the file, its size, and two views of the bytes the
+    reassembler holds (called from the upload's own thread; both thread-safe)."""
+
+    rel_path: str
+    file_hash: bytes
+    size: int
+    #: ``() -> (size, prefix_end, last_chunk_offset) | None`` (None: no longer assembling)
+    view: Callable[[], tuple[int | None, int, int] | None]
+    #: ``(start, end) -> bytes | None``: bytes of the in-order prefix
+    read: Callable[[int, int], bytes | None]
+    #: whether another consumer of the group may upload the same file now
+    shared: Callable[[], bool]
+
+
+class StreamHandle(Protocol):
+    """The I/O side's session of one streamed file."""
+
+    def nudge(self) -> None: ...
+    def abandon(self) -> None: ...
+    def close(self, timeout: float) -> None: ...
+
+
+def wants_stream(n_total: int, chunk_size: int, size: int | None, min_bytes: int | None,
+                 holds_commit: bool) -> bool:
+    """Whether a file being assembled should open a streamed upload now."""
+    if min_bytes is None or size is None or not holds_commit:
+        return False
+    return max(size, n_total * chunk_size) >= min_bytes

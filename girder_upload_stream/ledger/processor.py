@@ -28,8 +28,8 @@ from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.assembly.reassembly import (AddResult, AddStatus, CompletedFile,
                                              FileProgress, Reassembler)
 from girder_upload_stream.ledger.stream_types import Counters, PartitionInfo, RawMessage, Recorder
-from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, fair_share,
-                                        group_into_units, stripe_into_units)
+from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, group_into_units,
+                                        stripe_into_units)
 
 # The exchanged types are re-exported: callers of the processor need them.
 __all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
@@ -347,11 +347,9 @@ class StreamProcessor:
             units = group_into_units(files, self._next_unit, self.max_unit_files,
                                      self.max_unit_bytes)
         else:
-            # No more units than can run at once, striped, each of at most an even share
-            # of the files waiting (fair_share): the rest stay READY, so the next unit
-            # takes the oldest files when a worker frees up.
-            per_unit = fair_share(len(files), self.max_inflight_units, self.max_unit_files)
-            units, _ = stripe_into_units(files, self._next_unit, free, per_unit,
+            # No more units than can run at once, striped: the rest stay READY, so the
+            # next unit takes the oldest files when a worker frees up.
+            units, _ = stripe_into_units(files, self._next_unit, free, self.max_unit_files,
                                          self.max_unit_bytes)
         self._next_unit += len(units)
         for unit in units:

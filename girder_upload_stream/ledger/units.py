@@ -16,7 +16,6 @@ from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.assembly.reassembly import CompletedFile
 
 __all__ = ["Outcome", "FileOutcome", "UploadUnit", "group_into_units", "stripe_into_units",
-           "fair_share",
            "UploadChannel", "report_outcome", "mark_moved", "is_shared"]
 
 
@@ -107,16 +106,6 @@ def stripe_into_units(files: list[CompletedFile], first_id: int, n_units: int,
         else:
             return [u for u in units if u.files], files[index:]
     return [u for u in units if u.files], []
-
-
-def fair_share(n_ready: int, n_workers: int, max_files: int) -> int:
-    """At most how many of ``n_ready`` waiting files one unit takes when ``n_workers``
-    upload workers share them: an even share (never more than ``max_files``, at least
-    one). A worker that frees up then leaves the rest to the others as they free up,
-    instead of taking up to ``max_files`` that it would upload one after the other
-    while the others sit idle at the end of a batch: through a slow link (each file a
-    few round trips) that tail was the whole batch's time."""
-    return max(1, min(max_files, -(-n_ready // max(1, n_workers))))
 
 
 class UploadChannel:

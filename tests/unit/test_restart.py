@@ -538,17 +538,4 @@ def test_no_more_units_than_workers_and_the_oldest_files_first() -> None:
     proc.finish_unit(units[0], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
                                             Outcome.UPLOADED) for f in units[0].files])
     [unit] = proc.take_units()
-    # Two files wait for two workers: the one free now takes its share, the oldest.
-    assert [f.rel_path for f in unit.files] == ["f4.bin"]
-    proc.finish_unit(units[1], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
-                                            Outcome.UPLOADED) for f in units[1].files])
-    [unit] = proc.take_units()
-    assert [f.rel_path for f in unit.files] == ["f5.bin"]
-
-
-def test_fair_share_leaves_waiting_files_to_the_other_workers() -> None:
-    from girder_upload_stream.ledger.units import fair_share
-    assert fair_share(300, 8, 64) == 38
-    assert fair_share(1000, 2, 64) == 64  # never more than a unit holds
-    assert fair_share(3, 8, 64) == 1 and fair_share(0, 8, 64) == 1
-    assert fair_share(9, 2, 64) == 5
+    assert [f.rel_path for f in unit.files] == ["f4.bin", "f5.bin"]

@@ -30,8 +30,8 @@ from girder_upload_stream.assembly.reassembly import (AddResult, AddStatus, Comp
 from girder_upload_stream.ledger.stream_types import Counters, PartitionInfo, RawMessage, Recorder
 from girder_upload_stream.ledger.streams import (MAX_OPEN_STREAMS, StreamHandle, StreamPlan,
                                                  wants_stream)
-from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, fair_share,
-                                        group_into_units, stripe_into_units)
+from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, group_into_units,
+                                        stripe_into_units)
 
 # The exchanged types are re-exported: callers of the processor need them.
 __all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
@@ -455,15 +455,11 @@ class StreamProcessor:
             units = group_into_units(files, self._next_unit, self.max_unit_files,
                                      self.max_unit_bytes)
         else:
-            # No more units than can run at once, striped, each of at most an even share
-            # of the files waiting (fair_share: a slow link's tail is not left to one
-            # worker) but of at least MIN_SHARE files (a few files are not spread over
-            # every worker: each unit costs a task run). The rest stay READY, so the
+            # No more units than can run at once, striped: the rest stay READY, so the
             # next unit takes the oldest files when a worker frees up.
-            per_unit = fair_share(len(files), self.max_inflight_units, self.max_unit_files)
             units, rest = stripe_into_units(files, self._next_unit,
-                                            min(free, self._units_needed(files, per_unit)),
-                                            per_unit, self.max_unit_bytes)
+                                            min(free, self._units_needed(files)),
+                                            self.max_unit_files, self.max_unit_bytes)
             if rest:
                 self._ready_since = now - self.linger_seconds  # they waited: no new linger
         self._next_unit += len(units)
@@ -476,11 +472,10 @@ class StreamProcessor:
                 self.ledger.dispatch(completed.file_key, unit.unit_id)
         return units
 
-    def _units_needed(self, files: list[CompletedFile], per_unit: int) -> int:
-        """How many units of at most ``per_unit`` files ``files`` fill at least (by count
-        and by bytes): striping a few files over every free worker would only cost more
-        task runs."""
-        by_count = -(-len(files) // per_unit)
+    def _units_needed(self, files: list[CompletedFile]) -> int:
+        """How many units ``files`` fill at least (by count and by bytes): striping a
+        few files over every free worker would only cost more task runs."""
+        by_count = -(-len(files) // self.max_unit_files)
         by_bytes = -(-sum(f.size for f in files) // self.max_unit_bytes)
         return max(1, by_count, by_bytes)
 

@@ -17,7 +17,6 @@ from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.assembly.reassembly import CompletedFile
 
 __all__ = ["Outcome", "FileOutcome", "UploadUnit", "group_into_units", "stripe_into_units",
-           "fair_share", "MIN_SHARE",
            "UploadChannel", "report_outcome", "mark_moved", "is_shared"]
 
 
@@ -111,25 +110,6 @@ def stripe_into_units(files: list[CompletedFile], first_id: int, n_units: int,
         else:
             return [u for u in units if u.files], files[index:]
     return [u for u in units if u.files], []
-
-
-#: The smallest even share of waiting files a unit takes (see :func:`fair_share`):
-#: through a 20 ms link, 16 small files are about 0.6 s of one worker.
-MIN_SHARE = 16
-
-
-def fair_share(n_ready: int, n_workers: int, max_files: int,
-               min_files: int = MIN_SHARE) -> int:
-    """At most how many of ``n_ready`` waiting files one unit takes when ``n_workers``
-    upload workers share them: an even share, but never fewer than ``min_files`` (nor
-    more than ``max_files``). A worker that frees up then leaves the rest to the others
-    as they free up, instead of taking up to ``max_files`` that it would upload one
-    after the other while the others sit idle at the end of a batch: through a slow
-    link (each file a few round trips) that tail was the whole batch's time. The floor
-    keeps a handful of files in one unit (one task run) at low rates, where spreading
-    them would only add Prefect task runs."""
-    share = -(-n_ready // max(1, n_workers))
-    return max(1, min(max_files, max(min_files, share)))
 
 
 class UploadChannel:

@@ -538,26 +538,9 @@ def test_no_more_units_than_workers_and_the_oldest_files_first() -> None:
     proc.finish_unit(units[0], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
                                             Outcome.UPLOADED) for f in units[0].files])
     [unit] = proc.take_units()
-    # Two files wait: fewer than an even share's floor (MIN_SHARE), so the worker free
-    # now takes both, the oldest first (one task run, not two).
+    # Two files wait: they fill one unit, so the worker free now takes both, the oldest
+    # first (one task run, not two).
     assert [f.rel_path for f in unit.files] == ["f4.bin", "f5.bin"]
     proc.finish_unit(units[1], [FileOutcome(f.rel_path, (f.rel_path, f.file_hash),
                                             Outcome.UPLOADED) for f in units[1].files])
     assert proc.take_units() == []
-
-
-def test_fair_share_leaves_waiting_files_to_the_other_workers() -> None:
-    from girder_upload_stream.ledger.units import fair_share
-    assert fair_share(300, 8, 64) == 38
-    assert fair_share(1000, 2, 64) == 64  # never more than a unit holds
-    assert fair_share(3, 8, 64, min_files=1) == 1 and fair_share(0, 8, 64, min_files=1) == 1
-    assert fair_share(9, 2, 64, min_files=1) == 5
-
-
-def test_fair_share_keeps_a_few_files_in_one_unit() -> None:
-    from girder_upload_stream.ledger.units import MIN_SHARE, fair_share
-    assert MIN_SHARE == 16
-    assert fair_share(10, 2, 64) == 16  # at low rates: one unit, one task run
-    assert fair_share(40, 2, 64) == 20
-    assert fair_share(3, 8, 64) == 16 and fair_share(300, 8, 64) == 38
-    assert fair_share(10, 2, 4) == 4  # never more than a unit holds

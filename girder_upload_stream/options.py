@@ -175,9 +175,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("stale_partial_seconds", 3600,
            "a file missing chunks for this long stops holding back offset commits and is "
            "registered as failed; 0 = never (default: %(default)s)", parse=float),
-    Option("memory_budget_mb", 1024, "MiB of file bytes held in RAM (being rebuilt, waiting "
-           "for or in an upload); past it, files being rebuilt are spilled to the staging "
-           "folder and fetching pauses while uploads free memory (default: %(default)s)",
+    Option("memory_budget_mb", 1024, "MiB of RAM for files: Kafka's prefetch, the poll batch "
+           "and the upload blocks are sized from it, and file bytes (being rebuilt, waiting "
+           "for or in an upload) get the rest; past that, files being rebuilt are spilled "
+           "to the staging folder and fetching pauses while uploads free memory (default: "
+           "%(default)s)",
            parse=positive_int),
     Option("stream_min_mb", 64, "files of at least this many MiB stream into Girder while "
            "they arrive (from their last chunk on: Girder needs the size); 0 = never "

@@ -71,6 +71,7 @@ class StreamProcessor:
                  max_inflight_units: int | None = None,
                  linger_seconds: float = 0.0,
                  memory_budget_bytes: int | None = None,
+                 poll_target_bytes: int = POLL_TARGET_BYTES,
                  open_stream: Callable[[StreamPlan], StreamHandle] | None = None,
                  stream_min_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -88,6 +89,7 @@ class StreamProcessor:
         self.linger_seconds = linger_seconds
         self._ready_since: float | None = None  # when the oldest waiting file became ready
         self.memory_budget_bytes = memory_budget_bytes  # None: unbounded (no spilling)
+        self.poll_target_bytes = poll_target_bytes  # one poll batch's bytes, about
         # Streamed uploads of big files (None: every file is uploaded at completion).
         self.open_stream, self.stream_min_bytes = open_stream, stream_min_bytes
         self.stream_shared: Callable[[], bool] = lambda: False  # set by the loop
@@ -145,11 +147,11 @@ class StreamProcessor:
 
     def poll_size(self, most: int) -> int:
         """How many messages the next poll may take: ``most``, fewer when messages are
-        large, so that one batch (held until handled) stays near ``POLL_TARGET_BYTES``
-        and an eighth of the memory budget."""
+        large, so that one batch (held until handled) stays near ``poll_target_bytes``
+        (the memory plan's share, memory_plan.py) and an eighth of the files' budget."""
         if not self.counters.messages_read:
             return most
-        target = POLL_TARGET_BYTES
+        target = self.poll_target_bytes
         if self.memory_budget_bytes is not None:
             target = min(target, self.memory_budget_bytes // 8)
         average = self.counters.bytes_read / self.counters.messages_read

@@ -165,8 +165,9 @@ class StreamRunner:
         self.collect()
         # Pausing only helps while uploads are pending (finishing them frees memory):
         # files still assembling need more messages, so pausing then would wait for ever.
-        self.group.pause(self.processor.bytes_held > self.settings.memory_budget_bytes
-                         and not self.processor.idle)
+        # The files' share of the budget (memory_plan.py), as for spilling.
+        budget = self.processor.memory_budget_bytes or self.settings.memory_budget_bytes
+        self.group.pause(self.processor.bytes_held > budget and not self.processor.idle)
         if self._clock() - self._last_commit >= self.settings.commit_interval_seconds:
             self.commit()
         for job in self.side_jobs:

@@ -25,6 +25,7 @@ from girder_upload_stream import startup
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
+from girder_upload_stream.memory_plan import plan_memory, tune_malloc
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
 from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
                                               log_topic_settings)
@@ -101,13 +102,16 @@ def _kafka_settings(p: Mapping[str, Any]) -> KafkaSettings:
                           p["heartbeat_interval_secs"],
                           treat_undecryptable_as_plaintext=p["treat_undecryptable_as_plaintext"],
                           max_wait_per_decrypt=p["max_wait_per_decrypt"],
-                          max_initial_wait_per_decrypt=p["max_initial_wait_per_decrypt"])
+                          max_initial_wait_per_decrypt=p["max_initial_wait_per_decrypt"],
+                          memory=plan_memory(p["memory_budget_mb"] << 20, p["n_threads"],
+                                             streaming=bool(p["stream_min_mb"])))
 
 
 def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
     """Check Girder (first: a wrong key must stop the run before the group is joined),
     then subscribe the run's consumer, whose join goes on while the caller does the
     rest of its start-up."""
+    tune_malloc()  # before the clients' threads and buffers (memory_plan.py)
     store, root = checked_store(girder, p["topic_name"])
     kafka = _kafka_settings(p)
     prepared = Prepared(store, root, kafka)
@@ -141,6 +145,7 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
     the group's join); otherwise Girder is checked here, before the group is joined."""
     topic = p["topic_name"]
     if prepared is None:
+        tune_malloc()  # as in prepare()
         girder_store, root_folder = checked_store(girder, topic)
         kafka, group = _kafka_settings(p), None
     else:

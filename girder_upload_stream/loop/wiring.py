@@ -20,6 +20,7 @@ from girder_upload_stream.loop.heartbeat import Heartbeats
 from girder_upload_stream.kafka.clients import ConsumerGroup, HeartbeatProducer, LogProducer
 from girder_upload_stream.loop.log_topic import LogBuffer, LogMessages, LogTopic, split_log_section
 from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.memory_plan import MemoryPlan, plan_memory
 from girder_upload_stream.loop.progress import ProgressLine
 from girder_upload_stream.assembly.reassembly import Reassembler, reserved_paths
 from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
@@ -27,7 +28,8 @@ from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner
 from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, KafkaSettings,
                                            RunSettings)
 
-__all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner"]
+__all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner",
+           "run_memory_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,13 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
                    heartbeat_interval_secs: float = 30.0, *,
                    treat_undecryptable_as_plaintext: bool = False,
                    max_wait_per_decrypt: float = 5.0,
-                   max_initial_wait_per_decrypt: float = 60.0) -> KafkaSettings:
+                   max_initial_wait_per_decrypt: float = 60.0,
+                   memory: MemoryPlan | None = None) -> KafkaSettings:
     """Read the config file (a path or a bundled name) into typed Kafka settings; a
     ``[kafkacrypto]`` section makes the topic an encrypted one (the three decrypt
-    options only matter then)."""
+    options only matter then). ``memory``: the run's share of the memory budget
+    (:func:`~girder_upload_stream.memory_plan.plan_memory`), which sizes librdkafka's
+    prefetch unless the config file does."""
     file_config = load_config(resolve_config_path(config))
     crypto = None
     if file_config.uses_kafkacrypto:
@@ -59,9 +64,12 @@ def kafka_settings(config: str, topic: str, group_id: str, n_threads: int,
                        "after files are durable", file_config.path)
     consumer = file_config.consumer_settings(group_id)
     consumer.setdefault("auto.offset.reset", "earliest")
-    # Big fetches keep the single polling thread fed: an A/B on 8 x 256 MiB in disk mode
-    # ran 25% slower with librdkafka's 1 MiB per partition and a 32 MiB queue.
-    consumer.setdefault("fetch.message.max.bytes", str(16 << 20))
+    # librdkafka's prefetch is RAM beside the files': its queue and a partition's fetch
+    # are sized to the memory budget (64 MiB and 16 MiB from a budget of 1 GiB up). Big
+    # fetches keep the single polling thread fed: an A/B on 8 x 256 MiB in disk mode ran
+    # 25% slower with librdkafka's 1 MiB per partition and a 32 MiB queue.
+    for key, value in (memory or plan_memory(1 << 30, n_threads)).consumer_defaults().items():
+        consumer.setdefault(key, value)
     # The broker holds a fetch until fetch.min.bytes have come or fetch.wait.max.ms
     # passed: with librdkafka's 500 ms (and the bundled configs' 100 kB minimum) a topic
     # holding less than that took 0.8-2.8 s from the assignment to the first message,
@@ -115,6 +123,13 @@ def girder_settings(api_url: str | None, api_key: SecretStr | str | None, **opti
         raise ConfigError("no Girder API key: pass it, set GIRDER_API_KEY, or name a "
                           "Prefect Secret block")
     return GirderSettings(api_url=api_url, api_key=api_key, **options)
+
+
+def run_memory_plan(run: RunSettings, n_threads: int) -> MemoryPlan:
+    """How the run's ``--memory_budget_mb`` is shared out (streams only count when
+    ``--stream_min_mb`` is on)."""
+    return plan_memory(run.memory_budget_bytes, n_threads,
+                       streaming=run.stream_min_bytes is not None)
 
 
 def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
@@ -196,6 +211,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
                     "fallback", kafka.topic, kafka.group_id, len(fallback))
         known_done |= fallback
     reassembler = build_reassembler(run, output_dir)
+    memory = run_memory_plan(run, kafka.n_threads)
     processor = StreamProcessor(
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,
@@ -205,7 +221,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         stale_partial_seconds=run.stale_partial_seconds,
         max_inflight_units=kafka.n_threads,  # the flow runs n_threads upload tasks
         linger_seconds=run.upload_linger_seconds,
-        memory_budget_bytes=run.memory_budget_bytes,
+        memory_budget_bytes=memory.files_bytes, poll_target_bytes=memory.poll_bytes,
         open_stream=open_stream, stream_min_bytes=run.stream_min_bytes)
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
                                    output_dir=output_dir.resolve(), stop=stop),

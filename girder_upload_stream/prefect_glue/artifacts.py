@@ -40,7 +40,7 @@ from girder_upload_stream.registry.tables import (STATUS_IN_PROGRESS, ProcessedR
 
 __all__ = ["Publication", "publish_to_prefect", "in_flow_run", "ArtifactPublisher",
            "load_registry_fallback", "MAX_BACKOFF_SECONDS", "TABLES_INTERVAL_SECONDS",
-           "PROGRESS_INTERVAL_SECONDS"]
+           "PROGRESS_INTERVAL_SECONDS", "FAILURES_CHECK_SECONDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ MAX_BACKOFF_SECONDS = 600.0
 TABLES_INTERVAL_SECONDS = 300.0
 #: Seconds between two updates of the progress artifact (each one is an event).
 PROGRESS_INTERVAL_SECONDS = 60.0
+#: Seconds between two looks for new failures: a file that fails (or fails again for
+#: another reason) shows in the in-progress artifact within this time, not only at the
+#: next table interval -- that is the day someone opens the UI. Files merely arriving
+#: and leaving do not count, so a steady stream adds no versions.
+FAILURES_CHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,8 @@ class ArtifactPublisher:
         # Tables wait one interval: a short run publishes each once, at its end.
         self._tables_at = self._started + interval_seconds
         self._progress_at = self._started
+        self._failures_at = self._started + FAILURES_CHECK_SECONDS
+        self._shown_failures: frozenset = frozenset()  # in the last in-progress version
         # An empty recent-uploads table is never published: as the latest version it
         # would hide the previous run's rows from load_registry_fallback.
         self._published: dict[str, Any] = {self.keys.recent_uploads: []}
@@ -185,7 +192,8 @@ class ArtifactPublisher:
         now = self._clock()
         tables_due = final or now >= self._tables_at
         progress_due = final or now >= self._progress_at
-        if not (tables_due or progress_due) or self._enabled is False:
+        failures_due = now >= self._failures_at
+        if not (tables_due or progress_due or failures_due) or self._enabled is False:
             return
         try:
             if self._enabled is None:
@@ -199,12 +207,16 @@ class ArtifactPublisher:
             if tables_due:
                 self._tables_at = now + self.interval
                 self._publish_tables()
+            elif failures_due:
+                self._failures_at = now + FAILURES_CHECK_SECONDS
+                if self._failure_reasons() != self._shown_failures:
+                    self._publish_in_progress()
             if final:
                 self._publish_summary(runner)
         except Exception as exc:  # noqa: BLE001 - artifacts must never stop the stream
             self._failures += 1
             delay = min(MAX_BACKOFF_SECONDS, self.interval * 2 ** min(self._failures - 1, 20))
-            self._tables_at = self._progress_at = now + delay
+            self._tables_at = self._progress_at = self._failures_at = now + delay
             logger.warning("could not publish the Prefect artifacts of %s/%s (%s: %s); "
                            "next attempt in %.0f s", self.topic, self.group,
                            type(exc).__name__, exc, delay)
@@ -222,7 +234,13 @@ class ArtifactPublisher:
         self._send(Publication(kind, key, data, description))
         self._published[key] = data  # only once it is published: a failure retries it
 
-    def _publish_tables(self) -> None:
+    def _failure_reasons(self) -> frozenset:
+        """What the in-progress registry says went wrong: (file, reason) pairs."""
+        return frozenset((row.rel_filepath, str(row.extra.get("reason")))
+                         for row in self.recorder.in_progress.rows()
+                         if row.extra.get("reason"))
+
+    def _publish_in_progress(self) -> None:
         rows = self.recorder.in_progress.rows()
         failed = sum(row.status != STATUS_IN_PROGRESS for row in rows)
         table = in_progress_table(rows)
@@ -231,6 +249,12 @@ class ArtifactPublisher:
             "table", self.keys.in_progress, table,
             f"Files of {self.topic} by {self.group} in progress ({len(rows) - failed}) or "
             f"failed ({failed}){shown}; registry in {self.recorder.folder}")
+        self._shown_failures = frozenset(
+            (row.rel_filepath, str(row.extra.get("reason"))) for row in rows
+            if row.extra.get("reason"))
+
+    def _publish_tables(self) -> None:
+        self._publish_in_progress()
         self._recent.update(self.recorder.processed)
         recent = recent_uploads_table(self._recent.rows())
         if recent:

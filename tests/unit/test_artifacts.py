@@ -297,6 +297,28 @@ def test_publisher_throttles_and_publishes_only_changes(setup):
     assert s.pub.publications == len(s.publish.calls)
 
 
+def test_a_new_failure_shows_before_the_table_interval(setup):
+    """Failures are what someone opens the UI for: a file that gets a reason is in the
+    in-progress artifact within FAILURES_CHECK_SECONDS; files merely arriving are not."""
+    s = setup
+    runner = make_runner(lag=[0])
+    s.pub.tick(runner)
+    s.recorder.in_progress.update(ip_row("arriving.bin"))  # no reason: waits for the interval
+    s.clock.now += A.FAILURES_CHECK_SECONDS
+    s.pub.tick(runner)
+    assert not s.publish.of(s.keys.in_progress)
+    s.recorder.in_progress.update(ip_row("bad.bin", reason="failed_transient: Girder unreachable"))
+    s.clock.now += A.FAILURES_CHECK_SECONDS
+    s.pub.tick(runner)
+    [published] = s.publish.of(s.keys.in_progress)
+    assert {r["rel_filepath"]: r["reason"] for r in published.data}["bad.bin"] == \
+        "failed_transient: Girder unreachable"
+    s.clock.now += A.FAILURES_CHECK_SECONDS  # the same failure again: no new version
+    s.pub.tick(runner)
+    assert len(s.publish.of(s.keys.in_progress)) == 1
+    assert A.FAILURES_CHECK_SECONDS < 30  # sooner than the table interval of this setup
+
+
 def test_publisher_progress_updates_in_place(setup):
     s = setup
     lag = [100]

@@ -9,6 +9,7 @@ the ``kafka`` component, so they run while Girder is down.
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,15 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Tests stop programs with SIGINT, as Ctrl-C would. A shell without job control starts
+# background commands with SIGINT ignored, every child inherits that, and Python then
+# installs no KeyboardInterrupt handler: run that way (`make test &` in a script), the
+# programs would ignore the tests' SIGINT. A handler here is reset to the default in
+# every child at exec, so each program gets the disposition an interactive run has.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 STACK_KEYS = ("KAFKA_BOOTSTRAP_SERVERS", "GIRDER_API_URL", "GIRDER_API_KEY")
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.bench_common import KIB, MIB, OUR_CLI, BenchError, Stack
 
-__all__ = ["CHUNK_SIZE", "Dataset", "write_random", "small_tree", "big_files", "mixed_tree",
+__all__ = ["CHUNK_SIZE", "Dataset", "write_random", "tree_of", "small_tree", "big_files", "mixed_tree",
            "produce"]
 
 #: The producer's default chunk size (OpenMSIStream's as well).
@@ -59,16 +60,24 @@ def write_random(path: Path, size: int, seed: int) -> None:
             left -= n
 
 
-def small_tree(root: Path, n_files: int, size: int, seed: int = 1) -> Dataset:
-    """``n_files`` files of ``size`` bytes in a 3-level tree of 2 x 5 x 10 folders, so
-    1,000 files put 10 in each of the 100 leaf folders (as ``flow_bench.py``)."""
+def tree_of(root: Path, n_files: int, size: int, seed: int,
+            rel_of: Callable[[int], str]) -> Dataset:
+    """``n_files`` random files of ``size`` bytes, the ``i``-th at ``rel_of(i)``."""
     data = Dataset(root)
     for i in range(n_files):
-        leaf = i % 100
-        rel = f"l1-{leaf // 50}/l2-{(leaf // 10) % 5}/l3-{leaf % 10}/f{i:05d}.bin"
+        rel = rel_of(i)
         write_random(root / rel, size, seed * 1_000_003 + i)
         data.files[rel] = size
     return data
+
+
+def small_tree(root: Path, n_files: int, size: int, seed: int = 1) -> Dataset:
+    """``n_files`` files of ``size`` bytes in a 3-level tree of 2 x 5 x 10 folders, so
+    1,000 files put 10 in each of the 100 leaf folders (as ``flow_bench.py``)."""
+    def rel_of(i: int) -> str:
+        leaf = i % 100
+        return f"l1-{leaf // 50}/l2-{(leaf // 10) % 5}/l3-{leaf % 10}/f{i:05d}.bin"
+    return tree_of(root, n_files, size, seed, rel_of)
 
 
 def big_files(root: Path, n_files: int, size: int, seed: int = 2) -> Dataset:

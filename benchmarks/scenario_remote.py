@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks.bench_common import KIB, Stat
 from benchmarks.bench_config import Context
-from benchmarks.bench_data import Dataset, write_random
+from benchmarks.bench_data import Dataset, tree_of
 from benchmarks.bench_report import Section, md_table, ratio
 from benchmarks.bench_systems import RunResult, Spec, timed_run
 from benchmarks.count_proxy import CountingProxy
@@ -31,13 +31,8 @@ THREADS = (2, 8)
 
 def remote_tree(root: Path, n_files: int, size: int, seed: int = 7) -> Dataset:
     """``n_files`` files of ``size`` bytes in ``l1-{0,1}/l2-{0..4}/`` (10 leaf folders)."""
-    data = Dataset(root)
-    for i in range(n_files):
-        leaf = i % 10
-        rel = f"l1-{leaf // 5}/l2-{leaf % 5}/f{i:05d}.bin"
-        write_random(root / rel, size, seed * 1_000_003 + i)
-        data.files[rel] = size
-    return data
+    return tree_of(root, n_files, size, seed,
+                   lambda i: f"l1-{(i % 10) // 5}/l2-{i % 5}/f{i:05d}.bin")
 
 
 def _specs() -> list[Spec]:

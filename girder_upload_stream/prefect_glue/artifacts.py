@@ -234,11 +234,12 @@ class ArtifactPublisher:
         self._send(Publication(kind, key, data, description))
         self._published[key] = data  # only once it is published: a failure retries it
 
-    def _failure_reasons(self) -> frozenset:
-        """What the in-progress registry says went wrong: (file, reason) pairs."""
+    def _failure_reasons(self, rows: Any = None) -> frozenset:
+        """What the in-progress registry (or ``rows`` of it) says went wrong: (file,
+        reason) pairs."""
+        rows = self.recorder.in_progress.rows() if rows is None else rows
         return frozenset((row.rel_filepath, str(row.extra.get("reason")))
-                         for row in self.recorder.in_progress.rows()
-                         if row.extra.get("reason"))
+                         for row in rows if row.extra.get("reason"))
 
     def _publish_in_progress(self) -> None:
         rows = self.recorder.in_progress.rows()
@@ -249,9 +250,7 @@ class ArtifactPublisher:
             "table", self.keys.in_progress, table,
             f"Files of {self.topic} by {self.group} in progress ({len(rows) - failed}) or "
             f"failed ({failed}){shown}; registry in {self.recorder.folder}")
-        self._shown_failures = frozenset(
-            (row.rel_filepath, str(row.extra.get("reason"))) for row in rows
-            if row.extra.get("reason"))
+        self._shown_failures = self._failure_reasons(rows)
 
     def _publish_tables(self) -> None:
         self._publish_in_progress()

@@ -1,5 +1,7 @@
-"""Every confluent-kafka call of the project lives here (and, for the best-effort side
-producers of heartbeats and log messages, in :mod:`girder_upload_stream.kafka.side_producers`).
+"""The consumer side of confluent-kafka: every consumer call of the project lives here
+(the chunk producer is in :mod:`girder_upload_stream.kafka.chunk_producer`, the
+best-effort side producers of heartbeats and log messages in
+:mod:`girder_upload_stream.kafka.side_producers`).
 
 Clients connect lazily (on first use) and librdkafka errors are turned into the
 project's own exceptions, which carry topic, partition, offset and file path.
@@ -11,11 +13,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from girder_upload_stream import startup
-from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.kafka.chunk_producer import ChunkProducer, DeliveryReport
+from girder_upload_stream.kafka.commits import CommitAnswer, CommitBook
+from girder_upload_stream.kafka.errors import KafkaTerminalError, KafkaTransientError
+from girder_upload_stream.kafka.group_watch import (STATISTICS_INTERVAL_MS, GroupState, GroupWatch,
+                                                    parse_group_health)
 from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
 from girder_upload_stream.ledger.processor import PartitionInfo
 
@@ -37,94 +42,18 @@ logger = logging.getLogger(__name__)
 #: How long after losing partitions their old uploads may still run (and race ours).
 SHARED_AFTER_REVOKE_SECONDS = 120.0
 
+#: How long a stuck consumer gets to close before it is left to close on its own.
+CLOSE_STUCK_SECONDS = 20.0
 
-class KafkaTransientError(TransientError):
-    """A broker or network problem that a retry may fix."""
-
-
-class KafkaTerminalError(TerminalError):
-    """A Kafka problem a retry will not fix (bad settings, unknown topic, auth)."""
+#: While the group is stuck but the broker does not answer, how often to ask again.
+STUCK_CHECK_SECONDS = 10.0
 
 
-@dataclass
-class DeliveryReport:
-    """What the broker acknowledged after a flush."""
-
-    sent: int = 0
-    acked: int = 0
-    acked_bytes: int = 0
-    failures: list[str] = field(default_factory=list)
-
-
-class ChunkProducer:
-    """Produces chunk messages to one topic and counts broker acknowledgements.
-
-    ``send`` never drops a message silently: when librdkafka's local queue is full it
-    serves delivery callbacks until there is room, and every delivery error is kept
-    in the report so the caller can exit non-zero. ``encrypt(topic, key, value)``
-    (a KafkaCrypto node's) encrypts each message before it is queued.
-    """
-
-    def __init__(self, settings: dict[str, Any], topic: str,
-                 on_delivered: Callable[[int], None] | None = None,
-                 encrypt: Callable[[str, bytes, bytes], tuple[bytes, bytes]] | None = None
-                 ) -> None:
-        self._settings = dict(settings)
-        self.topic = topic
-        self._encrypt = encrypt
-        self._producer = None
-        self._on_delivered = on_delivered
-        self._lock = threading.Lock()
-        self.report = DeliveryReport()
-
-    def _client(self):
-        if self._producer is None:
-            from confluent_kafka import KafkaException, Producer
-            try:
-                self._producer = Producer(self._settings)
-            except KafkaException as exc:
-                raise KafkaTerminalError(f"cannot create a Kafka producer: {exc}",
-                                         topic=self.topic) from exc
-        return self._producer
-
-    def _delivered(self, err, msg) -> None:
-        with self._lock:
-            if err is not None:
-                key = msg.key().decode("utf-8", "replace") if msg.key() else "?"
-                self.report.failures.append(f"{key}: {err.str()}")
-                return
-            self.report.acked += 1
-            self.report.acked_bytes += len(msg.value() or b"")
-        if self._on_delivered is not None:
-            self._on_delivered(len(msg.value() or b""))
-
-    def send(self, key: str, value: bytes, *, rel_path: str | None = None) -> None:
-        """Queue one message; block (serving callbacks) while the local queue is full."""
-        producer = self._client()
-        key_bytes = key.encode("utf-8")
-        if self._encrypt is not None:
-            key_bytes, value = self._encrypt(self.topic, key_bytes, value)
-        while True:
-            try:
-                producer.produce(self.topic, value=value, key=key_bytes,
-                                 on_delivery=self._delivered)
-                break
-            except BufferError:
-                producer.poll(0.5)
-            except Exception as exc:  # KafkaException, or a TypeError/ValueError on bad input
-                raise KafkaTerminalError(f"cannot produce: {exc}", topic=self.topic,
-                                         rel_path=rel_path) from exc
-        self.report.sent += 1
-        producer.poll(0)
-
-    def flush(self, timeout: float = 120.0) -> DeliveryReport:
-        """Wait for every queued message to be acknowledged or to fail."""
-        if self._producer is not None:
-            remaining = self._producer.flush(timeout)
-            if remaining:
-                self.report.failures.append(
-                    f"{remaining} message(s) still queued after {timeout:.0f}s")
-        return self.report
+def _close_quietly(consumer: Any) -> None:
+    try:
+        consumer.close()
+    except Exception as exc:  # noqa: BLE001 - a stuck consumer's close is best effort
+        logger.info("closing the stuck consumer: %s", exc)
 
 
 class ConsumerGroup:
@@ -174,6 +103,12 @@ class ConsumerGroup:
         self._left_encrypted = 0
         self._wish_paused = False  # what the runner asked for; decryption may add a pause
         self._last_sent: dict[tuple[str, int], tuple[int, str]] = {}  # encrypted topics
+        self._book = CommitBook()
+        self._watch = GroupWatch()
+        self._in_rebalance = False  # inside a rebalance callback: commits are synchronous
+        self._generation = 0  # of the librdkafka consumer: one more after each reconnect
+        self._next_stuck_check = 0.0
+        self.reconnects = 0  # new consumers made because the group was stuck
 
     def bind(self, *, on_revoke: Callable[[list[tuple[str, int]]], None] | None = None,
              on_assign: Callable[[list[PartitionInfo]], None] | None = None,
@@ -199,9 +134,10 @@ class ConsumerGroup:
                 from girder_upload_stream.kafka.crypto import start_decryption
                 self._reader = start_decryption(self._kafkacrypto, self._recorder)
             try:
-                consumer = Consumer({**self._settings, "error_cb": self._on_error})
-                consumer.subscribe([self.topic], on_assign=self._assigned,
-                                   on_revoke=self._revoked, on_lost=self._lost)
+                consumer = Consumer(self._client_settings())
+                consumer.subscribe([self.topic], on_assign=self._mine(self._assigned),
+                                   on_revoke=self._mine(self._revoked),
+                                   on_lost=self._mine(self._lost))
                 startup.mark("consumer subscribed")
                 self._consumer = consumer
                 self._check_topic(consumer)
@@ -212,6 +148,39 @@ class ConsumerGroup:
                 raise KafkaTerminalError(f"cannot create a Kafka consumer: {exc}",
                                          topic=self.topic) from exc
         return self._consumer
+
+    def _client_settings(self) -> dict[str, Any]:
+        """The consumer's settings and our callbacks, which only act for this consumer
+        (a stuck one closing in the background may still serve its own, see
+        :meth:`_reconnect`). Statistics feed the group watch unless the config turned
+        them off (``statistics.interval.ms = 0``)."""
+        self._generation += 1
+        generation = self._generation
+
+        def mine(callback: Callable[..., None]) -> Callable[..., None]:
+            return lambda *args: callback(*args) if generation == self._generation else None
+
+        settings = {**self._settings, "error_cb": mine(self._on_error),
+                    "on_commit": mine(self._on_commit)}
+        settings.setdefault("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+        if int(settings["statistics.interval.ms"]):
+            settings["stats_cb"] = mine(self._on_stats)
+        return settings
+
+    def _mine(self, callback: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        """A rebalance callback that only acts for the current consumer: a stuck one
+        closing in the background may still call it (see :meth:`_reconnect`)."""
+        def call(consumer, partitions) -> None:
+            if consumer is self._consumer:
+                self._in_rebalance = True
+                try:
+                    callback(consumer, partitions)
+                finally:
+                    self._in_rebalance = False
+        return call
+
+    def _on_stats(self, stats_json: str) -> None:
+        self._watch.observe(parse_group_health(stats_json))
 
     def _on_error(self, err) -> None:
         """librdkafka's error events (served from poll, in this thread): the broker is
@@ -246,6 +215,7 @@ class ConsumerGroup:
             raise KafkaTerminalError(f"cannot consume: {reason}", topic=self.topic)
 
     def _assigned(self, consumer, partitions) -> None:
+        self._book.new_assignment((p.topic, p.partition) for p in partitions)
         self._owned.update((p.topic, p.partition) for p in partitions)
         if self._paused and partitions:
             consumer.pause(partitions)
@@ -302,6 +272,7 @@ class ConsumerGroup:
             self._revoked_at = time.monotonic()
         if callback is not None and tps:
             callback(tps)
+        self._book.new_assignment(tps)  # after the revoke's last commit, not before
         if self._reader is not None:
             self._reader.forget(tps)
         for tp in tps:
@@ -338,7 +309,57 @@ class ConsumerGroup:
         if self._reader is not None:
             good = self._reader.take(good)
             self._apply_pause()
+        if self._watch.state is GroupState.STUCK and not good:
+            self._reconnect_if_broker_answers()
         return good
+
+    def _reconnect_if_broker_answers(self) -> None:
+        """The group has not settled for a minute (:mod:`~girder_upload_stream.kafka.group_watch`):
+        when the broker answers a metadata request, a new consumer takes the stuck
+        one's place. While the broker is down a new consumer would not help; it is
+        asked again every :data:`STUCK_CHECK_SECONDS`."""
+        from confluent_kafka import KafkaException
+        now = time.monotonic()
+        if now < self._next_stuck_check:
+            return
+        self._next_stuck_check = now + STUCK_CHECK_SECONDS
+        try:
+            self._consumer.list_topics(self.topic, timeout=2)
+        except KafkaException:
+            return
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """Replace the consumer: its partitions count as lost (nothing is committed for
+        them; their files are handed over), the old one closes in a thread for at most
+        :data:`CLOSE_STUCK_SECONDS` (closing talks to the coordinator that may be the
+        stuck part), and a new one subscribes. Rejoining costs what a restart costs:
+        the files in flight are read again from the last commit."""
+        from confluent_kafka import TopicPartition
+        logger.warning("the consumer group has not settled for %.0f s although the broker "
+                       "answers (librdkafka: %s): a new consumer takes the place of the "
+                       "stuck one", self._watch.unsettled_seconds,
+                       self._watch.last or "no statistics")
+        lost = [TopicPartition(t, p) for t, p in sorted(self._owned)]
+        if lost:
+            self._in_rebalance = True
+            try:
+                self._taken(lost, self._on_lost)
+            finally:
+                self._in_rebalance = False
+        old, self._consumer = self._consumer, None
+        self._generation += 1  # the old consumer's callbacks do nothing from now on
+        self._book = CommitBook()
+        closer = threading.Thread(target=_close_quietly, args=(old,), daemon=True,
+                                  name="gus-close-stuck-consumer")
+        closer.start()
+        closer.join(CLOSE_STUCK_SECONDS)
+        if closer.is_alive():
+            logger.warning("the stuck consumer did not close within %.0f s; it is left to "
+                           "close on its own", CLOSE_STUCK_SECONDS)
+        self.reconnects += 1
+        self._watch.restarted()
+        self._connect()
 
     @property
     def not_decrypted(self) -> int:
@@ -348,27 +369,65 @@ class ConsumerGroup:
 
     def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
                ) -> dict[tuple[str, int], tuple[int, str]]:
-        """Synchronously commit ``{tp: (offset, metadata)}`` for the partitions owned.
+        """Commit ``{tp: (offset, metadata)}`` for the partitions owned; return what the
+        broker accepted so far (:mod:`girder_upload_stream.kafka.commits` says why the
+        answer may come a round later). The caller keeps offsets not accepted yet in
+        its plan and passes them again next round.
 
-        Returns what the broker accepted; a failed commit is retried by the caller on
-        its next round (the offsets stay committable).
-        """
+        Asynchronous, so that a broker outage never stops the loop; synchronous inside
+        a rebalance callback, where the revoke's last commit must be made before the
+        partitions go (the coordinator that drives the rebalance answers it, and a
+        session timeout ends the wait, :meth:`close` included)."""
         from confluent_kafka import KafkaException, TopicPartition
-        sent, accepted = self._decrypted_commits(offsets)
-        tps = [TopicPartition(topic, partition, offset, metadata=metadata)
-               for (topic, partition), (offset, metadata) in sent.items()
-               if (topic, partition) in self._owned]
-        if not tps or self._consumer is None:
+        values, accepted = self._decrypted_commits(offsets)
+        owned = {tp: value for tp, value in values.items() if tp in self._owned}
+        if self._consumer is None or not owned:
             return accepted
+        if self._in_rebalance:
+            return {**accepted, **self._commit_now(owned)}
+        send, news = self._book.to_send(owned)
+        self._last_sent.update(news)
+        accepted.update(news)
+        if not send:
+            return accepted
+        self._book.sent(send)
         try:
-            for tp in self._consumer.commit(offsets=tps, asynchronous=False) or tps:
-                if tp.error is None:
-                    accepted[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
-                    self._last_sent[(tp.topic, tp.partition)] = sent[(tp.topic, tp.partition)]
+            self._consumer.commit(offsets=[TopicPartition(t, p, o, metadata=m)
+                                           for (t, p), (o, m) in send.items()],
+                                  asynchronous=True)
         except KafkaException as exc:
+            self._book.send_failed()
             self._trouble_at = time.monotonic()
             logger.warning("offset commit failed, will retry: %s", exc)
         return accepted
+
+    def _commit_now(self, values: dict[tuple[str, int], tuple[int, str]]
+                    ) -> dict[tuple[str, int], tuple[int, str]]:
+        """A synchronous commit (inside a rebalance callback)."""
+        from confluent_kafka import KafkaException, TopicPartition
+        tps = [TopicPartition(t, p, o, metadata=m) for (t, p), (o, m) in values.items()]
+        accepted = {}
+        try:
+            for tp in self._consumer.commit(offsets=tps, asynchronous=False) or tps:
+                if tp.error is None:
+                    accepted[(tp.topic, tp.partition)] = values[(tp.topic, tp.partition)]
+        except KafkaException as exc:
+            self._trouble_at = time.monotonic()
+            logger.warning("offset commit before a rebalance failed: %s", exc)
+        self._book.accepted_now(accepted)
+        self._last_sent.update(accepted)
+        return accepted
+
+    def _on_commit(self, err, partitions) -> None:
+        """The answer to an asynchronous commit (served by a poll, or by close)."""
+        answers = [CommitAnswer((tp.topic, tp.partition), tp.offset,
+                                tp.error.str() if tp.error is not None else None)
+                   for tp in partitions or []]
+        problems = self._book.answered(err.str() if err is not None else None, answers,
+                                       self._owned)
+        if problems:
+            self._trouble_at = time.monotonic()
+            logger.warning("offset commit failed, will retry: %s", "; ".join(problems))
 
     def _decrypted_commits(self, offsets: dict[tuple[str, int], tuple[int, str]]):
         """On an encrypted topic, the commits that stop before the messages not decrypted

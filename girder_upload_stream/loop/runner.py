@@ -243,8 +243,10 @@ class StreamRunner:
            passes is listed as processed or failed on disk first (rule 5), so a
            restart recognises its re-read chunks. If it fails (a full disk...) nothing
            is committed: the offsets stay committable and the next round tries again;
-        3. the commit itself, synchronous; what the broker accepted is remembered, so it
-           is not committed again."""
+        3. the commit itself: asynchronous from the loop (the broker's answer reaches
+           the tracker a round later, see :mod:`girder_upload_stream.kafka.commits`),
+           synchronous inside a rebalance callback; what the broker accepted is
+           remembered, so it is not committed again."""
         self._last_commit = self._clock()
         offsets = self.processor.offsets.commit_plan(tps if tps is not None
                                                      else self.group.assignment)

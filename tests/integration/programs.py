@@ -199,7 +199,8 @@ STOP_LINE = re.compile(r"^stopped \((?P<reason>.*)\): (?P<messages>\d+) messages
 
 def write_fault_config(path: Path) -> Path:
     """A consumer config file for fault tests (see :data:`FAULT_CONSUMER_CONFIG`)."""
-    path.write_text(FAULT_CONSUMER_CONFIG)
+    debug = os.environ.get("GUS_TEST_RDKAFKA_DEBUG")
+    path.write_text(FAULT_CONSUMER_CONFIG + (f"debug = {debug}\n" if debug else ""))
     return path
 
 

@@ -33,18 +33,23 @@ KAFKA_DOWN_SECONDS = 15
 #: the idle limit is shorter than the broker's outage on purpose.
 MAX_IDLE = 15
 MAX_IDLE_KAFKA = 8
+#: The broker test asks for a progress line this often, to see the loop go on. A step
+#: may be slow (an idle check asks the broker for up to 5 s), but the loop never stands
+#: still for a session timeout or an outage.
+PROGRESS_SECONDS = 2
+MAX_PROGRESS_GAP = 6
 #: Prefect's task retries (2, 10, 30 s) and then the consumer's own retry every 15 s.
 RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retrying in \d+s")
 
 
 
 def _start(tmp_path: Path, stack_env, prefect_env, topic: str, group: str, collection: dict,
-           programs: list[Program], seed: int, max_idle: float):
+           programs: list[Program], seed: int, max_idle: float, *extra: str):
     files = log_uniform_files(N_FILES, seed, 1024, 1 << 20)
     out = tmp_path / "out"
     program = Program(
         consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
-                      write_fault_config(tmp_path / "consumer.config"), max_idle),
+                      write_fault_config(tmp_path / "consumer.config"), max_idle, *extra),
         tmp_path / "consumer.out", cwd=tmp_path, env=consumer_env(stack_env, prefect_env),
         stdin=subprocess.DEVNULL)
     programs.append(program)
@@ -118,8 +123,8 @@ def test_broker_restart_mid_stream_loses_and_doubles_nothing(
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
     files, out, program, producer = _start(tmp_path, stack_env, prefect_env, topic, group,
-                                           collection, programs, seed=32,
-                                           max_idle=MAX_IDLE_KAFKA)
+                                           collection, programs, 32, MAX_IDLE_KAFKA,
+                                           "--progress_seconds", str(PROGRESS_SECONDS))
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     root_path = default_root_path(collection["name"], topic)
     wait_for(lambda: _landed(girder_client, root_path, files) >= 3,
@@ -140,6 +145,11 @@ def test_broker_restart_mid_stream_loses_and_doubles_nothing(
     producer.finish()
     summary = _check_end(girder_client, kafka_admin, bootstrap, program, files, topic, group,
                          root_path, log_file, MAX_IDLE_KAFKA)
+    # The loop went on while the broker was away (no commit waits for the coordinator):
+    # a progress line came every PROGRESS_SECONDS, give or take a slow step.
+    gaps = [float(g) for g in re.findall(r"over the last (\d+) s", program.output())]
+    assert len(gaps) >= 10 and max(gaps) <= MAX_PROGRESS_GAP, (
+        f"progress lines {gaps} s apart: the loop stood still\n{program.describe(log_file)}")
     print(f"[broker restart] {before} files in Girder when the broker stopped for "
           f"{KAFKA_DOWN_SECONDS}s; all {len(files)} files in Girder once; first file after the "
           f"restart {first_after:.1f}s after the broker was back, the run ended "

@@ -72,16 +72,21 @@ class Msg:
 
 
 class FakeBroker:
-    """A consumer's commit(), remembering what it was given."""
+    """A consumer's commit(), remembering what it was given. An asynchronous commit is
+    answered through ``answer`` at once, as the next poll would."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer=None) -> None:
         self.committed: dict[tuple[str, int], tuple[int, str]] = {}
         self.calls = 0
+        self._answer = answer
 
     def commit(self, offsets, asynchronous=False):
         self.calls += 1
         for tp in offsets:  # error is None: every commit succeeds
             self.committed[(tp.topic, tp.partition)] = (tp.offset, tp.metadata)
+        if asynchronous:
+            self._answer(None, offsets)
+            return None
         return offsets
 
 
@@ -326,7 +331,7 @@ def test_a_message_decrypted_late_holds_the_next_commits_until_its_file_is_done(
                   for i in range(6)])
     for m in out:
         tracker.read(tp, m.offset())
-    broker = FakeBroker()
+    broker = FakeBroker(answer=group._on_commit)
     group._consumer, group._owned = broker, {tp}
     tracker.committed(group.commit(tracker.commit_plan()))  # as the runner does
     assert broker.committed[tp][0] == 2, "the broker's offset stops before the held one"

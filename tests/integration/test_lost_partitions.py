@@ -51,7 +51,8 @@ class _Done:
         return self._outcomes
 
 
-def _runner(bootstrap: str, topic: str, group: str, girder: GirderSettings) -> StreamRunner:
+def _runner(bootstrap: str, topic: str, group: str, girder: GirderSettings,
+            commit_interval: float = 3600.0) -> StreamRunner:
     processor = StreamProcessor(Reassembler(), max_unit_files=64)
     holder: dict[str, StreamRunner] = {}
     consumer = ConsumerGroup(
@@ -59,7 +60,7 @@ def _runner(bootstrap: str, topic: str, group: str, girder: GirderSettings) -> S
          **SESSION}, topic,
         on_revoke=lambda tps: holder["runner"].on_revoke(tps),
         on_assign=processor.assigned, on_lost=lambda tps: holder["runner"].on_lost(tps))
-    run = RunSettings(commit_interval_seconds=3600.0, interactive=False)  # no periodic commit
+    run = RunSettings(commit_interval_seconds=commit_interval, interactive=False)
 
     store = GirderStore(girder, topic)
 
@@ -106,7 +107,7 @@ def test_lost_partitions_are_not_committed_over_the_new_owner(
                             api_key=stack_env["GIRDER_API_KEY"], root_folder_id=root["_id"])
     write_tree(tmp_path / "first", {"a.bin": b"a" * 150_000, "sub/b.bin": b"b" * 90_000})
     finish(produce_ours(tmp_path / "first", topic, bootstrap, tmp_path), "producing")
-    ours = _runner(bootstrap, topic, group, girder)
+    ours = _runner(bootstrap, topic, group, girder)  # no periodic commit
     with caplog.at_level(logging.INFO, logger="girder_upload_stream"):
         _step_until(ours, lambda: ours.processor.counters.files_uploaded == 2, "2 uploads")
         plan = ours.processor.offsets.commit_plan(ours.group.assignment)
@@ -142,3 +143,45 @@ def test_lost_partitions_are_not_committed_over_the_new_owner(
     assert summary.counters["files_uploaded"] == 2  # c.bin was past the new owner's commit
     lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lost ")]
     assert lost and f"{topic}[0]" in lost[0] and f"{topic}[1]" in lost[0]
+
+
+def test_a_stuck_group_gets_a_new_consumer_and_loses_or_doubles_nothing(
+        tmp_path: Path, stack_env, make_topic, make_group, kafka_admin, girder_client,
+        make_collection, caplog) -> None:
+    """The group watch's remedy on the real broker: the consumer is replaced mid-run
+    (its partitions count as lost, the old one closes, the new one joins), and the run
+    goes on: every file lands once and the group commits to the end. The watch is told
+    the group is stuck (a real stuck coordinator cannot be made on demand here)."""
+    from girder_upload_stream.kafka.group_watch import GroupHealth
+    from tests.integration.girder_checks import assert_exactly_once
+
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group = make_topic(partitions=2), make_group()
+    collection = make_collection()
+    root = girder_client.createFolder(collection["_id"], topic, parentType="collection")
+    girder = GirderSettings(api_url=stack_env["GIRDER_API_URL"],
+                            api_key=stack_env["GIRDER_API_KEY"], root_folder_id=root["_id"])
+    first = {"a.bin": b"a" * 150_000, "sub/b.bin": b"b" * 90_000}
+    write_tree(tmp_path / "first", first)
+    finish(produce_ours(tmp_path / "first", topic, bootstrap, tmp_path), "producing")
+    ours = _runner(bootstrap, topic, group, girder, commit_interval=0.5)
+    with caplog.at_level(logging.INFO, logger="girder_upload_stream"):
+        _step_until(ours, lambda: ours.processor.counters.files_uploaded == 2, "2 uploads")
+        watch = ours.group._watch
+        watch._stuck_after = 0.0
+        watch.observe(GroupHealth("query-coord", "wait-join", 0))
+        _step_until(ours, lambda: ours.group.reconnects == 1, "a new consumer")
+        watch._stuck_after = 60.0
+        assert any("a new consumer takes the place of the stuck one" in r.getMessage()
+                   and "query-coord" in r.getMessage() for r in caplog.records)
+        second = {"c.bin": b"c" * 200_000}
+        write_tree(tmp_path / "second", second)
+        finish(produce_ours(tmp_path / "second", topic, bootstrap, tmp_path), "producing")
+        _step_until(ours, lambda: ours.processor.counters.files_uploaded == 3, "3 uploads")
+        _step_until(ours, lambda: ours.processor.offsets.commit_plan(ours.group.assignment)
+                    == {} and len(ours.group.assignment) == 2, "commits to the end")
+        summary = ours.shutdown("test")
+    assert ours.group.reconnects == 1
+    assert committed_offsets(kafka_admin, group, topic) == end_offsets(bootstrap, topic)
+    assert summary.counters["files_uploaded"] == 3
+    assert_exactly_once(girder_client, root["_id"], {**first, **second}, topic)

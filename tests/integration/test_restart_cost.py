@@ -13,10 +13,13 @@ test's tmp dir):
   be at total / incomplete (about 2 here);
 * the time from the restart to the first new file complete in Girder (informative).
 
-Asserted: every file ends up in Girder exactly once, and the restart reads clearly less
-than the whole topic (< 90% of it; the incomplete files alone are about 55-60%). The
-overlap beyond the incomplete files depends on timing (files uploaded in the last
-commit interval, units finishing out of order): 0.10-0.24 of the topic seen here.
+Asserted: every file ends up in Girder exactly once, and the restart reads less than
+the whole topic (< 95% of it; the incomplete files alone are about 55-60%), which a
+consumer that re-reads everything, as OpenMSIStream does, cannot. The overlap beyond
+the incomplete files depends on timing (files uploaded in the last commit interval and
+the registry save before it, units lingering before their upload, units finishing out
+of order): 0.10-0.24 of the topic seen on a quiet machine, up to 0.35 under a full
+test run's load, so the bound leaves that room; the ratio is the measurement.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ TOTAL_BYTES = 200 << 20
 SEED = 7_200
 MAX_IDLE = 6
 RUN_TIMEOUT = 180.0
-MAX_REREAD_FRACTION = 0.90
+MAX_REREAD_FRACTION = 0.95
 
 
 def _files() -> dict[str, bytes]:

@@ -103,7 +103,6 @@ class ConsumerGroup(GroupOffsets):
         self._reader: Any = None  # a DecryptingReader on encrypted topics
         self._left_encrypted = 0
         self._wish_paused = False  # what the runner asked for; decryption may add a pause
-        self._last_sent: dict[tuple[str, int], tuple[int, str]] = {}  # encrypted topics
         self._book = CommitBook()
         self._watch = GroupWatch()
         self._in_rebalance = False  # inside a rebalance callback: commits are synchronous
@@ -136,9 +135,9 @@ class ConsumerGroup(GroupOffsets):
                 self._reader = start_decryption(self._kafkacrypto, self._recorder)
             try:
                 consumer = Consumer(self._client_settings())
-                consumer.subscribe([self.topic], on_assign=self._mine(self._assigned),
-                                   on_revoke=self._mine(self._revoked),
-                                   on_lost=self._mine(self._lost))
+                consumer.subscribe([self.topic], on_assign=self._rebalancing(self._assigned),
+                                   on_revoke=self._rebalancing(self._revoked),
+                                   on_lost=self._rebalancing(self._lost))
                 startup.mark("consumer subscribed")
                 self._consumer = consumer
                 self._check_topic(consumer)
@@ -151,34 +150,32 @@ class ConsumerGroup(GroupOffsets):
         return self._consumer
 
     def _client_settings(self) -> dict[str, Any]:
-        """The consumer's settings and our callbacks, which only act for this consumer
-        (a stuck one closing in the background may still serve its own, see
-        :meth:`_reconnect`). Statistics feed the group watch unless the config turned
-        them off (``statistics.interval.ms = 0``)."""
-        self._generation += 1
-        generation = self._generation
-
-        def mine(callback: Callable[..., None]) -> Callable[..., None]:
-            return lambda *args: callback(*args) if generation == self._generation else None
-
-        settings = {**self._settings, "error_cb": mine(self._on_error),
-                    "on_commit": mine(self._on_commit)}
+        """The consumer's settings and our callbacks. Statistics feed the group watch
+        unless the config turned them off (``statistics.interval.ms = 0``)."""
+        settings = {**self._settings, "error_cb": self._mine(self._on_error),
+                    "on_commit": self._mine(self._on_commit)}
         settings.setdefault("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         if int(settings["statistics.interval.ms"]):
-            settings["stats_cb"] = mine(self._on_stats)
+            settings["stats_cb"] = self._mine(self._on_stats)
         return settings
 
-    def _mine(self, callback: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
-        """A rebalance callback that only acts for the current consumer: a stuck one
-        closing in the background may still call it (see :meth:`_reconnect`)."""
+    def _mine(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback`` for the consumer about to be made only: once :meth:`_reconnect`
+        replaced it, the old one (closing in the background) may still serve its
+        callbacks, and they do nothing."""
+        generation = self._generation
+        return lambda *args: callback(*args) if generation == self._generation else None
+
+    def _rebalancing(self, callback: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        """A rebalance callback (of this consumer only): commits made in it are
+        synchronous."""
         def call(consumer, partitions) -> None:
-            if consumer is self._consumer:
-                self._in_rebalance = True
-                try:
-                    callback(consumer, partitions)
-                finally:
-                    self._in_rebalance = False
-        return call
+            self._in_rebalance = True
+            try:
+                callback(consumer, partitions)
+            finally:
+                self._in_rebalance = False
+        return self._mine(call)
 
     def _on_stats(self, stats_json: str) -> None:
         self._watch.observe(parse_group_health(stats_json))
@@ -278,7 +275,6 @@ class ConsumerGroup(GroupOffsets):
             self._reader.forget(tps)
         for tp in tps:
             self._owned.discard(tp)
-            self._last_sent.pop(tp, None)
             self._start_at.pop(tp, None)
             self._read_up_to.pop(tp, None)
 
@@ -343,11 +339,7 @@ class ConsumerGroup(GroupOffsets):
                        self._watch.last or "no statistics")
         lost = [TopicPartition(t, p) for t, p in sorted(self._owned)]
         if lost:
-            self._in_rebalance = True
-            try:
-                self._taken(lost, self._on_lost)
-            finally:
-                self._in_rebalance = False
+            self._taken(lost, self._on_lost)
         old, self._consumer = self._consumer, None
         self._generation += 1  # the old consumer's callbacks do nothing from now on
         self._book = CommitBook()

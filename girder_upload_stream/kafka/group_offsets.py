@@ -29,7 +29,6 @@ class GroupOffsets:
     _book: CommitBook
     _in_rebalance: bool
     _reader: Any
-    _last_sent: dict[tuple[str, int], tuple[int, str]]
     _read_up_to: dict[tuple[str, int], int]
     _start_at: dict[tuple[str, int], int]
     _trouble_at: float | None
@@ -46,15 +45,17 @@ class GroupOffsets:
         partitions go (the coordinator that drives the rebalance answers it, and a
         session timeout ends the wait, :meth:`close` included)."""
         from confluent_kafka import KafkaException, TopicPartition
-        values, accepted = self._decrypted_commits(offsets)
+        # On an encrypted topic the commits stop before the messages not decrypted yet
+        # (which the caller does not know of), and the caller hears these clamped values,
+        # what was really committed: a message decrypted later lies below them and holds
+        # the next commits like any pending one.
+        values = self._reader.clamp(offsets) if self._reader is not None else offsets
         owned = {tp: value for tp, value in values.items() if tp in self._owned}
         if self._consumer is None or not owned:
-            return accepted
+            return {}
         if self._in_rebalance:
-            return {**accepted, **self._commit_now(owned)}
-        send, news = self._book.to_send(owned)
-        self._last_sent.update(news)
-        accepted.update(news)
+            return self._commit_now(owned)
+        send, accepted = self._book.to_send(owned)
         if not send:
             return accepted
         self._book.sent(send)
@@ -82,7 +83,6 @@ class GroupOffsets:
             self._trouble_at = time.monotonic()
             logger.warning("offset commit before a rebalance failed: %s", exc)
         self._book.accepted_now(accepted)
-        self._last_sent.update(accepted)
         return accepted
 
     def _on_commit(self, err, partitions) -> None:
@@ -95,21 +95,6 @@ class GroupOffsets:
         if problems:
             self._trouble_at = time.monotonic()
             logger.warning("offset commit failed, will retry: %s", "; ".join(problems))
-
-    def _decrypted_commits(self, offsets: dict[tuple[str, int], tuple[int, str]]):
-        """On an encrypted topic, the commits that stop before the messages not decrypted
-        yet (which the caller does not know of), and those already made as they are.
-        The caller hears what was really committed: a message decrypted later lies
-        below its own offsets, and must hold the next commits like any pending one."""
-        if self._reader is None:
-            return offsets, {}
-        sent, accepted = {}, {}
-        for tp, value in self._reader.clamp(offsets).items():
-            if self._last_sent.get(tp) == value:
-                accepted[tp] = value  # a held message keeps the commit where it was
-            else:
-                sent[tp] = value
-        return sent, accepted
 
     def seek(self, tp: tuple[str, int], offset: int) -> bool:
         """Read ``tp`` on from ``offset`` (skipping what lies between); False if the

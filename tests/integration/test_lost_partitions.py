@@ -71,6 +71,14 @@ def _runner(bootstrap: str, topic: str, group: str, girder: GirderSettings,
     return holder["runner"]
 
 
+def _girder_root(stack_env, girder_client, collection: dict, topic: str
+                 ) -> tuple[dict, GirderSettings]:
+    """A root folder for the topic in a fresh collection, and settings uploading below it."""
+    root = girder_client.createFolder(collection["_id"], topic, parentType="collection")
+    return root, GirderSettings(api_url=stack_env["GIRDER_API_URL"],
+                                api_key=stack_env["GIRDER_API_KEY"], root_folder_id=root["_id"])
+
+
 def _step_until(runner: StreamRunner, condition, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -101,10 +109,7 @@ def test_lost_partitions_are_not_committed_over_the_new_owner(
         make_collection, caplog) -> None:
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group = make_topic(partitions=2), make_group()
-    collection = make_collection()
-    root = girder_client.createFolder(collection["_id"], topic, parentType="collection")
-    girder = GirderSettings(api_url=stack_env["GIRDER_API_URL"],
-                            api_key=stack_env["GIRDER_API_KEY"], root_folder_id=root["_id"])
+    _, girder = _girder_root(stack_env, girder_client, make_collection(), topic)
     write_tree(tmp_path / "first", {"a.bin": b"a" * 150_000, "sub/b.bin": b"b" * 90_000})
     finish(produce_ours(tmp_path / "first", topic, bootstrap, tmp_path), "producing")
     ours = _runner(bootstrap, topic, group, girder)  # no periodic commit
@@ -157,10 +162,7 @@ def test_a_stuck_group_gets_a_new_consumer_and_loses_or_doubles_nothing(
 
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group = make_topic(partitions=2), make_group()
-    collection = make_collection()
-    root = girder_client.createFolder(collection["_id"], topic, parentType="collection")
-    girder = GirderSettings(api_url=stack_env["GIRDER_API_URL"],
-                            api_key=stack_env["GIRDER_API_KEY"], root_folder_id=root["_id"])
+    root, girder = _girder_root(stack_env, girder_client, make_collection(), topic)
     first = {"a.bin": b"a" * 150_000, "sub/b.bin": b"b" * 90_000}
     write_tree(tmp_path / "first", first)
     finish(produce_ours(tmp_path / "first", topic, bootstrap, tmp_path), "producing")

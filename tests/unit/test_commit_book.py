@@ -4,16 +4,9 @@ without a broker."""
 from __future__ import annotations
 
 from girder_upload_stream.kafka.commits import CommitAnswer, CommitBook
+from tests.unit.fakes import Clock
 
 A, B = ("t", 0), ("t", 1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_commit_is_sent_and_its_acceptance_reaches_the_caller_next_round():

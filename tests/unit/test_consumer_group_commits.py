@@ -15,16 +15,9 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from girder_upload_stream.kafka import clients
 from girder_upload_stream.kafka.clients import ConsumerGroup
 from girder_upload_stream.kafka.group_watch import GroupWatch
+from tests.unit.fakes import Clock
 
 TOPIC = "t"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class _Topic:
@@ -114,7 +107,7 @@ def _group(calls: list, clock: Clock) -> ConsumerGroup:
 
 
 def test_loop_commits_are_asynchronous_and_accepted_a_round_later(fake):
-    group = _group([], Clock())
+    group = _group([], Clock(0.0))
     consumer = fake.made[0]
     assert "stats_cb" in consumer.settings and consumer.settings["statistics.interval.ms"]
     consumer.assign_now(0, 1)
@@ -133,7 +126,7 @@ def test_loop_commits_are_asynchronous_and_accepted_a_round_later(fake):
 
 def test_the_revoke_commits_synchronously(fake):
     calls = []
-    group = _group(calls, Clock())
+    group = _group(calls, Clock(0.0))
     consumer = fake.made[0]
     consumer.assign_now(0)
     group.poll()
@@ -145,7 +138,7 @@ def test_the_revoke_commits_synchronously(fake):
 
 
 def test_a_stuck_group_gets_a_new_consumer_once_the_broker_answers(fake, caplog):
-    clock, calls = Clock(), []
+    clock, calls = Clock(0.0), []
     group = _group(calls, clock)
     old = fake.made[0]
     old.assign_now(0, 1)
@@ -180,7 +173,7 @@ def test_a_stuck_group_gets_a_new_consumer_once_the_broker_answers(fake, caplog)
 
 def test_a_stuck_consumer_that_does_not_close_cannot_hang_the_loop(fake, monkeypatch):
     monkeypatch.setattr(clients, "CLOSE_STUCK_SECONDS", 0.2)
-    clock = Clock()
+    clock = Clock(0.0)
     group = _group([], clock)
     old = fake.made[0]
     old.close_gate = threading.Event()

@@ -7,14 +7,7 @@ import json
 
 from girder_upload_stream.kafka.group_watch import (GroupHealth, GroupState, GroupWatch,
                                                     parse_group_health)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fakes import Clock
 
 
 def stats(state: str, join_state: str, assigned: int = 4) -> str:
@@ -33,7 +26,7 @@ def test_statistics_are_read():
 
 
 def test_the_watch_walks_settled_unsettled_stuck_and_back():
-    clock = Clock()
+    clock = Clock(0.0)
     watch = GroupWatch(stuck_after=60, clock=clock)
     assert watch.state is GroupState.SETTLED
     watch.observe(parse_group_health(stats("up", "steady")))
@@ -51,7 +44,7 @@ def test_the_watch_walks_settled_unsettled_stuck_and_back():
 
 
 def test_a_settled_member_without_partitions_is_not_stuck():
-    clock = Clock()
+    clock = Clock(0.0)
     watch = GroupWatch(stuck_after=60, clock=clock)
     watch.observe(parse_group_health(stats("up", "steady", 0)))
     clock.now = 1000
@@ -59,7 +52,7 @@ def test_a_settled_member_without_partitions_is_not_stuck():
 
 
 def test_no_statistics_change_nothing():
-    clock = Clock()
+    clock = Clock(0.0)
     watch = GroupWatch(stuck_after=60, clock=clock)
     watch.observe(parse_group_health(stats("wait-coord", "init")))
     clock.now = 59
@@ -69,7 +62,7 @@ def test_no_statistics_change_nothing():
 
 
 def test_a_new_consumer_counts_as_unsettled_until_its_group_settles():
-    clock = Clock()
+    clock = Clock(0.0)
     watch = GroupWatch(stuck_after=60, clock=clock)
     watch.observe(parse_group_health(stats("query-coord", "init")))
     clock.now = 61

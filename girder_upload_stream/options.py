@@ -20,11 +20,31 @@ from typing import Any
 from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
 from girder_upload_stream.settings import DEFAULT_COLLECTION_NAME
 
-__all__ = ["Option", "OPTIONS", "DEFAULTS", "LEVELS", "positive_int", "positive_float",
-           "non_negative_float", "json_object", "file_size_mb", "add_options",
-           "flow_arguments"]
+__all__ = ["Option", "OPTIONS", "DEFAULTS", "LEVELS", "DEFAULT_TOPIC", "positive_int",
+           "positive_float", "non_negative_float", "json_object", "file_size_mb", "log_level",
+           "add_options", "flow_arguments", "consumed_topic"]
 
-LEVELS = ["debug", "info", "warning", "error", "critical"]
+LEVELS = ["notset", "debug", "info", "warning", "error", "critical"]
+
+#: The default of --topic_name, --consumer_topic_name and --producer_topic_name.
+DEFAULT_TOPIC = "test"
+
+
+def log_level(text: str) -> int:
+    """argparse type of the --logger_*_level options, as OpenMSIStream 1.8.8 reads them:
+    a level name in any case (``info``, ``WARNING``) or a number >= 0 (``20``)."""
+    name = text.strip().lower()
+    if name in LEVELS:
+        return 0 if name == "notset" else 10 * LEVELS.index(name)
+    try:
+        value = int(name)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a log level: {text!r} (one of {', '.join(LEVELS)}, any case, or a "
+            "number >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a log level is 0 or more, not {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -129,15 +149,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("replace_existing", False, "replace an item's contents when a different file "
            "of the same name is already there (default: skip with a warning)", switch=True),
     # -- Kafka
-    Option("topic_name", "test", "topic (default: %(default)s)"),
+    Option("topic_name", DEFAULT_TOPIC, "topic (default: %(default)s)"),
     Option("n_threads", 2, "uploads running at once (default: %(default)s)", parse=positive_int),
     Option("consumer_group_id", "create_new",
            "consumer group; 'create_new' makes a fresh one (default)"),
-    Option("download_regex", None, "only files whose relative path matches are uploaded"),
+    Option("download_regex", None, "only files whose path relative to the producer's "
+           "folder matches this regular expression from its start (Python re.match, as "
+           "OpenMSIStream 1.8.8) are uploaded; others are counted as skipped (default: "
+           "every file)"),
     Option("heartbeat_topic_name", None, "topic for heartbeat messages"),
     Option("heartbeat_program_id", None, "heartbeat key prefix"),
-    Option("heartbeat_interval_secs", 30, "seconds between heartbeats (default: %(default)s)",
-           parse=float),
+    Option("heartbeat_interval_secs", 900, "seconds between heartbeats (default: "
+           "%(default)s, as OpenMSIStream 1.8.8)", parse=positive_float),
     Option("log_topic_name", None, "topic for log messages (the program's log lines)"),
     Option("log_program_id", None, "log message key prefix"),
     Option("log_interval_secs", 60, "seconds between log messages (default: %(default)s)",
@@ -156,10 +179,13 @@ OPTIONS: tuple[Option, ...] = (
            parse=Path, to_flow=str),
     Option("mode", "memory", "where files are rebuilt (default: %(default)s)",
            choices=("memory", "disk", "both")),
-    Option("logger_stream_level", "info", "console log level", choices=tuple(LEVELS),
-           flow=False),
-    Option("logger_file_level", "info", "log file level", choices=tuple(LEVELS), flow=False),
-    Option("logs_dir", None, "folder of the log file and registries (default: OUTPUT_DIR/LOGS)",
+    Option("logger_stream_level", "info", "console log level: a name (debug, info, "
+           "warning, error, critical; any case) or a number (default: %(default)s)",
+           parse=log_level, flow=False),
+    Option("logger_file_level", "warning", "log file level, as --logger_stream_level "
+           "(default: %(default)s, as OpenMSIStream 1.8.8)", parse=log_level, flow=False),
+    Option("logs_dir", None, "folder of the log file and registries (default: LOGS in "
+           "the --output_dir folder)",
            parse=Path, flag="logger_file_path", to_flow=_path_or_none),
     Option("update_seconds", 300, "seconds between the '.' alive lines (default: %(default)s)",
            parse=float),
@@ -187,6 +213,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
            "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),
+    # -- accepted for OpenMSIStream 1.8.8's command lines
+    Option("consumer_topic_name", DEFAULT_TOPIC, "topic to consume, as OpenMSIStream 1.8.8: "
+           "when given (and not 'test') it is used instead of --topic_name "
+           "(default: %(default)s)", flow=False),
+    Option("producer_topic_name", DEFAULT_TOPIC, "accepted and ignored, as OpenMSIStream "
+           "1.8.8's GirderUploadStreamProcessor ignores it: nothing is produced but "
+           "heartbeats and log messages (default: %(default)s)", flow=False),
 )
 
 #: ``DEFAULTS.name``: the one default of each option (the flow's signature uses them).
@@ -207,6 +240,15 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                             type=option.parse, choices=option.choices, help=option.help)
 
 
+def consumed_topic(args: argparse.Namespace) -> str:
+    """The topic a command line consumes, by OpenMSIStream 1.8.8's rule:
+    ``--consumer_topic_name`` unless it is left at its default, else ``--topic_name``."""
+    consumer_topic = getattr(args, "consumer_topic_name", None)
+    if consumer_topic and consumer_topic != DEFAULT_TOPIC:
+        return consumer_topic
+    return args.topic_name
+
+
 def flow_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The flow's keyword arguments from parsed command-line options."""
     values = {}
@@ -214,4 +256,5 @@ def flow_arguments(args: argparse.Namespace) -> dict[str, Any]:
         if option.flow and option.cli:
             value = getattr(args, option.name)
             values[option.name] = option.to_flow(value) if option.to_flow else value
+    values["topic_name"] = consumed_topic(args)
     return values

@@ -71,7 +71,7 @@ class KafkaSettings(BaseModel):
     n_threads: int = Field(default=2, ge=1)
     heartbeat_topic: str | None = None
     heartbeat_program_id: str | None = None
-    heartbeat_interval_secs: float = 30.0
+    heartbeat_interval_secs: float = 900.0  # OpenMSIStream 1.8.8's default
     heartbeat_producer: dict[str, str] = Field(default_factory=dict, repr=False)
     kafkacrypto: KafkaCryptoSettings | None = None  # None: the topic is not encrypted
 

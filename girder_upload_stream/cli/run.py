@@ -52,7 +52,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     for handler, level in ((logging.StreamHandler(sys.stderr), args.logger_stream_level),
                            (logging.FileHandler(logs_dir / "GirderUploadStreamProcessor.log",
                                                 encoding="utf-8"), args.logger_file_level)):
-        handler.setLevel(level.upper())
+        handler.setLevel(level)  # a number: options.log_level read the name or number
         handler.setFormatter(fmt)
         root.addHandler(handler)
 

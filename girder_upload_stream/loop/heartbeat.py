@@ -1,12 +1,13 @@
 """Heartbeat messages as OpenMSIStream sends them (see the facts file): every
-``interval`` seconds, a JSON string with a local ISO ``timestamp`` and the messages and
-bytes read and processed since the previous heartbeat."""
+``interval`` seconds, a JSON string with a ``timestamp`` (ISO 8601, in UTC with its
+``+00:00`` offset, as OpenMSIStream 1.8.8's ``HeartbeatProducible`` writes it) and the
+messages and bytes read and processed since the previous heartbeat."""
 
 from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 __all__ = ["heartbeat_value", "Heartbeats"]
@@ -15,7 +16,7 @@ __all__ = ["heartbeat_value", "Heartbeats"]
 def heartbeat_value(delta: dict[str, int], now: datetime | None = None) -> str:
     """The JSON value of one heartbeat from counter deltas."""
     return json.dumps({
-        "timestamp": (now or datetime.now()).isoformat(),
+        "timestamp": (now or datetime.now(timezone.utc)).isoformat(),
         "n_messages_read": delta.get("messages_read", 0),
         "n_bytes_read": delta.get("bytes_read", 0),
         "n_messages_processed": delta.get("messages_processed", 0),

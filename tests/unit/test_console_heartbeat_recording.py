@@ -8,7 +8,7 @@ import io
 import json
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import PurePosixPath
 from types import SimpleNamespace
 
@@ -177,8 +177,9 @@ def test_console_survives_a_closed_stdout() -> None:
 def test_heartbeat_value_has_exactly_the_openmsistream_fields() -> None:
     delta = {"messages_read": 5, "bytes_read": 500, "messages_processed": 4,
              "bytes_processed": 400, "files_uploaded": 9}
-    value = json.loads(heartbeat_value(delta, datetime(2024, 3, 5, 7, 8, 9, 123)))
-    assert value == {"timestamp": "2024-03-05T07:08:09.000123", "n_messages_read": 5,
+    value = json.loads(heartbeat_value(delta, datetime(2024, 3, 5, 7, 8, 9, 123,
+                                                       tzinfo=timezone.utc)))
+    assert value == {"timestamp": "2024-03-05T07:08:09.000123+00:00", "n_messages_read": 5,
                      "n_bytes_read": 500, "n_messages_processed": 4,
                      "n_bytes_processed": 400}
 
@@ -189,7 +190,9 @@ def test_heartbeat_value_defaults_to_zero_and_now() -> None:
                           "n_messages_processed", "n_bytes_processed"}
     assert all(value[k] == 0 for k in value if k != "timestamp")
     stamp = datetime.fromisoformat(value["timestamp"])
-    assert stamp.tzinfo is None and abs((datetime.now() - stamp).total_seconds()) < 5
+    # UTC with its offset, as OpenMSIStream 1.8.8's HeartbeatProducible writes it.
+    assert value["timestamp"].endswith("+00:00")
+    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 5
 
 
 class FakeProducer:

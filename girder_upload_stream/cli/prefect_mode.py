@@ -15,9 +15,22 @@ folder) are Prefect's own settings asked.
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-__all__ = ["prefect_api_url"]
+from girder_upload_stream.errors import TerminalError
+
+__all__ = ["prefect_api_url", "check_prefect_api", "PrefectUnreachableError",
+           "PREFECT_CHECK_SECONDS"]
+
+#: How long the start waits for the Prefect API's first answer.
+PREFECT_CHECK_SECONDS = 10.0
+
+
+class PrefectUnreachableError(TerminalError):
+    """The configured Prefect API does not answer: the run would fail after joining the
+    group, with Prefect's tracebacks; the command stops before, with one line."""
 
 
 def _mentions(path: Path, text: str) -> bool:
@@ -49,3 +62,21 @@ def prefect_api_url() -> str | None:
         return None
     from prefect.settings import Settings
     return Settings().api.url or None  # read from its sources now, as a new process would
+
+
+def check_prefect_api(url: str, timeout: float = PREFECT_CHECK_SECONDS) -> None:
+    """Raise :class:`PrefectUnreachableError` when nothing answers HTTP at ``url``. Any
+    HTTP answer (even 401 or 404: a server is there) passes; Prefect itself then says
+    what is wrong."""
+    source = "PREFECT_API_URL" if os.environ.get("PREFECT_API_URL") else \
+        "PREFECT_API_URL of the Prefect profile"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PrefectUnreachableError(
+            f"cannot start: no Prefect API answers at {url} ({reason}); start the Prefect "
+            f"server (make prefect-up), or unset {source} to run without Prefect") from None

@@ -91,6 +91,10 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
     startup.mark("command line read")
     _setup_logging(args)
+    from girder_upload_stream.cli.prefect_mode import check_prefect_api, prefect_api_url
+    api = prefect_api_url()
+    if api is not None:  # a Prefect API that is not there: one line, before anything else
+        check_prefect_api(api)
     params = _run_parameters(args)
     from girder_upload_stream.loop.session import girder_settings_from, prepare
     girder = girder_settings_from(params, api_key)

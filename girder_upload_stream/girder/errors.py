@@ -12,6 +12,7 @@ is never kept in them.
 from __future__ import annotations
 
 import json
+import re
 
 from girder_upload_stream.errors import GirderUploadStreamError, TerminalError, TransientError
 from girder_upload_stream.redact import redact
@@ -54,12 +55,20 @@ def girder_name(name: str, kind: str = "item") -> str:
     return stored
 
 
+#: What an HTML answer means: the URL is not the REST API's (``.../api`` without ``/v1``).
+NOT_THE_API = ("an HTML page, not an answer of Girder's REST API: is the URL the REST "
+               "API's, ending in /api/v1?")
+
+
 def _server_message(text: str) -> str:
-    """Girder's ``{"message": ..., "type": ...}`` answer as its message alone."""
+    """Girder's ``{"message": ..., "type": ...}`` answer as its message alone, on one
+    line; an HTML page is named as such (:data:`NOT_THE_API`), never quoted."""
     try:
         answer = json.loads(text)
     except ValueError:
-        return text
+        if re.search(r"<\s*(!doctype|html|head|body|h[1-6]|p)\b", text, re.IGNORECASE):
+            return NOT_THE_API
+        return " ".join(text.split())
     return str(answer.get("message", text)) if isinstance(answer, dict) else text
 
 

@@ -4,10 +4,12 @@ message acknowledged or reported, never dropped silently."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from girder_upload_stream.kafka.errors import KafkaTerminalError
+from girder_upload_stream.kafka.rdkafka_log import SLICE_SECONDS, wait_for_topic, with_log
 
 __all__ = ["DeliveryReport", "ChunkProducer"]
 
@@ -47,7 +49,7 @@ class ChunkProducer:
         if self._producer is None:
             from confluent_kafka import KafkaException, Producer
             try:
-                self._producer = Producer(self._settings)
+                self._producer = Producer(with_log(self._settings))
             except KafkaException as exc:
                 raise KafkaTerminalError(f"cannot create a Kafka producer: {exc}",
                                          topic=self.topic) from exc
@@ -83,10 +85,26 @@ class ChunkProducer:
         self.report.sent += 1
         producer.poll(0)
 
+    def check_topic(self, seconds: float = 30.0) -> None:
+        """Fail fast, with one line, when no broker answers within ``seconds`` or the
+        topic does not exist (the broker would hold every message until it times out);
+        Ctrl-C ends the wait."""
+        topic = wait_for_topic(self._client(), self.topic, seconds,
+                               self._settings.get("bootstrap.servers", "?"))
+        if topic is None or topic.error is not None:
+            reason = topic.error.str() if topic is not None else "unknown topic"
+            raise KafkaTerminalError(f"cannot produce: {reason} (create the topic first, "
+                                     "e.g. with docs/examples/create_topic.py)",
+                                     topic=self.topic)
+
     def flush(self, timeout: float = 120.0) -> DeliveryReport:
-        """Wait for every queued message to be acknowledged or to fail."""
+        """Wait for every queued message to be acknowledged or to fail (in short
+        slices, so that Ctrl-C ends the wait)."""
         if self._producer is not None:
-            remaining = self._producer.flush(timeout)
+            deadline = time.monotonic() + timeout
+            remaining = self._producer.flush(0)
+            while remaining and time.monotonic() < deadline:
+                remaining = self._producer.flush(SLICE_SECONDS)
             if remaining:
                 self.report.failures.append(
                     f"{remaining} message(s) still queued after {timeout:.0f}s")

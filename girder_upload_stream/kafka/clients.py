@@ -20,6 +20,7 @@ from girder_upload_stream.kafka.chunk_producer import ChunkProducer, DeliveryRep
 from girder_upload_stream.kafka.commits import CommitBook
 from girder_upload_stream.kafka.errors import KafkaTerminalError, KafkaTransientError
 from girder_upload_stream.kafka.group_offsets import GroupOffsets
+from girder_upload_stream.kafka.rdkafka_log import wait_for_topic, with_log
 from girder_upload_stream.kafka.group_watch import (STATISTICS_INTERVAL_MS, GroupState, GroupWatch,
                                                     parse_group_health)
 from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
@@ -45,6 +46,9 @@ SHARED_AFTER_REVOKE_SECONDS = 120.0
 
 #: How long a stuck consumer gets to close before it is left to close on its own.
 CLOSE_STUCK_SECONDS = 20.0
+
+#: How long the start waits for a broker to describe the topic.
+TOPIC_WAIT_SECONDS = 30.0
 
 #: While the group is stuck but the broker does not answer, how often to ask again.
 STUCK_CHECK_SECONDS = 10.0
@@ -152,7 +156,7 @@ class ConsumerGroup(GroupOffsets):
     def _client_settings(self) -> dict[str, Any]:
         """The consumer's settings and our callbacks. Statistics feed the group watch
         unless the config turned them off (``statistics.interval.ms = 0``)."""
-        settings = {**self._settings, "error_cb": self._mine(self._on_error),
+        settings = {**with_log(self._settings), "error_cb": self._mine(self._on_error),
                     "on_commit": self._mine(self._on_commit)}
         settings.setdefault("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         if int(settings["statistics.interval.ms"]):
@@ -203,8 +207,12 @@ class ConsumerGroup(GroupOffsets):
                 and time.monotonic() - self._revoked_at < SHARED_AFTER_REVOKE_SECONDS)
 
     def _check_topic(self, consumer) -> None:
-        metadata = consumer.list_topics(self.topic, timeout=30)
-        topic = metadata.topics.get(self.topic)
+        try:  # in short slices: Ctrl-C works while no broker answers
+            topic = wait_for_topic(consumer, self.topic, TOPIC_WAIT_SECONDS,
+                                   self._settings.get("bootstrap.servers", "?"))
+        except KafkaTerminalError:
+            self.close()
+            raise
         if topic is not None and topic.error is None:
             self._n_partitions = len(topic.partitions)
         if topic is None or topic.error is not None:

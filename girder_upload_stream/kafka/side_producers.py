@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from girder_upload_stream.kafka.rdkafka_log import with_log
+
 __all__ = ["HeartbeatProducer", "LogProducer"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ class _SideProducer:
     def _client(self):
         from confluent_kafka import Producer
         if self._producer is None:
-            self._producer = Producer(self._settings)
+            self._producer = Producer(with_log(self._settings))
         return self._producer
 
     def _produce(self, producer, value: str) -> None:

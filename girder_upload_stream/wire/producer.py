@@ -95,6 +95,7 @@ def produce_path(root: Path, settings: dict[str, Any], topic: str, *,
     if int(settings.get("message.max.bytes", 1_000_000)) < needed:
         settings["message.max.bytes"] = str(needed)
     producer = ChunkProducer(settings, topic, encrypt=encrypt)
+    producer.check_topic()  # one line and no file read when Kafka or the topic is missing
     summary = ProduceSummary()
     started = time.monotonic()
     for path, subdir, rel_path in iter_source_files(root, upload_regex):

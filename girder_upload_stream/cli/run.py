@@ -111,7 +111,9 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     print(f"stopped ({summary['stopped_because']}): {summary['messages_read']} messages read, "
           f"{summary['files_uploaded']} files uploaded, {summary['files_skipped']} already in "
           f"Girder, {summary['files_failed']} failed, {summary['files_found_in_girder']} "
-          f"re-read and found in Girder", flush=True)
+          f"re-read and found in Girder, {summary.get('files_skipped_different', 0)} skipped as a "
+          f"different file of that name is in Girder, {summary.get('files_skipped_by_regex', 0)} "
+          f"skipped by --download_regex", flush=True)
     if summary.get("messages_not_decrypted"):
         print(f"{summary['messages_not_decrypted']} message(s) could not be decrypted and were "
               f"left uncommitted: the next run of this consumer group reads them again",

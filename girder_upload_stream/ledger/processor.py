@@ -126,6 +126,8 @@ class StreamProcessor:
             return
         if self.download_regex is not None and not self.download_regex.match(chunk.rel_path):
             self.offsets.read(tp, msg.offset)
+            if chunk.chunk_i == 1:  # one count per file (its first chunk), not per message
+                self.counters.files_skipped_by_regex += 1
             return
         self._take(chunk, tp, msg.offset, size)
         self._keep_within_budget()
@@ -547,6 +549,8 @@ class StreamProcessor:
             self.counters.files_failed += 1
         elif outcome.outcome in (Outcome.UPLOADED, Outcome.REPLACED):
             self.counters.files_uploaded += 1
+        elif outcome.outcome is Outcome.SKIPPED_DIFFERENT:
+            self.counters.files_skipped_different += 1  # not "already in Girder": it is not
         else:
             self.counters.files_skipped += 1
 

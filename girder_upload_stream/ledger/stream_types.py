@@ -65,6 +65,10 @@ class Counters:
     messages_rejected: int = 0
     messages_skipped: int = 0  # read, but done before a restart (offsets rule 8)
     files_to_retry: int = 0  # upload failed for good: the next run tries again (rule 9)
+    #: Skipped, a different file of that name being in Girder (no --replace_existing).
+    files_skipped_different: int = 0
+    #: Files (counted at their first chunk) --download_regex does not match: not uploaded.
+    files_skipped_by_regex: int = 0
     _last: dict[str, int] = field(default_factory=dict, repr=False)
 
     def take_delta(self) -> dict[str, int]:

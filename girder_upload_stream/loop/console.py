@@ -60,8 +60,18 @@ def announce_start(kafka: Any, output_dir: Path, girder_api_url: str | None,
 
 def _files_processed(c: Any) -> int:
     # OpenMSIStream counts every file it finished without an error: uploaded, or skipped
-    # because Girder holds it already.
-    return c.files_uploaded + c.files_skipped + c.files_found_in_girder
+    # because Girder holds it (or, without --replace_existing, another file of its name).
+    return c.files_uploaded + c.files_skipped + c.files_skipped_different + \
+        c.files_found_in_girder
+
+
+def _skips(c: Any) -> str:
+    """The files skipped for other reasons than being in Girder, when there are any."""
+    parts = [f"{c.files_skipped_different} skipped as a different file of that name is "
+             "in Girder" if c.files_skipped_different else "",
+             f"{c.files_skipped_by_regex} skipped by --download_regex"
+             if c.files_skipped_by_regex else ""]
+    return "".join(f"; {part}" for part in parts if part)
 
 
 class Console:
@@ -107,7 +117,7 @@ class Console:
                         f"{c.files_uploaded} files uploaded, {c.files_skipped} already in "
                         f"Girder, {c.files_failed} failed, {c.messages_rejected} messages "
                         f"rejected; {len(runner.processor.reassembler.in_progress())} file(s) "
-                        "in progress")
+                        f"in progress{_skips(c)}")
             if final:
                 self._log_shutdown(c)
             else:

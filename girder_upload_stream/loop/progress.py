@@ -35,6 +35,7 @@ class ProgressSample:
     files_failed: int
     files_in_progress: int
     lag: int | None       # messages between the consumer's position and the end; None: unknown
+    files_not_matched: int = 0  # skipped by --download_regex
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,10 @@ def _duration(seconds: float) -> str:
 
 def format_progress(sample: ProgressSample, rates: Rates | None, elapsed: float) -> str:
     """One line, e.g. ``progress: 0:10:00 up; 1,200 files done (300 MiB), 0 failed, 3 in
-    progress; lag 12 messages; 2.0 files/s, 512 KiB/s over the last 30 s``."""
+    progress; lag 12 messages; 2.0 files/s, 512 KiB/s over the last 30 s``; with
+    ``, 5 skipped by --download_regex`` after "in progress" once the regex skipped any."""
+    regex = (f", {sample.files_not_matched:,} skipped by --download_regex"
+             if sample.files_not_matched else "")
     lag = "lag unknown" if sample.lag is None else \
         f"lag {sample.lag:,} message{'' if sample.lag == 1 else 's'}"
     rate = ("rate not known yet" if rates is None else
@@ -84,8 +88,8 @@ def format_progress(sample: ProgressSample, rates: Rates | None, elapsed: float)
             f"the last {rates.seconds:.0f} s")
     return (f"progress: {_duration(elapsed)} up; {sample.files_done:,} file"
             f"{'' if sample.files_done == 1 else 's'} done ({_size(sample.bytes_done)}), "
-            f"{sample.files_failed:,} failed, {sample.files_in_progress:,} in progress; "
-            f"{lag}; {rate}")
+            f"{sample.files_failed:,} failed, {sample.files_in_progress:,} in progress"
+            f"{regex}; {lag}; {rate}")
 
 
 def _lag(group: Any) -> int | None:
@@ -100,9 +104,10 @@ def _lag(group: Any) -> int | None:
 def take_sample(runner: Any, at: float) -> ProgressSample:
     """The runner's counters, files in progress and group lag now."""
     c = runner.processor.counters
-    return ProgressSample(at, c.files_uploaded + c.files_skipped + c.files_found_in_girder,
-                          c.bytes_processed, c.files_failed,
-                          len(runner.processor.reassembler.in_progress()), _lag(runner.group))
+    return ProgressSample(at, c.files_uploaded + c.files_skipped + c.files_skipped_different
+                          + c.files_found_in_girder, c.bytes_processed, c.files_failed,
+                          len(runner.processor.reassembler.in_progress()), _lag(runner.group),
+                          c.files_skipped_by_regex)
 
 
 class ProgressLine:

@@ -229,7 +229,8 @@ class StreamRunner:
     def _note_first_file(self) -> None:
         """The start-up timeline's last mark, once a file is in Girder."""
         c = self.processor.counters
-        if c.files_uploaded + c.files_skipped + c.files_found_in_girder:
+        if c.files_uploaded + c.files_skipped + c.files_skipped_different + \
+                c.files_found_in_girder:
             startup.mark(startup.FIRST_FILE)
 
     def commit(self, tps: list[tuple[str, int]] | None = None) -> None:

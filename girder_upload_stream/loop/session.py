@@ -13,15 +13,18 @@ both ways behave alike. No Prefect import here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import SecretStr
 
 from girder_upload_stream import startup
+from girder_upload_stream.assembly.safe_disk import STAGING_DIR
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
@@ -190,7 +193,17 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
             summary = runner.summary
         finally:
             streams.wait()
+    _remove_staging(runner, run.output_dir)  # every upload has ended (the with block)
     return _summarise(hooks.log, runner, summary, kafka, girder_store, streams)
+
+
+def _remove_staging(runner: StreamRunner, output_dir: Path) -> None:
+    """Delete this run's staging folder and, when no other run has one there, the then
+    empty ``.gus-staging/`` below ``output_dir``: a disk-mode run leaves its files and
+    ``LOGS`` behind, nothing else. Only once no upload reads a staging file any more."""
+    runner.processor.reassembler.close()
+    with contextlib.suppress(OSError):  # not there, or another run's folder is in it
+        (Path(output_dir) / STAGING_DIR).rmdir()
 
 
 def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSettings,

@@ -168,3 +168,54 @@ def test_a_girder_url_that_is_not_the_rest_api_says_so_in_one_line(
         console
     assert console.lines[0].endswith("an HTML page, not an answer of Girder's REST API: is "
                                      "the URL the REST API's, ending in /api/v1?"), console
+
+
+# ----------------------------------------------------------- nothing fails silently
+
+def consume_argv(stack_env: dict[str, str], topic: str, collection: str, out: Path,
+                 *extra: str) -> list[str]:
+    return [*run_argv(stack_env["GIRDER_API_URL"], topic, out), "--collection_name",
+            collection, *extra]
+
+
+def test_missing_side_topics_are_logged_once_and_disk_mode_leaves_no_staging_folder(
+        base_env, stack_env, make_topic, make_collection, tmp_path: Path) -> None:
+    topic, collection = make_topic(1), make_collection()["name"]
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "a.txt").write_bytes(b"hello\n")
+    finish(produce_ours(tmp_path / "tree", topic, stack_env["KAFKA_BOOTSTRAP_SERVERS"],
+                        tmp_path), "produce")
+    beats, logs = f"{topic}-no-beats", f"{topic}-no-logs"
+    out = tmp_path / "out"
+    run = Console(consume_argv(stack_env, topic, collection, out, "--mode", "disk",
+                               "--heartbeat_topic_name", beats, "--heartbeat_interval_secs",
+                               "1", "--log_topic_name", logs, "--log_interval_secs", "1"),
+                  base_env, tmp_path).finish(120)
+    assert run.code == 0, run
+    assert any(", 1 files uploaded," in line for line in run.lines), run
+    for what, name in (("heartbeat", beats), ("log", logs)):
+        said = [line for line in run.lines if f"{what} topic '{name}' cannot be used" in line]
+        assert len(said) == 1, run
+        assert f"no {what} message is sent in this run" in said[0], run
+    assert not [line for line in run.lines if line.startswith("%")], run  # no raw librdkafka
+    assert sorted(p.name for p in out.iterdir()) == ["LOGS"], run
+
+
+def test_a_download_regex_that_matches_nothing_is_counted_in_the_summary_and_progress(
+        base_env, stack_env, make_topic, make_collection, tmp_path: Path) -> None:
+    topic, collection = make_topic(2), make_collection()["name"]
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "a.txt").write_bytes(b"a" * 3000)
+    (tmp_path / "tree" / "sub" / "b.txt").write_bytes(b"b")
+    finish(produce_ours(tmp_path / "tree", topic, stack_env["KAFKA_BOOTSTRAP_SERVERS"],
+                        tmp_path, chunk_size=1024), "produce")
+    # re.match: "b.txt" is not matched by a pattern that matches "sub/b.txt" only later.
+    run = Console(consume_argv(stack_env, topic, collection, tmp_path / "out",
+                               "--download_regex", r"b\.txt", "--progress_seconds", "1"),
+                  base_env, tmp_path).finish(120)
+    assert run.code == 0, run
+    [summary] = [line for line in run.lines if line.startswith("stopped (")]
+    assert ", 0 files uploaded," in summary and \
+        summary.endswith(", 2 skipped by --download_regex"), run
+    progress = [line for line in run.lines if line.startswith("progress: ")]
+    assert progress and ", 2 skipped by --download_regex; " in progress[-1], run

@@ -217,7 +217,10 @@ def test_replace_existing(case: Case, girder_client):
     case.produce({rel: v1})
     case.produce({rel: v2})
     run = case.run()
-    assert run.code == 0 and run.summary()["skipped"] == 2, _described(case, run)
+    # v1 again: already in Girder; v2: skipped as a different file (counted apart).
+    assert run.code == 0 and run.summary()["skipped"] == 1, _described(case, run)
+    assert "1 skipped as a different file of that name is in Girder" in run.text, \
+        _described(case, run)
     assert "--replace_existing" in run.text, _described(case, run)
     assert _contents(girder_client, case, rel)[::2] == (v1, 1)
 
@@ -255,7 +258,9 @@ def test_a_failed_replace_of_a_version_skipped_before_is_retried(case: Case, gir
     _put_item(girder_client, case, rel, v1)
     case.produce({rel: v2})
     run = case.run()
-    assert run.code == 0 and run.summary()["skipped"] == 1, _described(case, run)
+    assert run.code == 0 and run.summary()["skipped"] == 0, _described(case, run)
+    assert "1 skipped as a different file of that name is in Girder" in run.text, \
+        _described(case, run)
     case.produce({rel: v2})
     fault = case.proxy.fail("PUT file/:id/contents", 400)
     run = case.run("--replace_existing")

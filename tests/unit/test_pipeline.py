@@ -92,8 +92,9 @@ def test_durable_outcomes_release_and_count(outcome) -> None:
     assert proc.offsets.committable() == {(TOPIC, 2): 1}
     c = proc.counters
     uploaded = outcome in (Outcome.UPLOADED, Outcome.REPLACED)
-    assert (c.files_uploaded, c.files_skipped, c.files_failed) == \
-        ((1, 0, 0) if uploaded else (0, 1, 0))
+    different = outcome is Outcome.SKIPPED_DIFFERENT  # not "already in Girder"
+    assert (c.files_uploaded, c.files_skipped, c.files_skipped_different, c.files_failed) == \
+        ((1, 0, 0, 0) if uploaded else (0, 0, 1, 0) if different else (0, 1, 0, 0))
     assert c.messages_processed == 1
 
 
@@ -320,6 +321,9 @@ def test_download_regex_filters_without_reassembly() -> None:
     assert proc.counters.messages_read == 9
     assert proc.counters.messages_processed == 3
     assert proc.counters.messages_rejected == 0
+    # Matched from the start of the path (re.match, as OpenMSIStream): "skip/b.bin" and
+    # "c.bin" are two files skipped, each counted once, whatever its number of chunks.
+    assert proc.counters.files_skipped_by_regex == 2
 
 
 # ---------------------------------------------------------------- duplicates
@@ -503,7 +507,8 @@ def test_counters_take_delta_starts_from_zero() -> None:
                               "bytes_processed": 0, "files_uploaded": 0, "files_skipped": 0,
                               "files_found_in_girder": 0,
                               "files_failed": 0, "messages_rejected": 0,
-                              "messages_skipped": 0, "files_to_retry": 0}
+                              "messages_skipped": 0, "files_to_retry": 0,
+                              "files_skipped_different": 0, "files_skipped_by_regex": 0}
 
 
 def test_chunk_added_recorded_for_accepted_chunks_only() -> None:

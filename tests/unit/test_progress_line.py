@@ -155,3 +155,14 @@ def test_option_defined_once_for_commands_and_flow() -> None:
     assert option.parse("0") == 0
     with pytest.raises(Exception):
         option.parse("-1")
+
+
+def test_files_skipped_by_the_regex_are_on_the_line_once_there_are_any() -> None:
+    none = take_sample(runner(files_uploaded=1), 5.0)
+    assert "download_regex" not in format_progress(none, None, 5.0)
+    some = take_sample(runner(files_uploaded=1, files_skipped_by_regex=4,
+                              files_skipped_different=2), 5.0)
+    line = format_progress(some, None, 5.0)
+    assert some.files_done == 3  # a file skipped as different is settled: done
+    assert "3 files done (0 B), 0 failed, 0 in progress, 4 skipped by --download_regex; " \
+        in line, line

@@ -137,32 +137,39 @@ def _path_or_none(value: Path | None) -> str | None:
 
 OPTIONS: tuple[Option, ...] = (
     # -- Girder
-    Option("girder_root_folder_id", None, "id of the root folder to upload below"),
+    Option("girder_root_folder_id", None, "id of the root folder to upload below; when "
+           "given, --collection_name and --girder_root_folder_path are not used (default: "
+           "none)"),
     Option("collection_name", DEFAULT_COLLECTION_NAME,
            "collection of the root folder when no id is given (default: %(default)s)"),
     Option("girder_root_folder_path", None,
            "root folder path below the collection, every part a folder (default: "
            "'{collection_name}/{topic_name}', i.e. /collection/C/C/TOPIC, as OpenMSIStream "
            "1.8.8); created if missing"),
-    Option("metadata", None, "JSON object added to every item's and folder's metadata",
-           parse=json_object),
+    Option("metadata", None, "JSON object added to every item's and folder's metadata "
+           "(default: none)", parse=json_object),
     Option("replace_existing", False, "replace an item's contents when a different file "
            "of the same name is already there (default: skip with a warning)", switch=True),
     # -- Kafka
     Option("topic_name", DEFAULT_TOPIC, "topic (default: %(default)s)"),
     Option("n_threads", 2, "uploads running at once (default: %(default)s)", parse=positive_int),
     Option("consumer_group_id", "create_new",
-           "consumer group; 'create_new' makes a fresh one (default)"),
+           "consumer group; 'create_new' makes a fresh one at every start (default: "
+           "%(default)s)"),
     Option("download_regex", None, "only files whose path relative to the producer's "
            "folder matches this regular expression from its start (Python re.match, as "
            "OpenMSIStream 1.8.8) are uploaded; others are counted as skipped (default: "
            "every file)"),
-    Option("heartbeat_topic_name", None, "topic for heartbeat messages"),
-    Option("heartbeat_program_id", None, "heartbeat key prefix"),
+    Option("heartbeat_topic_name", None, "topic for heartbeat messages (default: none, no "
+           "heartbeats)"),
+    Option("heartbeat_program_id", None, "heartbeat key prefix (default: "
+           "girder-upload-stream-{group id})"),
     Option("heartbeat_interval_secs", 900, "seconds between heartbeats (default: "
            "%(default)s, as OpenMSIStream 1.8.8)", parse=positive_float),
-    Option("log_topic_name", None, "topic for log messages (the program's log lines)"),
-    Option("log_program_id", None, "log message key prefix"),
+    Option("log_topic_name", None, "topic for log messages (the program's log lines; "
+           "default: none, no log messages)"),
+    Option("log_program_id", None, "log message key prefix (default: "
+           "girder-upload-stream-{group id})"),
     Option("log_interval_secs", 60, "seconds between log messages (default: %(default)s)",
            parse=positive_float),
     Option("treat_undecryptable_as_plaintext", False, "KafkaCrypto: read messages that are "
@@ -196,8 +203,10 @@ OPTIONS: tuple[Option, ...] = (
            "their upload unit (one Prefect task run) unless they fill one; 0 = none "
            "(default: %(default)s)", parse=non_negative_float),
     Option("max_idle_seconds", None,
-           "stop after this long with no new message and nothing in flight", parse=float),
-    Option("max_runtime_seconds", None, "stop after this long", parse=float),
+           "stop after this long with no new message and nothing in flight (default: none, "
+           "run until stopped)", parse=float),
+    Option("max_runtime_seconds", None, "stop after this long (default: none, run until "
+           "stopped)", parse=float),
     Option("stale_partial_seconds", 3600,
            "a file missing chunks for this long stops holding back offset commits and is "
            "registered as failed; 0 = never (default: %(default)s)", parse=float),
@@ -237,7 +246,10 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                                 help=option.help)
             continue
         parser.add_argument(option.flag_name, dest=option.name, default=option.default,
-                            type=option.parse, choices=option.choices, help=option.help)
+                            type=option.parse, choices=option.choices, help=option.help,
+                            # named after the flag, never the internal name (logs_dir)
+                            metavar=None if option.choices else
+                            (option.flag or option.name).upper())
 
 
 def consumed_topic(args: argparse.Namespace) -> str:

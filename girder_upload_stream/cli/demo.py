@@ -17,6 +17,7 @@ GIRDER_API_URL, GIRDER_API_KEY, PREFECT_API_URL.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SAMPLE_FILES", "WAITING_FILES", "DEMO_COLLECTION", "DEMO_GROUP", "API_KEY_BLOCK",
-           "make_sample_tree", "main"]
+           "make_sample_tree", "stack_dir", "main"]
 
 SAMPLE_FILES = {
     "README.txt": 2_000,
@@ -62,6 +63,12 @@ def make_sample_tree(root: Path, files: dict[str, int] = SAMPLE_FILES, seed: int
         path.write_bytes(rng.randbytes(size))
         total += size
     return total
+
+
+def stack_dir() -> Path:
+    """The stack's folder, by stackctl's rule (stack/common.py): ``$GUS_STACK_DIR``, else
+    ``.stack`` of the checkout (the working folder: ``make demo`` runs from its root)."""
+    return Path(os.environ.get("GUS_STACK_DIR") or Path.cwd() / ".stack").resolve()
 
 
 def _say(text: str) -> None:
@@ -115,7 +122,7 @@ def _finish_registering(deploy, worker, work: Path, topic: str) -> dict[str, Any
                            + (work / "worker-start.log").read_text(errors="replace")[-3000:])
     _say(f"deployments {', '.join(deploying.DEPLOYMENTS)} registered (work pool "
          f"{deploying.WORK_POOL!r}, API key in the Secret block {API_KEY_BLOCK!r}); "
-         "worker running, log .stack/logs/worker.log")
+         f"worker running, log {stack_dir() / 'logs' / 'worker.log'}")
     return ids
 
 
@@ -163,17 +170,37 @@ def _tell(topic: str, flow_run, seconds: float, ids: dict[str, Any], landed: dic
     _say(f"Girder's web client, the demo folder: {web}/#folder/{_demo_folder_id(topic)}")
     _say(f"  the collection {DEMO_COLLECTION!r} was created public, as OpenMSIStream creates "
          "collections, so no log-in is needed to look; to log in: user admin, password in "
-         ".stack/girder/credentials.json")
+         f"{stack_dir() / 'girder' / 'credentials.json'}")
     _say(f"{len(WAITING_FILES)} more files are waiting in the topic {topic}: open "
          f"{deploying.deployment_url(ids['drain'])}, press Run, and watch them land in the "
          "folder above (drain also runs every 15 minutes by itself)")
     _say(f"registries: {work / 'output' / 'LOGS'}; stop it all: make prefect-down stack-down")
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m girder_upload_stream.cli.demo",
+        description="What `make demo` runs once the stack is up: register the deployments "
+                    "stream and drain of deployments/prefect.yaml (API key in the Secret "
+                    "block girder-api-key), start their worker, produce a sample tree to a "
+                    "new topic, upload it with a run of stream, leave a few more files "
+                    "waiting and print where to look. Run from the repository root with "
+                    "the stack's environment (KAFKA_BOOTSTRAP_SERVERS, GIRDER_API_URL, "
+                    "GIRDER_API_KEY, PREFECT_API_URL); the stack's folder is $GUS_STACK_DIR, "
+                    "else .stack.")
+    parser.add_argument("--demo_dir", type=Path, default=None,
+                        help="folder of the sample files, logs and the runs' output folder "
+                             "(default: $GUS_DEMO_DIR, else demo in the stack's folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     repo = Path.cwd()
-    work = Path(os.environ.get("GUS_DEMO_DIR", ".stack/demo")).resolve()
+    work = (args.demo_dir or Path(os.environ.get("GUS_DEMO_DIR") or stack_dir() / "demo"))
+    work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    _say(f"working in {work} (the stack's folder: {stack_dir()})")
     topic = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     deploy, worker = _register(repo, work, topic)
     size = make_sample_tree(work / "source")

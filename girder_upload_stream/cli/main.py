@@ -18,7 +18,7 @@ from girder_upload_stream.wire.codec import DEFAULT_CHUNK_SIZE
 from girder_upload_stream.wire.config import load_config
 from girder_upload_stream.cli.run import add_run_arguments, run_from_args, run_guarded
 from girder_upload_stream.wire.config_files import resolve_config_path
-from girder_upload_stream.options import non_negative_float, positive_int
+from girder_upload_stream.options import log_level, non_negative_float, positive_int
 from girder_upload_stream.wire.producer import DEFAULT_UPLOAD_REGEX, ProduceSummary, produce_path
 
 __all__ = ["build_parser", "main"]
@@ -46,9 +46,12 @@ def _add_produce(sub: argparse._SubParsersAction) -> None:
     produce.add_argument("--chunk_size", type=positive_int, default=DEFAULT_CHUNK_SIZE,
                          help="bytes per chunk message (default: %(default)s)")
     produce.add_argument("--upload_regex", type=_regex, default=DEFAULT_UPLOAD_REGEX,
-                         help="only relative paths matching this are produced (default: "
-                              "everything except names starting with '.' or ending in '.log')")
-    produce.add_argument("--quiet", action="store_true", help="no progress lines")
+                         help="only files whose path relative to PATH matches this regular "
+                              "expression from its start (Python re.match) are produced "
+                              "(default: everything except names starting with '.' or "
+                              "ending in '.log')")
+    produce.add_argument("--quiet", action="store_true",
+                         help="no progress lines (default: off, a line every 2 s)")
     produce.add_argument("--serve_keys_seconds", type=non_negative_float, default=30.0,
                          help="encrypted topics only: seconds to keep answering consumers' "
                               "key requests once every chunk is acknowledged "
@@ -133,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="girder-upload-stream",
         description="Stream instrument data files through Kafka into Girder.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log_level", default="INFO", help="console log level (default: INFO)")
+    parser.add_argument("--log_level", default="INFO", type=log_level,
+                        help="console log level of produce: a name in any case or a number "
+                             "(default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_produce(sub)
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "produce":
-        logging.basicConfig(level=args.log_level.upper(),
+        logging.basicConfig(level=args.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_guarded(lambda: args.handler(args))
 

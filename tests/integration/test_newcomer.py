@@ -17,13 +17,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.kafka_checks import committed_offsets
-from tests.integration.programs import OUR_CLI, finish, produce_ours
+from tests.integration.programs import OUR_CLI, REPO_ROOT, finish, produce_ours
 
 pytestmark = pytest.mark.integration
 
@@ -219,3 +220,12 @@ def test_a_download_regex_that_matches_nothing_is_counted_in_the_summary_and_pro
         summary.endswith(", 2 skipped by --download_regex"), run
     progress = [line for line in run.lines if line.startswith("progress: ")]
     assert progress and ", 2 skipped by --download_regex; " in progress[-1], run
+
+
+def test_create_topic_says_in_one_line_that_a_topic_exists_already(
+        base_env, make_topic, tmp_path: Path) -> None:
+    topic = make_topic(2)
+    console = Console([sys.executable, REPO_ROOT / "docs" / "examples" / "create_topic.py",
+                       topic], base_env, tmp_path).finish(60)
+    assert console.code == 0, console
+    assert console.lines == [f"topic {topic!r} exists already: left as it is"], console

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["SAMPLE_FILES", "WAITING_FILES", "DEMO_COLLECTION", "DEMO_GROUP", "API_KEY_BLOCK",
-           "make_sample_tree", "stack_dir", "main"]
+           "make_sample_tree", "stack_dir", "worker_log", "girder_credentials", "demo_dir",
+           "main"]
 
 SAMPLE_FILES = {
     "README.txt": 2_000,
@@ -69,6 +70,21 @@ def stack_dir() -> Path:
     """The stack's folder, by stackctl's rule (stack/common.py): ``$GUS_STACK_DIR``, else
     ``.stack`` of the checkout (the working folder: ``make demo`` runs from its root)."""
     return Path(os.environ.get("GUS_STACK_DIR") or Path.cwd() / ".stack").resolve()
+
+
+def worker_log() -> Path:
+    """Where ``stackctl up worker`` logs (stack/common.py's ``log_path("worker")``)."""
+    return stack_dir() / "logs" / "worker.log"
+
+
+def girder_credentials() -> Path:
+    """The stack's Girder admin credentials (stack/girder.py)."""
+    return stack_dir() / "girder" / "credentials.json"
+
+
+def demo_dir(given: Path | None = None) -> Path:
+    """The demo's folder: ``given``, else ``$GUS_DEMO_DIR``, else the stack's ``demo``."""
+    return (given or Path(os.environ.get("GUS_DEMO_DIR") or stack_dir() / "demo")).resolve()
 
 
 def _say(text: str) -> None:
@@ -122,7 +138,7 @@ def _finish_registering(deploy, worker, work: Path, topic: str) -> dict[str, Any
                            + (work / "worker-start.log").read_text(errors="replace")[-3000:])
     _say(f"deployments {', '.join(deploying.DEPLOYMENTS)} registered (work pool "
          f"{deploying.WORK_POOL!r}, API key in the Secret block {API_KEY_BLOCK!r}); "
-         f"worker running, log {stack_dir() / 'logs' / 'worker.log'}")
+         f"worker running, log {worker_log()}")
     return ids
 
 
@@ -170,7 +186,7 @@ def _tell(topic: str, flow_run, seconds: float, ids: dict[str, Any], landed: dic
     _say(f"Girder's web client, the demo folder: {web}/#folder/{_demo_folder_id(topic)}")
     _say(f"  the collection {DEMO_COLLECTION!r} was created public, as OpenMSIStream creates "
          "collections, so no log-in is needed to look; to log in: user admin, password in "
-         f"{stack_dir() / 'girder' / 'credentials.json'}")
+         f"{girder_credentials()}")
     _say(f"{len(WAITING_FILES)} more files are waiting in the topic {topic}: open "
          f"{deploying.deployment_url(ids['drain'])}, press Run, and watch them land in the "
          "folder above (drain also runs every 15 minutes by itself)")
@@ -197,8 +213,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     repo = Path.cwd()
-    work = (args.demo_dir or Path(os.environ.get("GUS_DEMO_DIR") or stack_dir() / "demo"))
-    work = work.resolve()
+    work = demo_dir(args.demo_dir)
     work.mkdir(parents=True, exist_ok=True)
     _say(f"working in {work} (the stack's folder: {stack_dir()})")
     topic = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"

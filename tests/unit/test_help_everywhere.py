@@ -96,3 +96,37 @@ def test_every_option_states_its_default(name: str) -> None:
 def test_the_regex_options_say_how_they_match(name: str, option: str) -> None:
     [action] = [a for a in _parsers()[name]._actions if option in a.option_strings]
     assert "from its start" in action.help and "re.match" in action.help, action.help
+
+
+# The paths the demo prints and uses, with the stack kept in another folder: the ones
+# stackctl (stack/common.py, stack/girder.py) uses for the same GUS_STACK_DIR.
+DEMO_PATHS = r"""
+import json
+from pathlib import Path
+from stack import common
+from girder_upload_stream.cli import demo
+print(json.dumps({
+    "stack": [str(demo.stack_dir()), str(common.STACK_DIR.resolve())],
+    "worker_log": [str(demo.worker_log()), str((common.STACK_DIR / "logs" / "worker.log").resolve())],
+    "credentials": [str(demo.girder_credentials()),
+                    str((common.STACK_DIR / "girder" / "credentials.json").resolve())],
+    "demo": [str(demo.demo_dir()), str((common.STACK_DIR / "demo").resolve())]}))
+"""
+
+
+@pytest.mark.parametrize("elsewhere", [True, False])
+def test_the_demo_uses_the_stack_folder_stackctl_uses(tmp_path: Path, elsewhere: bool) -> None:
+    import json
+    env = {k: v for k, v in os.environ.items() if k not in ("GUS_STACK_DIR", "GUS_DEMO_DIR")}
+    if elsewhere:
+        env["GUS_STACK_DIR"] = str(tmp_path / "elsewhere")
+    done = subprocess.run([PY, "-c", DEMO_PATHS], cwd=REPO_ROOT, env=env, text=True,
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    paths = json.loads(done.stdout)
+    for what, (ours, stackctl) in paths.items():
+        assert ours == stackctl, what
+    root = str(tmp_path / "elsewhere") if elsewhere else str(REPO_ROOT / ".stack")
+    assert all(ours.startswith(root) for ours, _ in paths.values()), paths
+    if elsewhere:
+        assert list(tmp_path.iterdir()) == [], "looking the paths up created folders"

@@ -3,6 +3,7 @@ message acknowledged or reported, never dropped silently."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -11,7 +12,12 @@ from dataclasses import dataclass, field
 from girder_upload_stream.kafka.errors import KafkaTerminalError
 from girder_upload_stream.kafka.rdkafka_log import SLICE_SECONDS, wait_for_topic, with_log
 
-__all__ = ["DeliveryReport", "ChunkProducer"]
+__all__ = ["DeliveryReport", "ChunkProducer", "QUIET_FLUSH_SECONDS"]
+
+logger = logging.getLogger(__name__)
+
+#: After this long waiting for acknowledgements, the wait is said (once).
+QUIET_FLUSH_SECONDS = 5.0
 
 
 @dataclass
@@ -101,10 +107,14 @@ class ChunkProducer:
         """Wait for every queued message to be acknowledged or to fail (in short
         slices, so that Ctrl-C ends the wait)."""
         if self._producer is not None:
-            deadline = time.monotonic() + timeout
-            remaining = self._producer.flush(0)
-            while remaining and time.monotonic() < deadline:
+            started = time.monotonic()
+            remaining, told = self._producer.flush(0), False
+            while remaining and time.monotonic() - started < timeout:
                 remaining = self._producer.flush(SLICE_SECONDS)
+                if remaining and not told and time.monotonic() - started > QUIET_FLUSH_SECONDS:
+                    told = True  # librdkafka's own lines are at DEBUG: say why it waits
+                    logger.warning("waiting for the broker to acknowledge %d message(s), "
+                                   "for %.0f s at most (Ctrl-C stops)", remaining, timeout)
             if remaining:
                 self.report.failures.append(
                     f"{remaining} message(s) still queued after {timeout:.0f}s")

@@ -84,3 +84,33 @@ def test_an_absent_prefect_api_is_one_error_naming_it(monkeypatch) -> None:
         check_prefect_api(url, timeout=5)
     assert str(caught.value).startswith(f"cannot start: no Prefect API answers at {url} (")
     assert "unset PREFECT_API_URL" in str(caught.value)
+
+
+class StuckProducer:
+    """A confluent-kafka Producer whose broker never acknowledges: flush() keeps 3 back."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def flush(self, timeout: float) -> int:
+        self.waits.append(timeout)
+        return 3
+
+
+def test_a_flush_the_broker_does_not_answer_waits_in_slices_and_says_so_once(
+        monkeypatch, caplog) -> None:
+    from girder_upload_stream.kafka import chunk_producer
+    from girder_upload_stream.kafka.chunk_producer import ChunkProducer
+    monkeypatch.setattr(chunk_producer, "QUIET_FLUSH_SECONDS", 0.0)
+    monkeypatch.setattr(chunk_producer, "SLICE_SECONDS", 0.01)
+    producer = ChunkProducer({"bootstrap.servers": "127.0.0.1:1"}, "t")
+    producer._producer = StuckProducer()
+    with caplog.at_level(logging.WARNING, logger="girder_upload_stream.kafka.chunk_producer"):
+        report = producer.flush(timeout=0.2)
+    assert report.failures == ["3 message(s) still queued after 0s"]
+    # Short waits (a SIGINT gets through between them), never one long one.
+    assert max(producer._producer.waits) <= 0.01
+    assert len(producer._producer.waits) > 5
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["waiting for the broker to acknowledge 3 message(s), for 0 s at most "
+                    "(Ctrl-C stops)"]

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from girder_upload_stream.kafka.errors import KafkaTerminalError
-from girder_upload_stream.kafka.rdkafka_log import SLICE_SECONDS, wait_for_topic, with_log
+from girder_upload_stream.kafka.rdkafka_log import (SLICE_SECONDS, topic_problem, wait_for_topic,
+                                                  with_log)
 
 __all__ = ["DeliveryReport", "ChunkProducer", "QUIET_FLUSH_SECONDS"]
 
@@ -97,8 +98,8 @@ class ChunkProducer:
         Ctrl-C ends the wait."""
         topic = wait_for_topic(self._client(), self.topic, seconds,
                                self._settings.get("bootstrap.servers", "?"))
-        if topic is None or topic.error is not None:
-            reason = topic.error.str() if topic is not None else "unknown topic"
+        reason = topic_problem(topic)
+        if reason is not None:
             raise KafkaTerminalError(f"cannot produce: {reason} (create the topic first, "
                                      "e.g. with docs/examples/create_topic.py)",
                                      topic=self.topic)

@@ -20,7 +20,7 @@ from girder_upload_stream.kafka.chunk_producer import ChunkProducer, DeliveryRep
 from girder_upload_stream.kafka.commits import CommitBook
 from girder_upload_stream.kafka.errors import KafkaTerminalError, KafkaTransientError
 from girder_upload_stream.kafka.group_offsets import GroupOffsets
-from girder_upload_stream.kafka.rdkafka_log import wait_for_topic, with_log
+from girder_upload_stream.kafka.rdkafka_log import topic_problem, wait_for_topic, with_log
 from girder_upload_stream.kafka.group_watch import (STATISTICS_INTERVAL_MS, GroupState, GroupWatch,
                                                     parse_group_health)
 from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
@@ -213,12 +213,11 @@ class ConsumerGroup(GroupOffsets):
         except KafkaTerminalError:
             self.close()
             raise
-        if topic is not None and topic.error is None:
-            self._n_partitions = len(topic.partitions)
-        if topic is None or topic.error is not None:
+        reason = topic_problem(topic)
+        if reason is not None:
             self.close()
-            reason = topic.error.str() if topic is not None and topic.error else "unknown topic"
             raise KafkaTerminalError(f"cannot consume: {reason}", topic=self.topic)
+        self._n_partitions = len(topic.partitions)
 
     def _assigned(self, consumer, partitions) -> None:
         self._book.new_assignment((p.topic, p.partition) for p in partitions)

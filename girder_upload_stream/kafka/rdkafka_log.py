@@ -22,7 +22,7 @@ from typing import Any
 
 from girder_upload_stream.kafka.errors import KafkaTerminalError
 
-__all__ = ["RdkafkaLog", "with_log", "wait_for_topic", "REPEAT_SECONDS", "SLICE_SECONDS",
+__all__ = ["RdkafkaLog", "with_log", "wait_for_topic", "topic_problem", "REPEAT_SECONDS", "SLICE_SECONDS",
            "ROUTINE_FACILITIES"]
 
 logger = logging.getLogger("girder_upload_stream.kafka.librdkafka")
@@ -95,3 +95,11 @@ def wait_for_topic(client: Any, topic: str, seconds: float, servers: str) -> Any
             raise KafkaTerminalError(
                 f"no Kafka broker answered at {servers} in {seconds:g} s: is Kafka running, "
                 "and are bootstrap.servers in the config file right?", topic=topic)
+
+
+def topic_problem(found: Any) -> str | None:
+    """Why the topic :func:`wait_for_topic` returned cannot be used, or None when it
+    can: the broker's error, or "unknown topic" when the broker did not list it."""
+    if found is None:
+        return "unknown topic"
+    return found.error.str() if found.error is not None else None

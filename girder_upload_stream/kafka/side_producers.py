@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from girder_upload_stream.errors import GirderUploadStreamError
-from girder_upload_stream.kafka.rdkafka_log import wait_for_topic, with_log
+from girder_upload_stream.kafka.rdkafka_log import topic_problem, wait_for_topic, with_log
 
 __all__ = ["HeartbeatProducer", "LogProducer"]
 
@@ -60,9 +60,9 @@ class _SideProducer:
         except GirderUploadStreamError as exc:
             logger.debug("%s topic %s not checked: %s", self.what, self.topic, exc)
             return
-        if found is None or found.error is not None:
+        reason = topic_problem(found)
+        if reason is not None:
             self._missing = True
-            reason = found.error.str() if found is not None else "unknown topic"
             logger.warning("%s topic '%s' cannot be used (%s): no %s message is sent in "
                            "this run; create the topic and restart to have them", self.what,
                            self.topic, reason, self.what)

@@ -22,6 +22,16 @@ from dataclasses import replace
 from girder_upload_stream import failpoints
 from girder_upload_stream.wire.codec import Chunk, FileKey, decode_chunk
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
+
+
+class ChunkRefusedError(ChunkDecodeError):
+    """A well-formed chunk the reassembler cannot use (impossible for its file, or over a
+    bound of files in progress or of competing copies); recorded like an undecodable
+    message."""
+
+    def __init__(self, reason: str, **context) -> None:
+        super().__init__(reason, **context)
+        self.message = f"chunk refused: {reason}"
 from girder_upload_stream.ledger.records import (FileLedger, FileRecord, FileState, Role, Route,
                                          file_generation)
 from girder_upload_stream.ledger.offsets import OffsetTracker
@@ -35,7 +45,7 @@ from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit,
 
 # The exchanged types are re-exported: callers of the processor need them.
 __all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
-           "RETRIED_NEXT_RUN", "file_generation"]
+           "RETRIED_NEXT_RUN", "file_generation", "ChunkRefusedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +84,12 @@ class StreamProcessor:
                  poll_target_bytes: int = POLL_TARGET_BYTES,
                  open_stream: Callable[[StreamPlan], StreamHandle] | None = None,
                  stream_min_bytes: int | None = None,
+                 max_files_in_progress: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.reassembler = reassembler
+        if max_files_in_progress is not None:
+            reassembler.max_files_in_progress = max_files_in_progress
         self.ledger = FileLedger(known_done, known_pending, known_in_girder=known_in_girder)
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
@@ -127,7 +140,7 @@ class StreamProcessor:
         if self.download_regex is not None and not self.download_regex.match(chunk.rel_path):
             self.offsets.read(tp, msg.offset)
             return
-        self._take(chunk, tp, msg.offset, size)
+        self._take(chunk, msg, size)
         self._keep_within_budget()
 
     def _keep_within_budget(self) -> None:
@@ -166,15 +179,20 @@ class StreamProcessor:
             return decode_chunk(msg.value, msg.key, topic=msg.topic,
                                 partition=msg.partition, offset=msg.offset)
         except ChunkDecodeError as error:
-            logger.error("%s", error)
-            self.counters.messages_rejected += 1
-            self.recorder.message_rejected(msg, error)
-            self.offsets.read(tp, msg.offset)
+            self._reject_message(msg, error)
             return None
 
-    def _take(self, chunk: Chunk, tp: tuple[str, int], offset: int, size: int) -> None:
+    def _reject_message(self, msg: RawMessage, error: ChunkDecodeError) -> None:
+        """The one path of a message rejected on its own (undecodable, or a chunk refused
+        by the reassembler): logged, recorded, and done (offsets rule 3)."""
+        logger.error("%s", error)
+        self.counters.messages_rejected += 1
+        self.recorder.message_rejected(msg, error)
+        self.offsets.read((msg.topic, msg.partition), msg.offset)
+
+    def _take(self, chunk: Chunk, msg: RawMessage, size: int) -> None:
         """Route one chunk (the ledger says what it means), then reassemble it."""
-        key = chunk.file_key
+        key, tp, offset = chunk.file_key, (msg.topic, msg.partition), msg.offset
         reread = self.offsets.is_reread(tp, offset)
         busy = self.ledger.busy(key)
         route = self.ledger.route(key, reread)
@@ -192,6 +210,9 @@ class StreamProcessor:
                  or (not busy and not reread))
         result = self._reassemble(chunk, fresh, tp, offset)
         if result is None:
+            return
+        if result.status is AddStatus.REFUSED:
+            self._refused(msg, chunk, result)
             return
         if result.status is AddStatus.IGNORED or (result.status is AddStatus.DUPLICATE
                                                   and not busy):
@@ -213,12 +234,53 @@ class StreamProcessor:
         if fresh and self.reassembler.is_completed(key):
             self.reassembler.discard(key)  # rebuilt from scratch, not a duplicate
         try:
-            return self.reassembler.add(chunk)
+            result = self.reassembler.add(chunk)
+            if result.full and self._evict_released():
+                result = self.reassembler.add(chunk)
+            return result
         except StorageError as error:
             logger.error("%s", error)
             self.ledger.open(key)
             self.offsets.read(tp, offset, key)
             return None
+
+    def _refused(self, msg: RawMessage, chunk: Chunk, result: AddResult) -> None:
+        """A chunk the reassembler cannot use (impossible for its file, over a bound):
+        the message alone is rejected; its file, if any, goes on without it."""
+        if result.contested:
+            self._contested(result.file_key)
+        self._reject_message(msg, ChunkRefusedError(
+            result.reason, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+            rel_path=chunk.rel_path))
+
+    def _evict_released(self) -> bool:
+        """At the bound of files in progress, make room by forgetting the file released
+        longest ago (stale: its messages were released then, it holds no commit); False
+        if there is none."""
+        released = self.ledger.in_state(FileState.RELEASED)
+        if not released:
+            return False
+        progress = {r.key: self.reassembler.progress(r.key) for r in released}
+        oldest = min(released, key=lambda r: progress[r.key].last_message_at
+                     if progress[r.key] else 0.0)
+        self.reassembler.discard(oldest.key)
+        self.ledger.forget(oldest.key)
+        if progress[oldest.key] is not None:
+            self.recorder.file_dropped(progress[oldest.key])
+        return True
+
+    def _contested(self, key: FileKey) -> None:
+        """Competing copies of a file are held: its in-order prefix is no longer known
+        to be its bytes, so an open streamed upload is abandoned (it is uploaded whole
+        once a copy verifies) and none is opened again."""
+        record = self.ledger.get(key)
+        if record is None:
+            return
+        record.stream_tried = True
+        if record.state is FileState.STREAMING:
+            self.ledger.unstream(key).abandon()
+            logger.info("%s: competing copies received; its streamed upload is abandoned "
+                        "and the file is uploaded once a copy verifies", key[0])
 
     def _apply(self, record: FileRecord, result: AddResult, chunk: Chunk,
                tp: tuple[str, int], offset: int, size: int, first_reread: bool) -> None:
@@ -228,6 +290,10 @@ class StreamProcessor:
         # A duplicate (re-read after a rebalance) keeps the file busy but is not counted
         # again: bytes_processed covers the same messages as messages_processed.
         record.message_bytes += 0 if status is AddStatus.DUPLICATE else size
+        if result.contested and status is not AddStatus.COMPLETED:
+            self._contested(key)
+        if result.reason and status is AddStatus.ACCEPTED:  # one chunking failed its sha512
+            logger.warning("%s: %s", key[0], result.reason)
         if status is AddStatus.ACCEPTED:
             if record.role is Role.FIRST:  # a file produced again is not "in progress"
                 self.recorder.chunk_added(chunk, tp[1], offset)
@@ -236,14 +302,20 @@ class StreamProcessor:
             self._stream(record, chunk)
             failpoints.hit("chunk.added")
         elif status is AddStatus.COMPLETED:
+            if result.contested:
+                self._contested(key)
             self.ledger.complete(key, result.completed)
         elif status is AddStatus.REJECTED:
             if record.stream is not None:  # its open Girder upload is removed
                 record.stream.abandon()
-            logger.error("%s", result.rejected.to_error())
+            rejected = result.rejected
+            retry = rejected.retry and record.role is Role.FIRST
+            if retry:  # only its bytes failed: another reading may bring a clean copy
+                rejected = replace(rejected, reason=f"{rejected.reason}; {RETRIED_NEXT_RUN}")
+            logger.error("%s", rejected.to_error())
             self.counters.files_failed += 1
-            self.recorder.file_rejected(result.rejected)
-            self._finish(record, FileState.FAILED)
+            self.recorder.file_rejected(rejected)
+            self._finish(record, FileState.FAILED, retry=retry)
 
     def _stream(self, record: FileRecord, chunk: Chunk) -> None:
         """Open a streamed upload for a big file once its size is known, or tell the

@@ -67,18 +67,22 @@ def test_integers_no_file_can_have_reject_the_file_in_every_mode(tmp_path, mode,
     assert result.reason.startswith(("file too large", "impossible placement")), result.reason
     assert result.rejected.n_total_chunks == n
     again = reassembler.add(forged(b"data", offset, i, n))  # the same pill sent twice
-    assert again.status is AddStatus.IGNORED
+    assert again.status is AddStatus.REJECTED  # each time: the key is never poisoned
     assert reassembler.in_progress() == [] and staged(reassembler) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_huge_chunk_count_sent_twice_is_rejected_then_ignored(tmp_path, mode):
+def test_a_huge_chunk_count_sent_twice_is_rejected_each_time_and_vetoes_nothing(tmp_path,
+                                                                                 mode):
     reassembler = make(mode, tmp_path)
     first = reassembler.add(forged(b"data", 0, 1, 2**62))
     assert_rejected(first, f"{2**62} chunks exceed the {DEFAULT_MAX_FILE_BYTES}-byte limit")
-    assert "--max_file_size_mb" in first.reason
+    assert "--max_file_size_mb" in first.reason and not first.rejected.retry
     for chunk in (forged(b"data", 0, 1, 2**62), forged(b"more", 4, 2, 2**62)):
-        assert reassembler.add(chunk).status is AddStatus.IGNORED
+        assert reassembler.add(chunk).status is AddStatus.REJECTED
+    # The genuine file of that name and hash is not vetoed by the pills.
+    genuine = forged(b"whole file", 0, 1, 1)
+    assert reassembler.add(genuine).status is AddStatus.COMPLETED
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -237,7 +241,8 @@ def test_a_pill_through_the_stream_processor_is_recorded_and_done(tmp_path):
     for offset, chunk in enumerate(pills):
         key, value = encode_chunk(chunk)
         processor.handle(RawMessage("t", 0, offset, key.encode(), value))
-    assert processor.counters.files_failed == 1  # 2**62 chunks: rejected once, then ignored
+    # 2**62 chunks: each pill its own rejection (a key is never poisoned by one)
+    assert processor.counters.files_failed == 3
     assert processor.counters.messages_rejected == 2  # the codec refuses the other two
     assert processor.offsets.committable() == {("t", 0): len(pills)}
     with pytest.raises(ChunkDecodeError):

@@ -155,6 +155,6 @@ def test_storage_of_each_mode(tmp_path) -> None:
                           (Mode.BOTH, Storage.RAM_AND_DISK)):
         reassembler = Reassembler(mode, tmp_path / mode.value)
         reassembler.add(_chunks(b"ab" * 100, "s.bin", 50)[0])
-        [state] = reassembler._files.values()
-        assert state.storage is storage
+        [group] = reassembler._files.values()
+        assert group.lead.storage is storage
         reassembler.close()

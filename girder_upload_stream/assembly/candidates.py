@@ -129,6 +129,16 @@ class Group:
     def extra_bytes(self) -> int:
         return sum(c.extra_bytes for c in self.chunkings.values())
 
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes held in RAM: primary pieces not on disk, and extra variants."""
+        return sum(c.bytes_held + c.extra_bytes for c in self.chunkings.values())
+
+    def holds(self, chunk) -> bool:
+        """True if the chunking of ``chunk`` holds this very chunk."""
+        state = self.chunkings.get(chunk.n_total_chunks)
+        return state is not None and state.holds(chunk)
+
     def all_failed(self) -> bool:
         """Every chunking was complete and none of its choices verified."""
         return all(c.failed for c in self.chunkings.values())

@@ -23,7 +23,10 @@ The bounds (constants below, documented in docs/architecture.md):
   end, and shares the hash of a common prefix between branches (``hashlib`` copies).
 
 A chunk beyond a bound is refused alone (its message is recorded as rejected); the file
-goes on with the variants it holds.
+goes on with the variants it holds. A file none of whose choices verified is rejected
+(its messages are read again by the next run) and *parked*: :data:`MAX_PARKED` such
+files are kept, holding no commit, so that a later chunk of the same generation adds a
+variant to them and may complete the file at once.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Variant", "Found", "Search", "find_verified", "MAX_CHUNKINGS", "MAX_EXTRA_VARIANTS",
-           "MAX_EXTRA_BYTES", "MAX_EXTRA_BYTES_TOTAL", "MAX_PATHS"]
+           "MAX_EXTRA_BYTES", "MAX_EXTRA_BYTES_TOTAL", "MAX_PATHS", "MAX_PARKED",
+           "MAX_PARKED_RAM"]
 
 #: Chunkings (distinct ``n_total_chunks``) kept per file generation.
 MAX_CHUNKINGS = 4
@@ -44,6 +48,12 @@ MAX_EXTRA_BYTES = 32 << 20
 MAX_EXTRA_BYTES_TOTAL = 256 << 20
 #: Choices of variants hashed (search paths begun) per completion check.
 MAX_PATHS = 64
+#: Files none of whose copies verified, kept (not holding any commit) so that a chunk
+#: arriving later -- the genuine one of a number a failed copy filled, say from another
+#: partition -- can still complete the file with the chunks held: at most this many
+#: files, and this many bytes of RAM among them (oldest forgotten first).
+MAX_PARKED = 32
+MAX_PARKED_RAM = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)

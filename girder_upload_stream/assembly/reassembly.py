@@ -53,7 +53,8 @@ from girder_upload_stream.assembly.chunk_rules import (placement_problem, reserv
                                                        staging_name)
 from girder_upload_stream.assembly.copies import (MAX_CHUNKINGS, MAX_EXTRA_BYTES,
                                                   MAX_EXTRA_BYTES_TOTAL, MAX_EXTRA_VARIANTS,
-                                                  Found, Search, Variant, find_verified)
+                                                  MAX_PARKED, MAX_PARKED_RAM, Found, Search,
+                                                  Variant, find_verified)
 from girder_upload_stream.assembly.hashing import HashPipe
 from girder_upload_stream.assembly.outcomes import (AddResult, AddStatus, CompletedFile,
                                                     FileProgress, Mode, RejectedFile, Storage)
@@ -136,6 +137,8 @@ class Reassembler(PrefixViews):
                                       | {(STAGING_DIR,)}))
         self._clock = clock
         self._files: dict[FileKey, Group] = {}
+        # Files none of whose copies verified, kept for a later chunk (see .copies).
+        self._parked: OrderedDict[FileKey, Group] = OrderedDict()
         # Finished generations: "" completed, else why its path is refused for good.
         self._finished: OrderedDict[FileKey, str] = OrderedDict()
         self._max_finished = max_finished
@@ -181,6 +184,12 @@ class Reassembler(PrefixViews):
                     f"file already rejected: {finished}"
                 return AddResult(status, key, reason)
             group = self._files.get(key)
+            if group is None and key in self._parked:
+                if self._parked[key].holds(chunk):  # nothing new for a failed file
+                    return AddResult(AddStatus.DUPLICATE, key, "chunk of a file whose "
+                                     "copies failed the sha512, received before")
+                group = self._parked.pop(key)
+                self._files[key] = group
             problem = size_problem(chunk, self.max_file_bytes)
             if problem and group is not None:
                 return AddResult(AddStatus.REFUSED, key, problem)
@@ -418,8 +427,18 @@ class Reassembler(PrefixViews):
                   f"chunk(s) held verifies)")
         rejected = RejectedFile(state.rel_path, state.file_hash, reason, state.covered,
                                 state.n_total, group.first_at, now, retry=True)
-        self._drop(key, group)
+        self._park(key, group)
         return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
+
+    def _park(self, key: FileKey, group: Group) -> None:
+        """Keep a failed file's chunks (no commit held) for a later chunk, within
+        :data:`MAX_PARKED` files and :data:`MAX_PARKED_RAM` bytes, oldest dropped."""
+        self._files.pop(key, None)
+        self._parked[key] = group
+        while self._parked and (len(self._parked) > MAX_PARKED or sum(
+                g.ram_bytes for g in self._parked.values()) > MAX_PARKED_RAM):
+            old_key, old = self._parked.popitem(last=False)
+            self._release(old_key, old)
 
     def _finish_disk_hash(self, state: Candidate) -> None:
         """Wait for the read-backs queued on the hash thread; if one failed, hash the
@@ -467,6 +486,13 @@ class Reassembler(PrefixViews):
     def _drop(self, key: FileKey, group: Group) -> None:
         self._release(key, group)
 
+    def _forget(self, key: FileKey) -> bool:
+        """Drop a file in progress or parked; True if there was one."""
+        group = self._files.get(key) or self._parked.pop(key, None)
+        if group is not None:
+            self._drop(key, group)
+        return group is not None
+
     def close(self) -> None:
         """The run is over and no upload reads a completed file any more: delete the
         staging folder and what is left in it (see :class:`~._safe_disk.StagingArea`).
@@ -499,9 +525,7 @@ class Reassembler(PrefixViews):
     def discard(self, file_key: FileKey) -> bool:
         """Forget a file in progress (and its partial file) or a finished key; True if known."""
         with self._lock:
-            group = self._files.get(file_key)
-            if group is not None:
-                self._drop(file_key, group)
+            if self._forget(file_key):
                 return True
             return self._finished.pop(file_key, None) is not None
 
@@ -521,9 +545,7 @@ class Reassembler(PrefixViews):
         """Treat a generation as completed elsewhere (e.g. found in Girder): drop its
         partial state and recognise its later chunks as duplicates."""
         with self._lock:
-            group = self._files.get(file_key)
-            if group is not None:
-                self._drop(file_key, group)
+            self._forget(file_key)
             self._remember(file_key, "")
 
     def progress(self, file_key: FileKey) -> FileProgress | None:

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from girder_upload_stream.assembly.copies import MAX_CHUNKINGS, MAX_EXTRA_VARIANTS
-from girder_upload_stream.assembly.reassembly import AddStatus, Mode, Reassembler
+from girder_upload_stream.assembly.reassembly import Mode
 from girder_upload_stream.ledger.records import FileState
 from girder_upload_stream.wire.codec import Chunk, chunk_file, decode_chunk, encode_chunk
 from tests.unit.fakes import TOPIC, Clock, Log, content, make_processor, outcomes

@@ -9,8 +9,9 @@ number held, or a placement the chunks present contradict -- is kept as a compet
 variant, and a chunk with another ``n_total_chunks`` starts another chunking of the same
 file. Only the whole-file sha512 decides which bytes are the file
 (:mod:`.copies`): no single message can veto the genuine copy. A chunk that cannot
-belong to a file under the size limit is refused alone; a path that reaches a folder
-the consumer keeps its own files in rejects its file at once (:mod:`.chunk_rules`).
+belong to a file under the size limit is refused alone (its message is rejected, the
+file is not); a path that reaches a folder the consumer keeps its own files in, or that
+the file system refuses, rejects its file at once (:mod:`.chunk_rules`).
 When every choice of the variants held fails the sha512, the file is rejected, and
 nothing of it is remembered: a later copy is rebuilt afresh.
 
@@ -180,11 +181,9 @@ class Reassembler(Completion, PrefixViews):
                 group = self._parked.pop(key)
                 self._files[key] = group
             problem = size_problem(chunk, self.max_file_bytes)
-            if problem and group is not None:
+            if problem:  # the chunk's own claim: it rejects itself, never the file
                 return AddResult(AddStatus.REFUSED, key, problem)
             try:
-                if problem:
-                    raise _Rejection(problem)
                 if group is None:
                     self._check_path(chunk)
                     if self.max_files_in_progress is not None \
@@ -194,9 +193,8 @@ class Reassembler(Completion, PrefixViews):
                             f"(--max_files_in_progress)"), full=True)
                     group = Group()
                 return self._add_to_group(group, chunk, key, now)
-            except _Rejection as rejection:
-                remember = not problem  # a size belongs to the chunk, a path to the key
-                return self._reject(key, group, chunk, now, rejection.reason, remember)
+            except _Rejection as rejection:  # the path: every copy has it
+                return self._reject(key, group, chunk, now, rejection.reason)
 
     def _check_path(self, chunk: Chunk) -> None:
         problem = path_problem(chunk.filename, chunk.subdir, chunk.filename_append)
@@ -322,8 +320,8 @@ class Reassembler(Completion, PrefixViews):
         raise StorageError(f"local storage failed: {exc}", rel_path=rel_path) from exc
 
     def _reject(self, key: FileKey, group: Group | None, chunk: Chunk, now: float,
-                reason: str, remember: bool) -> AddResult:
-        """The file is dropped; ``remember``: its key is refused for good (its path)."""
+                reason: str) -> AddResult:
+        """The file is dropped and its key refused for good (its path is refused)."""
         lead = group.lead if group is not None and group.chunkings else None
         rejected = RejectedFile(
             chunk.rel_path, chunk.file_hash, reason,
@@ -331,8 +329,7 @@ class Reassembler(Completion, PrefixViews):
             group.first_at if lead else now, now)
         if group is not None:
             self._drop(key, group)
-        if remember:
-            self._remember(key, reason)
+        self._remember(key, reason)
         return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
 
     def _release(self, key: FileKey, group: Group, keep: Candidate | None = None) -> None:

@@ -20,8 +20,8 @@ class ChunkRefusedError(ChunkDecodeError):
     message, through the same path (:meth:`Recorder.message_rejected`)."""
 
     def __init__(self, reason: str, **context) -> None:
-        super().__init__(reason, **context)
-        self.message = f"chunk refused: {reason}"
+        super().__init__(f"chunk refused: {reason}", **context)
+        self.message = self.reason  # the registry and the log say "chunk refused: ..."
 
 
 @dataclass(frozen=True, slots=True)

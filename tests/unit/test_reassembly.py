@@ -341,13 +341,15 @@ def test_chunks_that_cannot_fit_between_far_neighbours_compete():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_files_over_the_size_limit_are_rejected_and_such_chunks_refused(sandbox, mode):
-    """A chunk that cannot belong to a file under the limit rejects a file it would
-    start; alongside a file in progress it is refused alone (no veto)."""
+def test_chunks_over_the_size_limit_are_refused_alone(sandbox, mode):
+    """A chunk that cannot belong to a file under the limit is refused on its own,
+    before or beside a file in progress: it never rejects (or vetoes) the file."""
     out, _ = sandbox
     reassembler = Reassembler(mode, out, max_file_bytes=10)
     chunks = chunks_of(b"y" * 12, size=4)
-    rejected(reassembler.add(chunks[2]), "file too large")
+    first = reassembler.add(chunks[2])
+    assert first.status is AddStatus.REFUSED and "file too large" in first.reason
+    assert reassembler.in_progress() == [] and reassembler.bytes_held == 0
     assert reassembler.add(chunks[0]).status is AddStatus.ACCEPTED
     refused = reassembler.add(chunks[2])
     assert refused.status is AddStatus.REFUSED and "file too large" in refused.reason

@@ -495,7 +495,8 @@ def test_poison_pills_in_disk_mode_are_rejected_commits_reach_the_end_and_nothin
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     argv = consumer_argv(api_url, topic, collection["name"], out, group,
                          write_fault_config(tmp_path / "consumer.config"), MAX_IDLE,
-                         "--mode", "disk", "--max_file_size_mb", str(DISK_LIMIT_MB))
+                         "--mode", "disk", "--max_file_size_mb", str(DISK_LIMIT_MB),
+                         "--stale_partial_seconds", str(STALE_SECONDS))
     limited = ["bash", "-c", f'ulimit -f {FSIZE_LIMIT_KIB} && exec "$@"', "ulimit", *argv]
     _, text = _run(limited, "disk.out", tmp_path, consumer_env(stack_env, prefect_env),
                    programs, log_file)

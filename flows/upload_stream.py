@@ -138,6 +138,7 @@ def upload_stream(
     stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
     interactive: bool = False,
     logs_dir: str | None = DEFAULTS.logs_dir,
+    max_files_in_progress: int = DEFAULTS.max_files_in_progress,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 

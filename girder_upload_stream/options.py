@@ -222,6 +222,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
            "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),
+    Option("max_files_in_progress", 1000, "files being rebuilt at once, at most (each may "
+           "hold a staging file in disk mode until it completes or is stale); a chunk that "
+           "would begin one more is rejected and registered as failed, and its offset "
+           "committed (default: %(default)s)", parse=positive_int),
     # -- accepted for OpenMSIStream 1.8.8's command lines
     Option("consumer_topic_name", DEFAULT_TOPIC, "topic to consume, as OpenMSIStream 1.8.8: "
            "when given (and not 'test') it is used instead of --topic_name "

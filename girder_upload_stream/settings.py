@@ -110,6 +110,8 @@ class RunSettings(BaseModel):
     retry_delay_seconds: float = 15.0
     #: A partial file with no new chunk for this long stops holding commits (None: never).
     stale_partial_seconds: float | None = Field(default=3600.0, gt=0)
+    #: Files being rebuilt at once (--max_files_in_progress); a chunk of one more is refused.
+    max_files_in_progress: int = Field(default=1000, ge=1)
 
     @property
     def logs_dir(self) -> Path:

@@ -2,13 +2,18 @@
 
 A file generation is identified by ``(rel_path, file_hash)``, so two generations of the
 same path assemble side by side. Chunks may arrive in any order, interleaved with other
-files, and more than once. Each chunk is placed by its index and offset; every placement
-is checked against the nearest chunks already present, so overlaps, holes and chunks past
-the end are refused as soon as they can be proven, not only at the end. A chunk that
-cannot belong to a file under the size limit, or whose path reaches a folder the
-consumer keeps its own files in, rejects its file at once (:mod:`._chunk_rules`). Every
-chunk costs O(log k) for the k chunks of its file present, whatever ``n_total_chunks``
-it claims.
+files, and more than once. Each chunk is placed by its index and offset; a chunk that
+fits with the chunks of its chunking present is stored (O(log k) for the k present,
+whatever ``n_total_chunks`` it claims); one that does not -- other bytes for a chunk
+number held, or a placement the chunks present contradict -- is kept as a competing
+variant, and a chunk with another ``n_total_chunks`` starts another chunking of the same
+file. Only the whole-file sha512 decides which bytes are the file
+(:mod:`.copies`): no single message can veto the genuine copy. A chunk that cannot
+belong to a file under the size limit is refused alone (its message is rejected, the
+file is not); a path that reaches a folder the consumer keeps its own files in, or that
+the file system refuses, rejects its file at once (:mod:`.chunk_rules`).
+When every choice of the variants held fails the sha512, the file is rejected, and
+nothing of it is remembered: a later copy is rebuilt afresh.
 
 Modes: ``memory`` keeps chunk data in RAM (never joined: see :mod:`.pieces`); ``disk`` writes
 each chunk at its offset into a *staging file* of this run's folder
@@ -21,7 +26,7 @@ keeps a local copy: the verified staging file is renamed to ``output_dir/<rel_pa
 and the upload reads the bytes from memory. The sha512 (checked against ``file_hash``)
 and the sha256 (for Girder) are computed incrementally over the in-order prefix as
 chunks arrive, on a helper thread (:mod:`.hashing`) so that they do not hold up the
-thread adding chunks.
+thread adding chunks; competing variants are held in RAM (bounded, :mod:`.copies`).
 
 Disk writes never leave ``output_dir``: paths are re-validated here, every directory is
 opened relative to its parent with ``O_NOFOLLOW`` (a symlink anywhere below
@@ -37,24 +42,27 @@ A :class:`Reassembler` is thread-safe (one internal lock) but not process-safe.
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
-from girder_upload_stream.assembly.chunk_rules import (placement_problem, reserved_paths, reserved_problem, size_problem,
-                           staging_name)
+from girder_upload_stream.assembly.candidates import Candidate, Group
+from girder_upload_stream.assembly.chunk_rules import (placement_problem, reserved_paths,
+                                                       reserved_problem, size_problem,
+                                                       staging_name)
+from girder_upload_stream.assembly.completion import MISMATCHED_HASH, Completion
+from girder_upload_stream.assembly.copies import (MAX_CHUNKINGS, MAX_EXTRA_BYTES,
+                                                  MAX_EXTRA_BYTES_TOTAL, MAX_EXTRA_VARIANTS)
+from girder_upload_stream.assembly.hashing import HashPipe
+from girder_upload_stream.assembly.outcomes import (AddResult, AddStatus, CompletedFile,
+                                                    FileProgress, Mode, RejectedFile, Storage)
+from girder_upload_stream.assembly.prefix_views import PrefixViews
 from girder_upload_stream.assembly.safe_disk import PATH_ERRNOS, STAGING_DIR, SafeDir, StagingArea
-from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES, Chunk, FileKey, path_problem
-from girder_upload_stream.errors import FileRejectedError, StorageError
-from girder_upload_stream.assembly.hashing import FileDigest, HashPipe
-from girder_upload_stream.assembly.pieces import Pieces
-
-logger = logging.getLogger(__name__)
+from girder_upload_stream.errors import StorageError
+from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES,
+                                             Chunk, FileKey, path_problem)
 
 __all__ = [
     "Mode",
@@ -67,106 +75,8 @@ __all__ = [
     "Reassembler",
     "STAGING_DIR",
     "reserved_paths",
+    "MISMATCHED_HASH",
 ]
-
-
-class Mode(StrEnum):
-    """Where files are rebuilt: in RAM, on disk under ``output_dir``, or both."""
-
-    MEMORY = "memory"
-    DISK = "disk"
-    BOTH = "both"
-
-
-class Storage(StrEnum):
-    """Where the bytes of one file being rebuilt are: the mode's choice, until a memory
-    budget moves (*spills*) them to a staging file (:meth:`Reassembler.spill`)."""
-
-    RAM = "ram"                    # memory mode
-    RAM_AND_DISK = "ram_and_disk"  # both mode: RAM, and the staging file
-    DISK = "disk"                  # disk mode, or spilled: the staging file only
-
-
-class AddStatus(StrEnum):
-    """What :meth:`Reassembler.add` did with a chunk."""
-
-    ACCEPTED = "accepted"    # stored; file still in progress
-    DUPLICATE = "duplicate"  # same chunk seen before (or its file already completed)
-    COMPLETED = "completed"  # this chunk completed a verified file
-    REJECTED = "rejected"    # this chunk made its file invalid; the file was dropped
-    IGNORED = "ignored"      # chunk of a file rejected earlier
-
-
-@dataclass(frozen=True, slots=True)
-class CompletedFile:
-    """A rebuilt file whose sha512 matched. ``data`` in memory/both, ``path`` in disk/both:
-    in disk mode the verified staging file (valid until :meth:`Reassembler.release`), in
-    both mode the local copy at ``output_dir/<rel_path>``."""
-
-    rel_path: str
-    file_hash: bytes
-    sha256: str
-    size: int
-    n_chunks: int
-    first_message_at: float
-    last_message_at: float
-    file_mtime: float
-    data: Pieces | None
-    path: Path | None
-
-    @property
-    def file_hash_hex(self) -> str:
-        """The sha512 of the file as hex."""
-        return self.file_hash.hex()
-
-    @property
-    def file_key(self) -> FileKey:
-        """``(rel_path, file_hash)``: the identity of this file generation."""
-        return (self.rel_path, self.file_hash)
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedFile:
-    """A file generation that was dropped, and why."""
-
-    rel_path: str
-    file_hash: bytes
-    reason: str
-    n_chunks_received: int
-    n_total_chunks: int
-    first_message_at: float
-    last_message_at: float
-
-    def to_error(self) -> FileRejectedError:
-        """The same facts as a :class:`FileRejectedError`, for logging or raising."""
-        return FileRejectedError(self.reason, rel_path=self.rel_path,
-                                 details={"file_hash": self.file_hash.hex()[:16]})
-
-
-@dataclass(frozen=True, slots=True)
-class AddResult:
-    """Outcome of adding one chunk; ``completed``/``rejected`` set for those statuses."""
-
-    status: AddStatus
-    file_key: FileKey
-    reason: str = ""
-    completed: CompletedFile | None = None
-    rejected: RejectedFile | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FileProgress:
-    """Status of one file generation still being assembled."""
-
-    rel_path: str
-    file_hash_hex: str
-    n_received: int
-    n_total: int
-    bytes_received: int
-    bytes_held: int
-    first_message_at: float
-    last_message_at: float
-
 
 class _Rejection(Exception):
     """Internal: the file must be dropped for ``reason``."""
@@ -176,48 +86,7 @@ class _Rejection(Exception):
         self.reason = reason
 
 
-class _State:
-    """Everything known about one file generation in progress."""
-
-    __slots__ = ("rel_path", "file_hash", "n_total", "file_mtime", "pieces", "order",
-                 "data", "total", "bytes_received", "bytes_held", "digest",
-                 "next_hash_i", "first_at", "last_at", "partial", "storage")
-
-    def __init__(self, chunk: Chunk, now: float, partial: str | None,
-                 digest: FileDigest, storage: Storage) -> None:
-        self.rel_path = chunk.rel_path
-        self.file_hash = chunk.file_hash
-        self.n_total = chunk.n_total_chunks
-        self.file_mtime = chunk.file_mtime
-        self.pieces: dict[int, tuple[int, int, bytes]] = {}  # i -> (offset, size, hash)
-        self.order: list[int] = []  # sorted chunk indices present
-        self.data: dict[int, bytes | memoryview] = {}
-        self.total: int | None = None
-        self.bytes_received = 0
-        self.bytes_held = 0
-        self.digest = digest
-        self.next_hash_i = 1
-        self.first_at = now
-        self.last_at = now
-        self.partial = partial  # the staging file's name, in disk/both modes or spilled
-        self.storage = storage
-
-    def hash_block(self, block: memoryview) -> None:
-        """Hash bytes read back from disk (into a reused buffer) before returning."""
-        self.digest.update(block, now=True)
-
-    def hash_piece(self, data: bytes | memoryview, now: bool) -> None:
-        """Hash the next chunk of the in-order prefix (``now``: its digest is due)."""
-        self.digest.update(data, now=now)
-        self.next_hash_i += 1
-
-
-def _split(rel_path: str) -> tuple[str, str]:
-    subdir, _, name = rel_path.rpartition("/")
-    return subdir, name
-
-
-class Reassembler:
+class Reassembler(Completion, PrefixViews):
     """Collect chunks of many files and hand back each file once it is complete and verified.
 
     ``max_file_bytes`` bounds one file (None: only what a file offset can hold, 2**63-1
@@ -257,13 +126,20 @@ class Reassembler:
         self._reserved = tuple(sorted({tuple(r.split("/")) for r in reserved}
                                       | {(STAGING_DIR,)}))
         self._clock = clock
-        self._files: dict[FileKey, _State] = {}
+        self._files: dict[FileKey, Group] = {}
+        # Files none of whose copies verified, kept for a later chunk (see .copies).
+        self._parked: OrderedDict[FileKey, Group] = OrderedDict()
+        # Finished generations: "" completed, else why its path is refused for good.
         self._finished: OrderedDict[FileKey, str] = OrderedDict()
         self._max_finished = max_finished
         self._serial = 0
         self._bytes_held = 0
+        self._extra_bytes = 0  # competing variants' bytes over every file (in _bytes_held)
         self._hashes = hash_pipe or HashPipe()
         self._lock = threading.Lock()
+        #: At most this many file generations in progress (None: no bound); a chunk that
+        #: would start one more is refused (``AddResult.full``).
+        self.max_files_in_progress: int | None = None
 
     @property
     def bytes_held(self) -> int:
@@ -275,12 +151,18 @@ class Reassembler:
         """This run's staging folder (disk and both modes), else None."""
         return self._staging.path if self._staging else None
 
+    @property
+    def files_in_progress(self) -> int:
+        """File generations being assembled (each holds at most a few staging files)."""
+        return len(self._files)
+
     def add(self, chunk: Chunk) -> AddResult:
         """Add one decoded chunk and say what happened (see :class:`AddStatus`).
 
         Raises :class:`StorageError` (transient) if the disk fails for a reason that is
         not the file's fault; the chunk is then not recorded and may be added again.
-        Raises nothing else: whatever its fields, a chunk is at worst its file's rejection.
+        Raises nothing else: whatever its fields, a chunk is at worst refused, or its
+        file's rejection.
         """
         with self._lock:
             now = self._clock()
@@ -291,67 +173,107 @@ class Reassembler:
                 reason = "file already completed" if finished == "" else \
                     f"file already rejected: {finished}"
                 return AddResult(status, key, reason)
-            state = self._files.get(key)
+            group = self._files.get(key)
+            if group is None and key in self._parked:
+                if self._parked[key].holds(chunk):  # nothing new for a failed file
+                    return AddResult(AddStatus.DUPLICATE, key, "chunk of a file whose "
+                                     "copies failed the sha512, received before")
+                group = self._parked.pop(key)
+                self._files[key] = group
+            problem = size_problem(chunk, self.max_file_bytes)
+            if problem:  # the chunk's own claim: it rejects itself, never the file
+                return AddResult(AddStatus.REFUSED, key, problem)
             try:
-                problem = size_problem(chunk, self.max_file_bytes)
-                if problem:
-                    raise _Rejection(problem)
-                if state is None:
-                    state = self._new_state(chunk, now)
-                return self._add_to(state, chunk, key, now)
-            except _Rejection as rejection:
-                return self._reject(key, state, chunk, now, rejection.reason)
+                if group is None:
+                    self._check_path(chunk)
+                    if self.max_files_in_progress is not None \
+                            and len(self._files) >= self.max_files_in_progress:
+                        return AddResult(AddStatus.REFUSED, key, (
+                            f"too many files in progress: {len(self._files)} being rebuilt "
+                            f"(--max_files_in_progress)"), full=True)
+                    group = Group()
+                return self._add_to_group(group, chunk, key, now)
+            except _Rejection as rejection:  # the path: every copy has it
+                return self._reject(key, group, chunk, now, rejection.reason)
 
-    def _new_state(self, chunk: Chunk, now: float) -> _State:
+    def _check_path(self, chunk: Chunk) -> None:
         problem = path_problem(chunk.filename, chunk.subdir, chunk.filename_append)
         if problem:
             raise _Rejection(f"unsafe path: {problem}")
         problem = reserved_problem(chunk.rel_path, self._reserved)
         if problem:
             raise _Rejection(problem)
+
+    def _new_state(self, chunk: Chunk, now: float) -> Candidate:
         partial = None
         if self.mode is not Mode.MEMORY:
             partial = self._new_partial(chunk.rel_path, chunk.file_hash)
         storage = {Mode.MEMORY: Storage.RAM, Mode.DISK: Storage.DISK,
                    Mode.BOTH: Storage.RAM_AND_DISK}[self.mode]
-        return _State(chunk, now, partial, self._hashes.digest(), storage)
+        return Candidate(chunk, now, partial, self._hashes.digest(), storage)
 
     def _new_partial(self, rel_path: str, file_hash: bytes) -> str:
         self._serial += 1
         return staging_name(rel_path, file_hash, self._serial)
 
-    def _add_to(self, state: _State, chunk: Chunk, key: FileKey, now: float) -> AddResult:
-        i, offset, size = chunk.chunk_i, chunk.chunk_offset, chunk.size
-        if chunk.n_total_chunks != state.n_total:
-            raise _Rejection(f"n_total_chunks changed from {state.n_total} to "
-                             f"{chunk.n_total_chunks} within one generation")
-        known = state.pieces.get(i)
-        if known is not None:
-            if known == (offset, size, chunk.chunk_hash):
-                state.last_at = now
-                if len(state.pieces) == state.n_total:  # completion failed before: retry
-                    return self._complete(state, key, now)
-                return AddResult(AddStatus.DUPLICATE, key, f"chunk {i} already received")
-            raise _Rejection(f"chunk {i} received twice with different offset or data")
-        problem = placement_problem(state, i, offset, size)
-        if problem:
-            raise _Rejection(problem)
-        self._store(state, chunk, key)
-        state.last_at = now
-        if len(state.pieces) < state.n_total:
-            return AddResult(AddStatus.ACCEPTED, key)
-        return self._complete(state, key, now)
+    def _add_to_group(self, group: Group, chunk: Chunk, key: FileKey,
+                      now: float) -> AddResult:
+        """The chunk into its chunking (a new one, within :data:`MAX_CHUNKINGS`)."""
+        state = group.chunkings.get(chunk.n_total_chunks)
+        if state is None:
+            if len(group.chunkings) >= MAX_CHUNKINGS:
+                return AddResult(AddStatus.REFUSED, key,
+                                 f"too many chunkings of one file: {MAX_CHUNKINGS} chunk "
+                                 f"counts held already, {chunk.n_total_chunks} refused")
+            state = self._new_state(chunk, now)
+        return self._add_to(group, state, chunk, key, now)
 
-    def _store(self, state: _State, chunk: Chunk, key: FileKey) -> None:
+    def _add_to(self, group: Group, state: Candidate, chunk: Chunk, key: FileKey,
+                now: float) -> AddResult:
+        i, offset, size = chunk.chunk_i, chunk.chunk_offset, chunk.size
+        if state.holds(chunk):
+            state.last_at = now
+            if state.due:  # completion failed before (local storage): retry
+                return self._complete(group, state, key, now)
+            return AddResult(AddStatus.DUPLICATE, key, f"chunk {i} already received",
+                             contested=group.contested)
+        if i not in state.pieces and placement_problem(state, i, offset, size) is None:
+            self._store(group, state, chunk, key)
+        else:
+            refused = self._extra_problem(state, size)
+            if refused:
+                return AddResult(AddStatus.REFUSED, key, refused, contested=group.contested)
+            state.add_extra(chunk)
+            self._bytes_held += size
+            self._extra_bytes += size
+        state.last_at = now
+        if state.covered < state.n_total:
+            return AddResult(AddStatus.ACCEPTED, key, contested=group.contested)
+        return self._complete(group, state, key, now)
+
+    def _extra_problem(self, state: Candidate, size: int) -> str | None:
+        """Why another variant cannot be kept (the bounds of :mod:`.copies`), or None."""
+        if state.n_extras >= MAX_EXTRA_VARIANTS:
+            return (f"too many competing copies of one file's chunks: {MAX_EXTRA_VARIANTS} "
+                    f"held already")
+        if state.extra_bytes + size > MAX_EXTRA_BYTES \
+                or self._extra_bytes + size > MAX_EXTRA_BYTES_TOTAL:
+            return "too many bytes of competing copies held already"
+        return None
+
+    def _store(self, group: Group, state: Candidate, chunk: Chunk, key: FileKey) -> None:
         i = chunk.chunk_i
         if state.partial is not None:
             try:
                 self._staging.write(state.partial, chunk.chunk_offset, chunk.data,
                                     truncate=not state.pieces)
             except (OSError, OverflowError, ValueError) as exc:
+                if not state.pieces:  # a chunking not held yet: nobody else removes it
+                    self._staging.remove(state.partial)
                 self._raise_os_error(exc, state.rel_path)
         if not state.pieces:
-            self._files[key] = state
+            self._files[key] = group
+            group.chunkings[state.n_total] = state
         state.pieces[i] = (chunk.chunk_offset, chunk.size, chunk.chunk_hash)
         bisect.insort(state.order, i)
         state.bytes_received += chunk.size
@@ -369,7 +291,7 @@ class Reassembler:
         while state.next_hash_i in state.data:
             state.hash_piece(state.data[state.next_hash_i], due)
 
-    def _hash_from_disk(self, state: _State) -> None:
+    def _hash_from_disk(self, state: Candidate) -> None:
         """Queue the read-back of the chunks already on disk that now extend the in-order
         prefix (they arrived early), so that completion rarely has a whole file to read."""
         first = last = state.next_hash_i
@@ -397,69 +319,43 @@ class Reassembler:
             raise _Rejection(f"cannot write below output_dir: {exc.strerror}") from exc
         raise StorageError(f"local storage failed: {exc}", rel_path=rel_path) from exc
 
-    def _complete(self, state: _State, key: FileKey, now: float) -> AddResult:
-        total = state.total
-        data: Pieces | None = None
-        if state.storage is not Storage.DISK:
-            data = Pieces([state.data[i] for i in range(1, state.n_total + 1)])
-        else:
-            self._finish_disk_hash(state)
-        if state.digest.sha512() != state.file_hash:
-            raise _Rejection("mismatched hash: sha512 of the rebuilt file differs from "
-                             "file_hash")
-        path = None
-        if self.mode is not Mode.BOTH and state.storage is Storage.DISK:
-            path = self._staging.path_of(state.partial)
-        elif state.partial is not None:
-            subdir, final_name = _split(state.rel_path)
-            try:
-                self._disk.publish(self._staging.fd, state.partial, subdir, final_name)
-            except (OSError, ValueError) as exc:
-                self._raise_os_error(exc, state.rel_path)
-            path = self._disk.root.joinpath(*state.rel_path.split("/"))
-        completed = CompletedFile(state.rel_path, state.file_hash, state.digest.sha256_hex(),
-                                  total, state.n_total, state.first_at, now,
-                                  state.file_mtime, data, path)
-        self._release(key, state)
-        self._remember(key, "")
-        return AddResult(AddStatus.COMPLETED, key, completed=completed)
-
-    def _finish_disk_hash(self, state: _State) -> None:
-        """Wait for the read-backs queued on the hash thread; if one failed, hash the
-        whole staging file again here."""
-        try:
-            state.digest.wait()
-        except Exception:  # noqa: BLE001 - whatever failed there is redone here
-            state.digest = self._hashes.digest()
-        if state.digest.hashed_bytes < state.total:
-            try:
-                self._staging.hash_range(state.partial, state.digest.hashed_bytes,
-                                         state.total, state.hash_block)
-            except (OSError, OverflowError, ValueError) as exc:
-                self._raise_os_error(exc, state.rel_path)
-
-    def _reject(self, key: FileKey, state: _State | None, chunk: Chunk, now: float,
+    def _reject(self, key: FileKey, group: Group | None, chunk: Chunk, now: float,
                 reason: str) -> AddResult:
+        """The file is dropped and its key refused for good (its path is refused)."""
+        lead = group.lead if group is not None and group.chunkings else None
         rejected = RejectedFile(
             chunk.rel_path, chunk.file_hash, reason,
-            len(state.pieces) if state else 0, state.n_total if state else
-            chunk.n_total_chunks, state.first_at if state else now, now)
-        if state is not None:
-            self._drop(key, state)
+            lead.covered if lead else 0, lead.n_total if lead else chunk.n_total_chunks,
+            group.first_at if lead else now, now)
+        if group is not None:
+            self._drop(key, group)
         self._remember(key, reason)
         return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
 
-    def _release(self, key: FileKey, state: _State) -> None:
+    def _release(self, key: FileKey, group: Group, keep: Candidate | None = None) -> None:
+        """The group leaves; its RAM is let go, the staging files of every chunking but
+        ``keep`` (the verified one) are deleted."""
         self._files.pop(key, None)
-        self._bytes_held -= state.bytes_held
-        state.data.clear()
-        state.bytes_held = 0
+        for state in group.chunkings.values():
+            self._bytes_held -= state.bytes_held + state.extra_bytes
+            self._extra_bytes -= state.extra_bytes
+            state.data.clear()
+            state.extras.clear()
+            state.bytes_held = state.extra_bytes = 0
+            if state is not keep:
+                state.digest.discard()
+                if state.partial is not None:
+                    self._staging.remove(state.partial)
 
-    def _drop(self, key: FileKey, state: _State) -> None:
-        state.digest.discard()
-        self._release(key, state)
-        if state.partial is not None:
-            self._staging.remove(state.partial)
+    def _drop(self, key: FileKey, group: Group) -> None:
+        self._release(key, group)
+
+    def _forget(self, key: FileKey) -> bool:
+        """Drop a file in progress or parked; True if there was one."""
+        group = self._files.get(key) or self._parked.pop(key, None)
+        if group is not None:
+            self._drop(key, group)
+        return group is not None
 
     def close(self) -> None:
         """The run is over and no upload reads a completed file any more: delete the
@@ -486,12 +382,14 @@ class Reassembler:
         while len(self._finished) > self._max_finished:
             self._finished.popitem(last=False)
 
+    def assembling(self, file_key: FileKey) -> bool:
+        """True while this generation is being assembled."""
+        return file_key in self._files
+
     def discard(self, file_key: FileKey) -> bool:
         """Forget a file in progress (and its partial file) or a finished key; True if known."""
         with self._lock:
-            state = self._files.get(file_key)
-            if state is not None:
-                self._drop(file_key, state)
+            if self._forget(file_key):
                 return True
             return self._finished.pop(file_key, None) is not None
 
@@ -501,142 +399,32 @@ class Reassembler:
             return self._finished.get(file_key) == ""
 
     def received(self, file_key: FileKey) -> list[int] | None:
-        """Chunk numbers received so far of a generation being assembled, else None."""
+        """Chunk numbers received so far of a generation being assembled (of its
+        leading chunking), else None."""
         with self._lock:
-            state = self._files.get(file_key)
-            return None if state is None else list(state.pieces)
+            group = self._files.get(file_key)
+            return None if group is None else list(group.lead.pieces)
 
     def mark_finished(self, file_key: FileKey) -> None:
         """Treat a generation as completed elsewhere (e.g. found in Girder): drop its
         partial state and recognise its later chunks as duplicates."""
         with self._lock:
-            state = self._files.get(file_key)
-            if state is not None:
-                self._drop(file_key, state)
+            self._forget(file_key)
             self._remember(file_key, "")
 
     def progress(self, file_key: FileKey) -> FileProgress | None:
         """The :class:`FileProgress` of one generation being assembled, or None."""
         with self._lock:
-            state = self._files.get(file_key)
-            return None if state is None else self._progress_of(state)
+            group = self._files.get(file_key)
+            return None if group is None else self._progress_of(group)
 
     @staticmethod
-    def _progress_of(s: _State) -> FileProgress:
-        return FileProgress(s.rel_path, s.file_hash.hex(), len(s.pieces), s.n_total,
-                            s.bytes_received, s.bytes_held, s.first_at, s.last_at)
+    def _progress_of(group: Group) -> FileProgress:
+        s = group.lead
+        return FileProgress(s.rel_path, s.file_hash.hex(), s.covered, s.n_total,
+                            s.bytes_received, s.bytes_held, group.first_at, group.last_at)
 
     def in_progress(self) -> list[FileProgress]:
         """One :class:`FileProgress` per file generation still being assembled."""
         with self._lock:
-            return [self._progress_of(s) for s in self._files.values()]
-
-    # -- the memory budget ----------------------------------------------------------
-    def spill(self, max_ram_bytes: int) -> int:
-        """Move the bytes of files being rebuilt from RAM to their staging files, the
-        largest file first, until at most ``max_ram_bytes`` are held; returns how many
-        files were spilled. A spilled file goes on as in disk mode: its later chunks are
-        written to the staging file, its sha512 is read back from there, and its
-        :class:`CompletedFile` has a ``path`` and no ``data`` (the upload reads the disk).
-        Nothing is lost: the bytes are on disk before RAM lets go of them. A file that
-        cannot be written (a full disk) stays in RAM; the caller then pauses instead."""
-        with self._lock:
-            if self._bytes_held <= max_ram_bytes or not self._can_spill():
-                return 0
-            spilled = 0
-            for state in sorted(self._files.values(), key=lambda s: -s.bytes_held):
-                if self._bytes_held <= max_ram_bytes or not state.bytes_held:
-                    break
-                if not self._spill_one(state):
-                    break
-                spilled += 1
-            return spilled
-
-    def _can_spill(self) -> bool:
-        """A staging folder exists, or (memory mode) can be made below output_dir."""
-        if self._staging is None and self._spill_root is not None:
-            try:
-                self._disk = SafeDir(self._spill_root)
-                self._staging = StagingArea(self._disk)
-            except (OSError, ValueError) as exc:
-                logger.warning("cannot make a staging folder below %s to spill files "
-                               "being rebuilt to (%s): fetching pauses instead",
-                               self._spill_root, exc)
-                self._spill_root = None
-                self._disk = self._staging = None
-        return self._staging is not None
-
-    def _spill_one(self, state: _State) -> bool:
-        """One file's RAM to its staging file (written already in both mode)."""
-        if state.storage is Storage.RAM:
-            name = self._new_partial(state.rel_path, state.file_hash)
-            try:
-                for n, (i, data) in enumerate(sorted(state.data.items())):
-                    self._staging.write(name, state.pieces[i][0], data, truncate=n == 0)
-            except (OSError, OverflowError, ValueError) as exc:
-                self._staging.remove(name)
-                logger.warning("cannot spill %s to disk (%s): it stays in RAM",
-                               state.rel_path, exc)
-                return False
-            state.partial = name
-        # Chunks below next_hash_i are hashed (or queued with their own buffers); the
-        # rest are read back from disk when the in-order prefix reaches them.
-        self.spilled_files += 1
-        self.spilled_bytes += state.bytes_held
-        self._bytes_held -= state.bytes_held
-        state.data.clear()
-        state.bytes_held = 0
-        state.storage = Storage.DISK
-        return True
-
-    # -- streamed uploads -----------------------------------------------------------
-    def stream_view(self, file_key: FileKey) -> tuple[int | None, int, int] | None:
-        """``(size, prefix_end, last_chunk_offset)`` of a file being assembled: its size
-        once its last chunk is in (else None), the end of its in-order prefix (the bytes
-        a streamed upload may send), and where its last chunk begins (the bytes from
-        there are held back until the sha512 is checked). None if not assembling."""
-        with self._lock:
-            state = self._files.get(file_key)
-            if state is None:
-                return None
-            prefix_i = state.next_hash_i - 1
-            prefix_end = 0
-            if prefix_i >= 1:
-                offset, size, _ = state.pieces[prefix_i]
-                prefix_end = offset + size
-            last = state.pieces.get(state.n_total)
-            return state.total, prefix_end, last[0] if last else -1
-
-    def read_prefix(self, file_key: FileKey, start: int, end: int) -> bytes | None:
-        """Bytes ``[start, end)`` of the in-order prefix of a file being assembled, from
-        RAM or its staging file (one copy); None once the file is no longer assembling
-        (completed, rejected, discarded): its :class:`CompletedFile` then has them."""
-        with self._lock:
-            state = self._files.get(file_key)
-            if state is None:
-                return None
-            if state.storage is Storage.DISK:
-                staging, name = self._staging, state.partial
-            else:
-                return self._read_ram(state, start, end)
-        # Outside the lock (the poll thread must not wait for a disk read): the prefix's
-        # bytes are written and never change; a file dropped meanwhile reads as None.
-        out = bytearray()
-        try:
-            staging.hash_range(name, start, end, out.extend)
-        except OSError:
-            return None
-        return bytes(out)
-
-    @staticmethod
-    def _read_ram(state: _State, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the in-order prefix held in RAM (one copy)."""
-        parts, first = [], None
-        for i in range(1, state.next_hash_i):
-            offset, size, _ = state.pieces[i]
-            if offset + size > start and offset < end:
-                first = offset if first is None else first
-                parts.append(state.data[i])
-        if first is None:
-            return b""
-        return Pieces(parts).read_at(start - first, end - start)
+            return [self._progress_of(g) for g in self._files.values()]

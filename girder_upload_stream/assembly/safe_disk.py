@@ -175,6 +175,14 @@ class StagingArea:
         finally:
             os.close(fd)
 
+    def truncate(self, name: str, size: int) -> None:
+        """Cut the staging file ``name`` to ``size`` bytes."""
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
     def hash_range(self, name: str, start: int, end: int,
                    update: Callable[[memoryview], None]) -> None:
         """Stream bytes ``[start, end)`` of a staging file to ``update(block)``, in order;

@@ -6,9 +6,10 @@ Commit order (what must be durable before an offset may be committed):
 1. A message is *pending* from the moment it is read until its fate is durable.
 2. A message whose file is uploaded to Girder (or found there already with the same
    content) is done once the upload call has returned successfully.
-3. A message that can never become a file (undecodable, no key, unsafe name, mismatched
-   hash, filtered out by ``--download_regex``, a duplicate of a finished file) is done
-   once it is recorded (log and registry); retrying it could not help.
+3. A message that can never become a file (undecodable, no key, unsafe name, a chunk
+   refused on its own -- impossible for its file, over a bound of competing copies or of
+   files in progress --, filtered out by ``--download_regex``, a duplicate of a finished
+   file) is done once it is recorded (log and registry); retrying it could not help.
 4. A message of a file still in progress, waiting for upload, or whose upload failed
    with a transient error, stays pending: it must be read again after a restart.
    Exception: a partial file that got no chunk for ``stale_partial_seconds`` is
@@ -28,7 +29,8 @@ Commit order (what must be durable before an offset may be committed):
    of metadata): a cut list's last span runs to ``N``. Without a list (older commits),
    all of ``[C, N)`` is read again.
 
-9. A file whose upload failed for good (Girder refused it) does not hold the commit,
+9. A file whose upload failed for good (Girder refused it), or none of whose copies
+   verified (mismatched hash: only its bytes failed), does not hold the commit,
    but its messages are listed in the metadata too (``;f=``, the *retry spans*, also
    below ``C``): the next run of the group seeks back to them, rebuilds the file and
    tries its upload again. The list is capped like rule 8's; a file cut from it is

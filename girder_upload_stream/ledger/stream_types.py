@@ -11,7 +11,17 @@ from girder_upload_stream.errors import ChunkDecodeError
 from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress, RejectedFile
 from girder_upload_stream.ledger.units import FileOutcome
 
-__all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters"]
+__all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "ChunkRefusedError"]
+
+
+class ChunkRefusedError(ChunkDecodeError):
+    """A well-formed chunk the reassembler cannot use (impossible for its file, or over a
+    bound of files in progress or of competing copies); recorded like an undecodable
+    message, through the same path (:meth:`Recorder.message_rejected`)."""
+
+    def __init__(self, reason: str, **context) -> None:
+        super().__init__(f"chunk refused: {reason}", **context)
+        self.message = self.reason  # the registry and the log say "chunk refused: ..."
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,8 @@ def _run_settings(p: Mapping[str, Any]) -> RunSettings:
                        max_file_bytes=p["max_file_size_mb"] << 20,
                        interactive=p["interactive"],
                        stale_partial_seconds=p["stale_partial_seconds"] or None,
-                       logger_file_path=p["logs_dir"])
+                       logger_file_path=p["logs_dir"],
+                       max_files_in_progress=p["max_files_in_progress"])
 
 
 def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,

@@ -222,7 +222,8 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         max_inflight_units=kafka.n_threads,  # the flow runs n_threads upload tasks
         linger_seconds=run.upload_linger_seconds,
         memory_budget_bytes=memory.files_bytes, poll_target_bytes=memory.poll_bytes,
-        open_stream=open_stream, stream_min_bytes=run.stream_min_bytes)
+        open_stream=open_stream, stream_min_bytes=run.stream_min_bytes,
+        max_files_in_progress=run.max_files_in_progress)
     jobs: list[SideJob] = [Console(run.update_seconds, interactive=run.interactive,
                                    output_dir=output_dir.resolve(), stop=stop),
                            ProgressLine(run.progress_seconds),

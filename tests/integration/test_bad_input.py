@@ -52,6 +52,11 @@ CHUNK_SIZE = 65_536
 MAX_IDLE = 8
 RUN_TIMEOUT = 150.0
 BAD_STATUSES = {"failed", "mismatched_hash"}
+#: Chunks placed wrongly (an overlap, a hole, other bytes for a number) no longer reject
+#: their file (issue 20: only the whole-file sha512 decides): they are competing copies
+#: of a file that never completes, registered as failed once stale, which must happen
+#: before the idle stop for the commits to reach the end.
+STALE_SECONDS = 3
 
 
 def _sha512(data: bytes) -> bytes:
@@ -85,7 +90,9 @@ def _tampered(index: int, value) -> tuple[str, bytes]:
 @dataclass
 class Bad:
     """One hostile case: ``messages`` go to ``partition`` in order. ``rel`` names the file
-    of a whole-file rejection (None: each message is rejected on its own)."""
+    whose registry rows must say why (a whole-file rejection, a file stale with competing
+    chunks, or messages refused on their own, named after the file); None: each message
+    is rejected on its own and found by its offset."""
 
     label: str
     messages: list[tuple[bytes | str | None, bytes | None]]
@@ -360,7 +367,8 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
     config = write_fault_config(tmp_path / "consumer.config")
     env = consumer_env(stack_env, prefect_env)
     _, text = _run(consumer_argv(api_url, topic, collection["name"], out, group, config,
-                                 MAX_IDLE, "--mode", "both"),
+                                 MAX_IDLE, "--mode", "both",
+                                 "--stale_partial_seconds", str(STALE_SECONDS)),
                    "bad.out", tmp_path, env, programs, log_file)
 
     rows = in_progress_rows(out / "LOGS", topic, group)
@@ -487,7 +495,8 @@ def test_poison_pills_in_disk_mode_are_rejected_commits_reach_the_end_and_nothin
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     argv = consumer_argv(api_url, topic, collection["name"], out, group,
                          write_fault_config(tmp_path / "consumer.config"), MAX_IDLE,
-                         "--mode", "disk", "--max_file_size_mb", str(DISK_LIMIT_MB))
+                         "--mode", "disk", "--max_file_size_mb", str(DISK_LIMIT_MB),
+                         "--stale_partial_seconds", str(STALE_SECONDS))
     limited = ["bash", "-c", f'ulimit -f {FSIZE_LIMIT_KIB} && exec "$@"', "ulimit", *argv]
     _, text = _run(limited, "disk.out", tmp_path, consumer_env(stack_env, prefect_env),
                    programs, log_file)

@@ -2,7 +2,8 @@
 upload outcomes, revokes, lost partitions, restarts and crashes keeps it.
 
 A small simulated world: a topic of 3 partitions that files are produced to (chunks in
-any order, duplicates, garbage), a Girder that is a set of file keys, and one consumer
+any order, duplicates, garbage, and competing copies: forged chunks with other bytes,
+whole copies failing the sha512, the file cut with another chunk size), a Girder that is a set of file keys, and one consumer
 (a :class:`StreamProcessor`) driven the way the runner drives it. After every commit:
 
 * nothing committed before it is durable: every message below the high watermark
@@ -20,6 +21,7 @@ and at the end, once every file is produced whole and every upload succeeds:
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,6 +41,22 @@ CHUNKS = {rel: [encode_chunk(c) for c in chunk_file(data, rel.rpartition("/")[0]
           for rel, data in FILES.items()}
 KEYS = {rel: decode_chunk(CHUNKS[rel][0][1]).file_key for rel in FILES}
 GARBAGE = (b"junk", b"\xc1 not msgpack")
+
+
+def _forge(pair: tuple[str, bytes]) -> tuple[str, bytes]:
+    """The same chunk (name, file hash, number, offset, size) with other bytes: a valid
+    message whose chunk hash matches its bytes, but whose file can never verify."""
+    chunk = decode_chunk(pair[1])
+    data = bytes(b ^ 0x5A for b in chunk.data)
+    return encode_chunk(replace(chunk, data=data, chunk_hash=hashlib.sha512(data).digest()))
+
+
+#: Competing copies (issue 20 section 1): each chunk of each file with other bytes, and
+#: each file cut with another chunk size (another chunk count for all but the smallest).
+FORGED = {rel: [_forge(pair) for pair in pairs] for rel, pairs in CHUNKS.items()}
+RECHUNKED = {rel: [encode_chunk(c) for c in chunk_file(data, rel.rpartition("/")[0], 5,
+                                                         filename=rel.rpartition("/")[2])]
+             for rel, data in FILES.items()}
 
 
 class Registry(Recorder):
@@ -90,6 +108,24 @@ class World:
     def produce_file(self, rel: str, partition: int) -> None:
         for i in range(len(CHUNKS[rel])):
             self.produce(rel, i, (partition + i) % N_PARTITIONS)
+
+    def forge(self, rel: str, chunk: int, partition: int) -> None:
+        """One chunk of ``rel`` with other bytes (a forged or corrupted chunk)."""
+        key, value = FORGED[rel][chunk % len(FORGED[rel])]
+        self.log[partition].append((key.encode(), value))
+
+    def bad_copy(self, rel: str, chunk: int, partition: int) -> None:
+        """A whole copy of ``rel`` whose chunk ``chunk`` has other bytes: it fails the
+        sha512, spread over the partitions (any order against the clean copies)."""
+        bad = chunk % len(CHUNKS[rel])
+        for i, pair in enumerate(CHUNKS[rel]):
+            key, value = FORGED[rel][i] if i == bad else pair
+            self.log[(partition + i) % N_PARTITIONS].append((key.encode(), value))
+
+    def rechunk(self, rel: str, partition: int) -> None:
+        """``rel`` produced whole again with another chunk size (a second chunking)."""
+        for i, (key, value) in enumerate(RECHUNKED[rel]):
+            self.log[(partition + i) % N_PARTITIONS].append((key.encode(), value))
 
     def deliver_all(self) -> None:
         for p in range(N_PARTITIONS):
@@ -185,6 +221,12 @@ event = st.one_of(
     st.tuples(st.just("produce_file"), st.sampled_from(sorted(FILES)),
               st.integers(0, N_PARTITIONS - 1)),
     st.tuples(st.just("garbage"), st.integers(0, N_PARTITIONS - 1)),
+    st.tuples(st.just("forge"), st.sampled_from(sorted(FILES)), st.integers(0, 3),
+              st.integers(0, N_PARTITIONS - 1)),
+    st.tuples(st.just("bad_copy"), st.sampled_from(sorted(FILES)), st.integers(0, 3),
+              st.integers(0, N_PARTITIONS - 1)),
+    st.tuples(st.just("rechunk"), st.sampled_from(sorted(FILES)),
+              st.integers(0, N_PARTITIONS - 1)),
     st.tuples(st.just("deliver_all")),
     st.tuples(st.just("deliver"), st.integers(0, N_PARTITIONS - 1)),
     st.tuples(st.just("take")),

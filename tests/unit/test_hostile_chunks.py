@@ -1,6 +1,7 @@
 """Poison pills: chunks whose integers no real file can have, in every mode.
 
-Each must be its file's rejection with a clear reason, at once, never an exception out of
+Each must be rejected with a clear reason, at once (the message alone when the chunk's
+own claims are impossible, never vetoing a genuine file of that name and hash), never an exception out of
 ``Reassembler.add`` (an OverflowError from ``os.pwrite`` is not an OSError) and never a
 transient StorageError (that would hold its partition's commit for ever). And every
 chunk must cost O(1)-ish whatever ``n_total_chunks`` it claims.
@@ -45,6 +46,12 @@ def assert_rejected(result, fragment: str) -> None:
     assert fragment in result.reason, result.reason
 
 
+def assert_refused(result, fragment: str) -> None:
+    """The chunk rejects itself alone (its message), never its file."""
+    assert result.status is AddStatus.REFUSED and result.rejected is None, result
+    assert fragment in result.reason, result.reason
+
+
 # ------------------------------------------------------------ integers at their limits
 
 # (offset, chunk_i, n_total) of one 4-byte chunk; none can belong to a file of <= 2**63-1
@@ -63,22 +70,25 @@ def test_integers_no_file_can_have_reject_the_file_in_every_mode(tmp_path, mode,
                                                                  offset, i, n):
     reassembler = make(mode, tmp_path, limit)
     result = reassembler.add(forged(b"data", offset, i, n))
-    assert result.status is AddStatus.REJECTED, result
+    assert result.status is AddStatus.REFUSED, result
     assert result.reason.startswith(("file too large", "impossible placement")), result.reason
-    assert result.rejected.n_total_chunks == n
     again = reassembler.add(forged(b"data", offset, i, n))  # the same pill sent twice
-    assert again.status is AddStatus.IGNORED
+    assert again.status is AddStatus.REFUSED  # each time: the key is never poisoned
     assert reassembler.in_progress() == [] and staged(reassembler) == []
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_huge_chunk_count_sent_twice_is_rejected_then_ignored(tmp_path, mode):
+def test_a_huge_chunk_count_sent_twice_is_rejected_each_time_and_vetoes_nothing(tmp_path,
+                                                                                 mode):
     reassembler = make(mode, tmp_path)
     first = reassembler.add(forged(b"data", 0, 1, 2**62))
-    assert_rejected(first, f"{2**62} chunks exceed the {DEFAULT_MAX_FILE_BYTES}-byte limit")
+    assert_refused(first, f"{2**62} chunks exceed the {DEFAULT_MAX_FILE_BYTES}-byte limit")
     assert "--max_file_size_mb" in first.reason
     for chunk in (forged(b"data", 0, 1, 2**62), forged(b"more", 4, 2, 2**62)):
-        assert reassembler.add(chunk).status is AddStatus.IGNORED
+        assert reassembler.add(chunk).status is AddStatus.REFUSED
+    # The genuine file of that name and hash is not vetoed by the pills.
+    genuine = forged(b"whole file", 0, 1, 1)
+    assert reassembler.add(genuine).status is AddStatus.COMPLETED
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -104,15 +114,15 @@ def test_offsets_just_under_and_just_over_the_limit(tmp_path, mode):
     done = reassembler.add(forged(head, 0, 1, 2, "exact", data)).completed
     assert done is not None and done.size == limit
     # One byte over: the chunk ends past the limit.
-    assert_rejected(reassembler.add(forged(b"abcd", 997, 2, 2, "over")),
+    assert_refused(reassembler.add(forged(b"abcd", 997, 2, 2, "over")),
                     "chunk 2 ends at byte 1001, over the 1000-byte limit")
     # In bounds itself, but the chunks that follow need one byte each.
-    assert_rejected(reassembler.add(forged(b"x" * 999, 0, 1, 3, "follow")),
+    assert_refused(reassembler.add(forged(b"x" * 999, 0, 1, 3, "follow")),
                     "chunk 1 ends at byte 999 and 2 more chunk(s) follow")
     assert reassembler.add(forged(b"x" * 998, 0, 1, 3, "fits")).status is AddStatus.ACCEPTED
     # n_total_chunks at the limit, and one over.
     assert reassembler.add(forged(b"y", 0, 1, limit, "many")).status is AddStatus.ACCEPTED
-    assert_rejected(reassembler.add(forged(b"y", 0, 1, limit + 1, "toomany")),
+    assert_refused(reassembler.add(forged(b"y", 0, 1, limit + 1, "toomany")),
                     "1001 chunks exceed the 1000-byte limit")
 
 
@@ -122,7 +132,7 @@ def test_the_largest_possible_offset_is_accepted_or_rejected_by_a_byte(tmp_path,
     reassembler = make(Mode.MEMORY, tmp_path, None)
     result = reassembler.add(forged(b"data", offset, 2, n))
     fits = offset + 4 <= MAX_POSSIBLE_FILE_BYTES
-    assert result.status is (AddStatus.ACCEPTED if fits else AddStatus.REJECTED), result
+    assert result.status is (AddStatus.ACCEPTED if fits else AddStatus.REFUSED), result
 
 
 def test_a_limit_beyond_a_file_offset_is_refused():
@@ -237,8 +247,10 @@ def test_a_pill_through_the_stream_processor_is_recorded_and_done(tmp_path):
     for offset, chunk in enumerate(pills):
         key, value = encode_chunk(chunk)
         processor.handle(RawMessage("t", 0, offset, key.encode(), value))
-    assert processor.counters.files_failed == 1  # 2**62 chunks: rejected once, then ignored
-    assert processor.counters.messages_rejected == 2  # the codec refuses the other two
+    # 2**62 chunks: each pill rejects its own message, never the file (no key poisoned);
+    # the codec refuses the other two.
+    assert processor.counters.files_failed == 0
+    assert processor.counters.messages_rejected == 5
     assert processor.offsets.committable() == {("t", 0): len(pills)}
     with pytest.raises(ChunkDecodeError):
         decode_chunk(encode_chunk(pills[3])[1])

@@ -276,9 +276,17 @@ def test_file_with_mismatched_hash_is_rejected_and_released() -> None:
     assert proc.counters.files_failed == 1
     assert proc.take_units() == []
     assert proc.offsets.committable() == {(TOPIC, 0): 1, (TOPIC, 1): 1}
-    # A late copy of a chunk of the rejected file is ignored and done at once.
+    # Only its bytes failed: its messages are retried by the next run (rule 9)...
+    assert "read again by the next run" in proc.recorder.of("file_rejected")[0][2]
+    assert proc.offsets.failed_spans((TOPIC, 0), 1) == [(0, 1)]
+    # A late copy of a chunk it held adds nothing: done at once...
     proc.handle(log.put(0, msgs[0].key, msgs[0].value))
     assert proc.offsets.committable() == {(TOPIC, 0): 2, (TOPIC, 1): 1}
+    # ...but a chunk with other bytes is a new choice, hashed at once (it fails too).
+    other = Chunk("m.bin", wrong, hashlib.sha512(b"wxyz").digest(), 0, 1, 2, "", "", b"wxyz")
+    proc.handle(log.put(0, *encode_chunk(other)))
+    assert proc.counters.files_failed == 2
+    assert proc.offsets.committable() == {(TOPIC, 0): 3, (TOPIC, 1): 1}
     assert proc.reassembler.in_progress() == []
 
 

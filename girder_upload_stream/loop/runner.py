@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from girder_upload_stream import failpoints, startup
+from girder_upload_stream.errors import FatalError
 from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
@@ -134,6 +135,7 @@ class StreamRunner:
         self._last_commit = self._started
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
+        self.fatal: FatalError | None = None  # an upload's: the run stops and raises it
         self._save_raised = False  # the last before_commit raised (commits wait)
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
@@ -221,6 +223,9 @@ class StreamRunner:
             except Exception as exc:  # the task failed after its retries
                 logger.warning("upload unit %d failed: %s", unit_id, exc)
                 self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, FatalError) and self.fatal is None:
+                    self.fatal = exc  # the run stops, then raises it
+                    self.stop.request(str(exc))
             else:
                 failpoints.hit("upload.done")
                 self.processor.finish_unit(unit, outcomes)
@@ -321,7 +326,9 @@ class StreamRunner:
         """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`).
 
         An exception (e.g. Prefect's TerminationSignal on SIGTERM or cancellation) also
-        shuts down gracefully before it propagates; :attr:`summary` is then set."""
+        shuts down gracefully before it propagates; :attr:`summary` is then set. So does
+        a :class:`FatalError` an upload met (a root folder given by id that is gone):
+        the run stops, then raises it."""
         reason = None
         try:
             while reason is None:
@@ -331,7 +338,10 @@ class StreamRunner:
             reason = f"interrupted ({type(exc).__name__})"
             self.shutdown(reason)
             raise
-        return self.shutdown(reason)
+        summary = self.shutdown(reason)
+        if self.fatal is not None:
+            raise self.fatal
+        return summary
 
     def shutdown(self, reason: str) -> RunSummary:
         """Stop fetching, let in-flight uploads finish (bounded), commit what is safe,

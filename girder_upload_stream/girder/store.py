@@ -1,8 +1,10 @@
 """Every girder-client call of the project lives here.
 
-A :class:`GirderStore` logs in and resolves the root folder once (:meth:`GirderStore.check`,
-before anything is consumed), mirrors sub-folders below it (created once and cached,
-not looked up per file), and uploads one item per file with its metadata. Re-delivered
+A :class:`GirderStore` logs in and resolves the root folder (:meth:`GirderStore.check`,
+before anything is consumed; again when Girder says it is gone), mirrors sub-folders
+below it (created once and cached, not looked up per file), and uploads one item per
+file with its metadata; what it creates carries the consumer's owner mark, and only
+that is ever deleted, emptied or filled (:mod:`~girder_upload_stream.girder.ownership`). Re-delivered
 files are harmless: an item of the same name whose checksum matches is skipped, which
 is what makes uploads effectively-once. Names are those Girder stores (stripped of
 leading and trailing white space), so that a lookup finds what a create made.
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import mimetypes
-import re
 import threading
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -34,11 +35,12 @@ from typing import Any, TypeVar
 
 from girder_upload_stream import __version__, failpoints
 from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.girder.existing import ExistingItemMixin
 from girder_upload_stream.girder.folders import FolderMixin
 from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderRootFolderGone,
                                                 GirderStartupError, GirderTerminalError,
                                                 GirderTransientError, girder_name, translate)
-from girder_upload_stream.girder.ownership import OWNER_FIELD, TAG_FIELD, Owner
+from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
@@ -75,7 +77,7 @@ def item_was_there(created: dict, name: str) -> bool:
     return created.get("name") != name
 
 
-class GirderStore(FolderMixin):
+class GirderStore(ExistingItemMixin, FolderMixin):
     """Uploads completed files below one root folder; thread-safe (one client per thread)."""
 
     def __init__(self, settings: GirderSettings, topic: str) -> None:
@@ -283,77 +285,6 @@ class GirderStore(FolderMixin):
         client = self._client()
         self._call(lambda: client.delete(f"item/{item['_id']}"), "delete renamed item",
                    rel_path)
-
-    def _sweep_leftovers(self, folder: str, name: str, renamed: str,
-                         completed: CompletedFile) -> None:
-        """Girder named ours ``name (k)`` with k > 1: ``name (1)`` .. ``name (k-1)`` are
-        taken, maybe by items a process killed between its ``POST item`` and the
-        ``DELETE`` of that renamed item left behind. Those (the consumer's, empty, and
-        claiming this very file's checksum) are deleted, so that the name holds one item
-        again; any other item of those names is left alone. At most four names are
-        looked at."""
-        match = re.fullmatch(re.escape(name) + r" \((\d+)\)", renamed)
-        owner = self._owner()
-        for k in range(1, min(int(match.group(1)), 5) if match else 1):
-            for other in self._items_named(folder, f"{name} ({k})", completed.rel_path):
-                checksum = (other.get("meta") or {}).get("checksum") or {}
-                if other.get("size") == 0 and checksum.get("sha256") == completed.sha256 \
-                        and completed.size > 0 and owner.owns(other):
-                    logger.info("%s: deleting %r, an empty item left by an interrupted "
-                                "upload of it", completed.rel_path, other["name"])
-                    self._delete_empty_item(other, completed.rel_path)
-
-    def _into_existing(self, item: dict, completed: CompletedFile,
-                       shared: Callable[[], bool]) -> tuple[Outcome, str]:
-        """An item of the file's name was there: skip identical content, fill an item
-        of the consumer's left without its file, replace (``--replace_existing``) or
-        skip different content. An empty item someone else made is other content: it
-        is filled only with ``--replace_existing``."""
-        client = self._client()
-        rel = completed.rel_path
-        files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
-        if self._same_content(item, files, completed):
-            self._repair_checksum(item, completed)
-            return Outcome.SKIPPED_IDENTICAL, item["_id"]
-        ours = self._owner().owns(item)
-        if not files and (ours or self.settings.replace_existing):
-            # Ours, left without its file (a crash, a stream given up, another consumer
-            # now), or someone's empty item the operator lets us replace.
-            self._put_file(item["_id"], completed, shared)
-            meta = {**self._meta(completed.sha256), TAG_FIELD: None}  # null: key removed
-            self._call(lambda: client.addMetadataToItem(item["_id"], meta), "set metadata", rel)
-            return (Outcome.UPLOADED if ours else Outcome.REPLACED), item["_id"]
-        if not self.settings.replace_existing:
-            logger.warning("%s: an item with %s is already in Girder; skipped "
-                           "(use --replace_existing to replace it)", rel,
-                           "different content" if files else "no file, made by someone else")
-            return Outcome.SKIPPED_DIFFERENT, item["_id"]
-        self._call(lambda: client.uploadFileContents(files[0]["_id"], self._stream(completed),
-                                                     completed.size), "replace contents", rel)
-        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
-                   "set metadata", rel)
-        return Outcome.REPLACED, item["_id"]
-
-    @staticmethod
-    def _same_content(item: dict, files: list[dict], completed: CompletedFile) -> bool:
-        if len(files) != 1 or files[0].get("size") != completed.size:
-            return False
-        sha512 = files[0].get("sha512")
-        if sha512:
-            return sha512 == completed.file_hash.hex()
-        return (item.get("meta") or {}).get("checksum", {}).get("sha256") == completed.sha256
-
-    def _repair_checksum(self, item: dict, completed: CompletedFile) -> None:
-        """An item whose file already holds these bytes but whose checksum names other
-        ones: a replace whose metadata request failed (the file then failed, and this is
-        the retry). Its metadata is set now, so that the item describes its contents."""
-        checksum = (item.get("meta") or {}).get("checksum")
-        if not isinstance(checksum, dict) or checksum.get("sha256") in (None, completed.sha256) \
-                or not self._owner().owns(item):
-            return  # no checksum of ours to correct (e.g. an item someone else made)
-        client = self._client()
-        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
-                   "set metadata", completed.rel_path)
 
     def _oldest_item(self, folder: str, name: str, mine: dict) -> dict:
         """Of the items named ``name`` (two consumers may create one each at the same

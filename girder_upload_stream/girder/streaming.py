@@ -288,14 +288,10 @@ class StreamSession:
         """The item we streamed into, if it is still the consumer's and holds no file: a
         mismatched or abandoned file leaves no item (one with a file -- a twin's,
         finished -- is never deleted, nor one that is not the consumer's)."""
-        client = self.store._client()
-        item = self.store._call(lambda: client.getItem(item_id), "get item",
-                                self.plan.rel_path)
-        if not self.store._owner().owns(item):
-            return False
-        files = self.store._call(lambda: list(client.listFile(item_id)), "list files",
-                                 self.plan.rel_path)
-        return not files
+        client, rel = self.store._client(), self.plan.rel_path
+        item = self.store._call(lambda: client.getItem(item_id), "get item", rel)
+        return self.store._owner().owns(item) and not self.store._call(
+            lambda: list(client.listFile(item_id)), "list files", rel)
 
     # -- the finishing step (the upload task's thread) ------------------------------
     def finish(self, completed: CompletedFile, shared: Callable[[], bool]) -> FileOutcome:

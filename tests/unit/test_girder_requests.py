@@ -450,3 +450,20 @@ def test_empty_items_left_by_a_killed_redelivery_are_swept(girder):
     assert sorted(i["name"] for i in girder.items.values()) == ["a.txt", "a.txt (2)",
                                                                 "a.txt (3)"]
     assert calls.count("delete item") == 2  # ours ("a.txt (4)") and the leftover
+
+
+@pytest.mark.parametrize("ours, replace, repaired", [(True, False, True), (False, False, False),
+                                                     (False, True, True)])
+def test_a_checksum_naming_other_bytes_is_corrected_only_where_allowed(girder, ours, replace,
+                                                                       repaired):
+    """Identical content under a checksum of other bytes (a replace whose metadata
+    request failed): corrected on the consumer's items, and on others only with
+    --replace_existing."""
+    store = _store(girder, replace=replace)
+    mark = Owner(ME).mark() if ours else {}
+    item = girder.createItem("root", "a.txt", metadata={"checksum": {"sha256": "old"}, **mark})
+    girder._add_file(item["_id"], "a.txt", b"data", "text/plain")
+    outcome, _ = _upload(store, girder, "a.txt", b"data")
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
+    sha = girder.item("root", "a.txt")["meta"]["checksum"]["sha256"]
+    assert sha == (hashlib.sha256(b"data").hexdigest() if repaired else "old")

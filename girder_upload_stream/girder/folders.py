@@ -202,6 +202,24 @@ class FolderMixin:
                 self._busy[key] = self._busy.get(key, 0) + 1
             return parent
 
+    def existing_folder(self, subdir: str) -> str | None:
+        """Id of the folder mirroring ``subdir`` if Girder has it (None: a part is
+        missing), never made: a look-up must leave nothing behind. Found ones are
+        cached, as made ones are."""
+        root = self.root_folder_id()
+        names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
+        with self._folder_lock:
+            parent = root
+            for depth in range(1, len(names) + 1):
+                key = "/".join(names[:depth])
+                if key not in self._folders:
+                    found = self._folders_named(parent, "folder", names[depth - 1])
+                    if not found:
+                        return None
+                    self._folders[key] = min(found, key=lambda f: f["_id"])["_id"]
+                parent = self._folders[key]
+            return parent
+
     def hold_folder(self, subdir: str, shared: bool | Callable[[], bool] = True) -> str:
         """:meth:`folder_for` with ``hold``: the folder stays until released."""
         return self.folder_for(subdir, shared, hold=True)

@@ -146,6 +146,7 @@ class GirderStore(ExistingItemMixin, FolderMixin):
                                 "KafkaTopic": self.topic}
         if sha256 is not None:
             meta["checksum"] = {"sha256": sha256}
+        meta.pop(OWNER_FIELD, None)  # only ever set here, never from --metadata
         if created:
             meta.update(self._owner().mark())
         return meta
@@ -168,13 +169,16 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         file whose sha512 is ``file_hash``): the restart check of a re-read file.
 
         None when it cannot tell now (Girder unreachable); False also when the stored
-        file has no sha512 (an assetstore that does not hash) -- it is then rebuilt."""
+        file has no sha512 (an assetstore that does not hash) -- it is then rebuilt.
+        Makes nothing in Girder (a missing folder means the file is not there)."""
         path = PurePosixPath(rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
             client = self._client()
             name = girder_name(path.name)
-            folder = self.folder_for(subdir)
+            folder = self.existing_folder(subdir)
+            if folder is None:
+                return False  # its folder is not there: neither is the file
             items = self._call(lambda: list(client.listItem(folder, name=name)),
                                "list items", rel_path)
             for item in items:

@@ -353,3 +353,48 @@ def test_a_root_folder_given_by_id_deleted_stops_and_moved_is_kept(stack_env,
     assert girder_client.get("resource/lookup", parameters={
         "path": f"/collection/{collection['name']}/elsewhere"})["_id"] == elsewhere["_id"]
     assert list(girder_client.listFolder(elsewhere["_id"])) == []  # not made again
+
+
+@pytest.mark.timeout(300)
+def test_the_cli_stops_with_exit_2_when_its_root_folder_by_id_is_deleted_and_a_rerun_uploads(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs):
+    """End to end: the consumer runs with ``--girder_root_folder_id``; the folder is
+    deleted while it runs; the next file stops it with one clear line and exit status 2,
+    and that file is not committed: a rerun (given an existing folder) uploads it."""
+    from tests.integration.programs import (Program, consumer_argv, consumer_env, finish,
+                                            produce_ours, wait_for as wait_program)
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=2), make_group(), make_collection()
+    given = girder_client.createFolder(collection["_id"], "given", parentType="collection")
+
+    def produce(name: str, data: bytes) -> None:
+        tree = tmp_path / f"tree-{name}"
+        tree.mkdir()
+        (tree / name).write_bytes(data)
+        finish(produce_ours(tree, topic, bootstrap, tmp_path), "produce")
+
+    def argv(root_id: str, out: str, max_idle: float) -> list:
+        return [*consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"],
+                               tmp_path / out, group, "local", max_idle),
+                "--girder_root_folder_id", root_id]
+    produce("first.txt", b"first")
+    running = Program(argv(given["_id"], "out1", 60), tmp_path / "run1.out", cwd=tmp_path,
+                      env=consumer_env(stack_env, prefect_env))
+    programs.append(running)
+    wait_program(lambda: [i["name"] for i in girder_client.listItem(given["_id"])]
+                 == ["first.txt"], "first.txt in Girder", running, timeout=120)
+    girder_client.delete(f"folder/{given['_id']}")
+    produce("second.txt", b"second")
+    code = running.wait(120)
+    output = running.output()
+    assert code == 2, running.describe()
+    assert f"error: the root folder {given['_id']} (given by id) is gone" in output, output
+    assert "Traceback" not in output, output
+
+    again = girder_client.createFolder(collection["_id"], "again", parentType="collection")
+    rerun = Program(argv(again["_id"], "out2", 3), tmp_path / "run2.out", cwd=tmp_path,
+                    env=consumer_env(stack_env, prefect_env))
+    programs.append(rerun)
+    assert rerun.wait(120) == 0, rerun.describe()
+    assert "second.txt" in [i["name"] for i in girder_client.listItem(again["_id"])]

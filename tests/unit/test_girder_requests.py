@@ -467,3 +467,32 @@ def test_a_checksum_naming_other_bytes_is_corrected_only_where_allowed(girder, o
     assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
     sha = girder.item("root", "a.txt")["meta"]["checksum"]["sha256"]
     assert sha == (hashlib.sha256(b"data").hexdigest() if repaired else "old")
+
+
+def test_the_owner_mark_comes_from_the_key_never_from_metadata(girder):
+    """--metadata cannot forge the mark onto an item the consumer only replaces."""
+    settings = GirderSettings(api_url="http://127.0.0.1:1/api/v1", api_key="k" * 40,
+                              replace_existing=True, root_folder_id="root",
+                              metadata={OWNER_FIELD: Owner(ME).token})
+    store = _store(girder)
+    store.settings = settings
+    person = girder.createItem("root", "a.txt", metadata={})
+    girder._add_file(person["_id"], "a.txt", b"old", "text/plain")
+    outcome, _ = _upload(store, girder, "a.txt", b"new")
+    assert outcome.outcome is Outcome.REPLACED
+    assert OWNER_FIELD not in girder.item("root", "a.txt")["meta"]
+    _upload(store, girder, "d/b.txt", b"b")
+    assert girder.item(store._folders["d"], "b.txt")["meta"][OWNER_FIELD] == Owner(ME).token
+
+
+def test_the_restart_look_up_makes_no_folder(girder):
+    store = _store(girder)
+    data = b"looked up"
+    girder.calls.clear()
+    assert store.holds("new/deeper/x.txt", hashlib.sha512(data).digest()) is False
+    assert girder.calls == ["listFolder"] and list(girder.folders) == ["root"]
+    _upload(store, girder, "new/deeper/x.txt", data)
+    store.forget_folders()
+    girder.calls.clear()
+    assert store.holds("new/deeper/x.txt", hashlib.sha512(data).digest()) is True
+    assert girder.calls == ["getFolder", "listFolder", "listFolder", "listItem", "listFile"]

@@ -103,7 +103,8 @@ class TerminalError(GirderUploadStreamError):
 
 class FatalError(GirderUploadStreamError):
     """Neither the world for a while nor one input: the run cannot go on (e.g. the root
-    folder given by id is gone). The run stops gracefully, then raises it."""
+    folder given by id is gone). The run stops gracefully and its summary names it
+    (``fatal_error``; the command exits with status 2)."""
 
 
 class ChunkDecodeError(TerminalError):

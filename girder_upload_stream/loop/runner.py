@@ -135,7 +135,7 @@ class StreamRunner:
         self._last_commit = self._started
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
-        self.fatal: FatalError | None = None  # an upload's: the run stops and raises it
+        self.fatal: FatalError | None = None  # an upload's: the run stops on it
         self._save_raised = False  # the last before_commit raised (commits wait)
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
@@ -224,8 +224,7 @@ class StreamRunner:
                 logger.warning("upload unit %d failed: %s", unit_id, exc)
                 self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
                 if isinstance(exc, FatalError) and self.fatal is None:
-                    self.fatal = exc  # the run stops, then raises it
-                    self.stop.request(str(exc))
+                    self.fatal = exc  # the run stops (see _stop_reason)
             else:
                 failpoints.hit("upload.done")
                 self.processor.finish_unit(unit, outcomes)
@@ -303,6 +302,8 @@ class StreamRunner:
     # -- the loop --------------------------------------------------------------------
     def _stop_reason(self) -> str | None:
         now = self._clock()
+        if self.fatal is not None:
+            return f"error: {self.fatal}"
         if self.stop.is_set():
             return "stop requested"
         limit = self.settings.max_runtime_seconds
@@ -326,9 +327,10 @@ class StreamRunner:
         """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`).
 
         An exception (e.g. Prefect's TerminationSignal on SIGTERM or cancellation) also
-        shuts down gracefully before it propagates; :attr:`summary` is then set. So does
-        a :class:`FatalError` an upload met (a root folder given by id that is gone):
-        the run stops, then raises it."""
+        shuts down gracefully before it propagates; :attr:`summary` is then set. A
+        :class:`FatalError` an upload met (a root folder given by id that is gone) stops
+        the run too, gracefully, without raising (no traceback in a flow run's log):
+        :attr:`fatal` holds it and the summary's reason names it."""
         reason = None
         try:
             while reason is None:
@@ -338,10 +340,7 @@ class StreamRunner:
             reason = f"interrupted ({type(exc).__name__})"
             self.shutdown(reason)
             raise
-        summary = self.shutdown(reason)
-        if self.fatal is not None:
-            raise self.fatal
-        return summary
+        return self.shutdown(reason)
 
     def shutdown(self, reason: str) -> RunSummary:
         """Stop fetching, let in-flight uploads finish (bounded), commit what is safe,

@@ -21,6 +21,7 @@ __all__ = [
     "GirderUploadStreamError",
     "TransientError",
     "TerminalError",
+    "FatalError",
     "ChunkDecodeError",
     "FileRejectedError",
     "SourceFileChangedError",
@@ -98,6 +99,12 @@ class TransientError(GirderUploadStreamError):
 
 class TerminalError(GirderUploadStreamError):
     """A failure caused by the input itself: record it and move on."""
+
+
+class FatalError(GirderUploadStreamError):
+    """Neither the world for a while nor one input: the run cannot go on (e.g. the root
+    folder given by id is gone). The run stops gracefully and its summary names it
+    (``fatal_error``; the command exits with status 2)."""
 
 
 class ChunkDecodeError(TerminalError):

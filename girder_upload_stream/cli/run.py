@@ -85,7 +85,8 @@ def _run(params: dict, girder, prepared) -> dict:
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Validate, then run until it stops: 0 on a graceful stop, 1 if the last save of
-    the registries failed (the offsets it guarded stayed uncommitted)."""
+    the registries failed (the offsets it guarded stayed uncommitted), 2 if the run
+    could not go on (``fatal_error``: the root folder given by id is gone)."""
     api_key = args.girder_api_key or os.environ.get("GIRDER_API_KEY")
     if not api_key:
         parser.error("no Girder API key: pass it or set GIRDER_API_KEY")
@@ -118,6 +119,9 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(f"{summary['messages_not_decrypted']} message(s) could not be decrypted and were "
               f"left uncommitted: the next run of this consumer group reads them again",
               flush=True)
+    if summary.get("fatal_error"):  # e.g. the root folder given by id is gone
+        print(f"error: {summary['fatal_error']}", file=sys.stderr, flush=True)
+        return 2
     if summary.get("registry_save_error"):
         print(f"error: the last save of the registries failed "
               f"({summary['registry_save_error']}); the offsets of files processed since "

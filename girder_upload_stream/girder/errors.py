@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import re
 
-from girder_upload_stream.errors import GirderUploadStreamError, TerminalError, TransientError
+from girder_upload_stream.errors import (FatalError, GirderUploadStreamError, TerminalError,
+                                         TransientError)
 from girder_upload_stream.redact import redact
 
 __all__ = ["LOGIN", "GirderTransientError", "GirderTerminalError", "GirderAuthError",
-           "GirderStartupError", "girder_name", "translate"]
+           "GirderStartupError", "GirderRootFolderGone", "girder_name", "translate"]
 
 #: The ``what`` of the log-in request: a 400/403 answer to it means a refused key.
 LOGIN = "log in"
@@ -42,6 +43,14 @@ class GirderAuthError(GirderTransientError):
 class GirderStartupError(GirderUploadStreamError):
     """The consumer cannot start: Girder refused the key, could not be reached, or the
     root folder does not resolve. Raised before anything is consumed."""
+
+
+class GirderRootFolderGone(FatalError):
+    """The root folder given by id is no longer in Girder (deleted, or no longer readable
+    with the key) while the consumer runs: nothing can be uploaded, and a folder the
+    operator named by id is not for the consumer to make again. Neither transient nor
+    terminal: the run stops with this error (exit status 2); the file whose upload met
+    it stays uncommitted, for the next run."""
 
 
 def girder_name(name: str, kind: str = "item") -> str:

@@ -12,11 +12,14 @@ A mixin, not a module of its own client: it sends every request through the stor
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from girder_upload_stream.girder.errors import GirderTerminalError, girder_name
+from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.girder.errors import (GirderRootFolderGone, GirderTerminalError,
+                                                girder_name)
 
 __all__ = ["FolderMixin"]
 
@@ -31,36 +34,77 @@ class FolderMixin:
     topic: str
     _folders: dict[str, str]
     _folder_lock: Any
+    _busy: dict[str, int]
+    _owner: Callable[[], Any]
+    #: Seconds between two look-ups of a root folder given by path (see root_folder_id).
+    root_recheck_seconds: float = 60.0
+    _root_checked: float = 0.0
     _client: Callable[[], Any]
     _call: Callable[..., Any]
     _meta: Callable[..., dict[str, Any]]
 
     def root_folder_id(self) -> str:
-        """The root folder's id: given, or found/created from collection and path."""
+        """The root folder's id: given, or found/created from collection and path. Given
+        by path, it is looked up again every :attr:`root_recheck_seconds` (one request):
+        a root folder moved away is replaced by a new one at the path."""
         with self._folder_lock:
             if "" not in self._folders:
                 self._folders[""] = self._resolve_root()
+                self._root_checked = time.monotonic()
+            elif not self.settings.root_folder_id and \
+                    time.monotonic() - self._root_checked >= self.root_recheck_seconds:
+                self._recheck_root()
             return self._folders[""]
 
     def _resolve_root(self) -> str:
         """As OpenMSIStream 1.8.8 does: the collection is found by name or created public;
         then every part of the root path is a folder below it, the first part included.
-        Every folder gets the minimal metadata, except a first part named like the
-        collection (``{collection_name}/{topic}``, the default), which gets none."""
+        Every folder it creates gets the minimal metadata, except a first part named
+        like the collection (``{collection_name}/{topic}``, the default), which gets
+        none. A root folder given by id that Girder no longer has (or no longer lets
+        this key see) is :class:`GirderRootFolderGone`: nothing can be uploaded."""
         client = self._client()
         if self.settings.root_folder_id:
-            return self._call(lambda: client.getFolder(self.settings.root_folder_id),
-                              "root folder")["_id"]
+            try:
+                return self._call(lambda: client.getFolder(self.settings.root_folder_id),
+                                  "root folder")["_id"]
+            except GirderTerminalError as exc:
+                raise GirderRootFolderGone(
+                    f"the root folder {self.settings.root_folder_id} (given by id) is gone "
+                    f"from Girder or no longer readable ({exc}); give an existing folder "
+                    f"with --girder_root_folder_id") from None
         collection = self._collection(girder_name(self.settings.collection_name, "collection"))
         path = self.settings.root_path_for(self.topic)
         parent, parent_type = collection["_id"], "collection"
         for depth, part in enumerate(path.split("/")):
             metadata = None if depth == 0 and part == self.settings.collection_name \
-                else self._meta()
+                else self._meta(created=True)
             name = girder_name(part, f"folder (in the root folder path {path!r})")
             parent = self._make_folder(parent, name, parent_type, metadata)
             parent_type = "folder"
         return parent
+
+    def _recheck_root(self) -> None:
+        """The root folder given by path: still the folder at that path? If not (deleted,
+        moved or renamed in Girder), the path is resolved again (made if missing) and
+        the sub-folders are forgotten. Called with the folder lock held."""
+        client = self._client()
+        names = [girder_name(self.settings.collection_name, "collection"),
+                 *(girder_name(part, "folder")
+                   for part in self.settings.root_path_for(self.topic).split("/"))]
+        try:
+            found = self._call(lambda: client.resourceLookup("/collection/" + "/".join(names)),
+                               "look up the root folder")["_id"]
+        except GirderTerminalError:
+            found = None  # HTTP 400: nothing at that path any more
+        self._root_checked = time.monotonic()
+        if found == self._folders[""]:
+            return
+        logger.warning("the root folder %s is no longer at /collection/%s in Girder; "
+                       "using the folder there (made if missing)", self._folders[""],
+                       "/".join(names))
+        self._folders.clear()
+        self._folders[""] = found or self._resolve_root()
 
     def _collection(self, name: str) -> dict:
         """The collection ``name``, created public if missing (OpenMSIStream does)."""
@@ -91,27 +135,35 @@ class FolderMixin:
 
     def _make_folder(self, parent: str, name: str, parent_type: str,
                      metadata: dict[str, Any] | None, shared: bool = True) -> str:
-        """Find or create a folder (``name`` as Girder stores it) and set ``metadata`` on
-        it (None: leave it), in one request; when ``shared``, of twins made at the same
-        moment by two consumers (Girder's reuseExisting is not atomic), every consumer
-        keeps the oldest (one more request, and one per twin)."""
+        """Find or create a folder (``name`` as Girder stores it). A new one is created
+        with ``metadata`` (None: none) in one request; one that is there already is
+        used as it is, its metadata never rewritten (it may be a person's). When
+        ``shared``, of twins made at the same moment by two consumers (Girder's name
+        check is not atomic), every consumer keeps the oldest (one more request, and
+        one per twin); a folder found, not made, is never deleted."""
         client = self._client()
+        for _ in range(2):
+            try:
+                mine = self._call(lambda: client.createFolder(
+                    parent, name, parentType=parent_type, metadata=metadata),
+                    f"create folder {name!r}")
+            except GirderTerminalError as exc:
+                if "a folder with that name already exists" not in str(exc).lower():
+                    raise  # an item of that name (or another refusal): terminal
+                found = self._folders_named(parent, parent_type, name)
+                if found:
+                    return min(found, key=lambda f: f["_id"])["_id"]
+                continue  # deleted between the two requests: create it again
+            if not shared:
+                return mine["_id"]
+            return self._keep_oldest(mine, self._folders_named(parent, parent_type, name),
+                                     "folder", name)["_id"]
+        raise GirderTerminalError(f"create folder {name!r}: it exists and vanishes again")
 
-        def create() -> dict:
-            return self._call(lambda: client.createFolder(
-                parent, name, parentType=parent_type, reuseExisting=True,
-                metadata=metadata), f"create folder {name!r}")
-        try:
-            mine = create()
-        except GirderTerminalError as exc:
-            if "already exists" not in str(exc):  # created by another between two checks
-                raise
-            mine = create()
-        if not shared:
-            return mine["_id"]
-        twins = self._call(lambda: list(client.listFolder(parent, parentFolderType=parent_type,
-                                                          name=name)), "list folders", name)
-        return self._keep_oldest(mine, twins, "folder", name)["_id"]
+    def _folders_named(self, parent: str, parent_type: str, name: str) -> list[dict]:
+        client = self._client()
+        return self._call(lambda: list(client.listFolder(parent, parentFolderType=parent_type,
+                                                         name=name)), "list folders", name)
 
     def _keep_oldest(self, mine: dict, twins: list[dict], kind: str, name: str) -> dict:
         """The oldest of same-named twins (Girder ids grow with time, so every consumer
@@ -125,32 +177,105 @@ class FolderMixin:
                        f"delete duplicate {kind}", name)
         return oldest
 
-    def folder_for(self, subdir: str, shared: bool | Callable[[], bool] = True) -> str:
+    def folder_for(self, subdir: str, shared: bool | Callable[[], bool] = True,
+                   hold: bool = False) -> str:
         """Id of the folder mirroring ``subdir`` below the root, created once, then cached
         (by the names Girder stores: ``' sub '`` and ``'sub'`` are one folder).
 
         ``shared`` (as in :meth:`upload`; by default True): whether another consumer may
-        create the same folder now, which costs a twin check per folder created."""
+        create the same folder now, which costs a twin check per folder created.
+        ``hold``: the folder and its parents count as in use until
+        :meth:`release_folder` (:meth:`prune_folders` leaves them alone meanwhile)."""
         check = shared if callable(shared) else (lambda: bool(shared))
         root = self.root_folder_id()
-        if not subdir:
-            return root
         names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
         with self._folder_lock:
             parent = root
             for depth in range(1, len(names) + 1):
                 key = "/".join(names[:depth])
                 if key not in self._folders:
-                    self._folders[key] = self._make_folder(parent, names[depth - 1],
-                                                           "folder", self._meta(), check())
+                    self._folders[key] = self._make_folder(
+                        parent, names[depth - 1], "folder", self._meta(created=True), check())
+                parent = self._folders[key]
+            for depth in range(1, len(names) + 1) if hold else ():
+                key = "/".join(names[:depth])
+                self._busy[key] = self._busy.get(key, 0) + 1
+            return parent
+
+    def existing_folder(self, subdir: str) -> str | None:
+        """Id of the folder mirroring ``subdir`` if Girder has it (None: a part is
+        missing), never made: a look-up must leave nothing behind. Found ones are
+        cached, as made ones are."""
+        root = self.root_folder_id()
+        names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
+        with self._folder_lock:
+            parent = root
+            for depth in range(1, len(names) + 1):
+                key = "/".join(names[:depth])
+                if key not in self._folders:
+                    found = self._folders_named(parent, "folder", names[depth - 1])
+                    if not found:
+                        return None
+                    self._folders[key] = min(found, key=lambda f: f["_id"])["_id"]
                 parent = self._folders[key]
             return parent
 
-    def _forget_folders(self) -> None:
-        """Drop the cached sub-folders (not the root, resolved at start): Girder said one
-        of them is gone, and any of its ancestors may be too."""
+    def hold_folder(self, subdir: str, shared: bool | Callable[[], bool] = True) -> str:
+        """:meth:`folder_for` with ``hold``: the folder stays until released."""
+        return self.folder_for(subdir, shared, hold=True)
+
+    def release_folder(self, subdir: str) -> None:
+        """The end of a :meth:`hold_folder`."""
+        names = [part.strip() for part in PurePosixPath(subdir).parts]
         with self._folder_lock:
-            root = self._folders.get("")
+            for depth in range(1, len(names) + 1):
+                key = "/".join(names[:depth])
+                left = self._busy.get(key, 0) - 1
+                if left > 0:
+                    self._busy[key] = left
+                else:
+                    self._busy.pop(key, None)
+
+    def prune_folders(self, subdir: str) -> None:
+        """Delete the sub-folders made for ``subdir`` that are left empty (a file that
+        failed for good, a streamed upload given up), deepest first, never the root.
+        Only folders of the consumer's (see ownership.py), cached by this run and not
+        in use by another upload of this process are deleted; the first other one ends
+        it. The caller makes sure no other consumer may upload into them now (a folder
+        deleted under another upload would take its item with it)."""
+        try:
+            names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
+            owner, client = self._owner(), self._client()
+        except GirderUploadStreamError:
+            return
+        with self._folder_lock:
+            for depth in range(len(names), 0, -1):
+                key = "/".join(names[:depth])
+                folder_id = self._folders.get(key)
+                if folder_id is None or self._busy.get(key):
+                    return
+                try:
+                    folder = self._call(lambda: client.getFolder(folder_id), "get folder", key)
+                    if not owner.owns(folder) or self._has_children(folder_id, key):
+                        return
+                    self._call(lambda: client.delete(f"folder/{folder_id}"),
+                               "delete empty folder", key)
+                except GirderUploadStreamError as exc:
+                    logger.info("folder %r left in Girder: %s", key, exc)
+                    return
+                logger.info("folder %r: made for files that did not land; deleted", key)
+                for cached in [k for k in self._folders if k == key or k.startswith(key + "/")]:
+                    del self._folders[cached]
+
+    def _has_children(self, folder_id: str, key: str) -> bool:
+        client = self._client()
+        items = self._call(lambda: list(client.listItem(folder_id, limit=1)), "list items", key)
+        return bool(items) or bool(self._call(lambda: list(client.listFolder(
+            folder_id, limit=1)), "list folders", key))
+
+    def forget_folders(self) -> None:
+        """Drop every cached folder, the root's too: Girder said one of them is gone, and
+        any of its ancestors may be too (the root is looked up again: given by id, it
+        must still be there; given by path, it is made again if missing)."""
+        with self._folder_lock:
             self._folders.clear()
-            if root is not None:
-                self._folders[""] = root

@@ -1,8 +1,10 @@
 """Every girder-client call of the project lives here.
 
-A :class:`GirderStore` logs in and resolves the root folder once (:meth:`GirderStore.check`,
-before anything is consumed), mirrors sub-folders below it (created once and cached,
-not looked up per file), and uploads one item per file with its metadata. Re-delivered
+A :class:`GirderStore` logs in and resolves the root folder (:meth:`GirderStore.check`,
+before anything is consumed; again when Girder says it is gone), mirrors sub-folders
+below it (created once and cached, not looked up per file), and uploads one item per
+file with its metadata; what it creates carries the consumer's owner mark, and only
+that is ever deleted, emptied or filled (:mod:`~girder_upload_stream.girder.ownership`). Re-delivered
 files are harmless: an item of the same name whose checksum matches is skipped, which
 is what makes uploads effectively-once. Names are those Girder stores (stripped of
 leading and trailing white space), so that a lookup finds what a create made.
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import mimetypes
-import re
 import threading
 from collections.abc import Callable
 from pathlib import PurePosixPath
@@ -34,17 +35,19 @@ from typing import Any, TypeVar
 
 from girder_upload_stream import __version__, failpoints
 from girder_upload_stream.errors import GirderUploadStreamError
+from girder_upload_stream.girder.existing import ExistingItemMixin
 from girder_upload_stream.girder.folders import FolderMixin
-from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderStartupError,
-                                                GirderTerminalError, GirderTransientError,
-                                                girder_name, translate)
+from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderRootFolderGone,
+                                                GirderStartupError, GirderTerminalError,
+                                                GirderTransientError, girder_name, translate)
+from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 __all__ = ["VERSION_FIELD", "VERSION_VALUE", "SMALL_UPLOAD_BYTES", "GirderTransientError",
-           "GirderTerminalError", "GirderAuthError", "GirderStartupError", "GirderStore",
-           "girder_name", "item_was_there"]
+           "GirderTerminalError", "GirderAuthError", "GirderStartupError", "GirderRootFolderGone",
+           "GirderStore", "girder_name", "item_was_there", "OWNER_FIELD"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def item_was_there(created: dict, name: str) -> bool:
     return created.get("name") != name
 
 
-class GirderStore(FolderMixin):
+class GirderStore(ExistingItemMixin, FolderMixin):
     """Uploads completed files below one root folder; thread-safe (one client per thread)."""
 
     def __init__(self, settings: GirderSettings, topic: str) -> None:
@@ -83,6 +86,8 @@ class GirderStore(FolderMixin):
         self._local = threading.local()
         self._folders: dict[str, str] = {}
         self._folder_lock = threading.Lock()
+        self._busy: dict[str, int] = {}  # sub-folder key -> uploads using it now
+        self.owner: Owner | None = None  # the API key's user, known at the first log-in
         self.requests = 0
 
     # -- plumbing ------------------------------------------------------------------
@@ -108,6 +113,17 @@ class GirderStore(FolderMixin):
         answer = client.sendRestRequest(
             "POST", "api_key/token", data={"key": self.settings.api_key.get_secret_value()})
         client.setToken(answer["authToken"]["token"])
+        user_id = (answer.get("user") or {}).get("_id")
+        if user_id and self.owner is None:
+            self.owner = Owner(str(user_id))
+
+    def _owner(self) -> Owner:
+        """The consumer's identity in Girder (logs in first if no thread has yet)."""
+        if self.owner is None:
+            self._client()
+        if self.owner is None:
+            raise GirderTerminalError("Girder did not say which user the API key is")
+        return self.owner
 
     def _call(self, fn: Callable[[], T], what: str, rel_path: str | None = None) -> T:
         self.requests += 1
@@ -123,11 +139,16 @@ class GirderStore(FolderMixin):
         # a URL with credentials, is neither chained nor shown in a traceback.
         raise failure
 
-    def _meta(self, sha256: str | None = None) -> dict[str, Any]:
+    def _meta(self, sha256: str | None = None, created: bool = False) -> dict[str, Any]:
+        """The metadata of an item (with ``sha256``) or folder; ``created``: one the
+        consumer creates now, which also gets its owner mark (see ownership.py)."""
         meta: dict[str, Any] = {**self.settings.metadata, VERSION_FIELD: VERSION_VALUE,
                                 "KafkaTopic": self.topic}
         if sha256 is not None:
             meta["checksum"] = {"sha256": sha256}
+        meta.pop(OWNER_FIELD, None)  # only ever set here, never from --metadata
+        if created:
+            meta.update(self._owner().mark())
         return meta
 
     # -- folders -------------------------------------------------------------------
@@ -148,13 +169,16 @@ class GirderStore(FolderMixin):
         file whose sha512 is ``file_hash``): the restart check of a re-read file.
 
         None when it cannot tell now (Girder unreachable); False also when the stored
-        file has no sha512 (an assetstore that does not hash) -- it is then rebuilt."""
+        file has no sha512 (an assetstore that does not hash) -- it is then rebuilt.
+        Makes nothing in Girder (a missing folder means the file is not there)."""
         path = PurePosixPath(rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:
             client = self._client()
             name = girder_name(path.name)
-            folder = self.folder_for(subdir)
+            folder = self.existing_folder(subdir)
+            if folder is None:
+                return False  # its folder is not there: neither is the file
             items = self._call(lambda: list(client.listItem(folder, name=name)),
                                "list items", rel_path)
             for item in items:
@@ -179,8 +203,9 @@ class GirderStore(FolderMixin):
         which costs two requests. A callable is asked at each check, so partitions
         revoked during the upload still count.
 
-        A cached folder Girder no longer knows (deleted by someone) is resolved again
-        and the file tried once more."""
+        A cached folder Girder no longer knows (deleted by someone) is resolved again,
+        the root folder included, and the file tried once more. A file that fails for
+        good leaves none of the empty folders the consumer made for it."""
         check = shared if callable(shared) else (lambda: bool(shared))
         key = completed.file_key
         path = PurePosixPath(completed.rel_path)
@@ -188,16 +213,24 @@ class GirderStore(FolderMixin):
         try:
             name = girder_name(path.name)
             try:
-                outcome, item_id = self._upload(completed, self.folder_for(subdir, check),
-                                                name, check)
+                outcome, item_id = self._upload_in(completed, subdir, name, check)
             except _StaleFolder as exc:
                 logger.info("%s: %s; resolving its folders again", completed.rel_path, exc)
-                self._forget_folders()
-                outcome, item_id = self._upload(completed, self.folder_for(subdir, check),
-                                                name, check)
+                self.forget_folders()
+                outcome, item_id = self._upload_in(completed, subdir, name, check)
         except GirderTerminalError as exc:
+            if subdir and not check():
+                self.prune_folders(subdir)
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc))
         return FileOutcome(completed.rel_path, key, outcome, item_id=item_id)
+
+    def _upload_in(self, completed: CompletedFile, subdir: str, name: str,
+                   shared: Callable[[], bool]) -> tuple[Outcome, str]:
+        folder = self.hold_folder(subdir, shared)
+        try:
+            return self._upload(completed, folder, name, shared)
+        finally:
+            self.release_folder(subdir)
 
     def _upload(self, completed: CompletedFile, folder: str, name: str,
                 shared: Callable[[], bool]) -> tuple[Outcome, str]:
@@ -208,16 +241,24 @@ class GirderStore(FolderMixin):
         ``reuseExisting``: with it, Girder would set our metadata on an existing item
         too, and an item skipped for different content would then name a checksum it
         does not hold. Girder renames a new item whose name is taken instead; that
-        renamed, empty item is deleted and the existing one dealt with as before."""
+        renamed, empty item (ours, made just now) is deleted and the existing one dealt
+        with as before. When a folder holds the name, the file fails for good (Girder
+        would store it as ``name (1)``, and every later reading again under another
+        suffix), as a folder named like an existing item does."""
         item = self._create_item(folder, name, completed)
         if item_was_there(item, name):
             existing = self._items_named(folder, name, completed.rel_path)
+            self._delete_empty_item(item, completed.rel_path)
+            self._sweep_leftovers(folder, name, item["name"], completed)
             if existing:
-                self._delete_empty_item(item, completed.rel_path)
-                self._sweep_leftovers(folder, name, item["name"], completed)
                 return self._into_existing(existing[0], completed, shared)
-            # Only a folder has the name (Girder renamed ours for it): keep ours, as
-            # before this change (then also saved as ``name (1)``).
+            if self._folders_named(folder, "folder", name):
+                raise GirderTerminalError(
+                    f"a folder named {name!r} is already there: Girder would store the "
+                    f"file as {item['name']!r} (renamed names are not uploaded)",
+                    rel_path=completed.rel_path)
+            raise GirderTransientError(f"the item {name!r} vanished while the file was "
+                                       f"uploaded; it is tried again", rel_path=completed.rel_path)
         oldest = self._oldest_item(folder, item["name"], item) if shared() else item
         if oldest["_id"] != item["_id"]:
             return self._into_existing(oldest, completed, shared)
@@ -231,7 +272,7 @@ class GirderStore(FolderMixin):
         client = self._client()
         try:
             return self._call(lambda: client.createItem(
-                folder, name, metadata=self._meta(completed.sha256)), "create item",
+                folder, name, metadata=self._meta(completed.sha256, created=True)), "create item",
                 completed.rel_path)
         except GirderTerminalError as exc:
             if "HTTP 400" in str(exc) and "invalid folder id" in str(exc).lower():
@@ -248,68 +289,6 @@ class GirderStore(FolderMixin):
         client = self._client()
         self._call(lambda: client.delete(f"item/{item['_id']}"), "delete renamed item",
                    rel_path)
-
-    def _sweep_leftovers(self, folder: str, name: str, renamed: str,
-                         completed: CompletedFile) -> None:
-        """Girder named ours ``name (k)`` with k > 1: ``name (1)`` .. ``name (k-1)`` are
-        taken, maybe by items a process killed between its ``POST item`` and the
-        ``DELETE`` of that renamed item left behind. Those (empty, and claiming this very
-        file's checksum) are deleted, so that the name holds one item again; any other
-        item of those names is left alone. At most four names are looked at."""
-        match = re.fullmatch(re.escape(name) + r" \((\d+)\)", renamed)
-        for k in range(1, min(int(match.group(1)), 5) if match else 1):
-            for other in self._items_named(folder, f"{name} ({k})", completed.rel_path):
-                checksum = (other.get("meta") or {}).get("checksum") or {}
-                if other.get("size") == 0 and checksum.get("sha256") == completed.sha256 \
-                        and completed.size > 0:
-                    logger.info("%s: deleting %r, an empty item left by an interrupted "
-                                "upload of it", completed.rel_path, other["name"])
-                    self._delete_empty_item(other, completed.rel_path)
-
-    def _into_existing(self, item: dict, completed: CompletedFile,
-                       shared: Callable[[], bool]) -> tuple[Outcome, str]:
-        """An item of the file's name was there: skip identical content, fill an item
-        left without its file, replace (``--replace_existing``) or skip different."""
-        client = self._client()
-        rel = completed.rel_path
-        files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
-        if self._same_content(item, files, completed):
-            self._repair_checksum(item, completed)
-            return Outcome.SKIPPED_IDENTICAL, item["_id"]
-        if not files:  # an item left without its file (a crash, or another consumer now)
-            self._put_file(item["_id"], completed, shared)
-            self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
-                       "set metadata", rel)
-            return Outcome.UPLOADED, item["_id"]
-        if not self.settings.replace_existing:
-            logger.warning("%s: an item with different content is already in Girder; skipped "
-                           "(use --replace_existing to replace it)", rel)
-            return Outcome.SKIPPED_DIFFERENT, item["_id"]
-        self._call(lambda: client.uploadFileContents(files[0]["_id"], self._stream(completed),
-                                                     completed.size), "replace contents", rel)
-        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
-                   "set metadata", rel)
-        return Outcome.REPLACED, item["_id"]
-
-    @staticmethod
-    def _same_content(item: dict, files: list[dict], completed: CompletedFile) -> bool:
-        if len(files) != 1 or files[0].get("size") != completed.size:
-            return False
-        sha512 = files[0].get("sha512")
-        if sha512:
-            return sha512 == completed.file_hash.hex()
-        return (item.get("meta") or {}).get("checksum", {}).get("sha256") == completed.sha256
-
-    def _repair_checksum(self, item: dict, completed: CompletedFile) -> None:
-        """An item whose file already holds these bytes but whose checksum names other
-        ones: a replace whose metadata request failed (the file then failed, and this is
-        the retry). Its metadata is set now, so that the item describes its contents."""
-        checksum = (item.get("meta") or {}).get("checksum")
-        if not isinstance(checksum, dict) or checksum.get("sha256") in (None, completed.sha256):
-            return  # no checksum of ours to correct (e.g. an item someone else made)
-        client = self._client()
-        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
-                   "set metadata", completed.rel_path)
 
     def _oldest_item(self, folder: str, name: str, mine: dict) -> dict:
         """Of the items named ``name`` (two consumers may create one each at the same

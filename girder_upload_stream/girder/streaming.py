@@ -4,27 +4,35 @@ Girder's chunked upload (``POST /file`` with the file's size, then ``POST /file/
 in order from offset 0, each chunk but the last at least 5 MiB) finalizes the file by
 itself when the last byte arrives. The OpenMSIStream wire format carries no file size,
 so a streamed upload can open only once the file's last chunk is in (its offset plus its
-size is the size); from then on, the in-order prefix is sent as it grows, in blocks of
+size is the size) and bytes from offset 0 agree with it (see
+:func:`~girder_upload_stream.ledger.streams.wants_stream`); nothing is made in Girder
+before the in-order prefix holds a whole ``STREAM_BLOCK`` to send (or everything before
+the last chunk). From then on, the prefix is sent as it grows, in blocks of
 ``STREAM_BLOCK``, by this session's own thread (the poll loop only nudges it, never
 waits). The bytes from the last chunk's offset on are held back: Girder never holds a
 whole file whose sha512 was not checked. The finishing step (:meth:`StreamSession.finish`,
 run by the ``upload-to-girder`` task, with its retries) sends the rest once the
 reassembler verified the file, then sets the item's metadata.
 
-Skip-identical is checked before opening: a Girder item of that name holding one file
-with this sha512 (or any file: skipped or replaced by :meth:`GirderStore.upload`'s own
-rules) means nothing is streamed; the finishing step then runs the usual upload. So
-does an item another consumer of the group created first (twins: only the oldest item
-survives, as for uploads at completion).
+Only into an item of the consumer's own (see
+:mod:`~girder_upload_stream.girder.ownership`): a Girder item of that name holding a
+file (identical: skipped; different: skipped or replaced by :meth:`GirderStore.upload`'s
+own rules), or one without a file that someone else made, means nothing is streamed;
+the finishing step then runs the usual upload. So does an item another consumer of the
+group created first (twins: only the oldest item survives, as for uploads at
+completion), and a name Girder would change (a folder of that name is there).
 
-While unfinished, the item carries ``TAG_FIELD: <group id>`` in its metadata, and the
-upload's parent is that item: that is how a later run recognises what an earlier run of
-the group left (an item without a file, tagged or not, is reused, and the unfinished
-uploads below it are removed: ``GET``/``DELETE /system/uploads`` need an admin key; with
-another key they are left to Girder's administrator and said so in the log). On a
-mismatched hash, revoked partitions or a stale file, :meth:`StreamSession.abandon`
-removes the upload (``DELETE /file/upload/{id}``, allowed to the user who started it)
-and the item it created.
+While unfinished, the item carries the owner mark and ``TAG_FIELD: <group id>`` in its
+metadata, and the upload's parent is that item: that is how a later run recognises what
+an earlier one left (an item of the consumer's without a file is reused, and the
+unfinished uploads below it are removed: ``GET``/``DELETE /system/uploads`` need an
+admin key; with another key they are left to Girder's administrator and said so in the
+log). On a mismatched hash, revoked partitions or a stale file,
+:meth:`StreamSession.abandon` removes the upload (``DELETE /file/upload/{id}``, allowed
+to the user who started it), the item (the consumer's, still without a file) and the
+sub-folders made for it that are left empty (unless another consumer of the group may
+upload into them now). A verified file whose size is not the one the upload was opened
+with is uploaded whole instead.
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from girder_upload_stream import failpoints
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.errors import GirderUploadStreamError
 from girder_upload_stream.girder.errors import GirderTerminalError, girder_name
-from girder_upload_stream.girder.store import GirderStore
+from girder_upload_stream.girder.ownership import TAG_FIELD
+from girder_upload_stream.girder.store import GirderStore, item_was_there
 from girder_upload_stream.ledger.streams import StreamPlan
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
@@ -51,12 +60,10 @@ logger = logging.getLogger(__name__)
 #: Bytes per ``POST /file/chunk``: above Girder's 5 MiB minimum chunk size, and small
 #: enough that the prefix follows the reading closely.
 STREAM_BLOCK = 8 << 20
-#: Item metadata key marking an item whose file is still being streamed (value: group).
-TAG_FIELD = "gusStreamingUpload"
 
 
 class SessionState(StrEnum):
-    OPENING = "opening"            # the thread looks up the item and opens the upload
+    OPENING = "opening"            # waits for a block of the prefix, then opens the upload
     STREAMING = "streaming"        # an upload is open; the prefix is being sent
     NOT_STREAMED = "not_streamed"  # found in Girder, a twin's, or no upload: upload whole
     BROKEN = "broken"              # a request failed: the finishing step uploads whole
@@ -75,6 +82,7 @@ class StreamSession:
         self.item_id: str | None = None
         self.upload_id: str | None = None
         self.created_item = False
+        self._held: str | None = None  # the sub-folder held while the item may be made
         self.sent = 0  # bytes Girder acknowledged
         self.error: Exception | None = None
         self.abandoning: threading.Thread | None = None
@@ -116,31 +124,46 @@ class StreamSession:
         with self._cond:
             return self._stop
 
+    def _evidence(self) -> bool | None:
+        """Whether the prefix in hand holds a block to send (or all before the last
+        chunk), in agreement with the planned size; None: no longer assembling."""
+        view = self.plan.view()
+        if view is None:
+            return None
+        size, prefix_end, hold_from = view
+        return size == self.plan.size and 0 <= hold_from and \
+            prefix_end >= min(STREAM_BLOCK, hold_from)
+
+    def _wait_for_evidence(self) -> bool:
+        """Wait (woken by nudges) until the prefix in hand justifies an upload in Girder;
+        False when the file stops assembling (completed, dropped) or the session stops."""
+        while not self._stopping():
+            evidence = self._evidence()
+            if evidence is None:
+                return False
+            if evidence:
+                return True
+            with self._cond:
+                if not self._stop:
+                    self._cond.wait(0.5)
+        return False
+
     def _open(self) -> None:
+        if not self._wait_for_evidence():
+            self.state = SessionState.NOT_STREAMED
+            return
         store, plan = self.store, self.plan
         client = store._client()
         path = PurePosixPath(plan.rel_path)
-        folder = store.folder_for("" if str(path.parent) == "." else str(path.parent))
+        subdir = "" if str(path.parent) == "." else str(path.parent)
+        folder = store.hold_folder(subdir, plan.shared)
+        self._held = subdir
         name = girder_name(path.name)
-        items = store._call(lambda: list(client.listItem(folder, name=name)), "list items",
-                            plan.rel_path)
-        if items:
-            files = store._call(lambda: list(client.listFile(items[0]["_id"])), "list files",
-                                plan.rel_path)
-            if files:  # identical (skipped), or different (skipped or replaced): whole
-                self.state = SessionState.NOT_STREAMED
-                return
-            item = items[0]  # left without its file by an earlier run: reuse it
-            self._remove_leftovers(item["_id"])
-        else:
-            item = store._call(lambda: client.createItem(
-                folder, name, metadata={TAG_FIELD: self.group_id}, reuseExisting=True),
-                "create item", plan.rel_path)
-            self.created_item = True
-            if plan.shared() and store._oldest_item(folder, name, item)["_id"] != item["_id"]:
-                self.created_item = False  # ours was deleted: the twin's item is kept
-                self.state = SessionState.NOT_STREAMED
-                return
+        item = self._own_item(folder, name)
+        if item is None:
+            self.state = SessionState.NOT_STREAMED
+            self._release()
+            return
         self.item_id = item["_id"]
         mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         upload = store._call(lambda: client.post("file", parameters={
@@ -151,6 +174,43 @@ class StreamSession:
         self.state = SessionState.STREAMING
         logger.info("%s: streaming into Girder while it arrives (%d bytes)", plan.rel_path,
                     plan.size)
+
+    def _own_item(self, folder: str, name: str) -> dict | None:
+        """The item to stream into: one of the consumer's left without a file by an
+        earlier run, or a new one (marked); None when there is another item of that
+        name, a twin made first by another consumer, or a folder of that name."""
+        store, plan = self.store, self.plan
+        client, owner = store._client(), store._owner()
+        items = store._call(lambda: list(client.listItem(folder, name=name)), "list items",
+                            plan.rel_path)
+        if items:
+            files = store._call(lambda: list(client.listFile(items[0]["_id"])), "list files",
+                                plan.rel_path)
+            if files or not owner.owns(items[0]):
+                return None  # identical, different or someone else's: uploaded whole
+            self._remove_leftovers(items[0]["_id"])
+            return items[0]
+        item = store._call(lambda: client.createItem(
+            folder, name, metadata={**owner.mark(), TAG_FIELD: self.group_id}),
+            "create item", plan.rel_path)
+        if item_was_there(item, name):  # another item made since, or a folder: not ours
+            store._delete_empty_item(item, plan.rel_path)
+            return None
+        self.created_item = True
+        if plan.shared() and store._oldest_item(folder, name, item)["_id"] != item["_id"]:
+            self.created_item = False  # ours was deleted: the twin's item is kept
+            return None
+        return item
+
+    def _release(self) -> None:
+        """The sub-folder is no longer held; pruned of empty folders if the file did not
+        land (and no other consumer of the group may upload into them now)."""
+        subdir, self._held = self._held, None
+        if subdir is None:
+            return
+        self.store.release_folder(subdir)
+        if subdir and self.state is SessionState.ABANDONED and not self.plan.shared():
+            self.store.prune_folders(subdir)
 
     def _send_some(self) -> bool:
         """Send one block of the prefix if there is one (the held-back tail excluded)."""
@@ -215,20 +275,23 @@ class StreamSession:
                 client = self.store._client()
                 self.store._call(lambda: client.delete(f"item/{self.item_id}"),
                                  "delete item", self.plan.rel_path)
-            logger.info("%s: streamed upload abandoned and removed from Girder",
-                        self.plan.rel_path)
+            if self.upload_id is not None or self.item_id is not None:
+                logger.info("%s: streamed upload abandoned and removed from Girder",
+                            self.plan.rel_path)
         except GirderUploadStreamError as exc:
             logger.warning("%s: could not remove the abandoned upload (%s); the next run "
                            "of the group removes it when it uploads this file",
                            self.plan.rel_path, exc)
+        self._release()
 
     def _removable(self, item_id: str) -> bool:
-        """The item we streamed into, if it holds no file: a mismatched or abandoned file
-        leaves no item (one with a file -- a twin's, finished -- is never deleted)."""
-        client = self.store._client()
-        files = self.store._call(lambda: list(client.listFile(item_id)), "list files",
-                                 self.plan.rel_path)
-        return not files
+        """The item we streamed into, if it is still the consumer's and holds no file: a
+        mismatched or abandoned file leaves no item (one with a file -- a twin's,
+        finished -- is never deleted, nor one that is not the consumer's)."""
+        client, rel = self.store._client(), self.plan.rel_path
+        item = self.store._call(lambda: client.getItem(item_id), "get item", rel)
+        return self.store._owner().owns(item) and not self.store._call(
+            lambda: list(client.listFile(item_id)), "list files", rel)
 
     # -- the finishing step (the upload task's thread) ------------------------------
     def finish(self, completed: CompletedFile, shared: Callable[[], bool]) -> FileOutcome:
@@ -236,6 +299,12 @@ class StreamSession:
         was streamed (or the stream broke), upload it whole. Transient errors raise (the
         task retries: the next call resumes at Girder's offset)."""
         self._stop_thread()
+        self._release()
+        if self.state is SessionState.STREAMING and completed.size != self.plan.size:
+            logger.warning("%s: verified with %d bytes, not the %d its upload was opened "
+                           "with; uploading it whole", completed.rel_path, completed.size,
+                           self.plan.size)
+            self.state = SessionState.BROKEN
         if self.state is SessionState.STREAMING:
             try:
                 return self._finish_stream(completed, shared)

@@ -298,7 +298,7 @@ class StreamProcessor(FileLife, Uploading):
         view = reassembler.stream_view(key)
         if view is None or not wants_stream(chunk.n_total_chunks, chunk.size, view[0],
                                             self.stream_min_bytes, record.holds_commit
-                                            and record.role is Role.FIRST):
+                                            and record.role is Role.FIRST, *view[1:]):
             return
         plan = StreamPlan(key[0], key[1], view[0], lambda: reassembler.stream_view(key),
                           lambda start, end: reassembler.read_prefix(key, start, end),

@@ -5,7 +5,10 @@ opens the upload and sends the bytes. A file streams when it is big (its chunk c
 times its chunk size reaches ``min_bytes``), its messages hold their commit (a file
 produced again is skipped by Girder anyway) and its size is known: Girder's upload
 needs the exact size up front, and the OpenMSIStream wire format carries none, so the
-upload opens once the file's last chunk is in. Smaller files keep the batched upload
+upload opens once the file's last chunk is in. Never on one message's word: bytes
+from offset 0 must be in hand too, and agree with it (the last chunk starts at or after
+the end of that prefix); the session then waits for a whole block of that prefix
+before it makes anything in Girder. Smaller files keep the batched upload
 units (a streamed file costs one more Girder request and its own task run).
 """
 
@@ -52,8 +55,12 @@ class StreamHandle(Protocol):
 
 
 def wants_stream(n_total: int, chunk_size: int, size: int | None, min_bytes: int | None,
-                 holds_commit: bool) -> bool:
-    """Whether a file being assembled should open a streamed upload now."""
+                 holds_commit: bool, prefix_end: int = 0, last_offset: int = -1) -> bool:
+    """Whether a file being assembled should open a streamed upload now: big, and its
+    size (``last_offset`` plus the last chunk's size) agrees with the in-order prefix
+    held (``prefix_end`` bytes from offset 0, at least one chunk)."""
     if min_bytes is None or size is None or not holds_commit:
+        return False
+    if not 0 < prefix_end <= last_offset < size:
         return False
     return max(size, n_total * chunk_size) >= min_bytes

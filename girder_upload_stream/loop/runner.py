@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from girder_upload_stream import failpoints, startup
+from girder_upload_stream.errors import FatalError
 from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
@@ -134,6 +135,7 @@ class StreamRunner:
         self._last_commit = self._started
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
+        self.fatal: FatalError | None = None  # an upload's: the run stops on it
         self._save_raised = False  # the last before_commit raised (commits wait)
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
@@ -221,6 +223,8 @@ class StreamRunner:
             except Exception as exc:  # the task failed after its retries
                 logger.warning("upload unit %d failed: %s", unit_id, exc)
                 self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, FatalError) and self.fatal is None:
+                    self.fatal = exc  # the run stops (see _stop_reason)
             else:
                 failpoints.hit("upload.done")
                 self.processor.finish_unit(unit, outcomes)
@@ -299,6 +303,8 @@ class StreamRunner:
     # -- the loop --------------------------------------------------------------------
     def _stop_reason(self) -> str | None:
         now = self._clock()
+        if self.fatal is not None:
+            return f"error: {self.fatal}"
         if self.stop.is_set():
             return "stop requested"
         limit = self.settings.max_runtime_seconds
@@ -322,7 +328,10 @@ class StreamRunner:
         """Loop until a stop condition, then shut down gracefully (see :meth:`shutdown`).
 
         An exception (e.g. Prefect's TerminationSignal on SIGTERM or cancellation) also
-        shuts down gracefully before it propagates; :attr:`summary` is then set."""
+        shuts down gracefully before it propagates; :attr:`summary` is then set. A
+        :class:`FatalError` an upload met (a root folder given by id that is gone) stops
+        the run too, gracefully, without raising (no traceback in a flow run's log):
+        :attr:`fatal` holds it and the summary's reason names it."""
         reason = None
         try:
             while reason is None:

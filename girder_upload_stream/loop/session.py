@@ -226,6 +226,7 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages,
             "registry_save_error": summary.save_error, "girder_requests": store.requests,
+            "fatal_error": str(runner.fatal) if runner.fatal is not None else None,
             "files_spilled": spilled, "first_message_at": summary.first_message_at,
             "max_uploads_in_flight": summary.max_uploads_in_flight,
             "streams_opened": streams.opened, "max_streams_open": streams.max_open,

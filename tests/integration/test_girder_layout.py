@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from girder_upload_stream.girder.ownership import OWNER_FIELD
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.assembly.pieces import Pieces
 from girder_upload_stream.assembly.reassembly import CompletedFile
@@ -68,27 +69,34 @@ def _delete_collection(gc, name: str) -> None:
 def _snapshot(gc, name: str) -> dict[str, Any]:
     """Everything below collection ``name`` with the collection's name in paths read as
     ``<C>`` and the version's value as ``<v>``: folders and items by path with their
-    metadata, each item's files (name, size, mimetype), and whether it is public."""
+    metadata, each item's files (name, size, mimetype), and whether it is public. Our
+    owner mark (``gusCreatedBy``, which 1.8.8 does not write) is set apart: ``marked``
+    lists the paths that carry it."""
     collection = gc.get("resource/lookup", parameters={"path": f"/collection/{name}"})
     listing = girder_listing(gc, collection["_id"], "collection")
 
     def norm_path(rel: str) -> str:
         return "/".join("<C>" if part == name else part for part in rel.split("/"))
 
-    def norm_meta(meta: dict | None) -> dict:
+    marked = set()
+
+    def norm_meta(meta: dict | None, rel: str) -> dict:
         meta = dict(meta or {})
         if VERSION_FIELD in meta:
             meta[VERSION_FIELD] = "<v>"
+        if meta.pop(OWNER_FIELD, None):
+            marked.add(norm_path(rel))
         return meta
 
-    folders = {norm_path(rel): norm_meta(doc.get("meta")) for rel, doc in listing.folders}
+    folders = {norm_path(rel): norm_meta(doc.get("meta"), rel) for rel, doc in listing.folders}
     items = {}
     for rel, doc in listing.items:
         files = sorted((f["name"], f["size"], f.get("mimeType")) for f in gc.listFile(doc["_id"]))
-        items[norm_path(rel)] = (norm_meta(doc.get("meta")), files)
+        items[norm_path(rel)] = (norm_meta(doc.get("meta"), rel), files)
     assert len(folders) == len(listing.folders) and len(items) == len(listing.items), \
         f"same-named siblings in {name}: {listing}"
     return {"public": collection["public"], "folders": folders, "items": items,
+            "marked": marked,
             "versions": sorted({str((doc.get("meta") or {}).get(VERSION_FIELD))
                                 for _, doc in listing.folders + listing.items
                                 if VERSION_FIELD in (doc.get("meta") or {})})}
@@ -177,6 +185,10 @@ def test_root_folder_layout_metadata_and_mimetypes_match_openmsistream(
     assert got["public"] == expected["public"]
     assert got["folders"] == expected["folders"]
     assert got["items"] == expected["items"]
+    # ... plus our owner mark on everything we created (the metadata-less first folder
+    # of the default root path aside, as 1.8.8 leaves it).
+    assert expected["marked"] == set()
+    assert got["marked"] == (set(got["folders"]) | set(got["items"])) - {"<C>"}
     mimetypes = {rel: files_[0][2] for rel, (_, files_) in got["items"].items()}
     assert mimetypes[f"<C>/{topic}/image.png"] == "image/png"
     assert mimetypes[f"<C>/{topic}/table.csv"] == "text/csv"

@@ -1,7 +1,7 @@
 """Streamed uploads against the real stack: a big file whose last chunk arrives first
 streams into Girder while the rest arrives (memory and disk mode) and lands whole with
-its metadata; a file whose sha512 does not match leaves no item, no file and no
-unfinished upload; a consumer SIGKILLed in the middle of a streamed upload leaves an
+its metadata; a file whose sha512 does not match leaves no item, no file, no
+unfinished upload and no folder made for it; a consumer SIGKILLed in the middle of a streamed upload leaves an
 unfinished upload that the restart removes, ending with exactly one complete file.
 
 The files are 24 MiB in 512 KiB chunks (3 blocks of 8 MiB), streamed from 8 MiB on
@@ -105,7 +105,7 @@ def test_a_streamed_file_with_a_mismatched_hash_leaves_nothing_in_girder(
         else []
     print(f"[stream mismatch] Girder: folders {sorted(folders)}, items {items}, unfinished "
           f"uploads {_unfinished(girder_client, name='big file.bin')}", flush=True)
-    assert items == []
+    assert items == [] and "streamed" not in folders  # the folder made for it is gone too
     assert _unfinished(girder_client, name="big file.bin") == []
 
 

@@ -2,9 +2,10 @@
 new small file, a re-delivered one, a different one, a replaced one, a twin check and a
 stale folder cache cost, and that every outcome and every item's metadata stay as they
 were. The fake models only what the store relies on: Girder renames a new item whose
-name is taken (``name (1)``), ``createFolder(reuseExisting)`` returns the folder of that
-name, a ``POST file`` whose body is the whole file answers with the finished file, an
-unknown folder id is a 400. The real Girder is exercised in
+name is taken (``name (1)``), ``createFolder`` refuses a name taken by a folder or an item
+(``reuseExisting`` returns the folder of that name), a ``POST file`` whose body is the
+whole file answers with the finished file, an unknown folder id is a 400, every document
+made through it has the store's user as ``creatorId``. The real Girder is exercised in
 ``tests/integration/test_girder_layout.py``.
 """
 
@@ -20,12 +21,16 @@ from girder_client import HttpError
 from girder_upload_stream.assembly.pieces import Pieces
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.girder import store as store_module
+from girder_upload_stream.errors import FatalError, TerminalError, TransientError
+from girder_upload_stream.girder.errors import GirderRootFolderGone
+from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
 from girder_upload_stream.girder.store import (GirderStore, GirderTransientError,
                                                item_was_there)
 from girder_upload_stream.ledger.units import Outcome
 from girder_upload_stream.settings import GirderSettings
 
 _ids = (f"{n:024x}" for n in itertools.count(1))
+ME = "u" * 24  # the API key's user
 
 
 def _http_error(status: int, message: str) -> HttpError:
@@ -50,17 +55,26 @@ class FakeGirder:
         self._need_folder(parent)
         found = [f for f in self.folders.values() if f.get("parent") == parent
                  and f["name"] == name]
-        folder = found[0] if found and reuseExisting else {
-            "_id": next(_ids), "name": name, "parent": parent, "meta": {}}
+        if found and not reuseExisting:
+            raise _http_error(400, "A folder with that name already exists here.")
+        if any(i["folder"] == parent and i["name"] == name for i in self.items.values()):
+            raise _http_error(400, "An item with that name already exists here.")
+        folder = found[0] if found else {
+            "_id": next(_ids), "name": name, "parent": parent, "meta": {}, "creatorId": ME}
         self.folders[folder["_id"]] = folder
         if metadata:
             folder["meta"].update(metadata)
         return dict(folder)
 
-    def listFolder(self, parent, parentFolderType="folder", name=None):
+    def listFolder(self, parent, parentFolderType="folder", name=None, limit=None):
         self.calls.append("listFolder")
         return [dict(f) for f in self.folders.values() if f.get("parent") == parent
-                and f["name"] == name]
+                and name in (None, f["name"])][:limit]
+
+    def getFolder(self, folder_id):
+        self.calls.append("getFolder")
+        self._need_folder(folder_id)
+        return dict(self.folders[folder_id])
 
     def _need_folder(self, folder_id):
         if folder_id not in self.folders:
@@ -78,14 +92,14 @@ class FakeGirder:
             n += 1
             stored = f"{name} ({n})"
         item = {"_id": next(_ids), "name": stored, "folder": folder, "meta": dict(metadata or {}),
-                "size": 0}
+                "size": 0, "creatorId": ME}
         self.items[item["_id"]] = item
         return dict(item)
 
-    def listItem(self, folder, name=None):
+    def listItem(self, folder, name=None, limit=None):
         self.calls.append("listItem")
         return [dict(i) for i in self.items.values() if i["folder"] == folder
-                and i["name"] == name]
+                and name in (None, i["name"])][:limit]
 
     def addMetadataToItem(self, item_id, metadata):
         self.calls.append("addMetadataToItem")
@@ -150,10 +164,13 @@ def girder():
 
 def _store(girder: FakeGirder, replace: bool = False) -> GirderStore:
     settings = GirderSettings(api_url="http://127.0.0.1:1/api/v1", api_key="k" * 40,
-                              replace_existing=replace, metadata={"lab": "x"})
+                              replace_existing=replace, metadata={"lab": "x"},
+                              root_folder_id="root")
     store = GirderStore(settings, "topic")
     store._local.client = girder
+    store.owner = Owner(ME)  # as the log-in says
     store._folders[""] = "root"  # the root as resolved at start
+    store.root_recheck_seconds = 3600.0
     return store
 
 
@@ -218,24 +235,135 @@ def test_replace_existing_swaps_contents_and_metadata(girder):
     assert item["meta"]["checksum"]["sha256"] == hashlib.sha256(b"new").hexdigest()
 
 
-def test_an_item_left_without_its_file_is_filled(girder):
+def test_an_item_of_ours_left_without_its_file_is_filled(girder):
     store = _store(girder)
-    left = girder.createItem("root", "a.txt", metadata={"other": 1})
+    left = girder.createItem("root", "a.txt", metadata={"other": 1, **Owner(ME).mark(),
+                                                        "gusStreamingUpload": "g"})
     outcome, calls = _upload(store, girder, "a.txt", b"data")
     assert outcome.outcome is Outcome.UPLOADED and outcome.item_id == left["_id"]
     assert calls[-2:] == ["post file", "addMetadataToItem"]
     item = girder.item("root", "a.txt")
     assert girder.content(item) == [b"data"] and item["meta"]["KafkaTopic"] == "topic"
+    assert item["meta"]["gusStreamingUpload"] is None  # Girder removes a key set to null
 
 
-def test_a_folder_of_the_items_name_keeps_the_renamed_item(girder):
-    """As before: Girder saves the item as ``name (1)`` beside a folder ``name``."""
+@pytest.mark.parametrize("meta, creator", [
+    ({"other": 1}, ME),                                  # a person, with our account
+    ({OWNER_FIELD: "gus1-" + "0" * 32}, ME),             # a mark that is not our token
+    ({OWNER_FIELD: Owner(ME).token}, "someone" * 3),     # our token, another account
+])
+def test_an_empty_item_someone_else_made_is_never_filled_nor_deleted(girder, meta, creator):
+    store = _store(girder)
+    left = girder.createItem("root", "a.txt", metadata=meta)
+    girder.items[left["_id"]]["creatorId"] = creator
+    outcome, calls = _upload(store, girder, "a.txt", b"data")
+    assert outcome.outcome is Outcome.SKIPPED_DIFFERENT and outcome.item_id == left["_id"]
+    assert [i["name"] for i in girder.items.values()] == ["a.txt"]
+    item = girder.item("root", "a.txt")
+    assert girder.content(item) == [] and item["meta"] == meta
+    assert "addMetadataToItem" not in calls and "post file" not in calls
+
+
+def test_replace_existing_fills_someone_elses_empty_item_without_marking_it(girder):
+    store = _store(girder, replace=True)
+    left = girder.createItem("root", "a.txt", metadata={"other": 1})
+    outcome, _ = _upload(store, girder, "a.txt", b"data")
+    assert outcome.outcome is Outcome.REPLACED and outcome.item_id == left["_id"]
+    item = girder.item("root", "a.txt")
+    assert girder.content(item) == [b"data"] and OWNER_FIELD not in item["meta"]
+    assert item["meta"]["other"] == 1 and item["meta"]["KafkaTopic"] == "topic"
+
+
+def test_what_the_consumer_creates_carries_its_mark(girder):
+    store = _store(girder)
+    _upload(store, girder, "d/e/a.txt", b"data")
+    item = girder.item(store._folders["d/e"], "a.txt")
+    assert Owner(ME).owns(item)
+    assert all(Owner(ME).owns(girder.folders[store._folders[k]]) for k in ("d", "d/e"))
+
+
+def test_an_existing_folder_is_used_and_its_metadata_left_as_it_is(girder):
+    store = _store(girder)
+    girder.createFolder("root", "d", metadata={"person": "yes"})
+    outcome, calls = _upload(store, girder, "d/a.txt", b"data")
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["createFolder", "listFolder", "createItem", "post file"]
+    [folder] = [f for f in girder.folders.values() if f["name"] == "d"]
+    assert folder["meta"] == {"person": "yes"}
+
+
+@pytest.mark.parametrize("redeliveries", [1, 3])
+def test_a_file_named_like_a_folder_fails_for_good_the_same_way_each_time(girder,
+                                                                         redeliveries):
+    """Girder would save the item as ``clash (1)``, and a re-read as ``clash (2)``...:
+    the file fails for good, with its reason, every time, and leaves no item."""
     store = _store(girder)
     girder.createFolder("root", "clash", reuseExisting=True)
-    outcome, calls = _upload(store, girder, "clash", b"data")
-    assert outcome.outcome is Outcome.UPLOADED
-    assert calls == ["createItem", "listItem", "post file"]
-    assert girder.content(girder.item("root", "clash (1)")) == [b"data"]
+    for _ in range(redeliveries):
+        outcome, calls = _upload(store, girder, "clash", b"data")
+        assert outcome.outcome is Outcome.FAILED_TERMINAL
+        assert "a folder named 'clash' is already there" in outcome.reason
+        assert girder.items == {}
+    assert calls == ["createItem", "listItem", "delete item", "listFolder"]
+
+
+def _refuse_items(girder, status=403):
+    def refuse(folder, name, **kw):
+        girder.calls.append("createItem")
+        raise _http_error(status, "Access denied.")
+    girder.createItem = refuse
+
+
+def test_a_file_that_fails_for_good_leaves_none_of_the_empty_folders_made_for_it(girder):
+    store = _store(girder)
+    _upload(store, girder, "keep/other.txt", b"x")  # a folder holding a file stays
+    theirs = girder.createFolder("root", "theirs")  # a person's folder stays
+    girder.folders[theirs["_id"]]["meta"] = {"person": 1}
+    original = girder.createItem
+    _refuse_items(girder)
+    for rel in ("new/sub/x.txt", "keep/deeper/y.txt", "theirs/mine/z.txt"):
+        outcome, _ = _upload(store, girder, rel, b"data")
+        assert outcome.outcome is Outcome.FAILED_TERMINAL and "HTTP 403" in outcome.reason
+    names = sorted(f["name"] for f in girder.folders.values())
+    assert names == ["keep", "root", "theirs"], names
+    assert "new" not in store._folders and "keep" in store._folders
+    girder.createItem = original  # the folders are made again when a file needs them
+    outcome, _ = _upload(store, girder, "new/sub/x.txt", b"data")
+    assert outcome.outcome is Outcome.UPLOADED and "new/sub" in store._folders
+
+
+def test_empty_folders_are_left_when_another_consumer_may_upload_into_them(girder):
+    store = _store(girder)
+    _refuse_items(girder)
+    outcome, _ = _upload(store, girder, "new/x.txt", b"data", shared=True)
+    assert outcome.outcome is Outcome.FAILED_TERMINAL
+    assert sorted(f["name"] for f in girder.folders.values()) == ["new", "root"]
+
+
+def test_a_folder_in_use_by_another_upload_of_the_process_is_not_pruned(girder):
+    store = _store(girder)
+    store.hold_folder("busy/inner")  # e.g. a streamed upload into it
+    _refuse_items(girder)
+    outcome, _ = _upload(store, girder, "busy/inner/x.txt", b"data")
+    assert outcome.outcome is Outcome.FAILED_TERMINAL
+    assert sorted(f["name"] for f in girder.folders.values()) == ["busy", "inner", "root"]
+    store.release_folder("busy/inner")
+    store.prune_folders("busy/inner")
+    assert sorted(f["name"] for f in girder.folders.values()) == ["root"]
+
+
+def test_an_item_vanishing_between_two_requests_is_transient(girder):
+    store = _store(girder)
+    left = girder.createItem("root", "a.txt", metadata={})
+    original = girder.createItem
+
+    def create_then_vanish(folder, name, **kw):
+        made = original(folder, name, **kw)
+        del girder.items[left["_id"]]
+        return made
+    girder.createItem = create_then_vanish
+    with pytest.raises(GirderTransientError, match="vanished"):
+        store.upload(_completed("a.txt", b"data"))
 
 
 def test_shared_checks_twins_of_item_file_and_folders(girder):
@@ -248,7 +376,7 @@ def test_shared_checks_twins_of_item_file_and_folders(girder):
 
 def test_a_twin_item_made_at_the_same_moment_is_left_to_the_oldest(girder):
     store = _store(girder)
-    oldest = girder.createItem("root", "a.txt", metadata={})
+    oldest = girder.createItem("root", "a.txt", metadata=Owner(ME).mark())  # another consumer's
     original = girder.createItem
     # Another consumer's create landed between Girder's name check and its save: ours
     # keeps the name too (Girder's check is not atomic).
@@ -270,16 +398,19 @@ def test_a_deleted_folder_is_resolved_again_once(girder):
     del girder.folders[folder_id]  # someone deleted it in Girder
     outcome, calls = _upload(store, girder, "d/b.txt", b"b")
     assert outcome.outcome is Outcome.UPLOADED
-    assert calls == ["createItem", "createFolder", "createItem", "post file"]
+    # The root (given by id) is checked again too: any ancestor may be gone.
+    assert calls == ["createItem", "getFolder", "createFolder", "createItem", "post file"]
     assert store._folders["d"] != folder_id and store._folders[""] == "root"
 
 
-def test_a_folder_still_unknown_after_resolving_fails_for_good(girder):
+def test_a_root_folder_given_by_id_and_deleted_stops_the_run(girder):
     store = _store(girder)
-    store._folders[""] = "gone"  # the root itself deleted: resolving sub-folders cannot help
-    outcome, _ = _upload(store, girder, "a.txt", b"a")
-    assert outcome.outcome is Outcome.FAILED_TERMINAL
-    assert "Invalid folder id" in outcome.reason
+    _upload(store, girder, "d/a.txt", b"a")
+    girder.folders = {k: v for k, v in girder.folders.items() if k == "elsewhere"}
+    with pytest.raises(GirderRootFolderGone, match="given by id"):
+        store.upload(_completed("d/b.txt", b"b"))
+    assert isinstance(GirderRootFolderGone("x"), FatalError)
+    assert not issubclass(GirderRootFolderGone, (TransientError, TerminalError))
 
 
 def test_a_big_file_goes_through_the_chunked_upload(girder, monkeypatch):
@@ -309,10 +440,59 @@ def test_empty_items_left_by_a_killed_redelivery_are_swept(girder):
     store = _store(girder)
     _upload(store, girder, "a.txt", b"same")
     checksum = {"checksum": {"sha256": hashlib.sha256(b"same").hexdigest()}}
-    girder.createItem("root", "a.txt", metadata=checksum)  # the leftover: "a.txt (1)"
+    girder.createItem("root", "a.txt", metadata={**checksum, **Owner(ME).mark()})  # "a.txt (1)"
     other = girder.createItem("root", "a.txt", metadata={"checksum": {"sha256": "x"}})
     assert other["name"] == "a.txt (2)"
+    alike = girder.createItem("root", "a.txt", metadata=checksum)  # a person's look-alike
+    assert alike["name"] == "a.txt (3)"
     outcome, calls = _upload(store, girder, "a.txt", b"same")
     assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
-    assert sorted(i["name"] for i in girder.items.values()) == ["a.txt", "a.txt (2)"]
-    assert calls.count("delete item") == 2  # ours ("a.txt (3)") and the leftover
+    assert sorted(i["name"] for i in girder.items.values()) == ["a.txt", "a.txt (2)",
+                                                                "a.txt (3)"]
+    assert calls.count("delete item") == 2  # ours ("a.txt (4)") and the leftover
+
+
+@pytest.mark.parametrize("ours, replace, repaired", [(True, False, True), (False, False, False),
+                                                     (False, True, True)])
+def test_a_checksum_naming_other_bytes_is_corrected_only_where_allowed(girder, ours, replace,
+                                                                       repaired):
+    """Identical content under a checksum of other bytes (a replace whose metadata
+    request failed): corrected on the consumer's items, and on others only with
+    --replace_existing."""
+    store = _store(girder, replace=replace)
+    mark = Owner(ME).mark() if ours else {}
+    item = girder.createItem("root", "a.txt", metadata={"checksum": {"sha256": "old"}, **mark})
+    girder._add_file(item["_id"], "a.txt", b"data", "text/plain")
+    outcome, _ = _upload(store, girder, "a.txt", b"data")
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
+    sha = girder.item("root", "a.txt")["meta"]["checksum"]["sha256"]
+    assert sha == (hashlib.sha256(b"data").hexdigest() if repaired else "old")
+
+
+def test_the_owner_mark_comes_from_the_key_never_from_metadata(girder):
+    """--metadata cannot forge the mark onto an item the consumer only replaces."""
+    settings = GirderSettings(api_url="http://127.0.0.1:1/api/v1", api_key="k" * 40,
+                              replace_existing=True, root_folder_id="root",
+                              metadata={OWNER_FIELD: Owner(ME).token})
+    store = _store(girder)
+    store.settings = settings
+    person = girder.createItem("root", "a.txt", metadata={})
+    girder._add_file(person["_id"], "a.txt", b"old", "text/plain")
+    outcome, _ = _upload(store, girder, "a.txt", b"new")
+    assert outcome.outcome is Outcome.REPLACED
+    assert OWNER_FIELD not in girder.item("root", "a.txt")["meta"]
+    _upload(store, girder, "d/b.txt", b"b")
+    assert girder.item(store._folders["d"], "b.txt")["meta"][OWNER_FIELD] == Owner(ME).token
+
+
+def test_the_restart_look_up_makes_no_folder(girder):
+    store = _store(girder)
+    data = b"looked up"
+    girder.calls.clear()
+    assert store.holds("new/deeper/x.txt", hashlib.sha512(data).digest()) is False
+    assert girder.calls == ["listFolder"] and list(girder.folders) == ["root"]
+    _upload(store, girder, "new/deeper/x.txt", data)
+    store.forget_folders()
+    girder.calls.clear()
+    assert store.holds("new/deeper/x.txt", hashlib.sha512(data).digest()) is True
+    assert girder.calls == ["getFolder", "listFolder", "listFolder", "listItem", "listFile"]

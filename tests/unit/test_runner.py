@@ -317,3 +317,18 @@ def test_signals_request_a_stop_only_inside_and_the_old_handlers_come_back() -> 
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.is_set() and stop.reason == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_fatal_upload_error_stops_the_run_gracefully_and_names_it() -> None:
+    """A root folder given by id that is gone (GirderRootFolderGone, a FatalError): the
+    run stops without raising (a flow run logs no traceback), its file stays
+    uncommitted (read again by the next run), and the summary names the error."""
+    from girder_upload_stream.girder.errors import GirderRootFolderGone
+    runner, group, submit = make(submit=None)
+    put_file(group, b"f" * 4, "f.bin", [2])
+    runner.step()
+    submit.handles[0].crash(GirderRootFolderGone("the root folder X (given by id) is gone"))
+    summary = runner.run()
+    assert isinstance(runner.fatal, GirderRootFolderGone) and group.closed
+    assert summary.stopped_because == "error: the root folder X (given by id) is gone"
+    assert group.committed.get((TOPIC, 2), 0) == 0

@@ -81,11 +81,35 @@ def test_transitions_the_machine_does_not_allow(state) -> None:
 
 
 def test_wants_stream() -> None:
-    assert wants_stream(10, 100, 950, 900, True)
-    assert not wants_stream(10, 100, None, 900, True)  # size unknown: no last chunk yet
-    assert not wants_stream(10, 100, 950, None, True)  # streaming off
-    assert not wants_stream(10, 100, 950, 900, False)  # holds no commit
-    assert not wants_stream(8, 100, 750, 900, True)  # small: batched units
+    assert wants_stream(10, 100, 950, 900, True, 100, 900)
+    assert not wants_stream(10, 100, None, 900, True, 100, -1)  # size unknown: no last chunk
+    assert not wants_stream(10, 100, 950, None, True, 100, 900)  # streaming off
+    assert not wants_stream(10, 100, 950, 900, False, 100, 900)  # holds no commit
+    assert not wants_stream(8, 100, 750, 900, True, 100, 700)  # small: batched units
+
+
+@pytest.mark.parametrize("prefix_end, last_offset, size", [
+    (0, 900, 950),        # the last chunk alone: no byte from offset 0 in hand
+    (300, 200, 950),      # the last chunk claims to start inside the prefix held
+    (300, 950, 950),      # ... or to be empty
+])
+def test_wants_stream_needs_evidence_in_hand(prefix_end, last_offset, size) -> None:
+    assert not wants_stream(10, 100, size, 900, True, prefix_end, last_offset)
+
+
+def test_a_lone_last_chunk_or_chunks_without_the_first_open_no_stream(tmp_path) -> None:
+    """A message claiming to be the last chunk of a huge file opens nothing; neither do
+    chunks without offset 0; the first chunk then does."""
+    data = random.Random(5).randbytes(1_000)
+    log, opener = Log(), Opener()
+    proc = _proc(Mode.MEMORY, tmp_path, opener)
+    messages = _messages(log, data, "big.bin", 100, [9, 2, 3, 4, 5, 0])
+    for msg in messages[:5]:
+        proc.handle(msg)
+    assert opener.sessions == []
+    proc.handle(messages[5])
+    [session] = opener.sessions
+    assert session.plan.view() == (1_000, 100, 900)
 
 
 # ------------------------------------------------------------------ the processor

@@ -1,0 +1,115 @@
+"""The existing-item side of :class:`~girder_upload_stream.girder.store.GirderStore`:
+what an upload does when an item of the file's name is there already (skip identical
+content, fill an item of the consumer's left without its file, skip or replace other
+content) and the sweep of empty items an interrupted upload left. Nothing here
+deletes, empties or fills an item the consumer did not create (see
+:mod:`~girder_upload_stream.girder.ownership`), except the documented
+``--replace_existing``.
+
+A mixin, as :class:`~girder_upload_stream.girder.folders.FolderMixin`: every request
+goes through the store's ``_client``/``_call`` plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.girder.ownership import TAG_FIELD
+from girder_upload_stream.ledger.units import Outcome
+
+__all__ = ["ExistingItemMixin"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExistingItemMixin:
+    """Items of the file's name found in Girder (see the module text)."""
+
+    # Provided by GirderStore.
+    settings: Any
+    _client: Callable[[], Any]
+    _call: Callable[..., Any]
+    _meta: Callable[..., dict[str, Any]]
+    _owner: Callable[[], Any]
+    _items_named: Callable[..., list[dict]]
+    _delete_empty_item: Callable[..., None]
+    _put_file: Callable[..., None]
+    _stream: Callable[..., Any]
+
+    def _sweep_leftovers(self, folder: str, name: str, renamed: str,
+                         completed: CompletedFile) -> None:
+        """Girder named ours ``name (k)`` with k > 1: ``name (1)`` .. ``name (k-1)`` are
+        taken, maybe by items a process killed between its ``POST item`` and the
+        ``DELETE`` of that renamed item left behind. Those (the consumer's, empty, and
+        claiming this very file's checksum) are deleted, so that the name holds one item
+        again; any other item of those names is left alone. At most four names are
+        looked at."""
+        match = re.fullmatch(re.escape(name) + r" \((\d+)\)", renamed)
+        owner = self._owner()
+        for k in range(1, min(int(match.group(1)), 5) if match else 1):
+            for other in self._items_named(folder, f"{name} ({k})", completed.rel_path):
+                checksum = (other.get("meta") or {}).get("checksum") or {}
+                if other.get("size") == 0 and checksum.get("sha256") == completed.sha256 \
+                        and completed.size > 0 and owner.owns(other):
+                    logger.info("%s: deleting %r, an empty item left by an interrupted "
+                                "upload of it", completed.rel_path, other["name"])
+                    self._delete_empty_item(other, completed.rel_path)
+
+    def _into_existing(self, item: dict, completed: CompletedFile,
+                       shared: Callable[[], bool]) -> tuple[Outcome, str]:
+        """An item of the file's name was there: skip identical content, fill an item
+        of the consumer's left without its file, replace (``--replace_existing``) or
+        skip different content. An empty item someone else made is other content: it
+        is filled only with ``--replace_existing``."""
+        client = self._client()
+        rel = completed.rel_path
+        files = self._call(lambda: list(client.listFile(item["_id"])), "list files", rel)
+        if self._same_content(item, files, completed):
+            self._repair_checksum(item, completed)
+            return Outcome.SKIPPED_IDENTICAL, item["_id"]
+        ours = self._owner().owns(item)
+        if not files and (ours or self.settings.replace_existing):
+            # Ours, left without its file (a crash, a stream given up, another consumer
+            # now), or someone's empty item the operator lets us replace.
+            self._put_file(item["_id"], completed, shared)
+            meta = {**self._meta(completed.sha256), TAG_FIELD: None}  # null: key removed
+            self._call(lambda: client.addMetadataToItem(item["_id"], meta), "set metadata", rel)
+            return (Outcome.UPLOADED if ours else Outcome.REPLACED), item["_id"]
+        if not self.settings.replace_existing:
+            logger.warning("%s: an item with %s is already in Girder; skipped "
+                           "(use --replace_existing to replace it)", rel,
+                           "different content" if files else "no file, made by someone else")
+            return Outcome.SKIPPED_DIFFERENT, item["_id"]
+        self._call(lambda: client.uploadFileContents(files[0]["_id"], self._stream(completed),
+                                                     completed.size), "replace contents", rel)
+        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
+                   "set metadata", rel)
+        return Outcome.REPLACED, item["_id"]
+
+    @staticmethod
+    def _same_content(item: dict, files: list[dict], completed: CompletedFile) -> bool:
+        if len(files) != 1 or files[0].get("size") != completed.size:
+            return False
+        sha512 = files[0].get("sha512")
+        if sha512:
+            return sha512 == completed.file_hash.hex()
+        return (item.get("meta") or {}).get("checksum", {}).get("sha256") == completed.sha256
+
+    def _repair_checksum(self, item: dict, completed: CompletedFile) -> None:
+        """An item whose file already holds these bytes but whose checksum names other
+        ones: a replace whose metadata request failed (the file then failed, and this is
+        the retry). Its metadata is set now, so that the item describes its contents:
+        the consumer's items, and with ``--replace_existing`` (which replaces the
+        metadata of items of the file's name) any other."""
+        checksum = (item.get("meta") or {}).get("checksum")
+        if not isinstance(checksum, dict) or checksum.get("sha256") in (None, completed.sha256):
+            return  # no checksum to correct
+        if not (self.settings.replace_existing or self._owner().owns(item)):
+            return  # someone else's item, which only --replace_existing may change
+        client = self._client()
+        self._call(lambda: client.addMetadataToItem(item["_id"], self._meta(completed.sha256)),
+                   "set metadata", completed.rel_path)

@@ -33,10 +33,21 @@ from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGR
                                            part_files, processed_path, read_processed,
                                            seed_in_progress_path)
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.text_bounds import LIMIT, bounded
 
 __all__ = ["RegistryRecorder", "RegistrySaver"]
 
 logger = logging.getLogger(__name__)
+
+#: Rows kept for single rejected messages (undecodable, unsafe name...); beyond, the
+#: rejections are counted in one summary row (:data:`OVERFLOW_NAME`), so a flood of bad
+#: messages cannot grow the registry without bound. Rows of messages that could not be
+#: decrypted are not capped: each holds its offset uncommitted.
+MAX_REJECTED_MESSAGE_ROWS = 1000
+OVERFLOW_NAME = "rejected messages beyond the registry's limit"
+OVERFLOW_GENERATION = "offset-overflow"
+#: Characters of a path kept in the row of a rejected file (longer: cut, with a digest).
+PATH_LIMIT = 500
 
 
 def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
@@ -92,6 +103,10 @@ class RegistryRecorder(Recorder):
             logger.info("registry: %d in-progress row(s) dropped: their files were "
                         "processed after them", dropped)
         self.processed = ProcessedTable(folder, topic, group, f"p{os.getpid()}")
+        #: Rows of single rejected messages (capped at MAX_REJECTED_MESSAGE_ROWS).
+        self._rejected_rows = sum(1 for row in self.in_progress.rows()
+                                  if row.generation.startswith("offset-")
+                                  and row.generation != OVERFLOW_GENERATION)
         #: Why the last :meth:`try_save` failed; None when it worked (or none ran yet).
         self.save_error: str | None = None
         self._failed_saves = 0  # in the current streak
@@ -153,22 +168,43 @@ class RegistryRecorder(Recorder):
 
     @_never_raise
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
-        name = error.rel_path or f"message {msg.topic}[{msg.partition}]@{msg.offset}"
+        """One row per rejected message (its text bounded), up to
+        :data:`MAX_REJECTED_MESSAGE_ROWS`; then one summary row counts the rest."""
+        where = f"message {bounded(msg.topic)}[{msg.partition}]@{msg.offset}"
         now = datetime.now()
+        if not getattr(error, "keeps_its_row", False) and \
+                self._rejected_rows >= MAX_REJECTED_MESSAGE_ROWS:
+            self._count_overflow(where, error, now)
+            return
+        name = bounded(error.rel_path, PATH_LIMIT) if error.rel_path else where
+        self._rejected_rows += 1
         self.in_progress.update(InProgressRow(
             PurePosixPath(name).name or name, PurePosixPath(name), STATUS_FAILED, 0, now, now,
             f"offset-{msg.partition}-{msg.offset}",
-            {"reason": error.reason, "partition": msg.partition, "offset": msg.offset}))
+            {"reason": bounded(error.reason, 1000), "partition": msg.partition,
+             "offset": msg.offset}))
+
+    def _count_overflow(self, where: str, error: ChunkDecodeError, now: datetime) -> None:
+        key = RowKey(PurePosixPath(OVERFLOW_NAME), OVERFLOW_GENERATION)
+        old = self.in_progress.get(key)
+        count = int(old.extra.get("count", 0)) + 1 if old else 1
+        self.in_progress.update(InProgressRow(
+            OVERFLOW_NAME, key.rel_filepath, STATUS_FAILED, 0,
+            old.first_message if old else now, now, OVERFLOW_GENERATION,
+            {"reason": f"{count} more message(s) rejected after the first "
+                       f"{MAX_REJECTED_MESSAGE_ROWS}; the last: {where}: "
+                       f"{bounded(error.reason, LIMIT)}", "count": count}))
 
     @_never_raise
     def file_rejected(self, rejected: RejectedFile) -> None:
         status = (STATUS_MISMATCHED_HASH if "hash" in rejected.reason.lower()
                   else STATUS_FAILED)
+        rel = PurePosixPath(bounded(rejected.rel_path, PATH_LIMIT))
         self.in_progress.update(InProgressRow(
-            PurePosixPath(rejected.rel_path).name, PurePosixPath(rejected.rel_path), status,
+            rel.name, rel, status,
             rejected.n_total_chunks, _when(rejected.first_message_at),
             _when(rejected.last_message_at), file_generation(rejected.file_hash),
-            {"reason": rejected.reason}))
+            {"reason": bounded(rejected.reason, 1000)}))
 
     @_never_raise
     def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:

@@ -16,7 +16,9 @@ exception goes through :func:`bounded` first:
 
 :func:`guard_log_records` applies the same treatment, with the larger ``LINE_LIMIT``,
 to the message of every log record of the package's loggers (the pieces were bounded
-before, this keeps any line from being split or forged). Pure standard library.
+before, this keeps any line from being split or forged), and masks the secrets that
+show by their place (a URL's password, ``key=`` parameters: :mod:`redact`). Pure
+standard library.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+
+from girder_upload_stream.redact import redact_unknown
 
 __all__ = ["LIMIT", "LINE_LIMIT", "bounded", "escape_controls", "guard_log_records"]
 
@@ -83,7 +87,8 @@ def guard_log_records() -> None:
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         if _is_package(record.name):
-            record.msg, record.args = bounded(record.getMessage(), LINE_LIMIT), ()
+            record.msg = bounded(redact_unknown(record.getMessage()), LINE_LIMIT)
+            record.args = ()
         return record
 
     factory.guards_text = True  # type: ignore[attr-defined]

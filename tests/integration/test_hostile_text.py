@@ -87,3 +87,28 @@ def test_hostile_text_is_bounded_in_logs(stack_env, make_topic, make_group,
     from confluent_kafka.admin import AdminClient
     admin = AdminClient({"bootstrap.servers": stack_env["KAFKA_BOOTSTRAP_SERVERS"]})
     assert committed_offsets(admin, group, topic) == ends
+
+
+URL_PASSWORD = "Sup3r-S3cret-Pw"
+
+
+def test_a_password_in_the_girder_url_is_masked_on_console_and_in_the_log_file(
+        stack_env, make_topic, make_group, make_collection, tmp_path: Path) -> None:
+    """The Girder API URL with user information (and an HTTP proxy variable with one that
+    is not used for this host): the run works, and no line shows either password."""
+    topic, group = make_topic(partitions=1), make_group()
+    api_url = stack_env["GIRDER_API_URL"].replace("http://", f"http://gus:{URL_PASSWORD}@")
+    out = tmp_path / "out"
+    env = consumer_env(stack_env, {})
+    env.pop("PREFECT_API_URL", None)
+    env.update(HTTP_PROXY=f"http://proxyuser:{URL_PASSWORD}x@proxy.invalid:3128",
+               NO_PROXY="127.0.0.1,localhost")
+    program = Program(consumer_argv(api_url, topic, make_collection()["name"], out, group,
+                                    "local", 2, "--logger_stream_level", "debug"),
+                      tmp_path / "run.log", tmp_path, env=env)
+    assert program.wait(120) == 0, program.describe()
+    console = program.output()
+    log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log").read_text()
+    assert "gus:***@127.0.0.1" in console + log_file, console[-3000:]
+    for text in (console, log_file):
+        assert URL_PASSWORD not in text, text[-3000:]

@@ -17,11 +17,13 @@ import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import SecretStr
 
 from girder_upload_stream import startup
+from girder_upload_stream.folder_lock import RunFolderLocks, lock_run_folders
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
@@ -88,12 +90,17 @@ class Prepared:
     root_folder: str
     kafka: KafkaSettings
     group: Any = None  # a ConsumerGroup, joining
+    locks: RunFolderLocks | None = None  # the output (and logs) folder's, held
 
     def close(self) -> None:
-        """Leave the group if no run took it (the run failed to start)."""
+        """Leave the group and drop the folder locks if no run took them (the run
+        failed to start)."""
         if self.group is not None:
             self.group.close()
             self.group = None
+        if self.locks is not None:
+            self.locks.release()
+            self.locks = None
 
 
 def _kafka_settings(p: Mapping[str, Any]) -> KafkaSettings:
@@ -114,12 +121,19 @@ def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
     tune_malloc()  # before the clients' threads and buffers (memory_plan.py)
     store, root = checked_store(girder, p["topic_name"])
     kafka = _kafka_settings(p)
-    prepared = Prepared(store, root, kafka)
+    prepared = Prepared(store, root, kafka, locks=_lock_folders(p))
     if kafka.kafkacrypto is None:
         from girder_upload_stream.kafka.clients import ConsumerGroup
         prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
         prepared.group.connect()
     return prepared
+
+
+def _lock_folders(p: Mapping[str, Any]) -> RunFolderLocks:
+    """One consumer per output folder (folder_lock.py): taken before the group is
+    joined, so that a second consumer refused here never takes the first's partitions."""
+    run = _run_settings(p)
+    return lock_run_folders(Path(run.output_dir), Path(run.logs_dir))
 
 
 def _run_settings(p: Mapping[str, Any]) -> RunSettings:
@@ -147,10 +161,22 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
     if prepared is None:
         tune_malloc()  # as in prepare()
         girder_store, root_folder = checked_store(girder, topic)
-        kafka, group = _kafka_settings(p), None
+        kafka, group, locks = _kafka_settings(p), None, _lock_folders(p)
     else:
         girder_store, root_folder = prepared.store, prepared.root_folder
         kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken
+        locks, prepared.locks = prepared.locks or _lock_folders(p), None
+    try:
+        return _run_locked(p, girder, hooks, girder_store, root_folder, kafka, group)
+    finally:
+        locks.release()
+
+
+def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
+                girder_store: GirderStore, root_folder: str, kafka: KafkaSettings,
+                group: Any) -> dict[str, Any]:
+    """:func:`run_session` once the folders are locked."""
+    topic = p["topic_name"]
     log_topic = log_topic_settings(p["config"], p["log_topic_name"], p["log_program_id"],
                                    p["log_interval_secs"], kafka.group_id)
     run = _run_settings(p)

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 
 from girder_upload_stream import startup
 from girder_upload_stream.folder_lock import RunFolderLocks, lock_run_folders
+from girder_upload_stream.registry.recording import check_registry_files
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
@@ -121,7 +122,7 @@ def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
     tune_malloc()  # before the clients' threads and buffers (memory_plan.py)
     store, root = checked_store(girder, p["topic_name"])
     kafka = _kafka_settings(p)
-    prepared = Prepared(store, root, kafka, locks=_lock_folders(p))
+    prepared = Prepared(store, root, kafka, locks=_check_folders(p, kafka))
     if kafka.kafkacrypto is None:
         from girder_upload_stream.kafka.clients import ConsumerGroup
         prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
@@ -134,6 +135,18 @@ def _lock_folders(p: Mapping[str, Any]) -> RunFolderLocks:
     joined, so that a second consumer refused here never takes the first's partitions."""
     run = _run_settings(p)
     return lock_run_folders(Path(run.output_dir), Path(run.logs_dir))
+
+
+def _check_folders(p: Mapping[str, Any], kafka: KafkaSettings) -> RunFolderLocks:
+    """Before the group is joined: lock the folders, then check that the registry
+    files can be read (a hand-edited one stops the start with a clear error)."""
+    locks = _lock_folders(p)
+    try:
+        check_registry_files(Path(_run_settings(p).logs_dir), kafka.topic, kafka.group_id)
+    except BaseException:
+        locks.release()
+        raise
+    return locks
 
 
 def _run_settings(p: Mapping[str, Any]) -> RunSettings:
@@ -161,7 +174,8 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
     if prepared is None:
         tune_malloc()  # as in prepare()
         girder_store, root_folder = checked_store(girder, topic)
-        kafka, group, locks = _kafka_settings(p), None, _lock_folders(p)
+        kafka, group = _kafka_settings(p), None
+        locks = _check_folders(p, kafka)
     else:
         girder_store, root_folder = prepared.store, prepared.root_folder
         kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken

@@ -33,9 +33,12 @@ from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGR
                                            part_files, processed_path, read_processed,
                                            seed_in_progress_path)
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.errors import ConfigError
+from girder_upload_stream.registry.csv_files import DELIMITER, check_header, header_line
+from girder_upload_stream.registry.rows import IN_PROGRESS_COLUMNS, PROCESSED_COLUMNS
 from girder_upload_stream.text_bounds import LIMIT, bounded
 
-__all__ = ["RegistryRecorder", "RegistrySaver"]
+__all__ = ["RegistryRecorder", "RegistrySaver", "RegistryFileError", "check_registry_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,43 @@ def _when(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch)
 
 
+class RegistryFileError(ConfigError):
+    """A registry file the consumer cannot read at all (its first line is not the
+    header it writes): the run stops before it starts, changing nothing (exit status 2
+    from the command line), rather than guess what the file's columns mean."""
+
+
+def _unreadable(path: Path, columns: Any) -> RegistryFileError:
+    with path.open("rb") as stream:
+        first = stream.readline(2000).rstrip(b"\r\n").decode("utf-8", "replace")
+    other = next((sep for sep in (",", "\t") if sep in first and DELIMITER not in first), None)
+    hint = (f"its fields are separated by {other!r} (saved by a spreadsheet?), "
+            f"OpenMSIStream's by {DELIMITER!r}" if other else
+            f"its first line is {bounded(first)!r}")
+    return RegistryFileError(
+        f"cannot start: the registry file {path} cannot be read ({hint}; expected the "
+        f"header {header_line(columns)!r}). Nothing was changed. Put the header back, or "
+        f"save the file as OpenMSIStream wrote it, or move it out of the folder to start "
+        f"without it (files already in Girder are then found there, not uploaded twice)")
+
+
+def check_registry_files(folder: Path, topic: str, group: str) -> None:
+    """Raise :class:`RegistryFileError` if a registry file of ``topic``/``group`` that
+    the run must read has a header other than its own (a file edited by hand or by a
+    spreadsheet). Files the run can do without (a part, the older in-progress name) are
+    reported and left alone later, as before."""
+    for path, columns in ((processed_path(folder, topic, group), PROCESSED_COLUMNS),
+                          (in_progress_path(folder, topic, group), IN_PROGRESS_COLUMNS)):
+        if path.exists():
+            try:
+                check_header(path, columns)
+            except ValueError:  # RegistryFormatError, or bytes that are not text
+                raise _unreadable(path, columns) from None
+            except OSError as exc:
+                raise RegistryFileError(f"cannot start: the registry file {path} cannot "
+                                        f"be read: {exc.strerror}") from None
+
+
 class RegistryRecorder(Recorder):
     """A :class:`Recorder` that keeps the in-progress and processed tables."""
 
@@ -88,6 +128,7 @@ class RegistryRecorder(Recorder):
                                 or bool(part_files(folder, topic, group))
                                 or in_progress_path(folder, topic, group).is_file()
                                 or seed_in_progress_path(folder, topic, group).is_file())
+        check_registry_files(folder, topic, group)
         merged = consolidate(folder, topic, group)
         for issue in merged.issues:
             logger.warning("registry: %s", issue)

@@ -138,6 +138,7 @@ def upload_stream(
     stale_partial_seconds: float | None = DEFAULTS.stale_partial_seconds,
     interactive: bool = False,
     logs_dir: str | None = DEFAULTS.logs_dir,
+    dead_letter_topic: str | None = DEFAULTS.dead_letter_topic,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 

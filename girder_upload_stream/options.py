@@ -187,6 +187,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
            "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),
+    Option("dead_letter_topic", None, "existing topic that receives every rejected message "
+           "unchanged, with the reason, source topic, partition and offset in its headers; "
+           "source offsets are committed only once the broker acknowledged them (default: "
+           "the config file's [dead_letter] topic, else none)"),
 )
 
 #: ``DEFAULTS.name``: the one default of each option (the flow's signature uses them).

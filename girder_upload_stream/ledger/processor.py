@@ -80,6 +80,7 @@ class StreamProcessor:
         self.ledger = FileLedger(known_done, known_pending, known_in_girder=known_in_girder)
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
+        self._current: RawMessage | None = None  # the message being handled
         self.offsets = OffsetTracker()
         self.counters = Counters()
         self.stale_partial_seconds = stale_partial_seconds
@@ -127,6 +128,7 @@ class StreamProcessor:
         if self.download_regex is not None and not self.download_regex.match(chunk.rel_path):
             self.offsets.read(tp, msg.offset)
             return
+        self._current = msg  # the raw message, for the rejection sink
         self._take(chunk, tp, msg.offset, size)
         self._keep_within_budget()
 
@@ -197,6 +199,8 @@ class StreamProcessor:
                                                   and not busy):
             # A chunk of a file rejected before, or a late duplicate of one settled.
             self.offsets.read(tp, offset)
+            if result.status is AddStatus.IGNORED:
+                self.recorder.chunk_rejected(self._current, result.reason or "file rejected")
             return
         record = self.ledger.open(key, Role.AGAIN if route is Route.ASSEMBLE_AGAIN
                                   else Role.FIRST)
@@ -243,6 +247,9 @@ class StreamProcessor:
             logger.error("%s", result.rejected.to_error())
             self.counters.files_failed += 1
             self.recorder.file_rejected(result.rejected)
+            where = self.offsets.file_offsets(key)
+            self.recorder.file_messages_rejected(result.rejected, where if (tp, offset) in where
+                                                 else [*where, (tp, offset)])
             self._finish(record, FileState.FAILED)
 
     def _stream(self, record: FileRecord, chunk: Chunk) -> None:

@@ -30,7 +30,8 @@ from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 from girder_upload_stream.memory_plan import plan_memory, tune_malloc
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
-from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
+from girder_upload_stream.loop.wiring import (build_runner, dead_letter_settings,
+                                              girder_settings, kafka_settings,
                                               log_topic_settings)
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
@@ -194,6 +195,7 @@ def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
     log_topic = log_topic_settings(p["config"], p["log_topic_name"], p["log_program_id"],
                                    p["log_interval_secs"], kafka.group_id)
     run = _run_settings(p)
+    dead_letter = dead_letter_settings(p["config"], p.get("dead_letter_topic"))
     hooks.log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
                    "uploading to %s below folder %s", topic, kafka.group_id, p["n_threads"],
                    girder.api_url, root_folder)
@@ -213,7 +215,8 @@ def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
                 early_outcomes=channel.drain,
                 registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
                 log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-                girder_api_url=girder.api_url, stop=stop, group=group, open_stream=streams)
+                girder_api_url=girder.api_url, stop=stop, group=group, open_stream=streams,
+                dead_letter=dead_letter)
         except BaseException:
             if group is not None:
                 group.close()  # joined beforehand: leave at once

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from datetime import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -148,6 +148,8 @@ class RegistryRecorder(Recorder):
         self._rejected_rows = sum(1 for row in self.in_progress.rows()
                                   if row.generation.startswith("offset-")
                                   and row.generation != OVERFLOW_GENERATION)
+        #: Where rejected messages go on to (loop/dead_letter.py); None: nowhere.
+        self.dead_letters: Any = None
         #: Why the last :meth:`try_save` failed; None when it worked (or none ran yet).
         self.save_error: str | None = None
         self._failed_saves = 0  # in the current streak
@@ -213,6 +215,10 @@ class RegistryRecorder(Recorder):
         :data:`MAX_REJECTED_MESSAGE_ROWS`; then one summary row counts the rest."""
         where = f"message {bounded(msg.topic)}[{msg.partition}]@{msg.offset}"
         now = datetime.now()
+        if self.dead_letters is not None and not getattr(error, "keeps_its_row", False):
+            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
+                                      msg.value, error.reason, "message_rejected",
+                                      error.rel_path)
         if not getattr(error, "keeps_its_row", False) and \
                 self._rejected_rows >= MAX_REJECTED_MESSAGE_ROWS:
             self._count_overflow(where, error, now)
@@ -235,6 +241,23 @@ class RegistryRecorder(Recorder):
             {"reason": f"{count} more message(s) rejected after the first "
                        f"{MAX_REJECTED_MESSAGE_ROWS}; the last: {where}: "
                        f"{bounded(error.reason, LIMIT)}", "count": count}))
+
+    @_never_raise
+    def chunk_rejected(self, msg: RawMessage, reason: str, kind: str = "chunk_rejected"
+                       ) -> None:
+        """A chunk dropped without a row of its own (its file was rejected before, or it
+        is beyond a bound): only the dead-letter topic gets it."""
+        if self.dead_letters is not None:
+            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
+                                      msg.value, reason, kind)
+
+    @_never_raise
+    def file_messages_rejected(self, rejected: RejectedFile,
+                               where: Sequence[tuple[tuple[str, int], int]]) -> None:
+        """The messages of a rejected file, by offset: for the dead-letter topic."""
+        if self.dead_letters is not None:
+            self.dead_letters.offsets(list(where), rejected.reason, "file_rejected",
+                                      rejected.rel_path)
 
     @_never_raise
     def file_rejected(self, rejected: RejectedFile) -> None:

@@ -200,7 +200,8 @@ class StreamProcessor:
             # A chunk of a file rejected before, or a late duplicate of one settled.
             self.offsets.read(tp, offset)
             if result.status is AddStatus.IGNORED:
-                self.recorder.chunk_rejected(self._current, result.reason or "file rejected")
+                self.recorder.chunk_rejected(self._current, result.reason or "file rejected",
+                                             file=chunk.rel_path)
             return
         record = self.ledger.open(key, Role.AGAIN if route is Route.ASSEMBLE_AGAIN
                                   else Role.FIRST)

@@ -243,13 +243,13 @@ class RegistryRecorder(Recorder):
                        f"{bounded(error.reason, LIMIT)}", "count": count}))
 
     @_never_raise
-    def chunk_rejected(self, msg: RawMessage, reason: str, kind: str = "chunk_rejected"
-                       ) -> None:
+    def chunk_rejected(self, msg: RawMessage, reason: str, kind: str = "chunk_rejected",
+                       file: str | None = None) -> None:
         """A chunk dropped without a row of its own (its file was rejected before, or it
         is beyond a bound): only the dead-letter topic gets it."""
         if self.dead_letters is not None:
             self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
-                                      msg.value, reason, kind)
+                                      msg.value, reason, kind, file)
 
     @_never_raise
     def file_messages_rejected(self, rejected: RejectedFile,

@@ -38,6 +38,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from girder_upload_stream.folder_lock import LOCK_NAME
+
 from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, Chunk, chunk_file, encode_chunk,
                                         make_key)
 from tests.integration.girder_checks import (assert_exactly_once, girder_listing, root_folder_or_none)
@@ -428,7 +430,8 @@ def test_hostile_messages_mixed_into_good_traffic_are_logged_registered_and_cont
             and Path(os.readlink(out / "escape")) == Path("..") / "outside"):
         failures["the planted symlink was replaced"] = str(out / "escape")
     inside = {rel for rel, (kind, *_) in tree_snapshot(out).items()
-              if kind != "dir" and not rel.startswith("LOGS/")}
+              if kind != "dir" and not rel.startswith("LOGS/")
+              and rel != f".gus-staging/{LOCK_NAME}"}  # the output folder's lock file stays
     # ... and no staging file left: each one completed (and was published) or was dropped
     if inside - set(good) - {"escape"}:
         failures["unexpected files below the output folder"] = sorted(
@@ -516,7 +519,8 @@ def test_poison_pills_in_disk_mode_are_rejected_commits_reach_the_end_and_nothin
     if foreign := _foreign_in_logs(out / "LOGS"):
         failures["files in LOGS that the program did not write"] = foreign
     left = sorted(rel for rel, (kind, *_) in tree_snapshot(out).items()
-                  if kind != "dir" and not rel.startswith("LOGS/"))
+                  if kind != "dir" and not rel.startswith("LOGS/")
+                  and rel != f".gus-staging/{LOCK_NAME}")  # the folder's lock file stays
     if left:  # uploaded files are deleted; rejected ones and the run's folder too
         failures["files left below the output folder"] = left
     print(f"[bad input, disk] {len(good)} good files, {len(bad)} hostile cases "

@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from girder_upload_stream.folder_lock import LOCK_NAME
+
 from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, folder_by_path, root_folder_or_none)
 from tests.integration.kafka_checks import committed_offsets, end_offsets
 from tests.integration.local_files import (in_progress_rows, log_uniform_files, n_chunks, processed_rel_paths, write_tree)
@@ -127,7 +129,9 @@ def test_sigkill_at_each_crash_point_then_restart_uploads_each_file_once(
         # Each file is deleted once uploaded (as OpenMSIStream does), and the final run
         # deleted what the killed runs left in their staging folders.
         left = sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                      if p.is_file() and p.relative_to(out).parts[0] != "LOGS")
+                      if p.is_file() and p.relative_to(out).parts[0] != "LOGS"
+                      and p.name != LOCK_NAME)  # the output folder's lock file stays
         assert not left, f"files left below output_dir after the final run: {left}"
-        staging = sorted(p.name for p in (out / ".gus-staging").iterdir())
+        staging = sorted(p.name for p in (out / ".gus-staging").iterdir()
+                         if p.name != LOCK_NAME)
         assert staging == [], f"staging folders left: {staging}"

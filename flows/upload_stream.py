@@ -139,6 +139,7 @@ def upload_stream(
     interactive: bool = False,
     logs_dir: str | None = DEFAULTS.logs_dir,
     max_files_in_progress: int = DEFAULTS.max_files_in_progress,
+    dead_letter_topic: str | None = DEFAULTS.dead_letter_topic,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 

@@ -8,3 +8,7 @@ The package's pure core (no Prefect, Kafka client or Girder client) lives in
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]
+
+from girder_upload_stream.text_bounds import guard_log_records as _guard_log_records
+
+_guard_log_records()  # no log line of the package can be forged or unbounded

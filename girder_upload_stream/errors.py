@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from girder_upload_stream.text_bounds import LIMIT, bounded
+
 __all__ = [
     "GirderUploadStreamError",
     "TransientError",
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 _CONTEXT_FIELDS = ("topic", "partition", "offset", "rel_path")
+#: Characters of an error's message kept: it is built from bounded pieces of message
+#: text (text_bounds.py) and our own words; this bounds what a caller forgot.
+MESSAGE_LIMIT = 1000
 
 
 class GirderUploadStreamError(Exception):
@@ -50,6 +55,7 @@ class GirderUploadStreamError(Exception):
         rel_path: str | None = None,
         details: Mapping[str, Any] | None = None,
     ) -> None:
+        message = bounded(message, MESSAGE_LIMIT)
         super().__init__(message)
         self.message = message
         self.topic = topic
@@ -87,7 +93,8 @@ class GirderUploadStreamError(Exception):
         if not context:
             return self.message
         shown = ", ".join(
-            f"{'file' if name == 'rel_path' else name}={value!r}"
+            f"{'file' if name == 'rel_path' else name}="
+            f"{repr(bounded(value, LIMIT)) if isinstance(value, str) else bounded(value)}"
             for name, value in context.items()
         )
         return f"{self.message} [{shown}]"
@@ -113,9 +120,12 @@ class ChunkDecodeError(TerminalError):
     ``reason`` is a short human-readable explanation, e.g. ``"chunk hash mismatch"``.
     """
 
+    #: True for a rejection whose registry row holds its offset (never summarised).
+    keeps_its_row = False
+
     def __init__(self, reason: str, **context: Any) -> None:
         super().__init__(f"invalid chunk message: {reason}", **context)
-        self.reason = reason
+        self.reason = bounded(reason, MESSAGE_LIMIT)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.reason,), self.__dict__)
@@ -126,7 +136,7 @@ class FileRejectedError(TerminalError):
 
     def __init__(self, reason: str, **context: Any) -> None:
         super().__init__(f"file rejected: {reason}", **context)
-        self.reason = reason
+        self.reason = bounded(reason, MESSAGE_LIMIT)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.reason,), self.__dict__)

@@ -233,6 +233,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("producer_topic_name", DEFAULT_TOPIC, "accepted and ignored, as OpenMSIStream "
            "1.8.8's GirderUploadStreamProcessor ignores it: nothing is produced but "
            "heartbeats and log messages (default: %(default)s)", flow=False),
+    Option("dead_letter_topic", None, "existing topic that receives every rejected message "
+           "unchanged, with the reason, source topic, partition and offset in its headers; "
+           "source offsets are committed only once the broker acknowledged them (default: "
+           "the config file's [dead_letter] topic, else none)"),
 )
 
 #: ``DEFAULTS.name``: the one default of each option (the flow's signature uses them).

@@ -5,7 +5,9 @@ Error texts of libraries repeat what they were given: requests puts the URL, que
 string included, in its connection errors; configparser quotes the line it could not
 parse. Every such text goes through :func:`redact` before it becomes one of our
 messages, with the secrets the caller knows. Query parameters that carry credentials
-(``key=``, ``token=``, ``password=``...) are masked even when their value is unknown.
+(``key=``, ``token=``, ``password=``...) and the password of a URL's user information
+(``http://user:password@host/api/v1``, a proxy's, a broker's ``SASL_SSL://u:p@host``)
+are masked even when their value is unknown.
 Pure standard library: no Prefect, Kafka or Girder import.
 """
 
@@ -15,7 +17,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
-__all__ = ["MASK", "redact", "is_secret_option"]
+__all__ = ["MASK", "redact", "redact_unknown", "is_secret_option"]
 
 MASK = "***"
 
@@ -23,6 +25,9 @@ MASK = "***"
 _CREDENTIAL_PARAM = re.compile(
     r"(?P<name>\b(?:key|apikey|api_key|token|password|passwd|secret)=)(?P<value>[^&\s'\"<>)]+)",
     re.IGNORECASE)
+#: ``scheme://user:password@``: the password of a URL's user information.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9_+.\-]*://[^\s:/@'\"<>]*:)(?P<password>[^\s/@'\"<>]*)@")
 #: librdkafka options whose value is a secret (the rest are safe to show).
 _SECRET_WORDS = ("password", "secret")
 _SECRET_OPTIONS = frozenset({"ssl.key.pem", "sasl.oauthbearer.config", "ssl_key"})
@@ -37,7 +42,14 @@ def redact(text: object, secrets: Iterable[str | None] = ()) -> str:
     for secret in known:
         for form in dict.fromkeys((secret, quote(secret, safe=""), quote_plus(secret))):
             result = result.replace(form, MASK)
-    return _CREDENTIAL_PARAM.sub(lambda m: m.group("name") + MASK, result)
+    return redact_unknown(result)
+
+
+def redact_unknown(text: str) -> str:
+    """``text`` with the secrets that show by their place masked: credential query
+    parameters and URL passwords (no secret value needed)."""
+    text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + "@", text)
+    return _CREDENTIAL_PARAM.sub(lambda m: m.group("name") + MASK, text)
 
 
 def is_secret_option(option: str) -> bool:

@@ -73,6 +73,8 @@ class Decryption(Protocol):
 class UndecryptedMessageError(ChunkDecodeError):
     """A message of an encrypted topic that could not be decrypted (registry entry)."""
 
+    keeps_its_row = True  # its row holds the offset uncommitted: never summarised
+
 
 class PlainMessage:
     """A decrypted message, with the accessors of a confluent-kafka message."""

@@ -245,6 +245,11 @@ class OffsetTracker:
         lost = set(tps)
         return bool(entries) and all(tp in lost for tp, _ in entries)
 
+    def file_offsets(self, file_key: Hashable) -> list[tuple[TopicPartition, int]]:
+        """Where the pending messages of a file are (e.g. a rejected file's, for the
+        dead-letter topic)."""
+        return list(self._by_file.get(file_key, ()))
+
     def has_file(self, file_key: Hashable) -> bool:
         """True while any message of this file is pending."""
         return file_key in self._by_file

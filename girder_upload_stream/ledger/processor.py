@@ -200,6 +200,9 @@ class StreamProcessor(FileLife, Uploading):
                                                   and not busy):
             # A chunk of a file rejected before, or a late duplicate of one settled.
             self.offsets.read(tp, offset)
+            if result.status is AddStatus.IGNORED:
+                self.recorder.chunk_rejected(msg, result.reason or "file rejected",
+                                             file=chunk.rel_path)
             return
         record = self.ledger.open(key, Role.AGAIN if route is Route.ASSEMBLE_AGAIN
                                   else Role.FIRST)
@@ -281,6 +284,10 @@ class StreamProcessor(FileLife, Uploading):
             logger.error("%s", rejected.to_error())
             self.counters.files_failed += 1
             self.recorder.file_rejected(rejected)
+            if not retry:  # kept for the next run's retry otherwise: not dead yet
+                where = self.offsets.file_offsets(key)
+                self.recorder.file_messages_rejected(
+                    rejected, where if (tp, offset) in where else [*where, (tp, offset)])
             self._finish(record, FileState.FAILED, retry=retry)
 
     def _stream(self, record: FileRecord, chunk: Chunk) -> None:

@@ -4,6 +4,7 @@ the registries), and the run's counters."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from girder_upload_stream.wire.codec import Chunk
@@ -48,11 +49,20 @@ class PartitionInfo:
 
 
 class Recorder:
-    """Where file fates are written down (the registries); this base records nothing."""
+    """Where file fates are written down (the registries); this base records nothing.
+
+    It is also the one rejection sink: every message the consumer rejects is reported
+    here (``message_rejected``: not a valid chunk; ``file_messages_rejected``: the
+    messages, by offset, of a file that failed (``file_rejected``: its row); ``chunk_rejected``: a chunk of a file rejected
+    before, or beyond a bound), and goes on to the dead-letter topic if one is set."""
 
     def chunk_added(self, chunk: Chunk, partition: int, offset: int) -> None: ...
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None: ...
     def file_rejected(self, rejected: RejectedFile) -> None: ...
+    def file_messages_rejected(self, rejected: RejectedFile,
+                               where: Sequence[tuple[tuple[str, int], int]]) -> None: ...
+    def chunk_rejected(self, msg: RawMessage, reason: str, kind: str = "chunk_rejected",
+                       file: str | None = None) -> None: ...
     def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None: ...
     def file_found(self, progress: FileProgress) -> None: ...
     def file_stale(self, progress: FileProgress, reason: str) -> None: ...

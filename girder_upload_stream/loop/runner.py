@@ -5,8 +5,9 @@ It imports no Prefect, Kafka or Girder module: the flow gives it a consumer grou
 and optional side jobs (registry saving, heartbeats, console). Polling never waits for
 an upload: finished handles are collected each round, so a slow Girder cannot push
 the consumer past ``max.poll.interval.ms``. Offsets are committed per
-:mod:`girder_upload_stream.ledger.offsets`, and only after ``before_commit`` (the registry save)
-worked: while it fails, uploads go on and commits wait.
+:mod:`girder_upload_stream.ledger.offsets`, and only after ``before_commit`` (the dead
+letters acknowledged, the registry save) worked: while it fails, uploads go on and
+commits wait.
 """
 
 from __future__ import annotations
@@ -244,11 +245,17 @@ class StreamRunner:
         1. the plan: per partition, the lowest pending offset (or one past the last
            read) and the metadata of rules 7-9 (watermark, pending and retry spans);
            nothing when neither moved since the last commit;
-        2. ``before_commit``, the registry save: every file whose messages the plan
+        2. ``before_commit``, first the dead letters (with ``--dead_letter_topic``,
+           loop/dead_letter.py): every message rejected so far was produced to the
+           dead-letter topic and acknowledged by the broker (a flush and each delivery
+           report), so no rejected message's offset is committed before its copy is
+           kept; if one is not acknowledged, nothing is committed and it is sent again
+           next round;
+        3. then the registry save: every file whose messages the plan
            passes is listed as processed or failed on disk first (rule 5), so a
            restart recognises its re-read chunks. If it fails (a full disk...) nothing
            is committed: the offsets stay committable and the next round tries again;
-        3. the commit itself: asynchronous from the loop (the broker's answer reaches
+        4. the commit itself: asynchronous from the loop (the broker's answer reaches
            the tracker a round later, see :mod:`girder_upload_stream.kafka.commits`),
            synchronous inside a rebalance callback; what the broker accepted is
            remembered, so it is not committed again."""

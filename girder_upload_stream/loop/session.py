@@ -25,12 +25,15 @@ from pydantic import SecretStr
 
 from girder_upload_stream import startup
 from girder_upload_stream.assembly.safe_disk import STAGING_DIR
+from girder_upload_stream.folder_lock import RunFolderLocks, lock_run_folders
+from girder_upload_stream.registry.recording import check_registry_files
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 from girder_upload_stream.memory_plan import plan_memory, tune_malloc
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
-from girder_upload_stream.loop.wiring import (build_runner, girder_settings, kafka_settings,
+from girder_upload_stream.loop.wiring import (build_runner, dead_letter_settings,
+                                              girder_settings, kafka_settings,
                                               log_topic_settings)
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
@@ -91,12 +94,17 @@ class Prepared:
     root_folder: str
     kafka: KafkaSettings
     group: Any = None  # a ConsumerGroup, joining
+    locks: RunFolderLocks | None = None  # the output (and logs) folder's, held
 
     def close(self) -> None:
-        """Leave the group if no run took it (the run failed to start)."""
+        """Leave the group and drop the folder locks if no run took them (the run
+        failed to start)."""
         if self.group is not None:
             self.group.close()
             self.group = None
+        if self.locks is not None:
+            self.locks.release()
+            self.locks = None
 
 
 def _kafka_settings(p: Mapping[str, Any]) -> KafkaSettings:
@@ -117,12 +125,31 @@ def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
     tune_malloc()  # before the clients' threads and buffers (memory_plan.py)
     store, root = checked_store(girder, p["topic_name"])
     kafka = _kafka_settings(p)
-    prepared = Prepared(store, root, kafka)
+    prepared = Prepared(store, root, kafka, locks=_check_folders(p, kafka))
     if kafka.kafkacrypto is None:
         from girder_upload_stream.kafka.clients import ConsumerGroup
         prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
         prepared.group.connect()
     return prepared
+
+
+def _lock_folders(p: Mapping[str, Any]) -> RunFolderLocks:
+    """One consumer per output folder (folder_lock.py): taken before the group is
+    joined, so that a second consumer refused here never takes the first's partitions."""
+    run = _run_settings(p)
+    return lock_run_folders(Path(run.output_dir), Path(run.logs_dir))
+
+
+def _check_folders(p: Mapping[str, Any], kafka: KafkaSettings) -> RunFolderLocks:
+    """Before the group is joined: lock the folders, then check that the registry
+    files can be read (a hand-edited one stops the start with a clear error)."""
+    locks = _lock_folders(p)
+    try:
+        check_registry_files(Path(_run_settings(p).logs_dir), kafka.topic, kafka.group_id)
+    except BaseException:
+        locks.release()
+        raise
+    return locks
 
 
 def _run_settings(p: Mapping[str, Any]) -> RunSettings:
@@ -152,12 +179,28 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
         tune_malloc()  # as in prepare()
         girder_store, root_folder = checked_store(girder, topic)
         kafka, group = _kafka_settings(p), None
+        locks = _check_folders(p, kafka)
     else:
         girder_store, root_folder = prepared.store, prepared.root_folder
         kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken
+        locks, prepared.locks = prepared.locks or _lock_folders(p), None
+    try:
+        return _run_locked(p, girder, hooks, girder_store, root_folder, kafka, group)
+    finally:
+        locks.release()  # deletes the lock file in .gus-staging/: it may then go too
+        with contextlib.suppress(OSError):  # not there, or another run's folder is in it
+            (Path(p["output_dir"]) / STAGING_DIR).rmdir()
+
+
+def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
+                girder_store: GirderStore, root_folder: str, kafka: KafkaSettings,
+                group: Any) -> dict[str, Any]:
+    """:func:`run_session` once the folders are locked."""
+    topic = p["topic_name"]
     log_topic = log_topic_settings(p["config"], p["log_topic_name"], p["log_program_id"],
                                    p["log_interval_secs"], kafka.group_id)
     run = _run_settings(p)
+    dead_letter = dead_letter_settings(p["config"], p.get("dead_letter_topic"))
     hooks.log.info("consuming %s as group %s with one consumer and %d upload worker(s); "
                    "uploading to %s below folder %s", topic, kafka.group_id, p["n_threads"],
                    girder.api_url, root_folder)
@@ -177,7 +220,8 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
                 early_outcomes=channel.drain,
                 registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
                 log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
-                girder_api_url=girder.api_url, stop=stop, group=group, open_stream=streams)
+                girder_api_url=girder.api_url, stop=stop, group=group, open_stream=streams,
+                dead_letter=dead_letter)
         except BaseException:
             if group is not None:
                 group.close()  # joined beforehand: leave at once
@@ -194,17 +238,15 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
             summary = runner.summary
         finally:
             streams.wait()
-    _remove_staging(runner, run.output_dir)  # every upload has ended (the with block)
+    _remove_staging(runner)  # every upload has ended (the with block)
     return _summarise(hooks.log, runner, summary, kafka, girder_store, streams)
 
 
-def _remove_staging(runner: StreamRunner, output_dir: Path) -> None:
-    """Delete this run's staging folder and, when no other run has one there, the then
-    empty ``.gus-staging/`` below ``output_dir``: a disk-mode run leaves its files and
-    ``LOGS`` behind, nothing else. Only once no upload reads a staging file any more."""
+def _remove_staging(runner: StreamRunner) -> None:
+    """Delete this run's staging folder (``.gus-staging/`` itself goes once the folder
+    lock is dropped, when no other run has a folder there): a disk-mode run leaves its
+    files and ``LOGS`` behind, nothing else. Only once no upload reads a staging file."""
     runner.processor.reassembler.close()
-    with contextlib.suppress(OSError):  # not there, or another run's folder is in it
-        (Path(output_dir) / STAGING_DIR).rmdir()
 
 
 def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSettings,

@@ -18,6 +18,8 @@ from girder_upload_stream.loop.console import Console, announce_start
 from girder_upload_stream.errors import ConfigError
 from girder_upload_stream.loop.heartbeat import Heartbeats
 from girder_upload_stream.kafka.clients import ConsumerGroup, HeartbeatProducer, LogProducer
+from girder_upload_stream.kafka.side_producers import DeadLetterProducer, fetch_messages
+from girder_upload_stream.loop.dead_letter import DeadLetters
 from girder_upload_stream.loop.log_topic import LogBuffer, LogMessages, LogTopic, split_log_section
 from girder_upload_stream.ledger.processor import StreamProcessor
 from girder_upload_stream.memory_plan import MemoryPlan, plan_memory
@@ -28,8 +30,11 @@ from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner
 from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, KafkaSettings,
                                            RunSettings)
 
-__all__ = ["kafka_settings", "log_topic_settings", "build_reassembler", "build_runner",
-           "run_memory_plan"]
+__all__ = ["kafka_settings", "log_topic_settings", "dead_letter_settings",
+           "build_reassembler", "build_runner", "run_memory_plan", "DEAD_LETTER_CHECK_SECONDS"]
+
+#: Seconds the start waits for the broker to say whether the dead-letter topic exists.
+DEAD_LETTER_CHECK_SECONDS = 15.0
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +111,32 @@ def log_topic_settings(config: str, topic: str | None, program_id: str | None,
                     float(interval_secs), producer, max_lines, level)
 
 
+def dead_letter_settings(config: str, topic: str | None
+                         ) -> tuple[str, dict[str, str]] | None:
+    """The dead-letter topic (``--dead_letter_topic``, else the config file's
+    ``[dead_letter]`` ``topic``) and its producer's settings; None without one."""
+    file_config = load_config(resolve_config_path(config))
+    file_topic, producer = file_config.dead_letter_settings()
+    chosen = topic or file_topic
+    if not chosen:
+        return None
+    return chosen, producer
+
+
+def _dead_letters(dead_letter: tuple[str, dict[str, str]], kafka: KafkaSettings,
+                  recorder: RegistryRecorder) -> DeadLetters:
+    """The rejection sink's Kafka half, its topic checked (a missing topic stops the
+    start: KafkaTerminalError), attached to the recorder."""
+    topic, producer_settings = dead_letter
+    producer = DeadLetterProducer(producer_settings, topic)
+    producer.check(DEAD_LETTER_CHECK_SECONDS)
+    letters = DeadLetters(producer, lambda wanted, timeout: fetch_messages(
+        kafka.consumer, wanted, timeout), kafka.group_id)
+    recorder.dead_letters = letters
+    logger.info("rejected messages go to the dead-letter topic %s", topic)
+    return letters
+
+
 def _secret_values(*settings: dict[str, str]) -> list[str]:
     """Values of librdkafka settings that are secrets (``sasl.password``,
     ``ssl.key.password``, ``sasl.oauthbearer.client.secret``,
@@ -150,6 +181,15 @@ def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
     return reassembler
 
 
+def _before_commit(recorder: RegistryRecorder, letters: DeadLetters | None
+                   ) -> Callable[[], bool]:
+    """What must be durable before a commit: the dead letters acknowledged, then the
+    registries saved (StreamRunner.commit, steps 2 and 3)."""
+    if letters is None:
+        return recorder.try_save
+    return lambda: letters.settle() and recorder.try_save()
+
+
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  extra_jobs: list[SideJob] | None = None, probe: Any = None,
                  early_outcomes: Any = None,
@@ -157,14 +197,16 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  log_topic: LogTopic | None = None, secrets: Iterable[str] = (),
                  girder_api_url: str | None = None, stop: StopSignal | None = None,
                  group: ConsumerGroup | None = None,
-                 open_stream: Any = None) -> StreamRunner:
+                 open_stream: Any = None,
+                 dead_letter: tuple[str, dict[str, str]] | None = None) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
     ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
     ``early_outcomes()`` drains the per-file outcomes of units still running; ``stop``
     is the run's stop request (its console's "quit" sets it too); ``group``, a consumer
     group of ``kafka``'s settings made (and joining) beforehand, else one is made;
     ``open_stream(plan)`` opens the streamed upload of a big file (None: every file
-    uploads at completion).
+    uploads at completion); ``dead_letter``, the dead-letter topic and its producer's
+    settings (:func:`dead_letter_settings`), None for none.
     ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
     Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
 
@@ -176,7 +218,7 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     try:
         return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
                       registry_fallback, log_job, girder_api_url, stop or StopSignal(), group,
-                      open_stream)
+                      open_stream, dead_letter)
     except BaseException:
         if log_job is not None:
             log_job.detach()
@@ -196,10 +238,12 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
            registry_fallback: Callable[[], set[tuple[str, str]]] | None,
            log_job: LogMessages | None, girder_api_url: str | None,
            stop: StopSignal, group: ConsumerGroup | None = None,
-           open_stream: Any = None) -> StreamRunner:
+           open_stream: Any = None,
+           dead_letter: tuple[str, dict[str, str]] | None = None) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
+    letters = _dead_letters(dead_letter, kafka, recorder) if dead_letter else None
     known_done = recorder.processed_keys()
     if not recorder.had_local_state and registry_fallback is not None:
         try:
@@ -237,13 +281,16 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
     announce_start(kafka, output_dir.resolve(), girder_api_url,
                    log_job.log_topic if log_job is not None else None)
     jobs += extra_jobs or []
+    if letters is not None:
+        jobs.append(letters)  # last: closes its producer after the final commit
     holder: dict[str, StreamRunner] = {}
     if group is None:
         group = ConsumerGroup(kafka.consumer, kafka.topic, kafkacrypto=kafka.kafkacrypto)
     group.bind(on_revoke=lambda tps: holder["runner"].on_revoke(tps),
                on_assign=processor.assigned, on_lost=lambda tps: holder["runner"].on_lost(tps),
                recorder=recorder)
-    runner = StreamRunner(run, processor, group, submit, jobs, before_commit=recorder.try_save,
+    runner = StreamRunner(run, processor, group, submit, jobs,
+                          before_commit=_before_commit(recorder, letters),
                           probe=probe, early_outcomes=early_outcomes, stop=stop)
     holder["runner"] = runner
     return runner

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from girder_upload_stream.registry.tables import STATUS_IN_PROGRESS, InProgressRow, ProcessedRow
+from girder_upload_stream.text_bounds import bounded
 
 __all__ = [
     "KEY_PREFIX", "RECENT_UPLOADS_LIMIT", "IN_PROGRESS_LIMIT", "ArtifactKeys", "key_slug",
@@ -43,6 +44,8 @@ _COUNTER_LABELS = {
 }
 # Characters that make Markdown formatting or HTML; file names come from the topic and
 # may be hostile, so they are shown literally.
+#: Characters of one markdown cell kept (a path, a reason), cut with a digest beyond.
+CELL_LIMIT = 300
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~#!&])")
 
 
@@ -147,13 +150,13 @@ class RunFacts:
 
 
 def _cell(value: Any) -> str:
-    text = " ".join(str(value).split())  # no line breaks inside a table cell
+    text = " ".join(bounded(value, CELL_LIMIT).split())  # no line breaks inside a table cell
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def _code(value: Any) -> str:
     # A path reads best as code; one holding a backtick cannot be, so it is escaped.
-    text = " ".join(str(value).split())
+    text = " ".join(bounded(value, CELL_LIMIT).split())
     return f"`{text}`" if "`" not in text else _cell(text)
 
 

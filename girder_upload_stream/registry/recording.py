@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from datetime import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,10 +33,24 @@ from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGR
                                            part_files, processed_path, read_processed,
                                            seed_in_progress_path)
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.errors import ConfigError
+from girder_upload_stream.registry.csv_files import DELIMITER, check_header, header_line
+from girder_upload_stream.registry.rows import IN_PROGRESS_COLUMNS, PROCESSED_COLUMNS
+from girder_upload_stream.text_bounds import LIMIT, bounded
 
-__all__ = ["RegistryRecorder", "RegistrySaver"]
+__all__ = ["RegistryRecorder", "RegistrySaver", "RegistryFileError", "check_registry_files"]
 
 logger = logging.getLogger(__name__)
+
+#: Rows kept for single rejected messages (undecodable, unsafe name...); beyond, the
+#: rejections are counted in one summary row (:data:`OVERFLOW_NAME`), so a flood of bad
+#: messages cannot grow the registry without bound. Rows of messages that could not be
+#: decrypted are not capped: each holds its offset uncommitted.
+MAX_REJECTED_MESSAGE_ROWS = 1000
+OVERFLOW_NAME = "rejected messages beyond the registry's limit"
+OVERFLOW_GENERATION = "offset-overflow"
+#: Characters of a path kept in the row of a rejected file (longer: cut, with a digest).
+PATH_LIMIT = 500
 
 
 def _never_raise(method: Callable[..., None]) -> Callable[..., None]:
@@ -65,6 +79,43 @@ def _when(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch)
 
 
+class RegistryFileError(ConfigError):
+    """A registry file the consumer cannot read at all (its first line is not the
+    header it writes): the run stops before it starts, changing nothing (exit status 2
+    from the command line), rather than guess what the file's columns mean."""
+
+
+def _unreadable(path: Path, columns: Any) -> RegistryFileError:
+    with path.open("rb") as stream:
+        first = stream.readline(2000).rstrip(b"\r\n").decode("utf-8", "replace")
+    other = next((sep for sep in (",", "\t") if sep in first and DELIMITER not in first), None)
+    hint = (f"its fields are separated by {other!r} (saved by a spreadsheet?), "
+            f"OpenMSIStream's by {DELIMITER!r}" if other else
+            f"its first line is {bounded(first)!r}")
+    return RegistryFileError(
+        f"cannot start: the registry file {path} cannot be read ({hint}; expected the "
+        f"header {header_line(columns)!r}). Nothing was changed. Put the header back, or "
+        f"save the file as OpenMSIStream wrote it, or move it out of the folder to start "
+        f"without it (files already in Girder are then found there, not uploaded twice)")
+
+
+def check_registry_files(folder: Path, topic: str, group: str) -> None:
+    """Raise :class:`RegistryFileError` if a registry file of ``topic``/``group`` that
+    the run must read has a header other than its own (a file edited by hand or by a
+    spreadsheet). Files the run can do without (a part, the older in-progress name) are
+    reported and left alone later, as before."""
+    for path, columns in ((processed_path(folder, topic, group), PROCESSED_COLUMNS),
+                          (in_progress_path(folder, topic, group), IN_PROGRESS_COLUMNS)):
+        if path.exists():
+            try:
+                check_header(path, columns)
+            except ValueError:  # RegistryFormatError, or bytes that are not text
+                raise _unreadable(path, columns) from None
+            except OSError as exc:
+                raise RegistryFileError(f"cannot start: the registry file {path} cannot "
+                                        f"be read: {exc.strerror}") from None
+
+
 class RegistryRecorder(Recorder):
     """A :class:`Recorder` that keeps the in-progress and processed tables."""
 
@@ -77,6 +128,7 @@ class RegistryRecorder(Recorder):
                                 or bool(part_files(folder, topic, group))
                                 or in_progress_path(folder, topic, group).is_file()
                                 or seed_in_progress_path(folder, topic, group).is_file())
+        check_registry_files(folder, topic, group)
         merged = consolidate(folder, topic, group)
         for issue in merged.issues:
             logger.warning("registry: %s", issue)
@@ -92,6 +144,12 @@ class RegistryRecorder(Recorder):
             logger.info("registry: %d in-progress row(s) dropped: their files were "
                         "processed after them", dropped)
         self.processed = ProcessedTable(folder, topic, group, f"p{os.getpid()}")
+        #: Rows of single rejected messages (capped at MAX_REJECTED_MESSAGE_ROWS).
+        self._rejected_rows = sum(1 for row in self.in_progress.rows()
+                                  if row.generation.startswith("offset-")
+                                  and row.generation != OVERFLOW_GENERATION)
+        #: Where rejected messages go on to (loop/dead_letter.py); None: nowhere.
+        self.dead_letters: Any = None
         #: Why the last :meth:`try_save` failed; None when it worked (or none ran yet).
         self.save_error: str | None = None
         self._failed_saves = 0  # in the current streak
@@ -153,22 +211,64 @@ class RegistryRecorder(Recorder):
 
     @_never_raise
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
-        name = error.rel_path or f"message {msg.topic}[{msg.partition}]@{msg.offset}"
+        """One row per rejected message (its text bounded), up to
+        :data:`MAX_REJECTED_MESSAGE_ROWS`; then one summary row counts the rest."""
+        where = f"message {bounded(msg.topic)}[{msg.partition}]@{msg.offset}"
         now = datetime.now()
+        if self.dead_letters is not None and not getattr(error, "keeps_its_row", False):
+            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
+                                      msg.value, error.reason, "message_rejected",
+                                      error.rel_path)
+        if not getattr(error, "keeps_its_row", False) and \
+                self._rejected_rows >= MAX_REJECTED_MESSAGE_ROWS:
+            self._count_overflow(where, error, now)
+            return
+        name = bounded(error.rel_path, PATH_LIMIT) if error.rel_path else where
+        self._rejected_rows += 1
         self.in_progress.update(InProgressRow(
             PurePosixPath(name).name or name, PurePosixPath(name), STATUS_FAILED, 0, now, now,
             f"offset-{msg.partition}-{msg.offset}",
-            {"reason": error.reason, "partition": msg.partition, "offset": msg.offset}))
+            {"reason": bounded(error.reason, 1000), "partition": msg.partition,
+             "offset": msg.offset}))
+
+    def _count_overflow(self, where: str, error: ChunkDecodeError, now: datetime) -> None:
+        key = RowKey(PurePosixPath(OVERFLOW_NAME), OVERFLOW_GENERATION)
+        old = self.in_progress.get(key)
+        count = int(old.extra.get("count", 0)) + 1 if old else 1
+        self.in_progress.update(InProgressRow(
+            OVERFLOW_NAME, key.rel_filepath, STATUS_FAILED, 0,
+            old.first_message if old else now, now, OVERFLOW_GENERATION,
+            {"reason": f"{count} more message(s) rejected after the first "
+                       f"{MAX_REJECTED_MESSAGE_ROWS}; the last: {where}: "
+                       f"{bounded(error.reason, LIMIT)}", "count": count}))
+
+    @_never_raise
+    def chunk_rejected(self, msg: RawMessage, reason: str, kind: str = "chunk_rejected",
+                       file: str | None = None) -> None:
+        """A chunk dropped without a row of its own (its file was rejected before, or it
+        is beyond a bound): only the dead-letter topic gets it."""
+        if self.dead_letters is not None:
+            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
+                                      msg.value, reason, kind, file)
+
+    @_never_raise
+    def file_messages_rejected(self, rejected: RejectedFile,
+                               where: Sequence[tuple[tuple[str, int], int]]) -> None:
+        """The messages of a rejected file, by offset: for the dead-letter topic."""
+        if self.dead_letters is not None:
+            self.dead_letters.offsets(list(where), rejected.reason, "file_rejected",
+                                      rejected.rel_path)
 
     @_never_raise
     def file_rejected(self, rejected: RejectedFile) -> None:
         status = (STATUS_MISMATCHED_HASH if "hash" in rejected.reason.lower()
                   else STATUS_FAILED)
+        rel = PurePosixPath(bounded(rejected.rel_path, PATH_LIMIT))
         self.in_progress.update(InProgressRow(
-            PurePosixPath(rejected.rel_path).name, PurePosixPath(rejected.rel_path), status,
+            rel.name, rel, status,
             rejected.n_total_chunks, _when(rejected.first_message_at),
             _when(rejected.last_message_at), file_generation(rejected.file_hash),
-            {"reason": rejected.reason}))
+            {"reason": bounded(rejected.reason, 1000)}))
 
     @_never_raise
     def file_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:

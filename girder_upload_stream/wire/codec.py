@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from girder_upload_stream.errors import ChunkDecodeError, FileRejectedError, SourceFileChangedError
+from girder_upload_stream.text_bounds import bounded
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -273,8 +274,8 @@ def _check_key(key: str | bytes, chunk: Chunk, ctx: dict[str, Any]) -> None:
     expected = chunk.key
     if key == expected or (not chunk.subdir and key == expected[1:]):
         return
-    raise ChunkDecodeError(f"message key {key!r} disagrees with its value "
-                           f"(expected {expected!r})", **ctx)
+    raise ChunkDecodeError(f"message key '{bounded(key)}' disagrees with its value "
+                           f"(expected '{bounded(expected)}')", **ctx)
 
 
 def decode_chunk(

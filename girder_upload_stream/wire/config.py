@@ -209,6 +209,12 @@ class KafkaFileConfig:
         """Settings for the log-message producer (``[log]`` over, or instead of, broker)."""
         return self._side_producer_settings("log")
 
+    def dead_letter_settings(self) -> tuple[str | None, dict[str, str]]:
+        """The ``[dead_letter]`` section: its ``topic`` (None without one) and the
+        producer's settings (the section's others over, or instead of, ``[broker]``)."""
+        settings = self._side_producer_settings("dead_letter")
+        return settings.pop("topic", None) or None, settings
+
     @property
     def auto_commit_disabled(self) -> bool:
         """True only if the consumer settings say ``enable.auto.commit`` is false.

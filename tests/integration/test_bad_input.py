@@ -38,6 +38,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+
 from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, Chunk, chunk_file, encode_chunk,
                                         make_key)
 from tests.integration.girder_checks import (assert_exactly_once, girder_listing, root_folder_or_none)

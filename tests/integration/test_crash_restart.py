@@ -129,5 +129,6 @@ def test_sigkill_at_each_crash_point_then_restart_uploads_each_file_once(
         left = sorted(str(p.relative_to(out)) for p in out.rglob("*")
                       if p.is_file() and p.relative_to(out).parts[0] != "LOGS")
         assert not left, f"files left below output_dir after the final run: {left}"
-        staging = sorted(p.name for p in (out / ".gus-staging").iterdir())
-        assert staging == [], f"staging folders left: {staging}"
+        # ... nor their staging folders, nor the lock file: .gus-staging itself is gone
+        assert not (out / ".gus-staging").exists(), \
+            f"staging left: {sorted(p.name for p in (out / '.gus-staging').iterdir())}"

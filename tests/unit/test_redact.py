@@ -209,3 +209,58 @@ def test_root_path_default_keeps_the_collection_as_first_folder() -> None:
     assert settings.root_path_for("topic") == "C/topic"
     custom = settings.model_copy(update={"root_folder_path": "/P1/P2/"})
     assert custom.root_path_for("topic") == "P1/P2"
+
+
+# ----------------------------------------------------------------------- URL credentials
+
+@pytest.mark.parametrize("text,hidden,kept", [
+    ("Girder API at http://user:pa55w0rd@h:8080/api/v1", "pa55w0rd", "http://user:***@h:8080"),
+    ("proxy https://me:S3cr%40t@proxy.example:3128 refused", "S3cr%40t", "https://me:***@proxy"),
+    ("brokers SASL_SSL://alice:tops3cret@b1:9093,b2:9093", "tops3cret", "SASL_SSL://alice:***@b1"),
+    ("url='http://u:p4ss@h/api/v1' and http://v:w0rd@k", "p4ss", "http://v:***@k"),
+    ("socks5h://:onlypass@h:1080", "onlypass", "socks5h://:***@h"),
+])
+def test_url_passwords_are_masked_without_knowing_them(text: str, hidden: str,
+                                                       kept: str) -> None:
+    masked = redact(text)
+    assert hidden not in masked and kept in masked, masked
+    assert "w0rd" not in redact("http://u:p4ss@h and http://v:w0rd@k")
+
+
+@pytest.mark.parametrize("text", [
+    "http://host:8080/api/v1", "mailto:someone@example.org", "user@host:22",
+    "at 12:30 someone@host said", "http://user@host/api/v1"])
+def test_urls_without_a_password_are_left_alone(text: str) -> None:
+    assert redact(text) == text
+
+
+def test_a_url_password_never_reaches_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    logger = logging.getLogger("girder_upload_stream.console")
+    with caplog.at_level(logging.INFO, logger="girder_upload_stream"):
+        logger.info("Listening ... using the API at %s", "http://admin:hunter2@h/api/v1")
+        logger.error("proxy error: %r", {"https": "http://p:s3cretproxy@proxy:3128"})
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "hunter2" not in text and "s3cretproxy" not in text
+    assert "http://admin:***@h/api/v1" in text
+
+
+def test_a_url_password_never_reaches_the_log_topic() -> None:
+    import logging
+    from girder_upload_stream.loop.log_topic import LogBuffer
+    buffer = LogBuffer()
+    logger = logging.getLogger("girder_upload_stream.test_log_topic_url")
+    logger.addHandler(buffer)
+    try:
+        logger.warning("broker SASL_SSL://bob:brokerpw@b:9093 unreachable")
+    finally:
+        logger.removeHandler(buffer)
+    (line,) = buffer.take()
+    assert "brokerpw" not in line and "SASL_SSL://bob:***@b:9093" in line
+
+
+def test_a_girder_error_quoting_a_proxy_url_loses_its_password() -> None:
+    exc = requests.ConnectionError("ProxyError('Cannot connect to proxy.', "
+                                   "'http://proxyuser:proxypw@proxy:3128')")
+    error = translate(exc, "create item", "a.txt", (KEY,))
+    assert "proxypw" not in str(error) and "proxyuser:***@proxy" in str(error)

@@ -187,6 +187,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_file_size_mb", DEFAULT_MAX_FILE_BYTES >> 20,
            "largest file accepted, in MiB; a chunk that cannot belong to a file this size "
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),
+    Option("max_parallel_uploads", 16, "most small files (up to 4 MiB) uploading to Girder "
+           "at once: from --n_threads the number grows while Girder keeps up and shrinks, "
+           "down to 1, when its latency grows or it refuses uploads (default: "
+           "%(default)s)", parse=positive_int),
 )
 
 #: ``DEFAULTS.name``: the one default of each option (the flow's signature uses them).

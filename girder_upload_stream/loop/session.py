@@ -51,7 +51,7 @@ class Hooks:
     """What differs between a run under Prefect and one without."""
 
     log: Any  # a logging.Logger or Prefect's run logger
-    #: (n_threads, the run's FileUploads) -> Uploads
+    #: (n_threads, files=the run's FileUploads) -> Uploads
     uploads: Callable[[int, FileUploads], AbstractContextManager[Uploads]]
     registry_fallback: Callable[[str, str], set[tuple[str, str]]] | None = None
     side_job: Callable[[Any, str, str], SideJob] | None = None  # (recorder, topic, group)
@@ -162,7 +162,7 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
     channel = UploadChannel()  # files report as they land: offsets need not wait for units
     group_id = kafka.group_id
     files = FileUploads(p["n_threads"], p["max_parallel_uploads"])
-    with files, hooks.uploads(p["n_threads"], files) as uploads:
+    with files, hooks.uploads(p["n_threads"], files=files) as uploads:
         def submit(unit: UploadUnit) -> Any:
             unit.channel = channel
             return uploads.submit_upload(unit, girder_store)

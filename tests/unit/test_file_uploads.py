@@ -109,3 +109,14 @@ def test_the_plain_runner_shares_one_pool_between_its_units():
                    for u in range(2)]
         assert all(len(f.result(timeout=30)) == 8 for f in futures)
     assert 2 < store.most <= 8
+
+
+def test_both_ways_of_running_take_the_pool_as_run_session_passes_it():
+    from girder_upload_stream.loop.session import plain_hooks
+    store = SlowStore(0.01)
+    with FileUploads(initial=2, maximum=4) as files, \
+            plain_hooks().uploads(2, files=files) as uploads:
+        assert len(uploads.submit_upload(_unit(_names(6)), store).result(timeout=30)) == 6
+    assert files.gate.max_in_flight >= 1
+    from flows.upload_stream import _TaskUploads
+    assert _TaskUploads(2, files=files)._files is files

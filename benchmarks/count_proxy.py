@@ -59,10 +59,14 @@ class CountingProxy:
     ``proxy.counts`` holds ``{"METHOD route": n}`` and ``proxy.total`` the sum,
     ``proxy.statuses`` the answers by HTTP status, ``proxy.max_in_flight`` the most
     requests it held at once and ``proxy.latencies`` each request's seconds in it.
-    ``delay``: seconds every request waits before it is forwarded (0: none)."""
+    ``delay``: seconds every request waits before it is forwarded (0: none);
+    ``fail_every``: every n-th request is answered 503 without reaching Girder (0: none),
+    a failing Girder."""
 
-    def __init__(self, target_api_url: str, delay: float = 0.0) -> None:
+    def __init__(self, target_api_url: str, delay: float = 0.0, fail_every: int = 0) -> None:
         self.delay = delay
+        self.fail_every = fail_every
+        self._seen = 0
         target = urlsplit(target_api_url)
         self.target_host = target.hostname
         self.target_port = target.port or 80
@@ -101,11 +105,14 @@ class CountingProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _count(self, method: str, path: str) -> None:
+    def _count(self, method: str, path: str) -> bool:
+        """Count the request; True if it is to be refused (``fail_every``)."""
         with self._lock:
             self.counts[route_of(method, path)] += 1
+            self._seen += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return bool(self.fail_every) and self._seen % self.fail_every == 0
 
     def _done(self, status: int, seconds: float) -> None:
         with self._lock:
@@ -130,7 +137,12 @@ class CountingProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 headers["Host"] = f"{proxy.target_host}:{proxy.target_port}"
                 started = time.monotonic()
-                proxy._count(self.command, self.path)
+                if proxy._count(self.command, self.path):
+                    if proxy.delay > 0:
+                        time.sleep(proxy.delay)
+                    self._refuse()
+                    proxy._done(503, time.monotonic() - started)
+                    return
                 try:
                     response, data = self._upstream(body, headers)
                 except BaseException:
@@ -160,6 +172,13 @@ class CountingProxy:
                         if attempt == 2:
                             raise
                 raise AssertionError("unreachable")  # the loop returns or raises
+
+            def _refuse(self) -> None:
+                body = b'{"message": "refused by the proxy (fail_every)", "type": "rest"}'
+                self.wfile.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+                self.wfile.flush()
 
             def _answer(self, response: http.client.HTTPResponse, data: bytes) -> None:
                 """Status line, headers and body in one write (see the module's text)."""

@@ -50,10 +50,13 @@ class Sizes:
     soak_batch_seconds: float = 5.0
     soak_baseline: bool = True
     # 7: a remote Girder (a delay added to every request)
-    remote_files: int = 300
+    remote_files: int = 200
     remote_size: int = 64 * KIB
     remote_delay_ms: float = 20.0
     remote_partitions: int = 8
+    # 7: the same with a slow Girder (ours and OpenMSIStream, --n_threads 2)
+    remote_slow_delay_ms: float = 200.0
+    remote_slow_files: int = 60
     # topics
     partitions: int = 4
     big_partitions: int = 8  # 2 GiB over 8 partitions stays below the 512 MiB retention
@@ -63,7 +66,8 @@ FULL = Sizes()
 QUICK = Sizes(reps=1, small_files=40, big_files=8, big_size=2 * MIB, huge_size=24 * MIB,
               restart_total=24 * MIB, restart_max_file=4 * MIB, restart_stall_seconds=150.0,
               scale_files=48, soak_minutes=1.0, soak_sample_seconds=15.0,
-              soak_file_size=64 * KIB, remote_files=40)
+              soak_file_size=64 * KIB, remote_files=40,
+              remote_slow_files=16)
 
 
 @dataclass

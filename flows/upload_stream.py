@@ -45,8 +45,9 @@ class _FutureHandle:
 class _TaskUploads:
     """Upload units and lookups as Prefect task runs on a ``ThreadPoolTaskRunner``."""
 
-    def __init__(self, n_threads: int) -> None:
+    def __init__(self, n_threads: int, files: Any = None) -> None:
         self._runner = ThreadPoolTaskRunner(max_workers=n_threads)
+        self._files = files  # the run's small-file uploads (loop/uploads.py)
         # Fewer rows in the Prefect database per task run: no 'Finished in state Completed()'.
         self._quiet = quiet_completed_task_runs()
 
@@ -62,7 +63,8 @@ class _TaskUploads:
             self._quiet.__exit__(*exc)
 
     def submit_upload(self, unit: Any, store: Any) -> _FutureHandle:
-        return _FutureHandle(self._runner.submit(upload_unit, {"unit": unit, "store": store}))
+        return _FutureHandle(self._runner.submit(
+            upload_unit, {"unit": unit, "store": store, "files": self._files}))
 
     def submit_probe(self, keys: list, store: Any) -> _FutureHandle:
         return _FutureHandle(self._runner.submit(
@@ -140,6 +142,7 @@ def upload_stream(
     logs_dir: str | None = DEFAULTS.logs_dir,
     max_files_in_progress: int = DEFAULTS.max_files_in_progress,
     dead_letter_topic: str | None = DEFAULTS.dead_letter_topic,
+    max_parallel_uploads: int = DEFAULTS.max_parallel_uploads,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 

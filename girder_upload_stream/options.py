@@ -226,6 +226,14 @@ OPTIONS: tuple[Option, ...] = (
            "hold a staging file in disk mode until it completes or is stale); a chunk that "
            "would begin one more is rejected and registered as failed, and its offset "
            "committed (default: %(default)s)", parse=positive_int),
+    Option("max_parallel_uploads", 16, "most small files (up to 4 MiB) uploading to Girder "
+           "at once: from --n_threads the number grows while Girder keeps up and shrinks, "
+           "down to 1, when its latency grows or it refuses uploads (default: "
+           "%(default)s)", parse=positive_int),
+    Option("dead_letter_topic", None, "existing topic that receives every rejected message "
+           "unchanged, with the reason, source topic, partition and offset in its headers; "
+           "source offsets are committed only once the broker acknowledged them (default: "
+           "the config file's [dead_letter] topic, else none)"),
     # -- accepted for OpenMSIStream 1.8.8's command lines
     Option("consumer_topic_name", DEFAULT_TOPIC, "topic to consume, as OpenMSIStream 1.8.8: "
            "when given (and not 'test') it is used instead of --topic_name "
@@ -233,10 +241,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("producer_topic_name", DEFAULT_TOPIC, "accepted and ignored, as OpenMSIStream "
            "1.8.8's GirderUploadStreamProcessor ignores it: nothing is produced but "
            "heartbeats and log messages (default: %(default)s)", flow=False),
-    Option("dead_letter_topic", None, "existing topic that receives every rejected message "
-           "unchanged, with the reason, source topic, partition and offset in its headers; "
-           "source offsets are committed only once the broker acknowledged them (default: "
-           "the config file's [dead_letter] topic, else none)"),
 )
 
 #: ``DEFAULTS.name``: the one default of each option (the flow's signature uses them).

@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.ledger.units import FileOutcome, UploadUnit
-from girder_upload_stream.loop.uploads import RETRY_DELAYS, find_files, is_retryable, upload_files
+from girder_upload_stream.loop.uploads import (RETRY_DELAYS, FileUploads, find_files,
+                                               is_retryable, upload_files)
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["upload_unit", "find_in_girder"]
@@ -31,11 +32,13 @@ def _is_transient(task, task_run, state) -> bool:
 @task(name="upload-to-girder", retries=len(RETRY_DELAYS), retry_delay_seconds=list(RETRY_DELAYS),
       retry_condition_fn=_is_transient, cache_policy=NO_CACHE, persist_result=False,
       task_run_name="upload unit {unit.unit_id} ({unit.nbytes} bytes)")
-def upload_unit(unit: UploadUnit, store: GirderStore) -> list[FileOutcome]:
+def upload_unit(unit: UploadUnit, store: GirderStore,
+                files: FileUploads | None = None) -> list[FileOutcome]:
     """Upload every file of ``unit`` (:func:`~girder_upload_stream.loop.uploads.upload_files`);
-    ``store`` is the flow run's (its folder cache serves every unit); a file streamed
-    into Girder while it arrived is finished by its session."""
-    return upload_files(unit, store)
+    ``store`` is the flow run's (its folder cache serves every unit), ``files`` its pool
+    of small-file uploads (shared by every unit, its in-flight limit adaptive); a file
+    streamed into Girder while it arrived is finished by its session."""
+    return upload_files(unit, store, files)
 
 
 @task(name="find-in-girder", cache_policy=NO_CACHE, persist_result=False,

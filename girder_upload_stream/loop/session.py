@@ -31,6 +31,7 @@ from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 from girder_upload_stream.memory_plan import plan_memory, tune_malloc
+from girder_upload_stream.loop.uploads import FileUploads
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
 from girder_upload_stream.loop.wiring import (build_runner, dead_letter_settings,
                                               girder_settings, kafka_settings,
@@ -56,7 +57,8 @@ class Hooks:
     """What differs between a run under Prefect and one without."""
 
     log: Any  # a logging.Logger or Prefect's run logger
-    uploads: Callable[[int], AbstractContextManager[Uploads]]  # n_threads -> Uploads
+    #: (n_threads, files=the run's FileUploads) -> Uploads
+    uploads: Callable[[int, FileUploads], AbstractContextManager[Uploads]]
     registry_fallback: Callable[[str, str], set[tuple[str, str]]] | None = None
     side_job: Callable[[Any, str, str], SideJob] | None = None  # (recorder, topic, group)
     interruptions: tuple[type[BaseException], ...] = ()  # stop the run gracefully
@@ -206,7 +208,8 @@ def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
                    girder.api_url, root_folder)
     channel = UploadChannel()  # files report as they land: offsets need not wait for units
     group_id = kafka.group_id
-    with hooks.uploads(p["n_threads"]) as uploads:
+    files = FileUploads(p["n_threads"], p["max_parallel_uploads"])
+    with files, hooks.uploads(p["n_threads"], files=files) as uploads:
         def submit(unit: UploadUnit) -> Any:
             unit.channel = channel
             return uploads.submit_upload(unit, girder_store)
@@ -239,7 +242,7 @@ def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
         finally:
             streams.wait()
     _remove_staging(runner)  # every upload has ended (the with block)
-    return _summarise(hooks.log, runner, summary, kafka, girder_store, streams)
+    return _summarise(hooks.log, runner, summary, kafka, girder_store, streams, files)
 
 
 def _remove_staging(runner: StreamRunner) -> None:
@@ -250,7 +253,8 @@ def _remove_staging(runner: StreamRunner) -> None:
 
 
 def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSettings,
-               store: GirderStore, streams: StreamingUploads) -> dict[str, Any]:
+               store: GirderStore, streams: StreamingUploads, files: FileUploads
+               ) -> dict[str, Any]:
     """Log how the run ended and return the flow's summary."""
     log.info("stopped (%s) after %.1fs: %s", summary.stopped_because, summary.seconds,
              summary.counters)
@@ -260,6 +264,12 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
              "most %d open at once",
              f"{summary.first_message_at:.3f}" if summary.first_message_at else "-",
              summary.max_uploads_in_flight, spilled, streams.opened, streams.max_open)
+    limit = files.gate.limit.snapshot()
+    log.info("small-file uploads: at most %d in flight at once; their limit went from %d "
+             "to %d at most and %d at least (%d decrease(s) for Girder errors, %d for its "
+             "latency), %d now", files.gate.max_in_flight, files.initial, limit.highest,
+             limit.lowest, limit.decreases_for_errors, limit.decreases_for_latency,
+             limit.limit)
     encrypted = {}
     if kafka.kafkacrypto is not None:  # counted by the consumer, before the pipeline
         encrypted = {"messages_not_decrypted": runner.group.not_decrypted}
@@ -272,6 +282,11 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
             "files_spilled": spilled, "first_message_at": summary.first_message_at,
             "max_uploads_in_flight": summary.max_uploads_in_flight,
             "streams_opened": streams.opened, "max_streams_open": streams.max_open,
+            "max_file_uploads_in_flight": files.gate.max_in_flight,
+            "file_upload_limit": {"highest": limit.highest, "lowest": limit.lowest,
+                                  "last": limit.limit,
+                                  "decreases_for_errors": limit.decreases_for_errors,
+                                  "decreases_for_latency": limit.decreases_for_latency},
             **encrypted}
 
 

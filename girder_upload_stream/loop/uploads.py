@@ -1,9 +1,19 @@
-"""What one upload unit and one Girder lookup do, their retry policy, and the plain
-thread pool that runs them when no Prefect API is configured.
+"""What one upload unit and one Girder lookup do, their retry policy, the plain
+thread pool that runs units when no Prefect API is configured, and the run's pool of
+small-file uploads that units share.
 
 The Prefect tasks of :mod:`girder_upload_stream.tasks.upload` call the same two
 functions with the same policy (:data:`RETRY_DELAYS`, :func:`is_retryable`), so a run
 behaves alike whether Prefect records it or not. No Prefect import here.
+
+``--n_threads`` units run at once (task runs, or :class:`ThreadUploads`' threads); the
+small files of every running unit go side by side through one :class:`FileUploads`,
+as many in flight as its :class:`~girder_upload_stream.loop.concurrency.AdaptiveLimit`
+allows (``--n_threads`` at first, then more while Girder keeps up, up to
+``--max_parallel_uploads``, fewer when its latency grows or it refuses uploads): a
+Girder far away is then kept busy without more units (task runs), and a slow or
+failing one is not flooded. Big files (and streamed ones) go one at a time in their
+unit's thread, as the memory budget plans for ``--n_threads`` upload blocks.
 """
 
 from __future__ import annotations
@@ -13,12 +23,15 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder.errors import GirderAuthError
 from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, is_shared, report_outcome
+from girder_upload_stream.loop.concurrency import AdaptiveLimit, InFlightGate
 from girder_upload_stream.wire.codec import FileKey
 
-__all__ = ["RETRY_DELAYS", "is_retryable", "upload_files", "find_files", "ThreadUploads"]
+__all__ = ["RETRY_DELAYS", "SIDE_BY_SIDE_MAX_BYTES", "is_retryable", "upload_files",
+           "find_files", "FileUploads", "ThreadUploads"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +39,18 @@ logger = logging.getLogger(__name__)
 RETRY_DELAYS: tuple[float, ...] = (2, 10, 30)
 
 
+#: Files up to this size upload side by side (:class:`FileUploads`): their time is
+#: mostly round trips; larger ones are bound by bytes and by the memory budget.
+SIDE_BY_SIDE_MAX_BYTES = 4 << 20
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Only transient errors are retried (Girder down, 429, 5xx, a refused token)."""
     return isinstance(exc, TransientError)
 
 
-def upload_files(unit: UploadUnit, store: Any) -> list[FileOutcome]:
+def upload_files(unit: UploadUnit, store: Any, files: FileUploads | None = None
+                 ) -> list[FileOutcome]:
     """Upload every file of ``unit``; terminal problems come back as outcomes, transient
     ones raise so that the unit is retried. When Girder answered (a 5xx or 429 for
     one file), the unit's other files are tried first: one file Girder keeps refusing
@@ -40,26 +59,66 @@ def upload_files(unit: UploadUnit, store: Any) -> list[FileOutcome]:
     the run's :class:`~girder_upload_stream.girder.store.GirderStore`. A file streamed
     into Girder while it arrived is finished by its session (girder/streaming.py): the
     rest of its bytes once verified, then its metadata; a retry resumes at Girder's
-    offset."""
-    outcomes = []
+    offset. With ``files`` (the run's :class:`FileUploads`), the unit's small files
+    upload side by side there while this thread takes the others one by one."""
+    side, own = _split(unit, files)
+    futures = [(c, files.submit(lambda c=c: _upload_one(unit, store, c))) for c in side] \
+        if files is not None else []
+    outcomes: list[FileOutcome] = []
     deferred: TransientError | None = None
-    for completed in unit.files:
-        stream = unit.streams.get(completed.file_key)  # streamed while it arrived
-        try:
-            if stream is not None:
-                outcome = stream.finish(completed, shared=lambda: is_shared(unit))
-            else:
-                outcome = store.upload(completed, shared=lambda: is_shared(unit))
-        except TransientError as exc:
-            if not _girder_answered(exc):
-                raise
-            deferred = deferred or exc
-            continue
-        report_outcome(unit, outcome)  # settles it before the unit ends
-        outcomes.append(outcome)
+    try:
+        for completed in own:
+            deferred = _settle(unit, lambda c=completed: _upload_one(unit, store, c),
+                               outcomes, deferred)
+        for _, future in futures:
+            deferred = _settle(unit, future.result, outcomes, deferred)
+    finally:
+        for _, future in futures:  # Girder unreachable: the rest would only wait too
+            future.cancel()
     if deferred is not None:
         raise deferred
     return outcomes
+
+
+def _split(unit: UploadUnit, files: FileUploads | None
+           ) -> tuple[list[CompletedFile], list[CompletedFile]]:
+    """The unit's files that go side by side (small, not streamed, the first of their
+    path in the unit: a file produced again waits for its earlier copy) and the rest,
+    which this thread uploads one by one, in order."""
+    if files is None or len(unit.files) < 2:
+        return [], list(unit.files)
+    side, own, paths = [], [], set()
+    for completed in unit.files:
+        if (completed.file_key in unit.streams or completed.size > files.max_file_bytes
+                or completed.rel_path in paths):
+            own.append(completed)
+        else:
+            side.append(completed)
+        paths.add(completed.rel_path)
+    return side, own
+
+
+def _upload_one(unit: UploadUnit, store: Any, completed: CompletedFile) -> FileOutcome:
+    stream = unit.streams.get(completed.file_key)  # streamed while it arrived
+    if stream is not None:
+        return stream.finish(completed, shared=lambda: is_shared(unit))
+    return store.upload(completed, shared=lambda: is_shared(unit))
+
+
+def _settle(unit: UploadUnit, attempt: Callable[[], FileOutcome], outcomes: list[FileOutcome],
+            deferred: TransientError | None) -> TransientError | None:
+    """Run or wait for one file's upload: its outcome reported and kept, or the first
+    transient error Girder answered kept for the end (raised at once when Girder could
+    not be reached)."""
+    try:
+        outcome = attempt()
+    except TransientError as exc:
+        if not _girder_answered(exc):
+            raise
+        return deferred or exc
+    report_outcome(unit, outcome)  # settles it before the unit ends
+    outcomes.append(outcome)
+    return deferred
 
 
 def _girder_answered(exc: TransientError) -> bool:
@@ -76,17 +135,59 @@ def find_files(keys: list[FileKey], store: Any) -> list[tuple[FileKey, bool | No
     return [(key, store.holds(key[0], key[1])) for key in keys]
 
 
+class FileUploads:
+    """One run's small-file uploads, side by side, as many in flight as its adaptive
+    limit allows (see the module's text); ``with`` ends it (waits for the running
+    uploads, drops the queued ones: their units raise, and are retried or recorded).
+    ``gate.max_in_flight`` is the most uploads that were in flight at once."""
+
+    def __init__(self, initial: int, maximum: int,
+                 max_file_bytes: int = SIDE_BY_SIDE_MAX_BYTES) -> None:
+        maximum = max(maximum, initial)
+        self.initial = initial
+        self.gate = InFlightGate(AdaptiveLimit(initial, minimum=1, maximum=maximum))
+        self.max_file_bytes = max_file_bytes
+        self._executor = ThreadPoolExecutor(max_workers=maximum,
+                                            thread_name_prefix="girder-upload")
+
+    def __enter__(self) -> FileUploads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, upload: Callable[[], FileOutcome]) -> Future:
+        return self._executor.submit(self._gated, upload)
+
+    def _gated(self, upload: Callable[[], FileOutcome]) -> FileOutcome:
+        token = self.gate.acquire()
+        ok: bool | None = None
+        try:
+            outcome = upload()
+            ok = True  # an answer, even a refusal of this one file (a 4xx)
+            return outcome
+        except TransientError as exc:
+            # 429, 5xx or no answer: Girder is overloaded or failing. A refused token
+            # says nothing about its load.
+            ok = None if isinstance(exc, GirderAuthError) else False
+            raise
+        finally:
+            self.gate.release(token, ok)
+
+
 class ThreadUploads:
     """Upload units and lookups on ``n_threads`` threads, without Prefect: the policy
     of the Prefect tasks (retries after :data:`RETRY_DELAYS` for transient errors
-    only; lookups never retried). Leaving the ``with`` block cancels what has not
+    only; lookups never retried); ``files``, the run's :class:`FileUploads`. Leaving the ``with`` block cancels what has not
     started, ends retry waits and waits for the units still running, as Prefect's
     ``ThreadPoolTaskRunner`` does."""
 
-    def __init__(self, n_threads: int, delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+    def __init__(self, n_threads: int, delays: tuple[float, ...] = RETRY_DELAYS,
+                 files: FileUploads | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="upload")
         self._closing = threading.Event()
         self._delays = delays
+        self._files = files
 
     def __enter__(self) -> ThreadUploads:
         return self
@@ -96,7 +197,8 @@ class ThreadUploads:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def submit_upload(self, unit: UploadUnit, store: Any) -> Future:
-        return self._executor.submit(self._with_retries, lambda: upload_files(unit, store),
+        return self._executor.submit(self._with_retries,
+                                     lambda: upload_files(unit, store, self._files),
                                      f"upload unit {unit.unit_id} ({unit.nbytes} bytes)")
 
     def submit_probe(self, keys: list[FileKey], store: Any) -> Future:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from girder_upload_stream import failpoints, startup
+from girder_upload_stream import failpoints, startup, timings
 from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
@@ -30,8 +30,6 @@ __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner
            "stop_on_signals"]
 
 logger = logging.getLogger(__name__)
-
-SHUTDOWN_GRACE_SECONDS = 20.0
 
 
 class StopSignal:
@@ -341,7 +339,7 @@ class StreamRunner:
         self.stopping_reason = reason  # the side jobs' final tick may report it
         try:
             self.group.pause(True)
-            deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
+            deadline = self._clock() + timings.current().shutdown_grace_seconds
             while self.busy and self._clock() < deadline:
                 self.group.poll(1, timeout=0.1)  # keep the group membership alive
                 self.collect()

@@ -2,7 +2,8 @@
 thread pool that runs them when no Prefect API is configured.
 
 The Prefect tasks of :mod:`girder_upload_stream.tasks.upload` call the same two
-functions with the same policy (:data:`RETRY_DELAYS`, :func:`is_retryable`), so a run
+functions with the same policy (the retry delays of :mod:`~girder_upload_stream.timings`,
+:func:`is_retryable`), so a run
 behaves alike whether Prefect records it or not. No Prefect import here.
 """
 
@@ -13,6 +14,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from girder_upload_stream import timings
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder.errors import GirderAuthError
 from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, is_shared, report_outcome
@@ -22,8 +24,9 @@ __all__ = ["RETRY_DELAYS", "is_retryable", "upload_files", "find_files", "Thread
 
 logger = logging.getLogger(__name__)
 
-#: Seconds before each retry of an upload unit that raised a transient error.
-RETRY_DELAYS: tuple[float, ...] = (2, 10, 30)
+#: Seconds before each retry of an upload unit that raised a transient error, in
+#: production; a run uses ``upload_retry_delays`` of :func:`timings.current`.
+RETRY_DELAYS: tuple[float, ...] = timings.Timings().upload_retry_delays
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -78,15 +81,15 @@ def find_files(keys: list[FileKey], store: Any) -> list[tuple[FileKey, bool | No
 
 class ThreadUploads:
     """Upload units and lookups on ``n_threads`` threads, without Prefect: the policy
-    of the Prefect tasks (retries after :data:`RETRY_DELAYS` for transient errors
+    of the Prefect tasks (retries after ``upload_retry_delays`` for transient errors
     only; lookups never retried). Leaving the ``with`` block cancels what has not
     started, ends retry waits and waits for the units still running, as Prefect's
     ``ThreadPoolTaskRunner`` does."""
 
-    def __init__(self, n_threads: int, delays: tuple[float, ...] = RETRY_DELAYS) -> None:
+    def __init__(self, n_threads: int, delays: tuple[float, ...] | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="upload")
         self._closing = threading.Event()
-        self._delays = delays
+        self._delays = timings.current().upload_retry_delays if delays is None else delays
 
     def __enter__(self) -> ThreadUploads:
         return self

@@ -157,8 +157,20 @@ def prefect_api_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def prefect_env(prefect_api_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """Point this test (and the subprocesses it starts) at the session's Prefect server."""
+def prefect_env(request: pytest.FixtureRequest,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The Prefect part of the environment of this test and of the programs it starts.
+
+    Only tests marked ``prefect`` (they check what Prefect records: flow runs, task runs,
+    artifacts, deployments, secrets, or they call the flow in-process) get the session's
+    Prefect server; every other test runs its programs without a Prefect API, as a
+    command-line user without Prefect does (start-up ~3.5 s instead of ~12 s,
+    docs/benchmarks.md scenario 8), and gets ``{}``."""
+    if request.node.get_closest_marker("prefect") is None:
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        yield {}
+        return
+    prefect_api_url = request.getfixturevalue("prefect_api_url")
     from prefect.settings import PREFECT_API_URL, temporary_settings
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

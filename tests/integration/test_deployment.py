@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"

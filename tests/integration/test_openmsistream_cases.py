@@ -46,7 +46,7 @@ WRONG_KEY = "wrongkey" + "0" * 32
 # ------------------------------------------------------------------ one run, many checks
 
 @pytest.fixture(scope="module", params=["memory", "disk"])
-def landed(request, tmp_path_factory, stack_env, prefect_api_url, kafka_admin,
+def landed(request, tmp_path_factory, stack_env, kafka_admin,
            girder_client) -> Iterator[dict]:
     """One run of our CLI (``--mode`` memory, then disk) over ``LANDED_FILES``, below a
     fresh root folder, with ``--metadata``; the proxy answers 400 to every separate
@@ -59,7 +59,6 @@ def landed(request, tmp_path_factory, stack_env, prefect_api_url, kafka_admin,
     collection = girder_client.createCollection(f"c-cases-landed-{mode}-{tag}", public=False)
     root = girder_client.createFolder(collection["_id"], "root", parentType="collection")
     tmp = tmp_path_factory.mktemp(f"landed-{mode}")
-    prefect_env = {"PREFECT_API_URL": prefect_api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     try:
         produce_files(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic, LANDED_FILES)
         with FaultProxy(stack_env["GIRDER_API_URL"]) as proxy:
@@ -70,7 +69,7 @@ def landed(request, tmp_path_factory, stack_env, prefect_api_url, kafka_admin,
                                  "--girder_root_folder_id", root["_id"], "--mode", mode,
                                  "--metadata", json.dumps(METADATA))
             program = Program(argv, tmp / "run.out", cwd=tmp,
-                              env=consumer_env(stack_env, prefect_env))
+                              env=consumer_env(stack_env, {}))  # no Prefect API
             code = program.wait(240)
         log = tmp / "out" / "LOGS" / "GirderUploadStreamProcessor.log"
         yield {"code": code, "output": program.output(), "log": log, "topic": topic,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+pytestmark = [pytest.mark.integration, pytest.mark.prefect,
+              pytest.mark.xdist_group("prefect-deployments")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"

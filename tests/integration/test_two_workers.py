@@ -24,7 +24,8 @@ from tests.integration.girder_checks import assert_exactly_once, default_root_pa
 from tests.integration.local_files import CHUNK_SIZE, processed_rel_paths, write_tree
 from tests.integration.programs import Program, finish, produce_ours
 
-pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+pytestmark = [pytest.mark.integration, pytest.mark.prefect,
+              pytest.mark.xdist_group("prefect-deployments")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"

@@ -8,6 +8,11 @@ OMSI_VENV := .venv-openmsistream
 OMSI_VERSION := 1.8.8
 STACKCTL := $(PYTHON) -m stack.stackctl
 PYTEST_ARGS ?=
+# Parallel test processes (pytest-xdist). The integration tests mostly wait (for Kafka,
+# Girder, the consumers they start), so more processes than the 2 cores pay; tests with
+# fixed names share an xdist_group, `serial` ones have the stack alone (docs/testing.md).
+TEST_WORKERS ?= 3
+PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 BENCH_ARGS ?=
 
 .PHONY: help install libsodium browser stack-install stack-up stack-down stack-status stack-env \
@@ -75,12 +80,12 @@ prefect-down:  ## Stop the Prefect worker (and its runs) and the local Prefect s
 unit: install  ## Unit tests only (nothing running needed)
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
 
-integration: install browser  ## Integration tests against the running stack (starts one if none)
-	$(VENV)/bin/pytest -m integration $(PYTEST_ARGS)
+integration: install browser  ## Integration tests against the running stack (starts one if none), in parallel
+	$(VENV)/bin/pytest -m integration $(PARALLEL) --durations=20 $(PYTEST_ARGS)
 
-test: install browser  ## Install everything, start the stack, run the whole suite, stop the stack
+test: install browser  ## Install everything, start the stack, run the whole suite in parallel (20 slowest shown), stop the stack
 	@$(STACKCTL) up
-	@status=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || status=$$?; \
+	@status=0; $(VENV)/bin/pytest $(PARALLEL) --durations=20 $(PYTEST_ARGS) || status=$$?; \
 	  $(STACKCTL) down; exit $$status
 
 demo: install  ## Stack, Prefect UI, deployments and their worker; upload a sample tree with a deployment run

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from girder_upload_stream import timings
 from girder_upload_stream.wire.codec import DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES
 
 __all__ = ["DEFAULT_COLLECTION_NAME", "GirderSettings", "KafkaCryptoSettings", "KafkaSettings",
@@ -107,7 +108,10 @@ class RunSettings(BaseModel):
     poll_batch: int = Field(default=500, ge=1)
     commit_interval_seconds: float = 1.0
     registry_interval_seconds: float = 2.0
-    retry_delay_seconds: float = 15.0
+    #: Wait before a file of a unit that failed transiently is tried again (the run's
+    #: ``ledger_retry_seconds``, girder_upload_stream/timings.py).
+    retry_delay_seconds: float = Field(
+        default_factory=lambda: timings.current().ledger_retry_seconds, ge=0)
     #: A partial file with no new chunk for this long stops holding commits (None: never).
     stale_partial_seconds: float | None = Field(default=3600.0, gt=0)
     #: Files being rebuilt at once (--max_files_in_progress); a chunk of one more is refused.

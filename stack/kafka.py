@@ -24,14 +24,14 @@ import uuid
 from pathlib import Path
 
 from stack.common import (HOST, REPO_ROOT, ComponentError, component_dir, java_executable,
-                          log_path, port_open, read_pid, rss_kib, spawn, stop_pid,
+                          log_path, port_open, read_pid, record_port, recorded_port,
+                          rss_kib, spawn, stop_pid,
                           wait_for_port)
 
-__all__ = ["NAME", "PORT", "CONTROLLER_PORT", "install", "start", "stop", "status", "env"]
+__all__ = ["NAME", "DEFAULT_PORT", "port", "install", "start", "stop", "status", "env"]
 
 NAME = "kafka"
-PORT = int(os.environ.get("GUS_KAFKA_PORT", "29092"))
-CONTROLLER_PORT = PORT + 1
+DEFAULT_PORT = 29092
 
 _POM = REPO_ROOT / "stack" / "kafka" / "pom.xml"
 _MARKER = ".pom.sha256"
@@ -45,6 +45,14 @@ _JVM_FLAGS = (
     "-XX:+ExplicitGCInvokesConcurrent", "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
 )
+
+
+def port() -> int:
+    """The port of the running broker, else the one it will use (GUS_KAFKA_PORT).
+
+    The controller listens on the next port.
+    """
+    return recorded_port(NAME, "GUS_KAFKA_PORT", DEFAULT_PORT)
 
 
 def _home() -> Path:
@@ -127,15 +135,15 @@ _TUNING = {
 }
 
 
-def _server_properties(data: Path) -> str:
+def _server_properties(data: Path, listen: int) -> str:
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         # A static single-voter quorum: unlike a dynamic (--standalone) quorum it keeps
         # no endpoint in the metadata log, so changing GUS_KAFKA_PORT needs no re-format.
-        "controller.quorum.voters": f"1@{HOST}:{CONTROLLER_PORT}",
-        "listeners": f"PLAINTEXT://{HOST}:{PORT},CONTROLLER://{HOST}:{CONTROLLER_PORT}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{PORT}",
+        "controller.quorum.voters": f"1@{HOST}:{listen + 1}",
+        "listeners": f"PLAINTEXT://{HOST}:{listen},CONTROLLER://{HOST}:{listen + 1}",
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{listen}",
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -170,13 +178,13 @@ logger.configdump.level = WARN
 """
 
 
-def _write_config() -> Path:
+def _write_config(listen: int) -> Path:
     """Write server.properties and log4j2.properties; return the former's path."""
     home = _home()
     (home / "data").mkdir(exist_ok=True)
     (home / "log4j2.properties").write_text(_LOG4J2)
     props = home / "server.properties"
-    props.write_text(_server_properties(home / "data"))
+    props.write_text(_server_properties(home / "data", listen))
     return props
 
 
@@ -209,10 +217,10 @@ def _format_once(props: Path) -> None:
         raise ComponentError(f"formatting {_home() / 'data'} failed; see its log: {log_path(NAME)}")
 
 
-def _wait_until_serving(pid: int, log_offset: int) -> None:
+def _wait_until_serving(pid: int, log_offset: int, listen: int) -> None:
     """Wait for the broker's "started" line in the part of the log this start wrote."""
     deadline = time.monotonic() + _START_TIMEOUT
-    wait_for_port(NAME, PORT, timeout=_START_TIMEOUT, pid=pid)
+    wait_for_port(NAME, listen, timeout=_START_TIMEOUT, pid=pid)
     while time.monotonic() < deadline:
         with open(log_path(NAME), "rb") as log:
             log.seek(log_offset)
@@ -225,26 +233,28 @@ def _wait_until_serving(pid: int, log_offset: int) -> None:
         f"{NAME} did not report ready within {_START_TIMEOUT:.0f}s; see its log: {log_path(NAME)}")
 
 
-def _check_ports_free() -> None:
-    for port in (PORT, CONTROLLER_PORT):
-        if port_open(port):
+def _check_ports_free(listen: int) -> None:
+    for taken in (listen, listen + 1):
+        if port_open(taken):
             raise ComponentError(
-                f"{NAME}: {HOST}:{port} is already in use by another process (not ours); "
+                f"{NAME}: {HOST}:{taken} is already in use by another process (not ours); "
                 f"free it or set GUS_KAFKA_PORT; see its log: {log_path(NAME)}")
 
 
 def start() -> None:
     """Start the broker (formatting storage on first use) and wait until it serves."""
-    if read_pid(NAME) and port_open(PORT):
+    if read_pid(NAME) and port_open(port()):
         return
     stop_pid(NAME, timeout=30)  # a recorded process that is not serving is stale
-    _check_ports_free()
-    props = _write_config()
+    listen = port()  # GUS_KAFKA_PORT now that no broker is recorded
+    _check_ports_free(listen)
+    props = _write_config(listen)
     _format_once(props)
     log_offset = log_path(NAME).stat().st_size if log_path(NAME).exists() else 0
+    record_port(NAME, listen)
     pid = spawn(NAME, _java_argv("kafka.Kafka", str(props)), cwd=_home())
     try:
-        _wait_until_serving(pid, log_offset)
+        _wait_until_serving(pid, log_offset, listen)
     except ComponentError:
         stop_pid(NAME, timeout=30)
         raise
@@ -259,9 +269,11 @@ def status() -> str:
     pid = read_pid(NAME)
     if pid is None:
         return f"{NAME}: stopped"
-    state = "running" if port_open(PORT) else "starting (port closed)"
-    return f"{NAME}: {state} pid {pid} on {HOST}:{PORT}, rss {rss_kib(pid) // 1024} MiB"
+    listen = port()
+    state = "running" if port_open(listen) else "starting (port closed)"
+    return f"{NAME}: {state} pid {pid} on {HOST}:{listen}, rss {rss_kib(pid) // 1024} MiB"
 
 
 def env() -> dict[str, str]:
-    return {"KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{PORT}"}
+    """The running broker's address (its recorded port), else the one it will use."""
+    return {"KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{port()}"}

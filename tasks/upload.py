@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.ledger.units import FileOutcome, UploadUnit
-from girder_upload_stream.loop.uploads import (RETRY_DELAYS, FileUploads, find_files,
-                                               is_retryable, upload_files)
+from girder_upload_stream import timings
+from girder_upload_stream.loop.uploads import FileUploads, find_files, is_retryable, upload_files
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["upload_unit", "find_in_girder"]
@@ -29,7 +29,11 @@ def _is_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="upload-to-girder", retries=len(RETRY_DELAYS), retry_delay_seconds=list(RETRY_DELAYS),
+#: The retry delays of the process (read at import: a task's policy is fixed then).
+_DELAYS = timings.current().upload_retry_delays
+
+
+@task(name="upload-to-girder", retries=len(_DELAYS), retry_delay_seconds=list(_DELAYS),
       retry_condition_fn=_is_transient, cache_policy=NO_CACHE, persist_result=False,
       task_run_name="upload unit {unit.unit_id} ({unit.nbytes} bytes)")
 def upload_unit(unit: UploadUnit, store: GirderStore,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from girder_upload_stream import startup
 from girder_upload_stream.kafka.chunk_producer import ChunkProducer, DeliveryReport
+from girder_upload_stream import timings
 from girder_upload_stream.kafka.commits import CommitBook
 from girder_upload_stream.kafka.errors import KafkaTerminalError, KafkaTransientError
 from girder_upload_stream.kafka.group_offsets import GroupOffsets
@@ -44,14 +45,8 @@ logger = logging.getLogger(__name__)
 #: How long after losing partitions their old uploads may still run (and race ours).
 SHARED_AFTER_REVOKE_SECONDS = 120.0
 
-#: How long a stuck consumer gets to close before it is left to close on its own.
-CLOSE_STUCK_SECONDS = 20.0
-
 #: How long the start waits for a broker to describe the topic.
 TOPIC_WAIT_SECONDS = 30.0
-
-#: While the group is stuck but the broker does not answer, how often to ask again.
-STUCK_CHECK_SECONDS = 10.0
 
 
 def _close_quietly(consumer: Any) -> None:
@@ -321,12 +316,12 @@ class ConsumerGroup(GroupOffsets):
         """The group has not settled for a minute (:mod:`~girder_upload_stream.kafka.group_watch`):
         when the broker answers a metadata request, a new consumer takes the stuck
         one's place. While the broker is down a new consumer would not help; it is
-        asked again every :data:`STUCK_CHECK_SECONDS`."""
+        asked again every ``stuck_check_seconds`` (:mod:`~girder_upload_stream.timings`)."""
         from confluent_kafka import KafkaException
         now = time.monotonic()
         if now < self._next_stuck_check:
             return
-        self._next_stuck_check = now + STUCK_CHECK_SECONDS
+        self._next_stuck_check = now + timings.current().stuck_check_seconds
         try:
             self._consumer.list_topics(self.topic, timeout=2)
         except KafkaException:
@@ -336,7 +331,7 @@ class ConsumerGroup(GroupOffsets):
     def _reconnect(self) -> None:
         """Replace the consumer: its partitions count as lost (nothing is committed for
         them; their files are handed over), the old one closes in a thread for at most
-        :data:`CLOSE_STUCK_SECONDS` (closing talks to the coordinator that may be the
+        ``close_stuck_seconds`` (:mod:`~girder_upload_stream.timings`; closing talks to the coordinator that may be the
         stuck part), and a new one subscribes. Rejoining costs what a restart costs:
         the files in flight are read again from the last commit."""
         from confluent_kafka import TopicPartition
@@ -353,10 +348,11 @@ class ConsumerGroup(GroupOffsets):
         closer = threading.Thread(target=_close_quietly, args=(old,), daemon=True,
                                   name="gus-close-stuck-consumer")
         closer.start()
-        closer.join(CLOSE_STUCK_SECONDS)
+        patience = timings.current().close_stuck_seconds
+        closer.join(patience)
         if closer.is_alive():
             logger.warning("the stuck consumer did not close within %.0f s; it is left to "
-                           "close on its own", CLOSE_STUCK_SECONDS)
+                           "close on its own", patience)
         self.reconnects += 1
         self._watch.restarted()
         self._connect()

@@ -12,7 +12,7 @@ offset tracker at the next commit round. Until then the tracker's plan still hol
 same offsets, so nothing is lost, and nothing is sent twice while it waits:
 
 1. at most one commit is unanswered at a time (unless it stayed unanswered for
-   :data:`COMMIT_PATIENCE_SECONDS`: librdkafka may have dropped it with its connection);
+   ``commit_patience_seconds`` of :mod:`~girder_upload_stream.timings`: librdkafka may have dropped it with its connection);
 2. an offset the broker accepted already is not sent again;
 3. an answer is only believed for partitions still owned by the assignment it was sent
    in: after a rebalance the next owner's commits win.
@@ -27,13 +27,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-__all__ = ["COMMIT_PATIENCE_SECONDS", "CommitBook", "CommitAnswer"]
+from girder_upload_stream import timings
+
+__all__ = ["CommitBook", "CommitAnswer"]
 
 TopicPartition = tuple[str, int]
 Value = tuple[int, str]  # (offset, metadata)
-
-#: An unanswered commit older than this no longer holds the next one back.
-COMMIT_PATIENCE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,10 @@ class _Sent:
 class CommitBook:
     """Commits sent and not answered yet, and the offsets the broker accepted."""
 
-    def __init__(self, patience: float = COMMIT_PATIENCE_SECONDS,
+    def __init__(self, patience: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if patience is None:  # the run's commit_patience_seconds
+            patience = timings.current().commit_patience_seconds
         self._patience, self._clock = patience, clock
         self._unanswered: list[_Sent] = []
         self._accepted: dict[TopicPartition, Value] = {}  # the broker has these

@@ -10,7 +10,8 @@ that state through three named states:
 - ``SETTLED``: the group is ``up`` and its join state ``steady`` (with or without
   partitions: a member of a group with more members than partitions is settled too);
 - ``UNSETTLED``: anything else, since a known time (a rebalance, an outage);
-- ``STUCK``: unsettled for :data:`STUCK_AFTER_SECONDS` or more. The consumer group then
+- ``STUCK``: unsettled for ``stuck_group_seconds`` (:mod:`~girder_upload_stream.timings`,
+  60 s) or more. The consumer group then
   makes a new consumer (:meth:`ConsumerGroup.poll`); :meth:`GroupWatch.restarted` begins
   the count again, so a broker that stays down is not a reason to churn consumers faster
   than once per interval.
@@ -24,13 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["STUCK_AFTER_SECONDS", "STATISTICS_INTERVAL_MS", "GroupHealth", "GroupState",
-           "GroupWatch", "parse_group_health"]
+from girder_upload_stream import timings
 
-#: Unsettled this long, the group counts as stuck. A broker restart settles within
-#: about 15 s here; a join legitimately waits for the slowest member's rebalance
-#: callback, which this program keeps short.
-STUCK_AFTER_SECONDS = 60.0
+__all__ = ["STATISTICS_INTERVAL_MS", "GroupHealth", "GroupState",
+           "GroupWatch", "parse_group_health"]
 
 #: librdkafka's statistics interval the consumer asks for unless its config sets one.
 STATISTICS_INTERVAL_MS = 5000
@@ -75,11 +73,17 @@ def parse_group_health(stats_json: str) -> GroupHealth | None:
 class GroupWatch:
     """Follows the group's health from one statistics report to the next."""
 
-    def __init__(self, stuck_after: float = STUCK_AFTER_SECONDS,
+    def __init__(self, stuck_after: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._stuck_after, self._clock = stuck_after, clock
+        # None: the run's ``stuck_group_seconds`` (girder_upload_stream.timings), read
+        # at each look so that a test's override takes effect on a running group.
+        self._stuck_after_given, self._clock = stuck_after, clock
         self._unsettled_since: float | None = None
         self.last: GroupHealth | None = None
+
+    def _stuck_after(self) -> float:
+        given = self._stuck_after_given
+        return timings.current().stuck_group_seconds if given is None else given
 
     def observe(self, health: GroupHealth | None) -> None:
         """Take one report (None: nothing known, the state stays as it was)."""
@@ -101,7 +105,7 @@ class GroupWatch:
     def state(self) -> GroupState:
         if self._unsettled_since is None:
             return GroupState.SETTLED
-        if self.unsettled_seconds >= self._stuck_after:
+        if self.unsettled_seconds >= self._stuck_after():
             return GroupState.STUCK
         return GroupState.UNSETTLED
 

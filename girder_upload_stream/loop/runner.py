@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from girder_upload_stream import failpoints, startup
+from girder_upload_stream import failpoints, startup, timings
 from girder_upload_stream.errors import FatalError
 from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
@@ -32,8 +32,6 @@ __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner
            "stop_on_signals"]
 
 logger = logging.getLogger(__name__)
-
-SHUTDOWN_GRACE_SECONDS = 20.0
 
 
 class StopSignal:
@@ -358,7 +356,7 @@ class StreamRunner:
         self.stopping_reason = reason  # the side jobs' final tick may report it
         try:
             self.group.pause(True)
-            deadline = self._clock() + SHUTDOWN_GRACE_SECONDS
+            deadline = self._clock() + timings.current().shutdown_grace_seconds
             while self.busy and self._clock() < deadline:
                 self.group.poll(1, timeout=0.1)  # keep the group membership alive
                 self.collect()

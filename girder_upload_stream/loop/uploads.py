@@ -3,7 +3,8 @@ thread pool that runs units when no Prefect API is configured, and the run's poo
 small-file uploads that units share.
 
 The Prefect tasks of :mod:`girder_upload_stream.tasks.upload` call the same two
-functions with the same policy (:data:`RETRY_DELAYS`, :func:`is_retryable`), so a run
+functions with the same policy (the retry delays of :mod:`~girder_upload_stream.timings`,
+:func:`is_retryable`), so a run
 behaves alike whether Prefect records it or not. No Prefect import here.
 
 ``--n_threads`` units run at once (task runs, or :class:`ThreadUploads`' threads); the
@@ -23,6 +24,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from girder_upload_stream import timings
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder.errors import GirderAuthError
@@ -35,8 +37,9 @@ __all__ = ["RETRY_DELAYS", "SIDE_BY_SIDE_MAX_BYTES", "is_retryable", "upload_fil
 
 logger = logging.getLogger(__name__)
 
-#: Seconds before each retry of an upload unit that raised a transient error.
-RETRY_DELAYS: tuple[float, ...] = (2, 10, 30)
+#: Seconds before each retry of an upload unit that raised a transient error, in
+#: production; a run uses ``upload_retry_delays`` of :func:`timings.current`.
+RETRY_DELAYS: tuple[float, ...] = timings.Timings().upload_retry_delays
 
 
 #: Files up to this size upload side by side (:class:`FileUploads`): their time is
@@ -177,16 +180,16 @@ class FileUploads:
 
 class ThreadUploads:
     """Upload units and lookups on ``n_threads`` threads, without Prefect: the policy
-    of the Prefect tasks (retries after :data:`RETRY_DELAYS` for transient errors
-    only; lookups never retried); ``files``, the run's :class:`FileUploads`. Leaving the ``with`` block cancels what has not
-    started, ends retry waits and waits for the units still running, as Prefect's
-    ``ThreadPoolTaskRunner`` does."""
+    of the Prefect tasks (retries after ``upload_retry_delays`` for transient errors
+    only; lookups never retried); ``files``, the run's :class:`FileUploads`. Leaving the
+    ``with`` block cancels what has not started, ends retry waits and waits for the units
+    still running, as Prefect's ``ThreadPoolTaskRunner`` does."""
 
-    def __init__(self, n_threads: int, delays: tuple[float, ...] = RETRY_DELAYS,
+    def __init__(self, n_threads: int, delays: tuple[float, ...] | None = None,
                  files: FileUploads | None = None) -> None:
         self._executor = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="upload")
         self._closing = threading.Event()
-        self._delays = delays
+        self._delays = timings.current().upload_retry_delays if delays is None else delays
         self._files = files
 
     def __enter__(self) -> ThreadUploads:

@@ -1,13 +1,21 @@
-"""Fixtures for integration tests: one session-wide real stack, fresh Kafka topics and
+"""Fixtures for integration tests: one run-wide real stack, fresh Kafka topics and
 consumer groups per test, and an authenticated Girder client.
 
-The stack is reused when ``make stack-up`` already started it; otherwise this session
-starts it and stops it again at the end. Kafka-only tests (``kafka_bootstrap``) need just
-the ``kafka`` component, so they run while Girder is down.
+The stack is reused when ``make stack-up`` already started it; otherwise the run starts
+what is missing (one process at a time, under a lock: with ``pytest -n N`` the first
+worker that needs a component starts it) and stops it again when the whole run ends
+(tests/conftest.py). Kafka-only tests (``kafka_bootstrap``) need just the ``kafka``
+component, so they run while Girder is down.
+
+Parallel runs (pytest-xdist, ``--dist loadgroup``): topics, groups, collections and
+folders are unique per test. Tests that use fixed names share an ``xdist_group`` (one
+worker runs them one after the other); tests marked ``serial`` stop or restart a shared
+component and run with no other integration test beside them (:func:`_stack_share`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import shlex
 import signal
 import subprocess
@@ -17,6 +25,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import started_file
+from tests.integration import stack_share
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,17 +57,29 @@ def _parse_exports(text: str) -> dict[str, str]:
 
 
 def _session_stack(components: tuple[str, ...]) -> Iterator[dict[str, str]]:
-    """Start the components that are not running, yield the stack's env, then stop only
-    the components this session started (a stack someone else runs is left alone)."""
-    started = [c for c in components if _stackctl("status", c, check=False).returncode != 0]
-    if started:
-        up = _stackctl("up", *started, check=False)
-        if up.returncode != 0:
-            pytest.fail(f"could not start {' '.join(started)}:\n{up.stdout}\n{up.stderr}")
-    env = _parse_exports(_stackctl("env", *components).stdout)
-    yield env
-    if started:
-        _stackctl("down", *started, check=False)
+    """Start the components that are not running (one worker at a time) and yield the
+    stack's env. The run stops the components it started when it ends (tests/conftest.py):
+    a stack someone else runs is left alone."""
+    with stack_share.flock("stack.lock", fcntl.LOCK_EX):
+        started = [c for c in components
+                   if _stackctl("status", c, check=False).returncode != 0]
+        if started:
+            with open(started_file(), "a") as record:  # before up: a failed up half-starts
+                record.write("".join(f"{name}\n" for name in started))
+            up = _stackctl("up", *started, check=False)
+            if up.returncode != 0:
+                pytest.fail(f"could not start {' '.join(started)}:\n{up.stdout}\n{up.stderr}")
+    yield _parse_exports(_stackctl("env", *components).stdout)
+
+
+@pytest.fixture(autouse=True)
+def _stack_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every integration test shares the stack; a test marked ``serial`` (it stops or
+    restarts a component) has it alone (tests/integration/stack_share.py). Set up before
+    and torn down after the test's other function fixtures."""
+    serial = request.node.get_closest_marker("serial") is not None
+    with stack_share.alone() if serial else stack_share.shared():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -157,8 +180,20 @@ def prefect_api_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def prefect_env(prefect_api_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """Point this test (and the subprocesses it starts) at the session's Prefect server."""
+def prefect_env(request: pytest.FixtureRequest,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The Prefect part of the environment of this test and of the programs it starts.
+
+    Only tests marked ``prefect`` (they check what Prefect records: flow runs, task runs,
+    artifacts, deployments, secrets, or they call the flow in-process) get the session's
+    Prefect server; every other test runs its programs without a Prefect API, as a
+    command-line user without Prefect does (start-up ~3.5 s instead of ~12 s,
+    docs/benchmarks.md scenario 8), and gets ``{}``."""
+    if request.node.get_closest_marker("prefect") is None:
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        yield {}
+        return
+    prefect_api_url = request.getfixturevalue("prefect_api_url")
     from prefect.settings import PREFECT_API_URL, temporary_settings
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

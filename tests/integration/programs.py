@@ -207,9 +207,11 @@ def write_fault_config(path: Path) -> Path:
 def consumer_env(stack_env: dict[str, str], prefect_env: dict[str, str],
                  failpoints: str | None = None) -> dict[str, str]:
     """Environment of a consumer subprocess: the broker, the Girder API key (kept out of
-    the process list), the session's Prefect server and optionally ``GUS_FAILPOINTS``."""
-    env = {k: v for k, v in os.environ.items() if k != "GUS_FAILPOINTS"}
-    env.update(prefect_env)
+    the process list), the session's Prefect server for tests marked ``prefect`` (see the
+    ``prefect_env`` fixture; none otherwise) and optionally ``GUS_FAILPOINTS``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GUS_FAILPOINTS", "PREFECT_API_URL")}
+    env.update(prefect_env)  # {} unless the test is marked ``prefect``
     env["KAFKA_BOOTSTRAP_SERVERS"] = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     env["GIRDER_API_KEY"] = stack_env["GIRDER_API_KEY"]
     env["PYTHONIOENCODING"] = "utf-8"

@@ -16,7 +16,7 @@ import pytest
 from tests.integration.local_files import CHUNK_SIZE, n_chunks, write_tree
 from tests.integration.programs import finish, produce_ours
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 MAX_IDLE = 3
 

@@ -29,7 +29,8 @@ import pytest
 from tests.integration.browser import Pages, start_chromium
 from tests.integration.programs import stackctl
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect,
+              pytest.mark.xdist_group("prefect-deployments")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACT_SUFFIXES = ("-summary", "-in-progress", "-progress", "-recent-uploads")

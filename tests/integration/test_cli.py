@@ -99,6 +99,7 @@ def test_processor_help_lists_openmsistream_options(cli_env):
 
 # --------------------------------------------------------------------------- stopping
 
+@pytest.mark.prefect  # the flow run ends Completed
 @pytest.mark.timeout(150)
 def test_run_stops_on_q(tmp_path, cli_env, stack_env, make_topic, make_group,
                         make_collection, girder_client, programs):
@@ -134,7 +135,8 @@ def without_prefect_api(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("prefect_api", [True, False], ids=["prefect-server", "no-prefect-api"])
+@pytest.mark.parametrize("prefect_api", [pytest.param(True, marks=pytest.mark.prefect), False],
+                         ids=["prefect-server", "no-prefect-api"])
 def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, stack_env,
                                                           make_topic, make_group,
                                                           make_collection, girder_client,
@@ -186,6 +188,7 @@ def test_processor_stops_on_sigterm_with_api_key_from_env(tmp_path, cli_env, sta
         assert (out / rel).read_bytes() == data, rel
 
 
+@pytest.mark.prefect  # the flow run ends Completed
 @pytest.mark.timeout(150)
 def test_stops_on_max_idle_with_stdin_closed(tmp_path, cli_env, stack_env, make_topic,
                                              make_group, make_collection, girder_client,

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from stack.common import STACK_DIR
+
+pytestmark = [pytest.mark.integration, pytest.mark.prefect,
+              pytest.mark.xdist_group("prefect-deployments")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"
@@ -34,7 +37,7 @@ def test_prefect_yaml_registers_stream_and_scheduled_drain(stack_env, prefect_en
     pool = f"gus-pool-{uuid.uuid4().hex[:6]}"
     _run([str(PREFECT), "work-pool", "create", pool, "--type", "process"], env)
     text = (REPO_ROOT / "deployments" / "prefect.yaml").read_text()
-    prefect_file = REPO_ROOT / ".stack" / f"prefect-{pool}.yaml"
+    prefect_file = STACK_DIR / f"prefect-{pool}.yaml"  # GUS_STACK_DIR, else .stack/
     prefect_file.write_text(text.replace("name: girder-upload-stream\n      job_variables",
                                          f"name: {pool}\n      job_variables"))
     try:

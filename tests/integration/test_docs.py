@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect,  # usage.md reads artifacts
+              pytest.mark.xdist_group("docs-collection")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = sorted((REPO_ROOT / "docs").glob("*.md")) + [REPO_ROOT / "README.md"]

@@ -103,6 +103,7 @@ def test_a_wrong_key_stops_at_start_up_and_a_rerun_with_the_right_key_uploads_al
     assert committed_offsets(kafka_admin, group, topic) == end_offsets(bootstrap, topic)
 
 
+@pytest.mark.prefect  # the flow, in-process
 @pytest.mark.timeout(180)
 def test_the_flow_fails_with_the_start_up_error(stack_env, prefect_env, make_topic,
                                                  make_group, girder_client, kafka_admin,

@@ -225,6 +225,7 @@ def run_flow(stack_env, prefect_env, tmp_path, monkeypatch):
     return run
 
 
+@pytest.mark.prefect  # the flow, in-process
 @pytest.mark.timeout(300)
 def test_names_with_spaces_redelivered_land_once_and_are_found(
         tmp_path, stack_env, make_topic, make_group, make_collection, girder_client, run_flow):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from girder_upload_stream import timings
 from girder_upload_stream.kafka.clients import ConsumerGroup
 from girder_upload_stream.ledger.processor import StreamProcessor
 from girder_upload_stream.assembly.reassembly import Reassembler
@@ -169,11 +170,10 @@ def test_a_stuck_group_gets_a_new_consumer_and_loses_or_doubles_nothing(
     ours = _runner(bootstrap, topic, group, girder, commit_interval=0.5)
     with caplog.at_level(logging.INFO, logger="girder_upload_stream"):
         _step_until(ours, lambda: ours.processor.counters.files_uploaded == 2, "2 uploads")
-        watch = ours.group._watch
-        watch._stuck_after = 0.0
-        watch.observe(GroupHealth("query-coord", "wait-join", 0))
-        _step_until(ours, lambda: ours.group.reconnects == 1, "a new consumer")
-        watch._stuck_after = 60.0
+        # Unsettled from now on: stuck at once (the run's stuck-group limit set to 0).
+        ours.group._watch.observe(GroupHealth("query-coord", "wait-join", 0))
+        with timings.overridden(stuck_group_seconds=0.0):
+            _step_until(ours, lambda: ours.group.reconnects == 1, "a new consumer")
         assert any("a new consumer takes the place of the stuck one" in r.getMessage()
                    and "query-coord" in r.getMessage() for r in caplog.records)
         second = {"c.bin": b"c" * 200_000}

@@ -16,11 +16,13 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.integration.cases_support import (MAX_IDLE, Case, Finished, case,  # noqa: F401
                                              produce_files)
+from tests.integration import stack_share
 from tests.integration.girder_faults import FaultProxy
 from tests.integration.girder_checks import download_item, folder_by_path, girder_tree
 from tests.integration.kafka_checks import committed_offsets, end_offsets
@@ -45,8 +47,35 @@ WRONG_KEY = "wrongkey" + "0" * 32
 
 # ------------------------------------------------------------------ one run, many checks
 
+#: The tests that read ``landed`` run on one worker of a parallel run, so that its two
+#: consumer runs happen once, not once per worker.
+LANDED = pytest.mark.xdist_group("openmsistream-cases-landed")
+
+def _land(stack_env, kafka_admin, girder_client, topic: str, group: str, root: dict,
+          mode: str, tmp: Path) -> dict:
+    """Produce ``LANDED_FILES``, run our CLI once through the fault proxy, and collect
+    what every test of the module reads."""
+    produce_files(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic, LANDED_FILES)
+    with FaultProxy(stack_env["GIRDER_API_URL"]) as proxy:
+        proxy.fail("PUT item/:id/metadata", 400)
+        proxy.fail("PUT folder/:id/metadata", 400)
+        argv = consumer_argv(proxy.url, topic, "unused", tmp / "out", group,
+                             write_fault_config(tmp / "consumer.config"), MAX_IDLE,
+                             "--girder_root_folder_id", root["_id"], "--mode", mode,
+                             "--metadata", json.dumps(METADATA))
+        program = Program(argv, tmp / "run.out", cwd=tmp,
+                          env=consumer_env(stack_env, {}))  # no Prefect API
+        code = program.wait(240)
+    log = tmp / "out" / "LOGS" / "GirderUploadStreamProcessor.log"
+    return {"code": code, "output": program.output(), "log": log, "topic": topic,
+            "group": group, "root": root, "proxy": proxy, "out": tmp / "out",
+            "tree": girder_tree(girder_client, root["_id"]), "program": program,
+            "committed": committed_offsets(kafka_admin, group, topic),
+            "end": end_offsets(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic)}
+
+
 @pytest.fixture(scope="module", params=["memory", "disk"])
-def landed(request, tmp_path_factory, stack_env, prefect_api_url, kafka_admin,
+def landed(request, tmp_path_factory, stack_env, kafka_admin,
            girder_client) -> Iterator[dict]:
     """One run of our CLI (``--mode`` memory, then disk) over ``LANDED_FILES``, below a
     fresh root folder, with ``--metadata``; the proxy answers 400 to every separate
@@ -54,33 +83,28 @@ def landed(request, tmp_path_factory, stack_env, prefect_api_url, kafka_admin,
     from confluent_kafka.admin import NewTopic
     mode, tag = request.param, uuid.uuid4().hex[:8]
     topic, group = f"t-cases-landed-{mode}-{tag}", f"g-cases-landed-{mode}-{tag}"
-    kafka_admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)]
-                              )[topic].result(timeout=60)
-    collection = girder_client.createCollection(f"c-cases-landed-{mode}-{tag}", public=False)
-    root = girder_client.createFolder(collection["_id"], "root", parentType="collection")
     tmp = tmp_path_factory.mktemp(f"landed-{mode}")
-    prefect_env = {"PREFECT_API_URL": prefect_api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    try:
-        produce_files(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic, LANDED_FILES)
-        with FaultProxy(stack_env["GIRDER_API_URL"]) as proxy:
-            proxy.fail("PUT item/:id/metadata", 400)
-            proxy.fail("PUT folder/:id/metadata", 400)
-            argv = consumer_argv(proxy.url, topic, "unused", tmp / "out", group,
-                                 write_fault_config(tmp / "consumer.config"), MAX_IDLE,
-                                 "--girder_root_folder_id", root["_id"], "--mode", mode,
-                                 "--metadata", json.dumps(METADATA))
-            program = Program(argv, tmp / "run.out", cwd=tmp,
-                              env=consumer_env(stack_env, prefect_env))
-            code = program.wait(240)
-        log = tmp / "out" / "LOGS" / "GirderUploadStreamProcessor.log"
-        yield {"code": code, "output": program.output(), "log": log, "topic": topic,
-               "group": group, "root": root, "proxy": proxy, "out": tmp / "out",
-               "tree": girder_tree(girder_client, root["_id"]), "program": program,
-               "committed": committed_offsets(kafka_admin, group, topic),
-               "end": end_offsets(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic)}
-    finally:
-        girder_client.delete(f"collection/{collection['_id']}")
-        kafka_admin.delete_topics([topic], operation_timeout=30)
+    # Module-scoped, so set up before (and torn down after) any test's own share.
+    with stack_share.shared():
+        kafka_admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)]
+                                  )[topic].result(timeout=60)
+        collection = girder_client.createCollection(f"c-cases-landed-{mode}-{tag}",
+                                                    public=False)
+        try:
+            root = girder_client.createFolder(collection["_id"], "root",
+                                              parentType="collection")
+            landed = _land(stack_env, kafka_admin, girder_client, topic, group, root, mode, tmp)
+        except BaseException:
+            _remove(girder_client, kafka_admin, collection, topic)
+            raise
+    yield landed
+    with stack_share.shared():
+        _remove(girder_client, kafka_admin, collection, topic)
+
+
+def _remove(girder_client, kafka_admin, collection: dict, topic: str) -> None:
+    girder_client.delete(f"collection/{collection['_id']}")
+    kafka_admin.delete_topics([topic], operation_timeout=30)
 
 
 def _item(landed: dict, rel: str) -> dict:
@@ -97,6 +121,7 @@ def _girder_file(girder_client, item: dict) -> dict:
     return files[0]
 
 
+@LANDED
 def test_a_simple_file_lands_with_its_bytes(landed, girder_client):
     """OpenMSIStream: test_girder_upload_simple_file (memory and disk datafiles)."""
     for rel in ("test_file.txt", "big/multi.bin"):
@@ -106,6 +131,7 @@ def test_a_simple_file_lands_with_its_bytes(landed, girder_client):
         assert stored["sha512"] == hashlib.sha512(LANDED_FILES[rel]).hexdigest(), rel
 
 
+@LANDED
 def test_subfolders_mirror_the_producer_tree(landed, girder_client):
     """OpenMSIStream: test_girder_upload_with_subdirectories."""
     item = _item(landed, "level1/level2/level3/nested.txt")
@@ -116,6 +142,7 @@ def test_subfolders_mirror_the_producer_tree(landed, girder_client):
         assert folder in landed["tree"].folders, sorted(landed["tree"].folders)
 
 
+@LANDED
 def test_mimetype_is_guessed_from_the_name(landed, girder_client):
     """OpenMSIStream: test_girder_upload_mimetype (``.png`` -> ``image/png``), plus a
     known text type and an unknown suffix (OpenMSIStream's fallback)."""
@@ -126,6 +153,7 @@ def test_mimetype_is_guessed_from_the_name(landed, girder_client):
     assert got == expected
 
 
+@LANDED
 def test_metadata_on_every_item_and_folder(landed):
     """OpenMSIStream: the ``--metadata`` part of test_girder_upload_stream_processor_kafka,
     and the metadata of the folders it creates."""
@@ -141,6 +169,7 @@ def test_metadata_on_every_item_and_folder(landed):
             "topic"] and "checksum" not in meta, (rel, meta)
 
 
+@LANDED
 def test_metadata_travels_with_the_item_not_in_a_later_request(landed):
     """Differs on purpose: OpenMSIStream sets an item's metadata in a request after the
     upload, so a failure there leaves an item without metadata. Ours sends it with the
@@ -152,6 +181,7 @@ def test_metadata_travels_with_the_item_not_in_a_later_request(landed):
     assert proxy.count("PUT folder/:id/metadata") == 0, proxy.routes()
 
 
+@LANDED
 def test_the_run_reports_and_registers_what_it_did(landed):
     """OpenMSIStream: test_run_from_command_line and ..._with_output_dir (never collected
     there: they are nested in another test). The run's summary line counts the messages

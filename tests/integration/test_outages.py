@@ -21,7 +21,7 @@ from tests.integration.local_files import log_uniform_files
 from tests.integration.programs import (Program, component_stopped, consumer_argv, consumer_env, girder_serves, kafka_serves, stop_line, wait_for, write_fault_config)
 from tests.integration.girder_checks import default_root_path
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # stops Girder, then Kafka
 
 N_FILES = 60
 PRODUCE_SECONDS = 24.0

@@ -29,7 +29,7 @@ from tests.integration.local_files import processed_rel_paths
 from tests.integration.programs import (Program, consumer_argv, consumer_env, stop_line, write_fault_config)
 from tests.integration.girder_checks import default_root_path
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 CHUNK = 4096
 RUN_TIMEOUT = 120.0

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import random
 import subprocess
-import time
 
 import pytest
 
-from tests.integration.girder_checks import assert_exactly_once, folder_by_path
+from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder,
+                                             folder_by_path, root_folder_or_none)
 from tests.integration.kafka_checks import end_offsets
 from tests.integration.local_files import write_tree
-from tests.integration.programs import (Program, consumer_argv, consumer_env, finish, produce_ours, stop_line)
+from tests.integration.programs import (Program, consumer_argv, consumer_env, finish, produce_ours, stop_line, wait_for)
 from tests.integration.girder_checks import default_root_path
 
 pytestmark = pytest.mark.integration
@@ -45,17 +45,20 @@ def test_a_second_process_joining_mid_stream_leaves_every_file_once(
         return program
 
     first = start(1)
-    deadline = time.monotonic() + 60
-    while " as group " not in first.output() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # the first process has read the topic ahead and is uploading
+    root_path = default_root_path(collection["name"], topic)
+
+    def first_is_uploading() -> bool:  # it has read the topic ahead: files land
+        root = root_folder_or_none(girder_client, root_path)
+        return root is not None and bool(complete_in_girder(girder_client, root["_id"], files))
+
+    wait_for(first_is_uploading, "the first process's first files in Girder", first,
+             timeout=120)
     second = start(2)
     for program in (first, second):
         assert program.wait(RUN_TIMEOUT) == 0, program.describe()
     lines = [stop_line(p.output()) for p in (first, second)]
     handed = "left to the next owner" in first.output() + second.output()
     print(f"[scale-out] {lines}; files handed over at the rebalance: {handed}", flush=True)
-    root_path = default_root_path(collection["name"], topic)
     assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
                         files, topic, root_path=root_path)
     assert sum(line["uploaded"] + line["skipped"] for line in lines) >= len(files), lines

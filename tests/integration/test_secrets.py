@@ -31,7 +31,7 @@ from tests.integration.girder_checks import (assert_exactly_once, complete_in_gi
 from tests.integration.local_files import in_progress_rows, write_tree
 from tests.integration.programs import OUR_CLI, Program, finish, produce_ours, stop_line, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 FLOW_RUN_NAME = re.compile(r"Flow run '([^']+)'")
 

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from stack.common import STACK_DIR
+
 from tests.integration.girder_checks import assert_exactly_once, default_root_path
 from tests.integration.local_files import CHUNK_SIZE, processed_rel_paths, write_tree
 from tests.integration.programs import Program, finish, produce_ours
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect,
+              pytest.mark.xdist_group("prefect-deployments")]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"
@@ -52,7 +55,7 @@ def _deploy(tmp_path: Path, env: dict[str, str], pool: str, name: str) -> None:
     assert "  - name: stream\n" in text and "concurrency_limit: 2" in text
     text = text.replace("  - name: stream\n", f"  - name: {name}\n").replace(
         "name: girder-upload-stream\n      job_variables", f"name: {pool}\n      job_variables")
-    prefect_file = REPO_ROOT / ".stack" / f"prefect-{pool}.yaml"
+    prefect_file = STACK_DIR / f"prefect-{pool}.yaml"  # GUS_STACK_DIR, else .stack/
     prefect_file.write_text(text)
     try:
         log = tmp_path / "deploy.log"

@@ -25,7 +25,7 @@ from tests.integration.kafka_checks import committed_offsets, end_offsets, topic
 from tests.integration.local_files import (CHUNK_SIZE, n_chunks, processed_rel_paths, sha256, write_tree)
 from tests.integration.programs import (OMSI_BIN, Program, finish, produce_omsi_file, produce_ours, wait_for, write_omsi_config)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 MAX_IDLE = 3
 METADATA = {"lab": "MSI", "projet": "ünïcødé", "nested": {"run": 7, "tags": ["a", "b"]}}

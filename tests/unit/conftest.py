@@ -3,8 +3,12 @@ The fakes themselves live in :mod:`tests.unit.fakes`, importable by any test."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
 import pytest
 
+from girder_upload_stream import timings
 from tests.unit.fakes import Clock, Log
 
 
@@ -24,3 +28,12 @@ def wall_clock() -> Clock:
 def log() -> Log:
     """A fake topic of four partitions that hands out offsets."""
     return Log()
+
+
+@pytest.fixture
+def timing() -> Iterator[Callable[..., timings.Timings]]:
+    """``timing(shutdown_grace_seconds=1.0)``: this test runs with some of the run's
+    timings (girder_upload_stream/timings.py) changed, through the same configuration
+    production reads; undone at the end of the test."""
+    with ExitStack() as stack:
+        yield lambda **values: stack.enter_context(timings.overridden(**values))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from girder_upload_stream.loop import runner as runner_module
 from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
 from girder_upload_stream.ledger.units import Outcome
 from tests.unit.fakes import (TOPIC, Clock, FakeGroup, Job, MiB, Submitter, put_file)
@@ -173,8 +172,8 @@ def test_run_stops_when_idle_and_returns_a_summary() -> None:
     assert len(jobs[0].ticks) > 2
 
 
-def test_run_stops_at_max_runtime_even_while_busy(monkeypatch) -> None:
-    monkeypatch.setattr(runner_module, "SHUTDOWN_GRACE_SECONDS", 1.0)
+def test_run_stops_at_max_runtime_even_while_busy(timing) -> None:
+    timing(shutdown_grace_seconds=1.0)
     runner, group, _ = make(clock=Clock(step=0.25), max_runtime_seconds=3.0)
     put_file(group, b"m" * 4, "m.bin", [0])
     summary = runner.run()
@@ -211,8 +210,8 @@ def test_stop_requested_from_a_side_job() -> None:
 # ---------------------------------------------------------------- shutdown
 
 
-def test_shutdown_waits_for_uploads_then_commits_and_closes(monkeypatch) -> None:
-    monkeypatch.setattr(runner_module, "SHUTDOWN_GRACE_SECONDS", 50.0)
+def test_shutdown_waits_for_uploads_then_commits_and_closes(timing) -> None:
+    timing(shutdown_grace_seconds=50.0)
     job = Job()
     runner, group, submit = make(clock=Clock(step=0.1), jobs=[job],
                                  commit_interval_seconds=1000.0)
@@ -231,8 +230,8 @@ def test_shutdown_waits_for_uploads_then_commits_and_closes(monkeypatch) -> None
     assert summary.pending_messages == 0
 
 
-def test_shutdown_gives_up_after_the_grace_period(monkeypatch) -> None:
-    monkeypatch.setattr(runner_module, "SHUTDOWN_GRACE_SECONDS", 2.0)
+def test_shutdown_gives_up_after_the_grace_period(timing) -> None:
+    timing(shutdown_grace_seconds=2.0)
     runner, group, submit = make(clock=Clock(step=0.1))
     put_file(group, b"n" * 4, "never.bin", [0])
     put_file(group, b"d" * 4, "done.bin", [1])

@@ -284,10 +284,11 @@ class StreamProcessor(FileLife, Uploading):
             logger.error("%s", rejected.to_error())
             self.counters.files_failed += 1
             self.recorder.file_rejected(rejected)
-            if not retry:  # kept for the next run's retry otherwise: not dead yet
-                where = self.offsets.file_offsets(key)
-                self.recorder.file_messages_rejected(
-                    rejected, where if (tp, offset) in where else [*where, (tp, offset)])
+            # To the dead-letter topic too when the next run retries it: the operator
+            # sees every copy that failed (the reason says it is read again).
+            where = self.offsets.file_offsets(key)
+            self.recorder.file_messages_rejected(
+                rejected, where if (tp, offset) in where else [*where, (tp, offset)])
             self._finish(record, FileState.FAILED, retry=retry)
 
     def _stream(self, record: FileRecord, chunk: Chunk) -> None:

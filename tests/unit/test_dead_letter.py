@@ -229,12 +229,15 @@ def test_the_processor_reports_every_kind_of_rejection(tmp_path: Path) -> None:
     for msg in msgs:
         fetched[(msg.topic, msg.partition, msg.offset)] = (msg.key, msg.value)
         proc.handle(msg)
-    # 2b. a file whose sha512 fails is read again by the next run (another copy may
-    # verify): not a dead letter yet
+    # 2b. a file whose sha512 fails: both its messages (the next run reads them again,
+    # as the reason says: another copy may verify)
     wrong = _sha(b"something else")
-    for i, p in enumerate((b"abcd", b"efgh")):
-        proc.handle(log.put(i, *encode_chunk(Chunk("n.bin", wrong, _sha(p), 4 * i, i + 1,
-                                                       2, "", "", p))))
+    failed = [log.put(i, *encode_chunk(Chunk("n.bin", wrong, _sha(p), 4 * i, i + 1, 2, "",
+                                             "", p)))
+              for i, p in enumerate((b"abcd", b"efgh"))]
+    for msg in failed:
+        fetched[(msg.topic, msg.partition, msg.offset)] = (msg.key, msg.value)
+        proc.handle(msg)
     # 3. a late chunk of the rejected file
     late = log.put(2, msgs[0].key, msgs[0].value)
     proc.handle(late)
@@ -252,8 +255,12 @@ def test_the_processor_reports_every_kind_of_rejection(tmp_path: Path) -> None:
                    # a chunk of a rejected file
                    ("chunk_rejected", msgs[1].partition, msgs[1].offset):
                        (msgs[1].key, msgs[1].value),
-                   ("chunk_rejected", late.partition, late.offset): (late.key, late.value)}
-    assert len(producer.sent) == 4
+                   ("chunk_rejected", late.partition, late.offset): (late.key, late.value),
+                   **{("file_rejected", m.partition, m.offset): (m.key, m.value)
+                      for m in failed}}
+    assert len(producer.sent) == 6
+    assert all("read again by the next run" in s[3][HEADERS["reason"]]
+               for s in producer.sent if s[1] in {m.key for m in failed})
 
 
 # ---------------------------------------------------------------- settings

@@ -17,11 +17,16 @@ import pytest
 
 from tests.integration.local_files import CHUNK_SIZE
 
-__all__ = ["REPO_ROOT", "OMSI_BIN", "OUR_BIN", "OUR_CLI", "OUR_PROCESSOR", "TIMEOUT",
+__all__ = ["REPO_ROOT", "RETRY_LINE", "OMSI_BIN", "OUR_BIN", "OUR_CLI", "OUR_PROCESSOR", "TIMEOUT",
            "write_omsi_config", "Program", "wait_for", "produce_ours", "produce_omsi_file",
            "finish", "FAULT_CONSUMER_CONFIG", "STOP_LINE", "write_fault_config", "consumer_env",
            "consumer_argv", "stop_line", "stackctl", "girder_serves", "kafka_serves",
            "component_stopped"]
+
+
+#: A retried upload in a run's output: Prefect's task retry, the plain executor's retry
+#: (a run without a Prefect API) or the consumer's own later retry.
+RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retry \d+/\d+ in \d|retrying in \d+s")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

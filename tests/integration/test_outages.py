@@ -18,7 +18,7 @@ import pytest
 from tests.integration.girder_checks import (assert_exactly_once, complete_in_girder, root_folder_or_none)
 from tests.integration.kafka_checks import BackgroundProducer, committed_offsets, end_offsets
 from tests.integration.local_files import log_uniform_files
-from tests.integration.programs import (Program, component_stopped, consumer_argv, consumer_env, girder_serves, kafka_serves, stop_line, wait_for, write_fault_config)
+from tests.integration.programs import (RETRY_LINE, Program, component_stopped, consumer_argv, consumer_env, girder_serves, kafka_serves, stop_line, wait_for, write_fault_config)
 from tests.integration.girder_checks import default_root_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]  # stops Girder, then Kafka
@@ -38,8 +38,6 @@ MAX_IDLE_KAFKA = 8
 #: still for a session timeout or an outage.
 PROGRESS_SECONDS = 2
 MAX_PROGRESS_GAP = 6
-#: Prefect's task retries (2, 10, 30 s) and then the consumer's own retry every 15 s.
-RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retrying in \d+s")
 
 
 

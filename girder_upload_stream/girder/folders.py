@@ -187,16 +187,11 @@ class FolderMixin:
         ``hold``: the folder and its parents count as in use until
         :meth:`release_folder` (:meth:`prune_folders` leaves them alone meanwhile)."""
         check = shared if callable(shared) else (lambda: bool(shared))
-        root = self.root_folder_id()
+        root = self.root_folder_id()  # takes the folder lock itself
         names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
         with self._folder_lock:
-            parent = root
-            for depth in range(1, len(names) + 1):
-                key = "/".join(names[:depth])
-                if key not in self._folders:
-                    self._folders[key] = self._make_folder(
-                        parent, names[depth - 1], "folder", self._meta(created=True), check())
-                parent = self._folders[key]
+            parent = self._walk(root, names, lambda parent, name: self._make_folder(
+                parent, name, "folder", self._meta(created=True), check()))
             for depth in range(1, len(names) + 1) if hold else ():
                 key = "/".join(names[:depth])
                 self._busy[key] = self._busy.get(key, 0) + 1
@@ -206,19 +201,28 @@ class FolderMixin:
         """Id of the folder mirroring ``subdir`` if Girder has it (None: a part is
         missing), never made: a look-up must leave nothing behind. Found ones are
         cached, as made ones are."""
-        root = self.root_folder_id()
+        def find(parent: str, name: str) -> str | None:
+            found = self._folders_named(parent, "folder", name)
+            return min(found, key=lambda f: f["_id"])["_id"] if found else None
+        root = self.root_folder_id()  # takes the folder lock itself
         names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
         with self._folder_lock:
-            parent = root
-            for depth in range(1, len(names) + 1):
-                key = "/".join(names[:depth])
-                if key not in self._folders:
-                    found = self._folders_named(parent, "folder", names[depth - 1])
-                    if not found:
-                        return None
-                    self._folders[key] = min(found, key=lambda f: f["_id"])["_id"]
-                parent = self._folders[key]
-            return parent
+            return self._walk(root, names, find)
+
+    def _walk(self, parent: str, names: list[str],
+              step: Callable[[str, str], str | None]) -> str | None:
+        """Down from the root folder ``parent`` by ``names`` (under the folder lock): each
+        folder's id from the cache, else from ``step(parent_id, name)`` (cached); None
+        where it gives none."""
+        for depth in range(1, len(names) + 1):
+            key = "/".join(names[:depth])
+            if key not in self._folders:
+                found = step(parent, names[depth - 1])
+                if found is None:
+                    return None
+                self._folders[key] = found
+            parent = self._folders[key]
+        return parent
 
     def hold_folder(self, subdir: str, shared: bool | Callable[[], bool] = True) -> str:
         """:meth:`folder_for` with ``hold``: the folder stays until released."""

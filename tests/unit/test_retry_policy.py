@@ -41,6 +41,10 @@ def test_the_production_policy_is_the_documented_one():
     text = (ROOT / "docs" / "configuration.md").read_text()
     assert "60, 120, 240,\n300, 300... s" in text or "60, 120, 240, 300, 300... s" in text
     assert RetryPolicy().schedule(8)[3:] == [60, 120, 240, 300, 300]
+    row = re.search(r"^\| wait before its next attempt \(s\) \|(.*)\|$",
+                    (ROOT / "docs" / "architecture.md").read_text(), re.MULTILINE)
+    shown = [float(cell.split()[0]) for cell in row.group(1).split("|")]
+    assert shown == RetryPolicy().schedule(7)
 
 
 def test_the_policy_is_read_from_the_timings_in_force(timing):

@@ -16,7 +16,6 @@ unit's thread, as the memory budget plans for ``--n_threads`` upload blocks.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -29,8 +28,6 @@ from girder_upload_stream.retry_policy import Failure, classify
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["SIDE_BY_SIDE_MAX_BYTES", "upload_files", "find_files", "FileUploads"]
-
-logger = logging.getLogger(__name__)
 
 
 #: Files up to this size upload side by side (:class:`FileUploads`): their time is

@@ -16,59 +16,15 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from girder_upload_stream import startup
 from girder_upload_stream.loop.session import Hooks, girder_settings_from, run_session
 from girder_upload_stream.options import DEFAULTS
 from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_registry_fallback
-from girder_upload_stream.prefect_glue.task_logs import quiet_completed_task_runs
-from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
+from girder_upload_stream.tasks.upload import PrefectUploads
 
 __all__ = ["upload_stream", "handed_over"]
-
-
-class _FutureHandle:
-    """Checks a Prefect future without a round trip to the API on every poll."""
-
-    def __init__(self, future: Any) -> None:
-        self.future = future
-
-    def done(self) -> bool:
-        return self.future.wrapped_future.done()
-
-    def result(self) -> Any:
-        return self.future.result(raise_on_failure=True)
-
-
-class _TaskUploads:
-    """Upload units and lookups as Prefect task runs on a ``ThreadPoolTaskRunner``."""
-
-    def __init__(self, n_threads: int, files: Any = None) -> None:
-        self._runner = ThreadPoolTaskRunner(max_workers=n_threads)
-        self._files = files  # the run's small-file uploads (loop/uploads.py)
-        # Fewer rows in the Prefect database per task run: no 'Finished in state Completed()'.
-        self._quiet = quiet_completed_task_runs()
-
-    def __enter__(self) -> "_TaskUploads":
-        self._quiet.__enter__()
-        self._runner.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._runner.__exit__(*exc)
-        finally:
-            self._quiet.__exit__(*exc)
-
-    def submit_upload(self, unit: Any, store: Any) -> _FutureHandle:
-        return _FutureHandle(self._runner.submit(
-            upload_unit, {"unit": unit, "store": store, "files": self._files}))
-
-    def submit_probe(self, keys: list, store: Any) -> _FutureHandle:
-        return _FutureHandle(self._runner.submit(
-            find_in_girder, {"keys": keys, "store": store, "n": len(keys)}))
 
 
 #: What the command line prepared for the run it starts in this process (its checked
@@ -156,7 +112,7 @@ def upload_stream(
     params = dict(locals())
     params["girder_api_url"] = girder_api_url or os.environ.get("GIRDER_API_URL")
     girder = girder_settings_from(params, _api_key(girder_api_key, girder_api_key_block))
-    hooks = Hooks(log=get_run_logger(), uploads=_TaskUploads,
+    hooks = Hooks(log=get_run_logger(), uploads=PrefectUploads,
                   registry_fallback=load_registry_fallback, side_job=ArtifactPublisher,
                   interruptions=(TerminationSignal,))
     return run_session(params, girder, hooks, _take_prepared(girder, topic_name))

@@ -3,13 +3,16 @@
 Two branches tell a caller what to do with a failure:
 
 * :class:`TransientError` -- the world is temporarily wrong (a broker or server is
-  unreachable, a disk is full): retry later, do not commit the message offset.
+  unreachable, a disk is full): retry later, do not commit the message offset. Two
+  kinds of it say more: :class:`UnreachableError` (no answer at all) and
+  :class:`AuthenticationError` (credentials refused); both stop a batch at once.
 * :class:`TerminalError` -- the input itself is wrong (a malformed message, a file that
   fails its hash): record it and move on; retrying cannot help.
 
 Every exception carries optional context (Kafka topic, partition, offset, the file's
 relative path, and free-form details) and renders the fields that are set in ``str()``.
-Modules written later (Kafka, Girder clients) add their own subclasses under these.
+Modules written later (Kafka, Girder clients) add their own subclasses under these;
+callers decide by class (:mod:`~girder_upload_stream.retry_policy`), never by message.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from girder_upload_stream.text_bounds import LIMIT, bounded
 __all__ = [
     "GirderUploadStreamError",
     "TransientError",
+    "UnreachableError",
+    "AuthenticationError",
     "TerminalError",
     "FatalError",
     "ChunkDecodeError",
@@ -102,6 +107,17 @@ class GirderUploadStreamError(Exception):
 
 class TransientError(GirderUploadStreamError):
     """A failure that may go away by itself: retry, and do not commit past it."""
+
+
+class UnreachableError(TransientError):
+    """A server gave no answer (connection refused or reset, a timeout): every other
+    request to it would meet the same, so a batch of work stops at once."""
+
+
+class AuthenticationError(TransientError):
+    """A server refused the credentials (a key at log-in, an expired or revoked token).
+    Transient on purpose: no input fails for good because of it; the work waits and the
+    client logs in again. Every other request would meet it too."""
 
 
 class TerminalError(GirderUploadStreamError):

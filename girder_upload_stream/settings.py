@@ -108,8 +108,9 @@ class RunSettings(BaseModel):
     poll_batch: int = Field(default=500, ge=1)
     commit_interval_seconds: float = 1.0
     registry_interval_seconds: float = 2.0
-    #: Wait before a file of a unit that failed transiently is tried again (the run's
-    #: ``ledger_retry_seconds``, girder_upload_stream/timings.py).
+    #: Wait before a re-read file Girder could not be asked about is looked up again
+    #: (the run's ``ledger_retry_seconds``, girder_upload_stream/timings.py); upload
+    #: retries follow girder_upload_stream/retry_policy.py.
     retry_delay_seconds: float = Field(
         default_factory=lambda: timings.current().ledger_retry_seconds, ge=0)
     #: A partial file with no new chunk for this long stops holding commits (None: never).

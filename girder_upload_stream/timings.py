@@ -30,10 +30,15 @@ class Timings:
     """The run's timings (seconds). Metadata ``doc`` is the text of the docs table."""
 
     upload_retry_delays: tuple[float, ...] = field(default=(2.0, 10.0, 30.0), metadata={
-        "doc": "waits before each retry of an upload unit that met a transient Girder error "
-               "(their number is the number of retries)"})
+        "doc": "waits before the first retries of a file whose upload met a transient error "
+               "(Girder unreachable, 429, 5xx, a refused token); each later wait is twice "
+               "the one before (retry_policy.py)"})
+    upload_retry_max_seconds: float = field(default=300.0, metadata={
+        "doc": "the cap of those waits: a file that keeps failing transiently is tried "
+               "again at least this often while the run lasts, its messages uncommitted"})
     ledger_retry_seconds: float = field(default=15.0, metadata={
-        "doc": "wait before a file whose upload unit failed transiently is tried again"})
+        "doc": "wait before a re-read file that Girder could not be asked about (restart "
+               "check) is looked up again"})
     stuck_group_seconds: float = field(default=60.0, metadata={
         "doc": "a consumer group unsettled this long counts as stuck; its consumer is "
                "replaced once the broker answers (a broker restart settles within about "

@@ -2,11 +2,15 @@
 
 girder-client raises ``requests`` exceptions whose texts quote the request's URL, and
 ``HttpError`` with Girder's answer. :func:`translate` turns them into
-:class:`GirderTransientError` (retry: connection errors, 429, 5xx),
-:class:`GirderAuthError` (a transient one: the key or its token was refused) or
-:class:`GirderTerminalError` (record and move on: other 4xx), built from texts with the
-secrets masked (:func:`~girder_upload_stream.redact.redact`); the library's exception
-is never kept in them.
+:class:`GirderTransientError` (retry: 429, 5xx), :class:`GirderUnreachableError` (a
+transient one: no answer at all), :class:`GirderAuthError` (a transient one: the key or
+its token was refused) or :class:`GirderTerminalError` (record and move on: other 4xx),
+built from texts with the secrets masked (:func:`~girder_upload_stream.redact.redact`);
+the library's exception is never kept in them. Every HTTP answer's error keeps its
+``status``; the two 400 answers the store acts on get their own class here, the one
+place that reads Girder's answer: :class:`GirderUnknownIdError` ("Invalid folder id")
+and :class:`GirderNameTakenError` ("A folder with that name already exists here").
+Callers decide by class and ``status``, never by an error's text.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import json
 import re
 
-from girder_upload_stream.errors import (FatalError, GirderUploadStreamError, TerminalError,
-                                         TransientError)
+from girder_upload_stream.errors import (AuthenticationError, FatalError,
+                                         GirderUploadStreamError, TerminalError, TransientError,
+                                         UnreachableError)
 from girder_upload_stream.redact import redact
 
 __all__ = ["LOGIN", "GirderTransientError", "GirderTerminalError", "GirderAuthError",
+           "GirderUnreachableError", "GirderUnknownIdError", "GirderNameTakenError",
            "GirderStartupError", "GirderRootFolderGone", "girder_name", "translate"]
 
 #: The ``what`` of the log-in request: a 400/403 answer to it means a refused key.
@@ -26,14 +32,39 @@ LOGIN = "log in"
 
 
 class GirderTransientError(TransientError):
-    """Girder could not be reached or answered 429/5xx: retry later."""
+    """Girder could not be reached or answered 429/5xx: retry later. ``status``: the
+    HTTP status of its answer (None: no answer)."""
+
+    status: int | None = None
+
+
+class GirderUnreachableError(GirderTransientError, UnreachableError):
+    """No answer from Girder (connection refused or reset, a timeout)."""
 
 
 class GirderTerminalError(TerminalError):
-    """Girder refused the request for a reason a retry will not fix."""
+    """Girder refused the request for a reason a retry will not fix. ``status``: the
+    HTTP status of its answer (None: refused before any request)."""
+
+    status: int | None = None
 
 
-class GirderAuthError(GirderTransientError):
+class GirderUnknownIdError(GirderTerminalError):
+    """Girder answered 400 "Invalid <model> id": it does not know that document (deleted
+    since, or never readable with this key). ``model``: "folder", "item"..."""
+
+    model: str = ""
+
+
+class GirderNameTakenError(GirderTerminalError):
+    """Girder refused to create a document whose name is taken in its parent (400 "A
+    folder with that name already exists here."). ``taken_by``: what holds the name
+    ("folder", "item", "collection"...)."""
+
+    taken_by: str = ""
+
+
+class GirderAuthError(GirderTransientError, AuthenticationError):
     """Girder did not accept the API key at log-in (Girder 5 answers 400), or no longer
     accepts the token it gave (401: expired, or revoked with its key). Transient on
     purpose: a file never fails for good because of it; it waits, its messages stay
@@ -81,6 +112,31 @@ def _server_message(text: str) -> str:
     return str(answer.get("message", text)) if isinstance(answer, dict) else text
 
 
+#: Girder's texts for the 400 answers that get a class of their own (Girder 3-5: a
+#: ``RestException`` of ``describe.py``'s model loading, a ``ValidationException`` of the
+#: models' name checks); the group names the model.
+_UNKNOWN_ID = re.compile(r"Invalid (\w+) id \(")
+_NAME_TAKEN = re.compile(r"An? (\w+) with that name already exists")
+
+
+def _answer_class(what: str, status: int, message: str
+                  ) -> tuple[type[GirderUploadStreamError], dict[str, str]]:
+    """The class of our error for Girder's answer ``status`` with ``message`` (the text
+    of its JSON answer), and the attributes it gets."""
+    if status == 401 or (what == LOGIN and status in (400, 403)):
+        return GirderAuthError, {}
+    if status == 429 or status >= 500:
+        return GirderTransientError, {}
+    if status == 400:
+        found = _UNKNOWN_ID.match(message)
+        if found:
+            return GirderUnknownIdError, {"model": found.group(1).lower()}
+        found = _NAME_TAKEN.match(message)
+        if found:
+            return GirderNameTakenError, {"taken_by": found.group(1).lower()}
+    return GirderTerminalError, {}
+
+
 def translate(exc: Exception, what: str, rel_path: str | None,
               secrets: tuple[str, ...]) -> GirderUploadStreamError | None:
     """Our error for a library exception (None: not a request error), built from texts
@@ -89,17 +145,17 @@ def translate(exc: Exception, what: str, rel_path: str | None,
     from girder_client import HttpError
     if isinstance(exc, HttpError):
         status = exc.status
-        text = redact(_server_message(exc.responseText or ""), secrets)[:300]
-        if status == 401 or (what == LOGIN and status in (400, 403)):
-            cls: type[GirderUploadStreamError] = GirderAuthError
-        elif status == 429 or status >= 500:
-            cls = GirderTransientError
-        else:
-            cls = GirderTerminalError
-        return cls(f"{what}: HTTP {status}: {text}", rel_path=rel_path)
+        message = _server_message(exc.responseText or "")
+        cls, attributes = _answer_class(what, status, message)
+        error = cls(f"{what}: HTTP {status}: {redact(message, secrets)[:300]}",
+                    rel_path=rel_path)
+        error.status = status  # type: ignore[attr-defined] - every class here has it
+        for name, value in attributes.items():
+            setattr(error, name, value)
+        return error
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        return GirderTransientError(f"{what}: Girder unreachable: {redact(exc, secrets)}",
-                                    rel_path=rel_path)
+        return GirderUnreachableError(f"{what}: Girder unreachable: {redact(exc, secrets)}",
+                                      rel_path=rel_path)
     if isinstance(exc, requests.RequestException):
         return GirderTransientError(f"{what}: {redact(exc, secrets)}", rel_path=rel_path)
     return None

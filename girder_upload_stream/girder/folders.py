@@ -18,8 +18,8 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from girder_upload_stream.errors import GirderUploadStreamError
-from girder_upload_stream.girder.errors import (GirderRootFolderGone, GirderTerminalError,
-                                                girder_name)
+from girder_upload_stream.girder.errors import (GirderNameTakenError, GirderRootFolderGone,
+                                                GirderTerminalError, girder_name)
 
 __all__ = ["FolderMixin"]
 
@@ -114,10 +114,10 @@ class FolderMixin:
             try:
                 collection = self._call(lambda: client.createCollection(name, public=True),
                                         "create collection")
-            except GirderTerminalError as exc:
+            except GirderNameTakenError:
                 # Another consumer of the group created it since we looked.
                 collection = self._find_collection(name)
-                if "already exists" not in str(exc) or collection is None:
+                if collection is None:
                     raise
         return collection
 
@@ -129,7 +129,7 @@ class FolderMixin:
             return self._call(lambda: client.resourceLookup(f"/collection/{name}"),
                               "find collection")
         except GirderTerminalError as exc:
-            if "HTTP 400" in str(exc):
+            if exc.status == 400:
                 return None
             raise
 
@@ -147,9 +147,9 @@ class FolderMixin:
                 mine = self._call(lambda: client.createFolder(
                     parent, name, parentType=parent_type, metadata=metadata),
                     f"create folder {name!r}")
-            except GirderTerminalError as exc:
-                if "a folder with that name already exists" not in str(exc).lower():
-                    raise  # an item of that name (or another refusal): terminal
+            except GirderNameTakenError as exc:
+                if exc.taken_by != "folder":
+                    raise  # an item of that name: terminal
                 found = self._folders_named(parent, parent_type, name)
                 if found:
                     return min(found, key=lambda f: f["_id"])["_id"]

@@ -39,7 +39,8 @@ from girder_upload_stream.girder.existing import ExistingItemMixin
 from girder_upload_stream.girder.folders import FolderMixin
 from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderRootFolderGone,
                                                 GirderStartupError, GirderTerminalError,
-                                                GirderTransientError, girder_name, translate)
+                                                GirderTransientError, GirderUnknownIdError,
+                                                girder_name, translate)
 from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.settings import GirderSettings
@@ -274,10 +275,10 @@ class GirderStore(ExistingItemMixin, FolderMixin):
             return self._call(lambda: client.createItem(
                 folder, name, metadata=self._meta(completed.sha256, created=True)), "create item",
                 completed.rel_path)
-        except GirderTerminalError as exc:
-            if "HTTP 400" in str(exc) and "invalid folder id" in str(exc).lower():
-                raise _StaleFolder(str(exc), rel_path=completed.rel_path) from None
-            raise
+        except GirderUnknownIdError as exc:
+            if exc.model != "folder":
+                raise
+            raise _StaleFolder(str(exc), rel_path=completed.rel_path) from None
 
     def _items_named(self, folder: str, name: str, rel_path: str) -> list[dict]:
         client = self._client()

@@ -297,7 +297,7 @@ class StreamSession:
     def finish(self, completed: CompletedFile, shared: Callable[[], bool]) -> FileOutcome:
         """The verified file: send what is left and set the metadata; or, when nothing
         was streamed (or the stream broke), upload it whole. Transient errors raise (the
-        task retries: the next call resumes at Girder's offset)."""
+        file is tried again later: the next call resumes at Girder's offset)."""
         self._stop_thread()
         self._release()
         if self.state is SessionState.STREAMING and completed.size != self.plan.size:

@@ -339,7 +339,7 @@ def ensure_key_exchange_topics(settings: dict[str, str], topic: str,
     """Create the key-exchange topics of ``topic`` that are missing (the broker does not
     create topics by itself); returns the ones created. kafkacrypto reads partition 0
     only, so they have one partition; the replication factor is the broker's default."""
-    from confluent_kafka import KafkaException
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient(dict(settings))
     try:
@@ -354,8 +354,9 @@ def ensure_key_exchange_topics(settings: dict[str, str], topic: str,
                 future.result(timeout=timeout)
                 created.append(name)
             except KafkaException as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):  # made by another producer
-                    raise
+                error = exc.args[0] if exc.args else None
+                if getattr(error, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise  # not made by another producer meanwhile
     except KafkaException as exc:
         raise ConfigError(f"cannot create the KafkaCrypto key-exchange topics "
                           f"{', '.join(key_exchange_topics(topic))}: {exc}") from None

@@ -32,6 +32,7 @@ from girder_upload_stream.ledger.streams import (MAX_OPEN_STREAMS, StreamHandle,
                                                  wants_stream)
 from girder_upload_stream.ledger.units import FileOutcome, Outcome, UploadUnit
 from girder_upload_stream.ledger.uploading import RETRIED_NEXT_RUN, Uploading
+from girder_upload_stream.retry_policy import RetryPolicy
 from girder_upload_stream.wire.codec import Chunk, FileKey, decode_chunk
 
 # The exchanged types are re-exported: callers of the processor need them.
@@ -54,6 +55,7 @@ class StreamProcessor(FileLife, Uploading):
     def __init__(self, reassembler: Reassembler, *, download_regex: re.Pattern[str] | None = None,
                  recorder: Recorder | None = None, max_unit_files: int = 64,
                  max_unit_bytes: int = 16 << 20, retry_delay: float = 15.0,
+                 retry_policy: RetryPolicy | None = None,
                  known_done: set[tuple[str, str]] | None = None,
                  known_pending: set[tuple[str, str]] | None = None,
                  known_in_girder: set[tuple[str, str]] | None = None,
@@ -88,6 +90,9 @@ class StreamProcessor(FileLife, Uploading):
         self.stream_shared: Callable[[], bool] = lambda: False  # set by the loop
         self.max_unit_files, self.max_unit_bytes = max_unit_files, max_unit_bytes
         self.retry_delay, self._clock, self._wall_clock = retry_delay, clock, wall_clock
+        #: When a file whose upload failed transiently is tried again (``retry_delay``:
+        #: an unanswered Girder lookup; also every file retry when no policy is given).
+        self.retry_policy = retry_policy or RetryPolicy.constant(retry_delay)
         self._last_stale_check = wall_clock()
         self._units: dict[int, UploadUnit] = {}
         self._next_unit = 1

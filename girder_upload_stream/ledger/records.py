@@ -105,6 +105,7 @@ class FileRecord:
     completed: CompletedFile | None = None
     unit_id: int | None = None
     retry_at: float = 0.0
+    failures: int = 0  # transient upload failures so far (retry_policy.py's count)
     message_bytes: int = 0
     looked_up: bool = False  # a Girder lookup was wanted once (at most once per record)
     #: The streamed upload of this file (an opaque handle of the I/O side), from

@@ -1,8 +1,9 @@
 """What travels between the polling loop and the upload tasks.
 
 An :class:`UploadUnit` groups completed files so that many small files cost one Prefect
-task run (the local Prefect server records only ~45 task runs per second); a retry
-re-runs the whole unit, which is safe because uploads skip identical content.
+task run (the local Prefect server records only ~45 task runs per second). A unit runs
+once; the files of it that failed transiently are packed into new units when their
+retry is due (retry_policy.py), which is safe because uploads skip identical content.
 """
 
 from __future__ import annotations

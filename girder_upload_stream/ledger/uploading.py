@@ -8,7 +8,7 @@ import logging
 from dataclasses import replace
 
 from girder_upload_stream.assembly.reassembly import CompletedFile
-from girder_upload_stream.ledger.records import FileState, Role
+from girder_upload_stream.ledger.records import FileRecord, FileState, Role
 from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit,
                                                group_into_units, stripe_into_units)
 
@@ -38,7 +38,8 @@ class Uploading:
         if free <= 0:
             return []  # every worker busy: sort and pack when one frees up, not each round
         now = self._clock()
-        self.ledger.due(now)
+        if self.ledger.due(now):  # they waited their retry delay: no linger on top
+            self._ready_since = min(self._ready_since or now, now - self.linger_seconds)
         ready = self.ledger.in_state(FileState.READY)
         if not ready:
             self._ready_since = None
@@ -110,7 +111,8 @@ class Uploading:
                 self.reassembler.release(completed)
 
     def fail_unit(self, unit: UploadUnit, reason: str) -> None:
-        """A whole unit failed (its task crashed or ran out of retries): retry it later."""
+        """A whole unit failed (it raised: Girder unreachable, a refused token, a 5xx for
+        one of its files, a crash): its files not settled yet are tried again later."""
         self.finish_unit(unit, [FileOutcome(f.rel_path, f.file_key,
                                             Outcome.FAILED_TRANSIENT, reason) for f in unit.files])
 
@@ -126,9 +128,7 @@ class Uploading:
             outcome = replace(outcome, reason=f"{outcome.reason}; {RETRIED_NEXT_RUN}")
         self.recorder.file_outcome(completed, outcome)
         if not outcome.outcome.durable:
-            logger.warning("upload of %s failed (%s); retrying in %.0fs",
-                           completed.rel_path, outcome.reason, self.retry_delay)
-            self.ledger.retry_later(record.key, self._clock() + self.retry_delay)
+            self._retry_later(record, outcome.reason)
             return
         self._count_outcome(completed, outcome)
         self.last_settled_at = self._clock()
@@ -141,6 +141,15 @@ class Uploading:
             self.counters.files_to_retry += 1
         else:
             self._register_repeats(record.key)
+
+    def _retry_later(self, record: FileRecord, reason: str) -> None:
+        """A transient failure: the file waits (registered, its messages uncommitted)
+        for its next attempt, after the retry policy's delay (retry_policy.py)."""
+        record.failures += 1
+        delay = self.retry_policy.delay(record.failures)
+        logger.warning("upload of %s failed (%s); attempt %d, retrying in %.0fs",
+                       record.key[0], reason, record.failures, delay)
+        self.ledger.retry_later(record.key, self._clock() + delay)
 
     def _count_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:
         if outcome.outcome is Outcome.FAILED_TERMINAL:

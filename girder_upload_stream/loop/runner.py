@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from girder_upload_stream import failpoints, startup, timings
 from girder_upload_stream.errors import FatalError
+from girder_upload_stream.retry_policy import classify
 from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
@@ -219,8 +220,9 @@ class StreamRunner:
             del self._handles[unit_id]
             try:
                 outcomes = handle.result()
-            except Exception as exc:  # the task failed after its retries
-                logger.warning("upload unit %d failed: %s", unit_id, exc)
+            except Exception as exc:  # the unit raised: its files are tried again later
+                logger.warning("upload unit %d failed (%s): %s", unit_id,
+                               classify(exc).value, exc)
                 self.processor.fail_unit(unit, f"{type(exc).__name__}: {exc}")
                 if isinstance(exc, FatalError) and self.fatal is None:
                     self.fatal = exc  # the run stops (see _stop_reason)

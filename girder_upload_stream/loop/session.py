@@ -3,9 +3,10 @@
 command line when a Prefect API is configured) or the command line alone, without a
 Prefect API, which then imports no Prefect module and starts no API server.
 
-The two differ only in what :class:`Hooks` gives: how upload units run (Prefect tasks,
-or :class:`~girder_upload_stream.loop.uploads.ThreadUploads` with the same retry
-policy), the run's logger, and the Prefect-only extras (artifacts, the registry
+The two differ only in what :class:`Hooks` gives: how upload units run (the
+:class:`~girder_upload_stream.loop.executor.UploadExecutor` filled by Prefect task runs,
+or by :class:`~girder_upload_stream.loop.executor.ThreadUploads`; neither retries: the
+ledger does, by one policy), the run's logger, and the Prefect-only extras (artifacts, the registry
 fallback read from them, Prefect's termination signal). Everything else (settings,
 the Girder start-up check, the loop, the registries, the summary) is this module's, so
 both ways behave alike. No Prefect import here.
@@ -16,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -31,6 +32,7 @@ from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import StreamingUploads
 from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
 from girder_upload_stream.memory_plan import plan_memory, tune_malloc
+from girder_upload_stream.loop.executor import UploadExecutor
 from girder_upload_stream.loop.uploads import FileUploads
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
 from girder_upload_stream.loop.wiring import (build_runner, dead_letter_settings,
@@ -38,18 +40,8 @@ from girder_upload_stream.loop.wiring import (build_runner, dead_letter_settings
                                               log_topic_settings)
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
-__all__ = ["Uploads", "Hooks", "Prepared", "girder_settings_from", "checked_store", "prepare",
+__all__ = ["Hooks", "Prepared", "girder_settings_from", "checked_store", "prepare",
            "run_session", "plain_hooks"]
-
-
-class Uploads(Protocol):
-    """Runs upload units and Girder lookups; a context manager that, on exit, waits
-    for what is running."""
-
-    def __enter__(self) -> Uploads: ...
-    def __exit__(self, *exc: object) -> Any: ...
-    def submit_upload(self, unit: UploadUnit, store: GirderStore) -> Any: ...
-    def submit_probe(self, keys: list, store: GirderStore) -> Any: ...
 
 
 @dataclass
@@ -57,8 +49,8 @@ class Hooks:
     """What differs between a run under Prefect and one without."""
 
     log: Any  # a logging.Logger or Prefect's run logger
-    #: (n_threads, files=the run's FileUploads) -> Uploads
-    uploads: Callable[[int, FileUploads], AbstractContextManager[Uploads]]
+    #: (n_threads, files=the run's FileUploads) -> the run's executor
+    uploads: Callable[[int, FileUploads], UploadExecutor]
     registry_fallback: Callable[[str, str], set[tuple[str, str]]] | None = None
     side_job: Callable[[Any, str, str], SideJob] | None = None  # (recorder, topic, group)
     interruptions: tuple[type[BaseException], ...] = ()  # stop the run gracefully
@@ -292,5 +284,5 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
 
 def plain_hooks(log: logging.Logger | None = None) -> Hooks:
     """The hooks of a run without Prefect: upload units on a plain thread pool."""
-    from girder_upload_stream.loop.uploads import ThreadUploads
+    from girder_upload_stream.loop.executor import ThreadUploads
     return Hooks(log=log or logging.getLogger("girder_upload_stream.run"), uploads=ThreadUploads)

@@ -1,13 +1,10 @@
-"""What one upload unit and one Girder lookup do, their retry policy, the plain
-thread pool that runs units when no Prefect API is configured, and the run's pool of
-small-file uploads that units share.
+"""What one upload unit and one Girder lookup do, and the run's pool of small-file
+uploads that units share. Both ways of running them (Prefect task runs or plain
+threads, :mod:`~girder_upload_stream.loop.executor`) call these same functions once
+per job; retries are the ledger's, after :mod:`~girder_upload_stream.retry_policy`'s
+delays, so a run behaves alike whether Prefect records it or not. No Prefect import.
 
-The Prefect tasks of :mod:`girder_upload_stream.tasks.upload` call the same two
-functions with the same policy (the retry delays of :mod:`~girder_upload_stream.timings`,
-:func:`is_retryable`), so a run
-behaves alike whether Prefect records it or not. No Prefect import here.
-
-``--n_threads`` units run at once (task runs, or :class:`ThreadUploads`' threads); the
+``--n_threads`` units run at once (task runs, or ``ThreadUploads``' threads); the
 small files of every running unit go side by side through one :class:`FileUploads`,
 as many in flight as its :class:`~girder_upload_stream.loop.concurrency.AdaptiveLimit`
 allows (``--n_threads`` at first, then more while Girder keeps up, up to
@@ -19,27 +16,18 @@ unit's thread, as the memory budget plans for ``--n_threads`` upload blocks.
 
 from __future__ import annotations
 
-import logging
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from girder_upload_stream import timings
 from girder_upload_stream.assembly.reassembly import CompletedFile
-from girder_upload_stream.errors import TransientError
-from girder_upload_stream.girder.errors import GirderAuthError
-from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, is_shared, report_outcome
+from girder_upload_stream.errors import TerminalError, TransientError
+from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, is_shared,
+                                               report_outcome)
 from girder_upload_stream.loop.concurrency import AdaptiveLimit, InFlightGate
+from girder_upload_stream.retry_policy import Failure, classify
 from girder_upload_stream.wire.codec import FileKey
 
-__all__ = ["RETRY_DELAYS", "SIDE_BY_SIDE_MAX_BYTES", "is_retryable", "upload_files",
-           "find_files", "FileUploads", "ThreadUploads"]
-
-logger = logging.getLogger(__name__)
-
-#: Seconds before each retry of an upload unit that raised a transient error, in
-#: production; a run uses ``upload_retry_delays`` of :func:`timings.current`.
-RETRY_DELAYS: tuple[float, ...] = timings.Timings().upload_retry_delays
+__all__ = ["SIDE_BY_SIDE_MAX_BYTES", "upload_files", "find_files", "FileUploads"]
 
 
 #: Files up to this size upload side by side (:class:`FileUploads`): their time is
@@ -47,23 +35,20 @@ RETRY_DELAYS: tuple[float, ...] = timings.Timings().upload_retry_delays
 SIDE_BY_SIDE_MAX_BYTES = 4 << 20
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Only transient errors are retried (Girder down, 429, 5xx, a refused token)."""
-    return isinstance(exc, TransientError)
-
-
 def upload_files(unit: UploadUnit, store: Any, files: FileUploads | None = None
                  ) -> list[FileOutcome]:
-    """Upload every file of ``unit``; terminal problems come back as outcomes, transient
-    ones raise so that the unit is retried. When Girder answered (a 5xx or 429 for
-    one file), the unit's other files are tried first: one file Girder keeps refusing
-    must not hold back the files packed with it. When Girder could not be reached, the
-    error is raised at once (the other files would only wait for it too). ``store`` is
-    the run's :class:`~girder_upload_stream.girder.store.GirderStore`. A file streamed
-    into Girder while it arrived is finished by its session (girder/streaming.py): the
-    rest of its bytes once verified, then its metadata; a retry resumes at Girder's
-    offset. With ``files`` (the run's :class:`FileUploads`), the unit's small files
-    upload side by side there while this thread takes the others one by one."""
+    """Upload every file of ``unit``, once. Terminal problems come back as outcomes;
+    transient ones raise, and the ledger tries the unit's unsettled files again later
+    (retry_policy.py). When Girder answered (a 5xx or 429 for one file), the unit's
+    other files are tried first: one file Girder keeps refusing must not hold back the
+    files packed with it. When the failure would meet every file (Girder unreachable,
+    a refused token: :attr:`Failure.stops_the_batch`), it is raised at once. ``store``
+    is the run's :class:`~girder_upload_stream.girder.store.GirderStore`. A file
+    streamed into Girder while it arrived is finished by its session
+    (girder/streaming.py): the rest of its bytes once verified, then its metadata; a
+    later attempt resumes at Girder's offset. With ``files`` (the run's
+    :class:`FileUploads`), the unit's small files upload side by side there while this
+    thread takes the others one by one."""
     side, own = _split(unit, files)
     futures = [(c, files.submit(lambda c=c: _upload_one(unit, store, c))) for c in side] \
         if files is not None else []
@@ -71,12 +56,12 @@ def upload_files(unit: UploadUnit, store: Any, files: FileUploads | None = None
     deferred: TransientError | None = None
     try:
         for completed in own:
-            deferred = _settle(unit, lambda c=completed: _upload_one(unit, store, c),
+            deferred = _settle(unit, completed, lambda c=completed: _upload_one(unit, store, c),
                                outcomes, deferred)
-        for _, future in futures:
-            deferred = _settle(unit, future.result, outcomes, deferred)
+        for completed, future in futures:
+            deferred = _settle(unit, completed, future.result, outcomes, deferred)
     finally:
-        for _, future in futures:  # Girder unreachable: the rest would only wait too
+        for _, future in futures:  # stopped early: the rest would only wait too
             future.cancel()
     if deferred is not None:
         raise deferred
@@ -108,28 +93,24 @@ def _upload_one(unit: UploadUnit, store: Any, completed: CompletedFile) -> FileO
     return store.upload(completed, shared=lambda: is_shared(unit))
 
 
-def _settle(unit: UploadUnit, attempt: Callable[[], FileOutcome], outcomes: list[FileOutcome],
-            deferred: TransientError | None) -> TransientError | None:
+def _settle(unit: UploadUnit, completed: CompletedFile, attempt: Callable[[], FileOutcome],
+            outcomes: list[FileOutcome], deferred: TransientError | None
+            ) -> TransientError | None:
     """Run or wait for one file's upload: its outcome reported and kept, or the first
-    transient error Girder answered kept for the end (raised at once when Girder could
-    not be reached)."""
+    transient error Girder answered kept for the end (one that stops the batch raised
+    at once). A terminal error raised for the file is its outcome (failed for good)."""
     try:
         outcome = attempt()
+    except TerminalError as exc:
+        outcome = FileOutcome(completed.rel_path, completed.file_key, Outcome.FAILED_TERMINAL,
+                              str(exc))
     except TransientError as exc:
-        if not _girder_answered(exc):
+        if classify(exc).stops_the_batch:
             raise
         return deferred or exc
     report_outcome(unit, outcome)  # settles it before the unit ends
     outcomes.append(outcome)
     return deferred
-
-
-def _girder_answered(exc: TransientError) -> bool:
-    """True for an HTTP answer (5xx, 429) about one request; False for an unreachable
-    Girder (connection refused or reset, a timeout: see the texts of
-    girder_upload_stream/girder/errors.py) and for a refused token, which every other
-    file would meet too."""
-    return not isinstance(exc, GirderAuthError) and "Girder unreachable" not in exc.message
 
 
 def find_files(keys: list[FileKey], store: Any) -> list[tuple[FileKey, bool | None]]:
@@ -172,51 +153,7 @@ class FileUploads:
         except TransientError as exc:
             # 429, 5xx or no answer: Girder is overloaded or failing. A refused token
             # says nothing about its load.
-            ok = None if isinstance(exc, GirderAuthError) else False
+            ok = None if classify(exc) is Failure.AUTHENTICATION else False
             raise
         finally:
             self.gate.release(token, ok)
-
-
-class ThreadUploads:
-    """Upload units and lookups on ``n_threads`` threads, without Prefect: the policy
-    of the Prefect tasks (retries after ``upload_retry_delays`` for transient errors
-    only; lookups never retried); ``files``, the run's :class:`FileUploads`. Leaving the
-    ``with`` block cancels what has not started, ends retry waits and waits for the units
-    still running, as Prefect's ``ThreadPoolTaskRunner`` does."""
-
-    def __init__(self, n_threads: int, delays: tuple[float, ...] | None = None,
-                 files: FileUploads | None = None) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="upload")
-        self._closing = threading.Event()
-        self._delays = timings.current().upload_retry_delays if delays is None else delays
-        self._files = files
-
-    def __enter__(self) -> ThreadUploads:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closing.set()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def submit_upload(self, unit: UploadUnit, store: Any) -> Future:
-        return self._executor.submit(self._with_retries,
-                                     lambda: upload_files(unit, store, self._files),
-                                     f"upload unit {unit.unit_id} ({unit.nbytes} bytes)")
-
-    def submit_probe(self, keys: list[FileKey], store: Any) -> Future:
-        return self._executor.submit(find_files, keys, store)
-
-    def _with_retries(self, attempt: Callable[[], list[FileOutcome]], name: str
-                      ) -> list[FileOutcome]:
-        for number, delay in enumerate((*self._delays, None), start=1):
-            try:
-                return attempt()
-            except Exception as exc:
-                if delay is None or not is_retryable(exc) or self._closing.is_set():
-                    raise
-                logger.warning("%s failed (%s); retry %d/%d in %g s", name, exc, number,
-                               len(self._delays), delay)
-                if self._closing.wait(delay):
-                    raise
-        raise AssertionError("unreachable")  # the loop returns or raises

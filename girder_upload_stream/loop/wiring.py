@@ -27,6 +27,7 @@ from girder_upload_stream.loop.progress import ProgressLine
 from girder_upload_stream.assembly.reassembly import Reassembler, reserved_paths
 from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner
+from girder_upload_stream.retry_policy import RetryPolicy
 from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, KafkaSettings,
                                            RunSettings)
 
@@ -260,7 +261,7 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
         reassembler, download_regex=re.compile(run.download_regex) if run.download_regex else None,
         recorder=recorder, max_unit_files=run.max_unit_files,
         max_unit_bytes=run.max_unit_bytes, retry_delay=run.retry_delay_seconds,
-        known_done=known_done, known_pending=recorder.pending_keys(),
+        retry_policy=RetryPolicy.current(), known_done=known_done, known_pending=recorder.pending_keys(),
         known_in_girder=recorder.in_girder_keys() | (known_done - recorder.processed_keys()),
         stale_partial_seconds=run.stale_partial_seconds,
         max_inflight_units=kafka.n_threads,  # the flow runs n_threads upload tasks

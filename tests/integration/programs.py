@@ -24,8 +24,8 @@ __all__ = ["REPO_ROOT", "RETRY_LINE", "OMSI_BIN", "OUR_BIN", "OUR_CLI", "OUR_PRO
            "component_stopped"]
 
 
-#: A retried upload in a run's output: Prefect's task retry, the plain executor's retry
-#: (a run without a Prefect API) or the consumer's own later retry.
+#: A retried upload in a run's output: the consumer's retry of a file (retry_policy.py;
+#: "retrying in"), or the older forms (Prefect's task retry, the plain executor's).
 RETRY_LINE = re.compile(r"Retry \d+/\d+ will start|retry \d+/\d+ in \d|retrying in \d+s")
 
 

@@ -6,8 +6,8 @@ replaced contents.
 
 What ours must do:
 
-* transient (5xx, 429, a dropped connection): retried (Prefect's task retries, then the
-  consumer's own retry every 15 s); the file lands once; its messages stay uncommitted
+* transient (5xx, 429, a dropped connection): retried by the consumer's one retry policy
+  (girder_upload_stream/retry_policy.py: 2, 10, 30 s, then up to 5 min); the file lands once; its messages stay uncommitted
   until it has;
 * terminal (4xx) at a file's step: the file is registered ``failed`` with the reason,
   the commit moves on, and the next run of the same group reads the file's messages

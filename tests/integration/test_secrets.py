@@ -230,7 +230,7 @@ def test_no_key_anywhere_when_girder_goes_away_after_start_up(
                                                "sub/b.bin": bytes(range(256)) * 400})
         finish(produce_ours(tmp_path / "tree", topic, stack_env["KAFKA_BOOTSTRAP_SERVERS"],
                             tmp_path), "our produce")
-        # Prefect's task retries run out (2 + 10 + 30 s): the failures reach the registry.
+        # The first failed attempt of each file reaches the registry (retry_policy.py).
         wait_for(lambda: any("unreachable" in str((row.extra or {}).get("reason", ""))
                              for row in in_progress_rows(out / "LOGS", topic, group)),
                  "a transient failure in the in-progress registry", program, log_file,

@@ -12,7 +12,8 @@ from benchmarks.count_proxy import CountingProxy
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.ledger.units import Outcome, UploadChannel, UploadUnit
-from girder_upload_stream.loop.uploads import FileUploads, ThreadUploads, upload_files
+from girder_upload_stream.loop.executor import ThreadUploads
+from girder_upload_stream.loop.uploads import FileUploads, upload_files
 from girder_upload_stream.settings import GirderSettings
 from tests.integration.girder_checks import (assert_exactly_once, default_root_path,
                                              folder_by_path)
@@ -45,7 +46,7 @@ def test_a_remote_girder_gets_more_than_n_threads_and_at_most_the_maximum(
         store = _store(proxy, stack_env, collection)
         proxy.reset()
         with FileUploads(initial=2, maximum=6) as pool, \
-                ThreadUploads(2, delays=(0, 0, 0), files=pool) as uploads:
+                ThreadUploads(2, files=pool) as uploads:
             futures = [uploads.submit_upload(u, store) for u in _units(files, 48)]
             outcomes = [o for f in futures for o in f.result(timeout=240)]
     assert {o.outcome for o in outcomes} == {Outcome.UPLOADED} and len(outcomes) == 96

@@ -11,19 +11,22 @@ from dataclasses import replace
 
 import pytest
 
+from girder_upload_stream.girder.errors import GirderUnreachableError
 from girder_upload_stream.girder.store import GirderTransientError
 from girder_upload_stream.ledger.units import FileOutcome, Outcome
-from girder_upload_stream.loop.uploads import FileUploads, ThreadUploads, upload_files
+from girder_upload_stream.loop.executor import ThreadUploads
+from girder_upload_stream.loop.uploads import FileUploads, upload_files
 from tests.unit.test_upload_task import _unit
 
 
 class SlowStore:
     """Each upload takes ``seconds``; counts how many run at once; fails the names in
-    ``failing`` with ``error``."""
+    ``failing`` with ``error`` of class ``kind``."""
 
     def __init__(self, seconds: float = 0.05, failing: set[str] = frozenset(),
-                 error: str = "upload file: HTTP 503: busy") -> None:
-        self.seconds, self.failing, self.error = seconds, failing, error
+                 error: str = "upload file: HTTP 503: busy",
+                 kind: type[GirderTransientError] = GirderTransientError) -> None:
+        self.seconds, self.failing, self.error, self.kind = seconds, failing, error, kind
         self.running = self.most = 0
         self.order: list[str] = []
         self.threads: set[str] = set()
@@ -38,7 +41,7 @@ class SlowStore:
         try:
             time.sleep(self.seconds)
             if completed.rel_path in self.failing:
-                raise GirderTransientError(self.error, rel_path=completed.rel_path)
+                raise self.kind(self.error, rel_path=completed.rel_path)
             return FileOutcome(completed.rel_path, completed.file_key, Outcome.UPLOADED)
         finally:
             with self._lock:
@@ -85,7 +88,9 @@ def test_a_5xx_for_one_file_lets_the_others_land_then_raises_and_lowers_the_limi
 
 
 def test_an_unreachable_girder_stops_the_unit_and_drops_its_queued_files():
-    store = SlowStore(0.05, failing=set(_names(30)), error="Girder unreachable: refused")
+    # By its class: the text says nothing the code reads.
+    store = SlowStore(0.05, failing=set(_names(30)), error="upload file: refused",
+                      kind=GirderUnreachableError)
     with FileUploads(initial=1, maximum=1) as files:
         with pytest.raises(GirderTransientError):
             upload_files(_unit(_names(30)), store, files)
@@ -104,7 +109,7 @@ def test_a_file_produced_again_in_one_unit_uploads_after_its_earlier_copy():
 def test_the_plain_runner_shares_one_pool_between_its_units():
     store = SlowStore(0.05)
     with FileUploads(initial=8, maximum=8) as files, \
-            ThreadUploads(2, delays=(0, 0, 0), files=files) as uploads:
+            ThreadUploads(2, files=files) as uploads:
         futures = [uploads.submit_upload(_unit([f"u{u}f{i}.bin" for i in range(8)]), store)
                    for u in range(2)]
         assert all(len(f.result(timeout=30)) == 8 for f in futures)
@@ -118,5 +123,5 @@ def test_both_ways_of_running_take_the_pool_as_run_session_passes_it():
             plain_hooks().uploads(2, files=files) as uploads:
         assert len(uploads.submit_upload(_unit(_names(6)), store).result(timeout=30)) == 6
     assert files.gate.max_in_flight >= 1
-    from flows.upload_stream import _TaskUploads
-    assert _TaskUploads(2, files=files)._files is files
+    from girder_upload_stream.tasks.upload import PrefectUploads
+    assert PrefectUploads(2, files=files).files is files

@@ -1,10 +1,11 @@
 """Unit tests of the start-up pieces of issue 14: the timeline, which way the commands
-run (a Prefect API configured or not), and the plain upload runner's retry policy,
-which must be the Prefect task's."""
+run (a Prefect API configured or not), and the plain upload runner, which runs a unit
+once as the Prefect task does."""
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import pytest
@@ -13,7 +14,8 @@ from girder_upload_stream import startup
 from girder_upload_stream.cli import prefect_mode
 from girder_upload_stream.girder.errors import GirderTerminalError
 from girder_upload_stream.girder.store import GirderTransientError
-from girder_upload_stream.loop.uploads import RETRY_DELAYS, ThreadUploads
+from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.loop.executor import ThreadUploads
 from tests.unit.test_upload_task import FakeStore, _unit
 
 
@@ -76,41 +78,46 @@ class FlakyStore(FakeStore):
         return super().upload(completed, shared)
 
 
-def test_the_plain_runner_retries_transient_errors_as_the_task_does():
-    assert RETRY_DELAYS == (2, 10, 30)
-    from girder_upload_stream.tasks.upload import upload_unit
-    assert upload_unit.retries == len(RETRY_DELAYS)
-    assert list(upload_unit.retry_delay_seconds) == list(RETRY_DELAYS)
-    store = FlakyStore(times=3)
-    with ThreadUploads(2, delays=(0, 0, 0)) as uploads:
-        outcomes = uploads.submit_upload(_unit(["a.bin"]), store).result(timeout=10)
-    assert [o.rel_path for o in outcomes] == ["a.bin"] and len(store.tried) == 4  # 3 failed
-
-
-def test_the_plain_runner_gives_up_after_the_last_retry():
-    store = FlakyStore(times=4)
-    with ThreadUploads(1, delays=(0, 0, 0)) as uploads:
+def test_neither_way_of_running_retries_by_itself():
+    """The Prefect task and the plain threads run a unit once: the ledger retries, by
+    the one policy (tests/unit/test_retry_policy.py)."""
+    from girder_upload_stream.tasks.upload import find_in_girder, upload_unit
+    assert upload_unit.retries == 0 and find_in_girder.retries == 0
+    store = FlakyStore(times=1)
+    with ThreadUploads(1) as uploads:
         future = uploads.submit_upload(_unit(["a.bin"]), store)
         with pytest.raises(GirderTransientError):
             future.result(timeout=10)
-    assert len(store.tried) == 4
+    assert len(store.tried) == 1
+    with ThreadUploads(1) as uploads:  # the next attempt, as the ledger starts it
+        outcomes = uploads.submit_upload(_unit(["a.bin"]), store).result(timeout=10)
+    assert [o.rel_path for o in outcomes] == ["a.bin"] and len(store.tried) == 2
 
 
-def test_the_plain_runner_never_retries_a_terminal_error():
+def test_a_terminal_error_raised_for_a_file_is_its_outcome_not_a_retry():
     store = FlakyStore(times=1, kind=GirderTerminalError)
-    with ThreadUploads(1, delays=(0, 0, 0)) as uploads:
-        future = uploads.submit_upload(_unit(["a.bin"]), store)
-        with pytest.raises(GirderTerminalError):
-            future.result(timeout=10)
+    with ThreadUploads(1) as uploads:
+        [outcome] = uploads.submit_upload(_unit(["a.bin"]), store).result(timeout=10)
+    assert outcome.outcome is Outcome.FAILED_TERMINAL and "HTTP 503" in outcome.reason
     assert len(store.tried) == 1
 
 
-def test_leaving_the_plain_runner_ends_a_retry_wait():
-    store = FlakyStore(times=10)
-    t0 = time.monotonic()
-    with ThreadUploads(1, delays=(60, 60, 60)) as uploads:
-        future = uploads.submit_upload(_unit(["a.bin"]), store)
-        time.sleep(0.3)
-    with pytest.raises(GirderTransientError):
-        future.result(timeout=1)
-    assert time.monotonic() - t0 < 10 and len(store.tried) == 1
+def test_leaving_the_plain_runner_cancels_what_has_not_started():
+    started = threading.Event()
+    release = threading.Event()
+
+    class BlockingStore(FakeStore):
+        def upload(self, completed, shared=False):
+            started.set()
+            release.wait(10)
+            return super().upload(completed, shared)
+
+    store = BlockingStore(set(), "")
+    uploads = ThreadUploads(1)
+    with uploads:
+        first = uploads.submit_upload(_unit(["a.bin"]), store)
+        second = uploads.submit_upload(_unit(["b.bin"]), store)
+        assert started.wait(10)
+        threading.Timer(0.3, release.set).start()  # once the exit below has begun
+    assert len(first.result(timeout=0)) == 1  # the running unit was waited for
+    assert second.cancelled() and store.tried == ["a.bin"]

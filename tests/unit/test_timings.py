@@ -11,7 +11,7 @@ import pytest
 from girder_upload_stream import timings
 from girder_upload_stream.kafka.commits import CommitBook
 from girder_upload_stream.kafka.group_watch import GroupHealth, GroupState, GroupWatch
-from girder_upload_stream.loop.uploads import RETRY_DELAYS, ThreadUploads
+from girder_upload_stream.retry_policy import RetryPolicy
 from girder_upload_stream.settings import RunSettings
 from tests.unit.fakes import Clock
 
@@ -20,7 +20,8 @@ CONFIGURATION = Path(__file__).resolve().parents[2] / "docs" / "configuration.md
 
 def test_defaults_are_the_production_values():
     t = timings.Timings()
-    assert t.upload_retry_delays == (2, 10, 30) == RETRY_DELAYS
+    assert t.upload_retry_delays == (2, 10, 30) == RetryPolicy().delays
+    assert t.upload_retry_max_seconds == 300 == RetryPolicy().max_delay
     assert (t.ledger_retry_seconds, t.stuck_group_seconds, t.stuck_check_seconds,
             t.close_stuck_seconds, t.shutdown_grace_seconds, t.commit_patience_seconds) == (
         15, 60, 10, 20, 20, 30)
@@ -53,11 +54,10 @@ def test_a_negative_value_is_refused_in_process_too():
 
 
 def test_the_users_read_the_timings_in_force(timing):
-    timing(upload_retry_delays=(0.1,), ledger_retry_seconds=0.5, commit_patience_seconds=4,
-           stuck_group_seconds=5)
+    timing(upload_retry_delays=(0.1,), upload_retry_max_seconds=0.3, ledger_retry_seconds=0.5,
+           commit_patience_seconds=4, stuck_group_seconds=5)
     assert RunSettings().retry_delay_seconds == 0.5
-    with ThreadUploads(1) as uploads:
-        assert uploads._delays == (0.1,)
+    assert RetryPolicy.current() == RetryPolicy((0.1,), 0.3)
     book = CommitBook(clock=Clock())
     assert book._patience == 4
     clock = Clock(0.0)

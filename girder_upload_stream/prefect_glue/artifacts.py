@@ -155,7 +155,8 @@ class ArtifactPublisher:
     """Runner side job that keeps the run's Prefect artifacts up to date.
 
     ``publish`` (default :func:`publish_to_prefect`), ``active`` (default
-    :func:`in_flow_run`) and ``clock`` are injectable for tests. ``tick`` never raises
+    :func:`in_flow_run`) and ``clock`` are injectable (for tests, and for a run whose
+    flow run came later: prefect_glue/late_flow_run.py, which gives ``started`` too). ``tick`` never raises
     an ``Exception`` into the loop: a failure is logged, and the next attempt waits
     longer each time (up to :data:`MAX_BACKOFF_SECONDS`) so that a Prefect API that is
     down does not slow every round of the loop with its retries."""
@@ -165,13 +166,15 @@ class ArtifactPublisher:
                  *, progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
                  publish: Callable[[Publication], Any] = publish_to_prefect,
                  active: Callable[[], bool] = in_flow_run,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
         self.recorder, self.topic, self.group = recorder, topic, group
         self.keys = artifact_keys(topic, group)
         self.interval, self.progress_interval = interval_seconds, progress_interval_seconds
         self._publish, self._active, self._clock = publish, active, clock
         self._enabled: bool | None = None  # decided at the first due tick
-        self._started = clock()
+        # When the run started (``clock`` time; default now): the summary's duration.
+        self._started = clock() if started is None else started
         # Tables wait one interval: a short run publishes each once, at its end.
         self._tables_at = self._started + interval_seconds
         self._progress_at = self._started

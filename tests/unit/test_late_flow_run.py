@@ -1,0 +1,256 @@
+"""Unit tests of a command-line run whose Prefect flow run is created beside it
+(girder_upload_stream.prefect_glue.late_flow_run): the run consumes and uploads on the
+plain pool before the flow run exists, moves onto it when it attaches (task runs made
+in the flow run's context, artifacts, its log), waits for it at its end, and stops with
+a clear error when it cannot be created. Fakes only: no Prefect, Kafka or Girder."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from girder_upload_stream import timings
+from girder_upload_stream.ledger.records import FileLedger
+from girder_upload_stream.prefect_glue import late_flow_run as L
+
+#: Set in the fake flow run's thread: visible to a call only in the flow run's context.
+FLOW_RUN = contextvars.ContextVar("FLOW_RUN", default=None)
+WAIT = 10.0  # seconds a test waits for another thread's step, at most
+
+
+class FakeUploads:
+    """Records each submission, with the flow run (if any) whose context it ran in."""
+
+    def __init__(self, name: str, events: list) -> None:
+        self.name, self.events = name, events
+        self.entered = self.exited = False
+
+    def __enter__(self) -> FakeUploads:
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.exited = True
+
+    def submit_upload(self, unit, store):
+        self.events.append((self.name, "upload", unit, FLOW_RUN.get()))
+        return SimpleNamespace(done=lambda: True, result=lambda: [])
+
+    def submit_probe(self, keys, store):
+        self.events.append((self.name, "probe", tuple(keys), FLOW_RUN.get()))
+        return SimpleNamespace(done=lambda: True, result=lambda: [])
+
+
+class FakePublisher:
+    def __init__(self, recorder, topic, group, *, publish, active, started) -> None:
+        self.args = (recorder, topic, group)
+        self.publish, self.active, self.started = publish, active, started
+        self.ticks: list[bool] = []
+
+    def tick(self, runner, final: bool = False) -> None:
+        self.ticks.append(final)
+        self.publish("summary" if final else "progress")
+
+
+class FakeLog:
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+
+    def log(self, level: int, msg: str, *args) -> None:
+        self.lines.append((level, msg % args))
+
+
+def flow_run_parts(events: list, published: list, api_lines: list,
+                   fallback: set | None = None) -> L.PrefectParts:
+    """What the flow run gives, made in a thread standing for the flow run's."""
+    made: list[L.PrefectParts] = []
+
+    def in_flow_thread() -> None:
+        FLOW_RUN.set("flow-run-1")
+        made.append(L.PrefectParts(
+            contextvars.copy_context(), FakeLog(),
+            uploads=lambda n, files=None: FakeUploads("prefect", events),
+            side_job=FakePublisher,
+            registry_fallback=(lambda topic, group: set(fallback)) if fallback else None,
+            publish=lambda pub: published.append((pub, FLOW_RUN.get())),
+            api_log=lambda record: api_lines.append((record.getMessage(), FLOW_RUN.get()))))
+
+    thread = threading.Thread(target=in_flow_thread)
+    thread.start()
+    thread.join()
+    return made[0]
+
+
+def fake_runner(had_local_state: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(side_jobs=[], fatal=None,
+                           settings=SimpleNamespace(upload_linger_seconds=5.0),
+                           processor=SimpleNamespace(ledger=FileLedger(), linger_seconds=0.0),
+                           recorder=SimpleNamespace(had_local_state=had_local_state))
+
+
+def make_job(link: L.FlowRunLink, events: list, runner: SimpleNamespace,
+             plain_log: logging.Logger | None = None):
+    log = L.LateLog(plain_log or logging.getLogger("test.late"))
+    uploads = L.LateUploads(FakeUploads("plain", events)).__enter__()
+    job = L.AttachJob(link, log, uploads, 2, None, runner.recorder, "topic", "group",
+                      started=123.0)
+    runner.side_jobs.append(job)
+    return job, log, uploads
+
+
+def attach_in_thread(link: L.FlowRunLink, parts: L.PrefectParts) -> dict:
+    """The flow run's body: attach (blocks until the run ends); its result or error."""
+    out: dict = {}
+
+    def body() -> None:
+        try:
+            out["summary"] = link.attach(parts)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            out["error"] = exc
+
+    out["thread"] = threading.Thread(target=body)
+    out["thread"].start()
+    return out
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_units_go_to_the_plain_pool_until_the_flow_run_attaches_then_to_its_task_runs():
+    events, published, api_lines = [], [], []
+    link, runner = L.FlowRunLink(), fake_runner()
+    job, log, uploads = make_job(link, events, runner)
+    log.info("consuming %s", "topic")
+    uploads.submit_upload("unit-1", store=None)
+    job.tick(runner)  # no flow run yet: nothing changes
+    assert not uploads.on_prefect and len(runner.side_jobs) == 1
+    assert runner.processor.linger_seconds == 0  # a unit costs no task run yet
+    flow = attach_in_thread(link, flow_run_parts(events, published, api_lines))
+    wait_for(lambda: link.state is L.LinkState.ATTACHED, "the flow run to attach")
+    for job_ in runner.side_jobs:  # as StreamRunner.step: the publisher ticks too
+        job_.tick(runner)
+    assert runner.processor.linger_seconds == 5.0  # units are task runs: files linger
+    uploads.submit_upload("unit-2", store=None)
+    uploads.submit_probe(["k"], store=None)
+    log.info("after %d", 1)
+    assert events == [("plain", "upload", "unit-1", None),
+                      ("prefect", "upload", "unit-2", "flow-run-1"),
+                      ("prefect", "probe", ("k",), "flow-run-1")]
+    publisher = runner.side_jobs[1]
+    assert isinstance(publisher, FakePublisher) and publisher.args[1:] == ("topic", "group")
+    assert publisher.started == 123.0  # the run's start, not the attach
+    assert published == [("progress", "flow-run-1")]  # published in the flow run
+    # The early line reaches the flow run's log (API only), the later one its logger.
+    assert api_lines == [("(before the flow run started) consuming topic", "flow-run-1")]
+    assert link.parts.log.lines == [(logging.INFO, "after 1")]
+    assert flow["thread"].is_alive()  # the flow run waits for the run's end
+    link.end({"files_uploaded": 2})
+    flow["thread"].join(WAIT)
+    assert flow["summary"] == {"files_uploaded": 2}
+    uploads.__exit__(None, None, None)
+    assert uploads._plain.exited and uploads._prefect.exited
+
+
+def test_a_run_that_ends_first_waits_for_its_flow_run_so_its_end_is_recorded():
+    events, published, api_lines = [], [], []
+    link, runner = L.FlowRunLink(), fake_runner()
+    job, _, _ = make_job(link, events, runner)
+    parts = flow_run_parts(events, published, api_lines)
+    timer = threading.Timer(0.3, lambda: attach_in_thread(link, parts))
+    timer.start()
+    for job_ in runner.side_jobs:  # as StreamRunner._final_ticks: appended jobs tick too
+        job_.tick(runner, final=True)
+    assert link.state is L.LinkState.ATTACHED and not link.abandoned
+    assert published == [("summary", "flow-run-1")]
+    link.end({"x": 1})
+    timer.join()
+
+
+def test_the_run_gives_up_waiting_after_flow_run_start_seconds():
+    link, runner = L.FlowRunLink(), fake_runner()
+    job, _, _ = make_job(link, [], runner)
+    with timings.overridden(flow_run_start_seconds=0.05):
+        job.tick(runner, final=True)
+    assert link.abandoned and len(runner.side_jobs) == 1 and runner.fatal is None
+    link.end({"files_uploaded": 1})
+    # A flow run that comes after all returns the summary at once (no second consumer).
+    assert link.attach(flow_run_parts([], [], [])) == {"files_uploaded": 1}
+
+
+def test_a_flow_run_that_cannot_be_created_stops_the_run_with_the_error():
+    link, runner = L.FlowRunLink(), fake_runner()
+    job, _, uploads = make_job(link, [], runner)
+    link.fail(RuntimeError("Prefect API refused"))
+    job.tick(runner)
+    assert isinstance(runner.fatal, L.FlowRunUnavailable)
+    assert "Prefect API refused" in str(runner.fatal) and not uploads.on_prefect
+
+
+def test_the_flow_run_fails_with_the_error_the_run_ended_with():
+    link = L.FlowRunLink()
+    link.end(error=ValueError("registry unreadable"))
+    with pytest.raises(ValueError, match="registry unreadable"):
+        link.attach(flow_run_parts([], [], []))
+
+
+def test_the_registry_fallback_is_read_at_the_attach_when_there_was_no_local_registry():
+    key = ("dir/a.bin", "g" * 32)
+    for had_local_state, expected in ((False, {key}), (True, set())):
+        link, runner = L.FlowRunLink(), fake_runner(had_local_state)
+        job, _, _ = make_job(link, [], runner)
+        flow = attach_in_thread(link, flow_run_parts([], [], [], fallback={key}))
+        wait_for(lambda: link.state is L.LinkState.ATTACHED, "the flow run to attach")
+        job.tick(runner)
+        assert runner.processor.ledger.known_done == expected
+        assert runner.processor.ledger.known_in_girder == expected
+        link.end({})
+        flow["thread"].join(WAIT)
+
+
+def test_the_session_starts_before_prefect_and_the_flow_run_returns_its_summary(monkeypatch):
+    """run_with_late_flow_run: the session runs at once, in the caller's thread; the
+    flow run (here a fake whose 'Prefect import' waits until the session has uploaded
+    a unit) attaches later; units after it are its task runs; its result is the summary."""
+    events: list = []
+    uploaded_first = threading.Event()
+    flow_results: list = []
+
+    def fake_flow_run_thread(params, link):
+        def body():
+            assert uploaded_first.wait(WAIT)  # Prefect "imports" while the run consumes
+            waiting = L.take_waiting_run(params["girder_api_url"], params["topic_name"])
+            flow_results.append(waiting.attach(flow_run_parts(events, [], [])))
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    def fake_run_session(p, girder, hooks, prepared):
+        with hooks.uploads(2, files=None) as uploads:
+            runner = fake_runner()
+            runner.side_jobs.append(hooks.side_job(runner.recorder, p["topic_name"], "g"))
+            uploads.submit_upload("first", None)
+            uploaded_first.set()
+            wait_for(lambda: (runner.side_jobs[0].tick(runner) or uploads.on_prefect),
+                     "the flow run to attach")
+            uploads.submit_upload("second", None)
+        return {"files_uploaded": 2, "prepared": prepared}
+
+    monkeypatch.setattr(L, "_flow_run_thread", fake_flow_run_thread)
+    monkeypatch.setattr("girder_upload_stream.loop.session.run_session", fake_run_session)
+    params = {"girder_api_url": "http://girder/api/v1", "topic_name": "t"}
+    summary = L.run_with_late_flow_run(params, SimpleNamespace(api_url="x"), "prepared",
+                                       plain_uploads=lambda n, files=None:
+                                       FakeUploads("plain", events))
+    assert summary == {"files_uploaded": 2, "prepared": "prepared"}
+    assert [(e[0], e[2], e[3]) for e in events] == [("plain", "first", None),
+                                                   ("prefect", "second", "flow-run-1")]
+    assert flow_results == [summary]  # the flow run's result, once it returned

@@ -29,7 +29,9 @@ from benchmarks.bench_systems import RunResult, Spec, timed_run
 
 __all__ = ["scenario_startup", "parse_timeline", "import_seconds", "broker_join_delay"]
 
-_TIMELINE = re.compile(r"start-up: (.*first file in Girder at [\d.]+ s)")
+#: A timeline line once the first file is in Girder (with a Prefect server, a later
+#: one adds the flow run's marks: the last such line is read).
+_TIMELINE = re.compile(r"start-up: (.*first file in Girder at [\d.]+ s.*?)\s*$", re.M)
 _MARK = re.compile(r"(.+?) at ([\d.]+) s$")
 
 #: The modules each program imports before it does anything (``-X importtime``).

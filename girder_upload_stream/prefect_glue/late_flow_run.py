@@ -159,12 +159,15 @@ class LateLog:
         self._early: list[logging.LogRecord] = []
         self._lock = threading.Lock()
 
-    def switch(self, parts: PrefectParts) -> None:
+    def switch(self, parts: PrefectParts) -> int:
+        """Log to the flow run from now on; the number of earlier lines sent to it."""
         with self._lock:
             self._target, early, self._early = parts.log, self._early, []
-        if parts.api_log is not None:
-            for record in early:  # with their own time; the console had them already
-                parts.call(parts.api_log, record)
+        if parts.api_log is None:
+            return 0
+        for record in early:  # with their own time; the console had them already
+            parts.call(parts.api_log, record)
+        return len(early)
 
     def log(self, level: int, msg: str, *args: Any) -> None:
         with self._lock:
@@ -267,8 +270,10 @@ class AttachJob:
         self.uploads.switch(parts, self._n_threads, self._files)
         # Units are task runs now: completed files wait for company again.
         runner.processor.linger_seconds = runner.settings.upload_linger_seconds
-        self.log.switch(parts)
-        startup.mark("flow run attached")
+        early = self.log.switch(parts)
+        startup.mark(startup.FLOW_RUN_ATTACHED)
+        self.log.info("the flow run records this run from now on: upload units are its "
+                      "task runs; %d line(s) logged before it exists are in its log", early)
         publisher = parts.side_job(self.recorder, self.topic, self.group,
                                    publish=lambda pub: parts.call(parts.publish, pub),
                                    active=lambda: True, started=self._started)

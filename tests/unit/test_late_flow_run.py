@@ -151,7 +151,9 @@ def test_units_go_to_the_plain_pool_until_the_flow_run_attaches_then_to_its_task
     assert published == [("progress", "flow-run-1")]  # published in the flow run
     # The early line reaches the flow run's log (API only), the later one its logger.
     assert api_lines == [("(before the flow run started) consuming topic", "flow-run-1")]
-    assert link.parts.log.lines == [(logging.INFO, "after 1")]
+    assert [text for _, text in link.parts.log.lines] == [
+        "the flow run records this run from now on: upload units are its task runs; "
+        "1 line(s) logged before it exists are in its log", "after 1"]
     assert flow["thread"].is_alive()  # the flow run waits for the run's end
     link.end({"files_uploaded": 2})
     flow["thread"].join(WAIT)

@@ -90,7 +90,7 @@ def test_a_cli_run_consumes_at_once_and_its_flow_run_records_it_whole(
     assert run.state.is_completed(), run.state
     assert run.parameters["topic_name"] == topic
     assert run.parameters["consumer_group_id"] == group
-    uploads = [task for task in record["tasks"] if task.name.startswith("upload-to-girder")]
+    uploads = [task for task in record["tasks"] if task.name.startswith("upload unit")]
     assert uploads and all(task.state.is_completed() for task in uploads), record["tasks"]
     assert any(line.startswith(f"(before the flow run started) consuming {topic} ")
                for line in record["logs"]), record["logs"]

@@ -1,8 +1,8 @@
 """A command-line run that consumes at once while its Prefect flow run is created
 beside it, then records in that flow run from the moment it exists.
 
-Importing Prefect and creating a flow run take seconds (about 4 to 8 on a two-core
-machine, more than the whole start-up of a run without Prefect). So, with a Prefect API
+Importing Prefect and creating a flow run take seconds (about 2.5 on an idle two-core
+machine, 8 to 10 on a busy one: more than the whole start-up of a run without Prefect). So, with a Prefect API
 configured, the command line runs the session (:func:`~girder_upload_stream.loop.session.run_session`)
 in its main thread straight away, with upload units on the plain thread pool, while a
 background thread imports Prefect and calls the flow ``girder-upload-stream`` with the

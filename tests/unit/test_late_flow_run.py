@@ -256,3 +256,45 @@ def test_the_session_starts_before_prefect_and_the_flow_run_returns_its_summary(
     assert [(e[0], e[2], e[3]) for e in events] == [("plain", "first", None),
                                                    ("prefect", "second", "flow-run-1")]
     assert flow_results == [summary]  # the flow run's result, once it returned
+
+
+class _Ran(Exception):
+    """Ends the fake run once the session has wired it."""
+
+
+@pytest.mark.parametrize("linger, expected", [(True, 5.0), (False, 0.0)])
+def test_files_wait_for_company_only_where_the_hooks_say_units_are_task_runs(
+        monkeypatch, tmp_path, linger, expected):
+    """run_session's wiring: ``Hooks.linger`` False (the plain pool, a command-line run
+    before its flow run exists) sets the processor's linger to 0; True keeps
+    --upload_linger_seconds."""
+    from girder_upload_stream.loop import session
+    from girder_upload_stream.options import OPTIONS
+    seen = []
+
+    def fake_build_runner(run, kafka, submit, **kwargs):
+        runner = SimpleNamespace(processor=SimpleNamespace(linger_seconds=run.upload_linger_seconds,
+                                                           recorder=None),
+                                 side_jobs=[])
+
+        def run_():
+            seen.append(runner.processor.linger_seconds)
+            raise _Ran
+        runner.run = run_
+        return runner
+
+    monkeypatch.setattr(session, "build_runner", fake_build_runner)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # the config names it
+    p = {option.name: option.default for option in OPTIONS if option.flow}
+    p.update(config="local", topic_name="t", output_dir=str(tmp_path), interactive=False,
+             upload_linger_seconds=5.0)
+    girder = SimpleNamespace(api_url="http://girder/api/v1",
+                             api_key=SimpleNamespace(get_secret_value=lambda: "k"))
+    hooks = session.Hooks(log=logging.getLogger("test"), linger=linger,
+                          uploads=lambda n, files=None: FakeUploads("plain", []))
+    with pytest.raises(_Ran):
+        session._run_locked(p, girder, hooks, SimpleNamespace(), "root",
+                            SimpleNamespace(group_id="g"), None)
+    assert seen == [expected]
+    assert session.plain_hooks().linger is False
+    assert L.late_hooks(L.FlowRunLink(), lambda n, files=None: None).linger is False

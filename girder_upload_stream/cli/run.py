@@ -80,7 +80,7 @@ def _run(params: dict, girder, prepared) -> dict:
     logger.info("Prefect API at %s: running as a flow run of girder-upload-stream (consuming "
                 "now; the flow run records the run once Prefect has created it)", api)
     from girder_upload_stream.prefect_glue.late_flow_run import run_with_late_flow_run
-    return run_with_late_flow_run(params, girder, prepared)
+    return run_with_late_flow_run(params, girder, prepared, api_url=api)
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

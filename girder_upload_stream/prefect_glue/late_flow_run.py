@@ -16,8 +16,9 @@ From then on, in the run's own thread (:class:`AttachJob`, a side job of the loo
 new upload units and lookups are task runs of the flow run (units already running on
 the plain pool finish there), the run's log lines go to the flow run's logger (the
 lines logged before are sent to the flow run's log too), the artifacts are published
-for the flow run, and the registry fallback is read when the logs folder had no
-registry. A run that ends first waits for its flow run (at most
+for the flow run. The registry fallback (when the logs folder has no registry) is read
+before consuming with one plain HTTP request to the Prefect API, as the flow reads it
+before consuming; only if that fails is it read through Prefect at the attach. A run that ends first waits for its flow run (at most
 ``flow_run_start_seconds``, a timing setting) so that the final artifacts still land
 in it. If the flow run cannot be created the run stops gracefully with the error
 (exit status 2), as it would have failed before consuming when Prefect came first.
@@ -233,8 +234,10 @@ class AttachJob:
 
     def __init__(self, link: FlowRunLink, log: LateLog, uploads: LateUploads,
                  n_threads: int, files: Any, recorder: Any, topic: str, group: str,
-                 started: float | None = None) -> None:
+                 started: float | None = None,
+                 fallback_read: Callable[[], bool] = lambda: False) -> None:
         self.link, self.log, self.uploads = link, log, uploads
+        self._fallback_read = fallback_read  # True: read before consuming already
         self._n_threads, self._files = n_threads, files
         self.recorder, self.topic, self.group = recorder, topic, group
         self._started = started
@@ -278,7 +281,8 @@ class AttachJob:
                                    publish=lambda pub: parts.call(parts.publish, pub),
                                    active=lambda: True, started=self._started)
         runner.side_jobs.append(publisher)  # ticked after this job, in this round too
-        if parts.registry_fallback is not None and not self.recorder.had_local_state:
+        if (parts.registry_fallback is not None and not self.recorder.had_local_state
+                and not self._fallback_read()):
             keys = parts.call(parts.registry_fallback, self.topic, self.group)
             runner.processor.ledger.learn_done(keys)
             logger.info("no local registry of %s/%s: %d processed file(s) taken from the "
@@ -302,13 +306,20 @@ def flow_run_api_log(run_logger: Any) -> Callable[[logging.LogRecord], None]:
 
 
 def late_hooks(link: FlowRunLink, plain_uploads: Callable[..., Any],
-               log: logging.Logger | None = None) -> Any:
-    """The session's hooks of a run whose flow run comes later (:class:`AttachJob`)."""
+               log: logging.Logger | None = None, api_url: str | None = None) -> Any:
+    """The session's hooks of a run whose flow run comes later (:class:`AttachJob`);
+    ``api_url``, the Prefect API's, to read the registry fallback before consuming."""
     from girder_upload_stream.loop.session import Hooks
+    from girder_upload_stream.prefect_glue.artifacts import read_registry_fallback_over_http
 
     late_log = LateLog(log or logger)
-    made: dict[str, Any] = {}
+    made: dict[str, Any] = {"fallback_read": False}
     started = time.monotonic()
+
+    def registry_fallback(topic: str, group: str) -> set[tuple[str, str]]:
+        keys = read_registry_fallback_over_http(api_url, topic, group) if api_url else None
+        made["fallback_read"] = keys is not None
+        return keys or set()
 
     def uploads(n_threads: int, files: Any = None) -> LateUploads:
         made.update(uploads=LateUploads(plain_uploads(n_threads, files=files)),
@@ -317,9 +328,11 @@ def late_hooks(link: FlowRunLink, plain_uploads: Callable[..., Any],
 
     def side_job(recorder: Any, topic: str, group: str) -> AttachJob:
         return AttachJob(link, late_log, made["uploads"], made["n_threads"], made["files"],
-                         recorder, topic, group, started=started)
+                         recorder, topic, group, started=started,
+                         fallback_read=lambda: made["fallback_read"])
 
-    return Hooks(log=late_log, uploads=uploads, side_job=side_job, linger=False)
+    return Hooks(log=late_log, uploads=uploads, side_job=side_job, linger=False,
+                 registry_fallback=registry_fallback)
 
 
 def _flow_run_thread(params: Mapping[str, Any], link: FlowRunLink) -> threading.Thread:
@@ -343,10 +356,12 @@ def _flow_run_thread(params: Mapping[str, Any], link: FlowRunLink) -> threading.
 
 
 def run_with_late_flow_run(params: Mapping[str, Any], girder: Any, prepared: Any,
-                           plain_uploads: Callable[..., Any] | None = None) -> dict[str, Any]:
+                           plain_uploads: Callable[..., Any] | None = None,
+                           api_url: str | None = None) -> dict[str, Any]:
     """Run the session now, in this thread, and its flow run beside it (the module's
     docstring); returns the session's summary. ``plain_uploads``: the pool of the units
-    before the flow run exists (default ``ThreadUploads``)."""
+    before the flow run exists (default ``ThreadUploads``); ``api_url``: the Prefect
+    API's (the registry fallback is read from it before consuming)."""
     from girder_upload_stream.loop.session import run_session
     from girder_upload_stream.loop.uploads import ThreadUploads
 
@@ -355,8 +370,8 @@ def run_with_late_flow_run(params: Mapping[str, Any], girder: Any, prepared: Any
     _register(params.get("girder_api_url"), params["topic_name"], link)
     thread = _flow_run_thread(params, link)
     try:
-        summary = run_session(params, girder, late_hooks(link, plain_uploads or ThreadUploads),
-                              prepared)
+        hooks = late_hooks(link, plain_uploads or ThreadUploads, api_url=api_url)
+        summary = run_session(params, girder, hooks, prepared)
     except BaseException as exc:
         link.end(error=exc)  # the flow run, if it comes, fails with it
         raise

@@ -7,6 +7,7 @@ a clear error when it cannot be created. Fakes only: no Prefect, Kafka or Girder
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import threading
 import time
@@ -298,3 +299,64 @@ def test_files_wait_for_company_only_where_the_hooks_say_units_are_task_runs(
     assert seen == [expected]
     assert session.plain_hooks().linger is False
     assert L.late_hooks(L.FlowRunLink(), lambda n, files=None: None).linger is False
+
+
+def test_no_second_fallback_read_at_the_attach_when_it_was_read_before_consuming():
+    key = ("dir/a.bin", "g" * 32)
+    link, runner = L.FlowRunLink(), fake_runner(had_local_state=False)
+    job, _, _ = make_job(link, [], runner)
+    job._fallback_read = lambda: True
+    flow = attach_in_thread(link, flow_run_parts([], [], [], fallback={key}))
+    wait_for(lambda: link.state is L.LinkState.ATTACHED, "the flow run to attach")
+    job.tick(runner)
+    assert runner.processor.ledger.known_done == set()
+    link.end({})
+    flow["thread"].join(WAIT)
+
+
+class _ArtifactApi:
+    """A stand-in for the Prefect REST API's ``GET /artifacts/{key}/latest``."""
+
+    def __init__(self, status: int, body: dict | None = None) -> None:
+        import http.server
+        api = self
+        self.status, self.body, self.requests = status, body, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                api.requests.append((self.path, self.headers.get("Authorization")))
+                payload = json.dumps(api.body or {"detail": "x"}).encode()
+                self.send_response(api.status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_registry_fallback_is_read_over_http_without_prefect(monkeypatch):
+    from girder_upload_stream.prefect_glue.artifacts import read_registry_fallback_over_http
+    from girder_upload_stream.registry.artifact_content import artifact_keys
+    rows = [{"rel_filepath": "dir/a.bin", "generation": "g" * 32}, {"rel_filepath": "b"}]
+    monkeypatch.delenv("PREFECT_API_KEY", raising=False)
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "admin:pass")
+    for status, body, expected in ((200, {"data": json.dumps(rows)}, {("dir/a.bin", "g" * 32)}),
+                                   (404, None, set()), (500, None, None)):
+        api = _ArtifactApi(status, body)
+        try:
+            assert read_registry_fallback_over_http(api.url, "topic", "group") == expected
+        finally:
+            api.close()
+        key = artifact_keys("topic", "group").recent_uploads
+        assert api.requests == [(f"/api/artifacts/{key}/latest", "Basic YWRtaW46cGFzcw==")]
+    # Nothing answers: None (read through Prefect at the attach instead).
+    assert read_registry_fallback_over_http("http://127.0.0.1:9/api", "t", "g", 2) is None

@@ -4,13 +4,17 @@ maps completed files, grouped into upload units, onto Girder upload tasks.
 Entrypoint for deployments: ``flows/upload_stream.py:upload_stream``. The run's steps
 are :func:`girder_upload_stream.loop.session.run_session`'s (shared with the commands'
 runs without a Prefect API); this module gives it the Prefect parts: upload units as
-task runs, the run logger, artifacts and the registry fallback read from them.
+task runs, the run logger, artifacts and the registry fallback read from them. When
+the command line calls the flow, its run is consuming already (it does not wait for
+Prefect's import): the flow run then gives that run these parts and returns its
+summary (:mod:`girder_upload_stream.prefect_glue.late_flow_run`).
 
 No ``from __future__ import annotations`` here: a served deployment pickles the flow
 function by value, and Prefect must resolve its parameter types (``SecretStr``) at run
 time. For the same reason the body references no module-level locks or events.
 """
 
+import contextvars
 import os
 from typing import Any, Literal
 
@@ -21,33 +25,13 @@ from pydantic import SecretStr
 from girder_upload_stream import startup
 from girder_upload_stream.loop.session import Hooks, girder_settings_from, run_session
 from girder_upload_stream.options import DEFAULTS
-from girder_upload_stream.prefect_glue.artifacts import ArtifactPublisher, load_registry_fallback
+from girder_upload_stream.prefect_glue.artifacts import (ArtifactPublisher, load_registry_fallback,
+                                                         publish_to_prefect)
+from girder_upload_stream.prefect_glue.late_flow_run import (PrefectParts, flow_run_api_log,
+                                                             take_waiting_run)
 from girder_upload_stream.tasks.upload import PrefectUploads
 
-__all__ = ["upload_stream", "handed_over"]
-
-
-#: What the command line prepared for the run it starts in this process (its checked
-#: Girder store, its Kafka settings and joining group), keyed by Girder URL and topic:
-#: the flow run uses it instead of checking Girder a second time (see ``handed_over``).
-_PREPARED: dict[tuple[str, str], tuple[Any, Any]] = {}
-
-
-def handed_over(girder: Any, topic: str, prepared: Any) -> None:
-    """Hand the flow run about to start in this process what the caller prepared
-    (:func:`girder_upload_stream.loop.session.prepare`): one Girder check per run, and
-    the group's join under way while Prefect starts the run."""
-    _PREPARED[(girder.api_url, topic)] = (girder, prepared)
-
-
-def _take_prepared(girder: Any, topic: str) -> Any:
-    found = _PREPARED.pop((girder.api_url, topic), None)
-    if found is None:
-        return None
-    if found[0] != girder:  # prepared for other settings: not this run's
-        found[1].close()
-        return None
-    return found[1]
+__all__ = ["upload_stream"]
 
 
 def _api_key(key: SecretStr | None, block: str | None) -> SecretStr | None:
@@ -111,8 +95,20 @@ def upload_stream(
     startup.mark("flow run started")
     params = dict(locals())
     params["girder_api_url"] = girder_api_url or os.environ.get("GIRDER_API_URL")
+    waiting = take_waiting_run(params["girder_api_url"], topic_name)
+    if waiting is not None:  # the command line's run, consuming already: record it
+        return waiting.attach(_prefect_parts())
     girder = girder_settings_from(params, _api_key(girder_api_key, girder_api_key_block))
     hooks = Hooks(log=get_run_logger(), uploads=PrefectUploads,
                   registry_fallback=load_registry_fallback, side_job=ArtifactPublisher,
                   interruptions=(TerminationSignal,))
-    return run_session(params, girder, hooks, _take_prepared(girder, topic_name))
+    return run_session(params, girder, hooks)
+
+
+def _prefect_parts() -> PrefectParts:
+    """What a run started by the command line before this flow run gets from it
+    (prefect_glue/late_flow_run.py): called in the flow run, whose context it copies."""
+    log = get_run_logger()
+    return PrefectParts(contextvars.copy_context(), log, PrefectUploads, ArtifactPublisher,
+                        registry_fallback=load_registry_fallback, publish=publish_to_prefect,
+                        api_log=flow_run_api_log(log))

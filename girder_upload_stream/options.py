@@ -200,8 +200,9 @@ OPTIONS: tuple[Option, ...] = (
            "(files and bytes done, lag, rate); 0 = none (default: %(default)s)",
            parse=non_negative_float),
     Option("upload_linger_seconds", 5.0, "seconds completed files may wait for more to share "
-           "their upload unit (one Prefect task run) unless they fill one; 0 = none "
-           "(default: %(default)s)", parse=non_negative_float),
+           "their upload unit (one Prefect task run) unless they fill one; only while units "
+           "are task runs of a flow run (without one a unit costs nothing and files never "
+           "wait); 0 = none (default: %(default)s)", parse=non_negative_float),
     Option("max_idle_seconds", None,
            "stop after this long with no new message and nothing in flight (default: none, "
            "run until stopped)", parse=float),

@@ -1,6 +1,7 @@
 """Where a consumer's start-up time goes: named marks, in seconds since the process
-started, logged as one line when the first message is read and again when the first
-file is in Girder.
+started, logged as one line when the first message is read, again when the first
+file is in Girder, and (a command-line run with a Prefect API) when its flow run
+takes it over.
 
 The clock's zero is the process's own start (``/proc/self/stat``, Linux), so the time
 the interpreter takes before any of our code runs is counted too; elsewhere it is the
@@ -15,12 +16,18 @@ import os
 import threading
 import time
 
-__all__ = ["process_age", "Timeline", "TIMELINE", "mark", "FIRST_MESSAGE", "FIRST_FILE"]
+__all__ = ["process_age", "Timeline", "TIMELINE", "mark", "FIRST_MESSAGE", "FIRST_FILE",
+           "FLOW_RUN_ATTACHED", "MILESTONES"]
 
 logger = logging.getLogger(__name__)
 
 FIRST_MESSAGE = "first message read"
 FIRST_FILE = "first file in Girder"
+#: A command-line run with a Prefect API: its flow run took it over (usually after the
+#: first file: prefect_glue/late_flow_run.py).
+FLOW_RUN_ATTACHED = "flow run attached"
+#: The marks that log the timeline line.
+MILESTONES = (FIRST_MESSAGE, FIRST_FILE, FLOW_RUN_ATTACHED)
 
 
 def _process_started_monotonic() -> float:
@@ -57,12 +64,12 @@ class Timeline:
 
     def mark(self, name: str) -> bool:
         """Record ``name`` now, unless it was recorded before; True if it is new. The
-        milestones :data:`FIRST_MESSAGE` and :data:`FIRST_FILE` also log the line."""
+        :data:`MILESTONES` also log the line."""
         with self._lock:
             if name in self._marks:
                 return False
             self._marks[name] = process_age()
-        if name in (FIRST_MESSAGE, FIRST_FILE):
+        if name in MILESTONES:
             logger.info("start-up: %s", self.describe())
         return True
 

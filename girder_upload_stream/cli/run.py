@@ -3,13 +3,15 @@ OpenMSIStream's command, every argument and default kept) and ``girder-upload-st
 (the same options; its ``--config`` defaults to the bundled ``local`` config).
 
 With a Prefect API configured (``PREFECT_API_URL``, or a Prefect profile) both run the
-Prefect flow in-process, recorded as a flow run; without one they run the same steps
-without Prefect (:mod:`girder_upload_stream.loop.session`): no Prefect import, no
+Prefect flow in-process, recorded as a flow run: the run consumes at once while a
+background thread imports Prefect and creates the flow run, which then records it
+(:mod:`girder_upload_stream.prefect_glue.late_flow_run`); without one they run the same
+steps without Prefect (:mod:`girder_upload_stream.loop.session`): no Prefect import, no
 temporary API server, nothing left running if the command is killed. The first log
 lines say which. SIGINT, SIGTERM and ``q`` stop it gracefully:
 stop fetching, finish or record in-flight uploads, commit what is safe, write the
 registries, exit 0. Before anything else they log in to Girder and resolve the root
-folder, once (the flow run uses that check): a refused key, an unreachable Girder or a
+folder, once: a refused key, an unreachable Girder or a
 root folder that does not resolve ends the command with one line on standard error
 and exit status 2, before anything is consumed.
 """
@@ -66,7 +68,7 @@ def _run_parameters(args: argparse.Namespace) -> dict:
 
 
 def _run(params: dict, girder, prepared) -> dict:
-    """Run the consumer: as a Prefect flow run when a Prefect API is configured,
+    """Run the consumer: recorded as a flow run when a Prefect API is configured,
     otherwise the same steps without Prefect (see the module's docstring)."""
     from girder_upload_stream.cli.prefect_mode import prefect_api_url
     api = prefect_api_url()
@@ -75,12 +77,10 @@ def _run(params: dict, girder, prepared) -> dict:
                     "no flow run is recorded (set PREFECT_API_URL to record runs)")
         from girder_upload_stream.loop.session import plain_hooks, run_session
         return run_session(params, girder, plain_hooks(), prepared)
-    logger.info("Prefect API at %s: running as a flow run of girder-upload-stream", api)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from girder_upload_stream.flows.upload_stream import handed_over, upload_stream
-    startup.mark("Prefect imported")
-    handed_over(girder, params["topic_name"], prepared)
-    return upload_stream(**params)
+    logger.info("Prefect API at %s: running as a flow run of girder-upload-stream (consuming "
+                "now; the flow run records the run once Prefect has created it)", api)
+    from girder_upload_stream.prefect_glue.late_flow_run import run_with_late_flow_run
+    return run_with_late_flow_run(params, girder, prepared, api_url=api)
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -101,7 +101,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     girder = girder_settings_from(params, api_key)
     # Girder first, before Prefect starts, so that a wrong key fails fast with one line
     # (raised as GirderStartupError) and no flow-run traceback; the run uses this check.
-    # Then the consumer subscribes: the group's join overlaps Prefect's start.
+    # Then the consumer subscribes: the group's join starts at once.
     prepared = prepare(params, girder)
     # The key travels by environment, never as a flow parameter (Prefect stores those).
     os.environ["GIRDER_API_KEY"] = api_key

@@ -209,6 +209,13 @@ class FileLedger:
     def is_known_pending(self, key: FileKey) -> bool:
         return (key[0], file_generation(key[1])) in self.known_pending
 
+    def learn_done(self, keys: set[tuple[str, str]]) -> None:
+        """``(rel_path, generation)`` pairs learnt during the run to be processed and in
+        Girder (a registry fallback read late): their files' messages read from now on
+        are routed as the ``known_done`` ones; files already in flight are unchanged."""
+        self.known_done |= keys
+        self.known_in_girder |= keys
+
     def failed_for_good(self, key: FileKey) -> bool:
         """True if this generation's upload failed for good in this run."""
         return key in self._failed

@@ -54,6 +54,9 @@ class Hooks:
     registry_fallback: Callable[[str, str], set[tuple[str, str]]] | None = None
     side_job: Callable[[Any, str, str], SideJob] | None = None  # (recorder, topic, group)
     interruptions: tuple[type[BaseException], ...] = ()  # stop the run gracefully
+    #: Completed files wait for company (``--upload_linger_seconds``) only where a unit
+    #: costs a Prefect task run; on the plain pool a unit costs nothing, so none wait.
+    linger: bool = True
 
 
 def girder_settings_from(p: Mapping[str, Any], api_key: SecretStr | str | None
@@ -81,8 +84,7 @@ class Prepared:
     """What the command line made before the run: the checked store and its root
     folder, the Kafka settings (a ``create_new`` group id is drawn once) and the
     consumer group, subscribed already (None on encrypted topics: their consumer
-    needs the run's registry), so that the group's join overlaps Prefect's import
-    and the flow run's creation."""
+    needs the run's registry), so that the group's join starts at once."""
 
     store: GirderStore
     root_folder: str
@@ -221,6 +223,8 @@ def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
             if group is not None:
                 group.close()  # joined beforehand: leave at once
             raise
+        if not hooks.linger:
+            runner.processor.linger_seconds = 0.0
         if hooks.side_job is not None:  # it reads the recorder build_runner made
             runner.side_jobs.append(hooks.side_job(runner.processor.recorder, topic, group_id))
         try:
@@ -285,4 +289,5 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
 def plain_hooks(log: logging.Logger | None = None) -> Hooks:
     """The hooks of a run without Prefect: upload units on a plain thread pool."""
     from girder_upload_stream.loop.executor import ThreadUploads
-    return Hooks(log=log or logging.getLogger("girder_upload_stream.run"), uploads=ThreadUploads)
+    return Hooks(log=log or logging.getLogger("girder_upload_stream.run"), uploads=ThreadUploads,
+                 linger=False)

@@ -18,14 +18,22 @@ artifact is created once per run and then updated in place, at most every
 
 :func:`load_registry_fallback` reads the latest recent-uploads table back, for a restart
 whose logs folder has no registry (another machine): its files' re-read chunks are then
-known to be done. Prefect is imported only inside the functions that call it.
+known to be done. Prefect is imported only inside the functions that call it;
+:func:`read_registry_fallback_over_http` reads the same artifact with one plain HTTP
+request, for a command-line run that starts consuming before Prefect is imported.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
 import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +47,7 @@ from girder_upload_stream.registry.tables import (STATUS_IN_PROGRESS, ProcessedR
                                            in_progress_path, processed_path)
 
 __all__ = ["Publication", "publish_to_prefect", "in_flow_run", "ArtifactPublisher",
-           "load_registry_fallback", "MAX_BACKOFF_SECONDS", "TABLES_INTERVAL_SECONDS",
+           "load_registry_fallback", "read_registry_fallback_over_http", "MAX_BACKOFF_SECONDS", "TABLES_INTERVAL_SECONDS",
            "PROGRESS_INTERVAL_SECONDS", "FAILURES_CHECK_SECONDS"]
 
 logger = logging.getLogger(__name__)
@@ -155,7 +163,8 @@ class ArtifactPublisher:
     """Runner side job that keeps the run's Prefect artifacts up to date.
 
     ``publish`` (default :func:`publish_to_prefect`), ``active`` (default
-    :func:`in_flow_run`) and ``clock`` are injectable for tests. ``tick`` never raises
+    :func:`in_flow_run`) and ``clock`` are injectable (for tests, and for a run whose
+    flow run came later: prefect_glue/late_flow_run.py, which gives ``started`` too). ``tick`` never raises
     an ``Exception`` into the loop: a failure is logged, and the next attempt waits
     longer each time (up to :data:`MAX_BACKOFF_SECONDS`) so that a Prefect API that is
     down does not slow every round of the loop with its retries."""
@@ -165,13 +174,15 @@ class ArtifactPublisher:
                  *, progress_interval_seconds: float = PROGRESS_INTERVAL_SECONDS,
                  publish: Callable[[Publication], Any] = publish_to_prefect,
                  active: Callable[[], bool] = in_flow_run,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 started: float | None = None) -> None:
         self.recorder, self.topic, self.group = recorder, topic, group
         self.keys = artifact_keys(topic, group)
         self.interval, self.progress_interval = interval_seconds, progress_interval_seconds
         self._publish, self._active, self._clock = publish, active, clock
         self._enabled: bool | None = None  # decided at the first due tick
-        self._started = clock()
+        # When the run started (``clock`` time; default now): the summary's duration.
+        self._started = clock() if started is None else started
         # Tables wait one interval: a short run publishes each once, at its end.
         self._tables_at = self._started + interval_seconds
         self._progress_at = self._started
@@ -310,5 +321,46 @@ def load_registry_fallback(topic: str, group: str) -> set[tuple[str, str]]:
         logger.info("no Prefect artifact %s: no processed file known beforehand", key)
         return set()
     keys = fallback_keys(artifact.data)
+    logger.info("%d processed file(s) known from the Prefect artifact %s", len(keys), key)
+    return keys
+
+
+def _auth_headers() -> dict[str, str]:
+    """Prefect's own ways to authenticate, from the environment: ``PREFECT_API_KEY``
+    (Prefect Cloud, a bearer token) or ``PREFECT_API_AUTH_STRING`` (a server's basic
+    authentication). Never logged."""
+    if os.environ.get("PREFECT_API_KEY"):
+        return {"Authorization": f"Bearer {os.environ['PREFECT_API_KEY']}"}
+    if os.environ.get("PREFECT_API_AUTH_STRING"):
+        token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    return {}
+
+
+def read_registry_fallback_over_http(api_url: str, topic: str, group: str,
+                                     timeout: float = 10.0) -> set[tuple[str, str]] | None:
+    """What :func:`load_registry_fallback` returns, read with one request to the Prefect
+    REST API (``GET /artifacts/{key}/latest``) instead of through Prefect, whose import
+    takes seconds; None when it could not be read (the caller may ask Prefect later)."""
+    key = artifact_keys(topic, group).recent_uploads
+    url = f"{api_url.rstrip('/')}/artifacts/{urllib.parse.quote(key)}/latest"
+    request = urllib.request.Request(url, headers={"Accept": "application/json",
+                                                   **_auth_headers()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            data = json.load(answer).get("data")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            logger.info("no Prefect artifact %s: no processed file known beforehand", key)
+            return set()
+        logger.warning("could not read the Prefect artifact %s (HTTP %d); it is read "
+                       "through Prefect once the flow run exists", key, exc.code)
+        return None
+    except (urllib.error.URLError, OSError, ValueError, AttributeError) as exc:
+        logger.warning("could not read the Prefect artifact %s (%s: %s); it is read "
+                       "through Prefect once the flow run exists", key, type(exc).__name__,
+                       getattr(exc, "reason", exc))
+        return None
+    keys = fallback_keys(data)
     logger.info("%d processed file(s) known from the Prefect artifact %s", len(keys), key)
     return keys

@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 # fixed names share an xdist_group, `serial` ones have the stack alone (docs/testing.md).
 TEST_WORKERS ?= 3
 PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+# The unit tests are CPU-bound: one process per core.
+UNIT_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: help install libsodium browser stack-install stack-up stack-down stack-status stack-env \
@@ -77,8 +79,8 @@ prefect-up: install  ## Start a local Prefect server (SQLite) with the UI on htt
 prefect-down:  ## Stop the Prefect worker (and its runs) and the local Prefect server
 	@$(STACKCTL) down prefect worker
 
-unit: install  ## Unit tests only (nothing running needed)
-	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+unit: install  ## Unit tests only (nothing running needed), one process per core
+	$(VENV)/bin/pytest -m "not integration" -n $(UNIT_WORKERS) --durations=10 $(PYTEST_ARGS)
 
 integration: install browser  ## Integration tests against the running stack (starts one if none), in parallel
 	$(VENV)/bin/pytest -m integration $(PARALLEL) --durations=20 $(PYTEST_ARGS)

@@ -49,15 +49,33 @@ class ExistingItemMixin:
         again; any other item of those names is left alone. At most four names are
         looked at."""
         match = re.fullmatch(re.escape(name) + r" \((\d+)\)", renamed)
+        if completed.size > 0:
+            self._sweep_names(folder, name, completed.sha256, completed.rel_path,
+                              range(1, min(int(match.group(1)), 5) if match else 1))
+
+    def _sweep_after_lookup(self, folder: str, name: str, item: dict, rel_path: str) -> None:
+        """The restart check found the file in Girder (``item``): a run killed while it
+        uploaded the file again may have left ``name (1)`` (then ``(2)``..) behind, and
+        no upload of it comes to sweep it, so the check does, from ``(1)`` on while such
+        names are taken (at most four). One request when there is none."""
+        checksum = ((item.get("meta") or {}).get("checksum") or {}).get("sha256")
+        if checksum and item.get("size"):
+            self._sweep_names(folder, name, checksum, rel_path, range(1, 5), stop_early=True)
+
+    def _sweep_names(self, folder: str, name: str, sha256: str | None, rel_path: str,
+                     suffixes: range, stop_early: bool = False) -> None:
         owner = self._owner()
-        for k in range(1, min(int(match.group(1)), 5) if match else 1):
-            for other in self._items_named(folder, f"{name} ({k})", completed.rel_path):
+        for k in suffixes:
+            others = self._items_named(folder, f"{name} ({k})", rel_path)
+            if stop_early and not others:
+                return  # Girder takes the first free suffix: none beyond a free one
+            for other in others:
                 checksum = (other.get("meta") or {}).get("checksum") or {}
-                if other.get("size") == 0 and checksum.get("sha256") == completed.sha256 \
-                        and completed.size > 0 and owner.owns(other):
+                if other.get("size") == 0 and sha256 and checksum.get("sha256") == sha256 \
+                        and owner.owns(other):
                     logger.info("%s: deleting %r, an empty item left by an interrupted "
-                                "upload of it", completed.rel_path, other["name"])
-                    self._delete_empty_item(other, completed.rel_path)
+                                "upload of it", rel_path, other["name"])
+                    self._delete_empty_item(other, rel_path)
 
     def _into_existing(self, item: dict, completed: CompletedFile,
                        shared: Callable[[], bool]) -> tuple[Outcome, str]:

@@ -186,6 +186,7 @@ class GirderStore(ExistingItemMixin, FolderMixin):
                 files = self._call(lambda: list(client.listFile(item["_id"])), "list files",
                                    rel_path)
                 if len(files) == 1 and files[0].get("sha512") == file_hash.hex():
+                    self._sweep_after_lookup(folder, name, item, rel_path)
                     return True
         except GirderTransientError as exc:
             logger.warning("cannot look up %s in Girder now: %s", rel_path, exc)

@@ -63,7 +63,7 @@ def test_a_cli_run_consumes_at_once_and_its_flow_run_records_it_whole(
     program = Program(
         [OUR_CLI, "run", stack_env["GIRDER_API_URL"], "--config", "local", "--topic_name",
          topic, "--collection_name", collection["name"], "--consumer_group_id", group,
-         "--output_dir", out, "--max_idle_seconds", "4", "--update_seconds", "1"],
+         "--output_dir", out, "--max_idle_seconds", "120", "--update_seconds", "1"],
         tmp_path / "run.out", cwd=tmp_path, env=env)
     programs.append(program)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
@@ -73,15 +73,21 @@ def test_a_cli_run_consumes_at_once_and_its_flow_run_records_it_whole(
     # Produced now, its unit is a task run of the flow run.
     second = write_tree(tmp_path / "second", {"later/second.bin": bytes(range(256)) * 300})
     finish(produce_ours(tmp_path / "second", topic, bootstrap, tmp_path), "our produce")
+    files = {**first, **second}
+    # Stopped from its console once both files are in Girder: an idle limit would race a
+    # slow produce on a loaded machine.
+    wait_for(lambda: complete_in_girder(
+        girder_client, folder_by_path(girder_client, root_path)["_id"], files) == set(files),
+             "both files in Girder", program, log_file, timeout=RUN_TIMEOUT)
+    program.send_line("q")
     assert program.wait(RUN_TIMEOUT) == 0, program.describe(log_file)
     output = program.output()
-    files = {**first, **second}
     root = folder_by_path(girder_client, root_path)
     assert complete_in_girder(girder_client, root["_id"], files) == set(files)
     assert_uploaded(girder_client, root["_id"], files, topic, root_path=root_path)
     assert "Finished in state Completed()" in output, program.describe(log_file)
     assert output.strip().splitlines()[-1].startswith(
-        "stopped (no new message for 4s"), program.describe(log_file)
+        "stopped (stop requested)"), program.describe(log_file)
 
     names = set(FLOW_RUN_NAME.findall(output))
     assert len(names) == 1, program.describe(log_file)

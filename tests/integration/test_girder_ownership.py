@@ -124,6 +124,31 @@ def test_a_persons_look_alike_of_a_leftover_is_not_swept(stack_env, make_collect
 
 
 @pytest.mark.timeout(120)
+def test_the_restart_check_sweeps_what_a_killed_upload_left_and_nothing_else(
+        stack_env, make_collection, girder_client):
+    """A run killed between ``POST item`` of a file already in Girder (named ``a.txt (1)``
+    by Girder) and the ``DELETE`` of that item leaves it; the next run finds the file by
+    its restart check and uploads nothing, so the check sweeps it: ours only."""
+    collection = make_collection()
+    store = make_store(stack_env, collection)
+    root = store.root_folder_id()
+    data = b"found on restart"
+    assert store.upload(completed("a.txt", data)).outcome is Outcome.UPLOADED
+    checksum = {"checksum": {"sha256": hashlib.sha256(data).hexdigest()}}
+    ours = girder_client.createItem(root, "a.txt", metadata={**checksum, **store.owner.mark()})
+    alike = girder_client.createItem(root, "a.txt", metadata=checksum)  # a person's
+    ours_too = girder_client.createItem(root, "a.txt",
+                                        metadata={**checksum, **store.owner.mark()})
+    assert [ours["name"], alike["name"], ours_too["name"]] == [
+        "a.txt (1)", "a.txt (2)", "a.txt (3)"]
+    assert store.holds("a.txt", hashlib.sha512(data).digest()) is True
+    _, items = names_below(girder_client, root)
+    assert items == ["a.txt", "a.txt (2)"]
+    assert store.holds("a.txt", hashlib.sha512(data).digest()) is True  # nothing more goes
+    assert names_below(girder_client, root)[1] == ["a.txt", "a.txt (2)"]
+
+
+@pytest.mark.timeout(120)
 def test_a_file_that_fails_for_good_leaves_no_folder_made_for_it(stack_env, make_collection,
                                                                  girder_client):
     collection = make_collection()

@@ -34,12 +34,19 @@ def _run_once(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Com
                           timeout=120, stdin=subprocess.DEVNULL)
 
 
-def test_a_second_consumer_on_one_output_folder_is_refused_and_a_sigkill_frees_it(
-        stack_env, make_topic, make_group, make_collection, tmp_path: Path) -> None:
-    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+def _one_file_topic(bootstrap: str, make_topic, make_group, make_collection):
+    """A fresh topic holding one small file, with a fresh group and collection."""
     topic, group, collection = make_topic(partitions=1), make_group(), make_collection()
     produce_raw(bootstrap, topic, [(k.encode(), v, 0) for k, v in map(
         encode_chunk, chunk_file(b"one file", filename="one.txt", chunk_size=100))])
+    return topic, group, collection
+
+
+def test_a_second_consumer_on_one_output_folder_is_refused_and_a_sigkill_frees_it(
+        stack_env, make_topic, make_group, make_collection, tmp_path: Path) -> None:
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = _one_file_topic(bootstrap, make_topic, make_group,
+                                               make_collection)
     out = tmp_path / "out"
     argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
                          "local", 600)
@@ -68,9 +75,8 @@ def test_a_registry_saved_by_a_spreadsheet_stops_the_start_cleanly(
         stack_env, make_topic, make_group, make_collection, tmp_path: Path,
         separator: str) -> None:
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
-    topic, group, collection = make_topic(partitions=1), make_group(), make_collection()
-    produce_raw(bootstrap, topic, [(k.encode(), v, 0) for k, v in map(
-        encode_chunk, chunk_file(b"one file", filename="one.txt", chunk_size=100))])
+    topic, group, collection = _one_file_topic(bootstrap, make_topic, make_group,
+                                               make_collection)
     out = tmp_path / "out"
     argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
                          "local", 2)

@@ -91,6 +91,10 @@ class RunResult:
     #: last log lines; None for the others (the limit reads files from the start).
     startup_s: float | None = None
     uploads_in_flight: int | None = None  # ours: the most upload units at once
+    started_wall: float = 0.0  # epoch s of the (first) process's start
+    #: CPU-seconds (user + system) of the process tree(s) from the start to the last
+    #: file in Girder, sampled every 0.2 s
+    cpu_s: float | None = None
 
     @property
     def active_mb_s(self) -> float | None:
@@ -267,7 +271,9 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
                        peak_rss=max(p.peak_rss for p in procs),
                        argv=[display_argv(p, stack, work) for p in procs],
                        duplicates=len(check["duplicates"]), outputs=outputs,
-                       missing=len(check["missing"]) + len(check["wrong_size"]))
+                       missing=len(check["missing"]) + len(check["wrong_size"]),
+                       started_wall=started,
+                       cpu_s=sum(p.cpu.at(max(landed)) for p in procs))
     if result.missing:
         result.failure = next((h for h in map(failure_hint, outputs) if h), None)
         result.missing_detail = (check["missing"] + check["wrong_detail"])[:3]

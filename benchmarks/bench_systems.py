@@ -95,6 +95,7 @@ class RunResult:
     #: CPU-seconds (user + system) of the process tree(s) from the start to the last
     #: file in Girder, sampled every 0.2 s
     cpu_s: float | None = None
+    cpu_startup_s: float | None = None  # ours: of that, spent before the first message
 
     @property
     def active_mb_s(self) -> float | None:
@@ -285,6 +286,7 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
         epochs = [f for f, _ in firsts if f is not None]
         if epochs:
             result.startup_s = min(epochs) - started
+            result.cpu_startup_s = sum(p.cpu.at(min(epochs)) for p in procs)
             result.uploads_in_flight = max(n for _, n in firsts if n is not None)
     if spec.system == "ours" and spec.prefect_server:
         time.sleep(3)  # let the server record the last task runs and logs

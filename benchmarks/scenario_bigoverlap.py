@@ -96,6 +96,8 @@ def row_of(result: RunResult, spent: dict[str, float], limit_s: float | None) ->
            "first file s": result.first_s,
            "× limit": (limit_s / (active if active else end)) if limit_s else None,
            "CPU s": result.cpu_s, "CPU s/GiB": result.cpu_s / gib if result.cpu_s else None,
+           "CPU s/GiB w/o start-up": (result.cpu_s - result.cpu_startup_s) / gib
+           if result.cpu_s and result.cpu_startup_s is not None else None,
            "peak RSS MiB": result.peak_rss / MIB, "missing/dup": f"{result.missing}/"
            f"{result.duplicates}"}
     row.update({f"{k} CPU s" if k != "machine busy" else k: v for k, v in spent.items()})

@@ -3,6 +3,7 @@
 mode with ``--memory_budget_mb 256``, and where the CPU goes.
 
     python -m benchmarks.scenario_bigoverlap [--reps 1] [--files 8] [--size-mib 128]
+    python -m benchmarks.run_all --only 9 --reps 2 --merge   # into docs/benchmarks.md
 
 Needs the stack (Kafka, Mongo, Girder; a Prefect server only with ``--prefect``). For
 every repetition: a fresh topic is produced (not timed), then our consumer and the
@@ -17,6 +18,7 @@ machine's busy fraction (from /proc/stat: other users of a shared machine count 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -31,9 +33,10 @@ from benchmarks.bench_common import (
 from benchmarks.bench_config import FULL, Context
 from benchmarks.bench_data import big_files
 from benchmarks.bench_girder import girder_client
+from benchmarks.bench_report import Section
 from benchmarks.bench_systems import RunResult, Spec, timed_run
 
-__all__ = ["StackCpu", "main", "row_of"]
+__all__ = ["StackCpu", "main", "measure", "row_of", "scenario_big_overlap"]
 
 GIB = 1 << 30
 SERVICES = ("girder", "kafka", "mongo", "prefect")
@@ -116,6 +119,108 @@ def _show(rows: list[tuple[str, dict]]) -> str:
     return "\n".join([f"  {'':22s} " + "  ".join(f"{n:>10s}" for n, _ in rows)] + out)
 
 
+def measure(ctx: Context, files: int, size: int, partitions: int, budget_mb: int,
+            n_threads: int, prefect: bool = False, with_limit: bool = True
+            ) -> dict[str, list[dict]]:
+    """Every repetition: a fresh topic, then our consumer and the limit (order rotated);
+    the figures of each run (:func:`row_of`) by system, printed as they come."""
+    ours = Spec("ours", n_threads, "memory", budget_mb=budget_mb, prefect_server=prefect)
+    limit = Spec("limit", n_threads)
+    summary: dict[str, list[dict]] = {"ours": [], "limit": []}
+    data = big_files(ctx.work / "bigoverlap", files, size)
+    try:
+        for rep in ctx.repetitions():
+            topic = ctx.topic_with("bigoverlap", data, partitions)
+            specs = [limit, ours] if with_limit else [ours]
+            runs: dict[str, tuple[RunResult, dict]] = {}
+            for spec in specs if rep % 2 == 0 else specs[::-1]:
+                with StackCpu() as cpu:
+                    result = timed_run(ctx.stack, ctx.gc, spec, ctx.work, topic, data,
+                                       ctx.timeout_for(data.total_bytes), keep=ctx.keep)
+                spent = cpu.spent(result.started_wall, result.started_wall + result.seconds)
+                runs[spec.system] = (result, spent)
+                ctx.log(f"  {spec.label}: {result.seconds:.2f}s")
+            limit_s = runs["limit"][0].seconds if "limit" in runs else None
+            rows = [(name, row_of(r, spent, limit_s if name == "ours" else None))
+                    for name, (r, spent) in runs.items()]
+            for name, row in rows:
+                summary[name].append(row)
+            print(_show(rows), flush=True)
+            ctx.drop_topic(topic)
+    finally:
+        shutil.rmtree(data.root, ignore_errors=True)
+    return summary
+
+
+def _median(rows: list[dict], key: str) -> Stat:
+    return Stat.of(r[key] for r in rows if isinstance(r.get(key), float))
+
+
+#: The section's columns: (header, key of :func:`row_of`, format).
+_COLUMNS = [
+    ("s: start → last byte in Girder", "s", "{:.2f}"),
+    ("start-up: start → first message (s)", "startup s", "{:.2f}"),
+    ("s without the start-up", "s w/o start-up", "{:.2f}"),
+    ("× limit (start-up taken off)", "× limit", "{:.2f}×"),
+    ("start → first file (s)", "first file s", "{:.2f}"),
+    ("consumer CPU-s / GiB (without the start-up)", "CPU s/GiB w/o start-up", "{:.2f}"),
+    ("consumer CPU-s / GiB (all)", "CPU s/GiB", "{:.2f}"),
+    ("peak RSS (MiB)", "peak RSS MiB", "{:.0f}"),
+    ("Girder CPU-s", "girder CPU s", "{:.2f}"),
+    ("Kafka CPU-s", "kafka CPU s", "{:.2f}"),
+    ("database CPU-s", "mongo CPU s", "{:.2f}"),
+    ("machine busy", "machine busy", "{:.0%}"),
+]
+
+
+def scenario_big_overlap(ctx: Context) -> Section:
+    """run_all's scenario 9: issue 22 §3's big-file scenario (see the module's doc)."""
+    s = ctx.sizes
+    files, size = (8, 128 * MIB) if s.big_size >= 64 * MIB else (8, s.big_size)
+    section = Section(
+        f"9. Big files overlapped: {files} files of {size // MIB} MiB on 8 partitions, "
+        "memory mode, budget 256 MiB",
+        f"`--n_threads {s.n_threads}`, `--mode memory --memory_budget_mb 256`, no Prefect "
+        "server, 512 KiB chunks produced file after file (so each partition holds the "
+        "files' chunks in turn). Seconds from the process's start to the last byte in "
+        "Girder (Girder's clock); the ratio to the girder-client limit takes our start-up "
+        "(start → first message read) off. CPU-seconds are user + system from /proc, "
+        "sampled every 0.2 s: the consumer's process tree per GiB uploaded, and the "
+        "stack's services over the same span; the machine's busy share counts every "
+        "process on it (the machine is shared). Goal (issue 22 §3): ≥ 0.6× the limit, "
+        "≤ 5 consumer CPU-s per GiB, peak RSS ≤ budget + 250 MiB.")
+    summary = measure(ctx, files, size, 8, 256, s.n_threads)
+    section.headers = ["system"] + [h for h, _, _ in _COLUMNS]
+    for name, label in (("ours", "girder-upload-stream, budget 256 MiB"),
+                        ("limit", "girder-client limit")):
+        rows = summary[name]
+        section.rows.append([label] + [
+            _median(rows, key).show(fmt) if _median(rows, key).ok else "–"
+            for _, key, fmt in _COLUMNS])
+    ours, limit = summary["ours"], summary["limit"]
+    cpu = {k: _median(ours, k).median for k in ("CPU s", "girder CPU s", "kafka CPU s",
+                                                 "mongo CPU s")}
+    floor = sum(cpu.values()) / (os.cpu_count() or 1)
+    limit_s = _median(limit, "s").median
+    section.notes = [
+        f"Ceiling on this machine: the run costs {sum(cpu.values()):.1f} CPU-seconds "
+        f"(ours {cpu['CPU s']:.1f}, Girder {cpu['girder CPU s']:.1f}, Kafka "
+        f"{cpu['kafka CPU s']:.1f}, database {cpu['mongo CPU s']:.1f}) on "
+        f"{os.cpu_count()} cores: at least {floor:.1f} s even if every core were busy all "
+        f"the time, {limit_s / floor:.2f}× the limit's {limit_s:.2f} s. The limit "
+        "itself is Girder's CPU (it reads whole files from disk and hashes them once)."]
+    section.headline = [
+        f"ours {_median(ours, 's w/o start-up').median:.2f} s without the start-up = "
+        f"{_median(ours, '× limit').median:.2f}× the girder-client limit (goal ≥ 0.6×); "
+        f"consumer {_median(ours, 'CPU s/GiB w/o start-up').median:.2f} CPU-s per GiB "
+        f"(goal ≤ 5); peak RSS {_median(ours, 'peak RSS MiB').median:.0f} MiB "
+        "(budget 256 + 250)."]
+    section.commands = [f"# {' '.join(ctx.argv)}",
+                        "# the same, alone: python -m benchmarks.scenario_bigoverlap --reps "
+                        f"{s.reps}"]
+    return section
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scenario_bigoverlap",
                                      description=__doc__.split("\n\n")[0])
@@ -132,34 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     stack = load_stack()
     work = Path(tempfile.mkdtemp(prefix="gus-bigoverlap-"))
     ctx = Context(stack, girder_client(stack), work, replace(FULL, reps=args.reps), sys.argv)
-    ours = Spec("ours", args.n_threads, "memory", budget_mb=args.budget_mb,
-                prefect_server=args.prefect)
-    limit = Spec("limit", args.n_threads)
-    summary: dict[str, list[dict]] = {"ours": [], "limit": []}
     try:
-        data = big_files(work / "big", args.files, args.size_mib * MIB)
-        for rep in ctx.repetitions():
-            topic = ctx.topic_with("big", data, args.partitions)
-            specs = [limit, ours] if not args.no_limit else [ours]
-            runs: dict[str, tuple[RunResult, dict]] = {}
-            for spec in specs if rep % 2 == 0 else specs[::-1]:
-                with StackCpu() as cpu:
-                    result = timed_run(stack, ctx.gc, spec, work, topic, data,
-                                       ctx.timeout_for(data.total_bytes))
-                spent = cpu.spent(result.started_wall, result.started_wall + result.seconds)
-                runs[spec.system] = (result, spent)
-                ctx.log(f"  {spec.label}: {result.seconds:.2f}s; {result.outputs[0][-300:]!r}"
-                        if result.missing else f"  {spec.label}: {result.seconds:.2f}s")
-            limit_s = runs["limit"][0].seconds if "limit" in runs else None
-            rows = [(name, row_of(r, spent, limit_s if name == "ours" else None))
-                    for name, (r, spent) in runs.items()]
-            for name, row in rows:
-                summary[name].append(row)
-            print(_show(rows), flush=True)
-            ctx.drop_topic(topic)
+        summary = measure(ctx, args.files, args.size_mib * MIB, args.partitions,
+                          args.budget_mb, args.n_threads, args.prefect, not args.no_limit)
         if args.reps > 1:
-            med = [(n, {k: Stat.of(r[k] for r in rs if isinstance(r.get(k), float)).median
-                        for k in rs[0]}) for n, rs in summary.items() if rs]
+            med = [(n, {k: _median(rs, k).median for k in rs[0]})
+                   for n, rs in summary.items() if rs]
             print("medians:\n" + _show(med), flush=True)
     finally:
         for topic in list(ctx.topics):

@@ -173,6 +173,37 @@ _COLUMNS = [
 ]
 
 
+#: Issue 22 §3's before and after, with this scenario's harness
+#: (``python -m benchmarks.scenario_bigoverlap --reps 2``), back to back on the same
+#: machine at 2026-12-05 ~18:00 UTC (limit 3.78-3.88 s), medians of 2: "before" is git
+#: cd75c4d's consumer settings and allocator, the rows after it add one change each.
+#: A record of that comparison, not a measurement of this run.
+HISTORY = [
+    "Before and after issue 22 §3 (`python -m benchmarks.scenario_bigoverlap --reps 2`, "
+    "back to back on this machine, medians of 2; the limit ran at 3.78-3.91 s):", "",
+    "| consumer | s without the start-up | × limit | consumer CPU-s / GiB (all) | "
+    "peak RSS (MiB) | Girder CPU-s | machine busy |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+    "| before (git cd75c4d) | 25.31 | 0.15× | 10.12 | 252 | 4.88 | 35% |",
+    "| + `fetch.queue.backoff.ms = 10` | 8.57 | 0.46× | 9.17 | 222 | 3.94 | 79% |",
+    "| + mmap threshold 9 MiB (both: after) | 7.13 | 0.53× | 7.26 | 286 | 3.94 | 81% |",
+    "",
+    "Where the time went before (py-spy with idle samples, the polling thread): 75% waiting "
+    "in `consume()` for librdkafka, whose queue (a 16th of the budget: 16 MiB) refilled only "
+    "after `fetch.queue.backoff.ms`, 1 s by default: the consumer read 84 messages (42 MiB) "
+    "per second whatever it could do, every file's stream waited for its bytes, and the "
+    "machine was 35% busy. Per stage, CPU-seconds per GiB measured alone on this machine: "
+    "chunk sha512 (decode, polling thread) 1.28; file sha512 1.28 and sha256 0.61 (hash "
+    "thread); msgpack decoding 0.03 plus the copies of librdkafka's message and of the "
+    "chunk; spill writes (`pwrite` of every byte of the 8 files, as each file is over the "
+    "files' 112 MiB share of the budget: 1.58, 4.5 s of wall time on the polling thread); "
+    "reading back spilled bytes for the hash and the streams 0.1; sending to Girder "
+    "(streams of 8 MiB blocks, 8 of 8 files streamed). With 128 KiB as the mmap "
+    "threshold, each 512 KiB chunk and 8 MiB block was a fresh zero-filled mapping: 4.3 "
+    "system CPU-s per GiB against 2.5-2.7 at 9 MiB.", "",
+]
+
+
 def scenario_big_overlap(ctx: Context) -> Section:
     """run_all's scenario 9: issue 22 §3's big-file scenario (see the module's doc)."""
     s = ctx.sizes
@@ -190,6 +221,7 @@ def scenario_big_overlap(ctx: Context) -> Section:
         "process on it (the machine is shared). Goal (issue 22 §3): ≥ 0.6× the limit, "
         "≤ 5 consumer CPU-s per GiB, peak RSS ≤ budget + 250 MiB.")
     summary = measure(ctx, files, size, 8, 256, s.n_threads)
+    section.extra = HISTORY
     section.headers = ["system"] + [h for h, _, _ in _COLUMNS]
     for name, label in (("ours", "girder-upload-stream, budget 256 MiB"),
                         ("limit", "girder-client limit")):
@@ -208,7 +240,10 @@ def scenario_big_overlap(ctx: Context) -> Section:
         f"{cpu['kafka CPU s']:.1f}, database {cpu['mongo CPU s']:.1f}) on "
         f"{os.cpu_count()} cores: at least {floor:.1f} s even if every core were busy all "
         f"the time, {limit_s / floor:.2f}× the limit's {limit_s:.2f} s. The limit "
-        "itself is Girder's CPU (it reads whole files from disk and hashes them once)."]
+        "is bound by Girder's CPU (it reads whole files from disk and hashes each once); "
+        "ours adds, per GiB, the three hashes (chunk sha512, file sha512, sha256: 3.2 "
+        "CPU-s here), Kafka's fetch and copies, and the spill of every file (each is over "
+        "the files' share of a 256 MiB budget), all on the same 2 cores as Girder."]
     section.headline = [
         f"ours {_median(ours, 's w/o start-up').median:.2f} s without the start-up = "
         f"{_median(ours, '× limit').median:.2f}× the girder-client limit (goal ≥ 0.6×); "

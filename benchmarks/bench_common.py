@@ -23,7 +23,7 @@ from pathlib import Path
 __all__ = [
     "REPO_ROOT", "OUR_CLI", "OUR_PROCESSOR", "OUR_PYTHON", "OMSI_BIN", "OMSI_PROCESSOR", "PREFECT_DB",
     "MIB", "KIB", "Stack", "load_stack", "new_name", "BenchError", "Proc", "tree_rss_bytes",
-    "Stat", "fmt_mib", "fmt_s", "wait_until",
+    "tree_pids", "cpu_seconds", "CpuTrace", "Stat", "fmt_mib", "fmt_s", "wait_until",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,54 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its live descendants."""
+    out, todo, seen = [], [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        if Path(f"/proc/{p}").exists():
+            out.append(p)
+            todo += _children(p)
+    return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU-seconds spent so far by ``pids`` (and their reaped children)."""
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / _TICK
+
+
+class CpuTrace:
+    """CPU-seconds of a set of processes sampled over time, to read the CPU spent
+    between two wall-clock moments (e.g. start -> last byte in Girder)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+
+    def add(self, cpu: float, wall: float | None = None) -> None:
+        self.samples.append((time.time() if wall is None else wall, cpu))
+
+    def at(self, wall: float) -> float:
+        """CPU-seconds at ``wall``: the last sample taken at or before it (0 if none)."""
+        before = [cpu for t, cpu in self.samples if t <= wall]
+        return before[-1] if before else 0.0
+
+    def between(self, start: float, end: float) -> float:
+        return self.at(end) - self.at(start)
+
+
 _LIVE: set[Proc] = set()
 
 
@@ -128,7 +176,8 @@ class Proc:
 
     ``started_wall`` (``time.time()`` just before the start) is what Girder timestamps
     are compared with. A thread samples the RSS of the process tree every 0.2 s;
-    ``peak_rss`` is the largest sum seen and ``rss_now()`` the current one.
+    ``peak_rss`` is the largest sum seen and ``rss_now()`` the current one; ``cpu`` is
+    the tree's CPU-seconds, sampled with it (a :class:`CpuTrace`).
     """
 
     def __init__(self, name: str, argv: list[str | Path], log: Path, env: dict[str, str],
@@ -144,6 +193,7 @@ class Proc:
                                      start_new_session=True)
         self.pid = self.proc.pid
         self.peak_rss = 0
+        self.cpu = CpuTrace()
         self._sampling = True
         self._sampler = threading.Thread(target=self._sample, name=f"rss-{name}", daemon=True)
         self._sampler.start()
@@ -152,6 +202,7 @@ class Proc:
     def _sample(self) -> None:
         while self._sampling and self.proc.poll() is None:
             self.peak_rss = max(self.peak_rss, tree_rss_bytes(self.pid))
+            self.cpu.add(cpu_seconds(tree_pids(self.pid)))
             time.sleep(RSS_INTERVAL)
 
     def rss_now(self) -> int:

@@ -91,6 +91,11 @@ class RunResult:
     #: last log lines; None for the others (the limit reads files from the start).
     startup_s: float | None = None
     uploads_in_flight: int | None = None  # ours: the most upload units at once
+    started_wall: float = 0.0  # epoch s of the (first) process's start
+    #: CPU-seconds (user + system) of the process tree(s) from the start to the last
+    #: file in Girder, sampled every 0.2 s
+    cpu_s: float | None = None
+    cpu_startup_s: float | None = None  # ours: of that, spent before the first message
 
     @property
     def active_mb_s(self) -> float | None:
@@ -267,7 +272,9 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
                        peak_rss=max(p.peak_rss for p in procs),
                        argv=[display_argv(p, stack, work) for p in procs],
                        duplicates=len(check["duplicates"]), outputs=outputs,
-                       missing=len(check["missing"]) + len(check["wrong_size"]))
+                       missing=len(check["missing"]) + len(check["wrong_size"]),
+                       started_wall=started,
+                       cpu_s=sum(p.cpu.at(max(landed)) for p in procs))
     if result.missing:
         result.failure = next((h for h in map(failure_hint, outputs) if h), None)
         result.missing_detail = (check["missing"] + check["wrong_detail"])[:3]
@@ -279,6 +286,7 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
         epochs = [f for f, _ in firsts if f is not None]
         if epochs:
             result.startup_s = min(epochs) - started
+            result.cpu_startup_s = sum(p.cpu.at(min(epochs)) for p in procs)
             result.uploads_in_flight = max(n for _, n in firsts if n is not None)
     if spec.system == "ours" and spec.prefect_server:
         time.sleep(3)  # let the server record the last task runs and logs

@@ -2,6 +2,8 @@
 
     python -m benchmarks.profile_consumer                      # 1,000 x 64 KiB, memory mode
     python -m benchmarks.profile_consumer --files 8 --size-kib 65536 --mode disk
+    python -m benchmarks.profile_consumer --big --files 8 --size-kib 131072 --partitions 8 \
+        --budget-mb 256 --log consumer.log     # issue 22 §3's big-file scenario
 
 Produces a fresh topic (not profiled), then runs ``girder-upload-stream run`` against the
 local stack under ``py-spy record`` (all threads, idle waits excluded) until it stops
@@ -23,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.bench_common import OUR_CLI, REPO_ROOT, load_stack, new_name
-from benchmarks.bench_data import produce, small_tree
+from benchmarks.bench_data import big_files, produce, small_tree
 from benchmarks.bench_girder import GirderView, delete_topics, girder_client
 
 __all__ = ["main", "summarise"]
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-idle", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--raw", type=Path, help="also keep py-spy's raw output here")
+    parser.add_argument("--big", action="store_true",
+                        help="files big-NN.bin at the root (benchmarks' big files)")
+    parser.add_argument("--budget-mb", type=int, help="--memory_budget_mb of the consumer")
+    parser.add_argument("--log", type=Path, help="keep the consumer's output here")
+    parser.add_argument("--no-prefect", action="store_true",
+                        help="run the consumer without a Prefect API")
     args = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -97,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         from confluent_kafka.admin import AdminClient, NewTopic
         admin = AdminClient({"bootstrap.servers": stack.bootstrap})
         admin.create_topics([NewTopic(topic, args.partitions, 1)])[topic].result(60)
-        data = small_tree(work / "data", args.files, args.size_kib * 1024, seed=9)
+        make = big_files if args.big else small_tree
+        data = make(work / "data", args.files, args.size_kib * 1024, seed=9)
         print(produce(stack, data, topic, work / "produce.log"), flush=True)
         raw = work / "profile.txt"
         consumer = [str(OUR_CLI), "run", stack.girder_url, "--config", "local",
@@ -105,9 +114,17 @@ def main(argv: list[str] | None = None) -> int:
                     "--n_threads", str(args.n_threads), "--mode", args.mode,
                     "--output_dir", str(work / "out"), "--consumer_group_id", "create_new",
                     "--max_idle_seconds", str(args.max_idle), "--update_seconds", "3600"]
+        if args.budget_mb is not None:
+            consumer += ["--memory_budget_mb", str(args.budget_mb)]
+        env = stack.env()
+        if args.no_prefect:
+            env.pop("PREFECT_API_URL", None)
+            env["PREFECT_HOME"] = str(work / "prefect-home")
         subprocess.run([spy, "record", "--rate", str(args.rate), "--format", "raw",
-                        "--output", str(raw), "--", *consumer], env=stack.env(),
-                       cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+                        "--output", str(raw), "--", *consumer], env=env,
+                       cwd=REPO_ROOT, check=True,
+                       stdout=open(args.log, "wb") if args.log else subprocess.DEVNULL,  # noqa: SIM115
+                       stderr=subprocess.STDOUT if args.log else None)
         if args.raw:
             shutil.copy2(raw, args.raw)
         print(summarise(raw.read_text(errors="replace"), args.top))

@@ -34,6 +34,7 @@ from benchmarks.bench_girder import GirderView, delete_topics, girder_client
 from benchmarks.bench_report import (
     Section, git_state, machine_facts, merged_sections, write_report,
 )
+from benchmarks.scenario_bigoverlap import scenario_big_overlap
 from benchmarks.scenario_remote import scenario_remote
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
@@ -54,6 +55,7 @@ SCENARIOS = {
     6: ("soak", scenario_soak),
     7: ("remote Girder", scenario_remote),
     8: ("start-up", scenario_startup),
+    9: ("big files overlapped", scenario_big_overlap),
 }
 
 

@@ -30,8 +30,12 @@ MIB = 1 << 20
 UPLOAD_BLOCK = 16 * MIB
 STREAM_BLOCK = 8 * MIB
 MAX_OPEN_STREAMS = 8
-#: Allocations from this size up get their own mapping, unmapped when freed.
-MALLOC_MMAP_THRESHOLD = 128 * 1024
+#: Allocations from this size up get their own mapping, unmapped when freed: above a
+#: stream block (8 MiB), so that 512 KiB chunks and stream blocks are reused from the
+#: heap instead of costing a fresh, zero-filled mapping per copy (docs/architecture.md,
+#: "The allocator": 1.7 system CPU-seconds per GiB at 128 KiB), and fixed, so that glibc
+#: does not raise it to the largest block freed (up to 32 MiB).
+MALLOC_MMAP_THRESHOLD = 9 * 1024 * 1024
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -83,8 +87,8 @@ def plan_memory(budget_bytes: int, n_threads: int, streaming: bool = True) -> Me
 def tune_malloc(libc_name: str | None = None) -> bool:
     """Make glibc map every allocation of ``MALLOC_MMAP_THRESHOLD`` or more on its own
     and unmap it when freed (a fixed threshold: glibc otherwise raises it up to 32 MiB
-    once big blocks are freed, and then keeps freed 512 KiB chunks in its heap), and
-    limit malloc to 2 arenas. True if glibc took it; elsewhere (musl, macOS) nothing."""
+    once big blocks are freed, and then keeps freed request blocks in its heap); smaller
+    ones (chunks, stream blocks) are reused from the heap. Limit malloc to 2 arenas. True if glibc took it; elsewhere (musl, macOS) nothing."""
     name = libc_name or ctypes.util.find_library("c")
     if not name:
         return False

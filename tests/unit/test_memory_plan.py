@@ -84,5 +84,16 @@ def test_the_consumer_gets_the_plans_settings_unless_its_config_file_sets_them(t
     assert mine["fetch.message.max.bytes"] == "2000000"
 
 
+def test_the_consumer_refills_its_queue_at_once_unless_its_config_file_says_otherwise(
+        tmp_path) -> None:
+    """librdkafka's 1 s fetch.queue.backoff.ms throttled a consumer whose queue was
+    full to about one queue per second (issue 22 §3): the default is 10 ms."""
+    derived = kafka_settings(_config(tmp_path, ""), "t", "g", 2).consumer
+    assert derived["fetch.queue.backoff.ms"] == "10"
+    mine = kafka_settings(_config(tmp_path, "fetch.queue.backoff.ms = 500\n"), "t", "g",
+                          2).consumer
+    assert mine["fetch.queue.backoff.ms"] == "500"
+
+
 def test_tune_malloc_says_no_without_a_libc() -> None:
     assert memory_plan.tune_malloc("/nonexistent/libc.so") is False

@@ -177,7 +177,8 @@ class Reassembler(Completion, PrefixViews):
             if group is None and key in self._parked:
                 if self._parked[key].holds(chunk):  # nothing new for a failed file
                     return AddResult(AddStatus.DUPLICATE, key, "chunk of a file whose "
-                                     "copies failed the sha512, received before")
+                                     "copies failed the sha512, received before",
+                                     of_rejected=True)
                 group = self._parked.pop(key)
                 self._files[key] = group
             problem = size_problem(chunk, self.max_file_bytes)

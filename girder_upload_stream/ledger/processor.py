@@ -201,11 +201,12 @@ class StreamProcessor(FileLife, Uploading):
         if result.status is AddStatus.REFUSED:
             self._refused(msg, chunk, result)
             return
-        if result.status is AddStatus.IGNORED or (result.status is AddStatus.DUPLICATE
-                                                  and not busy):
-            # A chunk of a file rejected before, or a late duplicate of one settled.
+        rejected_before = result.status is AddStatus.IGNORED or result.of_rejected
+        if rejected_before or (result.status is AddStatus.DUPLICATE and not busy):
+            # A chunk of a file rejected before (a dead letter: it is committed past and
+            # in no file in Girder), or a late duplicate of one settled.
             self.offsets.read(tp, offset)
-            if result.status is AddStatus.IGNORED:
+            if rejected_before:
                 self.recorder.chunk_rejected(msg, result.reason or "file rejected",
                                              file=chunk.rel_path)
             return

@@ -35,11 +35,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from girder_upload_stream.assembly.candidates import Group
+from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress
+from girder_upload_stream.ledger.offsets import PendingOffsets
+from girder_upload_stream.ledger.states import FileState, Role
+from girder_upload_stream.ledger.transitions import FileTransitions
 from girder_upload_stream.wire.codec import FileKey
-from girder_upload_stream.assembly.reassembly import CompletedFile
 
 __all__ = ["FileState", "Role", "Route", "FileRecord", "RepeatCounter", "FileLedger",
            "LedgerError", "file_generation"]
@@ -48,22 +52,6 @@ __all__ = ["FileState", "Role", "Route", "FileRecord", "RepeatCounter", "FileLed
 def file_generation(file_hash: bytes) -> str:
     """The short id of one generation of a file (its sha512 prefix), as registries keep it."""
     return file_hash.hex()[:32]
-
-
-class FileState(StrEnum):
-    ASSEMBLING = "assembling"
-    STREAMING = "streaming"  # assembling, and its in-order prefix goes to a Girder upload
-    RELEASED = "released"  # still assembling, but no longer holding commits (stale)
-    READY = "ready"
-    UPLOADING = "uploading"
-    WAITING_TO_RETRY = "waiting_to_retry"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Role(StrEnum):
-    FIRST = "first"  # holds its messages' commits until settled
-    AGAIN = "again"  # produced again: Girder has the content already, holds nothing
 
 
 class Route(StrEnum):
@@ -97,7 +85,10 @@ _HOLDING = (FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY)
 
 @dataclass(slots=True)
 class FileRecord:
-    """Everything the consumer knows of one generation it is working on."""
+    """Everything the consumer knows of one generation it is working on, and every
+    per-file handle: what the reassembler holds of it (``assembly``), where its pending
+    messages are (``pending``), its streamed upload (``stream``) and its upload attempts
+    (``failures``). Its life's transitions return their effects (:mod:`.transitions`)."""
 
     key: FileKey
     role: Role
@@ -112,12 +103,26 @@ class FileRecord:
     #: ``stream`` until the file is settled; None: uploaded whole at completion.
     stream: object | None = None
     stream_tried: bool = False  # a stream was opened once (never twice per record)
+    #: Its pending messages (offsets rule 1): the per-file part of the offset tracker.
+    pending: PendingOffsets = field(default_factory=PendingOffsets)
+    #: Its competing candidates in the reassembler while it assembles (None before its
+    #: first chunk is stored, and once it completed).
+    assembly: Group | None = None
 
     @property
     def holds_commit(self) -> bool:
         """Whether new messages of this file are pending until it is settled (a released
         file's new chunks hold again: it may still complete)."""
         return self.role is Role.FIRST
+
+    def progress(self) -> FileProgress | None:
+        """How far it got: its assembly's, else its completed file's (None: neither)."""
+        if self.assembly is not None:
+            return self.assembly.progress()
+        done = self.completed
+        return None if done is None else FileProgress(
+            done.rel_path, done.file_hash_hex, done.n_chunks, done.n_chunks, done.size, 0,
+            done.first_message_at, done.last_message_at)
 
     @property
     def held_bytes(self) -> int:
@@ -160,7 +165,7 @@ class RepeatCounter:
         return due
 
 
-class FileLedger:
+class FileLedger(FileTransitions):
     """The records of every generation in flight, plus a bounded memory of settled ones.
 
     ``known_done``/``known_pending`` are ``(rel_path, generation)`` pairs the registries
@@ -266,7 +271,7 @@ class FileLedger:
     def complete(self, key: FileKey, completed: CompletedFile) -> FileRecord:
         """ASSEMBLING/RELEASED -> READY: the file is whole and its sha512 matched."""
         record = self._records[key]
-        record.completed = completed
+        record.completed, record.assembly = completed, None
         self._move(record, "complete", FileState.READY)
         return record
 

@@ -215,7 +215,7 @@ class StreamProcessor(FileLife, Uploading):
         record = self.ledger.open(key, Role.AGAIN if route is Route.ASSEMBLE_AGAIN
                                   else Role.FIRST)
         if not reread and record.role is Role.FIRST:
-            self._count_copy(record, chunk, result.status)
+            self.ledger.count_copy(record, chunk.n_total_chunks, chunk.chunk_i, result.status)
         self._apply(record, result, chunk, tp, offset, size, reread and not busy)
 
     def _reassemble(self, chunk: Chunk, fresh: bool, tp: tuple[str, int],
@@ -327,21 +327,6 @@ class StreamProcessor(FileLife, Uploading):
             for record in self.ledger.in_state(state):
                 if record.stream is not None:
                     record.stream.close(timeout)
-
-    def _count_copy(self, record: FileRecord, chunk: Chunk, status: AddStatus) -> None:
-        """A new (not re-read) chunk of a file in flight: a duplicate begins counting the
-        copies produced again. Only chunks that agree with the file's own chunk count
-        are counted (a hostile count must not cost one step per claimed chunk)."""
-        key, n_total = record.key, chunk.n_total_chunks
-        if status is AddStatus.DUPLICATE and not self.ledger.counting(key):
-            received = record.assembly and list(record.assembly.lead.pieces)
-            if received is None:  # completed: every chunk of the first copy was read
-                if record.completed is None or record.completed.n_chunks != n_total:
-                    return
-                received = range(1, n_total + 1)
-            self.ledger.count_repeat(key, n_total, chunk.chunk_i, received)
-        elif status in (AddStatus.DUPLICATE, AddStatus.ACCEPTED, AddStatus.COMPLETED):
-            self.ledger.count_repeat(key, n_total, chunk.chunk_i, None)
 
     def _register_repeats(self, key: FileKey) -> None:
         """Register each copy produced again of a settled file (Girder would skip it)."""

@@ -34,13 +34,13 @@ Pure bookkeeping: no Prefect, Kafka or Girder; the caller owns the clock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from girder_upload_stream.assembly.candidates import Group
 from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress
 from girder_upload_stream.ledger.offsets import PendingOffsets
+from girder_upload_stream.ledger.repeats import CopyCounts, RepeatCounter
 from girder_upload_stream.ledger.states import FileState, Role
 from girder_upload_stream.ledger.transitions import FileTransitions
 from girder_upload_stream.wire.codec import FileKey
@@ -133,39 +133,7 @@ class FileRecord:
         return 0
 
 
-class RepeatCounter:
-    """Whole copies of one generation read, in O(1) per chunk whatever its chunk count.
-
-    ``count[i]`` is how often chunk ``i`` was read; ``level[k]`` how many chunk numbers
-    were read at least ``k`` times. Copy ``k`` is whole when ``level[k]`` reaches the
-    chunk count."""
-
-    __slots__ = ("n_total", "count", "level", "whole", "registered")
-
-    def __init__(self, n_total: int, received: Iterator[int] | list[int]) -> None:
-        self.n_total = n_total
-        self.count: dict[int, int] = {}
-        self.level: dict[int, int] = {}
-        self.whole = 0
-        self.registered = 1  # the first copy is registered by its own settlement
-        for chunk_i in received:
-            self.add(chunk_i)
-
-    def add(self, chunk_i: int) -> None:
-        seen = self.count.get(chunk_i, 0) + 1
-        self.count[chunk_i] = seen
-        self.level[seen] = self.level.get(seen, 0) + 1
-        if self.level[seen] == self.n_total and seen > self.whole:
-            self.whole = seen
-
-    def take_due(self) -> int:
-        """Whole copies beyond the first not registered yet (and mark them registered)."""
-        due = max(0, self.whole - self.registered)
-        self.registered += due
-        return due
-
-
-class FileLedger(FileTransitions):
+class FileLedger(FileTransitions, CopyCounts):
     """The records of every generation in flight, plus a bounded memory of settled ones.
 
     ``known_done``/``known_pending`` are ``(rel_path, generation)`` pairs the registries
@@ -357,30 +325,6 @@ class FileLedger(FileTransitions):
         while len(memory) > self._max:
             old, _ = memory.popitem(last=False)
             self._repeats.pop(old, None)
-
-    # -- copies produced again --------------------------------------------------------
-    def count_repeat(self, key: FileKey, n_total: int, chunk_i: int,
-                     received: list[int] | None) -> None:
-        """Count one new (not re-read) chunk of a generation seen before; ``received``
-        (the chunks of the first copy read so far) starts the count."""
-        counter = self._repeats.get(key)
-        if counter is None:
-            if received is None:
-                return
-            counter = self._repeats[key] = RepeatCounter(n_total, received)
-        if counter.n_total == n_total:  # a chunk of another chunking is no copy of this one
-            counter.add(chunk_i)
-
-    def repeats_due(self, key: FileKey) -> list[CompletedFile]:
-        """The settled first copy once per whole copy counted since the last call (only
-        once the first copy is settled: before, the copies wait)."""
-        first, counter = self._settled.get(key), self._repeats.get(key)
-        if first is None or counter is None:
-            return []
-        return [first] * counter.take_due()
-
-    def counting(self, key: FileKey) -> bool:
-        return key in self._repeats
 
     # -- Girder lookups of re-read files ----------------------------------------------
     def want_lookup(self, key: FileKey, at: float) -> None:

@@ -269,9 +269,11 @@ class FileLedger(FileTransitions, CopyCounts):
         self._move(record, "dispatch", FileState.UPLOADING)
 
     def retry_later(self, key: FileKey, at: float) -> None:
-        """UPLOADING -> WAITING_TO_RETRY until ``at`` (a transient failure)."""
+        """UPLOADING -> WAITING_TO_RETRY until ``at`` (a transient failure, counted in
+        ``failures``: the retry policy's attempts)."""
         record = self._records[key]
         record.retry_at, record.unit_id = at, None
+        record.failures += 1
         self._move(record, "retry_later", FileState.WAITING_TO_RETRY)
 
     def due(self, now: float) -> list[FileRecord]:

@@ -144,10 +144,9 @@ class Uploading:
     def _retry_later(self, record: FileRecord, reason: str) -> None:
         """A transient failure: the file waits (registered, its messages uncommitted)
         for its next attempt, after the retry policy's delay (retry_policy.py)."""
-        record.failures += 1
-        delay = self.retry_policy.delay(record.failures)
+        delay = self.retry_policy.delay(record.failures + 1)
         logger.warning("upload of %s failed (%s); attempt %d, retrying in %.0fs",
-                       record.key[0], reason, record.failures, delay)
+                       record.key[0], reason, record.failures + 1, delay)
         self.ledger.retry_later(record.key, self._clock() + delay)
 
     def _count_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from girder_upload_stream.assembly.copies import Variant
 from girder_upload_stream.assembly.hashing import FileDigest
-from girder_upload_stream.assembly.outcomes import Storage
+from girder_upload_stream.assembly.outcomes import FileProgress, Storage
 from girder_upload_stream.wire.codec import Chunk
 
 __all__ = ["Candidate", "Group"]
@@ -138,6 +138,12 @@ class Group:
         """True if the chunking of ``chunk`` holds this very chunk."""
         state = self.chunkings.get(chunk.n_total_chunks)
         return state is not None and state.holds(chunk)
+
+    def progress(self) -> FileProgress:
+        """How far its leading chunking got."""
+        s = self.lead
+        return FileProgress(s.rel_path, s.file_hash.hex(), s.covered, s.n_total,
+                            s.bytes_received, s.bytes_held, self.first_at, self.last_at)
 
     def all_failed(self) -> bool:
         """Every chunking was complete and none of its choices verified."""

@@ -109,6 +109,9 @@ class AddResult:
     contested: bool = False
     #: REFUSED because the bound of files in progress is reached (room may be made).
     full: bool = False
+    #: DUPLICATE of a chunk held of a file none of whose copies verified: its message
+    #: is dropped as a chunk of a rejected file (a dead letter), not as a free copy.
+    of_rejected: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,7 +177,8 @@ class Reassembler(Completion, PrefixViews):
             if group is None and key in self._parked:
                 if self._parked[key].holds(chunk):  # nothing new for a failed file
                     return AddResult(AddStatus.DUPLICATE, key, "chunk of a file whose "
-                                     "copies failed the sha512, received before")
+                                     "copies failed the sha512, received before",
+                                     of_rejected=True)
                 group = self._parked.pop(key)
                 self._files[key] = group
             problem = size_problem(chunk, self.max_file_bytes)
@@ -328,7 +329,7 @@ class Reassembler(Completion, PrefixViews):
             lead.covered if lead else 0, lead.n_total if lead else chunk.n_total_chunks,
             group.first_at if lead else now, now)
         if group is not None:
-            self._drop(key, group)
+            self._release(key, group)
         self._remember(key, reason)
         return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
 
@@ -347,14 +348,11 @@ class Reassembler(Completion, PrefixViews):
                 if state.partial is not None:
                     self._staging.remove(state.partial)
 
-    def _drop(self, key: FileKey, group: Group) -> None:
-        self._release(key, group)
-
     def _forget(self, key: FileKey) -> bool:
         """Drop a file in progress or parked; True if there was one."""
         group = self._files.get(key) or self._parked.pop(key, None)
         if group is not None:
-            self._drop(key, group)
+            self._release(key, group)
         return group is not None
 
     def close(self) -> None:
@@ -382,9 +380,10 @@ class Reassembler(Completion, PrefixViews):
         while len(self._finished) > self._max_finished:
             self._finished.popitem(last=False)
 
-    def assembling(self, file_key: FileKey) -> bool:
-        """True while this generation is being assembled."""
-        return file_key in self._files
+    def assembly(self, file_key: FileKey) -> Group | None:
+        """The competing candidates of a generation being assembled (for its ledger
+        record to hold), else None."""
+        return self._files.get(file_key)
 
     def discard(self, file_key: FileKey) -> bool:
         """Forget a file in progress (and its partial file) or a finished key; True if known."""
@@ -416,15 +415,9 @@ class Reassembler(Completion, PrefixViews):
         """The :class:`FileProgress` of one generation being assembled, or None."""
         with self._lock:
             group = self._files.get(file_key)
-            return None if group is None else self._progress_of(group)
-
-    @staticmethod
-    def _progress_of(group: Group) -> FileProgress:
-        s = group.lead
-        return FileProgress(s.rel_path, s.file_hash.hex(), s.covered, s.n_total,
-                            s.bytes_received, s.bytes_held, group.first_at, group.last_at)
+            return None if group is None else group.progress()
 
     def in_progress(self) -> list[FileProgress]:
         """One :class:`FileProgress` per file generation still being assembled."""
         with self._lock:
-            return [self._progress_of(g) for g in self._files.values()]
+            return [g.progress() for g in self._files.values()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress
+from girder_upload_stream.assembly.reassembly import FileProgress
 from girder_upload_stream.ledger.records import FileRecord, FileState, Role
 from girder_upload_stream.ledger.stream_types import PartitionInfo
 from girder_upload_stream.wire.codec import FileKey
@@ -20,13 +20,6 @@ logger = logging.getLogger(__name__)
 #: A partial file quiet for this long (or half of stale_partial_seconds) is looked up in
 #: Girder once: its chunks may have been finished before a crash (offsets rule 7).
 STUCK_LOOKUP_SECONDS = 30.0
-
-
-def _progress_of(completed: CompletedFile) -> FileProgress:
-    return FileProgress(completed.rel_path, completed.file_hash_hex, completed.n_chunks,
-                        completed.n_chunks, completed.size, 0, completed.first_message_at,
-                        completed.last_message_at)
-
 
 
 class FileLife:
@@ -64,15 +57,9 @@ class FileLife:
         Returns how many files were handed over."""
         waiting = (self.ledger.in_state(FileState.READY)
                    + self.ledger.in_state(FileState.WAITING_TO_RETRY))
-        handed = [r for r in waiting
-                  if r.role is Role.FIRST and self.offsets.only_in(r.key, tps)]
-        for record in handed:
-            if record.stream is not None:
-                record.stream.abandon()
-            self.ledger.forget(record.key)
-            self.reassembler.discard(record.key)  # so its chunks, if they come back, rebuild it
-            self.reassembler.release(record.completed)
-            self.recorder.file_dropped(_progress_of(record.completed))
+        handed = [r for r in waiting if r.role is Role.FIRST and r.pending.only_in(tps)]
+        for record in handed:  # its chunks, if they come back, rebuild it
+            self._carry_out(self.ledger.hand_over(record.key))
         if handed:
             logger.info("%d file(s) waiting for upload left to the next owner of %s",
                         len(handed), ", ".join(f"{t}[{p}]" for t, p in tps))
@@ -90,16 +77,13 @@ class FileLife:
             self.ledger.lookup_unanswered(key, self._clock() + self.retry_delay)
             return
         record = self.ledger.get(key)
-        progress = self.reassembler.progress(key)
-        if not found or progress is None or record is None \
+        if not found or record is None or record.assembly is None \
                 or record.state not in (FileState.ASSEMBLING, FileState.RELEASED):
             return  # not there, or completed meanwhile: the upload decides
         logger.info("%s was uploaded before (found in Girder by sha512): its re-read "
                     "chunks are done", key[0])
-        self.reassembler.mark_finished(key)
         self.counters.files_found_in_girder += 1
-        self.recorder.file_found(progress)
-        self._finish(record, FileState.DONE)
+        self._carry_out(self.ledger.found(key, record.progress()))
 
     def expire_stale(self) -> None:
         """Release the commit hold of partial files that got no chunk for
@@ -109,10 +93,10 @@ class FileLife:
             return
         self._last_stale_check = now
         stuck_after = min(STUCK_LOOKUP_SECONDS, self.stale_partial_seconds / 2)
-        for progress in self.reassembler.in_progress():
-            key = (progress.rel_path, bytes.fromhex(progress.file_hash_hex))
-            record = self.ledger.get(key)
-            if record is not None:
+        for record in self.ledger.in_state(FileState.ASSEMBLING) + self.ledger.in_state(
+                FileState.STREAMING) + self.ledger.in_state(FileState.RELEASED):
+            if record.assembly is not None:
+                progress = record.assembly.progress()
                 self._expire(record, progress, now - progress.last_message_at, stuck_after)
 
     def _expire(self, record: FileRecord, progress: FileProgress, quiet: float,
@@ -123,22 +107,8 @@ class FileLife:
             self.ledger.want_lookup(record.key, self._clock())
         if quiet < self.stale_partial_seconds:
             return
-        if record.role is Role.AGAIN:
-            self.reassembler.discard(record.key)
-            self.recorder.file_dropped(progress)
-            self.ledger.forget(record.key)
-            return
-        if record.state is FileState.STREAMING:  # stale: its open upload is removed
-            self.ledger.unstream(record.key).abandon()
-        if record.state is FileState.ASSEMBLING:
-            self.ledger.release(record.key)
-            released = self.offsets.file_done(record.key)
-            reason = (f"incomplete: {progress.n_received} of {progress.n_total} chunks, "
-                      f"none for {self.stale_partial_seconds:g}s; its {released} "
-                      f"message(s) were released and are not read again after a restart")
-            logger.warning("%s: %s", progress.rel_path, reason)
-            self.recorder.file_stale(progress, reason)
-
+        self._carry_out(self.ledger.drop(record.key) if record.role is Role.AGAIN else
+                        self.ledger.go_stale(record.key, progress, self.stale_partial_seconds))
 
     def _evict_released(self) -> bool:
         """At the bound of files in progress, make room by forgetting the file released
@@ -147,12 +117,7 @@ class FileLife:
         released = self.ledger.in_state(FileState.RELEASED)
         if not released:
             return False
-        progress = {r.key: self.reassembler.progress(r.key) for r in released}
-        oldest = min(released, key=lambda r: progress[r.key].last_message_at
-                     if progress[r.key] else 0.0)
-        self.reassembler.discard(oldest.key)
-        self.ledger.forget(oldest.key)
-        if progress[oldest.key] is not None:
-            self.recorder.file_dropped(progress[oldest.key])
+        oldest = min(released, key=lambda r: r.assembly.last_at if r.assembly else 0.0)
+        self._carry_out(self.ledger.drop(oldest.key))
         return True
 

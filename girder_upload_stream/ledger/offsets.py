@@ -63,18 +63,47 @@ from girder_upload_stream.ledger.commit_metadata import (MAX_FAILED_CHARS, MAX_S
                                                   parse_spans, spans_of)
 
 # The metadata codec is re-exported: the rules and their text travel together.
-__all__ = ["TopicPartition", "Span", "OffsetTracker", "MAX_SPANS_CHARS", "MAX_FAILED_CHARS",
-           "format_metadata", "parse_metadata", "parse_spans", "parse_failed", "spans_of"]
+__all__ = ["TopicPartition", "Span", "OffsetTracker", "PendingOffsets", "MAX_SPANS_CHARS",
+           "MAX_FAILED_CHARS", "format_metadata", "parse_metadata", "parse_spans",
+           "parse_failed", "spans_of"]
+
+
+class PendingOffsets:
+    """Where the pending messages of one file are (rule 1): the per-file part of the
+    tracker, held by the file's ledger record (the tracker's per-partition tables point
+    to it, so that forgetting a partition also forgets its messages here)."""
+
+    __slots__ = ("where",)
+
+    def __init__(self) -> None:
+        self.where: list[tuple[TopicPartition, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def first_offset(self) -> int:
+        """The lowest pending offset (any partition; -1 if none): uploading files in
+        this order lets commits advance while the uploads lag behind reading."""
+        return min(offset for _, offset in self.where) if self.where else -1
+
+    def only_in(self, tps: Iterable[TopicPartition]) -> bool:
+        """True if every pending message is on one of ``tps`` (and there is one): losing
+        those partitions hands the whole file to their next owner."""
+        lost = set(tps)
+        return bool(self.where) and all(tp in lost for tp, _ in self.where)
+
 
 class OffsetTracker:
-    """Tracks pending messages per partition and per file; not thread-safe by design
-    (the flow's polling loop owns it)."""
+    """Tracks pending messages per partition, and per file in the file's
+    :class:`PendingOffsets` (a caller may also name files by any other key: the tracker
+    then keeps their :class:`PendingOffsets`); not thread-safe by design (the flow's
+    polling loop owns it)."""
 
     def __init__(self) -> None:
         self._next: dict[TopicPartition, int] = {}
         self._at: dict[TopicPartition, int] = {}  # one past the offset read last
-        self._pending: dict[TopicPartition, dict[int, Hashable]] = {}
-        self._by_file: dict[Hashable, list[tuple[TopicPartition, int]]] = {}
+        self._pending: dict[TopicPartition, dict[int, PendingOffsets]] = {}
+        self._by_key: dict[Hashable, PendingOffsets] = {}  # files named by a key
         self._committed: dict[TopicPartition, int] = {}
         self._committed_meta: dict[TopicPartition, str | None] = {}
         self._floor: dict[TopicPartition, int] = {}  # the committed offset at assignment
@@ -203,56 +232,44 @@ class OffsetTracker:
                       if min(b, below[0]) > max(a, upcoming)]
         return merge_spans(spans)
 
-    def read(self, tp: TopicPartition, offset: int, file_key: Hashable | None = None) -> None:
-        """Record a message just read; ``file_key`` None means it is already done."""
+    def _file(self, file: PendingOffsets | Hashable, keep: bool) -> PendingOffsets | None:
+        if isinstance(file, PendingOffsets):
+            return file
+        return (self._by_key.setdefault(file, PendingOffsets()) if keep
+                else self._by_key.pop(file, None))
+
+    def read(self, tp: TopicPartition, offset: int,
+             file: PendingOffsets | Hashable | None = None) -> None:
+        """Record a message just read, pending for ``file`` (None: already done)."""
         self._at[tp] = offset + 1
         below = self._below.get(tp)
         if below is not None and offset < below[0]:
             self._below[tp] = (below[0], max(below[1], offset + 1))
             self._next.setdefault(tp, offset + 1)
-            if file_key is not None:
-                self._pending.setdefault(tp, {})[offset] = file_key
-                self._by_file.setdefault(file_key, []).append((tp, offset))
-            return
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
-        if file_key is None:
-            return
-        self._pending.setdefault(tp, {})[offset] = file_key
-        self._by_file.setdefault(file_key, []).append((tp, offset))
+        else:
+            self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+        if file is not None:
+            pending = self._file(file, keep=True)
+            self._pending.setdefault(tp, {})[offset] = pending
+            pending.where.append((tp, offset))
 
-    def file_done(self, file_key: Hashable, retry: bool = False) -> int:
+    def file_done(self, file: PendingOffsets | Hashable, retry: bool = False) -> int:
         """Mark every pending message of a file done; returns how many there were.
         ``retry``: its upload failed for good, so the next run reads them again (rule 9)."""
-        released = 0
-        for tp, offset in self._by_file.pop(file_key, ()):
+        released, file = 0, self._file(file, keep=False)
+        for tp, offset in file.where if file is not None else ():
             pending = self._pending.get(tp)
             if pending is not None and pending.pop(offset, None) is not None:
                 released += 1
                 if retry:
                     self._failed.setdefault(tp, set()).add(offset)
+        if file is not None:
+            file.where.clear()
         return released
 
-    def first_offset(self, file_key: Hashable) -> int:
-        """The lowest pending offset of a file (any partition; -1 if none): uploading
-        files in this order lets commits advance while the uploads lag behind reading."""
-        entries = self._by_file.get(file_key)
-        return min(offset for _, offset in entries) if entries else -1
-
-    def only_in(self, file_key: Hashable, tps: Iterable[TopicPartition]) -> bool:
-        """True if every pending message of the file is on one of ``tps`` (and it has
-        some): losing those partitions hands the whole file to their next owner."""
-        entries = self._by_file.get(file_key)
-        lost = set(tps)
-        return bool(entries) and all(tp in lost for tp, _ in entries)
-
-    def file_offsets(self, file_key: Hashable) -> list[tuple[TopicPartition, int]]:
-        """Where the pending messages of a file are (e.g. a rejected file's, for the
-        dead-letter topic)."""
-        return list(self._by_file.get(file_key, ()))
-
-    def has_file(self, file_key: Hashable) -> bool:
-        """True while any message of this file is pending."""
-        return file_key in self._by_file
+    def has_file(self, file: Hashable) -> bool:
+        """True while any message of a file named by a key is pending."""
+        return bool(self._by_key.get(file))
 
     def pending_count(self) -> int:
         return sum(len(p) for p in self._pending.values())
@@ -315,9 +332,6 @@ class OffsetTracker:
             self._sought.pop(tp, None)
             for table in (self._failed, self._retry, self._back_to, self._below, self._at):
                 table.pop(tp, None)
-            for offset, file_key in self._pending.pop(tp, {}).items():
-                entries = self._by_file.get(file_key)
-                if entries is not None:
-                    entries[:] = [e for e in entries if e != (tp, offset)]
-                    if not entries:
-                        del self._by_file[file_key]
+            for offset, file in self._pending.pop(tp, {}).items():
+                file.where[:] = [e for e in file.where if e != (tp, offset)]
+            self._by_key = {k: f for k, f in self._by_key.items() if f.where}

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
 
 from girder_upload_stream import failpoints
 from girder_upload_stream.assembly.reassembly import AddResult, AddStatus, Reassembler
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
+from girder_upload_stream.ledger.effects import (AbandonStream, DropAssembly, Effect,
+                                                 FinishAssembly, ReleaseOffsets,
+                                                 ReleaseStaging, WriteRow)
 from girder_upload_stream.ledger.file_life import STUCK_LOOKUP_SECONDS, FileLife
 from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.ledger.records import (FileLedger, FileRecord, FileState, Role, Route,
@@ -201,18 +203,19 @@ class StreamProcessor(FileLife, Uploading):
         if result.status is AddStatus.REFUSED:
             self._refused(msg, chunk, result)
             return
-        if result.status is AddStatus.IGNORED or (result.status is AddStatus.DUPLICATE
-                                                  and not busy):
-            # A chunk of a file rejected before, or a late duplicate of one settled.
+        rejected_before = result.status is AddStatus.IGNORED or result.of_rejected
+        if rejected_before or (result.status is AddStatus.DUPLICATE and not busy):
+            # A chunk of a file rejected before (a dead letter: it is committed past and
+            # in no file in Girder), or a late duplicate of one settled.
             self.offsets.read(tp, offset)
-            if result.status is AddStatus.IGNORED:
+            if rejected_before:
                 self.recorder.chunk_rejected(msg, result.reason or "file rejected",
                                              file=chunk.rel_path)
             return
         record = self.ledger.open(key, Role.AGAIN if route is Route.ASSEMBLE_AGAIN
                                   else Role.FIRST)
         if not reread and record.role is Role.FIRST:
-            self._count_copy(record, chunk, result.status)
+            self.ledger.count_copy(record, chunk.n_total_chunks, chunk.chunk_i, result.status)
         self._apply(record, result, chunk, tp, offset, size, reread and not busy)
 
     def _reassemble(self, chunk: Chunk, fresh: bool, tp: tuple[str, int],
@@ -230,8 +233,7 @@ class StreamProcessor(FileLife, Uploading):
             return result
         except StorageError as error:
             logger.error("%s", error)
-            self.ledger.open(key)
-            self.offsets.read(tp, offset, key)
+            self.offsets.read(tp, offset, self.ledger.open(key).pending)
             return None
 
     def _refused(self, msg: RawMessage, chunk: Chunk, result: AddResult) -> None:
@@ -247,20 +249,19 @@ class StreamProcessor(FileLife, Uploading):
         """Competing copies of a file are held: its in-order prefix is no longer known
         to be its bytes, so an open streamed upload is abandoned (it is uploaded whole
         once a copy verifies) and none is opened again."""
-        record = self.ledger.get(key)
-        if record is None:
-            return
-        record.stream_tried = True
-        if record.state is FileState.STREAMING:
-            self.ledger.unstream(key).abandon()
+        effects = self.ledger.abandon_stream(key, for_good=True)
+        if effects:
             logger.info("%s: competing copies received; its streamed upload is abandoned "
                         "and the file is uploaded once a copy verifies", key[0])
+        self._carry_out(effects)
 
     def _apply(self, record: FileRecord, result: AddResult, chunk: Chunk,
                tp: tuple[str, int], offset: int, size: int, first_reread: bool) -> None:
         """What the reassembler did decides the message's offset and the record's state."""
         key, status = record.key, result.status
-        self.offsets.read(tp, offset, key if record.holds_commit else None)
+        self.offsets.read(tp, offset, record.pending if record.holds_commit else None)
+        if record.assembly is None and status is AddStatus.ACCEPTED:
+            record.assembly = self.reassembler.assembly(key)  # the record holds it
         # A duplicate (re-read after a rebalance) keeps the file busy but is not counted
         # again: bytes_processed covers the same messages as messages_processed.
         record.message_bytes += 0 if status is AddStatus.DUPLICATE else size
@@ -280,21 +281,12 @@ class StreamProcessor(FileLife, Uploading):
                 self._contested(key)
             self.ledger.complete(key, result.completed)
         elif status is AddStatus.REJECTED:
-            if record.stream is not None:  # its open Girder upload is removed
-                record.stream.abandon()
-            rejected = result.rejected
-            retry = rejected.retry and record.role is Role.FIRST
-            if retry:  # only its bytes failed: another reading may bring a clean copy
-                rejected = replace(rejected, reason=f"{rejected.reason}; {RETRIED_NEXT_RUN}")
-            logger.error("%s", rejected.to_error())
-            self.counters.files_failed += 1
-            self.recorder.file_rejected(rejected)
             # To the dead-letter topic too when the next run retries it: the operator
             # sees every copy that failed (the reason says it is read again).
-            where = self.offsets.file_offsets(key)
-            self.recorder.file_messages_rejected(
-                rejected, where if (tp, offset) in where else [*where, (tp, offset)])
-            self._finish(record, FileState.FAILED, retry=retry)
+            rejected, effects = self.ledger.reject(key, result.rejected, (tp, offset))
+            logger.error("%s", rejected.to_error())
+            self.counters.files_failed += 1
+            self._carry_out(effects)
 
     def _stream(self, record: FileRecord, chunk: Chunk) -> None:
         """Open a streamed upload for a big file once its size is known, or tell the
@@ -324,7 +316,7 @@ class StreamProcessor(FileLife, Uploading):
         uploaded whole if it completes here. Returns how many."""
         streaming = self.ledger.in_state(FileState.STREAMING)
         for record in streaming:
-            self.ledger.unstream(record.key).abandon()
+            self._carry_out(self.ledger.abandon_stream(record.key))
         if streaming:
             logger.info("%d streamed upload(s) abandoned: %s", len(streaming), reason)
         return len(streaming)
@@ -336,21 +328,6 @@ class StreamProcessor(FileLife, Uploading):
                 if record.stream is not None:
                     record.stream.close(timeout)
 
-    def _count_copy(self, record: FileRecord, chunk: Chunk, status: AddStatus) -> None:
-        """A new (not re-read) chunk of a file in flight: a duplicate begins counting the
-        copies produced again. Only chunks that agree with the file's own chunk count
-        are counted (a hostile count must not cost one step per claimed chunk)."""
-        key, n_total = record.key, chunk.n_total_chunks
-        if status is AddStatus.DUPLICATE and not self.ledger.counting(key):
-            received = self.reassembler.received(key)
-            if received is None:  # completed: every chunk of the first copy was read
-                if record.completed is None or record.completed.n_chunks != n_total:
-                    return
-                received = range(1, n_total + 1)
-            self.ledger.count_repeat(key, n_total, chunk.chunk_i, received)
-        elif status in (AddStatus.DUPLICATE, AddStatus.ACCEPTED, AddStatus.COMPLETED):
-            self.ledger.count_repeat(key, n_total, chunk.chunk_i, None)
-
     def _register_repeats(self, key: FileKey) -> None:
         """Register each copy produced again of a settled file (Girder would skip it)."""
         for first in self.ledger.repeats_due(key):
@@ -358,13 +335,23 @@ class StreamProcessor(FileLife, Uploading):
                 first.rel_path, key, Outcome.SKIPPED_IDENTICAL, "produced again"))
             self.counters.files_skipped += 1
 
-    def _finish(self, record: FileRecord, state: FileState, retry: bool = False,
-                in_girder: bool = True) -> None:
-        """The one settle path: the record leaves the ledger, its messages are done
-        (``retry``: read again by the next run, offsets rule 9; ``in_girder``: Girder
-        holds its content, which a file skipped as different is not)."""
-        self.ledger.settle(record.key, state, in_girder=in_girder)
-        self.offsets.file_done(record.key, retry=retry)
+    def _carry_out(self, effects: Iterable[Effect]) -> None:
+        """The one place where a file's transitions (ledger/transitions.py) act on the
+        reassembler, the offsets, the stream sessions and the registries, in order."""
+        for effect in effects:
+            match effect:
+                case AbandonStream(handle):
+                    handle.abandon()
+                case DropAssembly(key):
+                    self.reassembler.discard(key)
+                case FinishAssembly(key):
+                    self.reassembler.mark_finished(key)
+                case ReleaseStaging(completed):
+                    self.reassembler.release(completed)
+                case ReleaseOffsets(pending, retry):
+                    self.offsets.file_done(pending, retry=retry)
+                case WriteRow(call, args):
+                    getattr(self.recorder, call)(*args)
 
     # -- state ---------------------------------------------------------------------
     @property

@@ -34,12 +34,16 @@ Pure bookkeeping: no Prefect, Kafka or Girder; the caller owns the clock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from girder_upload_stream.assembly.candidates import Group
+from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress
+from girder_upload_stream.ledger.offsets import PendingOffsets
+from girder_upload_stream.ledger.repeats import CopyCounts, RepeatCounter
+from girder_upload_stream.ledger.states import FileState, Role
+from girder_upload_stream.ledger.transitions import FileTransitions
 from girder_upload_stream.wire.codec import FileKey
-from girder_upload_stream.assembly.reassembly import CompletedFile
 
 __all__ = ["FileState", "Role", "Route", "FileRecord", "RepeatCounter", "FileLedger",
            "LedgerError", "file_generation"]
@@ -48,22 +52,6 @@ __all__ = ["FileState", "Role", "Route", "FileRecord", "RepeatCounter", "FileLed
 def file_generation(file_hash: bytes) -> str:
     """The short id of one generation of a file (its sha512 prefix), as registries keep it."""
     return file_hash.hex()[:32]
-
-
-class FileState(StrEnum):
-    ASSEMBLING = "assembling"
-    STREAMING = "streaming"  # assembling, and its in-order prefix goes to a Girder upload
-    RELEASED = "released"  # still assembling, but no longer holding commits (stale)
-    READY = "ready"
-    UPLOADING = "uploading"
-    WAITING_TO_RETRY = "waiting_to_retry"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class Role(StrEnum):
-    FIRST = "first"  # holds its messages' commits until settled
-    AGAIN = "again"  # produced again: Girder has the content already, holds nothing
 
 
 class Route(StrEnum):
@@ -97,7 +85,10 @@ _HOLDING = (FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY)
 
 @dataclass(slots=True)
 class FileRecord:
-    """Everything the consumer knows of one generation it is working on."""
+    """Everything the consumer knows of one generation it is working on, and every
+    per-file handle: what the reassembler holds of it (``assembly``), where its pending
+    messages are (``pending``), its streamed upload (``stream``) and its upload attempts
+    (``failures``). Its life's transitions return their effects (:mod:`.transitions`)."""
 
     key: FileKey
     role: Role
@@ -112,12 +103,26 @@ class FileRecord:
     #: ``stream`` until the file is settled; None: uploaded whole at completion.
     stream: object | None = None
     stream_tried: bool = False  # a stream was opened once (never twice per record)
+    #: Its pending messages (offsets rule 1): the per-file part of the offset tracker.
+    pending: PendingOffsets = field(default_factory=PendingOffsets)
+    #: Its competing candidates in the reassembler while it assembles (None before its
+    #: first chunk is stored, and once it completed).
+    assembly: Group | None = None
 
     @property
     def holds_commit(self) -> bool:
         """Whether new messages of this file are pending until it is settled (a released
         file's new chunks hold again: it may still complete)."""
         return self.role is Role.FIRST
+
+    def progress(self) -> FileProgress | None:
+        """How far it got: its assembly's, else its completed file's (None: neither)."""
+        if self.assembly is not None:
+            return self.assembly.progress()
+        done = self.completed
+        return None if done is None else FileProgress(
+            done.rel_path, done.file_hash_hex, done.n_chunks, done.n_chunks, done.size, 0,
+            done.first_message_at, done.last_message_at)
 
     @property
     def held_bytes(self) -> int:
@@ -128,39 +133,7 @@ class FileRecord:
         return 0
 
 
-class RepeatCounter:
-    """Whole copies of one generation read, in O(1) per chunk whatever its chunk count.
-
-    ``count[i]`` is how often chunk ``i`` was read; ``level[k]`` how many chunk numbers
-    were read at least ``k`` times. Copy ``k`` is whole when ``level[k]`` reaches the
-    chunk count."""
-
-    __slots__ = ("n_total", "count", "level", "whole", "registered")
-
-    def __init__(self, n_total: int, received: Iterator[int] | list[int]) -> None:
-        self.n_total = n_total
-        self.count: dict[int, int] = {}
-        self.level: dict[int, int] = {}
-        self.whole = 0
-        self.registered = 1  # the first copy is registered by its own settlement
-        for chunk_i in received:
-            self.add(chunk_i)
-
-    def add(self, chunk_i: int) -> None:
-        seen = self.count.get(chunk_i, 0) + 1
-        self.count[chunk_i] = seen
-        self.level[seen] = self.level.get(seen, 0) + 1
-        if self.level[seen] == self.n_total and seen > self.whole:
-            self.whole = seen
-
-    def take_due(self) -> int:
-        """Whole copies beyond the first not registered yet (and mark them registered)."""
-        due = max(0, self.whole - self.registered)
-        self.registered += due
-        return due
-
-
-class FileLedger:
+class FileLedger(FileTransitions, CopyCounts):
     """The records of every generation in flight, plus a bounded memory of settled ones.
 
     ``known_done``/``known_pending`` are ``(rel_path, generation)`` pairs the registries
@@ -266,7 +239,7 @@ class FileLedger:
     def complete(self, key: FileKey, completed: CompletedFile) -> FileRecord:
         """ASSEMBLING/RELEASED -> READY: the file is whole and its sha512 matched."""
         record = self._records[key]
-        record.completed = completed
+        record.completed, record.assembly = completed, None
         self._move(record, "complete", FileState.READY)
         return record
 
@@ -296,9 +269,11 @@ class FileLedger:
         self._move(record, "dispatch", FileState.UPLOADING)
 
     def retry_later(self, key: FileKey, at: float) -> None:
-        """UPLOADING -> WAITING_TO_RETRY until ``at`` (a transient failure)."""
+        """UPLOADING -> WAITING_TO_RETRY until ``at`` (a transient failure, counted in
+        ``failures``: the retry policy's attempts)."""
         record = self._records[key]
         record.retry_at, record.unit_id = at, None
+        record.failures += 1
         self._move(record, "retry_later", FileState.WAITING_TO_RETRY)
 
     def due(self, now: float) -> list[FileRecord]:
@@ -352,30 +327,6 @@ class FileLedger:
         while len(memory) > self._max:
             old, _ = memory.popitem(last=False)
             self._repeats.pop(old, None)
-
-    # -- copies produced again --------------------------------------------------------
-    def count_repeat(self, key: FileKey, n_total: int, chunk_i: int,
-                     received: list[int] | None) -> None:
-        """Count one new (not re-read) chunk of a generation seen before; ``received``
-        (the chunks of the first copy read so far) starts the count."""
-        counter = self._repeats.get(key)
-        if counter is None:
-            if received is None:
-                return
-            counter = self._repeats[key] = RepeatCounter(n_total, received)
-        if counter.n_total == n_total:  # a chunk of another chunking is no copy of this one
-            counter.add(chunk_i)
-
-    def repeats_due(self, key: FileKey) -> list[CompletedFile]:
-        """The settled first copy once per whole copy counted since the last call (only
-        once the first copy is settled: before, the copies wait)."""
-        first, counter = self._settled.get(key), self._repeats.get(key)
-        if first is None or counter is None:
-            return []
-        return [first] * counter.take_due()
-
-    def counting(self, key: FileKey) -> bool:
-        return key in self._repeats
 
     # -- Girder lookups of re-read files ----------------------------------------------
     def want_lookup(self, key: FileKey, at: float) -> None:

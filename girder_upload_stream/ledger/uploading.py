@@ -9,15 +9,13 @@ from dataclasses import replace
 
 from girder_upload_stream.assembly.reassembly import CompletedFile
 from girder_upload_stream.ledger.records import FileRecord, FileState, Role
+from girder_upload_stream.ledger.transitions import RETRIED_NEXT_RUN
 from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit,
                                                group_into_units, stripe_into_units)
 
 __all__ = ["Uploading", "RETRIED_NEXT_RUN"]
 
 logger = logging.getLogger(__name__)
-
-#: What the registry says of a file whose upload failed for good (offsets rule 9).
-RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer group"
 
 
 class Uploading:
@@ -52,7 +50,7 @@ class Uploading:
         # Oldest messages first: a partition's commit waits for its lowest pending
         # offset, so uploading in completion order (scrambled across partitions) would
         # hold every commit near the start while the reading runs far ahead.
-        ready.sort(key=lambda r: self.offsets.first_offset(r.key))
+        ready.sort(key=lambda r: r.pending.first_offset())
         files = [r.completed for r in ready]
         self._ready_since = None
         if self.max_inflight_units is None:
@@ -134,9 +132,10 @@ class Uploading:
         self.last_settled_at = self._clock()
         self.counters.messages_processed += completed.n_chunks
         self.counters.bytes_processed += record.message_bytes or completed.size
-        self._finish(record, FileState.FAILED if failed else FileState.DONE,
-                     retry=failed and record.role is Role.FIRST,
-                     in_girder=outcome.outcome is not Outcome.SKIPPED_DIFFERENT)
+        self._carry_out(self.ledger.finish(
+            record.key, FileState.FAILED if failed else FileState.DONE,
+            retry=failed and record.role is Role.FIRST,
+            in_girder=outcome.outcome is not Outcome.SKIPPED_DIFFERENT))
         if failed:
             self.counters.files_to_retry += 1
         else:
@@ -145,10 +144,9 @@ class Uploading:
     def _retry_later(self, record: FileRecord, reason: str) -> None:
         """A transient failure: the file waits (registered, its messages uncommitted)
         for its next attempt, after the retry policy's delay (retry_policy.py)."""
-        record.failures += 1
-        delay = self.retry_policy.delay(record.failures)
+        delay = self.retry_policy.delay(record.failures + 1)
         logger.warning("upload of %s failed (%s); attempt %d, retrying in %.0fs",
-                       record.key[0], reason, record.failures, delay)
+                       record.key[0], reason, record.failures + 1, delay)
         self.ledger.retry_later(record.key, self._clock() + delay)
 
     def _count_outcome(self, completed: CompletedFile, outcome: FileOutcome) -> None:

@@ -66,11 +66,15 @@ class FileTransitions:
         """A file being rebuilt that holds no commit -> gone: a stale copy produced
         again, or a released file forgotten at the bound of files in progress (the
         messages it got since its release are done with it: nothing else would ever
-        release them)."""
+        release them); a released file's stale row stays."""
+        released = self._records[key].state is FileState.RELEASED
         record = self.forget(key)
         progress = record.progress()
+        # A released file keeps its stale row: it says why its messages are not read
+        # again (those it got since go with it).
         return self._abandon(record) + [DropAssembly(key), ReleaseOffsets(record.pending)] \
-            + ([WriteRow("file_dropped", (progress,))] if progress is not None else [])
+            + ([WriteRow("file_dropped", (progress,))]
+               if progress is not None and not released else [])
 
     def found(self, key: FileKey, progress: FileProgress) -> list[Effect]:
         """A partial file found in Girder (offsets rule 7) -> DONE: the reassembler takes

@@ -149,9 +149,16 @@ def test_a_stale_file_is_released_once_and_a_released_one_dropped_with_its_offse
     assert ledger.go_stale(key, progress, 60.0) == []  # released before
     tracker.file_done(record.pending)
     tracker.read(P0, 2, record.pending)  # a chunk after its release holds again ...
-    assert ledger.drop(key) == [DropAssembly(key), ReleaseOffsets(record.pending, False),
-                                WriteRow("file_dropped", (progress,))]
-    # ... and is released with the file when it is dropped (before, it held for ever)
+    assert ledger.drop(key) == [DropAssembly(key), ReleaseOffsets(record.pending, False)]
+    # ... and is released with the file when it is dropped (before, it held for ever);
+    # its stale row stays (no file_dropped): it says why its messages are not read again
+
+
+def test_a_file_dropped_before_any_release_takes_its_row_away() -> None:
+    ledger, tracker = FileLedger(), OffsetTracker()
+    record = assembling(ledger, tracker, 0, 1)
+    progress = record.progress()
+    assert ledger.drop(record.key)[-1] == WriteRow("file_dropped", (progress,))
 
 
 def test_a_partial_file_found_in_girder_finishes_its_assembly() -> None:

@@ -195,13 +195,6 @@ def _processed_has(logs: Path, topic: str, group: str, rel: str) -> bool:
         return False
 
 
-def _in_progress_empty(logs: Path, topic: str, group: str) -> bool:
-    try:  # as above
-        return not R.InProgressTable(R.in_progress_path(logs, topic, group)).rows()
-    except Exception:  # noqa: BLE001 - a half-written file: ask again
-        return False
-
-
 def test_switching_to_openmsistream_and_back_keeps_an_unfinished_file(
         tmp_path: Path, stack_env, prefect_env, make_topic, make_group, make_collection,
         girder_client, programs) -> None:
@@ -237,17 +230,18 @@ def test_switching_to_openmsistream_and_back_keeps_an_unfinished_file(
                       "--collection_name", collection["name"], "--output_dir", out,
                       "--consumer_group_id", group], tmp_path / "theirs.log", cwd=tmp_path)
     programs.append(theirs)
-    # Its registry rows, not the Girder item, say it is done: the item exists from the
+    # Its registry row, not the Girder item, says it is done: the item exists from the
     # start of its upload, and a stop then would leave the file in progress.
-    # Both its tables: 1.8.8 writes the processed row and drops the in-progress one in
-    # two steps.
-    wait_for(lambda: _processed_has(logs, topic, group, "run/y.dat")
-             and _in_progress_empty(logs, topic, group),
+    wait_for(lambda: _processed_has(logs, topic, group, "run/y.dat"),
              "y.dat registered as processed by OpenMSIStream", theirs, timeout=120)
     assert _items_named(girder_client, collection, "y.dat"), theirs.describe()
     assert theirs.stop(timeout=60) == 0, theirs.describe()
     assert "re-read messages for 1 previously-failed file" in theirs.output(), theirs.describe()
-    assert R.InProgressTable(R.in_progress_path(logs, topic, group)).rows() == []
+    # 1.8.8 may list y.dat in progress again at its stop: its re-read of the file's
+    # partitions can deliver chunks of the file after it was processed (timing-dependent,
+    # seen in CI). Ours, started next, must clear that row and upload nothing twice.
+    assert {str(r.rel_filepath) for r in R.InProgressTable(
+        R.in_progress_path(logs, topic, group)).rows()} <= {"run/y.dat"}
     assert "run/y.dat" in {str(r.rel_filepath) for r in R.read_processed(logs, topic, group).rows}
 
     again = Program(argv, tmp_path / "ours2.log", cwd=tmp_path, env=env,

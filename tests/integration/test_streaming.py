@@ -27,7 +27,9 @@ from tests.integration.girder_checks import default_root_path, folder_by_path
 from tests.integration.programs import Program, consumer_argv, consumer_env, stop_line
 from tests.integration.test_upload_flow import run_flow  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.integration
+# Girder's unfinished uploads are looked up by the file's fixed name (an abandoned
+# stream's item may be gone): one worker runs these tests, one after the other.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("streamed-big-file")]
 
 SIZE = 24 * (1 << 20) + 12_345
 CHUNK = 1 << 19

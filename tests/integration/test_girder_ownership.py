@@ -104,16 +104,21 @@ def test_an_empty_item_a_person_made_is_never_filled_or_deleted_unless_replacing
         assert files == [] and item["meta"] == {"by": "hand"}
 
 
+def _uploaded_a_txt(stack_env, collection: dict, data: bytes):
+    """A store on ``collection`` that uploaded ``a.txt``; its root folder id and the
+    checksum metadata a leftover of that file claims."""
+    store = make_store(stack_env, collection)
+    root = store.root_folder_id()
+    assert store.upload(completed("a.txt", data)).outcome is Outcome.UPLOADED
+    return store, root, {"checksum": {"sha256": hashlib.sha256(data).hexdigest()}}
+
+
 @pytest.mark.timeout(120)
 def test_a_persons_look_alike_of_a_leftover_is_not_swept(stack_env, make_collection,
                                                          girder_client):
     """An empty ``a.txt (1)`` claiming the file's checksum is swept only if ours."""
-    collection = make_collection()
-    store = make_store(stack_env, collection)
-    root = store.root_folder_id()
     data = b"swept or not"
-    assert store.upload(completed("a.txt", data)).outcome is Outcome.UPLOADED
-    checksum = {"checksum": {"sha256": hashlib.sha256(data).hexdigest()}}
+    store, root, checksum = _uploaded_a_txt(stack_env, make_collection(), data)
     alike = girder_client.createItem(root, "a.txt", metadata=checksum)  # "a.txt (1)"
     ours = girder_client.createItem(root, "a.txt",  # "a.txt (2)", as a killed run leaves it
                                     metadata={**checksum, **store.owner.mark()})
@@ -129,12 +134,8 @@ def test_the_restart_check_sweeps_what_a_killed_upload_left_and_nothing_else(
     """A run killed between ``POST item`` of a file already in Girder (named ``a.txt (1)``
     by Girder) and the ``DELETE`` of that item leaves it; the next run finds the file by
     its restart check and uploads nothing, so the check sweeps it: ours only."""
-    collection = make_collection()
-    store = make_store(stack_env, collection)
-    root = store.root_folder_id()
     data = b"found on restart"
-    assert store.upload(completed("a.txt", data)).outcome is Outcome.UPLOADED
-    checksum = {"checksum": {"sha256": hashlib.sha256(data).hexdigest()}}
+    store, root, checksum = _uploaded_a_txt(stack_env, make_collection(), data)
     ours = girder_client.createItem(root, "a.txt", metadata={**checksum, **store.owner.mark()})
     alike = girder_client.createItem(root, "a.txt", metadata=checksum)  # a person's
     ours_too = girder_client.createItem(root, "a.txt",

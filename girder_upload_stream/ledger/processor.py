@@ -216,7 +216,11 @@ class StreamProcessor(FileLife, Uploading):
                                   else Role.FIRST)
         if not reread and record.role is Role.FIRST:
             self.ledger.count_copy(record, chunk.n_total_chunks, chunk.chunk_i, result.status)
-        self._apply(record, result, chunk, tp, offset, size, reread and not busy)
+        # Girder is asked at once about a file whose first chunk here is a re-read, or
+        # of a path another program processed: its other chunks may be committed past
+        # (by that program), and waiting for the stuck-file lookup would hold this one.
+        look_up = not busy and (reread or self.ledger.listed_by_another_program(key))
+        self._apply(record, result, chunk, tp, offset, size, look_up)
 
     def _reassemble(self, chunk: Chunk, fresh: bool, tp: tuple[str, int],
                     offset: int) -> AddResult | None:
@@ -256,7 +260,7 @@ class StreamProcessor(FileLife, Uploading):
         self._carry_out(effects)
 
     def _apply(self, record: FileRecord, result: AddResult, chunk: Chunk,
-               tp: tuple[str, int], offset: int, size: int, first_reread: bool) -> None:
+               tp: tuple[str, int], offset: int, size: int, look_up: bool) -> None:
         """What the reassembler did decides the message's offset and the record's state."""
         key, status = record.key, result.status
         self.offsets.read(tp, offset, record.pending if record.holds_commit else None)
@@ -272,7 +276,7 @@ class StreamProcessor(FileLife, Uploading):
         if status is AddStatus.ACCEPTED:
             if record.role is Role.FIRST:  # a file produced again is not "in progress"
                 self.recorder.chunk_added(chunk, tp[1], offset)
-            if first_reread and not self.ledger.is_known_pending(key):
+            if look_up and not self.ledger.is_known_pending(key):
                 self.ledger.want_lookup(key, self._clock())
             self._stream(record, chunk)
             failpoints.hit("chunk.added")

@@ -176,6 +176,12 @@ class FileLedger(FileTransitions, CopyCounts):
     def is_known_done(self, key: FileKey) -> bool:
         return (key[0], file_generation(key[1])) in self.known_done
 
+    def listed_by_another_program(self, key: FileKey) -> bool:
+        """True when the processed table lists this path in a row without a generation
+        (written by another program, e.g. OpenMSIStream 1.8.8, which keeps none): which
+        content it processed is unknown, so only Girder can tell."""
+        return (key[0], "") in self.known_done
+
     def is_in_girder(self, key: FileKey) -> bool:
         return (key[0], file_generation(key[1])) in self.known_in_girder
 

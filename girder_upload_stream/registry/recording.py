@@ -174,6 +174,9 @@ class RegistryRecorder(Recorder):
         rel = PurePosixPath(progress.rel_path)
         key = RowKey(rel, progress.file_hash_hex[:32])
         self.in_progress.remove(key)
+        # A row of that path without a generation was left by another program (it keeps
+        # none); this file is what it was about, as drop_superseded decides at start.
+        self.in_progress.remove(RowKey(rel, ""))
         self.processed.add(ProcessedRow(
             rel.name, rel, progress.n_total, _when(progress.first_message_at),
             datetime.now(), key.generation, {"outcome": "found_in_girder"}))

@@ -170,6 +170,33 @@ def test_files_the_in_progress_registry_lists_need_no_lookup() -> None:
     assert proc.take_probes() == []
 
 
+def test_a_new_chunk_of_a_file_another_program_processed_is_looked_up_at_once() -> None:
+    """OpenMSIStream 1.8.8 keeps no generation in its processed rows, and commits no
+    watermark: a chunk of a file it processed, read again after its commit, is new to
+    us. Its other chunks are committed past, so only Girder can settle it: asked at
+    once, not after the stuck-file wait; found, its message is done."""
+    log = Log()
+    _, y2 = encoded(b"Y" * 40, "y.dat", "run", 20)
+    spy = RestartSpy()
+    proc = make(recorder=spy, known_done={("run/y.dat", "")})
+    proc.assigned([info(0, 0, None)])  # a foreign commit: nothing counts as re-read
+    proc.handle(log.put(0, *y2))
+    [key] = proc.take_probes()
+    assert key[0] == "run/y.dat"
+    proc.probe_result(key, True)
+    assert spy.of("file_found") == [("file_found", "run/y.dat")]
+    assert proc.offsets.commit_plan()[P0][0] == 1
+
+
+def test_a_new_file_nobody_listed_needs_no_lookup() -> None:
+    log = Log()
+    a1, _ = encoded(b"A" * 40, "a.bin", "", 20)
+    proc = make(known_done={("other.bin", "")})
+    proc.assigned([info(0, 0, None)])
+    proc.handle(log.put(0, *a1))
+    assert proc.take_probes() == []
+
+
 def test_a_file_produced_twice_is_rebuilt_twice_without_holding_commits() -> None:
     log = Log()
     pairs = encoded(b"twice" * 5, "t.bin")

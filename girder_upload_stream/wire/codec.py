@@ -254,7 +254,10 @@ def _unpack(value: Any, ctx: dict[str, Any]) -> Any:
     try:
         fields = msgpack.unpackb(value, raw=True, use_list=False)
     except Exception as exc:  # msgpack raises many types for garbage input
-        raise ChunkDecodeError(f"message value is not msgpack ({exc})", **ctx) from None
+        # msgpack's text is empty for some errors (FormatError): name the class then.
+        why = str(exc) or {"FormatError": "a byte no msgpack value begins with"}.get(
+            type(exc).__name__, type(exc).__name__)
+        raise ChunkDecodeError(f"message value is not msgpack ({why})", **ctx) from None
     if not isinstance(fields, tuple):
         raise ChunkDecodeError(f"message value is a msgpack {type(fields).__name__}, "
                                "not an array", **ctx)

@@ -238,8 +238,14 @@ def test_integer_mtime_is_accepted():
 @pytest.mark.parametrize("value", [b"", b"\xc1", b"not msgpack at all \xff", b"\x9a\x01",
                                    None, "a string", 17])
 def test_non_msgpack_values_are_rejected(value):
-    with pytest.raises(ChunkDecodeError):
+    with pytest.raises(ChunkDecodeError) as raised:
         decode_chunk(value)
+    assert "()" not in str(raised.value)  # the reason always says something
+
+
+def test_a_byte_no_msgpack_value_begins_with_is_named() -> None:
+    with pytest.raises(ChunkDecodeError, match=r"not msgpack \(a byte no msgpack value"):
+        decode_chunk(b"\xc1 not msgpack")
 
 
 @pytest.mark.parametrize("value", [msgpack.packb({"a": 1}), msgpack.packb(7),

@@ -173,10 +173,7 @@ class RegistryRecorder(Recorder):
         """A re-read file found in Girder: processed before (its row may be lost)."""
         rel = PurePosixPath(progress.rel_path)
         key = RowKey(rel, progress.file_hash_hex[:32])
-        self.in_progress.remove(key)
-        # A row of that path without a generation was left by another program (it keeps
-        # none); this file is what it was about, as drop_superseded decides at start.
-        self.in_progress.remove(RowKey(rel, ""))
+        self.in_progress.remove_processed(key)
         self.processed.add(ProcessedRow(
             rel.name, rel, progress.n_total, _when(progress.first_message_at),
             datetime.now(), key.generation, {"outcome": "found_in_girder"}))
@@ -285,7 +282,7 @@ class RegistryRecorder(Recorder):
                 key.generation, {**(old.extra if old else {}),
                                  "reason": f"{outcome.outcome.value}: {outcome.reason}"}))
             return
-        self.in_progress.remove(key)
+        self.in_progress.remove_processed(key)
         self.processed.add(ProcessedRow(
             rel.name, rel, completed.n_chunks, _when(completed.first_message_at),
             datetime.now(), key.generation,

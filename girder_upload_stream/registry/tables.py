@@ -173,6 +173,14 @@ class InProgressTable:
             self._dirty = self._dirty or row is not None
             return row
 
+    def remove_processed(self, key: RowKey) -> None:
+        """The file of ``key`` is processed: drop its row, and a row of its path without a
+        generation (another program's, which keeps none), as :meth:`drop_superseded`
+        does at start for rows older than a processed one."""
+        self.remove(key)
+        if key.generation:
+            self.remove(RowKey(key.rel_filepath, ""))
+
     def get(self, key: RowKey) -> InProgressRow | None:
         """The row with this key, or None."""
         with self._lock:

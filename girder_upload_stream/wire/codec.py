@@ -254,9 +254,9 @@ def _unpack(value: Any, ctx: dict[str, Any]) -> Any:
     try:
         fields = msgpack.unpackb(value, raw=True, use_list=False)
     except Exception as exc:  # msgpack raises many types for garbage input
-        # msgpack's text is empty for some errors (FormatError): name the class then.
-        why = str(exc) or {"FormatError": "a byte no msgpack value begins with"}.get(
-            type(exc).__name__, type(exc).__name__)
+        # msgpack's FormatError has no text: say what it means.
+        why = str(exc) or ("a byte no msgpack value begins with"
+                           if isinstance(exc, msgpack.FormatError) else type(exc).__name__)
         raise ChunkDecodeError(f"message value is not msgpack ({why})", **ctx) from None
     if not isinstance(fields, tuple):
         raise ChunkDecodeError(f"message value is a msgpack {type(fields).__name__}, "

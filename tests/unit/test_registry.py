@@ -566,3 +566,13 @@ def test_consolidation_refuses_a_target_with_another_header(tmp_path: Path) -> N
     with pytest.raises(R.RegistryFormatError, match="processed_from_t_by_g.csv:1"):
         R.consolidate(tmp_path, "t", "g")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_processed_file_takes_another_programs_row_of_its_path_with_it(tmp_path: Path) -> None:
+    table = R.InProgressTable(tmp_path / "ip.csv")
+    for row in (ip_row("y.dat"), ip_row("y.dat", "g1"), ip_row("y.dat", "g2"),
+                ip_row("other.dat")):
+        table.update(row)
+    table.remove_processed(R.RowKey(PurePosixPath("sub/y.dat"), "g1"))
+    assert sorted((r.filename, r.generation) for r in table.rows()) == [
+        ("other.dat", ""), ("y.dat", "g2")]

@@ -25,6 +25,9 @@ __all__ = ["ExistingItemMixin"]
 
 logger = logging.getLogger(__name__)
 
+#: How many ``name (k)`` suffixes a sweep of leftovers looks at, at most.
+SWEEP_NAMES = 4
+
 
 class ExistingItemMixin:
     """Items of the file's name found in Girder (see the module text)."""
@@ -42,16 +45,23 @@ class ExistingItemMixin:
 
     def _sweep_leftovers(self, folder: str, name: str, renamed: str,
                          completed: CompletedFile) -> None:
-        """Girder named ours ``name (k)`` with k > 1: ``name (1)`` .. ``name (k-1)`` are
-        taken, maybe by items a process killed between its ``POST item`` and the
-        ``DELETE`` of that renamed item left behind. Those (the consumer's, empty, and
-        claiming this very file's checksum) are deleted, so that the name holds one item
-        again; any other item of those names is left alone. At most four names are
-        looked at."""
+        """Girder named ours ``name (k)`` (and it is deleted already): other suffixes
+        may hold items a process killed between its ``POST item`` and the ``DELETE`` of
+        that renamed item left behind. Those (the consumer's, empty, and claiming this
+        very file's checksum) are deleted, so that the name holds one item again; any
+        other item of those names is left alone. Girder takes the *first free* suffix,
+        so leftovers may sit above ours too once a lower one was swept: ``(1)`` ..
+        ``(k-1)`` are all looked at, and the names above ours while they are taken (at
+        most five names; a re-delivery renamed ``name (1)`` looks at ``name (2)``)."""
         match = re.fullmatch(re.escape(name) + r" \((\d+)\)", renamed)
-        if completed.size > 0:
-            self._sweep_names(folder, name, completed.sha256, completed.rel_path,
-                              range(1, min(int(match.group(1)), 5) if match else 1))
+        if completed.size == 0 or not match:
+            return
+        ours = int(match.group(1))
+        below = range(1, min(ours, SWEEP_NAMES + 1))
+        above = range(ours + 1, ours + 1 + max(1, SWEEP_NAMES - len(below)))
+        self._sweep_names(folder, name, completed.sha256, completed.rel_path, below)
+        self._sweep_names(folder, name, completed.sha256, completed.rel_path, above,
+                          stop_early=True)
 
     def _sweep_after_lookup(self, folder: str, name: str, item: dict, rel_path: str) -> None:
         """The restart check found the file in Girder (``item``): a run killed while it
@@ -60,7 +70,8 @@ class ExistingItemMixin:
         names are taken (at most four). One request when there is none."""
         checksum = ((item.get("meta") or {}).get("checksum") or {}).get("sha256")
         if checksum and item.get("size"):
-            self._sweep_names(folder, name, checksum, rel_path, range(1, 5), stop_early=True)
+            self._sweep_names(folder, name, checksum, rel_path, range(1, SWEEP_NAMES + 1),
+                              stop_early=True)
 
     def _sweep_names(self, folder: str, name: str, sha256: str | None, rel_path: str,
                      suffixes: range, stop_early: bool = False) -> None:

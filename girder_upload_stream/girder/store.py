@@ -195,8 +195,8 @@ class GirderStore(ExistingItemMixin, FolderMixin):
             logger.warning("cannot look up %s in Girder: %s", rel_path, exc)
         return False
 
-    def upload(self, completed: CompletedFile,
-               shared: bool | Callable[[], bool] = False) -> FileOutcome:
+    def upload(self, completed: CompletedFile, shared: bool | Callable[[], bool] = False,
+               known_there: bool = False) -> FileOutcome:
         """Put one file in Girder, or say why not. Never raises for terminal problems.
 
         ``shared``: another consumer of the group may be uploading the same file now
@@ -204,6 +204,12 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         file (and folders created now) are then checked for twins after they are made,
         which costs two requests. A callable is asked at each check, so partitions
         revoked during the upload still count.
+
+        ``known_there``: the registries list this file as in Girder (a new production
+        of it, or a re-read after a run listed it and was killed before its commit).
+        Its item is then looked up first: a ``POST item`` would only be renamed, and a
+        run killed before deleting that renamed item would leave it for good (no later
+        reading of the file comes to Girder: the registry settles it).
 
         A cached folder Girder no longer knows (deleted by someone) is resolved again,
         the root folder included, and the file tried once more. A file that fails for
@@ -215,11 +221,11 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         try:
             name = girder_name(path.name)
             try:
-                outcome, item_id = self._upload_in(completed, subdir, name, check)
+                outcome, item_id = self._upload_in(completed, subdir, name, check, known_there)
             except _StaleFolder as exc:
                 logger.info("%s: %s; resolving its folders again", completed.rel_path, exc)
                 self.forget_folders()
-                outcome, item_id = self._upload_in(completed, subdir, name, check)
+                outcome, item_id = self._upload_in(completed, subdir, name, check, known_there)
         except GirderTerminalError as exc:
             if subdir and not check():
                 self.prune_folders(subdir)
@@ -227,9 +233,14 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         return FileOutcome(completed.rel_path, key, outcome, item_id=item_id)
 
     def _upload_in(self, completed: CompletedFile, subdir: str, name: str,
-                   shared: Callable[[], bool]) -> tuple[Outcome, str]:
+                   shared: Callable[[], bool], known_there: bool) -> tuple[Outcome, str]:
         folder = self.hold_folder(subdir, shared)
         try:
+            if known_there:
+                existing = self._items_named(folder, name, completed.rel_path)
+                if existing:
+                    self._sweep_after_lookup(folder, name, existing[0], completed.rel_path)
+                    return self._into_existing(existing[0], completed, shared)
             return self._upload(completed, folder, name, shared)
         finally:
             self.release_folder(subdir)
@@ -251,8 +262,8 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         if item_was_there(item, name):
             existing = self._items_named(folder, name, completed.rel_path)
             self._delete_empty_item(item, completed.rel_path)
-            self._sweep_leftovers(folder, name, item["name"], completed)
-            if existing:
+            if existing:  # leftovers come only from re-deliveries of a file in Girder
+                self._sweep_leftovers(folder, name, item["name"], completed)
                 return self._into_existing(existing[0], completed, shared)
             if self._folders_named(folder, "folder", name):
                 raise GirderTerminalError(

@@ -57,6 +57,10 @@ class UploadUnit:
     #: Files of the unit whose upload was streamed while they arrived: their session
     #: (girder/streaming.py), which sends the rest and sets the metadata.
     streams: dict[FileKey, Any] = field(default_factory=dict)
+    #: Files of the unit the registries list as in Girder already (produced again, or
+    #: read again after a run that listed them was killed before its commit): their
+    #: item is looked up before any ``POST item`` (see :meth:`GirderStore.upload`).
+    known_there: set[FileKey] = field(default_factory=set)
 
     @property
     def nbytes(self) -> int:

@@ -71,6 +71,8 @@ class Uploading:
                 record = self.ledger.get(completed.file_key)
                 if record.stream is not None:  # its finishing step sends the rest
                     unit.streams[completed.file_key] = record.stream
+                if record.role is Role.AGAIN:
+                    unit.known_there.add(completed.file_key)
                 self.ledger.dispatch(completed.file_key, unit.unit_id)
         return units
 

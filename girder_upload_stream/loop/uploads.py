@@ -90,7 +90,8 @@ def _upload_one(unit: UploadUnit, store: Any, completed: CompletedFile) -> FileO
     stream = unit.streams.get(completed.file_key)  # streamed while it arrived
     if stream is not None:
         return stream.finish(completed, shared=lambda: is_shared(unit))
-    return store.upload(completed, shared=lambda: is_shared(unit))
+    return store.upload(completed, shared=lambda: is_shared(unit),
+                        known_there=completed.file_key in unit.known_there)
 
 
 def _settle(unit: UploadUnit, completed: CompletedFile, attempt: Callable[[], FileOutcome],

@@ -174,9 +174,9 @@ def _store(girder: FakeGirder, replace: bool = False) -> GirderStore:
     return store
 
 
-def _upload(store, girder, rel, data, shared=False):
+def _upload(store, girder, rel, data, shared=False, known_there=False):
     girder.calls.clear()
-    return store.upload(_completed(rel, data), shared), list(girder.calls)
+    return store.upload(_completed(rel, data), shared, known_there), list(girder.calls)
 
 
 def test_a_new_small_file_is_two_requests_with_its_metadata_and_mimetype(girder):
@@ -208,7 +208,8 @@ def test_a_redelivered_identical_file_is_skipped_and_leaves_one_item(girder):
     before = dict(girder.item("root", "a.txt")["meta"])
     outcome, calls = _upload(store, girder, "a.txt", b"same")
     assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
-    assert calls == ["createItem", "listItem", "delete item", "listFile"]
+    # listItem "a.txt", then "a.txt (2)": a leftover above ours (renamed "a.txt (1)")?
+    assert calls == ["createItem", "listItem", "delete item", "listItem", "listFile"]
     assert [i["name"] for i in girder.items.values()] == ["a.txt"]
     assert girder.item("root", "a.txt")["meta"] == before
 
@@ -450,6 +451,48 @@ def test_empty_items_left_by_a_killed_redelivery_are_swept(girder):
     assert sorted(i["name"] for i in girder.items.values()) == ["a.txt", "a.txt (2)",
                                                                 "a.txt (3)"]
     assert calls.count("delete item") == 2  # ours ("a.txt (4)") and the leftover
+
+
+def test_a_leftover_above_the_suffix_girder_gave_is_swept_too(girder):
+    """Girder takes the first *free* suffix: with leftovers ``a.txt (1)`` and ``(2)`` of
+    killed re-deliveries and ``(1)`` swept since (another delivery's sweep), the next
+    re-delivery is renamed ``a.txt (1)`` again and must still find ``(2)``."""
+    store = _store(girder)
+    _upload(store, girder, "a.txt", b"same")
+    checksum = {"checksum": {"sha256": hashlib.sha256(b"same").hexdigest()}}
+    first = girder.createItem("root", "a.txt", metadata={**checksum, **Owner(ME).mark()})
+    second = girder.createItem("root", "a.txt", metadata={**checksum, **Owner(ME).mark()})
+    assert (first["name"], second["name"]) == ("a.txt (1)", "a.txt (2)")
+    del girder.items[first["_id"]]
+    outcome, calls = _upload(store, girder, "a.txt", b"same")
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
+    assert [i["name"] for i in girder.items.values()] == ["a.txt"]
+    assert calls.count("delete item") == 2  # ours ("a.txt (1)") and the leftover "(2)"
+
+
+def test_a_file_the_registry_lists_in_girder_is_looked_up_before_any_item_is_made(girder):
+    """A new production of a listed file (or a re-read after a run listed it and was
+    killed before its commit) never makes a renamed item: a kill before its DELETE
+    would leave it for good, as no later reading of the file comes to Girder. A
+    leftover of such a kill under the old way is swept on the way."""
+    store = _store(girder)
+    _upload(store, girder, "a.txt", b"same")
+    checksum = {"checksum": {"sha256": hashlib.sha256(b"same").hexdigest()}}
+    girder.createItem("root", "a.txt", metadata={**checksum, **Owner(ME).mark()})  # (1)
+    outcome, calls = _upload(store, girder, "a.txt", b"same", known_there=True)
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL
+    assert "createItem" not in calls
+    # the item, "a.txt (1)" (a leftover: deleted), "a.txt (2)" (free), its file
+    assert calls == ["listItem", "listItem", "delete item", "listItem", "listFile"]
+    assert [i["name"] for i in girder.items.values()] == ["a.txt"]
+
+
+def test_a_listed_file_someone_deleted_from_girder_is_uploaded_again(girder):
+    store = _store(girder)
+    outcome, calls = _upload(store, girder, "a.txt", b"same", known_there=True)
+    assert outcome.outcome is Outcome.UPLOADED
+    assert calls == ["listItem", "createItem", "post file"]
+    assert [i["name"] for i in girder.items.values()] == ["a.txt"]
 
 
 @pytest.mark.parametrize("ours, replace, repaired", [(True, False, True), (False, False, False),

@@ -203,7 +203,8 @@ def test_a_file_produced_twice_is_rebuilt_twice_without_holding_commits() -> Non
     proc = make()
     for pair in pairs:
         proc.handle(log.put(0, *pair))
-    assert len(upload_all(proc)) == 1
+    first = upload_all(proc)
+    assert len(first) == 1 and first[0].known_there == set()
     # The producer runs again: new offsets, same content.
     proc.handle(log.put(1, *pairs[0]))
     assert proc.offsets.commit_plan()[P1][0] == 1  # not held while it assembles
@@ -211,8 +212,25 @@ def test_a_file_produced_twice_is_rebuilt_twice_without_holding_commits() -> Non
         proc.handle(log.put(1, *pair))
     again = upload_all(proc, Outcome.SKIPPED_IDENTICAL)
     assert [f.rel_path for u in again for f in u.files] == ["t.bin"]
+    # Girder is known to hold it: its item is looked up before any is made.
+    assert again[0].known_there == {again[0].files[0].file_key}
     outcomes = proc.recorder.of("file_outcome")
     assert [o[2] for o in outcomes] == [Outcome.UPLOADED, Outcome.SKIPPED_IDENTICAL]
+
+
+def test_a_listed_file_read_as_new_after_a_kill_before_the_commit_is_looked_up_first() -> None:
+    """A run uploaded t.bin and saved the registry, then was killed before its commit
+    (no metadata says its message was read): the next run reads it as new. Its upload
+    must look the item up first: a renamed item made now, and a kill before its
+    DELETE, would stay for good, as the run after settles the file by the registry."""
+    log = Log()
+    pairs = encoded(b"listed" * 5, "t.bin")
+    generation = file_generation(decode_chunk(pairs[0][1]).file_hash)
+    proc = make(known_done={("t.bin", generation)})
+    for pair in pairs:
+        proc.handle(log.put(0, *pair))
+    units = upload_all(proc, Outcome.SKIPPED_IDENTICAL)
+    assert [u.known_there for u in units] == [{units[0].files[0].file_key}]
 
 
 def test_a_stray_resent_chunk_of_a_finished_file_is_dropped_when_stale() -> None:

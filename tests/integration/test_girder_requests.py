@@ -52,8 +52,9 @@ def proxied(stack_env, make_collection):
         yield store_for, proxy, collection
 
 
-def _upload_all(store: GirderStore, files: dict[str, bytes], shared: bool = False):
-    return {rel: store.upload(_completed(rel, data), shared).outcome
+def _upload_all(store: GirderStore, files: dict[str, bytes], shared: bool = False,
+                known_there: bool = False):
+    return {rel: store.upload(_completed(rel, data), shared, known_there).outcome
             for rel, data in files.items()}
 
 
@@ -89,6 +90,12 @@ def test_redelivered_different_replaced_and_shared_files_behave_as_before(proxie
     assert set(_upload_all(store, files).values()) == {Outcome.SKIPPED_IDENTICAL}
     assert set(_upload_all(store_for(), files, shared=True).values()) == \
         {Outcome.SKIPPED_IDENTICAL}
+    # Listed in the registries as in Girder: looked up, no item made (nor renamed).
+    proxy.reset()
+    assert set(_upload_all(store, files, known_there=True).values()) == \
+        {Outcome.SKIPPED_IDENTICAL}
+    assert not proxy.counts["POST item"] and not proxy.counts["DELETE item"], \
+        dict(proxy.counts)
     # Different contents under the same names: skipped, the items' metadata untouched.
     changed = {rel: b"v2" + data for rel, data in list(files.items())[:4]}
     assert set(_upload_all(store, changed).values()) == {Outcome.SKIPPED_DIFFERENT}

@@ -298,10 +298,17 @@ class GirderStore(ExistingItemMixin, FolderMixin):
                           rel_path)
 
     def _delete_empty_item(self, item: dict, rel_path: str) -> None:
-        """Delete the item we just made under a name Girder changed (it holds nothing)."""
+        """Delete the item we just made under a name Girder changed (it holds nothing),
+        or an empty leftover of ours. Gone already is fine: another member of the group,
+        sweeping leftovers of the same file, may have deleted it first."""
         client = self._client()
-        self._call(lambda: client.delete(f"item/{item['_id']}"), "delete renamed item",
-                   rel_path)
+        try:
+            self._call(lambda: client.delete(f"item/{item['_id']}"), "delete renamed item",
+                       rel_path)
+        except GirderUnknownIdError as exc:
+            if exc.model != "item":
+                raise
+            logger.debug("%s: %r was deleted already", rel_path, item.get("name"))
 
     def _oldest_item(self, folder: str, name: str, mine: dict) -> dict:
         """Of the items named ``name`` (two consumers may create one each at the same

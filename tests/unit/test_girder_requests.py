@@ -109,6 +109,8 @@ class FakeGirder:
         self.calls.append(f"delete {path.split('/')[0]}")
         kind, doc_id = path.split("/")
         store = {"item": self.items, "file": self.files, "folder": self.folders}[kind]
+        if doc_id not in store:
+            raise _http_error(400, f"Invalid {kind} id ({doc_id}).")
         del store[doc_id]
 
     # files
@@ -492,6 +494,23 @@ def test_a_listed_file_someone_deleted_from_girder_is_uploaded_again(girder):
     outcome, calls = _upload(store, girder, "a.txt", b"same", known_there=True)
     assert outcome.outcome is Outcome.UPLOADED
     assert calls == ["listItem", "createItem", "post file"]
+    assert [i["name"] for i in girder.items.values()] == ["a.txt"]
+
+
+def test_a_renamed_item_another_member_swept_first_is_no_failure(girder):
+    """Two members re-deliver one file: one's sweep may delete the other's renamed
+    item before that member's own DELETE, which Girder then answers 400 "Invalid item
+    id". The item is gone as wanted: the file is skipped as identical, not failed."""
+    store = _store(girder)
+    _upload(store, girder, "a.txt", b"same")
+    delete = girder.delete
+
+    def swept_first(path):
+        delete(path)  # the other member's sweep
+        delete(path)  # ours: the item is gone
+    girder.delete = swept_first
+    outcome, _ = _upload(store, girder, "a.txt", b"same")
+    assert outcome.outcome is Outcome.SKIPPED_IDENTICAL, outcome.reason
     assert [i["name"] for i in girder.items.values()] == ["a.txt"]
 
 

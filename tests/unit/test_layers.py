@@ -169,7 +169,24 @@ def test_no_cycle_between_the_layers_nor_between_modules():
     assert find_cycle(modules) is None, find_cycle(modules)
 
 
-def test_the_checks_see_an_upward_import(tmp_path):
+#: The outside systems' client libraries, and the only layers that may import them: the
+#: core (wire, assembly, ledger, registry, loop) knows none of them.
+CLIENTS = {"confluent_kafka": {"kafka", "app"}, "kafkacrypto": {"kafka"},
+           "girder_client": {"girder"}, "requests": {"girder"}, "prefect": {"app"}}
+
+
+def test_only_the_io_layers_import_the_clients():
+    wrong = []
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        for name, line in _imports(tree, module, path.name == "__init__.py"):
+            allowed = CLIENTS.get(name.split(".")[0])
+            if allowed is not None and layer(module) not in allowed:
+                wrong.append(f"{module}:{line} imports {name}")
+    assert not wrong, wrong
+
+
+def test_the_checks_see_an_upward_import():
     """The graph reads imports inside functions, leaves TYPE_CHECKING blocks out, and a
     wire -> ledger import breaks the table (the check above cannot pass vacuously)."""
     source = ("from typing import TYPE_CHECKING\n"

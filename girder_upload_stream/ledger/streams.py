@@ -9,7 +9,9 @@ upload opens once the file's last chunk is in. Never on one message's word: byte
 from offset 0 must be in hand too, and agree with it (the last chunk starts at or after
 the end of that prefix); the session then waits for a whole block of that prefix
 before it makes anything in Girder. Smaller files keep the batched upload
-units (a streamed file costs one more Girder request and its own task run).
+units (a streamed file costs one more Girder request and its own task run). What a
+streamed upload reads is a :class:`~girder_upload_stream.shared_types.StreamPlan`, which
+``girder/`` takes without importing the ledger.
 """
 
 from __future__ import annotations

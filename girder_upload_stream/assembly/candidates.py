@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from girder_upload_stream.assembly.copies import Variant
 from girder_upload_stream.assembly.hashing import FileDigest
-from girder_upload_stream.assembly.outcomes import FileProgress, Storage
+from girder_upload_stream.assembly.outcomes import Storage
+from girder_upload_stream.shared_types import FileProgress
 from girder_upload_stream.wire.codec import Chunk
 
 __all__ = ["Candidate", "Group"]

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from girder_upload_stream.assembly.candidates import Candidate, Group
 from girder_upload_stream.assembly.copies import (MAX_PARKED, MAX_PARKED_RAM, Found, Search,
                                                   Variant, find_verified)
-from girder_upload_stream.assembly.outcomes import (AddResult, AddStatus, CompletedFile, Mode,
-                                                    RejectedFile, Storage)
+from girder_upload_stream.assembly.outcomes import AddResult, AddStatus, Mode, Storage
+from girder_upload_stream.shared_types import CompletedFile, RejectedFile
 from girder_upload_stream.assembly.pieces import Pieces
 from girder_upload_stream.wire.codec import FileKey
 

@@ -42,9 +42,8 @@ from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderRo
                                                 GirderTransientError, GirderUnknownIdError,
                                                 girder_name, translate)
 from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 __all__ = ["VERSION_FIELD", "VERSION_VALUE", "SMALL_UPLOAD_BYTES", "GirderTransientError",
            "GirderTerminalError", "GirderAuthError", "GirderStartupError", "GirderRootFolderGone",

@@ -45,13 +45,11 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 
 from girder_upload_stream import failpoints
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome, StreamPlan
 from girder_upload_stream.errors import GirderUploadStreamError
 from girder_upload_stream.girder.errors import GirderTerminalError, girder_name
 from girder_upload_stream.girder.ownership import TAG_FIELD
 from girder_upload_stream.girder.store import GirderStore, item_was_there
-from girder_upload_stream.ledger.streams import StreamPlan
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 __all__ = ["STREAM_BLOCK", "TAG_FIELD", "SessionState", "StreamSession", "StreamingUploads"]
 

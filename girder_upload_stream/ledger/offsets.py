@@ -57,7 +57,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Hashable, Iterable
 
-from girder_upload_stream.ledger.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
+from girder_upload_stream.wire.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
                                                   TopicPartition, format_metadata,
                                                   merge_spans, parse_failed, parse_metadata,
                                                   parse_spans, spans_of)

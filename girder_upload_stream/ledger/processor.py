@@ -26,20 +26,19 @@ from girder_upload_stream.ledger.effects import (AbandonStream, DropAssembly, Ef
                                                  ReleaseStaging, WriteRow)
 from girder_upload_stream.ledger.file_life import STUCK_LOOKUP_SECONDS, FileLife
 from girder_upload_stream.ledger.offsets import OffsetTracker
-from girder_upload_stream.ledger.records import (FileLedger, FileRecord, FileState, Role, Route,
-                                                 file_generation)
-from girder_upload_stream.ledger.stream_types import (ChunkRefusedError, Counters, PartitionInfo,
-                                                      RawMessage, Recorder)
-from girder_upload_stream.ledger.streams import (MAX_OPEN_STREAMS, StreamHandle, StreamPlan,
-                                                 wants_stream)
-from girder_upload_stream.ledger.units import FileOutcome, Outcome, UploadUnit
-from girder_upload_stream.ledger.uploading import RETRIED_NEXT_RUN, Uploading
+from girder_upload_stream.ledger.records import FileLedger, FileRecord, FileState, Role, Route
+from girder_upload_stream.shared_types import (FileOutcome, Outcome, RawMessage, Recorder,
+                                               StreamPlan)
+from girder_upload_stream.ledger.stream_types import ChunkRefusedError, Counters
+from girder_upload_stream.ledger.streams import MAX_OPEN_STREAMS, StreamHandle, wants_stream
+from girder_upload_stream.ledger.units import UploadUnit
+from girder_upload_stream.ledger.uploading import Uploading
 from girder_upload_stream.retry_policy import RetryPolicy
 from girder_upload_stream.wire.codec import Chunk, FileKey, decode_chunk
 
-# The exchanged types are re-exported: callers of the processor need them.
-__all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
-           "RETRIED_NEXT_RUN", "STUCK_LOOKUP_SECONDS", "file_generation", "ChunkRefusedError"]
+# Its counters and refusal error are re-exported: callers of the processor need them (the
+# data types it exchanges with other layers are in girder_upload_stream.shared_types).
+__all__ = ["Counters", "StreamProcessor", "STUCK_LOOKUP_SECONDS", "ChunkRefusedError"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,11 @@ from typing import Any, Protocol
 from girder_upload_stream import failpoints, startup, timings
 from girder_upload_stream.errors import FatalError
 from girder_upload_stream.retry_policy import classify
-from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import FileOutcome, RawMessage
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
-from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, mark_moved
+from girder_upload_stream.ledger.units import UploadUnit, mark_moved
 
 __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "StopSignal",
            "stop_on_signals"]

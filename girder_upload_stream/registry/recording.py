@@ -23,16 +23,15 @@ from typing import Any
 
 from girder_upload_stream.wire.codec import Chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.processor import (RETRIED_NEXT_RUN, RawMessage, Recorder,
-                                                   file_generation)
-from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress, RejectedFile
+from girder_upload_stream.shared_types import (CompletedFile, FileOutcome, FileProgress, Outcome,
+                                               RETRIED_NEXT_RUN, RawMessage, Recorder,
+                                               RejectedFile, file_generation)
 from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGRESS,
                                            STATUS_MISMATCHED_HASH, InProgressRow,
                                            InProgressTable, ProcessedRow, ProcessedTable,
                                            RowKey, consolidate, in_progress_path,
                                            part_files, processed_path, read_processed,
                                            seed_in_progress_path)
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from girder_upload_stream.errors import ConfigError
 from girder_upload_stream.registry.csv_files import DELIMITER, check_header, header_line
 from girder_upload_stream.registry.rows import IN_PROGRESS_COLUMNS, PROCESSED_COLUMNS

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.processor import RawMessage, Recorder, StreamProcessor
-from girder_upload_stream.assembly.reassembly import CompletedFile, Mode, Reassembler, RejectedFile
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import (CompletedFile, FileOutcome, Outcome, RawMessage,
+                                               Recorder, RejectedFile)
+from girder_upload_stream.assembly.reassembly import Mode, Reassembler
 from girder_upload_stream.loop.runner import StreamRunner
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import Chunk
-from girder_upload_stream.ledger.units import FileOutcome, Outcome, UploadUnit
+from girder_upload_stream.ledger.units import UploadUnit
 
 __all__ = ["TOPIC", "PARTITIONS", "MiB", "Clock", "SpyRecorder", "Log", "encoded", "scatter",
            "make_processor", "outcomes", "upload_all", "content", "random_files",

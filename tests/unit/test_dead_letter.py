@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from girder_upload_stream import __version__
-from girder_upload_stream.ledger.stream_types import RawMessage
+from girder_upload_stream.shared_types import RawMessage
 from girder_upload_stream.loop import dead_letter
 from girder_upload_stream.loop.dead_letter import HEADERS, DeadLetters
 from girder_upload_stream.loop.wiring import _before_commit

@@ -14,7 +14,7 @@ from girder_upload_stream.ledger.processor import StreamProcessor
 from girder_upload_stream.assembly.reassembly import Reassembler
 from girder_upload_stream.registry.recording import RegistryRecorder
 from girder_upload_stream.loop.runner import StreamRunner
-from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.shared_types import Outcome
 from tests.unit.fakes import TOPIC, Clock, FakeGroup, Submitter, put_file
 from tests.unit.fakes import make_runner as make
 from tests.unit.fakes import run_settings as settings

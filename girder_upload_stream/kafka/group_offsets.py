@@ -33,27 +33,32 @@ class GroupOffsets:
     _start_at: dict[tuple[str, int], int]
     _trouble_at: float | None
 
-    def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
+    def clamp(self, offsets: dict[tuple[str, int], tuple[int, str]]
+              ) -> dict[tuple[str, int], tuple[int, str]]:
+        """A commit plan stopped before the messages not decrypted yet (on an encrypted
+        topic; the plan as it is otherwise): see
+        :meth:`~girder_upload_stream.kafka.decrypting.DecryptingReader.clamp`. Step 1 of
+        :class:`~girder_upload_stream.loop.checkpoint.Checkpoint`."""
+        return self._reader.clamp(offsets) if self._reader is not None else offsets
+
+    def commit(self, offsets: dict[tuple[str, int], tuple[int, str]], sync: bool | None = None
                ) -> dict[tuple[str, int], tuple[int, str]]:
         """Commit ``{tp: (offset, metadata)}`` for the partitions owned; return what the
         broker accepted so far (:mod:`girder_upload_stream.kafka.commits` says why the
-        answer may come a round later). The caller keeps offsets not accepted yet in
-        its plan and passes them again next round.
+        answer may come a round later). The checkpoint
+        (:class:`~girder_upload_stream.loop.checkpoint.Checkpoint`, step 5) decides what
+        and when; partitions not owned (any more) are never sent.
 
-        Asynchronous, so that a broker outage never stops the loop; synchronous inside
-        a rebalance callback, where the revoke's last commit must be made before the
-        partitions go (the coordinator that drives the rebalance answers it, and a
-        session timeout ends the wait, :meth:`close` included)."""
+        Asynchronous, so that a broker outage never stops the loop; synchronous with
+        ``sync`` (None: inside a rebalance callback), where the revoke's last commit
+        must be made before the partitions go (the coordinator that drives the
+        rebalance answers it, and a session timeout ends the wait, :meth:`close`
+        included)."""
         from confluent_kafka import KafkaException, TopicPartition
-        # On an encrypted topic the commits stop before the messages not decrypted yet
-        # (which the caller does not know of), and the caller hears these clamped values,
-        # what was really committed: a message decrypted later lies below them and holds
-        # the next commits like any pending one.
-        values = self._reader.clamp(offsets) if self._reader is not None else offsets
-        owned = {tp: value for tp, value in values.items() if tp in self._owned}
+        owned = {tp: value for tp, value in offsets.items() if tp in self._owned}
         if self._consumer is None or not owned:
             return {}
-        if self._in_rebalance:
+        if sync or (sync is None and self._in_rebalance):
             return self._commit_now(owned)
         send, accepted = self._book.to_send(owned)
         if not send:

@@ -9,7 +9,8 @@ Kafka Connect's ``__connect.errors.*`` (see :data:`HEADERS`).
 :class:`DeadLetters` is the rejection sink's Kafka half: the registry recorder hands it
 each rejected message (its bytes in hand) or each message of a rejected file (only its
 offset: the chunks' bytes were not kept, so they are read again from the topic). The
-runner calls :meth:`DeadLetters.settle` before each offset commit, and commits only
+run's :class:`~girder_upload_stream.loop.checkpoint.Checkpoint` calls
+:meth:`DeadLetters.settle` before each offset commit (its step 2), and commits only
 when it returns True: every dead letter queued so far was acknowledged by the broker.
 A message not acknowledged is sent again at the next commit; while the topic cannot be
 written, commits wait (the messages are read again after a restart, and dead-lettered

@@ -188,15 +188,6 @@ def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
     return reassembler
 
 
-def _before_commit(recorder: RegistryRecorder, letters: DeadLetters | None
-                   ) -> Callable[[], bool]:
-    """What must be durable before a commit: the dead letters acknowledged, then the
-    registries saved (StreamRunner.commit, steps 2 and 3)."""
-    if letters is None:
-        return recorder.try_save
-    return lambda: letters.settle() and recorder.try_save()
-
-
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  extra_jobs: list[SideJob] | None = None, probe: Any = None,
                  early_outcomes: Any = None,
@@ -297,7 +288,8 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
                on_assign=processor.assigned, on_lost=lambda tps: holder["runner"].on_lost(tps),
                recorder=recorder)
     runner = StreamRunner(run, processor, group, submit, jobs,
-                          before_commit=_before_commit(recorder, letters),
+                          save=recorder.try_save,
+                          dead_letters=letters.settle if letters is not None else None,
                           probe=probe, early_outcomes=early_outcomes, stop=stop)
     holder["runner"] = runner
     return runner

@@ -163,6 +163,7 @@ class FakeGroup:
         self.queue: deque[FakeMsg] = deque()
         self.next = {p: 0 for p in range(n_partitions)}
         self.commits: list[dict] = []
+        self.syncs: list[bool] = []
         self.committed: dict = {}
         self.metadata: dict = {}
         self.pauses: list[bool] = []
@@ -192,9 +193,11 @@ class FakeGroup:
         self.paused = paused
         self.pauses.append(paused)
 
-    def commit(self, offsets: dict) -> dict:
+    def commit(self, offsets: dict, sync: bool | None = None) -> dict:
         """Takes ``{tp: (offset, metadata)}`` as the real group; records offsets only
-        (``metadata`` keeps the last metadata per partition)."""
+        (``metadata`` keeps the last metadata per partition, ``syncs`` whether each
+        commit was synchronous)."""
+        self.syncs.append(bool(sync))
         plain = {tp: offset for tp, (offset, _) in offsets.items()}
         self.metadata.update({tp: md for tp, (_, md) in offsets.items()})
         self.commits.append(plain)

@@ -13,7 +13,7 @@ from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.loop.checkpoint import Checkpoint
 from girder_upload_stream.assembly.reassembly import Reassembler
 from girder_upload_stream.ledger.processor import StreamProcessor
-from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.shared_types import Outcome
 from girder_upload_stream.loop.runner import StreamRunner
 from tests.unit.fakes import TOPIC, Clock, FakeGroup, Submitter, put_file, run_settings
 

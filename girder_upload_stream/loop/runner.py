@@ -122,6 +122,9 @@ class StreamRunner:
         self.stop = stop or StopSignal()
         self.processor = processor
         self.group = group
+        # Hops before ``group`` (the re-key hop: objects with ``view()``), shown with it
+        # in the progress line and artifact (loop/group_view.py).
+        self.hops: list[Any] = []
         self._submit = submit
         self.side_jobs = side_jobs or []
         self._before_commit = before_commit

@@ -139,6 +139,26 @@ class GroupOffsets:
             return None
         return sum(known) if known else None
 
+    def partition_lags(self) -> dict[int, int | None]:
+        """Partition -> messages between the position and the end (from the last
+        fetch's statistics, no broker round trip); None where unknown."""
+        from confluent_kafka import KafkaException, TopicPartition
+        consumer = self._consumer
+        lags: dict[int, int | None] = {}
+        if consumer is None:
+            return lags
+        try:
+            for tp in consumer.position(consumer.assignment()):
+                key = (tp.topic, tp.partition)
+                position = max(tp.offset, self._read_up_to.get(key, -1),
+                               self._start_at.get(key, -1))
+                high = consumer.get_watermark_offsets(TopicPartition(*key), cached=True)[1]
+                lags[tp.partition] = (max(0, high - position) if position >= 0 and high >= 0
+                                      else None)
+        except KafkaException:
+            return {p: None for _, p in self._owned}
+        return lags
+
     def caught_up(self, timeout: float = 5.0) -> bool:
         """True if the broker answers and every assigned partition has been read to its
         end: what an idle stop needs (a broker that is down is not "no new message")."""

@@ -11,7 +11,8 @@ Pure: the per-partition positions and ends come in (the consumer group reads the
 from librdkafka's cache, no broker round trip), text and table rows go out. A hop is
 anything with a ``view() -> HopView`` method, or a consumer group with
 ``partition_positions()`` (:func:`view_of_group`); :func:`hop_views` collects them from a
-runner's ``hops`` list and its group, the uploading hop last.
+runner: its re-key hop (``runner.rekey``, loop/rekey_hop.py) and its group, the
+uploading hop last.
 """
 
 from __future__ import annotations
@@ -84,11 +85,11 @@ def view_of_group(group: Any, name: str | None = None) -> HopView | None:
 
 
 def hop_views(runner: Any) -> list[HopView]:
-    """Every hop of ``runner``: each of ``runner.hops`` (objects with ``view()``: the
-    re-key hop), then its own group, the one that uploads. Hops that cannot tell now
-    are left out."""
+    """Every hop of ``runner``: its re-key hop (``runner.rekey``, an object with
+    ``view()``; None without ``--rekey_by_file``), then its own group, the one that
+    uploads. Hops that cannot tell now are left out."""
     views: list[HopView] = []
-    for hop in list(getattr(runner, "hops", None) or ()):
+    for hop in [h for h in [getattr(runner, "rekey", None)] if h is not None]:
         try:
             view = hop.view()
         except Exception as exc:  # noqa: BLE001 - informative only

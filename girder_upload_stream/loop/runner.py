@@ -28,11 +28,16 @@ from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, mark_moved
+from girder_upload_stream.loop.rekey_book import purge_floors, raw_message
 
 __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "StopSignal",
            "stop_on_signals"]
 
 logger = logging.getLogger(__name__)
+
+#: With ``--rekey_by_file``, how long a commit round waits for the re-keyed messages'
+#: acknowledgements before it commits no source offset this round.
+REKEY_FLUSH_SECONDS = 2.0
 
 
 class StopSignal:
@@ -117,14 +122,11 @@ class StreamRunner:
                  probe: Callable[[list[FileKey]], ProbeHandle] | None = None,
                  early_outcomes: Callable[[], list[tuple[int, FileOutcome]]] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 stop: StopSignal | None = None) -> None:
+                 stop: StopSignal | None = None, rekey: Any = None) -> None:
         self.settings = settings
         self.stop = stop or StopSignal()
         self.processor = processor
         self.group = group
-        # Hops before ``group`` (the re-key hop: objects with ``view()``), shown with it
-        # in the progress line and artifact (loop/group_view.py).
-        self.hops: list[Any] = []
         self._submit = submit
         self.side_jobs = side_jobs or []
         self._before_commit = before_commit
@@ -143,23 +145,28 @@ class StreamRunner:
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
         self.max_uploads_in_flight = 0
+        #: ``--rekey_by_file``: the first hop (loop/rekey_hop.py), stepped before this
+        #: group (the second hop) polls; None: the group reads the source topic itself.
+        self.rekey = rekey
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
         """Poll once, process, submit, collect and maybe commit; returns messages read."""
+        forwarded = self.rekey.step() if self.rekey is not None else 0
         messages = self.group.poll(self.processor.poll_size(self.settings.poll_batch),
-                                   timeout=0.2)
+                                   timeout=0.02 if forwarded else 0.2)
         if messages:
             startup.mark(startup.FIRST_MESSAGE)
             if self.first_message_at is None:
                 self.first_message_at = time.time()
         for msg in messages:
-            self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
+            self.processor.handle(raw_message(msg) if self.rekey is not None else
+                                  RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))
         for tp, offset in self.processor.offsets.take_seeks().items():
             if self.group.seek(tp, offset):  # over messages done before a restart (rule 8)
                 self.processor.offsets.sought(tp, offset)
-        if messages or not self.group.assignment:
+        if messages or forwarded or not self.group.assignment:
             # Idle time only counts while partitions are assigned (joining can take seconds).
             self._last_message = self._clock()
         for unit in self.processor.take_units():
@@ -263,12 +270,18 @@ class StreamRunner:
            synchronous inside a rebalance callback; what the broker accepted is
            remembered, so it is not committed again."""
         self._last_commit = self._clock()
+        hop1 = self.rekey if tps is None else None  # a revoke of this group's partitions
+        if hop1 is not None and hop1.flush(REKEY_FLUSH_SECONDS):
+            hop1.commit()  # the source offsets of the acknowledged re-keyed messages
         offsets = self.processor.offsets.commit_plan(tps if tps is not None
                                                      else self.group.assignment)
         if offsets and self._durable():
             failpoints.hit("commit.before")
-            self.processor.offsets.committed(self.group.commit(offsets))
+            accepted = self.group.commit(offsets)
+            self.processor.offsets.committed(accepted)
             failpoints.hit("commit.after")
+            if hop1 is not None:  # never below rule 9's retry spans
+                hop1.purge(purge_floors(accepted, self.group.assignment))
 
     def _durable(self) -> bool:
         """Run ``before_commit``: False if it returned False (it logs why itself, e.g.
@@ -322,7 +335,7 @@ class StreamRunner:
             return f"max_runtime_seconds ({limit:g}) reached"
         idle = self.settings.max_idle_seconds
         if (idle is not None and now - self._last_message >= idle and self.processor.idle
-                and not self.busy):
+                and not self.busy and (self.rekey is None or self.rekey.idle())):
             # A broker that did not answer lately, or messages still waiting, is not
             # idleness: the idle time counts from the broker's last problem.
             quiet = getattr(self.group, "quiet_seconds", lambda: float("inf"))()
@@ -373,7 +386,11 @@ class StreamRunner:
             self.commit()
             self._final_ticks()
         finally:
-            self.group.close()
+            try:
+                self.group.close()
+            finally:
+                if self.rekey is not None:
+                    self.rekey.close()  # flush, commit, leave the source's group
         save_error = getattr(self.processor.recorder, "save_error", None)
         if save_error is not None:
             logger.error("the last save of the registries failed (%s): the offsets of "

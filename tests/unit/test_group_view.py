@@ -121,14 +121,15 @@ class _Hop:
         return self._view
 
 
-def test_runner_hops_come_first_then_its_group() -> None:
+def test_the_rekey_hop_comes_first_then_the_group() -> None:
     rekey = HopView("re-key", "t", "g", {0: 4})
-    runner = SimpleNamespace(hops=[_Hop(rekey), _Hop(RuntimeError("not joined")),
-                                   _Hop("not a view")],
-                             group=_group({1: (0, 2)}, "t--g--by-file", "g--by-file"))
+    second = _group({1: (0, 2)}, "t--g--by-file", "g--by-file")
+    runner = SimpleNamespace(rekey=_Hop(rekey), group=second)
     assert hop_views(runner) == [rekey, HopView("by-file", "t--g--by-file", "g--by-file",
                                                 {1: 2})]
-    assert hop_views(SimpleNamespace(group=_group({0: (0, 0)}))) == [
+    for broken in (RuntimeError("not joined"), "not a view"):
+        assert hop_views(SimpleNamespace(rekey=_Hop(broken), group=second))[0].name == "by-file"
+    assert hop_views(SimpleNamespace(rekey=None, group=_group({0: (0, 0)}))) == [
         HopView("source", "t", "g", {0: 0})]
 
 
@@ -172,7 +173,8 @@ def test_the_consumer_group_reads_positions_from_librdkafkas_cache(monkeypatch) 
 def _runner(group, hops=()) -> SimpleNamespace:
     processor = SimpleNamespace(counters=Counters(files_uploaded=2), reassembler=SimpleNamespace(
         in_progress=lambda: []), offsets=SimpleNamespace(pending_count=lambda: 0))
-    return SimpleNamespace(processor=processor, group=group, hops=list(hops), summary=None)
+    return SimpleNamespace(processor=processor, group=group, rekey=hops[0] if hops else None,
+                           summary=None)
 
 
 def test_the_progress_line_ends_with_the_hops() -> None:
@@ -228,3 +230,14 @@ def test_the_progress_artifact_names_this_members_partitions(tmp_path: Path) -> 
     clock.now += A.PROGRESS_INTERVAL_SECONDS
     publisher.tick(runner)
     assert "| source | t | g | 0 | 0 |" in publish.calls[-1].description.splitlines()
+
+
+def test_the_rekey_hop_shows_its_source_partitions() -> None:
+    from girder_upload_stream.loop.rekey_hop import RekeyHop
+    group = _group({0: (3, 9), 1: (-1001, 4)}, "t", "g")
+    group.bind = lambda **callbacks: None
+    hop = RekeyHop(group, producer=None, purger=None, topic="t", group_id="g",
+                   internal_topic="t--g--by-file", partitions=2)
+    assert hop.view() == HopView("re-key", "t", "g", {0: 6, 1: None})
+    group.partition_positions = lambda: 1 / 0  # librdkafka cannot tell: no partitions shown
+    assert hop.view() == HopView("re-key", "t", "g", {})

@@ -147,6 +147,7 @@ class Purger:
         self._settings = settings
         self._admin_client: Any = None
         self.deleted_below: dict[tuple[str, int], int] = {}  # what the broker confirmed
+        self._futures: list[Any] = []
 
     def purge(self, floors: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import TopicPartition
@@ -162,6 +163,14 @@ class Purger:
             return
         for tp, future in futures.items():
             future.add_done_callback(lambda f, tp=tp: self._answered(tp, f))
+        self._futures = [*[f for f in self._futures if not f.done()], *futures.values()]
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the purges sent (at shutdown, before the admin
+        client goes with the process)."""
+        import concurrent.futures
+        if self._futures:
+            concurrent.futures.wait(self._futures, timeout)
 
     def _answered(self, tp: Any, future: Any) -> None:
         try:

@@ -232,6 +232,7 @@ class RekeyHop:
                 self.commit()
         finally:
             self.group.close()
+            self.purger.wait(FLUSH_SECONDS)
             left = self.producer.close()
             if left:
                 logger.warning("%d re-keyed message(s) were not acknowledged at shutdown: "

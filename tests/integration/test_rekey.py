@@ -1,0 +1,230 @@
+"""``--rekey_by_file`` against the real stack (issue 23 §1): two hops, the first
+re-producing the source topic to ``<topic>--<group>--by-file`` keyed by file, the
+second rebuilding whole files from it in the group ``<group>--by-file``.
+
+Files of several chunks (16 KiB chunks) are what one group of several processes could
+not rebuild before; each test checks Girder (every file exactly once) and Kafka (the
+commits of both groups, the internal topic's records)."""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
+from tests.integration.girder_checks import (assert_exactly_once, default_root_path,
+                                             folder_by_path)
+from tests.integration.kafka_checks import (committed_offsets, committed_with_metadata,
+                                            end_offsets, produce_raw)
+from tests.integration.local_files import write_tree
+from tests.integration.programs import (Program, consumer_argv, consumer_env, finish,
+                                        produce_ours, stop_line, wait_for)
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 16 << 10
+RUN_TIMEOUT = 180.0
+#: The runs' timings: commits and purges without the production waits.
+FAST = {"GUS_TIMING_REKEY_PURGE_SECONDS": "0", "GUS_TIMING_SHUTDOWN_GRACE_SECONDS": "5"}
+
+
+def _files(n: int, seed: int) -> dict[str, bytes]:
+    """``n`` files of 2 to 4 chunks of :data:`CHUNK` bytes."""
+    rng = random.Random(seed)
+    return {f"d{i % 3}/f{i:03d}.bin": rng.randbytes(CHUNK * (1 + i % 3) + 1 + i)
+            for i in range(n)}
+
+
+@pytest.fixture
+def rekeyed(kafka_admin):
+    """Factory ``rekeyed(topic, group) -> (internal topic, internal group)``; the
+    internal topics are deleted after the test."""
+    made: list[str] = []
+
+    def factory(topic: str, group: str) -> tuple[str, str]:
+        made.append(internal_topic(topic, group))
+        return made[-1], internal_group(group)
+
+    yield factory
+    if made:
+        kafka_admin.delete_topics(made, operation_timeout=30)
+
+
+def _start(stack_env, prefect_env, programs, tmp_path: Path, topic: str, group: str,
+           collection: str, index: int, *extra: str, max_idle: float = 6) -> Program:
+    argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection,
+                         tmp_path / f"out-{index}", group, "local", max_idle, "--n_threads",
+                         "2", "--rekey_by_file", *extra)
+    program = Program(argv, tmp_path / f"consumer-{index}-{len(programs)}.out", cwd=tmp_path,
+                      env={**consumer_env(stack_env, prefect_env), **FAST},
+                      stdin=subprocess.DEVNULL)
+    programs.append(program)
+    return program
+
+
+def _produce(tmp_path: Path, files: dict[str, bytes], topic: str, bootstrap: str) -> None:
+    write_tree(tmp_path / "tree", files)
+    finish(produce_ours(tmp_path / "tree", topic, bootstrap, tmp_path, chunk_size=CHUNK),
+           "our produce", timeout=120)
+
+
+def _members(kafka_admin, group: str) -> int:
+    """Members of ``group`` that have partitions assigned."""
+    described = kafka_admin.describe_consumer_groups([group])[group].result(timeout=30)
+    return sum(1 for m in described.members
+               if m.assignment is not None and m.assignment.topic_partitions)
+
+
+def _at_end(kafka_admin, bootstrap: str, group: str, topic: str) -> None:
+    ends = end_offsets(bootstrap, topic)
+    committed = committed_offsets(kafka_admin, group, topic)
+    assert {p: committed.get(p, -1) for p in ends} == ends, (group, topic, committed, ends)
+
+
+@pytest.mark.timeout(400)
+def test_two_processes_of_one_group_rebuild_multi_chunk_files_once(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs, kafka_admin, rekeyed):
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    inner, inner_group = rekeyed(topic, group)
+    files = _files(40, 23)
+    started = [_start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                      collection["name"], i, max_idle=10) for i in (1, 2)]
+    # Produced once both processes are members of both groups: each gets a share.
+    wait_for(lambda: _members(kafka_admin, group) == _members(kafka_admin, inner_group) == 2,
+             "both processes in both groups", started[0], timeout=90)
+    _produce(tmp_path, files, topic, bootstrap)
+    assert sum(end_offsets(bootstrap, topic).values()) > len(files) * 2
+    for program in started:
+        assert program.wait(RUN_TIMEOUT) == 0, program.describe()
+    lines = [stop_line(p.output()) for p in started]
+    root_path = default_root_path(collection["name"], topic)
+    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
+                        files, topic, root_path=root_path)
+    assert sum(line["uploaded"] for line in lines) == len(files), lines
+    assert all(line["uploaded"] > 0 for line in lines), lines  # split between them
+    assert all(line["failed"] == 0 for line in lines), lines
+    _at_end(kafka_admin, bootstrap, group, topic)
+    _at_end(kafka_admin, bootstrap, inner_group, inner)
+    # The registries name the source topic (their file names) and list every file once.
+    rows = []
+    for index in (1, 2):
+        path = tmp_path / f"out-{index}" / "LOGS" / f"processed_from_{topic}_by_{group}.csv"
+        with path.open(newline="") as stream:
+            rows += list(csv.DictReader(stream, delimiter=";", quotechar="'"))
+    assert sorted(row["rel_filepath"] for row in rows) == sorted(files), rows
+
+
+@pytest.mark.timeout(300)
+def test_a_hostile_message_goes_through_both_hops_and_is_registered_once(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs, kafka_admin, rekeyed):
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=2), make_group(), make_collection()
+    letters = make_topic(partitions=1)
+    inner, inner_group = rekeyed(topic, group)
+    files = _files(4, 5)
+    _produce(tmp_path, files, topic, bootstrap)
+    [(partition, offset)] = produce_raw(bootstrap, topic, [(b"evil_chunk_1_of_1", b"\xc1junk", 1)])
+    program = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                     collection["name"], 1, "--dead_letter_topic", letters)
+    assert program.wait(RUN_TIMEOUT) == 0, program.describe()
+    assert stop_line(program.output())["uploaded"] == len(files)
+    # Logged once, named by its source coordinates (not the internal topic's).
+    rejected = [line for line in program.output().splitlines() if "not msgpack" in line]
+    assert len(rejected) == 1, rejected
+    assert f"topic='{topic}', partition={partition}, offset={offset}" in rejected[0], rejected
+    # One registry row, named by the source coordinates.
+    in_progress = (tmp_path / "out-1" / "LOGS" /
+                   f"consuming_from_{topic}_in_progress_by_{group}.csv")
+    with in_progress.open(newline="") as stream:
+        failed = [row for row in csv.DictReader(stream, delimiter=";", quotechar="'")
+                  if row["status"] == "failed"]
+    assert [row["rel_filepath"] for row in failed] == [f"message {topic}[{partition}]@{offset}"]
+    extra = Path(f"{in_progress}.extra").read_text()
+    assert f"'offset-{partition}-{offset}'" in extra and "not msgpack" in extra, extra
+    # One dead letter, unchanged (original key), its headers naming the source.
+    from tests.integration.kafka_checks import topic_messages
+    [letter] = topic_messages(bootstrap, letters, make_group(), 1, timeout=30)
+    headers = dict(letter.headers())
+    assert letter.key() == b"evil_chunk_1_of_1" and letter.value() == b"\xc1junk"
+    assert headers["gus.errors.topic"] == topic.encode()
+    assert headers["gus.errors.offset"] == str(offset).encode()
+    assert headers["gus.errors.partition"] == str(partition).encode()
+    _at_end(kafka_admin, bootstrap, group, topic)
+    _at_end(kafka_admin, bootstrap, inner_group, inner)
+
+
+@pytest.mark.timeout(400)
+def test_a_restart_mid_way_loses_nothing_and_uploads_nothing_twice(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs, kafka_admin, rekeyed):
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    inner, inner_group = rekeyed(topic, group)
+    files = _files(40, 31)
+    _produce(tmp_path, files, topic, bootstrap)
+    first = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                   collection["name"], 1, max_idle=60)
+    # Stopped (SIGINT, as Ctrl-C) once some files landed and before all did.
+    wait_for(lambda: "uploaded" in first.output() and
+             sum(o for o in committed_offsets(kafka_admin, inner_group, inner).values()
+                 if o > 0) > 0, "a first commit of the second hop", first, timeout=120)
+    assert first.stop(timeout=60) == 0, first.describe()
+    before = stop_line(first.output())
+    second = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                    collection["name"], 1)
+    assert second.wait(RUN_TIMEOUT) == 0, second.describe()
+    after = stop_line(second.output())
+    root_path = default_root_path(collection["name"], topic)
+    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
+                        files, topic, root_path=root_path)
+    assert before["uploaded"] + after["uploaded"] == len(files), (before, after)
+    _at_end(kafka_admin, bootstrap, group, topic)
+    _at_end(kafka_admin, bootstrap, inner_group, inner)
+
+
+def _low_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-low",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[0]
+                for p in sorted(meta.topics[topic].partitions)}
+    finally:
+        consumer.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_purge_deletes_below_the_commit_but_keeps_a_failed_files_retry_span(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs, kafka_admin, rekeyed):
+    """A file Girder refuses for good (a name it cannot hold) stays in rule 9's retry
+    spans: the internal topic keeps its records, and the records below every other
+    commit are deleted."""
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=1), make_group(), make_collection()
+    inner, inner_group = rekeyed(topic, group)
+    files = _files(6, 3)
+    _produce(tmp_path, files, topic, bootstrap)
+    refused = {"bad/name .txt": b"x" * (2 * CHUNK + 5)}  # Girder refuses a trailing space
+    _produce(tmp_path / "second", refused, topic, bootstrap)
+    files_after = _files(6, 4)
+    files_after = {f"later/{k}": v for k, v in files_after.items()}
+    _produce(tmp_path / "third", files_after, topic, bootstrap)
+    program = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                     collection["name"], 1)
+    assert program.wait(RUN_TIMEOUT) == 0, program.describe()
+    line = stop_line(program.output())
+    committed = committed_with_metadata(kafka_admin, inner_group, inner)
+    [(offset, metadata)] = committed.values()
+    assert ";f=" in metadata, (line, metadata)
+    low = _low_watermarks(bootstrap, inner)[0]
+    assert 0 < low < offset, (low, offset, metadata)
+    assert line["failed"] >= 1, line

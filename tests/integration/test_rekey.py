@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from girder_upload_stream.ledger.commit_metadata import parse_failed
 from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
 from tests.integration.girder_checks import (assert_exactly_once, default_root_path,
                                              folder_by_path)
@@ -55,12 +56,13 @@ def rekeyed(kafka_admin):
 
 
 def _start(stack_env, prefect_env, programs, tmp_path: Path, topic: str, group: str,
-           collection: str, index: int, *extra: str, max_idle: float = 6) -> Program:
+           collection: str, index: int, *extra: str, max_idle: float = 6,
+           env: dict[str, str] | None = None) -> Program:
     argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection,
                          tmp_path / f"out-{index}", group, "local", max_idle, "--n_threads",
                          "2", "--rekey_by_file", *extra)
     program = Program(argv, tmp_path / f"consumer-{index}-{len(programs)}.out", cwd=tmp_path,
-                      env={**consumer_env(stack_env, prefect_env), **FAST},
+                      env={**consumer_env(stack_env, prefect_env), **FAST, **(env or {})},
                       stdin=subprocess.DEVNULL)
     programs.append(program)
     return program
@@ -161,30 +163,32 @@ def test_a_hostile_message_goes_through_both_hops_and_is_registered_once(
 
 
 @pytest.mark.timeout(400)
-def test_a_restart_mid_way_loses_nothing_and_uploads_nothing_twice(
+def test_a_crash_mid_way_then_a_restart_loses_nothing_and_uploads_nothing_twice(
         tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
         girder_client, programs, kafka_admin, rekeyed):
+    """The first run is killed (SIGKILL, by the failpoint ``upload.mid``: a Girder item
+    made, its file not uploaded) once both hops have read part of the topic; a second
+    run of the group finishes: every file once, both groups at the end."""
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
     inner, inner_group = rekeyed(topic, group)
     files = _files(40, 31)
     _produce(tmp_path, files, topic, bootstrap)
     first = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
-                   collection["name"], 1, max_idle=60)
-    # Stopped (SIGINT, as Ctrl-C) once some files landed and before all did.
-    wait_for(lambda: "uploaded" in first.output() and
-             sum(o for o in committed_offsets(kafka_admin, inner_group, inner).values()
-                 if o > 0) > 0, "a first commit of the second hop", first, timeout=120)
-    assert first.stop(timeout=60) == 0, first.describe()
-    before = stop_line(first.output())
+                   collection["name"], 1, "--n_threads", "1",
+                   env={"GUS_FAILPOINTS": "upload.mid=15"})
+    assert first.wait(RUN_TIMEOUT) == -9, first.describe()
     second = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
                     collection["name"], 1)
     assert second.wait(RUN_TIMEOUT) == 0, second.describe()
     after = stop_line(second.output())
+    # Read again: what the first run had not committed on either hop (the first hop's
+    # copies made again are duplicates, or second productions Girder skips).
+    assert 0 < after["messages"] and after["failed"] == 0, after
+    assert 0 < after["uploaded"] < len(files), after
     root_path = default_root_path(collection["name"], topic)
     assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
                         files, topic, root_path=root_path)
-    assert before["uploaded"] + after["uploaded"] == len(files), (before, after)
     _at_end(kafka_admin, bootstrap, group, topic)
     _at_end(kafka_admin, bootstrap, inner_group, inner)
 
@@ -205,26 +209,52 @@ def _low_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
 def test_the_purge_deletes_below_the_commit_but_keeps_a_failed_files_retry_span(
         tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
         girder_client, programs, kafka_admin, rekeyed):
-    """A file Girder refuses for good (a name it cannot hold) stays in rule 9's retry
-    spans: the internal topic keeps its records, and the records below every other
-    commit are deleted."""
+    """A file Girder refuses for good (a folder holds its name) is in rule 9's retry
+    spans, below the second hop's commit: the internal topic's records below the commit
+    are deleted, but not that file's."""
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group, collection = make_topic(partitions=1), make_group(), make_collection()
     inner, inner_group = rekeyed(topic, group)
-    files = _files(6, 3)
-    _produce(tmp_path, files, topic, bootstrap)
-    refused = {"bad/name .txt": b"x" * (2 * CHUNK + 5)}  # Girder refuses a trailing space
-    _produce(tmp_path / "second", refused, topic, bootstrap)
-    files_after = _files(6, 4)
-    files_after = {f"later/{k}": v for k, v in files_after.items()}
-    _produce(tmp_path / "third", files_after, topic, bootstrap)
+    top = girder_client.createFolder(collection["_id"], collection["name"],
+                                     parentType="collection")
+    root = girder_client.createFolder(top["_id"], topic)
+    girder_client.createFolder(root["_id"], "taken.bin")  # the file's name, as a folder
+    _produce(tmp_path / "a", _files(6, 3), topic, bootstrap)
+    _produce(tmp_path / "b", {"taken.bin": b"x" * (2 * CHUNK + 5)}, topic, bootstrap)
+    _produce(tmp_path / "c", {f"later/{k}": v for k, v in _files(6, 4).items()}, topic,
+             bootstrap)
     program = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
                      collection["name"], 1)
     assert program.wait(RUN_TIMEOUT) == 0, program.describe()
     line = stop_line(program.output())
-    committed = committed_with_metadata(kafka_admin, inner_group, inner)
-    [(offset, metadata)] = committed.values()
-    assert ";f=" in metadata, (line, metadata)
+    assert line["failed"] == 1 and line["uploaded"] == 12, line
+    [(offset, metadata)] = committed_with_metadata(kafka_admin, inner_group, inner).values()
+    retry = parse_failed(metadata)
+    assert retry, (line, metadata)
+    assert offset == end_offsets(bootstrap, inner)[0], (offset, metadata)
+    # The records of the 6 files before it are gone, the failed file's are kept.
     low = _low_watermarks(bootstrap, inner)[0]
-    assert 0 < low < offset, (low, offset, metadata)
-    assert line["failed"] >= 1, line
+    assert 6 * 2 <= low == retry[0][0] < offset, (low, retry, offset)
+
+
+@pytest.mark.timeout(120)
+def test_rekey_by_file_is_refused_with_a_kafkacrypto_config(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        kafka_admin):
+    """One line, exit status 2, before anything is made: no internal topic, no commit."""
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=2), make_group(), make_collection()
+    config = tmp_path / "crypto.config"
+    config.write_text(f"[broker]\nbootstrap.servers = {bootstrap}\n\n"
+                      "[kafkacrypto]\nnode_id = some-node\n")
+    argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"],
+                         tmp_path / "out", group, config, 5, "--rekey_by_file")
+    done = subprocess.run(argv, cwd=tmp_path, env=consumer_env(stack_env, prefect_env),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=90)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    [line] = [text for text in done.stderr.splitlines() if text.startswith("error:")]
+    assert "--rekey_by_file cannot be used with a KafkaCrypto config" in line, done.stderr
+    assert internal_topic(topic, group) not in kafka_admin.list_topics(timeout=10).topics
+    assert committed_offsets(kafka_admin, group, topic) == {}

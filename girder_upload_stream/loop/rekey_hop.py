@@ -202,8 +202,11 @@ class RekeyHop:
 
     # -- life cycle --------------------------------------------------------------------
     def idle(self) -> bool:
-        """Nothing waits for an acknowledgement and the source topic is read to its end."""
-        return not self._sent and not self._backlog and self.group.caught_up()
+        """Nothing waits for an acknowledgement and the source topic is read to its end
+        (a member given no partition of it has nothing to read)."""
+        if self._sent or self._backlog:
+            return False
+        return not self.group.assignment or self.group.caught_up()
 
     def on_revoke(self, tps: list[TopicPartition]) -> None:
         """Before partitions go: flush, commit what is acknowledged (synchronously: this

@@ -9,6 +9,7 @@ commits of both groups, the internal topic's records)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from girder_upload_stream.ledger.commit_metadata import parse_failed
+from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
 from tests.integration.girder_checks import (assert_exactly_once, default_root_path,
                                              folder_by_path)
@@ -133,6 +135,11 @@ def test_a_hostile_message_goes_through_both_hops_and_is_registered_once(
     files = _files(4, 5)
     _produce(tmp_path, files, topic, bootstrap)
     [(partition, offset)] = produce_raw(bootstrap, topic, [(b"evil_chunk_1_of_1", b"\xc1junk", 1)])
+    # A file whose chunks do not add up to its sha512: rejected whole (its dead letters
+    # are read again by offset, from the internal topic).
+    wrong = [encode_chunk(dataclasses.replace(chunk, file_hash=bytes(64)))
+             for chunk in chunk_file(b"y" * (2 * CHUNK + 3), "", CHUNK, filename="bad.bin")]
+    bad_at = produce_raw(bootstrap, topic, [(key, value, 0) for key, value in wrong])
     program = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
                      collection["name"], 1, "--dead_letter_topic", letters)
     assert program.wait(RUN_TIMEOUT) == 0, program.describe()
@@ -152,12 +159,19 @@ def test_a_hostile_message_goes_through_both_hops_and_is_registered_once(
     assert f"'offset-{partition}-{offset}'" in extra and "not msgpack" in extra, extra
     # One dead letter, unchanged (original key), its headers naming the source.
     from tests.integration.kafka_checks import topic_messages
-    [letter] = topic_messages(bootstrap, letters, make_group(), 1, timeout=30)
+    found = topic_messages(bootstrap, letters, make_group(), 1 + len(wrong), timeout=30)
+    [letter] = [m for m in found if m.value() == b"\xc1junk"]
     headers = dict(letter.headers())
     assert letter.key() == b"evil_chunk_1_of_1" and letter.value() == b"\xc1junk"
     assert headers["gus.errors.topic"] == topic.encode()
     assert headers["gus.errors.offset"] == str(offset).encode()
     assert headers["gus.errors.partition"] == str(partition).encode()
+    file_letters = sorted((dict(m.headers())["gus.errors.topic"].decode(),
+                           int(dict(m.headers())["gus.errors.partition"]),
+                           int(dict(m.headers())["gus.errors.offset"]), m.key())
+                          for m in found if m.value() != b"\xc1junk")
+    assert file_letters == sorted((topic, p, o, key.encode())
+                                  for (p, o), (key, _) in zip(bad_at, wrong)), file_letters
     _at_end(kafka_admin, bootstrap, group, topic)
     _at_end(kafka_admin, bootstrap, inner_group, inner)
 

@@ -368,3 +368,23 @@ def test_kafkacrypto_configs_are_refused(tmp_path, rekey_section, flag):
     assert str(refused.value).startswith(REKEY_CRYPTO_REFUSED[:40])
     assert "\n" not in str(refused.value)
     assert rekey_wanted(_config(tmp_path, "[kafkacrypto]\nnode_id = n\n"), False) is False
+
+
+# -- dead letters of a rejected file, read again from the internal topic -------------------
+def test_a_rejected_files_dead_letters_name_the_source_and_carry_the_original_key():
+    from tests.unit.test_dead_letter import FakeFetch, FakeProducer
+    from girder_upload_stream.loop.dead_letter import HEADERS, DeadLetters
+    internal = {("inner", 0, 5): (b"x/a.bin\x00ff", b"v1", origin_headers(T, 2, 40, b"a_1")),
+                ("inner", 0, 6): (b"plain", b"v2", None)}
+    producer = FakeProducer()
+    letters = DeadLetters(producer, FakeFetch(internal), "g")
+    letters.offsets([(("inner", 0), 5), (("inner", 0), 6)], "mismatched hash", "file_rejected",
+                    "x/a.bin")
+    assert letters.settle() is True
+    sent = {value: (key, headers) for _, key, value, headers in producer.sent}
+    key, headers = sent[b"v1"]
+    assert key == b"a_1"
+    assert (headers[HEADERS["topic"]], headers[HEADERS["partition"]],
+            headers[HEADERS["offset"]]) == (T, "2", "40")
+    key, headers = sent[b"v2"]  # no origin: where it was read
+    assert key == b"plain" and headers[HEADERS["topic"]] == "inner"

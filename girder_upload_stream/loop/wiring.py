@@ -171,9 +171,13 @@ def rekey_plan(config: str, kafka: KafkaSettings) -> RekeyPlan:
     from girder_upload_stream.kafka.rekey import DEFAULT_RETENTION_MS
     from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
     _, retention_ms, producer = load_config(resolve_config_path(config)).rekey_settings()
-    return RekeyPlan(kafka.topic, kafka.group_id, internal_topic(kafka.topic, kafka.group_id),
-                     internal_group(kafka.group_id), retention_ms or DEFAULT_RETENTION_MS,
-                     producer)
+    inner = internal_topic(kafka.topic, kafka.group_id)
+    if len(inner) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", inner):
+        raise ConfigError(f"--rekey_by_file: the consumer group id {kafka.group_id!r} cannot "
+                          f"name the internal topic (Kafka topic names are at most 249 "
+                          f"characters of letters, digits, '.', '_' and '-')")
+    return RekeyPlan(kafka.topic, kafka.group_id, inner, internal_group(kafka.group_id),
+                     retention_ms or DEFAULT_RETENTION_MS, producer)
 
 
 def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, Any]:

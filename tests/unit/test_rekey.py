@@ -388,3 +388,15 @@ def test_a_rejected_files_dead_letters_name_the_source_and_carry_the_original_ke
             headers[HEADERS["offset"]]) == (T, "2", "40")
     key, headers = sent[b"v2"]  # no origin: where it was read
     assert key == b"plain" and headers[HEADERS["topic"]] == "inner"
+
+
+def test_a_group_id_that_cannot_name_a_topic_is_refused_at_start(tmp_path):
+    from girder_upload_stream.loop.wiring import rekey_plan
+    from girder_upload_stream.settings import KafkaSettings
+    config = _config(tmp_path, "[rekey_by_file]\nretention.ms = 1000\n")
+    plan = rekey_plan(config, KafkaSettings(topic=T, group_id="g.1", consumer={}))
+    assert (plan.internal_topic, plan.internal_group, plan.retention_ms) == (
+        f"{T}--g.1--by-file", "g.1--by-file", 1000)
+    assert "localhost:9092" not in repr(plan)  # the producer's settings stay out of repr
+    with pytest.raises(ConfigError, match="cannot name the internal topic"):
+        rekey_plan(config, KafkaSettings(topic=T, group_id="my group", consumer={}))

@@ -34,7 +34,7 @@ HEADER_ROOM = 64 << 10
 #: The internal topic's retention when the config file sets none: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 #: The producer's local queue (KiB): a full queue stops the hop's polling for a round.
-QUEUE_KBYTES = 64 << 10
+QUEUE_KBYTES = 32 << 10
 #: The broker's default ``max.message.bytes`` (when the source's cannot be read).
 BROKER_DEFAULT_MAX_BYTES = 1048588
 

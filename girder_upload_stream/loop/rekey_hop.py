@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 #: Re-produced messages waiting for the broker's acknowledgement, at most.
 MAX_IN_FLIGHT = 5000
 #: Their bytes, at most.
-MAX_IN_FLIGHT_BYTES = 64 << 20
+MAX_IN_FLIGHT_BYTES = 32 << 20
 #: How long a commit round waits for the acknowledgements (then commits nothing).
 FLUSH_SECONDS = 5.0
 

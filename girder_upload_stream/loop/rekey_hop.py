@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 5000
 #: Their bytes, at most.
 MAX_IN_FLIGHT_BYTES = 32 << 20
-#: How long a commit round waits for the acknowledgements (then commits nothing).
-FLUSH_SECONDS = 5.0
+#: How long a commit round (or a revoke) waits for the acknowledgements; short of them,
+#: no source offset is committed that round.
+FLUSH_SECONDS = 2.0
 
 TopicPartition = tuple[str, int]
 

@@ -99,7 +99,7 @@ class RekeyHop:
         self._tokens = itertools.count()
         self._bytes = 0
         self._failing = False
-        self._last_purge = float("-inf")
+        self._last_purge = clock()  # the first purge comes one period after the start
         self._purged: dict[TopicPartition, int] = {}
         self.forwarded = 0  # acknowledged by the broker, since start
         self.failed_deliveries = 0

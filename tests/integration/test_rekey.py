@@ -141,7 +141,8 @@ def test_a_hostile_message_goes_through_both_hops_and_is_registered_once(
              for chunk in chunk_file(b"y" * (2 * CHUNK + 3), "", CHUNK, filename="bad.bin")]
     bad_at = produce_raw(bootstrap, topic, [(key, value, 0) for key, value in wrong])
     program = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
-                     collection["name"], 1, "--dead_letter_topic", letters)
+                     collection["name"], 1, "--dead_letter_topic", letters,
+                     env={"GUS_TIMING_REKEY_PURGE_SECONDS": "3600"})  # copies kept
     assert program.wait(RUN_TIMEOUT) == 0, program.describe()
     assert stop_line(program.output())["uploaded"] == len(files)
     # Logged once, named by its source coordinates (not the internal topic's).
@@ -174,6 +175,30 @@ def test_a_hostile_message_goes_through_both_hops_and_is_registered_once(
                                   for (p, o), (key, _) in zip(bad_at, wrong)), file_letters
     _at_end(kafka_admin, bootstrap, group, topic)
     _at_end(kafka_admin, bootstrap, inner_group, inner)
+    _assert_copies(bootstrap, topic, inner, make_group)
+
+
+def _assert_copies(bootstrap: str, topic: str, inner: str, make_group) -> None:
+    """The internal topic holds each source message once, its value unchanged, with
+    the origin headers and nothing else; all chunks of a file in one partition."""
+    from tests.integration.kafka_checks import topic_messages
+    n = sum(end_offsets(bootstrap, topic).values())
+    source = {(m.partition(), m.offset()): m for m in
+              topic_messages(bootstrap, topic, make_group(), n, timeout=30)}
+    copies = topic_messages(bootstrap, inner, make_group(), n, timeout=30)
+    assert len(copies) == n == len(source)
+    where: dict[bytes, set[int]] = {}
+    for copy in copies:
+        headers = dict(copy.headers())
+        original = source[(int(headers["gus.source.partition"]),
+                           int(headers["gus.source.offset"]))]
+        assert headers["gus.source.topic"] == topic.encode()
+        assert copy.value() == original.value()
+        assert headers.get("gus.source.key") == original.key()
+        assert set(headers) <= {"gus.source.topic", "gus.source.partition",
+                                "gus.source.offset", "gus.source.key"}, headers
+        where.setdefault(copy.key(), set()).add(copy.partition())
+    assert all(len(partitions) == 1 for partitions in where.values()), where
 
 
 @pytest.mark.timeout(400)

@@ -312,12 +312,14 @@ def test_the_purge_is_rate_limited_and_only_moves_forward():
     hop = RekeyHop(_Group([]), _Producer(), _Purger(), topic=T, group_id="g",
                    internal_topic="inner", partitions=4, clock=lambda: now[0])
     with timings.overridden(rekey_purge_seconds=30.0):
+        hop.purge({("inner", 0): 5})  # not in the first period of the run
+        now[0] = 30.0
         hop.purge({("inner", 0): 10})
-        now[0] = 10.0
+        now[0] = 40.0
         hop.purge({("inner", 0): 20})  # too soon
-        now[0] = 31.0
+        now[0] = 61.0
         hop.purge({("inner", 0): 10, ("inner", 1): 4})  # only partition 1 moved
-        now[0] = 70.0
+        now[0] = 100.0
         hop.purge({("inner", 0): 9})  # never backwards
     assert hop.purger.calls == [{("inner", 0): 10}, {("inner", 1): 4}]
 

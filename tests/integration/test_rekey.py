@@ -232,6 +232,42 @@ def test_a_crash_mid_way_then_a_restart_loses_nothing_and_uploads_nothing_twice(
     _at_end(kafka_admin, bootstrap, inner_group, inner)
 
 
+@pytest.mark.timeout(400)
+def test_a_graceful_stop_mid_way_commits_both_hops_and_a_restart_finishes_once(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs, kafka_admin, rekeyed):
+    """--max_runtime_seconds stops both hops mid-way: the first hop's copies are flushed
+    and its source offsets committed at shutdown; the restart reads only what was left
+    and uploads each file once (none twice, none skipped as already there)."""
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    inner, inner_group = rekeyed(topic, group)
+    files = _files(400, 37)
+    _produce(tmp_path, files, topic, bootstrap)
+    first = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                   collection["name"], 1, "--max_runtime_seconds", "3", "--n_threads", "1",
+                   "--max_parallel_uploads", "1")
+    assert first.wait(RUN_TIMEOUT) == 0, first.describe()
+    before = stop_line(first.output())
+    assert before["reason"].startswith("max_runtime_seconds") and \
+        0 < before["uploaded"] < len(files), before
+    # What the first hop read is on the internal topic, and committed at the source.
+    forwarded = sum(end_offsets(bootstrap, inner).values())
+    assert sum(max(o, 0) for o in committed_offsets(kafka_admin, group, topic).values()) \
+        == forwarded > 0
+    second = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                    collection["name"], 1)
+    assert second.wait(RUN_TIMEOUT) == 0, second.describe()
+    after = stop_line(second.output())
+    assert before["uploaded"] + after["uploaded"] == len(files), (before, after)
+    assert after["skipped"] == 0 and after["failed"] == 0, after
+    root_path = default_root_path(collection["name"], topic)
+    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
+                        files, topic, root_path=root_path)
+    _at_end(kafka_admin, bootstrap, group, topic)
+    _at_end(kafka_admin, bootstrap, inner_group, inner)
+
+
 def _low_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
     from confluent_kafka import Consumer, TopicPartition
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-low",

@@ -98,6 +98,7 @@ class RekeyHop:
         self._backlog: list[_Copy] = []  # read, not queued yet (queue full, or to resend)
         self._tokens = itertools.count()
         self._bytes = 0
+        self._read, self._read_bytes = 0, 0  # messages read and their bytes, since start
         self._failing = False
         self._last_purge = clock()  # the first purge comes one period after the start
         self._purged: dict[TopicPartition, int] = {}
@@ -112,16 +113,28 @@ class RekeyHop:
         self.producer.poll()
         self._drain_backlog()
         self.group.pause(self.blocked)
-        messages = self.group.poll(self.poll_batch, timeout=0)
+        messages = self.group.poll(self._room(), timeout=0)
         for msg in messages:
             tp = (msg.topic(), msg.partition())
             key, value = msg.key(), msg.value()
+            self._read += 1
+            self._read_bytes += len(value or b"")
             internal_key, partition = route(value, key, tp[1], self.partitions)
             self.book.read(tp, msg.offset())
             self._backlog.append(_Copy(tp, msg.offset(), internal_key, value, partition,
                                        origin_headers(tp[0], tp[1], msg.offset(), key)))
         self._drain_backlog()
         return len(messages)
+
+    def _room(self) -> int:
+        """Messages one poll may take: ``poll_batch``, fewer when they are large, so
+        that what waits for its acknowledgement stays near :data:`MAX_IN_FLIGHT_BYTES`
+        (a poll while paused returns nothing: it serves the group's callbacks)."""
+        if not self._read:
+            return self.poll_batch
+        average = max(1.0, self._read_bytes / self._read)
+        free = MAX_IN_FLIGHT_BYTES - self._bytes
+        return max(1, min(self.poll_batch, int(free // average)))
 
     @property
     def blocked(self) -> bool:

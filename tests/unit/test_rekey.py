@@ -402,3 +402,14 @@ def test_a_group_id_that_cannot_name_a_topic_is_refused_at_start(tmp_path):
     assert "localhost:9092" not in repr(plan)  # the producer's settings stay out of repr
     with pytest.raises(ConfigError, match="cannot name the internal topic"):
         rekey_plan(config, KafkaSettings(topic=T, group_id="my group", consumer={}))
+
+
+def test_a_poll_takes_no_more_large_messages_than_the_in_flight_bytes_allow():
+    big = b"v" * (4 << 20)
+    hop, group, producer = _hop([[_Msg(T, 0, 0, b"k", big)]])
+    asked = []
+    poll = group.poll
+    group.poll = lambda n, timeout: asked.append(n) or poll(n, timeout)
+    hop.step()
+    hop.step()
+    assert asked == [500, 6]  # 32 MiB less the 4 MiB (and its key) in flight, by 4 MiB

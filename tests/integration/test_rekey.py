@@ -83,6 +83,13 @@ def _members(kafka_admin, group: str) -> int:
                if m.assignment is not None and m.assignment.topic_partitions)
 
 
+def _configs(kafka_admin, topic: str) -> dict[str, str]:
+    from confluent_kafka.admin import ConfigResource, ResourceType
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    entries = kafka_admin.describe_configs([resource])[resource].result(timeout=30)
+    return {name: entry.value for name, entry in entries.items()}
+
+
 def _at_end(kafka_admin, bootstrap: str, group: str, topic: str) -> None:
     ends = end_offsets(bootstrap, topic)
     committed = committed_offsets(kafka_admin, group, topic)
@@ -115,6 +122,13 @@ def test_two_processes_of_one_group_rebuild_multi_chunk_files_once(
     assert all(line["failed"] == 0 for line in lines), lines
     _at_end(kafka_admin, bootstrap, group, topic)
     _at_end(kafka_admin, bootstrap, inner_group, inner)
+    # The internal topic, as made: the source's shape, room for the headers, a retention.
+    source_config, inner_config = _configs(kafka_admin, topic), _configs(kafka_admin, inner)
+    assert len(end_offsets(bootstrap, inner)) == 4
+    assert inner_config["cleanup.policy"] == "delete"
+    assert inner_config["retention.ms"] == str(7 * 24 * 3600 * 1000)
+    assert int(inner_config["max.message.bytes"]) == \
+        int(source_config["max.message.bytes"]) + (64 << 10)
     # The registries name the source topic (their file names) and list every file once.
     rows = []
     for index in (1, 2):

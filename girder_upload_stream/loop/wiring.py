@@ -145,6 +145,13 @@ class RekeyPlan:
     producer: dict[str, str] = field(repr=False)  # may hold SASL/SSL passwords
 
 
+#: The first hop's fetches: small per partition, so that the partitions of the source
+#: interleave finely on the internal topic (a file's chunks, spread over every source
+#: partition, then arrive close together for the second hop, which holds fewer files in
+#: progress), and a small prefetch beside the second hop's (memory_plan.py).
+FIRST_HOP_FETCH = {"fetch.message.max.bytes": str(1 << 20),
+                   "queued.max.messages.kbytes": str(16 << 10)}
+
 #: Why the option is refused on encrypted topics (one line, exit status 2).
 REKEY_CRYPTO_REFUSED = (
     "--rekey_by_file cannot be used with a KafkaCrypto config ([kafkacrypto] section): "
@@ -190,7 +197,7 @@ def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, A
                                                   plan.internal_topic, plan.retention_ms)
     second = ConsumerGroup({**kafka.consumer, "group.id": plan.internal_group},
                            plan.internal_topic)
-    first = ConsumerGroup(kafka.consumer, plan.topic)
+    first = ConsumerGroup({**kafka.consumer, **FIRST_HOP_FETCH}, plan.topic)
     try:
         second.connect()
         first.connect()

@@ -34,7 +34,7 @@ HEADER_ROOM = 64 << 10
 #: The internal topic's retention when the config file sets none: 7 days.
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 #: The producer's local queue (KiB): a full queue stops the hop's polling for a round.
-QUEUE_KBYTES = 64 << 10
+QUEUE_KBYTES = 32 << 10
 #: The broker's default ``max.message.bytes`` (when the source's cannot be read).
 BROKER_DEFAULT_MAX_BYTES = 1048588
 
@@ -147,6 +147,7 @@ class Purger:
         self._settings = settings
         self._admin_client: Any = None
         self.deleted_below: dict[tuple[str, int], int] = {}  # what the broker confirmed
+        self._futures: list[Any] = []
 
     def purge(self, floors: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import TopicPartition
@@ -162,6 +163,14 @@ class Purger:
             return
         for tp, future in futures.items():
             future.add_done_callback(lambda f, tp=tp: self._answered(tp, f))
+        self._futures = [*[f for f in self._futures if not f.done()], *futures.values()]
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the purges sent (at shutdown, before the admin
+        client goes with the process)."""
+        import concurrent.futures
+        if self._futures:
+            concurrent.futures.wait(self._futures, timeout)
 
     def _answered(self, tp: Any, future: Any) -> None:
         try:

@@ -57,9 +57,10 @@ logger = logging.getLogger(__name__)
 #: Re-produced messages waiting for the broker's acknowledgement, at most.
 MAX_IN_FLIGHT = 5000
 #: Their bytes, at most.
-MAX_IN_FLIGHT_BYTES = 64 << 20
-#: How long a commit round waits for the acknowledgements (then commits nothing).
-FLUSH_SECONDS = 5.0
+MAX_IN_FLIGHT_BYTES = 32 << 20
+#: How long a commit round (or a revoke) waits for the acknowledgements; short of them,
+#: no source offset is committed that round.
+FLUSH_SECONDS = 2.0
 
 TopicPartition = tuple[str, int]
 
@@ -98,8 +99,9 @@ class RekeyHop:
         self._backlog: list[_Copy] = []  # read, not queued yet (queue full, or to resend)
         self._tokens = itertools.count()
         self._bytes = 0
+        self._read, self._read_bytes = 0, 0  # messages read and their bytes, since start
         self._failing = False
-        self._last_purge = float("-inf")
+        self._last_purge = clock()  # the first purge comes one period after the start
         self._purged: dict[TopicPartition, int] = {}
         self.forwarded = 0  # acknowledged by the broker, since start
         self.failed_deliveries = 0
@@ -112,16 +114,28 @@ class RekeyHop:
         self.producer.poll()
         self._drain_backlog()
         self.group.pause(self.blocked)
-        messages = self.group.poll(self.poll_batch, timeout=0)
+        messages = self.group.poll(self._room(), timeout=0)
         for msg in messages:
             tp = (msg.topic(), msg.partition())
             key, value = msg.key(), msg.value()
+            self._read += 1
+            self._read_bytes += len(value or b"")
             internal_key, partition = route(value, key, tp[1], self.partitions)
             self.book.read(tp, msg.offset())
             self._backlog.append(_Copy(tp, msg.offset(), internal_key, value, partition,
                                        origin_headers(tp[0], tp[1], msg.offset(), key)))
         self._drain_backlog()
         return len(messages)
+
+    def _room(self) -> int:
+        """Messages one poll may take: ``poll_batch``, fewer when they are large, so
+        that what waits for its acknowledgement stays near :data:`MAX_IN_FLIGHT_BYTES`
+        (a poll while paused returns nothing: it serves the group's callbacks)."""
+        if not self._read:
+            return self.poll_batch
+        average = max(1.0, self._read_bytes / self._read)
+        free = MAX_IN_FLIGHT_BYTES - self._bytes
+        return max(1, min(self.poll_batch, int(free // average)))
 
     @property
     def blocked(self) -> bool:
@@ -203,8 +217,11 @@ class RekeyHop:
 
     # -- life cycle --------------------------------------------------------------------
     def idle(self) -> bool:
-        """Nothing waits for an acknowledgement and the source topic is read to its end."""
-        return not self._sent and not self._backlog and self.group.caught_up()
+        """Nothing waits for an acknowledgement and the source topic is read to its end
+        (a member given no partition of it has nothing to read)."""
+        if self._sent or self._backlog:
+            return False
+        return not self.group.assignment or self.group.caught_up()
 
     def on_revoke(self, tps: list[TopicPartition]) -> None:
         """Before partitions go: flush, commit what is acknowledged (synchronously: this
@@ -233,6 +250,7 @@ class RekeyHop:
                 self.commit()
         finally:
             self.group.close()
+            self.purger.wait(FLUSH_SECONDS)
             left = self.producer.close()
             if left:
                 logger.warning("%d re-keyed message(s) were not acknowledged at shutdown: "

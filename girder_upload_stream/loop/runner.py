@@ -35,10 +35,6 @@ __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner
 
 logger = logging.getLogger(__name__)
 
-#: With ``--rekey_by_file``, how long a commit round waits for the re-keyed messages'
-#: acknowledgements before it commits no source offset this round.
-REKEY_FLUSH_SECONDS = 2.0
-
 
 class StopSignal:
     """One run's stop request: set by its signal handlers, its console's "quit" or its
@@ -268,10 +264,15 @@ class StreamRunner:
         4. the commit itself: asynchronous from the loop (the broker's answer reaches
            the tracker a round later, see :mod:`girder_upload_stream.kafka.commits`),
            synchronous inside a rebalance callback; what the broker accepted is
-           remembered, so it is not committed again."""
+           remembered, so it is not committed again.
+
+        With ``--rekey_by_file`` (loop/rekey_hop.py) the first hop comes first: its copies
+        flushed, then the source offsets below which all are acknowledged committed (none
+        this round if the flush falls short); and last, the internal topic is purged
+        below what the broker accepted (never below rule 9's retry spans)."""
         self._last_commit = self._clock()
         hop1 = self.rekey if tps is None else None  # a revoke of this group's partitions
-        if hop1 is not None and hop1.flush(REKEY_FLUSH_SECONDS):
+        if hop1 is not None and hop1.flush():
             hop1.commit()  # the source offsets of the acknowledged re-keyed messages
         offsets = self.processor.offsets.commit_plan(tps if tps is not None
                                                      else self.group.assignment)

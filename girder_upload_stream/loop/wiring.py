@@ -145,6 +145,13 @@ class RekeyPlan:
     producer: dict[str, str] = field(repr=False)  # may hold SASL/SSL passwords
 
 
+#: The first hop's fetches: small per partition, so that the partitions of the source
+#: interleave finely on the internal topic (a file's chunks, spread over every source
+#: partition, then arrive close together for the second hop, which holds fewer files in
+#: progress), and a small prefetch beside the second hop's (memory_plan.py).
+FIRST_HOP_FETCH = {"fetch.message.max.bytes": str(1 << 20),
+                   "queued.max.messages.kbytes": str(16 << 10)}
+
 #: Why the option is refused on encrypted topics (one line, exit status 2).
 REKEY_CRYPTO_REFUSED = (
     "--rekey_by_file cannot be used with a KafkaCrypto config ([kafkacrypto] section): "
@@ -171,9 +178,13 @@ def rekey_plan(config: str, kafka: KafkaSettings) -> RekeyPlan:
     from girder_upload_stream.kafka.rekey import DEFAULT_RETENTION_MS
     from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
     _, retention_ms, producer = load_config(resolve_config_path(config)).rekey_settings()
-    return RekeyPlan(kafka.topic, kafka.group_id, internal_topic(kafka.topic, kafka.group_id),
-                     internal_group(kafka.group_id), retention_ms or DEFAULT_RETENTION_MS,
-                     producer)
+    inner = internal_topic(kafka.topic, kafka.group_id)
+    if len(inner) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", inner):
+        raise ConfigError(f"--rekey_by_file: the consumer group id {kafka.group_id!r} cannot "
+                          f"name the internal topic (Kafka topic names are at most 249 "
+                          f"characters of letters, digits, '.', '_' and '-')")
+    return RekeyPlan(kafka.topic, kafka.group_id, inner, internal_group(kafka.group_id),
+                     retention_ms or DEFAULT_RETENTION_MS, producer)
 
 
 def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, Any]:
@@ -186,7 +197,7 @@ def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, A
                                                   plan.internal_topic, plan.retention_ms)
     second = ConsumerGroup({**kafka.consumer, "group.id": plan.internal_group},
                            plan.internal_topic)
-    first = ConsumerGroup(kafka.consumer, plan.topic)
+    first = ConsumerGroup({**kafka.consumer, **FIRST_HOP_FETCH}, plan.topic)
     try:
         second.connect()
         first.connect()

@@ -105,9 +105,12 @@ def topic_log_bytes(topic: str) -> int | None:
 
 
 def _specs(n: int) -> list[Spec]:
+    """Ours without the option, with it in 1, 2 and 4 processes; then the girder-client
+    limit with as many upload threads as 1 and 4 processes of ours (the files straight
+    from disk, no Kafka: what the same Girder takes at best)."""
     plain = Spec("ours", n, prefect_server=False)
-    return [plain] + [Spec("ours", n, prefect_server=False, rekey=True, processes=k)
-                      for k in (1, 2, 4)]
+    return ([plain] + [Spec("ours", n, prefect_server=False, rekey=True, processes=k)
+                       for k in (1, 2, 4)] + [Spec("limit", n), Spec("limit", 4 * n)])
 
 
 def _facts(ctx: Context, spec: Spec, topic: str, group: str) -> tuple:
@@ -213,6 +216,11 @@ def _run(ctx: Context, specs: list[Spec], data: Dataset, delay: float
                 together = timed_run(ctx.stack, ctx.gc, spec, ctx.work, topic, data,
                                      ctx.timeout_for(data.total_bytes) * 2,
                                      api_url=proxy.url, keep=ctx.keep, group=group)
+            if spec.system == "limit":  # no Kafka: started together only
+                results[("together", spec)].append(together)
+                ctx.log(f"  {spec.label}, {spec.n_threads} threads: {together.seconds:.2f}s "
+                        f"({together.files_s:.2f} files/s)")
+                continue
             joined, joined_topic, joined_group, cpu = joined_run(ctx, spec, data, delay)
             spent[spec].append(cpu)
             runs = [("together", together, topic, group),
@@ -289,6 +297,12 @@ def scenario_scaleout_files(ctx: Context) -> Section:
     for spec in specs:
         runs = results[("together", spec)] + results[("joined", spec)]
         fs = facts[spec]
+        if spec.system == "limit":
+            section.rows.append([f"{spec.label}, {spec.n_threads} threads",
+                                 rate[("together", spec)].show("{:.2f}")] + ["–"] * 5 + [
+                f"{sum(r.missing for r in runs)} / {sum(r.duplicates for r in runs)}"]
+                + ["–"] * 3)
+            continue
         row = [spec.label]
         for mode in ("together", "joined"):
             row += [rate[(mode, spec)].show("{:.2f}"),
@@ -315,8 +329,18 @@ def scenario_scaleout_files(ctx: Context) -> Section:
         f"option: {ratio(rate[('joined', one)], rate[('joined', plain)])} the files/s "
         "without it, and every chunk written twice to the broker."]
     load = os.getloadavg()
+    limit = [rate[("together", spec)] for spec in specs[4:]]
+    section.headline.append(
+        f"The same Girder takes the files from girder-client at {limit[0].median:.1f} files/s "
+        f"with {specs[4].n_threads} threads and {limit[1].median:.1f} with "
+        f"{specs[5].n_threads}: one process of ours reaches "
+        f"{ratio(rate[('joined', one)], limit[1])} of the latter.")
     section.notes = missing_notes({spec: results[("together", spec)] + results[("joined", spec)]
                                    for spec in specs}) + [
+        "The girder-client limit uploads the same files from disk with a thread pool and "
+        "a client per thread, through the same delaying proxy: with 4 processes' worth of "
+        "threads it shows what this Girder (one process on the same two cores) takes at "
+        "most; a group cannot go faster than that, whatever its members."] + [
         f"Measured on a busy machine ({os.cpu_count()} cores shared with Kafka, Girder, "
         "the proxy and other engineers' test runs): to be re-measured. Load average (1, 5, "
         f"15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}."]

@@ -37,13 +37,24 @@ RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
-    """One message as read from Kafka (value may be None for tombstones)."""
+    """One message as read from Kafka (value may be None for tombstones).
+
+    ``origin``: where a message re-keyed by file (``--rekey_by_file``) was first read,
+    ``(topic, partition, offset)`` of the source topic (its ``key`` is then the
+    original key); None for a message read where it was produced. ``topic``,
+    ``partition`` and ``offset`` are always where this consumer read it (its commits)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    origin: tuple[str, int, int] | None = None
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        """Where the message was produced: what logs, registries and dead letters name."""
+        return self.origin or (self.topic, self.partition, self.offset)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,10 @@ class Timings:
         "doc": "at shutdown, how long running uploads may take to finish"})
     commit_patience_seconds: float = field(default=30.0, metadata={
         "doc": "a commit with no answer for this long is sent again"})
+    rekey_purge_seconds: float = field(default=30.0, metadata={
+        "doc": "with --rekey_by_file, how often at most the internal topic's records below "
+               "the second hop's accepted commits are deleted (delete_records; the first time "
+               "this long after the start)"})
     flow_run_start_seconds: float = field(default=120.0, metadata={
         "doc": "a command-line run with a Prefect API consumes while its flow run is "
                "created; a run that ends first waits this long for it (to record its end)"})

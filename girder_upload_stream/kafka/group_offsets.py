@@ -119,18 +119,22 @@ class GroupOffsets:
         fetch's statistics (``timeout`` None: no broker round trip) or from the broker;
         the position is librdkafka's or, while that is unknown (before the first message
         after an assignment), what was read or committed."""
+        return list(self._positions_by_partition(timeout).values())
+
+    def _positions_by_partition(self, timeout: float | None) -> dict[int, tuple[int, int]]:
+        """:meth:`_positions` by partition number (the group reads one topic)."""
         from confluent_kafka import TopicPartition
         consumer = self._consumer
         if consumer is None:
-            return []
-        result = []
+            return {}
+        result = {}
         for tp in consumer.position(consumer.assignment()):
             key = (tp.topic, tp.partition)
             position = max(tp.offset, self._read_up_to.get(key, -1), self._start_at.get(key, -1))
             part = TopicPartition(tp.topic, tp.partition)
             high = (consumer.get_watermark_offsets(part, cached=True) if timeout is None
                     else consumer.get_watermark_offsets(part, timeout=timeout))[1]
-            result.append((position, high))
+            result[tp.partition] = (position, high)
         return result
 
     def lag(self) -> int | None:
@@ -143,6 +147,18 @@ class GroupOffsets:
         except KafkaException:
             return None
         return sum(known) if known else None
+
+    def partition_positions(self) -> dict[int, tuple[int, int]]:
+        """``{partition: (position, high watermark)}`` of every assigned partition (-1
+        where unknown), from librdkafka's cache like :meth:`lag`: no broker round trip;
+        the operator's view of this member (loop/group_view.py). Raises
+        ``KafkaException`` when librdkafka cannot tell."""
+        return self._positions_by_partition(None)
+
+    @property
+    def group_id(self) -> str:
+        """The consumer group's id, as the consumer was configured."""
+        return str(getattr(self, "_settings", {}).get("group.id", ""))
 
     def caught_up(self, timeout: float = 5.0) -> bool:
         """True if the broker answers and every assigned partition has been read to its

@@ -159,13 +159,13 @@ class StreamProcessor(FileLife, Uploading):
         return max(1, min(most, int(target // max(average, 1.0))))
 
     def _decode(self, msg: RawMessage, tp: tuple[str, int]) -> Chunk | None:
+        topic, partition, offset = msg.source  # the source topic's, when re-keyed
         try:
             if msg.key is None:
                 raise ChunkDecodeError("message has no key (OpenMSIStream keys every chunk)",
-                                       topic=msg.topic, partition=msg.partition,
-                                       offset=msg.offset)
-            return decode_chunk(msg.value, msg.key, topic=msg.topic,
-                                partition=msg.partition, offset=msg.offset)
+                                       topic=topic, partition=partition, offset=offset)
+            return decode_chunk(msg.value, msg.key, topic=topic, partition=partition,
+                                offset=offset)
         except ChunkDecodeError as error:
             self._reject_message(msg, error)
             return None
@@ -244,8 +244,9 @@ class StreamProcessor(FileLife, Uploading):
         the message alone is rejected; its file, if any, goes on without it."""
         if result.contested:
             self._contested(result.file_key)
+        topic, partition, offset = msg.source
         self._reject_message(msg, ChunkRefusedError(
-            result.reason, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+            result.reason, topic=topic, partition=partition, offset=offset,
             rel_path=chunk.rel_path))
 
     def _contested(self, key: FileKey) -> None:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from girder_upload_stream import failpoints
 from girder_upload_stream.ledger.offsets import OffsetTracker, TopicPartition
+from girder_upload_stream.loop.rekey_book import purge_floors
 
 __all__ = ["Checkpoint", "CommitGroup", "UpstreamHop", "Plan"]
 
@@ -49,8 +50,10 @@ class UpstreamHop(Protocol):
         """Commit its own consumer's offsets (all of its partitions when ``tps`` is None)."""
 
     def purge(self, accepted: dict[TopicPartition, int]) -> None:
-        """This hop's ``{tp: offset}`` the broker accepted: what it re-produced below
-        them is no longer needed."""
+        """Per partition of this hop, the offset below which what the upstream hop
+        re-produced is needed no more: this hop's commit the broker accepted, lowered to
+        the start of its lowest retry span (offsets rule 9: the next run reads those
+        messages again)."""
 
 
 class Checkpoint:
@@ -81,8 +84,10 @@ class Checkpoint:
        committed), so it is not committed again (a held message decrypted later lies
        below them and holds the next commits like any pending one);
     7. **the upstream purge**: after an accepted commit, every upstream hop hears this
-       hop's accepted offsets of the owned partitions (what it re-produced below them
-       is read by nobody any more).
+       hop's accepted offsets of the owned partitions, each lowered to the start of its
+       lowest retry span (rule 9, read in the commit's metadata:
+       :func:`~girder_upload_stream.loop.rekey_book.purge_floors`): what it re-produced
+       below them is read by nobody any more.
 
     Steps 2-4 run when there is something to commit: a plan, or upstream hops. A
     failure of step 2 or 3 (False, or an exception: logged once per streak) leaves
@@ -184,9 +189,9 @@ class Checkpoint:
                            type(exc).__name__, exc)
 
     def _purge(self, accepted: Plan, owned: list[TopicPartition]) -> None:
-        """Step 7: the upstream hops hear the accepted offsets of owned partitions."""
-        mine = set(owned)
-        offsets = {tp: value[0] for tp, value in accepted.items() if tp in mine}
+        """Step 7: the upstream hops hear the accepted offsets of owned partitions,
+        never above a retry span (rule 9) the commit's metadata names."""
+        offsets = purge_floors(accepted, owned)
         if not offsets:
             return
         for hop in self.upstream:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from girder_upload_stream import failpoints, startup, timings
 from girder_upload_stream.errors import FatalError
@@ -29,9 +29,10 @@ from girder_upload_stream.shared_types import FileOutcome, RawMessage
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
 from girder_upload_stream.ledger.units import UploadUnit, mark_moved
+from girder_upload_stream.loop.rekey_book import raw_message
 
 __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "StopSignal",
-           "stop_on_signals"]
+           "stop_on_signals", "DrivenHop"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,17 @@ class RunSummary:
     max_uploads_in_flight: int = 0
 
 
+@runtime_checkable
+class DrivenHop(UpstreamHop, Protocol):
+    """An upstream hop the loop also drives (the re-key hop): stepped each round before
+    this hop polls, asked whether it is idle, closed at shutdown. Its part of the commit
+    (flush, commit, purge) is the checkpoint's (:class:`UpstreamHop`)."""
+
+    def step(self) -> int: ...
+    def idle(self) -> bool: ...
+    def close(self) -> None: ...
+
+
 class StreamRunner:
     """Drives one :class:`StreamProcessor` from a consumer group until asked to stop."""
 
@@ -144,23 +156,29 @@ class StreamRunner:
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
         self.max_uploads_in_flight = 0
+        #: ``--rekey_by_file``: the first hop (loop/rekey_hop.py), an upstream hop the
+        #: loop also drives (:class:`DrivenHop`: stepped before this group, the second
+        #: hop, polls); None: the group reads the source topic itself.
+        self.rekey = next((hop for hop in upstream if isinstance(hop, DrivenHop)), None)
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
         """Poll once, process, submit, collect and maybe commit; returns messages read."""
+        forwarded = self.rekey.step() if self.rekey is not None else 0
         messages = self.group.poll(self.processor.poll_size(self.settings.poll_batch),
-                                   timeout=0.2)
+                                   timeout=0.02 if forwarded else 0.2)
         if messages:
             startup.mark(startup.FIRST_MESSAGE)
             if self.first_message_at is None:
                 self.first_message_at = time.time()
         for msg in messages:
-            self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
+            self.processor.handle(raw_message(msg) if self.rekey is not None else
+                                  RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))
         for tp, offset in self.processor.offsets.take_seeks().items():
             if self.group.seek(tp, offset):  # over messages done before a restart (rule 8)
                 self.processor.offsets.sought(tp, offset)
-        if messages or not self.group.assignment:
+        if messages or forwarded or not self.group.assignment:
             # Idle time only counts while partitions are assigned (joining can take seconds).
             self._last_message = self._clock()
         for unit in self.processor.take_units():
@@ -243,7 +261,8 @@ class StreamRunner:
             startup.mark(startup.FIRST_FILE)
 
     def commit(self) -> None:
-        """A commit round of the loop: :meth:`Checkpoint.commit`."""
+        """A commit round of the loop: :meth:`Checkpoint.commit` (the upstream hops'
+        flush, commit and purge included)."""
         self._last_commit = self._clock()
         self.checkpoint.commit()
 
@@ -281,7 +300,7 @@ class StreamRunner:
             return f"max_runtime_seconds ({limit:g}) reached"
         idle = self.settings.max_idle_seconds
         if (idle is not None and now - self._last_message >= idle and self.processor.idle
-                and not self.busy):
+                and not self.busy and (self.rekey is None or self.rekey.idle())):
             # A broker that did not answer lately, or messages still waiting, is not
             # idleness: the idle time counts from the broker's last problem.
             quiet = getattr(self.group, "quiet_seconds", lambda: float("inf"))()
@@ -332,7 +351,11 @@ class StreamRunner:
             self.commit()
             self._final_ticks()
         finally:
-            self.group.close()
+            try:
+                self.group.close()
+            finally:
+                if self.rekey is not None:
+                    self.rekey.close()  # flush, commit, leave the source's group
         save_error = getattr(self.processor.recorder, "save_error", None)
         if save_error is not None:
             logger.error("the last save of the registries failed (%s): the offsets of "

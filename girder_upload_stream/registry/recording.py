@@ -212,10 +212,11 @@ class RegistryRecorder(Recorder):
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
         """One row per rejected message (its text bounded), up to
         :data:`MAX_REJECTED_MESSAGE_ROWS`; then one summary row counts the rest."""
-        where = f"message {bounded(msg.topic)}[{msg.partition}]@{msg.offset}"
+        topic, partition, offset = msg.source  # the source topic's, when re-keyed
+        where = f"message {bounded(topic)}[{partition}]@{offset}"
         now = datetime.now()
         if self.dead_letters is not None and not getattr(error, "keeps_its_row", False):
-            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
+            self.dead_letters.message(topic, partition, offset, msg.key,
                                       msg.value, error.reason, "message_rejected",
                                       error.rel_path)
         if not getattr(error, "keeps_its_row", False) and \
@@ -226,9 +227,9 @@ class RegistryRecorder(Recorder):
         self._rejected_rows += 1
         self.in_progress.update(InProgressRow(
             PurePosixPath(name).name or name, PurePosixPath(name), STATUS_FAILED, 0, now, now,
-            f"offset-{msg.partition}-{msg.offset}",
-            {"reason": bounded(error.reason, 1000), "partition": msg.partition,
-             "offset": msg.offset}))
+            f"offset-{partition}-{offset}",
+            {"reason": bounded(error.reason, 1000), "partition": partition,
+             "offset": offset}))
 
     def _count_overflow(self, where: str, error: ChunkDecodeError, now: datetime) -> None:
         key = RowKey(PurePosixPath(OVERFLOW_NAME), OVERFLOW_GENERATION)
@@ -247,8 +248,7 @@ class RegistryRecorder(Recorder):
         """A chunk dropped without a row of its own (its file was rejected before, or it
         is beyond a bound): only the dead-letter topic gets it."""
         if self.dead_letters is not None:
-            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
-                                      msg.value, reason, kind, file)
+            self.dead_letters.message(*msg.source, msg.key, msg.value, reason, kind, file)
 
     @_never_raise
     def file_messages_rejected(self, rejected: RejectedFile,

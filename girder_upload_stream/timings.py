@@ -55,6 +55,10 @@ class Timings:
         "doc": "with --rekey_by_file, how often at most the internal topic's records below "
                "the second hop's accepted commits are deleted (delete_records; the first time "
                "this long after the start)"})
+    rekey_topic_visible_seconds: float = field(default=10.0, metadata={
+        "doc": "with --rekey_by_file, how long the internal topic's partitions may take to "
+               "appear in the broker's metadata after the topic is created, asked again "
+               "every 0.2 s, before the run stops with an error"})
     flow_run_start_seconds: float = field(default=120.0, metadata={
         "doc": "a command-line run with a Prefect API consumes while its flow run is "
                "created; a run that ends first waits this long for it (to record its end)"})

@@ -17,9 +17,11 @@ served by its :meth:`RekeyProducer.poll` and :meth:`RekeyProducer.flush` there t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+from girder_upload_stream import timings
 from girder_upload_stream.kafka.errors import KafkaTerminalError
 from girder_upload_stream.kafka.rdkafka_log import with_log
 
@@ -35,6 +37,8 @@ HEADER_ROOM = 64 << 10
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 #: The producer's local queue (KiB): a full queue stops the hop's polling for a round.
 QUEUE_KBYTES = 32 << 10
+#: How often the metadata is asked again while a topic just created does not show.
+VISIBLE_POLL_SECONDS = 0.2
 #: The broker's default ``max.message.bytes`` (when the source's cannot be read).
 BROKER_DEFAULT_MAX_BYTES = 1048588
 
@@ -92,15 +96,31 @@ def ensure_internal_topic(settings: dict[str, Any], source: str, internal: str,
         if getattr(error, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
             raise KafkaTerminalError(f"cannot create the internal topic {internal}: {exc}",
                                      topic=source) from None
-    have = admin.list_topics(internal, timeout=timeout).topics.get(internal)
-    count = len(have.partitions) if have is not None and have.partitions else 0
+    count = _visible_partitions(admin, internal, timeout)
     if count == 0:
-        raise KafkaTerminalError(f"the internal topic {internal} has no partitions",
-                                 topic=source)
+        raise KafkaTerminalError(
+            f"the internal topic {internal} shows no partitions after "
+            f"{timings.current().rekey_topic_visible_seconds:g} s", topic=source)
     if count != partitions:
         logger.warning("the internal topic %s has %d partitions, the source %d: files are "
                        "spread over its %d", internal, count, partitions, count)
     return count, wanted
+
+
+def _visible_partitions(admin: Any, internal: str, timeout: float,
+                        clock: Callable[[], float] = time.monotonic,
+                        pause: Callable[[float], Any] = time.sleep) -> int:
+    """The partition count of ``internal`` as the metadata shows it. A topic just
+    created may not show yet (the controller's metadata reaches the broker asked a
+    moment later): it is asked again every :data:`VISIBLE_POLL_SECONDS` for up to
+    ``rekey_topic_visible_seconds`` (timings.py); 0 if it never shows."""
+    deadline = clock() + timings.current().rekey_topic_visible_seconds
+    while True:
+        have = admin.list_topics(internal, timeout=timeout).topics.get(internal)
+        ready = have is not None and bool(have.partitions)
+        if ready or clock() >= deadline:
+            return len(have.partitions) if ready else 0
+        pause(min(VISIBLE_POLL_SECONDS, max(0.0, deadline - clock())))
 
 
 class RekeyProducer:

@@ -5,7 +5,9 @@ option and the KafkaCrypto refusal."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -413,3 +415,60 @@ def test_a_poll_takes_no_more_large_messages_than_the_in_flight_bytes_allow():
     hop.step()
     hop.step()
     assert asked == [500, 6]  # 32 MiB less the 4 MiB (and its key) in flight, by 4 MiB
+
+
+# -- the internal topic just created ----------------------------------------------------
+class _Admin:
+    """An admin client whose metadata shows the topic's partitions only from the
+    ``shows_at``-th ``list_topics`` on (a broker whose metadata lags the creation)."""
+
+    def __init__(self, shows_at: int, partitions: int = 4):
+        self.shows_at, self.partitions, self.asked, self.created = shows_at, partitions, 0, []
+
+    def create_topics(self, topics, operation_timeout=None):
+        self.created += [t.topic for t in topics]
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return {t.topic: done for t in topics}
+
+    def list_topics(self, name, timeout=None):
+        self.asked += 1
+        parts = ({i: SimpleNamespace(id=i) for i in range(self.partitions)}
+                 if self.asked >= self.shows_at else {})
+        meta = SimpleNamespace(partitions=parts, error=None if parts else "LEADER_NOT_AVAILABLE")
+        return SimpleNamespace(topics={name: meta})
+
+
+@pytest.mark.parametrize("shows_at", [1, 3])
+def test_a_created_topic_whose_partitions_show_late_is_waited_for(monkeypatch, shows_at):
+    from girder_upload_stream.kafka import rekey as kafka_rekey
+    admin = _Admin(shows_at)
+    monkeypatch.setattr(kafka_rekey, "_admin", lambda settings: admin)
+    monkeypatch.setattr(kafka_rekey, "_source_shape", lambda a, s, t: (4, 1, 1000))
+    monkeypatch.setattr(kafka_rekey, "VISIBLE_POLL_SECONDS", 0.01)
+    with timings.overridden(rekey_topic_visible_seconds=5.0):
+        count, wanted = kafka_rekey.ensure_internal_topic({}, "src", "src--g--by-file", 1000)
+    assert (count, wanted) == (4, 1000 + kafka_rekey.HEADER_ROOM)
+    assert admin.created == ["src--g--by-file"] and admin.asked == shows_at
+
+
+def test_a_created_topic_that_never_shows_stops_the_run_after_the_setting(monkeypatch):
+    from girder_upload_stream.kafka import rekey as kafka_rekey
+    from girder_upload_stream.kafka.errors import KafkaTerminalError
+    now = [0.0]
+    pauses: list[float] = []
+
+    def pause(seconds):
+        pauses.append(seconds)
+        now[0] += seconds
+
+    admin = _Admin(shows_at=10**9)
+    with timings.overridden(rekey_topic_visible_seconds=1.0):
+        assert kafka_rekey._visible_partitions(admin, "t", 1.0, clock=lambda: now[0],
+                                               pause=pause) == 0
+    assert now[0] == pytest.approx(1.0) and len(pauses) == 5, "bounded by the setting"
+    monkeypatch.setattr(kafka_rekey, "_admin", lambda settings: _Admin(shows_at=10**9))
+    monkeypatch.setattr(kafka_rekey, "_source_shape", lambda a, s, t: (4, 1, 1000))
+    with timings.overridden(rekey_topic_visible_seconds=0.0):
+        with pytest.raises(KafkaTerminalError, match="shows no partitions"):
+            kafka_rekey.ensure_internal_topic({}, "src", "src--g--by-file", 1000)

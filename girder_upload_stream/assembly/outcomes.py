@@ -61,6 +61,10 @@ class CompletedFile:
     file_mtime: float
     data: Pieces | None
     path: Path | None
+    #: Bytes before this offset were let go once Girder acknowledged them (a streamed
+    #: upload, :meth:`Reassembler.let_go`): only that upload can finish the file; ``data``
+    #: and ``path`` hold the bytes from here on (0: the whole file).
+    held_from: int = 0
 
     @property
     def file_hash_hex(self) -> str:

@@ -32,8 +32,9 @@ MAX_OPEN_STREAMS = 8
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """What a streamed upload needs: the file, its size, and two views of the bytes the
-    reassembler holds (called from the upload's own thread; both thread-safe)."""
+    """What a streamed upload needs: the file, its size, two views of the bytes the
+    reassembler holds and a way to let go of the bytes sent (called from the upload's
+    own thread; all thread-safe)."""
 
     rel_path: str
     file_hash: bytes
@@ -44,12 +45,16 @@ class StreamPlan:
     read: Callable[[int, int], bytes | None]
     #: whether another consumer of the group may upload the same file now
     shared: Callable[[], bool]
+    #: ``(end) -> None``: Girder acknowledged bytes ``[0, end)``; the reassembler may let
+    #: go of them (then only this upload can finish the file)
+    let_go: Callable[[int], object] = lambda end: None
 
 
 class StreamHandle(Protocol):
     """The I/O side's session of one streamed file."""
 
     def nudge(self) -> None: ...
+    def drains_to(self) -> int: ...
     def abandon(self) -> None: ...
     def close(self, timeout: float) -> None: ...
 

@@ -90,6 +90,10 @@ class CompletedFile:
     file_mtime: float
     data: Pieces | None
     path: Path | None
+    #: Bytes before this offset were let go once Girder acknowledged them (a streamed
+    #: upload, :meth:`Reassembler.let_go`): only that upload can finish the file; ``data``
+    #: and ``path`` hold the bytes from here on (0: the whole file).
+    held_from: int = 0
 
     @property
     def file_hash_hex(self) -> str:
@@ -163,8 +167,9 @@ class FileOutcome:
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """What a streamed upload needs: the file, its size, and two views of the bytes the
-    reassembler holds (called from the upload's own thread; both thread-safe)."""
+    """What a streamed upload needs: the file, its size, two views of the bytes the
+    reassembler holds and a way to let go of the bytes sent (called from the upload's
+    own thread; all thread-safe)."""
 
     rel_path: str
     file_hash: bytes
@@ -175,6 +180,9 @@ class StreamPlan:
     read: Callable[[int, int], bytes | None]
     #: whether another consumer of the group may upload the same file now
     shared: Callable[[], bool]
+    #: ``(end) -> None``: Girder acknowledged bytes ``[0, end)``; the reassembler may let
+    #: go of them (then only this upload can finish the file)
+    let_go: Callable[[int], object] = lambda end: None
 
 
 class Recorder:

@@ -209,6 +209,10 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         good leaves none of the empty folders the consumer made for it."""
         check = shared if callable(shared) else (lambda: bool(shared))
         key = completed.file_key
+        if completed.held_from:  # its streamed upload was abandoned after the let-go
+            return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, (
+                f"its first {completed.held_from} bytes were streamed and let go, and that "
+                "upload was abandoned; the file is rebuilt from its messages"))
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:

@@ -136,12 +136,18 @@ class StreamProcessor(FileLife, Uploading):
         their staging files (:meth:`Reassembler.spill`), down to ``SPILL_LOW_WATER`` of
         the budget less what completed files hold. Spilling loses nothing and never
         waits for anything, so it cannot deadlock; completed files over the budget are
-        the loop's to handle (it pauses fetching until uploads free them)."""
+        the loop's to handle (it pauses fetching until uploads free them). Bytes that
+        open streams send and let go of without another message (:meth:`_draining`)
+        are not spilled: the loop pauses while they leave instead of writing them."""
         budget = self.memory_budget_bytes
-        if budget is None or self.reassembler.bytes_held + self.ledger.held_bytes <= budget:
+        held = self.reassembler.bytes_held + self.ledger.held_bytes
+        if budget is None or held <= budget:
             return
-        target = max(0, int(budget * SPILL_LOW_WATER) - self.ledger.held_bytes)
-        spilled = self.reassembler.spill(target)
+        draining, keys = self._draining()
+        if held - draining <= budget:
+            return
+        target = max(0, int(budget * SPILL_LOW_WATER) - self.ledger.held_bytes + draining)
+        spilled = self.reassembler.spill(target, keys)
         if spilled:
             logger.debug("over the memory budget: %d file(s) being rebuilt spilled to disk",
                          spilled)
@@ -311,7 +317,7 @@ class StreamProcessor(FileLife, Uploading):
             return
         plan = StreamPlan(key[0], key[1], view[0], lambda: reassembler.stream_view(key),
                           lambda start, end: reassembler.read_prefix(key, start, end),
-                          self.stream_shared)
+                          self.stream_shared, lambda end: reassembler.let_go(key, end))
         self.ledger.stream(key, self.open_stream(plan))
 
     def abandon_streams(self, reason: str) -> int:
@@ -369,7 +375,22 @@ class StreamProcessor(FileLife, Uploading):
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting, uploading or waiting to retry. Files still assembling do not
-        count: without new messages they cannot progress."""
+        """Nothing waiting, uploading or waiting to retry, and no stream sending bytes
+        it holds. Files still assembling do not count otherwise: without new messages
+        they cannot progress."""
         return not (self._units or self.ledger.count(
-            FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY))
+            FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY)
+            or self._draining()[0])
+
+    def _draining(self) -> tuple[int, frozenset]:
+        """RAM bytes the open streams send to Girder and let go of without another
+        message, and their files' keys."""
+        total, keys = 0, set()
+        for record in self.ledger.in_state(FileState.STREAMING):
+            drains_to = getattr(record.stream, "drains_to", None)
+            end = drains_to() if drains_to is not None else 0
+            held = self.reassembler.ram_below(record.key, end) if end else 0
+            if held:
+                total += held
+                keys.add(record.key)
+        return total, frozenset(keys)

@@ -124,7 +124,7 @@ class FileRecord:
         """File bytes in RAM that this record (not the reassembler) holds."""
         if self.state in _HOLDING and self.completed is not None \
                 and self.completed.data is not None:
-            return self.completed.size
+            return self.completed.size - self.completed.held_from
         return 0
 
 

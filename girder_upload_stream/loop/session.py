@@ -279,10 +279,12 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
              summary.counters)
     spilled = runner.processor.reassembler.spilled_files
     log.info("first message read at %s (epoch s); at most %d upload unit(s) in flight; "
-             "%d file(s) spilled to disk over the memory budget; %d streamed upload(s), at "
-             "most %d open at once",
+             "%d file(s) spilled to disk over the memory budget (%.0f MiB); %d streamed "
+             "upload(s), at most %d open at once",
              f"{summary.first_message_at:.3f}" if summary.first_message_at else "-",
-             summary.max_uploads_in_flight, spilled, streams.opened, streams.max_open)
+             summary.max_uploads_in_flight, spilled,
+             runner.processor.reassembler.spilled_bytes / (1 << 20), streams.opened,
+             streams.max_open)
     limit = files.gate.limit.snapshot()
     log.info("small-file uploads: at most %d in flight at once; their limit went from %d "
              "to %d at most and %d at least (%d decrease(s) for Girder errors, %d for its "

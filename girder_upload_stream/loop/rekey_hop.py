@@ -31,6 +31,11 @@ for their acknowledgement; beyond, or when the producer's queue is full (BufferE
 the hop pauses fetching (it keeps polling, so its group membership lives) and what
 was read but not queued waits, in order, for the next round.
 
+**The checkpoint.** The hop is given to the second hop's runner as ``upstream=[hop]``
+(loop/wiring.py): its :meth:`flush`, :meth:`commit` and :meth:`purge` are steps 4 and
+7 of :class:`~girder_upload_stream.loop.checkpoint.Checkpoint`, the one place where the
+order of a commit is written.
+
 **Revoke.** Before partitions go, every re-produced message is flushed and the
 acknowledged offsets committed synchronously (inside the rebalance callback).
 
@@ -176,7 +181,7 @@ class RekeyHop:
             self._failing = True
         self._backlog.append(copy)  # still unacknowledged in the book: it holds the commit
 
-    # -- the checkpoint's part ------------------------------------------------------------
+    # -- the checkpoint's part (an UpstreamHop of loop/checkpoint.py: steps 4 and 7) -----
     def flush(self, timeout: float = FLUSH_SECONDS) -> bool:
         """Queue what waits and wait up to ``timeout`` s for the broker's answers; True
         when every message re-produced so far is acknowledged (False: commit nothing

@@ -334,6 +334,55 @@ def test_close_flushes_commits_and_leaves():
     assert group.commits == [{(T, 0): (1, "")}] and group.closed
 
 
+# -- the first hop as the checkpoint's upstream hop -------------------------------------
+def test_the_runner_drives_the_hop_it_is_given_as_upstream_and_commits_it_at_its_checkpoint():
+    """wiring._build gives the re-key hop as ``upstream=[hop]``: the runner steps it
+    before its own poll, its checkpoint flushes and commits it (step 4), and the
+    shutdown closes it after the second hop's group."""
+    from girder_upload_stream.loop.runner import StreamRunner
+    from tests.unit.fakes import FakeGroup, Submitter, run_settings
+    hop, source, producer = _hop([[_Msg(T, 0, o, b"k", b"v") for o in range(3)]])
+    inner = FakeGroup()
+    runner = StreamRunner(run_settings(commit_interval_seconds=1000.0),
+                          StreamProcessor(Reassembler()), inner, Submitter(), upstream=[hop])
+    assert runner.rekey is hop
+    runner.step()
+    assert len(producer.queued) == 3 and source.commits == []
+    runner.commit()  # nothing acknowledged yet: no source commit
+    assert source.commits == []
+    producer.deliver()
+    runner.commit()
+    assert source.commits == [{(T, 0): (3, "")}]
+    runner.shutdown("test")
+    assert inner.closed and source.closed
+
+
+def test_the_checkpoint_purges_the_hop_no_higher_than_a_retry_span():
+    """Step 7 hands the hop the second hop's accepted commit lowered to rule 9's lowest
+    retry span (read in the commit's metadata): those records are read again by the
+    next run."""
+    from girder_upload_stream.ledger.offsets import OffsetTracker
+    from girder_upload_stream.loop.checkpoint import Checkpoint
+    inner_tp = ("inner", 0)
+    tracker = OffsetTracker()
+    tracker.assigned(inner_tp, None, None)
+    for offset in range(100):
+        tracker.read(inner_tp, offset)
+    metadata = format_metadata(100, 80, [(85, 90)], [(20, 25), (40, 41)])
+
+    class _InnerGroup:
+        assignment = [inner_tp]
+
+        def commit(self, offsets, sync=None):
+            return {inner_tp: (80, metadata)}
+
+    hop = RekeyHop(_Group([]), _Producer(), _Purger(), topic=T, group_id="g",
+                   internal_topic="inner", partitions=4, clock=lambda: 1000.0)
+    with timings.overridden(rekey_purge_seconds=0.0):
+        Checkpoint(tracker, _InnerGroup(), upstream=[hop]).commit()
+    assert hop.purger.calls == [{inner_tp: 20}]
+
+
 # -- the option and the refusal -------------------------------------------------------
 def _parse(*argv: str) -> dict:
     parser = argparse.ArgumentParser()

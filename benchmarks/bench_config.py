@@ -57,6 +57,10 @@ class Sizes:
     # 7: the same with a slow Girder (ours and OpenMSIStream, --n_threads 2)
     remote_slow_delay_ms: float = 200.0
     remote_slow_files: int = 60
+    # 10: scale-out with files of several chunks (issue 23): 1, 2, 4 processes, re-keyed
+    files_scale_files: int = 120
+    files_scale_partitions: int = 4
+    files_scale_delay_ms: float = 20.0
     # topics
     partitions: int = 4
     big_partitions: int = 8  # 2 GiB over 8 partitions stays below the 512 MiB retention
@@ -67,7 +71,7 @@ QUICK = Sizes(reps=1, small_files=40, big_files=8, big_size=2 * MIB, huge_size=2
               restart_total=24 * MIB, restart_max_file=4 * MIB, restart_stall_seconds=150.0,
               scale_files=48, soak_minutes=1.0, soak_sample_seconds=15.0,
               soak_file_size=64 * KIB, remote_files=40,
-              remote_slow_files=16)
+              remote_slow_files=16, files_scale_files=24)
 
 
 @dataclass

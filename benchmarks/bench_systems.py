@@ -51,6 +51,7 @@ class Spec:
     #: default, no Prefect API configured, in a scratch PREFECT_HOME)
     prefect_server: bool = True
     budget_mb: int | None = None  # ours: --memory_budget_mb (None: its default)
+    rekey: bool = False  # ours: --rekey_by_file (issue 23)
 
     @property
     def label(self) -> str:
@@ -61,6 +62,8 @@ class Spec:
             text += f", {self.mode} mode"
         if self.budget_mb is not None:
             text += f", budget {self.budget_mb} MiB"
+        if self.rekey:
+            text += ", --rekey_by_file"
         if self.processes > 1:
             text += f", {self.processes} processes"
         return text
@@ -163,6 +166,8 @@ def start_system(stack: Stack, spec: Spec, work: Path, topic: str, collection: s
         argv = [OUR_CLI, "run", api, "--config", "local", *common]
         if spec.budget_mb is not None:
             argv += ["--memory_budget_mb", str(spec.budget_mb)]
+        if spec.rekey:
+            argv.append("--rekey_by_file")
     elif spec.system == "omsi":
         argv = [OMSI_PROCESSOR, api, stack.girder_key, "--config", omsi_config(work, stack),
                 *common]
@@ -241,11 +246,14 @@ def parse_bytes_read(output: str) -> int | None:
 
 
 def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Dataset,
-              timeout: float, api_url: str | None = None, keep: bool = False) -> RunResult:
-    """Run ``spec`` on ``topic`` (already produced) into a fresh collection and time it."""
+              timeout: float, api_url: str | None = None, keep: bool = False,
+              group: str | None = None) -> RunResult:
+    """Run ``spec`` on ``topic`` (already produced) into a fresh collection and time it;
+    ``group``: the consumer group id of its process(es) (default: a fresh one when
+    several, ``create_new`` for one)."""
     collection = new_name(spec.system)
     view = GirderView(gc, collection)
-    group = new_name("group") if spec.processes > 1 and not spec.group else None
+    group = group or (new_name("group") if spec.processes > 1 and not spec.group else None)
     db_before = db_logical_bytes() if spec.system == "ours" and spec.prefect_server else None
     if spec.system == "omsi" and spec.processes > 1:
         # OpenMSIStream's processes each create the collection at start; the one that

@@ -38,6 +38,7 @@ from benchmarks.scenario_bigoverlap import scenario_big_overlap
 from benchmarks.scenario_remote import scenario_remote
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
+from benchmarks.scenario_scaleout_files import scenario_scaleout_files
 from benchmarks.scenario_soak import scenario_soak
 from benchmarks.scenario_startup import scenario_startup
 from benchmarks.scenario_throughput import (
@@ -56,6 +57,7 @@ SCENARIOS = {
     7: ("remote Girder", scenario_remote),
     8: ("start-up", scenario_startup),
     9: ("big files overlapped", scenario_big_overlap),
+    10: ("scale-out, files of several chunks", scenario_scaleout_files),
 }
 
 

@@ -83,6 +83,7 @@ def upload_stream(
     max_files_in_progress: int = DEFAULTS.max_files_in_progress,
     dead_letter_topic: str | None = DEFAULTS.dead_letter_topic,
     max_parallel_uploads: int = DEFAULTS.max_parallel_uploads,
+    rekey_by_file: bool = DEFAULTS.rekey_by_file,
 ) -> dict[str, Any]:
     """Consume chunk messages from ``topic_name``, rebuild files and upload them to Girder.
 

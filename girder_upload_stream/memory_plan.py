@@ -24,12 +24,12 @@ logger = logging.getLogger(__name__)
 MIB = 1 << 20
 #: girder-client's request block (``UPLOAD_BLOCK_BYTES`` in girder/store.py), one per
 #: upload worker, and a streamed upload's block (``STREAM_BLOCK``, girder/streaming.py),
-#: at most ``MAX_OPEN_STREAMS`` (ledger/streams.py) at once. Repeated here, not
+#: at most ``SEND_SLOTS`` (girder/streaming.py) being sent at once over every stream. Repeated here, not
 #: imported, so that this module stays free of Girder's imports; a unit test checks
 #: they agree.
 UPLOAD_BLOCK = 16 * MIB
 STREAM_BLOCK = 8 * MIB
-MAX_OPEN_STREAMS = 8
+SEND_SLOTS = 2
 #: Allocations from this size up get their own mapping, unmapped when freed: above a
 #: stream block (8 MiB), so that 512 KiB chunks and stream blocks are reused from the
 #: heap instead of costing a fresh, zero-filled mapping per copy (docs/architecture.md,
@@ -78,7 +78,7 @@ def plan_memory(budget_bytes: int, n_threads: int, streaming: bool = True) -> Me
     partition = _clamp(budget_bytes // 64, 1 * MIB, 16 * MIB)
     poll = _clamp(budget_bytes // 16, 1 * MIB, 32 * MIB)
     upload = max(1, n_threads) * UPLOAD_BLOCK
-    stream = MAX_OPEN_STREAMS * STREAM_BLOCK if streaming else 0
+    stream = SEND_SLOTS * STREAM_BLOCK if streaming else 0
     rest = budget_bytes - 2 * queue - poll - upload - stream
     return MemoryPlan(budget_bytes, queue, partition, poll, upload, stream,
                       files_bytes=max(budget_bytes // 4, rest))

@@ -235,6 +235,11 @@ OPTIONS: tuple[Option, ...] = (
            "unchanged, with the reason, source topic, partition and offset in its headers; "
            "source offsets are committed only once the broker acknowledged them (default: "
            "the config file's [dead_letter] topic, else none)"),
+    Option("rekey_by_file", False, "re-key chunks by file on Kafka, so that several consumers "
+           "of one group rebuild files of several chunks: the group re-produces the topic to "
+           "an internal topic keyed by file (named after the topic and group, ending in "
+           "by-file), which a second group reads (default: off, unless the config file's [rekey_by_file] "
+           "says enabled = true; refused with KafkaCrypto configs)", switch=True),
     # -- accepted for OpenMSIStream 1.8.8's command lines
     Option("consumer_topic_name", DEFAULT_TOPIC, "topic to consume, as OpenMSIStream 1.8.8: "
            "when given (and not 'test') it is used instead of --topic_name "

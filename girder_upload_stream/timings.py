@@ -51,6 +51,14 @@ class Timings:
         "doc": "at shutdown, how long running uploads may take to finish"})
     commit_patience_seconds: float = field(default=30.0, metadata={
         "doc": "a commit with no answer for this long is sent again"})
+    rekey_purge_seconds: float = field(default=30.0, metadata={
+        "doc": "with --rekey_by_file, how often at most the internal topic's records below "
+               "the second hop's accepted commits are deleted (delete_records; the first time "
+               "this long after the start)"})
+    rekey_topic_visible_seconds: float = field(default=10.0, metadata={
+        "doc": "with --rekey_by_file, how long the internal topic's partitions may take to "
+               "appear in the broker's metadata after the topic is created, asked again "
+               "every 0.2 s, before the run stops with an error"})
     flow_run_start_seconds: float = field(default=120.0, metadata={
         "doc": "a command-line run with a Prefect API consumes while its flow run is "
                "created; a run that ends first waits this long for it (to record its end)"})

@@ -21,7 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from girder_upload_stream.girder.store import GirderStore
-from girder_upload_stream.ledger.units import FileOutcome, UploadUnit
+from girder_upload_stream.ledger.units import UploadUnit
+from girder_upload_stream.shared_types import FileOutcome
 from girder_upload_stream.loop.executor import Handle, Job, UploadExecutor
 from girder_upload_stream.loop.uploads import FileUploads, find_files, upload_files
 from girder_upload_stream.prefect_glue.task_logs import quiet_completed_task_runs

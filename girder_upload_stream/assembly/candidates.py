@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from girder_upload_stream.assembly.copies import Variant
 from girder_upload_stream.assembly.hashing import FileDigest
-from girder_upload_stream.assembly.outcomes import FileProgress, Storage
+from girder_upload_stream.assembly.outcomes import Storage
+from girder_upload_stream.shared_types import FileProgress
 from girder_upload_stream.wire.codec import Chunk
 
 __all__ = ["Candidate", "Group"]
@@ -22,7 +23,7 @@ class Candidate:
     __slots__ = ("rel_path", "file_hash", "n_total", "file_mtime", "pieces", "order",
                  "data", "total", "bytes_received", "bytes_held", "digest",
                  "next_hash_i", "first_at", "last_at", "partial", "storage", "extras",
-                 "extra_bytes", "n_extras", "checked_at", "failed")
+                 "extra_bytes", "n_extras", "checked_at", "failed", "let_go_i", "let_go_end")
 
     def __init__(self, chunk: Chunk, now: float, partial: str | None,
                  digest: FileDigest, storage: Storage) -> None:
@@ -47,6 +48,9 @@ class Candidate:
         self.n_extras = 0
         self.checked_at = -1  # variants held when last searched in vain (-1: never)
         self.failed = False  # every choice held was hashed and none verified
+        # Chunks 1..let_go_i (bytes [0, let_go_end)) were let go: in Girder already.
+        self.let_go_i = 0
+        self.let_go_end = 0
 
     def hash_block(self, block: memoryview) -> None:
         """Hash bytes read back from disk (into a reused buffer) before returning."""

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from girder_upload_stream.assembly.candidates import Candidate, Group
 from girder_upload_stream.assembly.copies import (MAX_PARKED, MAX_PARKED_RAM, Found, Search,
                                                   Variant, find_verified)
-from girder_upload_stream.assembly.outcomes import (AddResult, AddStatus, CompletedFile, Mode,
-                                                    RejectedFile, Storage)
+from girder_upload_stream.assembly.outcomes import AddResult, AddStatus, Mode, Storage
+from girder_upload_stream.shared_types import CompletedFile, RejectedFile
 from girder_upload_stream.assembly.pieces import Pieces
 from girder_upload_stream.wire.codec import FileKey
 
@@ -40,8 +40,11 @@ class Completion:
                   now: float) -> AddResult:
         """Every chunk number of ``state`` has a variant: the verified choice is the
         file; if none verifies, this chunking failed (the file, once all have)."""
-        if not state.extras:
+        if not state.extras or state.let_go_i:
+            # Bytes let go (streamed): only the primary pieces' own digest can verify.
             found, failed = self._check_primary(state), True
+            if found is None and state.let_go_i:
+                return self._let_go_failed(group, state, key, now)
         else:
             search = self._search(state)
             found, failed = search.found, search.hashed > 0 or not search.exhausted
@@ -51,7 +54,8 @@ class Completion:
             return self._chunking_failed(group, state, key, now)
         data: Pieces | None = None
         if state.storage is not Storage.DISK:
-            data = Pieces([v.data for v in found.variants])
+            data = Pieces([v.data for v in found.variants[state.let_go_i:]],
+                          start=state.let_go_end)
         path = None
         if state.partial is not None and any(state.pieces.get(v.chunk_i) != v.signature
                                              for v in found.variants):
@@ -67,7 +71,7 @@ class Completion:
             path = self._disk.root.joinpath(*state.rel_path.split("/"))
         completed = CompletedFile(state.rel_path, state.file_hash, found.sha256,
                                   found.size, state.n_total, group.first_at, now,
-                                  state.file_mtime, data, path)
+                                  state.file_mtime, data, path, state.let_go_end)
         contested = group.contested
         self._release(key, group, keep=state)
         self._remember(key, "")
@@ -131,6 +135,18 @@ class Completion:
         rejected = RejectedFile(state.rel_path, state.file_hash, reason, state.covered,
                                 state.n_total, group.first_at, now, retry=True)
         self._park(key, group)
+        return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
+
+    def _let_go_failed(self, group: Group, state: Candidate, key: FileKey,
+                       now: float) -> AddResult:
+        """The sha512 of a chunking whose streamed prefix was let go failed: no other
+        choice can be hashed without those bytes, so the file is rejected at once (not
+        parked) and its messages, never committed, are read again by the next run."""
+        reason = (f"{MISMATCHED_HASH} (the first {state.let_go_end} bytes were streamed "
+                  f"to Girder and let go: no competing copy can be tried in this run)")
+        rejected = RejectedFile(state.rel_path, state.file_hash, reason, state.covered,
+                                state.n_total, group.first_at, now, retry=True)
+        self._release(key, group)
         return AddResult(AddStatus.REJECTED, key, reason, rejected=rejected)
 
     def _park(self, key: FileKey, group: Group) -> None:

@@ -1,19 +1,17 @@
 """What the :class:`~girder_upload_stream.assembly.reassembly.Reassembler` hands back: the
-modes, what it did with a chunk, and the files it completed or dropped. Plain values, no
-behaviour beyond formatting."""
+modes and what it did with a chunk (the files it completed or dropped, and the files in
+progress, are :mod:`girder_upload_stream.shared_types`' ``CompletedFile``, ``RejectedFile``
+and ``FileProgress``, which other layers use too). Plain values, no behaviour."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
-from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.errors import FileRejectedError
+from girder_upload_stream.shared_types import CompletedFile, RejectedFile
 from girder_upload_stream.wire.codec import FileKey
 
-__all__ = ["Mode", "Storage", "AddStatus", "CompletedFile", "RejectedFile", "AddResult",
-           "FileProgress"]
+__all__ = ["Mode", "Storage", "AddStatus", "AddResult"]
 
 
 class Mode(StrEnum):
@@ -46,56 +44,6 @@ class AddStatus(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class CompletedFile:
-    """A rebuilt file whose sha512 matched. ``data`` in memory/both, ``path`` in disk/both:
-    in disk mode the verified staging file (valid until :meth:`Reassembler.release`), in
-    both mode the local copy at ``output_dir/<rel_path>``."""
-
-    rel_path: str
-    file_hash: bytes
-    sha256: str
-    size: int
-    n_chunks: int
-    first_message_at: float
-    last_message_at: float
-    file_mtime: float
-    data: Pieces | None
-    path: Path | None
-
-    @property
-    def file_hash_hex(self) -> str:
-        """The sha512 of the file as hex."""
-        return self.file_hash.hex()
-
-    @property
-    def file_key(self) -> FileKey:
-        """``(rel_path, file_hash)``: the identity of this file generation."""
-        return (self.rel_path, self.file_hash)
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedFile:
-    """A file generation that was dropped, and why."""
-
-    rel_path: str
-    file_hash: bytes
-    reason: str
-    n_chunks_received: int
-    n_total_chunks: int
-    first_message_at: float
-    last_message_at: float
-    #: Whole-file sha512 failed: the bytes held did not verify, so the messages are read
-    #: again by the next run (another order may bring the copy that verifies); False for
-    #: a file that can never be rebuilt (its path, its size).
-    retry: bool = False
-
-    def to_error(self) -> FileRejectedError:
-        """The same facts as a :class:`FileRejectedError`, for logging or raising."""
-        return FileRejectedError(self.reason, rel_path=self.rel_path,
-                                 details={"file_hash": self.file_hash.hex()[:16]})
-
-
-@dataclass(frozen=True, slots=True)
 class AddResult:
     """Outcome of adding one chunk; ``completed``/``rejected`` set for those statuses."""
 
@@ -113,16 +61,3 @@ class AddResult:
     #: is dropped as a chunk of a rejected file (a dead letter), not as a free copy.
     of_rejected: bool = False
 
-
-@dataclass(frozen=True, slots=True)
-class FileProgress:
-    """Status of one file generation still being assembled."""
-
-    rel_path: str
-    file_hash_hex: str
-    n_received: int
-    n_total: int
-    bytes_received: int
-    bytes_held: int
-    first_message_at: float
-    last_message_at: float

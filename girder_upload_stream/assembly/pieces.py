@@ -21,22 +21,31 @@ Buffer = bytes | bytearray | memoryview
 class Pieces:
     """The bytes of a file as an ordered sequence of buffers (not copied)."""
 
-    __slots__ = ("_parts", "_ends")
+    __slots__ = ("_parts", "_ends", "start")
     __hash__ = None  # mutable-looking equality with bytes; never a dict key
 
-    def __init__(self, parts: Sequence[Buffer]) -> None:
+    def __init__(self, parts: Sequence[Buffer], start: int = 0) -> None:
+        """``start``: the file offset of the first part; the bytes before it are not
+        held (let go once a streamed upload sent them), and reading them raises."""
         self._parts = tuple(memoryview(p).cast("B") for p in parts)
-        ends, total = [], 0
+        self.start = start
+        ends, total = [], start
         for part in self._parts:
             total += len(part)
             ends.append(total)
         self._ends = ends
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return self._ends[-1] if self._ends else self.start
 
     def __bytes__(self) -> bytes:
+        self._check(0)
         return b"".join(self._parts)
+
+    def _check(self, position: int) -> None:
+        if position < self.start:
+            raise ValueError(f"bytes before offset {self.start} are not held (sent to "
+                             f"Girder and let go), {position} asked")
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Pieces):
@@ -46,7 +55,8 @@ class Pieces:
         return NotImplemented
 
     def __repr__(self) -> str:
-        return f"Pieces({len(self._parts)} part(s), {len(self)} bytes)"
+        held = f", from {self.start}" if self.start else ""
+        return f"Pieces({len(self._parts)} part(s), {len(self)} bytes{held})"
 
     def open(self) -> PiecesReader:
         """A fresh read-only binary stream positioned at the start."""
@@ -57,6 +67,7 @@ class Pieces:
         end = min(position + size, len(self))
         if position >= end:
             return b""
+        self._check(position)
         i = bisect.bisect_right(self._ends, position)
         out = []
         while position < end:

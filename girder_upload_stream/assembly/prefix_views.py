@@ -26,7 +26,7 @@ class PrefixViews:
     _new_partial: Callable[[str, bytes], str]
 
     # -- the memory budget ----------------------------------------------------------
-    def spill(self, max_ram_bytes: int) -> int:
+    def spill(self, max_ram_bytes: int, last: frozenset[FileKey] = frozenset()) -> int:
         """Move the bytes of files being rebuilt from RAM to their staging files, the
         largest file first, until at most ``max_ram_bytes`` are held; returns how many
         files were spilled. A spilled file goes on as in disk mode: its later chunks are
@@ -34,13 +34,15 @@ class PrefixViews:
         :class:`CompletedFile` has a ``path`` and no ``data`` (the upload reads the disk).
         Nothing is lost: the bytes are on disk before RAM lets go of them. A file that
         cannot be written (a full disk) stays in RAM; the caller then pauses instead.
-        Extra variants of contested chunks stay in RAM (they are bounded)."""
+        Extra variants of contested chunks stay in RAM (they are bounded). The files of
+        ``last`` (streamed uploads about to send their bytes) are spilled last."""
         with self._lock:
             if self._bytes_held <= max_ram_bytes or not self._can_spill():
                 return 0
             spilled = 0
             states = [c for g in self._files.values() for c in g.chunkings.values()]
-            for state in sorted(states, key=lambda s: -s.bytes_held):
+            for state in sorted(states, key=lambda s: ((s.rel_path, s.file_hash) in last,
+                                                       -s.bytes_held)):
                 if self._bytes_held <= max_ram_bytes or not state.bytes_held:
                     break
                 if not self._spill_one(state):
@@ -134,11 +136,58 @@ class PrefixViews:
             return None
         return bytes(out)
 
+    def let_go(self, file_key: FileKey, end: int) -> int:
+        """Girder acknowledged bytes ``[0, end)`` of a file being streamed: let go of the
+        chunks held in RAM that lie wholly below ``end`` (and in the in-order prefix, so
+        already hashed or queued with their own buffers). Returns the bytes let go.
+
+        Why: a big file's bytes would otherwise stay in RAM until it completes, and the
+        memory budget would spill them to disk although Girder holds them already. The
+        price: only the streamed upload can finish the file now; if it breaks, the file
+        fails and its messages, never committed, are read again (see
+        :attr:`CompletedFile.held_from`). Only the one chunking of an uncontested file in
+        RAM lets go (a spilled file's bytes are on disk, not in RAM)."""
+        with self._lock:
+            state = self._uncontested(file_key)
+            if state is None or state.storage is not Storage.RAM:
+                return 0
+            freed, i = 0, state.let_go_i + 1
+            while i < state.next_hash_i:
+                offset, size, _ = state.pieces[i]
+                if offset + size > end:
+                    break
+                data = state.data.pop(i, None)
+                if data is not None:
+                    freed += size
+                state.let_go_i, state.let_go_end = i, offset + size
+                i += 1
+            state.bytes_held -= freed
+            self._bytes_held -= freed
+            return freed
+
+    def ram_below(self, file_key: FileKey, end: int) -> int:
+        """Bytes of a file being streamed that are in RAM, not let go yet, and wholly
+        below ``end`` (what its upload will send, then let go, without another message)."""
+        with self._lock:
+            state = self._uncontested(file_key)
+            if state is None or state.storage is not Storage.RAM:
+                return 0
+            held = 0
+            for i in range(state.let_go_i + 1, state.next_hash_i):
+                offset, size, _ = state.pieces[i]
+                if offset + size > end:
+                    break
+                held += size
+            return held
+
     @staticmethod
-    def _read_ram(state: Candidate, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the in-order prefix held in RAM (one copy)."""
+    def _read_ram(state: Candidate, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the in-order prefix held in RAM (one copy); None
+        for bytes let go already."""
+        if start < state.let_go_end:
+            return None
         parts, first = [], None
-        for i in range(1, state.next_hash_i):
+        for i in range(state.let_go_i + 1, state.next_hash_i):
             offset, size, _ = state.pieces[i]
             if offset + size > start and offset < end:
                 first = offset if first is None else first

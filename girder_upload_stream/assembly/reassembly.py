@@ -56,8 +56,8 @@ from girder_upload_stream.assembly.completion import MISMATCHED_HASH, Completion
 from girder_upload_stream.assembly.copies import (MAX_CHUNKINGS, MAX_EXTRA_BYTES,
                                                   MAX_EXTRA_BYTES_TOTAL, MAX_EXTRA_VARIANTS)
 from girder_upload_stream.assembly.hashing import HashPipe
-from girder_upload_stream.assembly.outcomes import (AddResult, AddStatus, CompletedFile,
-                                                    FileProgress, Mode, RejectedFile, Storage)
+from girder_upload_stream.assembly.outcomes import AddResult, AddStatus, Mode, Storage
+from girder_upload_stream.shared_types import CompletedFile, FileProgress, RejectedFile
 from girder_upload_stream.assembly.prefix_views import PrefixViews
 from girder_upload_stream.assembly.safe_disk import PATH_ERRNOS, STAGING_DIR, SafeDir, StagingArea
 from girder_upload_stream.errors import StorageError

@@ -80,7 +80,15 @@ def _run(params: dict, girder, prepared) -> dict:
     logger.info("Prefect API at %s: running as a flow run of girder-upload-stream (consuming "
                 "now; the flow run records the run once Prefect has created it)", api)
     from girder_upload_stream.prefect_glue.late_flow_run import run_with_late_flow_run
-    return run_with_late_flow_run(params, girder, prepared, api_url=api)
+    return run_with_late_flow_run(params, girder, prepared, load_flow=_load_flow, api_url=api)
+
+
+def _load_flow():
+    """The flow ``girder-upload-stream``. Imported here, when called: importing it imports
+    Prefect (seconds), which the late flow run does in its own thread while the run
+    already consumes."""
+    from girder_upload_stream.flows.upload_stream import upload_stream
+    return upload_stream
 
 
 def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

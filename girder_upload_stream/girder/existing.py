@@ -17,9 +17,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, Outcome
 from girder_upload_stream.girder.ownership import TAG_FIELD
-from girder_upload_stream.ledger.units import Outcome
 
 __all__ = ["ExistingItemMixin"]
 

@@ -42,9 +42,8 @@ from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderRo
                                                 GirderTransientError, GirderUnknownIdError,
                                                 girder_name, translate)
 from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 __all__ = ["VERSION_FIELD", "VERSION_VALUE", "SMALL_UPLOAD_BYTES", "GirderTransientError",
            "GirderTerminalError", "GirderAuthError", "GirderStartupError", "GirderRootFolderGone",
@@ -216,6 +215,10 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         good leaves none of the empty folders the consumer made for it."""
         check = shared if callable(shared) else (lambda: bool(shared))
         key = completed.file_key
+        if completed.held_from:  # its streamed upload was abandoned after the let-go
+            return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, (
+                f"its first {completed.held_from} bytes were streamed and let go, and that "
+                "upload was abandoned; the file is rebuilt from its messages"))
         path = PurePosixPath(completed.rel_path)
         subdir = "" if str(path.parent) == "." else str(path.parent)
         try:

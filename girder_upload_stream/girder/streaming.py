@@ -45,21 +45,22 @@ from enum import StrEnum
 from pathlib import PurePosixPath
 
 from girder_upload_stream import failpoints
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome, StreamPlan
 from girder_upload_stream.errors import GirderUploadStreamError
 from girder_upload_stream.girder.errors import GirderTerminalError, girder_name
 from girder_upload_stream.girder.ownership import TAG_FIELD
 from girder_upload_stream.girder.store import GirderStore, item_was_there
-from girder_upload_stream.ledger.streams import StreamPlan
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
-__all__ = ["STREAM_BLOCK", "TAG_FIELD", "SessionState", "StreamSession", "StreamingUploads"]
+__all__ = ["STREAM_BLOCK", "SEND_SLOTS", "TAG_FIELD", "SessionState", "StreamSession", "StreamingUploads"]
 
 logger = logging.getLogger(__name__)
 
 #: Bytes per ``POST /file/chunk``: above Girder's 5 MiB minimum chunk size, and small
 #: enough that the prefix follows the reading closely.
 STREAM_BLOCK = 8 << 20
+#: Blocks being read and sent at once over every stream of a run: what the memory plan
+#: sets aside for them (memory_plan.py), whatever the number of streams open.
+SEND_SLOTS = 2
 
 
 class SessionState(StrEnum):
@@ -75,8 +76,10 @@ class StreamSession:
     """One file's streamed upload; its thread opens the upload and sends the prefix."""
 
     def __init__(self, store: GirderStore, plan: StreamPlan, group_id: str,
-                 on_open: Callable[[int], None] = lambda delta: None) -> None:
+                 on_open: Callable[[int], None] = lambda delta: None,
+                 slots: threading.Semaphore | None = None) -> None:
         self.store, self.plan, self.group_id = store, plan, group_id
+        self._slots = slots or threading.Semaphore(1)  # the run's SEND_SLOTS
         self._on_open = on_open  # +1 when an upload opens, -1 when it is closed
         self.state = SessionState.OPENING
         self.item_id: str | None = None
@@ -97,6 +100,19 @@ class StreamSession:
         """More of the prefix may be there: wake the thread."""
         with self._cond:
             self._cond.notify_all()
+
+    def drains_to(self) -> int:
+        """The end of the prefix this upload sends (and lets go of) without another
+        message: the whole blocks of the prefix held, up to the held-back tail, while
+        the upload is open or opening; 0 otherwise (nothing would leave RAM by waiting)."""
+        if self.state not in (SessionState.OPENING, SessionState.STREAMING) or self._stop:
+            return 0
+        view = self.plan.view()
+        if view is None or view[0] != self.plan.size or view[2] < 0:
+            return 0
+        sent, ready = self.sent, min(view[1], view[2])
+        blocks = max(0, ready - sent) // STREAM_BLOCK
+        return sent + blocks * STREAM_BLOCK if blocks else 0
 
     def abandon(self) -> None:
         """Give up: the thread stops and removes the upload and the item it created (on
@@ -220,10 +236,13 @@ class StreamSession:
         _, prefix_end, hold_from = view
         if min(prefix_end, hold_from) - self.sent < STREAM_BLOCK:
             return False
-        data = self.plan.read(self.sent, self.sent + STREAM_BLOCK)
-        if not data:
-            return False
-        self._post_chunk(data)
+        with self._slots:
+            data = self.plan.read(self.sent, self.sent + STREAM_BLOCK)
+            if not data:
+                return False
+            self._post_chunk(data)
+            del data
+        self.plan.let_go(self.sent)  # Girder holds them: RAM need not (see finish)
         return True
 
     def _post_chunk(self, data: bytes) -> dict:
@@ -305,6 +324,9 @@ class StreamSession:
                            "with; uploading it whole", completed.rel_path, completed.size,
                            self.plan.size)
             self.state = SessionState.BROKEN
+        if completed.held_from and self.state is SessionState.BROKEN \
+                and self.upload_id is not None:
+            self.state = SessionState.STREAMING  # the only way left: resume at Girder's offset
         if self.state is SessionState.STREAMING:
             try:
                 return self._finish_stream(completed, shared)
@@ -318,6 +340,11 @@ class StreamSession:
             except GirderTerminalError:
                 pass  # gone already
             self.upload_id = None
+        if completed.held_from:
+            raise GirderTerminalError(
+                f"the streamed upload broke after its first {completed.held_from} bytes "
+                "were sent and let go; the file is rebuilt from its messages",
+                rel_path=completed.rel_path)
         outcome = self.store.upload(completed, shared=shared)
         self.state = SessionState.FINISHED
         return outcome
@@ -329,6 +356,9 @@ class StreamSession:
             "file/offset", parameters={"uploadId": self.upload_id}), "upload offset",
             completed.rel_path)
         self.sent = int(answer["offset"])
+        if self.sent < completed.held_from:  # Girder lost bytes we let go of
+            raise GirderTerminalError(f"Girder's upload is at {self.sent} bytes, before the "
+                                      f"{completed.held_from} let go", rel_path=completed.rel_path)
         stream = (completed.data.open() if completed.data is not None
                   else open(completed.path, "rb"))  # noqa: SIM115 - closed below
         with stream:
@@ -374,6 +404,7 @@ class StreamingUploads:
         self.sessions: list[StreamSession] = []
         self.open_now = self.max_open = 0  # Girder uploads open at once (the benchmarks')
         self._lock = threading.Lock()
+        self._slots = threading.Semaphore(SEND_SLOTS)
 
     def _count(self, delta: int) -> None:
         with self._lock:
@@ -385,7 +416,7 @@ class StreamingUploads:
         return len(self.sessions)
 
     def __call__(self, plan: StreamPlan) -> StreamSession:
-        session = StreamSession(self.store, plan, self.group_id, self._count)
+        session = StreamSession(self.store, plan, self.group_id, self._count, self._slots)
         self.sessions.append(session)
         return session
 

@@ -25,7 +25,7 @@ from girder_upload_stream.kafka.rdkafka_log import topic_problem, wait_for_topic
 from girder_upload_stream.kafka.group_watch import (STATISTICS_INTERVAL_MS, GroupState, GroupWatch,
                                                     parse_group_health)
 from girder_upload_stream.kafka.side_producers import HeartbeatProducer, LogProducer
-from girder_upload_stream.ledger.processor import PartitionInfo
+from girder_upload_stream.shared_types import PartitionInfo
 
 if TYPE_CHECKING:
     from girder_upload_stream.settings import KafkaCryptoSettings

@@ -40,8 +40,9 @@ from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.offsets import format_metadata, parse_metadata, parse_spans, spans_of
-from girder_upload_stream.ledger.processor import RawMessage
+from girder_upload_stream.wire.commit_metadata import (format_metadata, parse_metadata,
+                                                       parse_spans, spans_of)
+from girder_upload_stream.shared_types import RawMessage
 
 __all__ = ["Decryption", "DecryptingReader", "PlainMessage", "UndecryptedMessageError",
            "NOT_DECRYPTED", "NOT_ENCRYPTED"]

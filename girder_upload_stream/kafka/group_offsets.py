@@ -33,27 +33,32 @@ class GroupOffsets:
     _start_at: dict[tuple[str, int], int]
     _trouble_at: float | None
 
-    def commit(self, offsets: dict[tuple[str, int], tuple[int, str]]
+    def clamp(self, offsets: dict[tuple[str, int], tuple[int, str]]
+              ) -> dict[tuple[str, int], tuple[int, str]]:
+        """A commit plan stopped before the messages not decrypted yet (on an encrypted
+        topic; the plan as it is otherwise): see
+        :meth:`~girder_upload_stream.kafka.decrypting.DecryptingReader.clamp`. Step 1 of
+        :class:`~girder_upload_stream.loop.checkpoint.Checkpoint`."""
+        return self._reader.clamp(offsets) if self._reader is not None else offsets
+
+    def commit(self, offsets: dict[tuple[str, int], tuple[int, str]], sync: bool | None = None
                ) -> dict[tuple[str, int], tuple[int, str]]:
         """Commit ``{tp: (offset, metadata)}`` for the partitions owned; return what the
         broker accepted so far (:mod:`girder_upload_stream.kafka.commits` says why the
-        answer may come a round later). The caller keeps offsets not accepted yet in
-        its plan and passes them again next round.
+        answer may come a round later). The checkpoint
+        (:class:`~girder_upload_stream.loop.checkpoint.Checkpoint`, step 5) decides what
+        and when; partitions not owned (any more) are never sent.
 
-        Asynchronous, so that a broker outage never stops the loop; synchronous inside
-        a rebalance callback, where the revoke's last commit must be made before the
-        partitions go (the coordinator that drives the rebalance answers it, and a
-        session timeout ends the wait, :meth:`close` included)."""
+        Asynchronous, so that a broker outage never stops the loop; synchronous with
+        ``sync`` (None: inside a rebalance callback), where the revoke's last commit
+        must be made before the partitions go (the coordinator that drives the
+        rebalance answers it, and a session timeout ends the wait, :meth:`close`
+        included)."""
         from confluent_kafka import KafkaException, TopicPartition
-        # On an encrypted topic the commits stop before the messages not decrypted yet
-        # (which the caller does not know of), and the caller hears these clamped values,
-        # what was really committed: a message decrypted later lies below them and holds
-        # the next commits like any pending one.
-        values = self._reader.clamp(offsets) if self._reader is not None else offsets
-        owned = {tp: value for tp, value in values.items() if tp in self._owned}
+        owned = {tp: value for tp, value in offsets.items() if tp in self._owned}
         if self._consumer is None or not owned:
             return {}
-        if self._in_rebalance:
+        if sync or (sync is None and self._in_rebalance):
             return self._commit_now(owned)
         send, accepted = self._book.to_send(owned)
         if not send:
@@ -114,18 +119,22 @@ class GroupOffsets:
         fetch's statistics (``timeout`` None: no broker round trip) or from the broker;
         the position is librdkafka's or, while that is unknown (before the first message
         after an assignment), what was read or committed."""
+        return list(self._positions_by_partition(timeout).values())
+
+    def _positions_by_partition(self, timeout: float | None) -> dict[int, tuple[int, int]]:
+        """:meth:`_positions` by partition number (the group reads one topic)."""
         from confluent_kafka import TopicPartition
         consumer = self._consumer
         if consumer is None:
-            return []
-        result = []
+            return {}
+        result = {}
         for tp in consumer.position(consumer.assignment()):
             key = (tp.topic, tp.partition)
             position = max(tp.offset, self._read_up_to.get(key, -1), self._start_at.get(key, -1))
             part = TopicPartition(tp.topic, tp.partition)
             high = (consumer.get_watermark_offsets(part, cached=True) if timeout is None
                     else consumer.get_watermark_offsets(part, timeout=timeout))[1]
-            result.append((position, high))
+            result[tp.partition] = (position, high)
         return result
 
     def lag(self) -> int | None:
@@ -138,6 +147,18 @@ class GroupOffsets:
         except KafkaException:
             return None
         return sum(known) if known else None
+
+    def partition_positions(self) -> dict[int, tuple[int, int]]:
+        """``{partition: (position, high watermark)}`` of every assigned partition (-1
+        where unknown), from librdkafka's cache like :meth:`lag`: no broker round trip;
+        the operator's view of this member (loop/group_view.py). Raises
+        ``KafkaException`` when librdkafka cannot tell."""
+        return self._positions_by_partition(None)
+
+    @property
+    def group_id(self) -> str:
+        """The consumer group's id, as the consumer was configured."""
+        return str(getattr(self, "_settings", {}).get("group.id", ""))
 
     def caught_up(self, timeout: float = 5.0) -> bool:
         """True if the broker answers and every assigned partition has been read to its

@@ -181,19 +181,18 @@ class DeadLetterProducer:
 
 
 def fetch_messages(settings: dict[str, Any], wanted: dict[tuple[str, int], set[int]],
-                   timeout: float) -> dict[tuple[str, int, int], tuple[bytes | None,
-                                                                     bytes | None]]:
+                   timeout: float) -> dict[tuple[str, int, int], tuple[Any, ...]]:
     """Read the messages at the ``wanted`` offsets again, as they are in the topic, with
     a consumer of its own that joins no group and commits nothing (the dead-letter
     topic's copies of the messages of a rejected file, whose bytes were not kept).
-    Returns ``{(topic, partition, offset): (key, value)}`` for those found in
+    Returns ``{(topic, partition, offset): (key, value, headers)}`` for those found in
     ``timeout`` seconds (offsets gone from the topic are missing)."""
     from confluent_kafka import Consumer, TopicPartition
     own = {k: v for k, v in settings.items()
            if not k.startswith(("group.", "enable.auto", "auto.", "partition.assignment"))}
     consumer = Consumer({**own, "group.id": "girder-upload-stream-dead-letter-fetch",
                          "enable.auto.commit": False, "enable.auto.offset.store": False})
-    found: dict[tuple[str, int, int], tuple[bytes | None, bytes | None]] = {}
+    found: dict[tuple[str, int, int], tuple[bytes | None, bytes | None, Any]] = {}
     left = {tp: set(offsets) for tp, offsets in wanted.items() if offsets}
     try:
         consumer.assign([TopicPartition(t, p, min(offsets)) for (t, p), offsets in left.items()])
@@ -203,7 +202,8 @@ def fetch_messages(settings: dict[str, Any], wanted: dict[tuple[str, int], set[i
                 tp = (msg.topic(), msg.partition())
                 if msg.error() is None and msg.offset() in left.get(tp, ()):
                     left[tp].discard(msg.offset())
-                    found[(tp[0], tp[1], msg.offset())] = (msg.key(), msg.value())
+                    found[(tp[0], tp[1], msg.offset())] = (msg.key(), msg.value(),
+                                                           msg.headers())
     finally:
         consumer.close()
     return found

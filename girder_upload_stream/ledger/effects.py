@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["Effect", "AbandonStream", "DropAssembly", "FinishAssembly", "ReleaseStaging",
            "ReleaseOffsets", "WriteRow", "ROWS"]
 
-#: The :class:`~girder_upload_stream.ledger.stream_types.Recorder` calls a row may be.
+#: The :class:`~girder_upload_stream.shared_types.Recorder` calls a row may be.
 ROWS = frozenset({"file_rejected", "file_messages_rejected", "file_found", "file_stale",
                   "file_dropped"})
 

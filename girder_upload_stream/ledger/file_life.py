@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from girder_upload_stream.assembly.reassembly import FileProgress
+from girder_upload_stream.shared_types import FileProgress, PartitionInfo
 from girder_upload_stream.ledger.records import FileRecord, FileState, Role
-from girder_upload_stream.ledger.stream_types import PartitionInfo
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["FileLife", "STUCK_LOOKUP_SECONDS"]

@@ -1,7 +1,9 @@
 """Which Kafka offsets may be committed, and which messages are re-reads: the
 at-least-once rule, in one place.
 
-Commit order (what must be durable before an offset may be committed):
+The rules (what must be durable before an offset may be committed; the order of a
+commit's steps, from this plan to the broker, is written once, in
+:class:`~girder_upload_stream.loop.checkpoint.Checkpoint`):
 
 1. A message is *pending* from the moment it is read until its fate is durable.
 2. A message whose file is uploaded to Girder (or found there already with the same
@@ -57,7 +59,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Hashable, Iterable
 
-from girder_upload_stream.ledger.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
+from girder_upload_stream.wire.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
                                                   TopicPartition, format_metadata,
                                                   merge_spans, parse_failed, parse_metadata,
                                                   parse_spans, spans_of)

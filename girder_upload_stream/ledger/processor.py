@@ -26,20 +26,19 @@ from girder_upload_stream.ledger.effects import (AbandonStream, DropAssembly, Ef
                                                  ReleaseStaging, WriteRow)
 from girder_upload_stream.ledger.file_life import STUCK_LOOKUP_SECONDS, FileLife
 from girder_upload_stream.ledger.offsets import OffsetTracker
-from girder_upload_stream.ledger.records import (FileLedger, FileRecord, FileState, Role, Route,
-                                                 file_generation)
-from girder_upload_stream.ledger.stream_types import (ChunkRefusedError, Counters, PartitionInfo,
-                                                      RawMessage, Recorder)
-from girder_upload_stream.ledger.streams import (MAX_OPEN_STREAMS, StreamHandle, StreamPlan,
-                                                 wants_stream)
-from girder_upload_stream.ledger.units import FileOutcome, Outcome, UploadUnit
-from girder_upload_stream.ledger.uploading import RETRIED_NEXT_RUN, Uploading
+from girder_upload_stream.ledger.records import FileLedger, FileRecord, FileState, Role, Route
+from girder_upload_stream.shared_types import (FileOutcome, Outcome, RawMessage, Recorder,
+                                               StreamPlan)
+from girder_upload_stream.ledger.stream_types import ChunkRefusedError, Counters
+from girder_upload_stream.ledger.streams import MAX_OPEN_STREAMS, StreamHandle, wants_stream
+from girder_upload_stream.ledger.units import UploadUnit
+from girder_upload_stream.ledger.uploading import Uploading
 from girder_upload_stream.retry_policy import RetryPolicy
 from girder_upload_stream.wire.codec import Chunk, FileKey, decode_chunk
 
-# The exchanged types are re-exported: callers of the processor need them.
-__all__ = ["RawMessage", "PartitionInfo", "Recorder", "Counters", "StreamProcessor",
-           "RETRIED_NEXT_RUN", "STUCK_LOOKUP_SECONDS", "file_generation", "ChunkRefusedError"]
+# Its counters and refusal error are re-exported: callers of the processor need them (the
+# data types it exchanges with other layers are in girder_upload_stream.shared_types).
+__all__ = ["Counters", "StreamProcessor", "STUCK_LOOKUP_SECONDS", "ChunkRefusedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +136,18 @@ class StreamProcessor(FileLife, Uploading):
         their staging files (:meth:`Reassembler.spill`), down to ``SPILL_LOW_WATER`` of
         the budget less what completed files hold. Spilling loses nothing and never
         waits for anything, so it cannot deadlock; completed files over the budget are
-        the loop's to handle (it pauses fetching until uploads free them)."""
+        the loop's to handle (it pauses fetching until uploads free them). Bytes that
+        open streams send and let go of without another message (:meth:`_draining`)
+        are not spilled: the loop pauses while they leave instead of writing them."""
         budget = self.memory_budget_bytes
-        if budget is None or self.reassembler.bytes_held + self.ledger.held_bytes <= budget:
+        held = self.reassembler.bytes_held + self.ledger.held_bytes
+        if budget is None or held <= budget:
             return
-        target = max(0, int(budget * SPILL_LOW_WATER) - self.ledger.held_bytes)
-        spilled = self.reassembler.spill(target)
+        draining, keys = self._draining()
+        if held - draining <= budget:
+            return
+        target = max(0, int(budget * SPILL_LOW_WATER) - self.ledger.held_bytes + draining)
+        spilled = self.reassembler.spill(target, keys)
         if spilled:
             logger.debug("over the memory budget: %d file(s) being rebuilt spilled to disk",
                          spilled)
@@ -160,13 +165,13 @@ class StreamProcessor(FileLife, Uploading):
         return max(1, min(most, int(target // max(average, 1.0))))
 
     def _decode(self, msg: RawMessage, tp: tuple[str, int]) -> Chunk | None:
+        topic, partition, offset = msg.source  # the source topic's, when re-keyed
         try:
             if msg.key is None:
                 raise ChunkDecodeError("message has no key (OpenMSIStream keys every chunk)",
-                                       topic=msg.topic, partition=msg.partition,
-                                       offset=msg.offset)
-            return decode_chunk(msg.value, msg.key, topic=msg.topic,
-                                partition=msg.partition, offset=msg.offset)
+                                       topic=topic, partition=partition, offset=offset)
+            return decode_chunk(msg.value, msg.key, topic=topic, partition=partition,
+                                offset=offset)
         except ChunkDecodeError as error:
             self._reject_message(msg, error)
             return None
@@ -245,8 +250,9 @@ class StreamProcessor(FileLife, Uploading):
         the message alone is rejected; its file, if any, goes on without it."""
         if result.contested:
             self._contested(result.file_key)
+        topic, partition, offset = msg.source
         self._reject_message(msg, ChunkRefusedError(
-            result.reason, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+            result.reason, topic=topic, partition=partition, offset=offset,
             rel_path=chunk.rel_path))
 
     def _contested(self, key: FileKey) -> None:
@@ -311,7 +317,7 @@ class StreamProcessor(FileLife, Uploading):
             return
         plan = StreamPlan(key[0], key[1], view[0], lambda: reassembler.stream_view(key),
                           lambda start, end: reassembler.read_prefix(key, start, end),
-                          self.stream_shared)
+                          self.stream_shared, lambda end: reassembler.let_go(key, end))
         self.ledger.stream(key, self.open_stream(plan))
 
     def abandon_streams(self, reason: str) -> int:
@@ -369,7 +375,22 @@ class StreamProcessor(FileLife, Uploading):
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting, uploading or waiting to retry. Files still assembling do not
-        count: without new messages they cannot progress."""
+        """Nothing waiting, uploading or waiting to retry, and no stream sending bytes
+        it holds. Files still assembling do not count otherwise: without new messages
+        they cannot progress."""
         return not (self._units or self.ledger.count(
-            FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY))
+            FileState.READY, FileState.UPLOADING, FileState.WAITING_TO_RETRY)
+            or self._draining()[0])
+
+    def _draining(self) -> tuple[int, frozenset]:
+        """RAM bytes the open streams send to Girder and let go of without another
+        message, and their files' keys."""
+        total, keys = 0, set()
+        for record in self.ledger.in_state(FileState.STREAMING):
+            drains_to = getattr(record.stream, "drains_to", None)
+            end = drains_to() if drains_to is not None else 0
+            held = self.reassembler.ram_below(record.key, end) if end else 0
+            if held:
+                total += held
+                keys.add(record.key)
+        return total, frozenset(keys)

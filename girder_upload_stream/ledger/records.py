@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from girder_upload_stream.assembly.candidates import Group
-from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress
+from girder_upload_stream.shared_types import CompletedFile, FileProgress, file_generation
 from girder_upload_stream.ledger.offsets import PendingOffsets
 from girder_upload_stream.ledger.repeats import CopyCounts, RepeatCounter
 from girder_upload_stream.ledger.states import FileState, Role
@@ -46,12 +46,7 @@ from girder_upload_stream.ledger.transitions import FileTransitions
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["FileState", "Role", "Route", "FileRecord", "RepeatCounter", "FileLedger",
-           "LedgerError", "file_generation"]
-
-
-def file_generation(file_hash: bytes) -> str:
-    """The short id of one generation of a file (its sha512 prefix), as registries keep it."""
-    return file_hash.hex()[:32]
+           "LedgerError"]
 
 
 class Route(StrEnum):
@@ -129,7 +124,7 @@ class FileRecord:
         """File bytes in RAM that this record (not the reassembler) holds."""
         if self.state in _HOLDING and self.completed is not None \
                 and self.completed.data is not None:
-            return self.completed.size
+            return self.completed.size - self.completed.held_from
         return 0
 
 

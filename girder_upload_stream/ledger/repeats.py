@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from girder_upload_stream.assembly.outcomes import AddStatus, CompletedFile
+from girder_upload_stream.assembly.outcomes import AddStatus
+from girder_upload_stream.shared_types import CompletedFile
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["RepeatCounter", "CopyCounts"]

@@ -9,17 +9,16 @@ upload opens once the file's last chunk is in. Never on one message's word: byte
 from offset 0 must be in hand too, and agree with it (the last chunk starts at or after
 the end of that prefix); the session then waits for a whole block of that prefix
 before it makes anything in Girder. Smaller files keep the batched upload
-units (a streamed file costs one more Girder request and its own task run).
+units (a streamed file costs one more Girder request and its own task run). What a
+streamed upload reads is a :class:`~girder_upload_stream.shared_types.StreamPlan`, which
+``girder/`` takes without importing the ledger.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["DEFAULT_STREAM_MIN_BYTES", "MAX_OPEN_STREAMS", "StreamPlan", "StreamHandle",
-           "wants_stream"]
+__all__ = ["DEFAULT_STREAM_MIN_BYTES", "MAX_OPEN_STREAMS", "StreamHandle", "wants_stream"]
 
 #: Files from this size stream: 4 upload units' worth (16 MiB each). Below it, an
 #: upload at completion takes a fraction of a second and overlapping gains little.
@@ -30,26 +29,11 @@ DEFAULT_STREAM_MIN_BYTES = 64 << 20
 MAX_OPEN_STREAMS = 8
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """What a streamed upload needs: the file, its size, and two views of the bytes the
-    reassembler holds (called from the upload's own thread; both thread-safe)."""
-
-    rel_path: str
-    file_hash: bytes
-    size: int
-    #: ``() -> (size, prefix_end, last_chunk_offset) | None`` (None: no longer assembling)
-    view: Callable[[], tuple[int | None, int, int] | None]
-    #: ``(start, end) -> bytes | None``: bytes of the in-order prefix
-    read: Callable[[int, int], bytes | None]
-    #: whether another consumer of the group may upload the same file now
-    shared: Callable[[], bool]
-
-
 class StreamHandle(Protocol):
     """The I/O side's session of one streamed file."""
 
     def nudge(self) -> None: ...
+    def drains_to(self) -> int: ...
     def abandon(self) -> None: ...
     def close(self, timeout: float) -> None: ...
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from girder_upload_stream.assembly.reassembly import FileProgress, RejectedFile
+from girder_upload_stream.shared_types import RETRIED_NEXT_RUN, FileProgress, RejectedFile
 from girder_upload_stream.ledger.effects import (AbandonStream, DropAssembly, Effect,
                                                  FinishAssembly, ReleaseOffsets,
                                                  ReleaseStaging, WriteRow)
 from girder_upload_stream.ledger.states import FileState
 from girder_upload_stream.wire.codec import FileKey
 
-__all__ = ["FileTransitions", "RETRIED_NEXT_RUN"]
+__all__ = ["FileTransitions"]
 
 logger = logging.getLogger(__name__)
-
-#: What the registry says of a file whose upload failed for good, or none of whose
-#: copies verified (offsets rule 9).
-RETRIED_NEXT_RUN = "its messages are read again by the next run of this consumer group"
 
 
 class FileTransitions:

@@ -11,37 +11,13 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome
 from girder_upload_stream.wire.codec import FileKey
-from girder_upload_stream.assembly.reassembly import CompletedFile
 
-__all__ = ["Outcome", "FileOutcome", "UploadUnit", "group_into_units", "stripe_into_units",
-           "UploadChannel", "report_outcome", "mark_moved", "is_shared"]
-
-
-class Outcome(StrEnum):
-    UPLOADED = "uploaded"                    # a new item was created
-    REPLACED = "replaced"                    # --replace_existing swapped different content
-    SKIPPED_IDENTICAL = "skipped_identical"  # the same content is already there
-    SKIPPED_DIFFERENT = "skipped_different"  # different content there; not replaced
-    FAILED_TERMINAL = "failed_terminal"      # cannot succeed (bad name, permissions)
-    FAILED_TRANSIENT = "failed_transient"    # may succeed later (server down, 5xx)
-
-    @property
-    def durable(self) -> bool:
-        """True when the file's messages may be committed (it is in Girder or never will be)."""
-        return self is not Outcome.FAILED_TRANSIENT
-
-
-@dataclass(frozen=True)
-class FileOutcome:
-    rel_path: str
-    file_key: FileKey
-    outcome: Outcome
-    reason: str = ""
-    item_id: str | None = None
+__all__ = ["UploadUnit", "group_into_units", "stripe_into_units", "UploadChannel",
+           "report_outcome", "mark_moved", "is_shared"]
 
 
 @dataclass

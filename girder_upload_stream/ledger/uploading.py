@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import (CompletedFile, FileOutcome, Outcome,
+                                               RETRIED_NEXT_RUN)
 from girder_upload_stream.ledger.records import FileRecord, FileState, Role
-from girder_upload_stream.ledger.transitions import RETRIED_NEXT_RUN
-from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit,
-                                               group_into_units, stripe_into_units)
+from girder_upload_stream.ledger.units import UploadUnit, group_into_units, stripe_into_units
 
 __all__ = ["Uploading", "RETRIED_NEXT_RUN"]
 

@@ -9,7 +9,8 @@ Kafka Connect's ``__connect.errors.*`` (see :data:`HEADERS`).
 :class:`DeadLetters` is the rejection sink's Kafka half: the registry recorder hands it
 each rejected message (its bytes in hand) or each message of a rejected file (only its
 offset: the chunks' bytes were not kept, so they are read again from the topic). The
-runner calls :meth:`DeadLetters.settle` before each offset commit, and commits only
+run's :class:`~girder_upload_stream.loop.checkpoint.Checkpoint` calls
+:meth:`DeadLetters.settle` before each offset commit (its step 2), and commits only
 when it returns True: every dead letter queued so far was acknowledged by the broker.
 A message not acknowledged is sent again at the next commit; while the topic cannot be
 written, commits wait (the messages are read again after a restart, and dead-lettered
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from girder_upload_stream import __version__
+from girder_upload_stream.loop.rekey_book import origin_of
 from girder_upload_stream.text_bounds import bounded
 
 __all__ = ["DeadLetters", "DeadLetter", "HEADERS", "HELD_BYTES", "FETCH_ATTEMPTS",
@@ -82,6 +84,16 @@ def headers_of(letter: DeadLetter, group: str) -> list[tuple[str, bytes]]:
     if letter.file is not None:
         values["file"] = bounded(letter.file, 500)
     return [(HEADERS[name], value.encode("utf-8")) for name, value in values.items()]
+
+
+def _from_origin(letter: DeadLetter, headers: tuple[Any, ...]) -> None:
+    """A message read again from the internal topic of ``--rekey_by_file``: the letter
+    names where it was produced and carries its original key (loop/rekey_book.py)."""
+    origin = origin_of(headers[0]) if headers else None
+    if origin is not None:
+        letter.topic, letter.partition, letter.offset = (origin.topic, origin.partition,
+                                                         origin.offset)
+        letter.key = origin.key
 
 
 class DeadLetters:
@@ -161,8 +173,9 @@ class DeadLetters:
             if letter.fetched:
                 continue
             if where in found:
-                letter.key, letter.value = found[where]
+                letter.key, letter.value = found[where][:2]
                 letter.fetched = True
+                _from_origin(letter, found[where][2:])
                 continue
             letter.fetch_attempts += 1
             if letter.fetch_attempts >= FETCH_ATTEMPTS:

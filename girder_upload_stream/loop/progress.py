@@ -10,7 +10,9 @@ readable in a terminal, a ``journalctl`` or a worker's log alike. It starts with
 ``progress:`` so that a reader (or ``grep -v``) can tell it from everything else.
 
 Pure: the loop's counters, its files in progress and the group's lag come in, text goes
-out; :class:`ProgressLine` is the runner's side job that writes it.
+out; :class:`ProgressLine` is the runner's side job that writes it. The line ends with
+each hop's partitions held by this member and their lag (loop/group_view.py), so that
+the members of one group can be told apart.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from girder_upload_stream.loop.group_view import HopView, format_hops, hop_views
 
 __all__ = ["ProgressSample", "Rates", "rates_between", "format_progress", "take_sample",
            "ProgressLine"]
@@ -36,6 +40,7 @@ class ProgressSample:
     files_in_progress: int
     lag: int | None       # messages between the consumer's position and the end; None: unknown
     files_not_matched: int = 0  # skipped by --download_regex
+    hops: tuple[HopView, ...] = ()  # this member's partitions and lag on each hop
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ def _duration(seconds: float) -> str:
 def format_progress(sample: ProgressSample, rates: Rates | None, elapsed: float) -> str:
     """One line, e.g. ``progress: 0:10:00 up; 1,200 files done (300 MiB), 0 failed, 3 in
     progress; lag 12 messages; 2.0 files/s, 512 KiB/s over the last 30 s``; with
-    ``, 5 skipped by --download_regex`` after "in progress" once the regex skipped any."""
+    ``, 5 skipped by --download_regex`` after "in progress" once the regex skipped any,
+    and each hop's partitions and lag at the end (``; hop source: group g, partitions
+    0,2 lag 0/15``)."""
     regex = (f", {sample.files_not_matched:,} skipped by --download_regex"
              if sample.files_not_matched else "")
     lag = "lag unknown" if sample.lag is None else \
@@ -89,7 +96,8 @@ def format_progress(sample: ProgressSample, rates: Rates | None, elapsed: float)
     return (f"progress: {_duration(elapsed)} up; {sample.files_done:,} file"
             f"{'' if sample.files_done == 1 else 's'} done ({_size(sample.bytes_done)}), "
             f"{sample.files_failed:,} failed, {sample.files_in_progress:,} in progress"
-            f"{regex}; {lag}; {rate}")
+            f"{regex}; {lag}; {rate}"
+            + (f"; {format_hops(sample.hops)}" if sample.hops else ""))
 
 
 def _lag(group: Any) -> int | None:
@@ -102,12 +110,12 @@ def _lag(group: Any) -> int | None:
 
 
 def take_sample(runner: Any, at: float) -> ProgressSample:
-    """The runner's counters, files in progress and group lag now."""
+    """The runner's counters, files in progress, group lag and hops now."""
     c = runner.processor.counters
     return ProgressSample(at, c.files_uploaded + c.files_skipped + c.files_skipped_different
                           + c.files_found_in_girder, c.bytes_processed, c.files_failed,
                           len(runner.processor.reassembler.in_progress()), _lag(runner.group),
-                          c.files_skipped_by_regex)
+                          c.files_skipped_by_regex, tuple(hop_views(runner)))
 
 
 class ProgressLine:

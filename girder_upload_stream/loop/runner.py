@@ -4,10 +4,9 @@ It imports no Prefect, Kafka or Girder module: the flow gives it a consumer grou
 ``submit`` function that starts an upload unit (a Prefect task) and returns a handle,
 and optional side jobs (registry saving, heartbeats, console). Polling never waits for
 an upload: finished handles are collected each round, so a slow Girder cannot push
-the consumer past ``max.poll.interval.ms``. Offsets are committed per
-:mod:`girder_upload_stream.ledger.offsets`, and only after ``before_commit`` (the dead
-letters acknowledged, the registry save) worked: while it fails, uploads go on and
-commits wait.
+the consumer past ``max.poll.interval.ms``. Every commit goes through the run's
+:class:`~girder_upload_stream.loop.checkpoint.Checkpoint`, whose docstring holds the
+sequence of what must be durable first.
 """
 
 from __future__ import annotations
@@ -16,21 +15,24 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from girder_upload_stream import failpoints, startup, timings
 from girder_upload_stream.errors import FatalError
+from girder_upload_stream.loop.checkpoint import Checkpoint, UpstreamHop
 from girder_upload_stream.retry_policy import classify
-from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import FileOutcome, RawMessage
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import FileKey
-from girder_upload_stream.ledger.units import FileOutcome, UploadUnit, mark_moved
+from girder_upload_stream.ledger.units import UploadUnit, mark_moved
+from girder_upload_stream.loop.rekey_book import raw_message
 
 __all__ = ["UploadHandle", "ProbeHandle", "SideJob", "RunSummary", "StreamRunner", "StopSignal",
-           "stop_on_signals"]
+           "stop_on_signals", "DrivenHop"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +109,26 @@ class RunSummary:
     max_uploads_in_flight: int = 0
 
 
+@runtime_checkable
+class DrivenHop(UpstreamHop, Protocol):
+    """An upstream hop the loop also drives (the re-key hop): stepped each round before
+    this hop polls, asked whether it is idle, closed at shutdown. Its part of the commit
+    (flush, commit, purge) is the checkpoint's (:class:`UpstreamHop`)."""
+
+    def step(self) -> int: ...
+    def idle(self) -> bool: ...
+    def close(self) -> None: ...
+
+
 class StreamRunner:
     """Drives one :class:`StreamProcessor` from a consumer group until asked to stop."""
 
     def __init__(self, settings: RunSettings, processor: StreamProcessor, group: Any,
                  submit: Callable[[UploadUnit], UploadHandle],
                  side_jobs: list[SideJob] | None = None,
-                 before_commit: Callable[[], None] | None = None,
+                 save: Callable[[], bool] | None = None,
+                 dead_letters: Callable[[], bool] | None = None,
+                 upstream: Sequence[UpstreamHop] = (),
                  probe: Callable[[list[FileKey]], ProbeHandle] | None = None,
                  early_outcomes: Callable[[], list[tuple[int, FileOutcome]]] | None = None,
                  clock: Callable[[], float] = time.monotonic,
@@ -124,7 +139,9 @@ class StreamRunner:
         self.group = group
         self._submit = submit
         self.side_jobs = side_jobs or []
-        self._before_commit = before_commit
+        # Steps 2 and 3 of the checkpoint: the dead letters acknowledged, the save.
+        self.checkpoint = Checkpoint(processor.offsets, group, dead_letters=dead_letters,
+                                     save=save, upstream=upstream)
         self._clock = clock
         self._probe = probe
         self._early_outcomes = early_outcomes
@@ -136,27 +153,32 @@ class StreamRunner:
         self.summary: RunSummary | None = None
         self.stopping_reason = ""
         self.fatal: FatalError | None = None  # an upload's: the run stops on it
-        self._save_raised = False  # the last before_commit raised (commits wait)
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
         self.max_uploads_in_flight = 0
+        #: ``--rekey_by_file``: the first hop (loop/rekey_hop.py), an upstream hop the
+        #: loop also drives (:class:`DrivenHop`: stepped before this group, the second
+        #: hop, polls); None: the group reads the source topic itself.
+        self.rekey = next((hop for hop in upstream if isinstance(hop, DrivenHop)), None)
 
     # -- one round --------------------------------------------------------------------
     def step(self) -> int:
         """Poll once, process, submit, collect and maybe commit; returns messages read."""
+        forwarded = self.rekey.step() if self.rekey is not None else 0
         messages = self.group.poll(self.processor.poll_size(self.settings.poll_batch),
-                                   timeout=0.2)
+                                   timeout=0.02 if forwarded else 0.2)
         if messages:
             startup.mark(startup.FIRST_MESSAGE)
             if self.first_message_at is None:
                 self.first_message_at = time.time()
         for msg in messages:
-            self.processor.handle(RawMessage(msg.topic(), msg.partition(), msg.offset(),
+            self.processor.handle(raw_message(msg) if self.rekey is not None else
+                                  RawMessage(msg.topic(), msg.partition(), msg.offset(),
                                              msg.key(), msg.value()))
         for tp, offset in self.processor.offsets.take_seeks().items():
             if self.group.seek(tp, offset):  # over messages done before a restart (rule 8)
                 self.processor.offsets.sought(tp, offset)
-        if messages or not self.group.assignment:
+        if messages or forwarded or not self.group.assignment:
             # Idle time only counts while partitions are assigned (joining can take seconds).
             self._last_message = self._clock()
         for unit in self.processor.take_units():
@@ -238,58 +260,17 @@ class StreamRunner:
                 c.files_found_in_girder:
             startup.mark(startup.FIRST_FILE)
 
-    def commit(self, tps: list[tuple[str, int]] | None = None) -> None:
-        """Commit every offset the tracker says is safe, for partitions we own. In this
-        order (the rules are those of :mod:`girder_upload_stream.ledger.offsets`):
-
-        1. the plan: per partition, the lowest pending offset (or one past the last
-           read) and the metadata of rules 7-9 (watermark, pending and retry spans);
-           nothing when neither moved since the last commit;
-        2. ``before_commit``, first the dead letters (with ``--dead_letter_topic``,
-           loop/dead_letter.py): every message rejected so far was produced to the
-           dead-letter topic and acknowledged by the broker (a flush and each delivery
-           report), so no rejected message's offset is committed before its copy is
-           kept; if one is not acknowledged, nothing is committed and it is sent again
-           next round;
-        3. then the registry save: every file whose messages the plan
-           passes is listed as processed or failed on disk first (rule 5), so a
-           restart recognises its re-read chunks. If it fails (a full disk...) nothing
-           is committed: the offsets stay committable and the next round tries again;
-        4. the commit itself: asynchronous from the loop (the broker's answer reaches
-           the tracker a round later, see :mod:`girder_upload_stream.kafka.commits`),
-           synchronous inside a rebalance callback; what the broker accepted is
-           remembered, so it is not committed again."""
+    def commit(self) -> None:
+        """A commit round of the loop: :meth:`Checkpoint.commit` (the upstream hops'
+        flush, commit and purge included)."""
         self._last_commit = self._clock()
-        offsets = self.processor.offsets.commit_plan(tps if tps is not None
-                                                     else self.group.assignment)
-        if offsets and self._durable():
-            failpoints.hit("commit.before")
-            self.processor.offsets.committed(self.group.commit(offsets))
-            failpoints.hit("commit.after")
-
-    def _durable(self) -> bool:
-        """Run ``before_commit``: False if it returned False (it logs why itself, e.g.
-        :meth:`RegistryRecorder.try_save`) or raised (logged here, once per streak)."""
-        if self._before_commit is None:
-            return True
-        try:
-            ok = self._before_commit() is not False
-        except Exception as exc:  # noqa: BLE001 - a failing save must not stop uploads
-            if not self._save_raised:
-                logger.error("offsets are not committed while the save before a commit "
-                             "fails (%s: %s); uploads go on, commits resume once it works",
-                             type(exc).__name__, exc)
-            self._save_raised = True
-            return False
-        if ok and self._save_raised:
-            logger.warning("the save before a commit works again: offset commits resume")
-            self._save_raised = False
-        return ok
+        self.checkpoint.commit()
 
     def on_revoke(self, tps: list[tuple[str, int]]) -> None:
-        """Before losing partitions: commit what is safe for them, hand the files that
-        only they hold to the next owner, then forget them."""
-        self.commit(tps)
+        """Before losing partitions: commit what is safe for them (synchronously,
+        :meth:`Checkpoint.revoke`), hand the files that only they hold to the next
+        owner, then forget them."""
+        self.checkpoint.revoke(tps)
         self._drop(tps)
 
     def on_lost(self, tps: list[tuple[str, int]]) -> None:
@@ -319,7 +300,7 @@ class StreamRunner:
             return f"max_runtime_seconds ({limit:g}) reached"
         idle = self.settings.max_idle_seconds
         if (idle is not None and now - self._last_message >= idle and self.processor.idle
-                and not self.busy):
+                and not self.busy and (self.rekey is None or self.rekey.idle())):
             # A broker that did not answer lately, or messages still waiting, is not
             # idleness: the idle time counts from the broker's last problem.
             quiet = getattr(self.group, "quiet_seconds", lambda: float("inf"))()
@@ -370,7 +351,11 @@ class StreamRunner:
             self.commit()
             self._final_ticks()
         finally:
-            self.group.close()
+            try:
+                self.group.close()
+            finally:
+                if self.rekey is not None:
+                    self.rekey.close()  # flush, commit, leave the source's group
         save_error = getattr(self.processor.recorder, "save_error", None)
         if save_error is not None:
             logger.error("the last save of the registries failed (%s): the offsets of "

@@ -35,9 +35,10 @@ from girder_upload_stream.memory_plan import plan_memory, tune_malloc
 from girder_upload_stream.loop.executor import UploadExecutor
 from girder_upload_stream.loop.uploads import FileUploads
 from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, stop_on_signals
-from girder_upload_stream.loop.wiring import (build_runner, dead_letter_settings,
-                                              girder_settings, kafka_settings,
-                                              log_topic_settings)
+from girder_upload_stream.loop.wiring import (build_rekey, build_runner,
+                                              dead_letter_settings, girder_settings,
+                                              kafka_settings, log_topic_settings,
+                                              rekey_plan, rekey_wanted)
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
 __all__ = ["Hooks", "Prepared", "girder_settings_from", "checked_store", "prepare",
@@ -91,6 +92,7 @@ class Prepared:
     kafka: KafkaSettings
     group: Any = None  # a ConsumerGroup, joining
     locks: RunFolderLocks | None = None  # the output (and logs) folder's, held
+    rekey: Any = None  # --rekey_by_file: the first hop (group then reads the internal topic)
 
     def close(self) -> None:
         """Leave the group and drop the folder locks if no run took them (the run
@@ -98,6 +100,9 @@ class Prepared:
         if self.group is not None:
             self.group.close()
             self.group = None
+        if self.rekey is not None:
+            self.rekey.close()
+            self.rekey = None
         if self.locks is not None:
             self.locks.release()
             self.locks = None
@@ -118,11 +123,18 @@ def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
     """Check Girder (first: a wrong key must stop the run before the group is joined),
     then subscribe the run's consumer, whose join goes on while the caller does the
     rest of its start-up."""
+    rekey = rekey_wanted(p["config"], p.get("rekey_by_file", False))  # refused: first
     tune_malloc()  # before the clients' threads and buffers (memory_plan.py)
     store, root = checked_store(girder, p["topic_name"])
     kafka = _kafka_settings(p)
     prepared = Prepared(store, root, kafka, locks=_check_folders(p, kafka))
-    if kafka.kafkacrypto is None:
+    if rekey:
+        try:
+            prepared.group, prepared.rekey = build_rekey(rekey_plan(p["config"], kafka), kafka)
+        except BaseException:
+            prepared.close()
+            raise
+    elif kafka.kafkacrypto is None:
         from girder_upload_stream.kafka.clients import ConsumerGroup
         prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
         prepared.group.connect()
@@ -171,17 +183,26 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
     (:func:`prepare`: the command line checks Girder before anything else and starts
     the group's join); otherwise Girder is checked here, before the group is joined."""
     topic = p["topic_name"]
+    rekey = None  # --rekey_by_file: the first hop
     if prepared is None:
+        wanted = rekey_wanted(p["config"], p.get("rekey_by_file", False))  # refused: first
         tune_malloc()  # as in prepare()
         girder_store, root_folder = checked_store(girder, topic)
         kafka, group = _kafka_settings(p), None
         locks = _check_folders(p, kafka)
+        if wanted:
+            try:
+                group, rekey = build_rekey(rekey_plan(p["config"], kafka), kafka)
+            except BaseException:
+                locks.release()
+                raise
     else:
         girder_store, root_folder = prepared.store, prepared.root_folder
         kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken
+        rekey, prepared.rekey = prepared.rekey, None
         locks, prepared.locks = prepared.locks or _lock_folders(p), None
     try:
-        return _run_locked(p, girder, hooks, girder_store, root_folder, kafka, group)
+        return _run_locked(p, girder, hooks, girder_store, root_folder, kafka, group, rekey)
     finally:
         locks.release()  # deletes the lock file in .gus-staging/: it may then go too
         with contextlib.suppress(OSError):  # not there, or another run's folder is in it
@@ -190,7 +211,7 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
 
 def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
                 girder_store: GirderStore, root_folder: str, kafka: KafkaSettings,
-                group: Any) -> dict[str, Any]:
+                group: Any, rekey: Any = None) -> dict[str, Any]:
     """:func:`run_session` once the folders are locked."""
     topic = p["topic_name"]
     log_topic = log_topic_settings(p["config"], p["log_topic_name"], p["log_program_id"],
@@ -218,10 +239,12 @@ def _run_locked(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
                 registry_fallback=(lambda: fallback(topic, group_id)) if fallback else None,
                 log_topic=log_topic, secrets=[girder.api_key.get_secret_value()],
                 girder_api_url=girder.api_url, stop=stop, group=group, open_stream=streams,
-                dead_letter=dead_letter)
+                dead_letter=dead_letter, rekey=rekey)
         except BaseException:
             if group is not None:
                 group.close()  # joined beforehand: leave at once
+            if rekey is not None:
+                rekey.close()
             raise
         if not hooks.linger:
             runner.processor.linger_seconds = 0.0
@@ -256,10 +279,12 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
              summary.counters)
     spilled = runner.processor.reassembler.spilled_files
     log.info("first message read at %s (epoch s); at most %d upload unit(s) in flight; "
-             "%d file(s) spilled to disk over the memory budget; %d streamed upload(s), at "
-             "most %d open at once",
+             "%d file(s) spilled to disk over the memory budget (%.0f MiB); %d streamed "
+             "upload(s), at most %d open at once",
              f"{summary.first_message_at:.3f}" if summary.first_message_at else "-",
-             summary.max_uploads_in_flight, spilled, streams.opened, streams.max_open)
+             summary.max_uploads_in_flight, spilled,
+             runner.processor.reassembler.spilled_bytes / (1 << 20), streams.opened,
+             streams.max_open)
     limit = files.gate.limit.snapshot()
     log.info("small-file uploads: at most %d in flight at once; their limit went from %d "
              "to %d at most and %d at least (%d decrease(s) for Girder errors, %d for its "

@@ -19,10 +19,9 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome
 from girder_upload_stream.errors import TerminalError, TransientError
-from girder_upload_stream.ledger.units import (FileOutcome, Outcome, UploadUnit, is_shared,
-                                               report_outcome)
+from girder_upload_stream.ledger.units import UploadUnit, is_shared, report_outcome
 from girder_upload_stream.loop.concurrency import AdaptiveLimit, InFlightGate
 from girder_upload_stream.retry_policy import Failure, classify
 from girder_upload_stream.wire.codec import FileKey

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, 
                                            RunSettings)
 
 __all__ = ["kafka_settings", "log_topic_settings", "dead_letter_settings",
-           "build_reassembler", "build_runner", "run_memory_plan", "DEAD_LETTER_CHECK_SECONDS"]
+           "build_reassembler", "build_runner", "run_memory_plan", "DEAD_LETTER_CHECK_SECONDS",
+           "RekeyPlan", "rekey_wanted", "rekey_plan", "build_rekey", "REKEY_CRYPTO_REFUSED"]
 
 #: Seconds the start waits for the broker to say whether the dead-letter topic exists.
 DEAD_LETTER_CHECK_SECONDS = 15.0
@@ -130,6 +132,89 @@ def dead_letter_settings(config: str, topic: str | None
     return chosen, producer
 
 
+@dataclass(frozen=True)
+class RekeyPlan:
+    """``--rekey_by_file``: the source topic read by the user's group (first hop), the
+    internal topic read by the second hop's group, and the internal topic's settings."""
+
+    topic: str
+    group_id: str
+    internal_topic: str
+    internal_group: str
+    retention_ms: int
+    producer: dict[str, str] = field(repr=False)  # may hold SASL/SSL passwords
+
+
+#: The first hop's fetches: small per partition, so that the partitions of the source
+#: interleave finely on the internal topic (a file's chunks, spread over every source
+#: partition, then arrive close together for the second hop, which holds fewer files in
+#: progress), and a small prefetch beside the second hop's (memory_plan.py).
+FIRST_HOP_FETCH = {"fetch.message.max.bytes": str(1 << 20),
+                   "queued.max.messages.kbytes": str(16 << 10)}
+
+#: Why the option is refused on encrypted topics (one line, exit status 2).
+REKEY_CRYPTO_REFUSED = (
+    "--rekey_by_file cannot be used with a KafkaCrypto config ([kafkacrypto] section): "
+    "re-keying needs each chunk's file name, which only decrypting reveals, and the "
+    "internal topic would then hold the chunks in plaintext; run one consumer per group "
+    "on encrypted topics")
+
+
+def rekey_wanted(config: str, flag: bool) -> bool:
+    """Whether the run re-keys by file (``--rekey_by_file``, or ``enabled = true`` in the
+    config file's ``[rekey_by_file]`` section); a :class:`ConfigError` on a KafkaCrypto
+    config. Checked first at start, before Girder."""
+    file_config = load_config(resolve_config_path(config))
+    wanted = flag or (file_config.has_section("rekey_by_file")
+                      and file_config.rekey_settings()[0])
+    if wanted and file_config.uses_kafkacrypto:
+        raise ConfigError(REKEY_CRYPTO_REFUSED)
+    return bool(wanted)
+
+
+def rekey_plan(config: str, kafka: KafkaSettings) -> RekeyPlan:
+    """The two hops' names and the internal topic's settings, for ``kafka``'s topic and
+    (resolved) group."""
+    from girder_upload_stream.kafka.rekey import DEFAULT_RETENTION_MS
+    from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
+    _, retention_ms, producer = load_config(resolve_config_path(config)).rekey_settings()
+    inner = internal_topic(kafka.topic, kafka.group_id)
+    if len(inner) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", inner):
+        raise ConfigError(f"--rekey_by_file: the consumer group id {kafka.group_id!r} cannot "
+                          f"name the internal topic (Kafka topic names are at most 249 "
+                          f"characters of letters, digits, '.', '_' and '-')")
+    return RekeyPlan(kafka.topic, kafka.group_id, inner, internal_group(kafka.group_id),
+                     retention_ms or DEFAULT_RETENTION_MS, producer)
+
+
+def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, Any]:
+    """Make the internal topic when missing, then the second hop's group (reading it,
+    joining now) and the first hop (its consumer in the user's group, joining now)."""
+    from girder_upload_stream.kafka.rekey import (RekeyProducer, ensure_internal_topic,
+                                                  purge_records)
+    from girder_upload_stream.loop.rekey_hop import RekeyHop
+    partitions, max_bytes = ensure_internal_topic(plan.producer, plan.topic,
+                                                  plan.internal_topic, plan.retention_ms)
+    second = ConsumerGroup({**kafka.consumer, "group.id": plan.internal_group},
+                           plan.internal_topic)
+    first = ConsumerGroup({**kafka.consumer, **FIRST_HOP_FETCH}, plan.topic)
+    try:
+        second.connect()
+        first.connect()
+        hop = RekeyHop(first, RekeyProducer(plan.producer, plan.internal_topic, max_bytes),
+                       purge_records(plan.producer), topic=plan.topic,
+                       group_id=plan.group_id, internal_topic=plan.internal_topic,
+                       partitions=partitions)
+    except BaseException:
+        second.close()
+        first.close()
+        raise
+    logger.info("re-keying %s by file: group %s re-produces it to %s (%d partitions), "
+                "read by group %s", plan.topic, plan.group_id, plan.internal_topic,
+                partitions, plan.internal_group)
+    return second, hop
+
+
 def _dead_letters(dead_letter: tuple[str, dict[str, str]], kafka: KafkaSettings,
                   recorder: RegistryRecorder) -> DeadLetters:
     """The rejection sink's Kafka half, its topic checked (a missing topic stops the
@@ -188,15 +273,6 @@ def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
     return reassembler
 
 
-def _before_commit(recorder: RegistryRecorder, letters: DeadLetters | None
-                   ) -> Callable[[], bool]:
-    """What must be durable before a commit: the dead letters acknowledged, then the
-    registries saved (StreamRunner.commit, steps 2 and 3)."""
-    if letters is None:
-        return recorder.try_save
-    return lambda: letters.settle() and recorder.try_save()
-
-
 def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  extra_jobs: list[SideJob] | None = None, probe: Any = None,
                  early_outcomes: Any = None,
@@ -205,7 +281,8 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
                  girder_api_url: str | None = None, stop: StopSignal | None = None,
                  group: ConsumerGroup | None = None,
                  open_stream: Any = None,
-                 dead_letter: tuple[str, dict[str, str]] | None = None) -> StreamRunner:
+                 dead_letter: tuple[str, dict[str, str]] | None = None,
+                 rekey: Any = None) -> StreamRunner:
     """Wire a :class:`StreamRunner`; ``submit(unit)`` starts one upload unit and
     ``probe(file_keys)`` a lookup of re-read files in Girder (None: no lookups);
     ``early_outcomes()`` drains the per-file outcomes of units still running; ``stop``
@@ -213,7 +290,8 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     group of ``kafka``'s settings made (and joining) beforehand, else one is made;
     ``open_stream(plan)`` opens the streamed upload of a big file (None: every file
     uploads at completion); ``dead_letter``, the dead-letter topic and its producer's
-    settings (:func:`dead_letter_settings`), None for none.
+    settings (:func:`dead_letter_settings`), None for none; ``rekey``, the first hop of
+    ``--rekey_by_file`` (:func:`build_rekey`; ``group`` then reads the internal topic).
     ``log_topic`` sends the package's log lines to a topic, ``secrets`` (e.g. the
     Girder API key) masked in them; ``girder_api_url`` is named in the start lines.
 
@@ -225,7 +303,7 @@ def build_runner(run: RunSettings, kafka: KafkaSettings, submit: Any,
     try:
         return _build(run, kafka, submit, extra_jobs, probe, early_outcomes,
                       registry_fallback, log_job, girder_api_url, stop or StopSignal(), group,
-                      open_stream, dead_letter)
+                      open_stream, dead_letter, rekey)
     except BaseException:
         if log_job is not None:
             log_job.detach()
@@ -246,7 +324,8 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
            log_job: LogMessages | None, girder_api_url: str | None,
            stop: StopSignal, group: ConsumerGroup | None = None,
            open_stream: Any = None,
-           dead_letter: tuple[str, dict[str, str]] | None = None) -> StreamRunner:
+           dead_letter: tuple[str, dict[str, str]] | None = None,
+           rekey: Any = None) -> StreamRunner:
     output_dir = Path(run.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     recorder = RegistryRecorder(Path(run.logs_dir), kafka.topic, kafka.group_id)
@@ -297,7 +376,9 @@ def _build(run: RunSettings, kafka: KafkaSettings, submit: Any,
                on_assign=processor.assigned, on_lost=lambda tps: holder["runner"].on_lost(tps),
                recorder=recorder)
     runner = StreamRunner(run, processor, group, submit, jobs,
-                          before_commit=_before_commit(recorder, letters),
+                          save=recorder.try_save,
+                          dead_letters=letters.settle if letters is not None else None,
+                          upstream=[rekey] if rekey is not None else (),
                           probe=probe, early_outcomes=early_outcomes, stop=stop)
     holder["runner"] = runner
     return runner

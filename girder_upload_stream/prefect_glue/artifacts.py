@@ -5,7 +5,8 @@ For a topic and consumer group, with ``K = gus-<slug>-<hash8>`` (see
 
 * ``K-in-progress``: table of the files being rebuilt or failed, with the reason;
 * ``K-recent-uploads``: table of the last 200 files processed, newest first;
-* ``K-progress``: progress of the run, ``100 * read / (read + lag)``;
+* ``K-progress``: progress of the run, ``100 * read / (read + lag)``, described by the
+  counts and a table of the partitions this member holds on each hop, with their lag;
 * ``K-summary``: markdown written when the run ends.
 
 Every publish of a keyed table or markdown adds a version (a row) to the Prefect
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from girder_upload_stream.loop.group_view import hop_rows, hop_views
 from girder_upload_stream.registry.artifact_content import (
     RECENT_UPLOADS_LIMIT, RunFacts, artifact_keys, fallback_keys, in_progress_table,
     progress_description, progress_percent, recent_uploads_table, summary_markdown)
@@ -279,7 +281,8 @@ class ArtifactPublisher:
         percent = progress_percent(counters.get("messages_read", 0), lag)
         if percent is None:
             percent = self._progress[0]
-        description = progress_description(self.topic, self.group, counters, lag)
+        description = progress_description(self.topic, self.group, counters, lag,
+                                           hop_rows(hop_views(runner)))
         if self._progress_id is None:
             self._progress_id = self._send(Publication("progress", self.keys.progress,
                                                        percent, description))

@@ -335,12 +335,14 @@ def late_hooks(link: FlowRunLink, plain_uploads: Callable[..., Any],
                  registry_fallback=registry_fallback)
 
 
-def _flow_run_thread(params: Mapping[str, Any], link: FlowRunLink) -> threading.Thread:
-    """Start the thread that imports Prefect and runs the flow (which attaches)."""
+def _flow_run_thread(params: Mapping[str, Any], link: FlowRunLink,
+                     load_flow: Callable[[], Callable[..., Any]]) -> threading.Thread:
+    """Start the thread that imports Prefect (``load_flow``) and runs the flow (which
+    attaches)."""
 
     def target() -> None:
         try:
-            from girder_upload_stream.flows.upload_stream import upload_stream
+            upload_stream = load_flow()
             startup.mark("Prefect imported")
             upload_stream(**params)
         except BaseException as exc:  # noqa: BLE001 - the run stops with it (AttachJob)
@@ -355,20 +357,23 @@ def _flow_run_thread(params: Mapping[str, Any], link: FlowRunLink) -> threading.
     return thread
 
 
-def run_with_late_flow_run(params: Mapping[str, Any], girder: Any, prepared: Any,
+def run_with_late_flow_run(params: Mapping[str, Any], girder: Any, prepared: Any, *,
+                           load_flow: Callable[[], Callable[..., Any]],
                            plain_uploads: Callable[..., Any] | None = None,
                            api_url: str | None = None) -> dict[str, Any]:
     """Run the session now, in this thread, and its flow run beside it (the module's
-    docstring); returns the session's summary. ``plain_uploads``: the pool of the units
-    before the flow run exists (default ``ThreadUploads``); ``api_url``: the Prefect
-    API's (the registry fallback is read from it before consuming)."""
+    docstring); returns the session's summary. ``load_flow``: imports Prefect and returns
+    the flow (called in the background thread; given by the command line, which sits
+    above the flow, so that this module does not import it); ``plain_uploads``: the pool
+    of the units before the flow run exists (default ``ThreadUploads``); ``api_url``: the
+    Prefect API's (the registry fallback is read from it before consuming)."""
     from girder_upload_stream.loop.session import run_session
     from girder_upload_stream.loop.executor import ThreadUploads
 
     link = FlowRunLink()
     # Under the names the flow's body looks it up by (its girder_api_url parameter).
     _register(params.get("girder_api_url"), params["topic_name"], link)
-    thread = _flow_run_thread(params, link)
+    thread = _flow_run_thread(params, link, load_flow)
     try:
         hooks = late_hooks(link, plain_uploads or ThreadUploads, api_url=api_url)
         summary = run_session(params, girder, hooks, prepared)

@@ -125,13 +125,24 @@ def progress_percent(messages_read: int, lag: int | None) -> float | None:
 
 
 def progress_description(topic: str, group: str, counters: Mapping[str, int],
-                         lag: int | None) -> str:
+                         lag: int | None, hops: Sequence[Mapping[str, Any]] = ()) -> str:
     """One line of counts beside the progress bar; it carries the run's progress by
-    itself when the consumer group cannot tell its lag."""
+    itself when the consumer group cannot tell its lag. ``hops``: rows ``{"hop",
+    "topic", "group", "partition", "lag"}`` (loop/group_view.py ``hop_rows``), shown
+    below as a table: the partitions this member of the group holds on each hop, and
+    how far behind each one is."""
     behind = "lag unknown" if lag is None else f"{lag:,} message(s) behind"
-    return (f"{topic} by {group}: {counters.get('messages_read', 0):,} message(s) read, "
+    line = (f"{topic} by {group}: {counters.get('messages_read', 0):,} message(s) read, "
             f"{behind}; files uploaded {counters.get('files_uploaded', 0):,}, skipped "
             f"{counters.get('files_skipped', 0):,}, failed {counters.get('files_failed', 0):,}")
+    if not hops:
+        return line
+    table = ["| hop | topic | group | partition | lag |", "| --- | --- | --- | --- | --- |"]
+    table += [f"| {_cell(row['hop'])} | {_cell(row['topic'])} | {_cell(row['group'])} | "
+              f"{'none' if row['partition'] is None else row['partition']} | "
+              f"{'unknown' if row['lag'] is None else format(row['lag'], ',')} |"
+              for row in hops]
+    return "\n".join([line, "", "This member's partitions:", "", *table])
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,15 @@ from typing import Any
 
 from girder_upload_stream.wire.codec import Chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.processor import (RETRIED_NEXT_RUN, RawMessage, Recorder,
-                                                   file_generation)
-from girder_upload_stream.assembly.reassembly import CompletedFile, FileProgress, RejectedFile
+from girder_upload_stream.shared_types import (CompletedFile, FileOutcome, FileProgress, Outcome,
+                                               RETRIED_NEXT_RUN, RawMessage, Recorder,
+                                               RejectedFile, file_generation)
 from girder_upload_stream.registry.tables import (STATUS_FAILED, STATUS_IN_PROGRESS,
                                            STATUS_MISMATCHED_HASH, InProgressRow,
                                            InProgressTable, ProcessedRow, ProcessedTable,
                                            RowKey, consolidate, in_progress_path,
                                            part_files, processed_path, read_processed,
                                            seed_in_progress_path)
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from girder_upload_stream.errors import ConfigError
 from girder_upload_stream.registry.csv_files import DELIMITER, check_header, header_line
 from girder_upload_stream.registry.rows import IN_PROGRESS_COLUMNS, PROCESSED_COLUMNS
@@ -213,10 +212,11 @@ class RegistryRecorder(Recorder):
     def message_rejected(self, msg: RawMessage, error: ChunkDecodeError) -> None:
         """One row per rejected message (its text bounded), up to
         :data:`MAX_REJECTED_MESSAGE_ROWS`; then one summary row counts the rest."""
-        where = f"message {bounded(msg.topic)}[{msg.partition}]@{msg.offset}"
+        topic, partition, offset = msg.source  # the source topic's, when re-keyed
+        where = f"message {bounded(topic)}[{partition}]@{offset}"
         now = datetime.now()
         if self.dead_letters is not None and not getattr(error, "keeps_its_row", False):
-            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
+            self.dead_letters.message(topic, partition, offset, msg.key,
                                       msg.value, error.reason, "message_rejected",
                                       error.rel_path)
         if not getattr(error, "keeps_its_row", False) and \
@@ -227,9 +227,9 @@ class RegistryRecorder(Recorder):
         self._rejected_rows += 1
         self.in_progress.update(InProgressRow(
             PurePosixPath(name).name or name, PurePosixPath(name), STATUS_FAILED, 0, now, now,
-            f"offset-{msg.partition}-{msg.offset}",
-            {"reason": bounded(error.reason, 1000), "partition": msg.partition,
-             "offset": msg.offset}))
+            f"offset-{partition}-{offset}",
+            {"reason": bounded(error.reason, 1000), "partition": partition,
+             "offset": offset}))
 
     def _count_overflow(self, where: str, error: ChunkDecodeError, now: datetime) -> None:
         key = RowKey(PurePosixPath(OVERFLOW_NAME), OVERFLOW_GENERATION)
@@ -248,8 +248,7 @@ class RegistryRecorder(Recorder):
         """A chunk dropped without a row of its own (its file was rejected before, or it
         is beyond a bound): only the dead-letter topic gets it."""
         if self.dead_letters is not None:
-            self.dead_letters.message(msg.topic, msg.partition, msg.offset, msg.key,
-                                      msg.value, reason, kind, file)
+            self.dead_letters.message(*msg.source, msg.key, msg.value, reason, kind, file)
 
     @_never_raise
     def file_messages_rejected(self, rejected: RejectedFile,

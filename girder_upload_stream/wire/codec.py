@@ -46,6 +46,7 @@ __all__ = [
     "make_key",
     "reconstructed_name",
     "path_problem",
+    "file_identity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -326,6 +327,18 @@ def decode_chunk(
     if key is not None:
         _check_key(key, chunk, ctx)
     return chunk
+
+
+def file_identity(value: bytes | bytearray | memoryview | None) -> FileKey:
+    """``(rel_path, file_hash)`` of a chunk message, decoding only what names its file
+    (the re-key hop's key: no chunk hash is checked, no data copied); raises
+    :class:`ChunkDecodeError` when the value cannot name a file."""
+    ctx: dict[str, Any] = {}
+    fields = _unpack(value, ctx)
+    filename = _text(fields[0], "filename", ctx)
+    subdir = _text(fields[6], "subdir", ctx)
+    file_hash = _digest(fields[1], "file_hash", ctx)
+    return (f"{subdir}/{filename}" if subdir else filename), file_hash
 
 
 def _hash_source(path: Path, chunk_size: int) -> tuple[bytes, list[bytes]]:

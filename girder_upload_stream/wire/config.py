@@ -215,6 +215,25 @@ class KafkaFileConfig:
         settings = self._side_producer_settings("dead_letter")
         return settings.pop("topic", None) or None, settings
 
+    def rekey_settings(self) -> tuple[bool, int | None, dict[str, str]]:
+        """The ``[rekey_by_file]`` section: ``enabled`` (re-key by file, as
+        ``--rekey_by_file``), ``retention.ms`` of the internal topic (None: the default)
+        and the settings of the internal topic's producer and admin client (the
+        section's others over, or instead of, ``[broker]``)."""
+        settings = self._side_producer_settings("rekey_by_file")
+        enabled = parse_bool(settings.pop("enabled", "false"))
+        retention = settings.pop("retention.ms", None)
+        try:
+            retention_ms = int(retention) if retention not in (None, "") else None
+        except ValueError:
+            raise ConfigError(f"retention.ms is not a number of milliseconds: {retention!r}",
+                              path=str(self.path), section="rekey_by_file",
+                              option="retention.ms") from None
+        if enabled is None:
+            raise ConfigError("enabled is not true or false", path=str(self.path),
+                              section="rekey_by_file", option="enabled")
+        return enabled, retention_ms, settings
+
     @property
     def auto_commit_disabled(self) -> bool:
         """True only if the consumer settings say ``enable.auto.commit`` is false.

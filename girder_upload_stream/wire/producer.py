@@ -18,7 +18,7 @@ from typing import Any
 
 from girder_upload_stream.wire.codec import DEFAULT_CHUNK_SIZE, chunk_file, encode_chunk
 from girder_upload_stream.errors import GirderUploadStreamError
-from girder_upload_stream.kafka.clients import ChunkProducer
+from girder_upload_stream.kafka.chunk_producer import ChunkProducer
 
 __all__ = ["DEFAULT_UPLOAD_REGEX", "ProduceSummary", "iter_source_files", "produce_path"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
-from girder_upload_stream.ledger.processor import RETRIED_NEXT_RUN
+from girder_upload_stream.shared_types import RETRIED_NEXT_RUN
 from tests.integration.girder_faults import FaultProxy
 from tests.integration.kafka_checks import (committed_offsets, committed_with_metadata,
                                             end_offsets, produce_raw)

@@ -10,7 +10,8 @@ from tests.integration.local_files import CHUNK_SIZE
 from tests.integration.programs import TIMEOUT
 
 __all__ = ["end_offsets", "committed_offsets", "drop_span_lists", "topic_messages",
-           "BackgroundProducer", "produce_raw", "committed_with_metadata", "messages_at"]
+           "BackgroundProducer", "produce_raw", "committed_with_metadata", "messages_at",
+           "member_partitions"]
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -32,6 +33,18 @@ def committed_offsets(admin, group: str, topic: str) -> dict[int, int]:
     futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
     result = futures[group].result(timeout=30)
     return {tp.partition: tp.offset for tp in result.topic_partitions if tp.topic == topic}
+
+
+def member_partitions(admin, group: str) -> list[list[int]]:
+    """The partitions each member of ``group`` holds now, as the broker describes the
+    group (members in no particular order); [] while the group is not known."""
+    from confluent_kafka import KafkaException
+    try:
+        described = admin.describe_consumer_groups([group])[group].result(timeout=30)
+    except KafkaException:  # not there yet
+        return []
+    return [sorted(tp.partition for tp in m.assignment.topic_partitions)
+            for m in described.members]
 
 
 def drop_span_lists(admin, group: str, topic: str) -> dict[int, str]:

@@ -135,6 +135,9 @@ def test_artifacts_of_a_run_and_the_fallback_of_a_restart(
     assert len(progress) == 1, "the progress artifact is created once, then updated"
     assert progress[0].type == "progress" and progress[0].flow_run_id == flow_run_id
     assert f"{first['messages_read']:,} message(s) read" in progress[0].description
+    # This member's partitions and their lag, one row each (issue 23 §4): all 4, read.
+    rows = [f"| source | {topic} | {group} | {p} | 0 |" for p in range(4)]
+    assert all(row in progress[0].description.splitlines() for row in rows), progress[0]
     if callable(getattr(ConsumerGroup, "lag", None)):
         assert float(progress[0].data) == 100.0, progress[0]
     else:  # a group that cannot tell its lag: the counts alone, in the description

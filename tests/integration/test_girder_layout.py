@@ -28,9 +28,8 @@ import pytest
 from girder_upload_stream.girder.ownership import OWNER_FIELD
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, Outcome
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.ledger.units import Outcome
 from tests.integration.girder_checks import (VERSION_FIELD, assert_exactly_once, complete_in_girder, default_root_path, folder_by_path, girder_listing, root_folder_or_none)
 from tests.integration.local_files import CHUNK_SIZE, write_tree
 from tests.integration.programs import (OMSI_BIN, OUR_CLI, Program, finish, produce_ours, stop_line, wait_for, write_omsi_config)

@@ -17,13 +17,11 @@ from collections.abc import Callable
 import pytest
 
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, Outcome, StreamPlan
 from girder_upload_stream.girder.errors import GirderRootFolderGone
 from girder_upload_stream.girder.ownership import OWNER_FIELD, TAG_FIELD
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.girder.streaming import STREAM_BLOCK, SessionState, StreamSession
-from girder_upload_stream.ledger.streams import StreamPlan
-from girder_upload_stream.ledger.units import Outcome
 from girder_upload_stream.settings import GirderSettings
 from tests.integration.girder_checks import download_item, folder_by_path, girder_listing
 from tests.integration.girder_faults import FaultProxy

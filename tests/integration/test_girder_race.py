@@ -12,9 +12,8 @@ import pytest
 
 from girder_upload_stream.girder.store import GirderStore
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, Outcome
 from girder_upload_stream.settings import GirderSettings
-from girder_upload_stream.ledger.units import Outcome
 from tests.integration.girder_checks import download_item, folder_by_path, girder_listing
 
 pytestmark = pytest.mark.integration

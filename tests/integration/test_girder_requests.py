@@ -14,9 +14,8 @@ import pytest
 
 from benchmarks.count_proxy import CountingProxy
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, Outcome
 from girder_upload_stream.girder.store import GirderStore
-from girder_upload_stream.ledger.units import Outcome
 from girder_upload_stream.settings import GirderSettings
 from tests.integration.girder_checks import (assert_exactly_once, default_root_path,
                                              download_item, folder_by_path, girder_tree)

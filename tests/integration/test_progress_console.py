@@ -24,7 +24,10 @@ PROGRESS = re.compile(r"^progress: \d+:\d\d:\d\d up; (?P<files>[\d,]+) files? do
                       r"\((?P<size>[\d.]+ (B|KiB|MiB))\), (?P<failed>[\d,]+) failed, "
                       r"(?P<in_progress>[\d,]+) in progress; (lag [\d,]+ messages?|lag unknown); "
                       r"(rate not known yet|[\d.]+ files/s, [\d.]+ (B|KiB|MiB)/s over the "
-                      r"last \d+ s)$", re.MULTILINE)
+                      r"last \d+ s)(; (?P<hops>hop .*))?$", re.MULTILINE)
+#: This member's partitions on the topic's one hop, each one's lag (``?``: unknown yet).
+HOP = re.compile(r"^hop source: group (?P<group>\S+), (no partitions|partitions "
+                 r"(?P<partitions>[\d,-]+) lag (?P<lag>[\d,?]+(/[\d,?]+)*))$")
 #: OpenMSIStream's start and shutdown lines, logged on standard error (their comparison
 #: with the real program's is test_console_and_log_topic.py's).
 OMSI_LINES = ("Log files and output will be in ", "Will process files from messages in the ",
@@ -36,7 +39,7 @@ OMSI_LINES = ("Log files and output will be in ", "Will process files from messa
 def test_cli_run_prints_progress_on_stderr_only(tmp_path: Path, stack_env, prefect_env,
                                                 make_topic, make_group,
                                                 make_collection) -> None:
-    topic, collection = make_topic(2), make_collection()
+    topic, collection, group = make_topic(2), make_collection(), make_group()
     write_tree(tmp_path / "lab", FILES)
     finish(produce_ours(tmp_path / "lab", topic, stack_env["KAFKA_BOOTSTRAP_SERVERS"],
                         tmp_path), "producing")
@@ -45,7 +48,7 @@ def test_cli_run_prints_progress_on_stderr_only(tmp_path: Path, stack_env, prefe
         result = subprocess.run(
             [str(OUR_CLI), "run", stack_env["GIRDER_API_URL"], "--config", "local",
              "--topic_name", topic, "--collection_name", collection["name"],
-             "--output_dir", str(tmp_path / "out"), "--consumer_group_id", make_group(),
+             "--output_dir", str(tmp_path / "out"), "--consumer_group_id", group,
              "--max_idle_seconds", "6", "--update_seconds", "1", "--progress_seconds", "1"],
             cwd=tmp_path, env=consumer_env(stack_env, prefect_env), stdin=subprocess.DEVNULL,
             stdout=out, stderr=err, timeout=200)
@@ -60,6 +63,11 @@ def test_cli_run_prints_progress_on_stderr_only(tmp_path: Path, stack_env, prefe
     assert int(last["files"].replace(",", "")) == len(FILES), shown
     assert last["failed"] == "0" and last["in_progress"] == "0", shown
     assert not last.group(0).endswith("rate not known yet"), shown
+    # The member's partitions and their lag (issue 23 §4): the one member holds both
+    # partitions, and is caught up on each at the end.
+    hops = [HOP.match(m["hops"] or "") for m in lines]
+    assert all(h and h["group"] == group for h in hops), shown
+    assert hops[-1]["partitions"] == "0,1" and hops[-1]["lag"] == "0/0", shown
     for line in stderr.splitlines():
         if "progress:" in line:  # whole lines, never glued to a log line
             assert PROGRESS.match(line), f"a torn progress line: {line!r}\n{shown}"

@@ -2,7 +2,10 @@
 streams into Girder while the rest arrives (memory and disk mode) and lands whole with
 its metadata; a file whose sha512 does not match leaves no item, no file, no
 unfinished upload and no folder made for it; a consumer SIGKILLed in the middle of a streamed upload leaves an
-unfinished upload that the restart removes, ending with exactly one complete file.
+unfinished upload that the restart removes, ending with exactly one complete file; a
+stream that breaks after its first block was sent and let go of (its upload removed from
+Girder) fails the file, and the next run of the group rebuilds it from its messages:
+exactly one complete file.
 
 The files are 24 MiB in 512 KiB chunks (3 blocks of 8 MiB), streamed from 8 MiB on
 (``--stream_min_mb 8``). Their last chunk is produced first, so the size is known from
@@ -24,7 +27,8 @@ from girder_upload_stream.girder.streaming import TAG_FIELD
 from girder_upload_stream.kafka.clients import ChunkProducer
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from tests.integration.girder_checks import default_root_path, folder_by_path
-from tests.integration.programs import Program, consumer_argv, consumer_env, stop_line
+from tests.integration.programs import (Program, consumer_argv, consumer_env, stop_line,
+                                        wait_for)
 from tests.integration.test_upload_flow import run_flow  # noqa: F401 - the fixture
 
 # Girder's unfinished uploads are looked up by the file's fixed name (an abandoned
@@ -36,13 +40,16 @@ CHUNK = 1 << 19
 NAME = "streamed/big file.bin"
 
 
-def _produce(bootstrap: str, topic: str, data: bytes, wrong_hash: bool = False) -> int:
+def _produce(bootstrap: str, topic: str, data: bytes, wrong_hash: bool = False,
+             part: slice = slice(None)) -> int:
+    """The file's chunks, its last first (``part`` of that order only)."""
     chunks = list(chunk_file(data, "streamed", CHUNK, filename="big file.bin"))
     if wrong_hash:  # every chunk consistent, the file's sha512 another file's
         other = hashlib.sha512(b"not this file").digest()
         chunks = [replace(c, file_hash=other) for c in chunks]
+    chunks = [chunks[-1], *chunks[:-1]][part]
     producer = ChunkProducer({"bootstrap.servers": bootstrap}, topic)
-    for chunk in [chunks[-1], *chunks[:-1]]:
+    for chunk in chunks:
         producer.send(*encode_chunk(chunk), rel_path=NAME)
     report = producer.flush()
     assert report.acked == len(chunks), report
@@ -143,3 +150,47 @@ def test_sigkill_mid_stream_then_restart_leaves_one_complete_file_and_no_upload(
     assert summary["reason"].startswith("no new message"), summary
     _check_one_file(girder_client, collection, topic, data)
     assert _unfinished(girder_client, {item["_id"]}) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_stream_broken_after_its_bytes_were_let_go_is_rebuilt_by_the_next_run(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, programs):
+    """The first 8 MiB block is sent and let go of (memory mode); then the upload is
+    removed from Girder (as an administrator clearing unfinished uploads would) before
+    the rest arrives. The run cannot upload the file (it no longer holds its first bytes):
+    it fails it without committing its messages; the next run of the group reads them
+    again and the file lands once."""
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
+    data = random.Random("let-go").randbytes(SIZE)
+    first = 1 + 20  # the last chunk, then 10 MiB from offset 0: one block to send
+    n = _produce(bootstrap, topic, data, part=slice(0, first))
+    argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"],
+                         tmp_path / "out", group, "local", 5, "--stream_min_mb", "8",
+                         "--mode", "memory")
+    broken = Program(argv, tmp_path / "broken.out", cwd=tmp_path,
+                     env=consumer_env(stack_env, prefect_env), stdin=subprocess.DEVNULL)
+    programs.append(broken)
+
+    def first_block_sent() -> bool:
+        return any(u["received"] == 8 << 20
+                   for u in _unfinished(girder_client, name="big file.bin"))
+
+    wait_for(first_block_sent, "the first streamed block in Girder", broken)
+    [upload] = _unfinished(girder_client, name="big file.bin")
+    girder_client.delete(f"file/upload/{upload['_id']}")
+    n += _produce(bootstrap, topic, data, part=slice(first, None))
+    assert broken.wait(150) == 0, broken.describe()
+    summary = stop_line(broken.output())
+    assert summary["uploaded"] == 0 and summary["failed"] == 1, summary
+    assert "let go" in broken.output(), broken.describe()
+
+    again = Program(argv, tmp_path / "again.out", cwd=tmp_path,
+                    env=consumer_env(stack_env, prefect_env), stdin=subprocess.DEVNULL)
+    programs.append(again)
+    assert again.wait(150) == 0, again.describe()
+    summary = stop_line(again.output())
+    assert summary["uploaded"] == 1 and summary["failed"] == 0, summary
+    assert summary["messages"] >= n, summary  # every message read again
+    _check_one_file(girder_client, collection, topic, data)

@@ -1,11 +1,14 @@
 """Several workers, one group: two workers of a process work pool (``--limit 1`` each)
 run the ``stream`` deployment of ``deployments/prefect.yaml`` at once (its concurrency
 limit is 2), as two flow runs that share one consumer group and split the topic's
-partitions. Files are produced once both runs are members of the group; every file must
-land in Girder exactly once, and each run must have uploaded its share. The runs are
-long-running, as ``stream`` is: they are cancelled once everything is in Girder, and
-stop gracefully. The Girder API key reaches them through the Secret block only (the
-workers' ``GIRDER_API_KEY`` is empty)."""
+partitions. The deployment re-keys by file (``rekey_by_file``, issue 23), so the files
+are of several chunks: each run's first hop re-keys its share of the source topic to
+``<topic>--<group>--by-file``, and its second hop rebuilds the files of its share of
+that topic. Files are produced once both runs are members of both groups; every file
+must land in Girder exactly once, and each run must have uploaded its share. The runs
+are long-running, as ``stream`` is: they are cancelled once everything is in Girder,
+and stop gracefully. The Girder API key reaches them through the Secret block only
+(the workers' ``GIRDER_API_KEY`` is empty)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import pytest
 from stack.common import STACK_DIR
 
 from tests.integration.girder_checks import assert_exactly_once, default_root_path
-from tests.integration.local_files import CHUNK_SIZE, processed_rel_paths, write_tree
+from tests.integration.kafka_checks import member_partitions
+from tests.integration.local_files import n_chunks, processed_rel_paths, write_tree
 from tests.integration.programs import Program, finish, produce_ours
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect,
@@ -32,26 +36,30 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PREFECT = REPO_ROOT / ".venv" / "bin" / "prefect"
 FLOW = "girder-upload-stream"
 PARTITIONS = 4
-N_FILES = 160
+N_FILES = 80
+CHUNK_SIZE = 16_384
 TIMEOUT = 240.0
 
 
 def _files() -> dict[str, bytes]:
-    """Files of one chunk each, in three folders. A file of several chunks has them
-    spread over the partitions (the producer's key names the chunk), so two consumers
-    that split the partitions would each hold part of it and neither could rebuild it:
-    see docs/deployments.md, "Limits"."""
+    """Files of 2 to 4 chunks, in three folders. The producer's key names the chunk, so
+    a file's chunks are spread over the source topic's partitions: without the re-key
+    hop two runs that split the partitions would each hold part of each file and
+    neither could rebuild it."""
     rng = random.Random(15)
-    return {f"d{i % 3}/f{i:03d}.bin": rng.randbytes(rng.randint(5_000, CHUNK_SIZE))
-            for i in range(N_FILES)}
+    return {f"d{i % 3}/f{i:03d}.bin":
+            rng.randbytes(rng.randint(CHUNK_SIZE + 1, 4 * CHUNK_SIZE)) for i in range(N_FILES)}
 
 
 def _deploy(tmp_path: Path, env: dict[str, str], pool: str, name: str) -> None:
     """``prefect.yaml``'s ``stream``, renamed and on its own pool (the shared names and
     pool stay the demo's)."""
     from girder_upload_stream.prefect_glue import deploying
+    import yaml
     text = (REPO_ROOT / "deployments" / "prefect.yaml").read_text()
     assert "  - name: stream\n" in text and "concurrency_limit: 2" in text
+    stream, = [d for d in yaml.safe_load(text)["deployments"] if d["name"] == "stream"]
+    assert stream["parameters"].get("rekey_by_file") is True, stream["parameters"]
     text = text.replace("  - name: stream\n", f"  - name: {name}\n").replace(
         "name: girder-upload-stream\n      job_variables", f"name: {pool}\n      job_variables")
     prefect_file = STACK_DIR / f"prefect-{pool}.yaml"  # GUS_STACK_DIR, else .stack/
@@ -66,12 +74,7 @@ def _deploy(tmp_path: Path, env: dict[str, str], pool: str, name: str) -> None:
 
 def _group_members(admin, group: str) -> list[int]:
     """The number of partitions each member of ``group`` is assigned."""
-    from confluent_kafka import KafkaException
-    try:
-        described = admin.describe_consumer_groups([group])[group].result(timeout=30)
-    except KafkaException:  # not there yet
-        return []
-    return [len(m.assignment.topic_partitions) for m in described.members]
+    return [len(partitions) for partitions in member_partitions(admin, group)]
 
 
 def _items_below(gc, root_id: str) -> int:
@@ -101,6 +104,8 @@ def test_two_workers_share_one_group_and_every_file_lands_once(
     pool, name = f"gus-pool-{uuid.uuid4().hex[:6]}", f"stream-{uuid.uuid4().hex[:6]}"
     topic, group, collection = make_topic(partitions=PARTITIONS), make_group(), make_collection()
     files = write_tree(tmp_path / "tree", _files())
+    assert {n_chunks(data, CHUNK_SIZE) for data in files.values()} == {2, 3, 4}
+    internal_group = f"{group}--by-file"
     deploying.ensure_process_pool(pool)
     save_api_key_block("girder-api-key", stack_env["GIRDER_API_KEY"])
     _deploy(tmp_path, env, pool, name)
@@ -116,11 +121,12 @@ def test_two_workers_share_one_group_and_every_file_lands_once(
         "collection_name": collection["name"], "output_dir": str(tmp_path / f"out-{i}")})
             for i in (1, 2)]
     try:
-        _wait(lambda: sorted(_group_members(kafka_admin, group)) == [2, 2],
-              "both runs in the group with two partitions each", detail=logs)
+        _wait(lambda: sorted(_group_members(kafka_admin, group)) == [2, 2]
+              and sorted(_group_members(kafka_admin, internal_group)) == [2, 2],
+              "both runs in both hops' groups with two partitions each", detail=logs)
         started = time.monotonic()
         finish(produce_ours(tmp_path / "tree", topic, stack_env["KAFKA_BOOTSTRAP_SERVERS"],
-                            tmp_path), "produce")
+                            tmp_path, chunk_size=CHUNK_SIZE), "produce")
         root = girder_client.resourceLookup(default_root_path(collection["name"], topic))
         _wait(lambda: _items_below(girder_client, root["_id"]) >= len(files),
               f"{len(files)} items in Girder", detail=logs)
@@ -139,6 +145,7 @@ def test_two_workers_share_one_group_and_every_file_lands_once(
         for worker in workers:  # SIGTERM: a worker has no console to quit from
             worker.proc.send_signal(signal.SIGTERM)
             worker.proc.wait(60)
+        kafka_admin.delete_topics([f"{topic}--{internal_group}"], operation_timeout=30)
     assert states == [StateType.CANCELLED] * 2, (states, logs())
     assert_exactly_once(girder_client, root["_id"], files, topic,
                         root_path=default_root_path(collection["name"], topic))

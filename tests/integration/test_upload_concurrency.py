@@ -11,7 +11,8 @@ import pytest
 from benchmarks.count_proxy import CountingProxy
 from girder_upload_stream.errors import TransientError
 from girder_upload_stream.girder.store import GirderStore
-from girder_upload_stream.ledger.units import Outcome, UploadChannel, UploadUnit
+from girder_upload_stream.ledger.units import UploadChannel, UploadUnit
+from girder_upload_stream.shared_types import Outcome
 from girder_upload_stream.loop.executor import ThreadUploads
 from girder_upload_stream.loop.uploads import FileUploads, upload_files
 from girder_upload_stream.settings import GirderSettings

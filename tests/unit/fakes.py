@@ -9,12 +9,14 @@ from pathlib import Path
 
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.processor import RawMessage, Recorder, StreamProcessor
-from girder_upload_stream.assembly.reassembly import CompletedFile, Mode, Reassembler, RejectedFile
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import (CompletedFile, FileOutcome, Outcome, RawMessage,
+                                               Recorder, RejectedFile)
+from girder_upload_stream.assembly.reassembly import Mode, Reassembler
 from girder_upload_stream.loop.runner import StreamRunner
 from girder_upload_stream.settings import RunSettings
 from girder_upload_stream.wire.codec import Chunk
-from girder_upload_stream.ledger.units import FileOutcome, Outcome, UploadUnit
+from girder_upload_stream.ledger.units import UploadUnit
 
 __all__ = ["TOPIC", "PARTITIONS", "MiB", "Clock", "SpyRecorder", "Log", "encoded", "scatter",
            "make_processor", "outcomes", "upload_all", "content", "random_files",
@@ -161,6 +163,7 @@ class FakeGroup:
         self.queue: deque[FakeMsg] = deque()
         self.next = {p: 0 for p in range(n_partitions)}
         self.commits: list[dict] = []
+        self.syncs: list[bool] = []
         self.committed: dict = {}
         self.metadata: dict = {}
         self.pauses: list[bool] = []
@@ -190,9 +193,11 @@ class FakeGroup:
         self.paused = paused
         self.pauses.append(paused)
 
-    def commit(self, offsets: dict) -> dict:
+    def commit(self, offsets: dict, sync: bool | None = None) -> dict:
         """Takes ``{tp: (offset, metadata)}`` as the real group; records offsets only
-        (``metadata`` keeps the last metadata per partition)."""
+        (``metadata`` keeps the last metadata per partition, ``syncs`` whether each
+        commit was synchronous)."""
+        self.syncs.append(bool(sync))
         plain = {tp: offset for tp, (offset, _) in offsets.items()}
         self.metadata.update({tp: md for tp, (_, md) in offsets.items()})
         self.commits.append(plain)

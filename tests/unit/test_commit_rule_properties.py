@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 
 from girder_upload_stream.wire.codec import chunk_file, decode_chunk, encode_chunk
 from girder_upload_stream.ledger.offsets import parse_failed, parse_metadata, parse_spans
-from girder_upload_stream.ledger.processor import PartitionInfo, RawMessage, Recorder, StreamProcessor
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import (FileOutcome, Outcome, PartitionInfo, RawMessage,
+                                               Recorder)
 from girder_upload_stream.assembly.reassembly import Reassembler
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 TOPIC = "t"
 N_PARTITIONS = 3

@@ -20,12 +20,13 @@ from girder_upload_stream.registry import tables as R
 from girder_upload_stream.wire.codec import chunk_file
 from girder_upload_stream.errors import ChunkDecodeError
 from girder_upload_stream.loop.heartbeat import Heartbeats, heartbeat_value
-from girder_upload_stream.ledger.processor import Counters, RawMessage
+from girder_upload_stream.ledger.processor import Counters
+from girder_upload_stream.shared_types import (CompletedFile, FileOutcome, Outcome, RawMessage,
+                                               RejectedFile)
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile, Reassembler, RejectedFile
+from girder_upload_stream.assembly.reassembly import Reassembler
 from girder_upload_stream.registry.recording import RegistryRecorder, RegistrySaver
 from girder_upload_stream.loop.runner import StopSignal
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import Clock
 
 

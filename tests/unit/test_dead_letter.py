@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from girder_upload_stream import __version__
-from girder_upload_stream.ledger.stream_types import RawMessage
+from girder_upload_stream.shared_types import RawMessage
 from girder_upload_stream.loop import dead_letter
 from girder_upload_stream.loop.dead_letter import HEADERS, DeadLetters
-from girder_upload_stream.loop.wiring import _before_commit
+from girder_upload_stream.ledger.offsets import OffsetTracker
+from girder_upload_stream.loop.checkpoint import Checkpoint
 from girder_upload_stream.registry.recording import RegistryRecorder
 from girder_upload_stream.wire.codec import Chunk, encode_chunk
 from tests.unit.fakes import TOPIC, Log, make_processor
@@ -171,11 +172,29 @@ class SaveSpy:
 def test_no_registry_save_or_commit_while_a_dead_letter_is_not_acknowledged() -> None:
     letters, producer = _letters()
     recorder = SaveSpy()
-    before_commit = _before_commit(recorder, letters)  # type: ignore[arg-type]
+    tracker = OffsetTracker()
+    tracker.read(("src", 0), 1)  # the rejected message, done once recorded
+    group = _CommitSpy()
+    checkpoint = Checkpoint(tracker, group, dead_letters=letters.settle,
+                            save=recorder.try_save)
     letters.message("src", 0, 1, b"k", b"v", "bad", "message_rejected")
     producer.answers = ["Local: Message timed out"]
-    assert before_commit() is False and recorder.saves == 0
-    assert before_commit() is True and recorder.saves == 1
+    checkpoint.commit()
+    assert recorder.saves == 0 and group.commits == []
+    checkpoint.commit()
+    assert recorder.saves == 1 and [{tp: o for tp, (o, _) in c.items()}
+                                    for c in group.commits] == [{("src", 0): 2}]
+
+
+class _CommitSpy:
+    assignment = [("src", 0)]
+
+    def __init__(self) -> None:
+        self.commits: list = []
+
+    def commit(self, offsets):
+        self.commits.append(dict(offsets))
+        return offsets
 
 
 def test_a_runner_commits_nothing_while_the_dead_letter_topic_refuses(tmp_path: Path) -> None:
@@ -195,7 +214,7 @@ def test_a_runner_commits_nothing_while_the_dead_letter_topic_refuses(tmp_path: 
     recorder.dead_letters = letters
     proc = make_processor(recorder=recorder)
     runner = StreamRunner(RunSettings(), proc, Group(), submit=lambda unit: None,
-                          before_commit=_before_commit(recorder, letters))
+                          save=recorder.try_save, dead_letters=letters.settle)
     proc.handle(RawMessage(TOPIC, 0, 0, b"k", b"\xc1 not msgpack"))
     producer.answers = ["Broker: Topic authorization failed"]
     runner.commit()

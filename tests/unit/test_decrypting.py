@@ -316,10 +316,12 @@ def test_the_value_is_not_touched_while_the_key_waits(tmp_path: Path):
 
 
 def test_a_message_decrypted_late_holds_the_next_commits_until_its_file_is_done(keys, clock):
-    """The consumer group reports the clamped commits back to the offset tracker, so a
-    message that decrypts after later ones were committed around it is pending below
-    nothing the broker has: the commit cannot pass it before its file is done."""
+    """The checkpoint clamps the plan by the group's held messages and reports the
+    clamped commits back to the offset tracker, so a message that decrypts after later
+    ones were committed around it is pending below nothing the broker has: the commit
+    cannot pass it before its file is done."""
     from girder_upload_stream.kafka.clients import ConsumerGroup
+    from girder_upload_stream.loop.checkpoint import Checkpoint
     keys.have.add("k1")
     group = ConsumerGroup({}, TOPIC)
     group._reader = r = reader(keys, clock)
@@ -333,18 +335,19 @@ def test_a_message_decrypted_late_holds_the_next_commits_until_its_file_is_done(
         tracker.read(tp, m.offset())
     broker = FakeBroker(answer=group._on_commit)
     group._consumer, group._owned = broker, {tp}
-    tracker.committed(group.commit(tracker.commit_plan()))  # as the runner does
+    checkpoint = Checkpoint(tracker, group)  # as the runner's
+    checkpoint.commit()
     assert broker.committed[tp][0] == 2, "the broker's offset stops before the held one"
-    tracker.committed(group.commit(tracker.commit_plan()))
+    checkpoint.commit()
     assert broker.calls == 1, "the same clamped commit is not sent again"
 
     keys.have.add("k2")
     clock.now += 1
     (late,) = r.take([])
     tracker.read(tp, late.offset(), "file-of-2")  # its file is not in Girder yet
-    tracker.committed(group.commit(tracker.commit_plan()))
+    checkpoint.commit()
     offset, metadata = broker.committed[tp]
     assert offset <= 2 and (2, 3) in parse_spans(metadata, offset), (offset, metadata)
     tracker.file_done("file-of-2")
-    tracker.committed(group.commit(tracker.commit_plan()))
+    checkpoint.commit()
     assert broker.committed[tp][0] == 6

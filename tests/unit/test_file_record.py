@@ -10,14 +10,13 @@ import hashlib
 import pytest
 
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import (AddStatus, CompletedFile, Reassembler,
-                                                      RejectedFile)
+from girder_upload_stream.assembly.reassembly import AddStatus, Reassembler
+from girder_upload_stream.shared_types import CompletedFile, RETRIED_NEXT_RUN, RejectedFile
 from girder_upload_stream.ledger.effects import (AbandonStream, DropAssembly, FinishAssembly,
                                                  ReleaseOffsets, ReleaseStaging, WriteRow)
 from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.ledger.processor import StreamProcessor
 from girder_upload_stream.ledger.records import FileLedger, FileState, LedgerError, Role
-from girder_upload_stream.ledger.transitions import RETRIED_NEXT_RUN
 from girder_upload_stream.wire.codec import Chunk
 from tests.unit.fakes import TOPIC, Clock, Log, SpyRecorder, encoded, make_processor
 

@@ -13,7 +13,7 @@ import pytest
 
 from girder_upload_stream.girder.errors import GirderUnreachableError
 from girder_upload_stream.girder.store import GirderTransientError
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.shared_types import FileOutcome, Outcome
 from girder_upload_stream.loop.executor import ThreadUploads
 from girder_upload_stream.loop.uploads import FileUploads, upload_files
 from tests.unit.test_upload_task import _unit

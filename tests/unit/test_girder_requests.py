@@ -19,14 +19,13 @@ import pytest
 from girder_client import HttpError
 
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile
+from girder_upload_stream.shared_types import CompletedFile, Outcome
 from girder_upload_stream.girder import store as store_module
 from girder_upload_stream.errors import FatalError, TerminalError, TransientError
 from girder_upload_stream.girder.errors import GirderRootFolderGone
 from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
 from girder_upload_stream.girder.store import (GirderStore, GirderTransientError,
                                                item_was_there)
-from girder_upload_stream.ledger.units import Outcome
 from girder_upload_stream.settings import GirderSettings
 
 _ids = (f"{n:024x}" for n in itertools.count(1))

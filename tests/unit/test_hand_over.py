@@ -3,7 +3,7 @@ them are left to the next owner (no race to Girder), the others are kept."""
 
 from __future__ import annotations
 
-from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.shared_types import Outcome
 from tests.unit.fakes import TOPIC, Log, encoded, upload_all
 from tests.unit.fakes import make_processor as make
 

@@ -20,7 +20,8 @@ from girder_upload_stream.assembly import safe_disk as safe_disk_module
 from girder_upload_stream.wire.codec import (DEFAULT_MAX_FILE_BYTES, MAX_POSSIBLE_FILE_BYTES, Chunk,
                                         decode_chunk, encode_chunk)
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
-from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import RawMessage
 from girder_upload_stream.assembly.reassembly import AddStatus, Mode, Reassembler
 
 MODES = [Mode.MEMORY, Mode.DISK, Mode.BOTH]

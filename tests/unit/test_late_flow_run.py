@@ -227,7 +227,8 @@ def test_the_session_starts_before_prefect_and_the_flow_run_returns_its_summary(
     uploaded_first = threading.Event()
     flow_results: list = []
 
-    def fake_flow_run_thread(params, link):
+    def fake_flow_run_thread(params, link, load_flow):
+        assert load_flow is flow_loader
         def body():
             assert uploaded_first.wait(WAIT)  # Prefect "imports" while the run consumes
             waiting = L.take_waiting_run(params["girder_api_url"], params["topic_name"])
@@ -247,10 +248,12 @@ def test_the_session_starts_before_prefect_and_the_flow_run_returns_its_summary(
             uploads.submit_upload("second", None)
         return {"files_uploaded": 2, "prepared": prepared}
 
+    flow_loader = object()
     monkeypatch.setattr(L, "_flow_run_thread", fake_flow_run_thread)
     monkeypatch.setattr("girder_upload_stream.loop.session.run_session", fake_run_session)
     params = {"girder_api_url": "http://girder/api/v1", "topic_name": "t"}
     summary = L.run_with_late_flow_run(params, SimpleNamespace(api_url="x"), "prepared",
+                                       load_flow=flow_loader,
                                        plain_uploads=lambda n, files=None:
                                        FakeUploads("plain", events))
     assert summary == {"files_uploaded": 2, "prepared": "prepared"}
@@ -360,3 +363,11 @@ def test_the_registry_fallback_is_read_over_http_without_prefect(monkeypatch):
         assert api.requests == [(f"/api/artifacts/{key}/latest", "Basic YWRtaW46cGFzcw==")]
     # Nothing answers: None (read through Prefect at the attach instead).
     assert read_registry_fallback_over_http("http://127.0.0.1:9/api", "t", "g", 2) is None
+
+
+def test_the_command_line_hands_over_the_flow_to_load():
+    """The late flow run does not import the flow itself (the flow imports this module):
+    the command line gives it the loader, which returns the flow girder-upload-stream."""
+    from girder_upload_stream.cli.run import _load_flow
+    from girder_upload_stream.flows.upload_stream import upload_stream
+    assert _load_flow() is upload_stream

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from girder_upload_stream.ledger.records import (FileLedger, FileState, LedgerError, RepeatCounter,
-                                         Role, Route, file_generation)
+from girder_upload_stream.ledger.records import (FileLedger, FileState, LedgerError,
+                                                 RepeatCounter, Role, Route)
+from girder_upload_stream.shared_types import CompletedFile, file_generation
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import CompletedFile
 
 KEY = ("sub/a.bin", b"\x01" * 64)
 

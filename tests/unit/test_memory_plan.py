@@ -7,8 +7,7 @@ import pytest
 
 from girder_upload_stream import memory_plan
 from girder_upload_stream.girder.store import UPLOAD_BLOCK_BYTES
-from girder_upload_stream.girder.streaming import STREAM_BLOCK
-from girder_upload_stream.ledger.streams import MAX_OPEN_STREAMS
+from girder_upload_stream.girder.streaming import SEND_SLOTS, STREAM_BLOCK
 from girder_upload_stream.loop.wiring import kafka_settings
 from girder_upload_stream.memory_plan import plan_memory
 
@@ -18,7 +17,7 @@ MIB = 1 << 20
 def test_the_block_sizes_it_counts_are_the_ones_the_code_uses() -> None:
     assert memory_plan.UPLOAD_BLOCK == UPLOAD_BLOCK_BYTES
     assert memory_plan.STREAM_BLOCK == STREAM_BLOCK
-    assert memory_plan.MAX_OPEN_STREAMS == MAX_OPEN_STREAMS
+    assert memory_plan.SEND_SLOTS == SEND_SLOTS
 
 
 def test_a_default_budget_keeps_librdkafkas_big_fetches_and_gives_files_the_rest() -> None:
@@ -26,15 +25,15 @@ def test_a_default_budget_keeps_librdkafkas_big_fetches_and_gives_files_the_rest
     assert plan.consumer_defaults() == {"queued.max.messages.kbytes": str(64 * 1024),
                                         "fetch.message.max.bytes": str(16 * MIB)}
     assert plan.poll_bytes == 32 * MIB and plan.upload_bytes == 32 * MIB
-    assert plan.stream_bytes == 64 * MIB
-    assert plan.files_bytes == (1024 - 128 - 32 - 32 - 64) * MIB
+    assert plan.stream_bytes == 16 * MIB
+    assert plan.files_bytes == (1024 - 128 - 32 - 32 - 16) * MIB
 
 
 def test_a_small_budget_shrinks_the_prefetch_and_the_poll_batch() -> None:
     plan = plan_memory(256 * MIB, n_threads=2)
     assert plan.queue_bytes == 16 * MIB and plan.fetch_partition_bytes == 4 * MIB
     assert plan.poll_bytes == 16 * MIB
-    assert plan.files_bytes == (256 - 32 - 16 - 32 - 64) * MIB
+    assert plan.files_bytes == (256 - 32 - 16 - 32 - 16) * MIB
 
 
 def test_a_huge_budget_caps_the_prefetch_at_librdkafkas_defaults() -> None:

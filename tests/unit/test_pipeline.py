@@ -12,9 +12,9 @@ import pytest
 
 from girder_upload_stream.wire.codec import Chunk, decode_chunk, encode_chunk
 from girder_upload_stream.errors import StorageError
-from girder_upload_stream.ledger.processor import (Counters, file_generation)
+from girder_upload_stream.ledger.processor import Counters
+from girder_upload_stream.shared_types import FileOutcome, Outcome, file_generation
 from girder_upload_stream.assembly.reassembly import Mode
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import (TOPIC, Clock, Log, content, encoded, lowest_offsets, one_chunk,
                               outcomes, random_files, scatter, upload_all)
 from tests.unit.fakes import make_processor as make

@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from girder_upload_stream.ledger.processor import Recorder
+from girder_upload_stream.shared_types import Recorder
 from girder_upload_stream.wire.codec import Chunk, encode_chunk
 from tests.unit.fakes import TOPIC, Log, make_processor, upload_all
 

@@ -12,10 +12,9 @@ import pytest
 from girder_upload_stream import failpoints
 from girder_upload_stream.wire.codec import decode_chunk
 from girder_upload_stream.ledger.offsets import OffsetTracker, format_metadata, parse_metadata
-from girder_upload_stream.ledger.processor import PartitionInfo, file_generation
+from girder_upload_stream.shared_types import (FileOutcome, FileProgress, Outcome, PartitionInfo,
+                                               file_generation)
 from girder_upload_stream.assembly.pieces import Pieces
-from girder_upload_stream.assembly.reassembly import FileProgress
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from tests.unit.fakes import TOPIC, Clock, Log, SpyRecorder, encoded, upload_all
 from tests.unit.fakes import make_processor as make
 
@@ -464,7 +463,7 @@ def test_interleaved_copies_of_one_file_are_each_registered() -> None:
 
 def test_the_ledger_keeps_no_file_bytes_of_settled_files_and_forgets_old_ones() -> None:
     from girder_upload_stream.ledger.records import FileLedger, FileState
-    from girder_upload_stream.assembly.reassembly import CompletedFile
+    from girder_upload_stream.shared_types import CompletedFile
     ledger = FileLedger(max_remembered=2)
     files = [CompletedFile(f"f{i}", bytes([i]) * 64, "s", 3, 1, 0.0, 0.0, 0.0,
                            Pieces([b"abc"]), None) for i in range(3)]
@@ -552,7 +551,7 @@ def test_idle_stop_waits_while_messages_are_behind() -> None:
 
 
 def test_stripe_into_units_deals_files_in_order_and_returns_the_rest() -> None:
-    from girder_upload_stream.assembly.reassembly import CompletedFile
+    from girder_upload_stream.shared_types import CompletedFile
     from girder_upload_stream.ledger.units import stripe_into_units
 
     def f(name: str, size: int) -> CompletedFile:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from girder_upload_stream.ledger.offsets import (
     MAX_SPANS_CHARS, OffsetTracker, format_metadata, parse_metadata, parse_spans, spans_of,
 )
-from girder_upload_stream.ledger.processor import PartitionInfo
+from girder_upload_stream.shared_types import PartitionInfo
 from tests.unit.fakes import TOPIC, Log, encoded, upload_all
 from tests.unit.fakes import make_processor as make
 

@@ -18,7 +18,7 @@ from girder_upload_stream.girder.errors import (GirderAuthError, GirderNameTaken
                                                 GirderTransientError, GirderUnknownIdError,
                                                 GirderUnreachableError, translate)
 from girder_upload_stream.ledger.records import FileState
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.shared_types import FileOutcome, Outcome
 from girder_upload_stream.loop.executor import BODIES, Job, ThreadUploads, UploadExecutor
 from girder_upload_stream.retry_policy import Failure, RetryPolicy, classify
 from tests.unit.fakes import TOPIC, Clock, Log, make_processor, one_chunk, outcomes

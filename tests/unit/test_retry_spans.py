@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from girder_upload_stream.ledger.offsets import (MAX_FAILED_CHARS, OffsetTracker, format_metadata,
                                           parse_failed, parse_metadata, parse_spans)
-from girder_upload_stream.ledger.processor import RETRIED_NEXT_RUN, PartitionInfo
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.shared_types import (FileOutcome, Outcome, PartitionInfo,
+                                               RETRIED_NEXT_RUN)
 from tests.unit.fakes import TOPIC, Log, encoded, outcomes, upload_all
 from tests.unit.fakes import make_processor as make
 

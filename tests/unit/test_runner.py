@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from girder_upload_stream.loop.runner import StopSignal, stop_on_signals
-from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.shared_types import Outcome
 from tests.unit.fakes import (TOPIC, Clock, FakeGroup, Job, MiB, Submitter, put_file)
 from tests.unit.fakes import make_runner as make
 

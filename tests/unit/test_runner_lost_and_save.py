@@ -14,7 +14,7 @@ from girder_upload_stream.ledger.processor import StreamProcessor
 from girder_upload_stream.assembly.reassembly import Reassembler
 from girder_upload_stream.registry.recording import RegistryRecorder
 from girder_upload_stream.loop.runner import StreamRunner
-from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.shared_types import Outcome
 from tests.unit.fakes import TOPIC, Clock, FakeGroup, Submitter, put_file
 from tests.unit.fakes import make_runner as make
 from tests.unit.fakes import run_settings as settings
@@ -40,11 +40,12 @@ class LosingGroup(FakeGroup):
             self.assignment = [tp for tp in self.assignment if tp not in lost]
         return super().poll(max_messages, timeout)
 
-    def commit(self, offsets: dict) -> dict:
+    def commit(self, offsets: dict, sync: bool | None = None) -> dict:
         refused = {tp: o for tp, o in offsets.items() if tp not in self.assignment}
         if refused:
             self.refused.append(refused)
-        return super().commit({tp: o for tp, o in offsets.items() if tp in self.assignment})
+        return super().commit({tp: o for tp, o in offsets.items() if tp in self.assignment},
+                              sync)
 
 
 # ---------------------------------------------------------------- lost partitions
@@ -145,7 +146,7 @@ def test_consumer_group_routes_lost_to_on_lost_and_stops_owning(monkeypatch) -> 
 
 
 class FlakySave:
-    """A before_commit that raises ``failures`` times, then works."""
+    """A save (checkpoint step 3) that raises ``failures`` times, then works."""
 
     def __init__(self, failures: int, error: Exception | None = None) -> None:
         self.failures, self.calls = failures, 0
@@ -162,7 +163,7 @@ def make_with_save(save, **overrides):
     clock = Clock()
     processor = StreamProcessor(Reassembler(), max_unit_files=1, clock=clock)
     group, submit = FakeGroup(), Submitter(auto=Outcome.UPLOADED)
-    runner = StreamRunner(run, processor, group, submit, before_commit=save, clock=clock)
+    runner = StreamRunner(run, processor, group, submit, save=save, clock=clock)
     return runner, group, submit
 
 
@@ -216,7 +217,7 @@ def make_recorded(recorder, **overrides):
     clock = Clock(step=0.1)
     processor = StreamProcessor(Reassembler(), recorder=recorder, max_unit_files=1, clock=clock)
     group, submit = FakeGroup(), Submitter(auto=Outcome.UPLOADED)
-    runner = StreamRunner(run, processor, group, submit, before_commit=recorder.try_save,
+    runner = StreamRunner(run, processor, group, submit, save=recorder.try_save,
                           clock=clock)
     return runner, group, submit
 

@@ -25,10 +25,10 @@ import pytest
 
 from girder_upload_stream.wire.codec import Chunk, chunk_file, decode_chunk, encode_chunk
 from girder_upload_stream.errors import ChunkDecodeError
-from girder_upload_stream.ledger.processor import RawMessage, StreamProcessor
+from girder_upload_stream.ledger.processor import StreamProcessor
+from girder_upload_stream.shared_types import FileOutcome, Outcome, RawMessage
 from girder_upload_stream.assembly.reassembly import (STAGING_DIR, AddStatus, Mode, Reassembler,
                                              reserved_paths)
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 
 MODES = [Mode.MEMORY, Mode.DISK, Mode.BOTH]
 

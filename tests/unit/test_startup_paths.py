@@ -14,7 +14,7 @@ from girder_upload_stream import startup
 from girder_upload_stream.cli import prefect_mode
 from girder_upload_stream.girder.errors import GirderTerminalError
 from girder_upload_stream.girder.store import GirderTransientError
-from girder_upload_stream.ledger.units import Outcome
+from girder_upload_stream.shared_types import Outcome
 from girder_upload_stream.loop.executor import ThreadUploads
 from tests.unit.test_upload_task import FakeStore, _unit
 

@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
-from girder_upload_stream.assembly.reassembly import CompletedFile, Mode
+from girder_upload_stream.assembly.reassembly import Mode
+from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome
 from girder_upload_stream.ledger.records import FileLedger, FileState, LedgerError
 from girder_upload_stream.ledger.streams import wants_stream
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from tests.unit.fakes import Log, make_processor, outcomes
 

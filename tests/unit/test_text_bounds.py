@@ -13,12 +13,11 @@ import msgpack
 import pytest
 
 from girder_upload_stream.errors import ChunkDecodeError, FileRejectedError, MESSAGE_LIMIT
-from girder_upload_stream.ledger.stream_types import RawMessage
+from girder_upload_stream.shared_types import RawMessage, RejectedFile
 from girder_upload_stream.registry import recording
 from girder_upload_stream.registry.artifact_content import CELL_LIMIT, _cell
 from girder_upload_stream.registry.recording import (MAX_REJECTED_MESSAGE_ROWS,
                                                      OVERFLOW_GENERATION, RegistryRecorder)
-from girder_upload_stream.assembly.reassembly import RejectedFile
 from girder_upload_stream.text_bounds import LIMIT, LINE_LIMIT, bounded, escape_controls
 from girder_upload_stream.wire.codec import chunk_file, decode_chunk, encode_chunk
 

@@ -7,7 +7,7 @@ import pytest
 
 from girder_upload_stream.girder.errors import GirderAuthError, GirderUnreachableError
 from girder_upload_stream.girder.store import GirderTransientError
-from girder_upload_stream.ledger.units import FileOutcome, Outcome
+from girder_upload_stream.shared_types import FileOutcome, Outcome
 from girder_upload_stream.tasks import upload as upload_task
 from tests.unit.fakes import Log, encoded
 from tests.unit.fakes import make_processor as make

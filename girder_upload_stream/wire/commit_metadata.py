@@ -5,6 +5,8 @@ from the previous span's end and its length. Brokers keep 4 KiB of metadata by
 default (``offset.metadata.max.bytes``), so both lists are capped.
 
 Pure text handling; the rules themselves are in :mod:`girder_upload_stream.ledger.offsets`.
+A format on the wire (what the broker keeps), so it sits in ``wire/``: ``kafka/`` reads
+it too without loading the ledger.
 """
 
 from __future__ import annotations

@@ -392,6 +392,13 @@ class Reassembler(Completion, PrefixViews):
                 return True
             return self._finished.pop(file_key, None) is not None
 
+    def knows(self, file_key: FileKey) -> bool:
+        """True if a chunk of this generation would not begin a file: it is being
+        assembled, parked, or finished (and still remembered)."""
+        with self._lock:
+            return (file_key in self._files or file_key in self._parked
+                    or file_key in self._finished)
+
     def is_completed(self, file_key: FileKey) -> bool:
         """True if this generation completed (and is still remembered)."""
         with self._lock:

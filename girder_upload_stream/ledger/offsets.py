@@ -35,6 +35,13 @@ Commit order (what must be durable before an offset may be committed):
    below ``C``): the next run of the group seeks back to them, rebuilds the file and
    tries its upload again. The list is capped like rule 8's; a file cut from it is
    still listed as failed in the registry, but not retried by itself.
+10. A chunk that would begin one more file at the bound of files in progress
+    (``--max_files_in_progress``) is *put off*: pending (it holds the commit and is in
+    rule 8's list), but taken by no file. Reading goes on past it, so that the files in
+    progress get their chunks and complete (nothing waits for a put-off chunk: no
+    deadlock); once a file could take it (room under the bound, or its file begun
+    meanwhile), its partition is read again from the first put-off chunk, skipping what
+    this run handled already. A put-off chunk is never committed past before it is taken.
 
 On restart, the re-read span holds the pending messages plus the finished ones between
 them (the bounded overlap). A re-read message of a file the registry (or its Prefect
@@ -55,7 +62,7 @@ on an assetstore that does not hash) waits for the stale-partial release.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from girder_upload_stream.ledger.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
                                                   TopicPartition, format_metadata,
@@ -99,7 +106,9 @@ class OffsetTracker:
     then keeps their :class:`PendingOffsets`); not thread-safe by design (the flow's
     polling loop owns it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, admits: Callable[[set[Hashable]], bool] = lambda keys: True) -> None:
+        #: Whether one of these files (keys of put-off chunks) could be taken now (rule 10).
+        self.admits = admits
         self._next: dict[TopicPartition, int] = {}
         self._at: dict[TopicPartition, int] = {}  # one past the offset read last
         self._pending: dict[TopicPartition, dict[int, PendingOffsets]] = {}
@@ -117,6 +126,13 @@ class OffsetTracker:
         self._retry: dict[TopicPartition, list[Span]] = {}
         self._back_to: dict[TopicPartition, int] = {}
         self._below: dict[TopicPartition, tuple[int, int]] = {}  # (committed, next below it)
+        # Rule 10: put-off chunks (offset -> the file each would begin), held in _pending
+        # by one PendingOffsets per partition; the seeks back asked, and the partitions
+        # read again from one (what this run handled before is skipped there).
+        self._put_off: dict[TopicPartition, dict[int, Hashable]] = {}
+        self._put_off_holder: dict[TopicPartition, PendingOffsets] = {}
+        self._replay_asked: dict[TopicPartition, int] = {}
+        self._replaying: set[TopicPartition] = set()
 
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
@@ -169,6 +185,7 @@ class OffsetTracker:
         partition whose next offset to read lies in a gap of rule 8's list."""
         seeks = {tp: target for tp, target in self._back_to.items()
                  if self._sought.get(tp) != target}
+        self._replay_seeks(seeks)
         for tp, spans in self._inherited.items():
             if tp in seeks:
                 continue
@@ -180,6 +197,42 @@ class OffsetTracker:
             if self._sought.get(tp) != target:
                 seeks[tp] = target
         return seeks
+
+    def _replay_seeks(self, seeks: dict[TopicPartition, int]) -> None:
+        """Rule 10: seek back to the first put-off chunk of each partition read up to
+        its end of this run (no pass under way) where a file could now take one."""
+        for tp, put_off in self._put_off.items():
+            if not put_off or tp in seeks or self._at.get(tp, 0) < self._next.get(tp, 0):
+                continue
+            if self.admits(set(put_off.values())):
+                seeks[tp] = self._replay_asked[tp] = min(put_off)
+
+    def put_off(self, tp: TopicPartition, offset: int, file: Hashable) -> bool:
+        """Rule 10: the chunk at ``offset`` would begin ``file`` at the bound of files in
+        progress: pending, taken by no file, read again later. True the first time."""
+        first = offset not in self._put_off.get(tp, {})
+        self.read(tp, offset)
+        holder = self._put_off_holder.setdefault(tp, PendingOffsets())
+        self._pending.setdefault(tp, {})[offset] = holder
+        self._put_off.setdefault(tp, {})[offset] = file
+        return first
+
+    def put_off_count(self) -> int:
+        """Chunks put off at the bound of files in progress, not taken yet (rule 10)."""
+        return sum(len(p) for p in self._put_off.values())
+
+    def replayed(self, tp: TopicPartition, offset: int) -> bool:
+        """True for a message this run handled already, fetched again by rule 10's seek
+        back to a put-off chunk: it is skipped (taking it again would take it twice)."""
+        if tp not in self._replaying or offset >= self._next.get(tp, 0):
+            return False
+        self._at[tp] = offset + 1
+        return offset not in self._put_off.get(tp, ())
+
+    def _drop_put_off(self, tp: TopicPartition) -> None:
+        for table in (self._put_off, self._put_off_holder, self._replay_asked):
+            table.pop(tp, None)
+        self._replaying.discard(tp)
 
     def before_back_seek(self, tp: TopicPartition, offset: int) -> bool:
         """True for a message fetched before rule 9's seek back took effect: the consumer
@@ -194,6 +247,9 @@ class OffsetTracker:
         self._sought[tp] = offset
         if self._back_to.get(tp) == offset:
             del self._back_to[tp]
+        if self._replay_asked.pop(tp, None) == offset:  # rule 10: a pass from there
+            self._at[tp] = offset
+            self._replaying.add(tp)
 
     def reread_spans(self, tp: TopicPartition) -> list[Span] | None:
         """Rule 8's pending spans inherited at assignment (None: no list)."""
@@ -242,6 +298,9 @@ class OffsetTracker:
              file: PendingOffsets | Hashable | None = None) -> None:
         """Record a message just read, pending for ``file`` (None: already done)."""
         self._at[tp] = offset + 1
+        put_off = self._put_off.get(tp)
+        if put_off and put_off.pop(offset, None) is not None:  # taken at last (rule 10)
+            del self._pending[tp][offset]
         below = self._below.get(tp)
         if below is not None and offset < below[0]:
             self._below[tp] = (below[0], max(below[1], offset + 1))
@@ -330,6 +389,7 @@ class OffsetTracker:
             self._reread_below.pop(tp, None)
             self._inherited.pop(tp, None)
             self._sought.pop(tp, None)
+            self._drop_put_off(tp)
             for table in (self._failed, self._retry, self._back_to, self._below, self._at):
                 table.pop(tp, None)
             for offset, file in self._pending.pop(tp, {}).items():

@@ -77,7 +77,7 @@ class StreamProcessor(FileLife, Uploading):
         self.ledger = FileLedger(known_done, known_pending, known_in_girder=known_in_girder)
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
-        self.offsets = OffsetTracker()
+        self.offsets = OffsetTracker(admits=self._could_take)
         self.counters = Counters()
         self.stale_partial_seconds = stale_partial_seconds
         self.max_inflight_units = max_inflight_units  # None: every ready file at once
@@ -112,6 +112,10 @@ class StreamProcessor(FileLife, Uploading):
         size = len(msg.value or b"")
         self.counters.messages_read += 1
         self.counters.bytes_read += size
+        if self.offsets.replayed(tp, msg.offset):
+            # Read again on the way back to a chunk put off at the bound (rule 10).
+            self.counters.messages_skipped += 1
+            return
         if self.offsets.skippable(tp, msg.offset):
             # Fetched before the seek over its gap took effect: done at the last commit.
             self.counters.messages_skipped += 1
@@ -201,7 +205,10 @@ class StreamProcessor(FileLife, Uploading):
         if result is None:
             return
         if result.status is AddStatus.REFUSED:
-            self._refused(msg, chunk, result)
+            if result.full:
+                self._put_off(msg, chunk)
+            else:
+                self._refused(msg, chunk, result)
             return
         rejected_before = result.status is AddStatus.IGNORED or result.of_rejected
         if rejected_before or (result.status is AddStatus.DUPLICATE and not busy):
@@ -239,6 +246,29 @@ class StreamProcessor(FileLife, Uploading):
             logger.error("%s", error)
             self.offsets.read(tp, offset, self.ledger.open(key).pending)
             return None
+
+    def _put_off(self, msg: RawMessage, chunk: Chunk) -> None:
+        """At the bound of files in progress, the chunk that would begin one more file
+        waits (offsets rule 10): it holds the commit and is read again once a file makes
+        room. Back-pressure, not loss: reading goes on meanwhile, so the files in
+        progress get their chunks and complete (they never wait for this one)."""
+        tp = (msg.topic, msg.partition)
+        if not self.offsets.put_off_count():
+            logger.info("%d files in progress (--max_files_in_progress): chunks of further "
+                        "files wait, read again once files complete",
+                        self.reassembler.files_in_progress)
+        if self.offsets.put_off(tp, msg.offset, chunk.file_key):
+            self.counters.messages_put_off += 1
+
+    def _could_take(self, keys: set[FileKey]) -> bool:
+        """Whether one of the files of put-off chunks could be taken now: room under the
+        bound (a stale file released makes room too), or one of them begun or finished
+        meanwhile (its chunk is then no new file)."""
+        bound = self.reassembler.max_files_in_progress
+        if bound is None or self.reassembler.files_in_progress < bound \
+                or self.ledger.count(FileState.RELEASED):
+            return True
+        return any(self.reassembler.knows(key) for key in keys)
 
     def _refused(self, msg: RawMessage, chunk: Chunk, result: AddResult) -> None:
         """A chunk the reassembler cannot use (impossible for its file, over a bound):

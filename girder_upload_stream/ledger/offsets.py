@@ -7,9 +7,10 @@ Commit order (what must be durable before an offset may be committed):
 2. A message whose file is uploaded to Girder (or found there already with the same
    content) is done once the upload call has returned successfully.
 3. A message that can never become a file (undecodable, no key, unsafe name, a chunk
-   refused on its own -- impossible for its file, over a bound of competing copies or of
-   files in progress --, filtered out by ``--download_regex``, a duplicate of a finished
-   file) is done once it is recorded (log and registry); retrying it could not help.
+   refused on its own -- impossible for its file, over a bound of competing copies, but
+   not at the bound of files in progress: rule 10 --, filtered out by
+   ``--download_regex``, a duplicate of a finished file) is done once it is recorded
+   (log and registry); retrying it could not help.
 4. A message of a file still in progress, waiting for upload, or whose upload failed
    with a transient error, stays pending: it must be read again after a restart.
    Exception: a partial file that got no chunk for ``stale_partial_seconds`` is

@@ -392,12 +392,11 @@ class Reassembler(Completion, PrefixViews):
                 return True
             return self._finished.pop(file_key, None) is not None
 
-    def knows(self, file_key: FileKey) -> bool:
-        """True if a chunk of this generation would not begin a file: it is being
-        assembled, parked, or finished (and still remembered)."""
+    def begun(self) -> list[FileKey]:
+        """The generations a chunk of which would begin no new file under the bound of
+        files in progress: those being assembled, and parked ones."""
         with self._lock:
-            return (file_key in self._files or file_key in self._parked
-                    or file_key in self._finished)
+            return [*self._files, *self._parked]
 
     def is_completed(self, file_key: FileKey) -> bool:
         """True if this generation completed (and is still remembered)."""

@@ -69,6 +69,7 @@ from girder_upload_stream.ledger.commit_metadata import (MAX_FAILED_CHARS, MAX_S
                                                   TopicPartition, format_metadata,
                                                   merge_spans, parse_failed, parse_metadata,
                                                   parse_spans, spans_of)
+from girder_upload_stream.ledger.put_off import PutOffChunks
 
 # The metadata codec is re-exported: the rules and their text travel together.
 __all__ = ["TopicPartition", "Span", "OffsetTracker", "PendingOffsets", "MAX_SPANS_CHARS",
@@ -107,8 +108,10 @@ class OffsetTracker:
     then keeps their :class:`PendingOffsets`); not thread-safe by design (the flow's
     polling loop owns it)."""
 
-    def __init__(self, admits: Callable[[set[Hashable]], bool] = lambda keys: True) -> None:
-        #: Whether one of these files (keys of put-off chunks) could be taken now (rule 10).
+    def __init__(self, admits: Callable[[Callable[[Hashable], bool]], bool]
+                 = lambda has_put_off: True) -> None:
+        #: Whether a file could take a put-off chunk now (rule 10); it gets a test of
+        #: whether a file (a key) has put-off chunks on the partition considered.
         self.admits = admits
         self._next: dict[TopicPartition, int] = {}
         self._at: dict[TopicPartition, int] = {}  # one past the offset read last
@@ -127,13 +130,10 @@ class OffsetTracker:
         self._retry: dict[TopicPartition, list[Span]] = {}
         self._back_to: dict[TopicPartition, int] = {}
         self._below: dict[TopicPartition, tuple[int, int]] = {}  # (committed, next below it)
-        # Rule 10: put-off chunks (offset -> the file each would begin), held in _pending
-        # by one PendingOffsets per partition; the seeks back asked, and the partitions
-        # read again from one (what this run handled before is skipped there).
-        self._put_off: dict[TopicPartition, dict[int, Hashable]] = {}
+        # Rule 10: the put-off chunks of each partition (held in _pending by one
+        # PendingOffsets per partition, so that they hold the commit).
+        self._put_off: dict[TopicPartition, PutOffChunks] = {}
         self._put_off_holder: dict[TopicPartition, PendingOffsets] = {}
-        self._replay_asked: dict[TopicPartition, int] = {}
-        self._replaying: set[TopicPartition] = set()
 
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
@@ -203,20 +203,18 @@ class OffsetTracker:
         """Rule 10: seek back to the first put-off chunk of each partition read up to
         its end of this run (no pass under way) where a file could now take one."""
         for tp, put_off in self._put_off.items():
-            if not put_off or tp in seeks or self._at.get(tp, 0) < self._next.get(tp, 0):
-                continue
-            if self.admits(set(put_off.values())):
-                seeks[tp] = self._replay_asked[tp] = min(put_off)
+            if tp not in seeks:
+                target = put_off.seek_back(self._at.get(tp, 0), self.admits)
+                if target is not None:
+                    seeks[tp] = target
 
     def put_off(self, tp: TopicPartition, offset: int, file: Hashable) -> bool:
         """Rule 10: the chunk at ``offset`` would begin ``file`` at the bound of files in
         progress: pending, taken by no file, read again later. True the first time."""
-        first = offset not in self._put_off.get(tp, {})
         self.read(tp, offset)
         holder = self._put_off_holder.setdefault(tp, PendingOffsets())
         self._pending.setdefault(tp, {})[offset] = holder
-        self._put_off.setdefault(tp, {})[offset] = file
-        return first
+        return self._put_off[tp].put_off(offset, file)
 
     def put_off_count(self) -> int:
         """Chunks put off at the bound of files in progress, not taken yet (rule 10)."""
@@ -225,15 +223,11 @@ class OffsetTracker:
     def replayed(self, tp: TopicPartition, offset: int) -> bool:
         """True for a message this run handled already, fetched again by rule 10's seek
         back to a put-off chunk: it is skipped (taking it again would take it twice)."""
-        if tp not in self._replaying or offset >= self._next.get(tp, 0):
+        put_off = self._put_off.get(tp)
+        if put_off is None or not put_off.seen_before(offset):
             return False
         self._at[tp] = offset + 1
-        return offset not in self._put_off.get(tp, ())
-
-    def _drop_put_off(self, tp: TopicPartition) -> None:
-        for table in (self._put_off, self._put_off_holder, self._replay_asked):
-            table.pop(tp, None)
-        self._replaying.discard(tp)
+        return True
 
     def before_back_seek(self, tp: TopicPartition, offset: int) -> bool:
         """True for a message fetched before rule 9's seek back took effect: the consumer
@@ -248,9 +242,9 @@ class OffsetTracker:
         self._sought[tp] = offset
         if self._back_to.get(tp) == offset:
             del self._back_to[tp]
-        if self._replay_asked.pop(tp, None) == offset:  # rule 10: a pass from there
+        put_off = self._put_off.get(tp)
+        if put_off is not None and put_off.sought(offset):  # rule 10: a pass from there
             self._at[tp] = offset
-            self._replaying.add(tp)
 
     def reread_spans(self, tp: TopicPartition) -> list[Span] | None:
         """Rule 8's pending spans inherited at assignment (None: no list)."""
@@ -299,8 +293,9 @@ class OffsetTracker:
              file: PendingOffsets | Hashable | None = None) -> None:
         """Record a message just read, pending for ``file`` (None: already done)."""
         self._at[tp] = offset + 1
-        put_off = self._put_off.get(tp)
-        if put_off and put_off.pop(offset, None) is not None:  # taken at last (rule 10)
+        put_off = self._put_off.setdefault(tp, PutOffChunks())
+        put_off.handled(offset)
+        if put_off.take(offset):  # a put-off chunk taken at last (rule 10)
             del self._pending[tp][offset]
         below = self._below.get(tp)
         if below is not None and offset < below[0]:
@@ -390,8 +385,8 @@ class OffsetTracker:
             self._reread_below.pop(tp, None)
             self._inherited.pop(tp, None)
             self._sought.pop(tp, None)
-            self._drop_put_off(tp)
-            for table in (self._failed, self._retry, self._back_to, self._below, self._at):
+            for table in (self._failed, self._retry, self._back_to, self._below, self._at,
+                          self._put_off, self._put_off_holder):
                 table.pop(tp, None)
             for offset, file in self._pending.pop(tp, {}).items():
                 file.where[:] = [e for e in file.where if e != (tp, offset)]

@@ -247,29 +247,6 @@ class StreamProcessor(FileLife, Uploading):
             self.offsets.read(tp, offset, self.ledger.open(key).pending)
             return None
 
-    def _put_off(self, msg: RawMessage, chunk: Chunk) -> None:
-        """At the bound of files in progress, the chunk that would begin one more file
-        waits (offsets rule 10): it holds the commit and is read again once a file makes
-        room. Back-pressure, not loss: reading goes on meanwhile, so the files in
-        progress get their chunks and complete (they never wait for this one)."""
-        tp = (msg.topic, msg.partition)
-        if not self.offsets.put_off_count():
-            logger.info("%d files in progress (--max_files_in_progress): chunks of further "
-                        "files wait, read again once files complete",
-                        self.reassembler.files_in_progress)
-        if self.offsets.put_off(tp, msg.offset, chunk.file_key):
-            self.counters.messages_put_off += 1
-
-    def _could_take(self, keys: set[FileKey]) -> bool:
-        """Whether one of the files of put-off chunks could be taken now: room under the
-        bound (a stale file released makes room too), or one of them begun or finished
-        meanwhile (its chunk is then no new file)."""
-        bound = self.reassembler.max_files_in_progress
-        if bound is None or self.reassembler.files_in_progress < bound \
-                or self.ledger.count(FileState.RELEASED):
-            return True
-        return any(self.reassembler.knows(key) for key in keys)
-
     def _refused(self, msg: RawMessage, chunk: Chunk, result: AddResult) -> None:
         """A chunk the reassembler cannot use (impossible for its file, over a bound):
         the message alone is rejected; its file, if any, goes on without it."""

@@ -19,7 +19,7 @@ from girder_upload_stream.assembly.reassembly import Mode
 from girder_upload_stream.ledger.offsets import OffsetTracker, parse_metadata
 from girder_upload_stream.ledger.stream_types import RawMessage
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
-from tests.unit.fakes import TOPIC, content, make_processor, outcomes
+from tests.unit.fakes import TOPIC, Clock, content, make_processor, outcomes
 
 MODES = [Mode.MEMORY, Mode.DISK]
 
@@ -175,3 +175,50 @@ def test_a_replay_skips_what_this_run_handled_and_takes_the_put_off_chunks() -> 
     assert proc.counters.messages_skipped == 2
     assert proc.recorder.of("message_rejected") == []
     assert committed(proc, topic) == topic.end()
+
+
+def _partials(n: int, tp=(TOPIC, 0)) -> list[RawMessage]:
+    """The first chunk of each of ``n`` two-chunk files (never completed), on ``tp``."""
+    msgs = []
+    for i in range(n):
+        key, value = encode_chunk(next(iter(chunk_file(bytes([i]) * 16, "", 8,
+                                                        filename=f"s{i}.bin"))))
+        msgs.append(RawMessage(TOPIC, tp[1], i, key.encode(), value))
+    return msgs
+
+
+def test_stale_files_make_room_for_the_put_off_chunks() -> None:
+    """A flood holds every place: nothing is sought back (it would not help) until the
+    stale files are released; then the partition is read again from the first put-off
+    chunk and each released file is forgotten to take one."""
+    wall = Clock(1000.0, step=0.0)
+    proc = make_processor(max_files_in_progress=5, stale_partial_seconds=60.0,
+                          wall_clock=wall)
+    proc.reassembler._clock = wall
+    msgs, tp = _partials(8), (TOPIC, 0)
+    for msg in msgs:
+        proc.handle(msg)
+    assert proc.offsets.put_off_count() == 3 and proc.offsets.take_seeks() == {}
+    wall.now += 61.0
+    proc.expire_stale()  # five stale files: released, they make room
+    assert proc.offsets.committable() == {tp: 5}  # the first put-off chunk holds it
+    assert proc.offsets.take_seeks() == {tp: 5}
+    proc.offsets.sought(tp, 5)
+    assert proc.offsets.take_seeks() == {}  # a pass under way: not asked again
+    for msg in msgs[5:]:
+        proc.handle(msg)
+    assert proc.offsets.put_off_count() == 0
+    assert proc.recorder.of("message_rejected") == []
+    assert proc.reassembler.files_in_progress == 5  # two released ones, three new
+    assert proc.offsets.committable() == {tp: 5}  # held there by the three new files
+
+
+def test_a_lost_partition_forgets_its_put_off_chunks() -> None:
+    """The next owner reads them from the commit: nothing of them is kept here."""
+    proc = make_processor(max_files_in_progress=2)
+    for msg in _partials(4):
+        proc.handle(msg)
+    assert proc.offsets.put_off_count() == 2
+    proc.offsets.forget([(TOPIC, 0)])
+    assert proc.offsets.put_off_count() == 0 and proc.offsets.pending_count() == 0
+    assert proc.offsets.take_seeks() == {}

@@ -10,6 +10,7 @@ what completes and commits what the commit plan allows."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections import Counter
 
@@ -19,7 +20,7 @@ from girder_upload_stream.assembly.reassembly import Mode
 from girder_upload_stream.ledger.offsets import OffsetTracker, parse_metadata
 from girder_upload_stream.ledger.stream_types import RawMessage
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
-from tests.unit.fakes import TOPIC, Clock, content, make_processor, outcomes
+from tests.unit.fakes import TOPIC, Clock, content, make_processor, make_runner, outcomes
 
 MODES = [Mode.MEMORY, Mode.DISK]
 
@@ -222,3 +223,17 @@ def test_a_lost_partition_forgets_its_put_off_chunks() -> None:
     proc.offsets.forget([(TOPIC, 0)])
     assert proc.offsets.put_off_count() == 0 and proc.offsets.pending_count() == 0
     assert proc.offsets.take_seeks() == {}
+
+
+def test_a_run_that_stops_with_chunks_still_waiting_says_so(caplog) -> None:
+    """The stop leaves them uncommitted and says that the next run reads them again."""
+    runner, group, _ = make_runner()
+    runner.processor.reassembler.max_files_in_progress = 1
+    for msg in _partials(3):  # one file begun, two waiting
+        group.put(msg.partition, msg.key, msg.value)
+    runner.step()
+    with caplog.at_level(logging.WARNING, "girder_upload_stream.loop.runner"):
+        runner.shutdown("test")
+    assert "2 chunk(s) of files beyond --max_files_in_progress still wait, uncommitted" \
+        in caplog.text
+    assert group.committed == {(TOPIC, 0): 0}

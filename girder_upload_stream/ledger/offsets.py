@@ -293,7 +293,9 @@ class OffsetTracker:
              file: PendingOffsets | Hashable | None = None) -> None:
         """Record a message just read, pending for ``file`` (None: already done)."""
         self._at[tp] = offset + 1
-        put_off = self._put_off.setdefault(tp, PutOffChunks())
+        put_off = self._put_off.get(tp)
+        if put_off is None:
+            put_off = self._put_off[tp] = PutOffChunks()
         put_off.handled(offset)
         if put_off.take(offset):  # a put-off chunk taken at last (rule 10)
             del self._pending[tp][offset]

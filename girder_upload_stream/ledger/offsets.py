@@ -216,6 +216,11 @@ class OffsetTracker:
         self._pending.setdefault(tp, {})[offset] = holder
         return self._put_off[tp].put_off(offset, file)
 
+    def is_put_off(self, tp: TopicPartition, offset: int) -> bool:
+        """True if the chunk at ``offset`` waits at the bound of files in progress."""
+        put_off = self._put_off.get(tp)
+        return put_off is not None and offset in put_off.offsets
+
     def put_off_count(self) -> int:
         """Chunks put off at the bound of files in progress, not taken yet (rule 10)."""
         return sum(len(p) for p in self._put_off.values())

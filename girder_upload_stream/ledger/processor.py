@@ -188,6 +188,11 @@ class StreamProcessor(FileLife, Uploading):
         key, tp, offset = chunk.file_key, (msg.topic, msg.partition), msg.offset
         reread = self.offsets.is_reread(tp, offset)
         busy = self.ledger.busy(key)
+        if not busy and self.offsets.is_put_off(tp, offset) and self.ledger.is_known_done(key):
+            # Put off at the bound, its file settled since from its other copies: read in
+            # its turn, it was a duplicate, not a new production (offsets rule 10).
+            self.offsets.read(tp, offset)
+            return
         route = self.ledger.route(key, reread)
         if route in (Route.DONE_BEFORE, Route.COUNT_REPEAT):
             self.offsets.read(tp, offset)

@@ -18,6 +18,7 @@ import pytest
 
 from girder_upload_stream.assembly.reassembly import Mode
 from girder_upload_stream.ledger.offsets import OffsetTracker, parse_metadata
+from girder_upload_stream.ledger.records import FileState
 from girder_upload_stream.ledger.stream_types import RawMessage
 from girder_upload_stream.wire.codec import chunk_file, encode_chunk
 from tests.unit.fakes import TOPIC, Clock, content, make_processor, make_runner, outcomes
@@ -237,3 +238,27 @@ def test_a_run_that_stops_with_chunks_still_waiting_says_so(caplog) -> None:
     assert "2 chunk(s) of files beyond --max_files_in_progress still wait, uncommitted" \
         in caplog.text
     assert group.committed == {(TOPIC, 0): 0}
+
+
+def test_a_put_off_duplicate_of_a_file_settled_since_is_done_not_a_new_file() -> None:
+    """Found by the commit-rule property at the bound: a chunk put off, whose file then
+    began and completed from another copy of that chunk on another partition, was taken
+    later as the first chunk of a new production: a file that could never complete held
+    a place and the commit for ever. Read in its turn, it was a duplicate: it is done."""
+    topic = Topic(2)
+    a = list(chunk_file(b"A" * 16, "", 8, filename="a.bin"))
+    b = list(chunk_file(b"B" * 16, "", 8, filename="b.bin"))
+    topic.data = {"a.bin": b"A" * 16, "b.bin": b"B" * 16}
+    layout = ((0, a[0]), (0, b[0]), (1, a[1]), (1, b[0]), (1, b[1]))  # b's first twice
+    for partition, chunk in layout:
+        key, value = encode_chunk(chunk)
+        log = topic.parts[(TOPIC, partition)]
+        log.append(RawMessage(TOPIC, partition, len(log), key.encode(), value))
+    proc = make_processor(max_files_in_progress=1)
+    # Partition 0 first: b's first chunk put off; partition 1 completes a, then b from
+    # its other copy; b is uploaded before partition 0 is read again.
+    uploads = consume(proc, topic, dict.fromkeys(topic.parts, 10))
+    assert uploads == Counter({"a.bin": 1, "b.bin": 1})
+    assert proc.reassembler.files_in_progress == 0
+    assert not proc.ledger.in_state(FileState.ASSEMBLING)
+    assert committed(proc, topic) == topic.end()

@@ -87,3 +87,52 @@ def test_files_beyond_max_files_in_progress_wait_and_all_land_exactly_once(
     assert in_progress_rows(logs, topic, group) == []  # nothing failed, nothing stuck
     assert committed_offsets(kafka_admin, group, topic) == end_offsets(bootstrap, topic), (
         program.describe((log_file,)))
+
+
+@pytest.mark.timeout(180)
+def test_chunks_still_waiting_when_a_run_stops_are_read_by_the_next_run(
+        tmp_path, stack_env, prefect_env, make_topic, make_group, make_collection,
+        girder_client, kafka_admin, programs):
+    """Twenty partial files that never complete take every place; the thirty files after
+    them (on the same partition) wait. The first run stops idle with them uncommitted (and says so); the next
+    run, whose partial files go stale (``--stale_partial_seconds 2``) and make room,
+    uploads every one of them once, and the commit reaches the end."""
+    rng = random.Random(2020)
+    partial = [(*encode_chunk(next(iter(chunk_file(rng.randbytes(2 * CHUNK), "", CHUNK,
+                                                   filename=f"partial-{n}.bin")))), 0)
+               for n in range(BOUND)]
+    files = {f"later-{n:02d}.bin": rng.randbytes(2 * CHUNK + 1 + n) for n in range(30)}
+    bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+    later = [(key, value, 0) for key, value, _ in _messages(files)]  # one partition:
+    topic, group, collection = make_topic(partitions=1), make_group(), make_collection()
+    produce_raw(bootstrap, topic, partial + later)  # the partial files first, in order
+
+    out = tmp_path / "out"
+    logs = out / "LOGS"
+    config = write_fault_config(tmp_path / "consumer.config")
+    outputs = []
+    for name, extra in (("first", ()), ("second", ("--stale_partial_seconds", "2"))):
+        argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out,
+                             group, config, MAX_IDLE, "--max_files_in_progress", str(BOUND),
+                             *extra)
+        program = Program(argv, tmp_path / f"{name}.out", cwd=tmp_path,
+                          env=consumer_env(stack_env, prefect_env), stdin=subprocess.DEVNULL)
+        programs.append(program)
+        assert program.wait(RUN_TIMEOUT) == 0, program.describe(
+            (logs / "GirderUploadStreamProcessor.log",))
+        outputs.append((stop_line(program.output()), program.output()))
+    (first, first_out), (second, _) = outputs
+    assert (first["uploaded"], first["failed"]) == (0, 0), first
+    assert "chunk(s) of files beyond --max_files_in_progress still wait, uncommitted" \
+        in first_out, first_out
+    assert (second["uploaded"], second["failed"]) == (len(files), 0), second
+
+    root_path = default_root_path(collection["name"], topic)
+    root = folder_by_path(girder_client, root_path)
+    assert_exactly_once(girder_client, root["_id"], files, topic, root_path=root_path)
+    processed = collections.Counter(processed_rel_paths(logs, topic, group))
+    assert processed == collections.Counter(dict.fromkeys(files, 1))
+    stale = in_progress_rows(logs, topic, group)  # only the partial files, as stale
+    assert sorted(str(r.rel_filepath) for r in stale) == sorted(
+        f"partial-{n}.bin" for n in range(BOUND))
+    assert committed_offsets(kafka_admin, group, topic) == end_offsets(bootstrap, topic)

@@ -11,7 +11,11 @@ partitions over, far more than 20 files are begun before any completes: the boun
 reached, and every place is held by a file whose missing chunks lie behind chunks put
 off in the other partitions (the deadlock a pausing consumer would meet). Every file
 must land exactly once, the group's offsets end at the end of the topic, nothing is
-failed or left in progress.
+failed or left in progress. And chunks still waiting when a run stops (every place held
+by partial files) stay uncommitted: the next run uploads their files.
+
+OpenMSIStream 1.8.8 has no such bound (its files in progress are an unbounded dict), so
+it lands all these files; the bound must never land fewer.
 """
 
 from __future__ import annotations

@@ -225,8 +225,8 @@ OPTIONS: tuple[Option, ...] = (
            "is rejected at once (default: %(default)s = 1 TiB)", parse=file_size_mb),
     Option("max_files_in_progress", 1000, "files being rebuilt at once, at most (each may "
            "hold a staging file in disk mode until it completes or is stale); a chunk that "
-           "would begin one more is rejected and registered as failed, and its offset "
-           "committed (default: %(default)s)", parse=positive_int),
+           "would begin one more waits, uncommitted, and is read again once files complete "
+           "(default: %(default)s)", parse=positive_int),
     Option("max_parallel_uploads", 16, "most small files (up to 4 MiB) uploading to Girder "
            "at once: from --n_threads the number grows while Girder keeps up and shrinks, "
            "down to 1, when its latency grows or it refuses uploads (default: "

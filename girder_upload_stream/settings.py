@@ -115,7 +115,8 @@ class RunSettings(BaseModel):
         default_factory=lambda: timings.current().ledger_retry_seconds, ge=0)
     #: A partial file with no new chunk for this long stops holding commits (None: never).
     stale_partial_seconds: float | None = Field(default=3600.0, gt=0)
-    #: Files being rebuilt at once (--max_files_in_progress); a chunk of one more is refused.
+    #: Files being rebuilt at once (--max_files_in_progress); a chunk of one more waits
+    #: (put off, uncommitted, read again once a file makes room: offsets rule 10).
     max_files_in_progress: int = Field(default=1000, ge=1)
 
     @property

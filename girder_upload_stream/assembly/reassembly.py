@@ -392,6 +392,12 @@ class Reassembler(Completion, PrefixViews):
                 return True
             return self._finished.pop(file_key, None) is not None
 
+    def begun(self) -> list[FileKey]:
+        """The generations a chunk of which would begin no new file under the bound of
+        files in progress: those being assembled, and parked ones."""
+        with self._lock:
+            return [*self._files, *self._parked]
+
     def is_completed(self, file_key: FileKey) -> bool:
         """True if this generation completed (and is still remembered)."""
         with self._lock:

@@ -1,16 +1,18 @@
 """The parts of the :class:`~girder_upload_stream.ledger.processor.StreamProcessor` that
 follow files beyond their messages: partitions gained and lost (what a restart reads
 again, which files go to the next owner), what Girder says of re-read files, and files
-that stop arriving (stale, or forgotten at the bound of files in progress). A mixin of
+that stop arriving (stale, or forgotten at the bound of files in progress); and chunks
+that wait at that bound (offsets rule 10: back-pressure, not loss). A mixin of
 the processor: it works on its ledger, offsets, reassembler and recorder."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from girder_upload_stream.shared_types import FileProgress, PartitionInfo
+from girder_upload_stream.shared_types import FileProgress, PartitionInfo, RawMessage
 from girder_upload_stream.ledger.records import FileRecord, FileState, Role
-from girder_upload_stream.wire.codec import FileKey
+from girder_upload_stream.wire.codec import Chunk, FileKey
 
 __all__ = ["FileLife", "STUCK_LOOKUP_SECONDS"]
 
@@ -108,6 +110,29 @@ class FileLife:
             return
         self._carry_out(self.ledger.drop(record.key) if record.role is Role.AGAIN else
                         self.ledger.go_stale(record.key, progress, self.stale_partial_seconds))
+
+    def _put_off(self, msg: RawMessage, chunk: Chunk) -> None:
+        """At the bound of files in progress, the chunk that would begin one more file
+        waits (offsets rule 10): it holds the commit and is read again once a file makes
+        room. Back-pressure, not loss: reading goes on meanwhile, so the files in
+        progress get their chunks and complete (they never wait for this one)."""
+        tp = (msg.topic, msg.partition)
+        if not self.offsets.put_off_count():
+            logger.info("%d files in progress (--max_files_in_progress): chunks of further "
+                        "files wait, read again once files complete",
+                        self.reassembler.files_in_progress)
+        if self.offsets.put_off(tp, msg.offset, chunk.file_key):
+            self.counters.messages_put_off += 1
+
+    def _could_take(self, has_put_off: Callable[[FileKey], bool]) -> bool:
+        """Whether a put-off chunk could be taken now: room under the bound (a stale file
+        released makes room too), or a file being rebuilt has put-off chunks (begun
+        meanwhile from another chunk: they are no new file). O(files in progress)."""
+        bound = self.reassembler.max_files_in_progress
+        if bound is None or self.reassembler.files_in_progress < bound \
+                or self.ledger.count(FileState.RELEASED):
+            return True
+        return any(has_put_off(key) for key in self.reassembler.begun())
 
     def _evict_released(self) -> bool:
         """At the bound of files in progress, make room by forgetting the file released

@@ -9,9 +9,10 @@ commit's steps, from this plan to the broker, is written once, in
 2. A message whose file is uploaded to Girder (or found there already with the same
    content) is done once the upload call has returned successfully.
 3. A message that can never become a file (undecodable, no key, unsafe name, a chunk
-   refused on its own -- impossible for its file, over a bound of competing copies or of
-   files in progress --, filtered out by ``--download_regex``, a duplicate of a finished
-   file) is done once it is recorded (log and registry); retrying it could not help.
+   refused on its own -- impossible for its file, over a bound of competing copies, but
+   not at the bound of files in progress: rule 10 --, filtered out by
+   ``--download_regex``, a duplicate of a finished file) is done once it is recorded
+   (log and registry); retrying it could not help.
 4. A message of a file still in progress, waiting for upload, or whose upload failed
    with a transient error, stays pending: it must be read again after a restart.
    Exception: a partial file that got no chunk for ``stale_partial_seconds`` is
@@ -37,6 +38,13 @@ commit's steps, from this plan to the broker, is written once, in
    below ``C``): the next run of the group seeks back to them, rebuilds the file and
    tries its upload again. The list is capped like rule 8's; a file cut from it is
    still listed as failed in the registry, but not retried by itself.
+10. A chunk that would begin one more file at the bound of files in progress
+    (``--max_files_in_progress``) is *put off*: pending (it holds the commit and is in
+    rule 8's list), but taken by no file. Reading goes on past it, so that the files in
+    progress get their chunks and complete (nothing waits for a put-off chunk: no
+    deadlock); once a file could take it (room under the bound, or its file begun
+    meanwhile), its partition is read again from the first put-off chunk, skipping what
+    this run handled already. A put-off chunk is never committed past before it is taken.
 
 On restart, the re-read span holds the pending messages plus the finished ones between
 them (the bounded overlap). A re-read message of a file the registry (or its Prefect
@@ -57,12 +65,13 @@ on an assetstore that does not hash) waits for the stale-partial release.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from girder_upload_stream.wire.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
                                                   TopicPartition, format_metadata,
                                                   merge_spans, parse_failed, parse_metadata,
                                                   parse_spans, spans_of)
+from girder_upload_stream.ledger.put_off import PutOffChunks
 
 # The metadata codec is re-exported: the rules and their text travel together.
 __all__ = ["TopicPartition", "Span", "OffsetTracker", "PendingOffsets", "MAX_SPANS_CHARS",
@@ -101,7 +110,11 @@ class OffsetTracker:
     then keeps their :class:`PendingOffsets`); not thread-safe by design (the flow's
     polling loop owns it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, admits: Callable[[Callable[[Hashable], bool]], bool]
+                 = lambda has_put_off: True) -> None:
+        #: Whether a file could take a put-off chunk now (rule 10); it gets a test of
+        #: whether a file (a key) has put-off chunks on the partition considered.
+        self.admits = admits
         self._next: dict[TopicPartition, int] = {}
         self._at: dict[TopicPartition, int] = {}  # one past the offset read last
         self._pending: dict[TopicPartition, dict[int, PendingOffsets]] = {}
@@ -119,6 +132,10 @@ class OffsetTracker:
         self._retry: dict[TopicPartition, list[Span]] = {}
         self._back_to: dict[TopicPartition, int] = {}
         self._below: dict[TopicPartition, tuple[int, int]] = {}  # (committed, next below it)
+        # Rule 10: the put-off chunks of each partition (held in _pending by one
+        # PendingOffsets per partition, so that they hold the commit).
+        self._put_off: dict[TopicPartition, PutOffChunks] = {}
+        self._put_off_holder: dict[TopicPartition, PendingOffsets] = {}
 
     def assigned(self, tp: TopicPartition, committed: int | None,
                  metadata: str | None) -> None:
@@ -171,6 +188,7 @@ class OffsetTracker:
         partition whose next offset to read lies in a gap of rule 8's list."""
         seeks = {tp: target for tp, target in self._back_to.items()
                  if self._sought.get(tp) != target}
+        self._replay_seeks(seeks)
         for tp, spans in self._inherited.items():
             if tp in seeks:
                 continue
@@ -182,6 +200,41 @@ class OffsetTracker:
             if self._sought.get(tp) != target:
                 seeks[tp] = target
         return seeks
+
+    def _replay_seeks(self, seeks: dict[TopicPartition, int]) -> None:
+        """Rule 10: seek back to the first put-off chunk of each partition read up to
+        its end of this run (no pass under way) where a file could now take one."""
+        for tp, put_off in self._put_off.items():
+            if tp not in seeks:
+                target = put_off.seek_back(self._at.get(tp, 0), self.admits)
+                if target is not None:
+                    seeks[tp] = target
+
+    def put_off(self, tp: TopicPartition, offset: int, file: Hashable) -> bool:
+        """Rule 10: the chunk at ``offset`` would begin ``file`` at the bound of files in
+        progress: pending, taken by no file, read again later. True the first time."""
+        self.read(tp, offset)
+        holder = self._put_off_holder.setdefault(tp, PendingOffsets())
+        self._pending.setdefault(tp, {})[offset] = holder
+        return self._put_off[tp].put_off(offset, file)
+
+    def is_put_off(self, tp: TopicPartition, offset: int) -> bool:
+        """True if the chunk at ``offset`` waits at the bound of files in progress."""
+        put_off = self._put_off.get(tp)
+        return put_off is not None and offset in put_off.offsets
+
+    def put_off_count(self) -> int:
+        """Chunks put off at the bound of files in progress, not taken yet (rule 10)."""
+        return sum(len(p) for p in self._put_off.values())
+
+    def replayed(self, tp: TopicPartition, offset: int) -> bool:
+        """True for a message this run handled already, fetched again by rule 10's seek
+        back to a put-off chunk: it is skipped (taking it again would take it twice)."""
+        put_off = self._put_off.get(tp)
+        if put_off is None or not put_off.seen_before(offset):
+            return False
+        self._at[tp] = offset + 1
+        return True
 
     def before_back_seek(self, tp: TopicPartition, offset: int) -> bool:
         """True for a message fetched before rule 9's seek back took effect: the consumer
@@ -196,6 +249,9 @@ class OffsetTracker:
         self._sought[tp] = offset
         if self._back_to.get(tp) == offset:
             del self._back_to[tp]
+        put_off = self._put_off.get(tp)
+        if put_off is not None and put_off.sought(offset):  # rule 10: a pass from there
+            self._at[tp] = offset
 
     def reread_spans(self, tp: TopicPartition) -> list[Span] | None:
         """Rule 8's pending spans inherited at assignment (None: no list)."""
@@ -244,6 +300,12 @@ class OffsetTracker:
              file: PendingOffsets | Hashable | None = None) -> None:
         """Record a message just read, pending for ``file`` (None: already done)."""
         self._at[tp] = offset + 1
+        put_off = self._put_off.get(tp)
+        if put_off is None:
+            put_off = self._put_off[tp] = PutOffChunks()
+        put_off.handled(offset)
+        if put_off.take(offset):  # a put-off chunk taken at last (rule 10)
+            del self._pending[tp][offset]
         below = self._below.get(tp)
         if below is not None and offset < below[0]:
             self._below[tp] = (below[0], max(below[1], offset + 1))
@@ -332,7 +394,8 @@ class OffsetTracker:
             self._reread_below.pop(tp, None)
             self._inherited.pop(tp, None)
             self._sought.pop(tp, None)
-            for table in (self._failed, self._retry, self._back_to, self._below, self._at):
+            for table in (self._failed, self._retry, self._back_to, self._below, self._at,
+                          self._put_off, self._put_off_holder):
                 table.pop(tp, None)
             for offset, file in self._pending.pop(tp, {}).items():
                 file.where[:] = [e for e in file.where if e != (tp, offset)]

@@ -76,7 +76,7 @@ class StreamProcessor(FileLife, Uploading):
         self.ledger = FileLedger(known_done, known_pending, known_in_girder=known_in_girder)
         self.download_regex = download_regex
         self.recorder = recorder or Recorder()
-        self.offsets = OffsetTracker()
+        self.offsets = OffsetTracker(admits=self._could_take)
         self.counters = Counters()
         self.stale_partial_seconds = stale_partial_seconds
         self.max_inflight_units = max_inflight_units  # None: every ready file at once
@@ -111,6 +111,10 @@ class StreamProcessor(FileLife, Uploading):
         size = len(msg.value or b"")
         self.counters.messages_read += 1
         self.counters.bytes_read += size
+        if self.offsets.replayed(tp, msg.offset):
+            # Read again on the way back to a chunk put off at the bound (rule 10).
+            self.counters.messages_skipped += 1
+            return
         if self.offsets.skippable(tp, msg.offset):
             # Fetched before the seek over its gap took effect: done at the last commit.
             self.counters.messages_skipped += 1
@@ -189,6 +193,11 @@ class StreamProcessor(FileLife, Uploading):
         key, tp, offset = chunk.file_key, (msg.topic, msg.partition), msg.offset
         reread = self.offsets.is_reread(tp, offset)
         busy = self.ledger.busy(key)
+        if not busy and self.offsets.is_put_off(tp, offset) and self.ledger.is_known_done(key):
+            # Put off at the bound, its file settled since from its other copies: read in
+            # its turn, it was a duplicate, not a new production (offsets rule 10).
+            self.offsets.read(tp, offset)
+            return
         route = self.ledger.route(key, reread)
         if route in (Route.DONE_BEFORE, Route.COUNT_REPEAT):
             self.offsets.read(tp, offset)
@@ -206,7 +215,10 @@ class StreamProcessor(FileLife, Uploading):
         if result is None:
             return
         if result.status is AddStatus.REFUSED:
-            self._refused(msg, chunk, result)
+            if result.full:
+                self._put_off(msg, chunk)
+            else:
+                self._refused(msg, chunk, result)
             return
         rejected_before = result.status is AddStatus.IGNORED or result.of_rejected
         if rejected_before or (result.status is AddStatus.DUPLICATE and not busy):

@@ -36,6 +36,8 @@ class Counters:
     files_found_in_girder: int = 0
     messages_rejected: int = 0
     messages_skipped: int = 0  # read, but done before a restart (offsets rule 8)
+    #: Chunks put off at --max_files_in_progress (offsets rule 10), each counted once.
+    messages_put_off: int = 0
     files_to_retry: int = 0  # upload failed for good: the next run tries again (rule 9)
     #: Skipped, a different file of that name being in Girder (no --replace_existing).
     files_skipped_different: int = 0

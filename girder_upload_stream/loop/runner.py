@@ -348,6 +348,10 @@ class StreamRunner:
                 logger.warning("%d upload unit(s) still running at shutdown; their messages "
                                "stay uncommitted and are read again on restart",
                                len(self._handles))
+            if self.processor.offsets.put_off_count():  # offsets rule 10
+                logger.warning("%d chunk(s) of files beyond --max_files_in_progress still "
+                               "wait, uncommitted: the next run of the group reads them "
+                               "again", self.processor.offsets.put_off_count())
             self.commit()
             self._final_ticks()
         finally:

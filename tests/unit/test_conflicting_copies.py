@@ -1,7 +1,7 @@
 """Issue 20 sections 1 and 5, through the consumer's core (StreamProcessor): only the
 whole-file sha512 decides a file's fate, never one unverified message; and floods of
-partial files are bounded, their excess rejected message by message while commits move
-and genuine files inside the bound still land."""
+partial files are bounded, their excess put off (never committed past, read again once
+room frees) while genuine files inside the bound still land."""
 
 from __future__ import annotations
 
@@ -191,23 +191,21 @@ def _flood(proc, log, n_files: int, partition: int = 0) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_beyond_max_files_in_progress_messages_are_rejected_and_commits_move(
-        mode, tmp_path) -> None:
+def test_beyond_max_files_in_progress_chunks_wait_and_hold_the_commit(mode, tmp_path) -> None:
+    """Back-pressure, not loss (offsets rule 10): the excess is put off, neither
+    rejected nor committed past, and no seek back is asked while no file could take it."""
     log = Log()
     proc = processor(mode, tmp_path, max_files_in_progress=20)
     _flood(proc, log, 200)
     assert proc.reassembler.files_in_progress == 20
-    rejected = proc.recorder.of("message_rejected")
-    assert len(rejected) == 180 and [r[2] for r in rejected] == list(range(20, 200))
-    assert all("too many files in progress" in r[3] and "--max_files_in_progress" in r[3]
-               for r in rejected)
+    assert proc.recorder.of("message_rejected") == []
+    assert proc.offsets.put_off_count() == 180 and proc.counters.messages_put_off == 180
     if mode is not Mode.MEMORY:
         assert len(list(proc.reassembler.staging_dir.iterdir())) == 20
-    # The files in progress hold the commit of their own messages only (rule 4); the
-    # refused ones are done: on another partition, nothing is held.
+    # On another partition too, the commit stops at the first chunk put off.
     _flood(proc, log, 50, partition=1)
-    assert proc.offsets.committable()[(TOPIC, 1)] == 50
-    assert proc.offsets.committable()[(TOPIC, 0)] == 0
+    assert proc.offsets.committable() == {(TOPIC, 0): 0, (TOPIC, 1): 0}
+    assert proc.offsets.take_seeks() == {}  # no room: reading them again would not help
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -515,7 +515,8 @@ def test_counters_take_delta_starts_from_zero() -> None:
                               "bytes_processed": 0, "files_uploaded": 0, "files_skipped": 0,
                               "files_found_in_girder": 0,
                               "files_failed": 0, "messages_rejected": 0,
-                              "messages_skipped": 0, "files_to_retry": 0,
+                              "messages_skipped": 0, "messages_put_off": 0,
+                              "files_to_retry": 0,
                               "files_skipped_different": 0, "files_skipped_by_regex": 0}
 
 

@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scenario 7: number of 64 KiB files (default: 200; quick: 40)")
     parser.add_argument("--remote-slow-delay-ms", type=float,
                         help="scenario 7: delay of the slow Girder's pass (default: 200)")
+    parser.add_argument("--files-scale-delay-ms", type=float,
+                        help="scenario 10: delay added to every Girder request (default: 20)")
     parser.add_argument("--no-soak-baseline", action="store_true",
                         help="run only our consumer in the soak")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "remote_delay_ms": args.remote_delay_ms,
                                  "remote_files": args.remote_files,
                                  "remote_slow_delay_ms": args.remote_slow_delay_ms,
+                                 "files_scale_delay_ms": args.files_scale_delay_ms,
                                  }.items() if v is not None}
     if args.no_soak_baseline:
         changes["soak_baseline"] = False

@@ -29,7 +29,7 @@ from benchmarks.bench_girder import GirderView, match_items
 from benchmarks.bench_prefect import db_logical_bytes, flow_run_ids, task_runs
 
 __all__ = ["LABELS", "Spec", "RunResult", "omsi_config", "start_system", "display_argv",
-           "timed_run", "stall_for", "failure_hint", "parse_messages_read",
+           "timed_run", "run_result", "stall_for", "failure_hint", "parse_messages_read",
            "parse_bytes_read"]
 
 LABELS = {"ours": "girder-upload-stream", "omsi": "OpenMSIStream 1.8.8",
@@ -272,17 +272,9 @@ def timed_run(stack: Stack, gc, spec: Spec, work: Path, topic: str, data: Datase
             outputs.append(proc.output())
     started = min(p.started_wall for p in procs)
     landed = [it.landed or detected for it in check["complete"].values()]
-    if not landed:
-        raise BenchError(f"{spec.label}: no file reached Girder; output:\n{outputs[0][-3000:]}")
-    result = RunResult(spec, seconds=max(landed) - started, first_s=min(landed) - started,
-                       n_files=len(check["complete"]),
-                       total_bytes=sum(data.files[rel] for rel in check["complete"]),
-                       peak_rss=max(p.peak_rss for p in procs),
-                       argv=[display_argv(p, stack, work) for p in procs],
-                       duplicates=len(check["duplicates"]), outputs=outputs,
-                       missing=len(check["missing"]) + len(check["wrong_size"]),
-                       started_wall=started,
-                       cpu_s=sum(p.cpu.at(max(landed)) for p in procs))
+    result = run_result(spec, data, check, procs, outputs, landed, started,
+                        [display_argv(p, stack, work) for p in procs])
+    result.cpu_s = sum(p.cpu.at(max(landed)) for p in procs)
     if result.missing:
         result.failure = next((h for h in map(failure_hint, outputs) if h), None)
         result.missing_detail = (check["missing"] + check["wrong_detail"])[:3]
@@ -314,6 +306,21 @@ def stall_for(data: Dataset) -> float:
     """How long a run may go without a new file in Girder before the harness decides
     the rest will never come: 2 minutes, plus the largest file at 5 MB/s."""
     return 120.0 + max(data.files.values(), default=0) / 5e6
+
+
+def run_result(spec: Spec, data: Dataset, check: dict, procs: list, outputs: list[str],
+               landed: list[float], started: float, argv: list) -> RunResult:
+    """One run's result from what Girder holds (``check``: :func:`match_items`) and when
+    each file landed (epoch seconds); raises when no file reached Girder."""
+    if not landed:
+        raise BenchError(f"{spec.label}: no file reached Girder; output:\n{outputs[0][-3000:]}")
+    return RunResult(spec, seconds=max(landed) - started, first_s=min(landed) - started,
+                     n_files=len(check["complete"]),
+                     total_bytes=sum(data.files[rel] for rel in check["complete"]),
+                     peak_rss=max(p.peak_rss for p in procs), argv=argv,
+                     duplicates=len(check["duplicates"]), outputs=outputs,
+                     missing=len(check["missing"]) + len(check["wrong_size"]),
+                     started_wall=started)
 
 
 def _settled_check(view: GirderView, data: Dataset, settle: float = 10.0) -> dict:

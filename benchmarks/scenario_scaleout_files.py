@@ -35,14 +35,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.bench_common import KIB, MIB, REPO_ROOT, BenchError, Stat, new_name, wait_until
+from benchmarks.bench_common import KIB, MIB, REPO_ROOT, Stat, new_name, wait_until
 from benchmarks.bench_config import Context
 from benchmarks.bench_data import CHUNK_SIZE, Dataset, produce, write_random
 from benchmarks.bench_girder import (GirderView, committed_offsets, create_topic, delete_topics,
                                      match_items)
 from benchmarks.bench_report import Section, ratio
-from benchmarks.bench_systems import (RunResult, Spec, display_argv, stall_for, start_system,
-                                      timed_run)
+from benchmarks.bench_systems import (RunResult, Spec, display_argv, run_result, stall_for,
+                                      start_system, timed_run)
 from benchmarks.count_proxy import CountingProxy
 from benchmarks.scenario_bigoverlap import StackCpu
 from benchmarks.scenario_throughput import missing_notes
@@ -170,17 +170,9 @@ def joined_run(ctx: Context, spec: Spec, data: Dataset, delay: float
                 proc.stop()
             outputs = [proc.output() for proc in procs]
     landed = [item.landed for item in check["complete"].values()]
-    if not landed:
-        raise BenchError(f"{spec.label}: no file reached Girder; output:\n{outputs[0][-3000:]}")
-    result = RunResult(spec, seconds=max(landed) - started, first_s=min(landed) - started,
-                       n_files=len(check["complete"]),
-                       total_bytes=sum(data.files[rel] for rel in check["complete"]),
-                       peak_rss=max(p.peak_rss for p in procs),
-                       argv=[display_argv(p, ctx.stack, ctx.work) for p in procs],
-                       duplicates=len(check["duplicates"]), outputs=outputs,
-                       missing=len(check["missing"]) + len(check["wrong_size"]),
-                       started_wall=started,
-                       cpu_s=sum(p.cpu.between(started, max(landed)) for p in procs))
+    result = run_result(spec, data, check, procs, outputs, landed, started,
+                        [display_argv(p, ctx.stack, ctx.work) for p in procs])
+    result.cpu_s = sum(p.cpu.between(started, max(landed)) for p in procs)
     if not ctx.keep:
         view.delete()
         for i in range(spec.processes):

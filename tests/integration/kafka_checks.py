@@ -9,19 +9,28 @@ from typing import Any
 from tests.integration.local_files import CHUNK_SIZE
 from tests.integration.programs import TIMEOUT
 
-__all__ = ["end_offsets", "committed_offsets", "drop_span_lists", "topic_messages",
+__all__ = ["end_offsets", "low_offsets", "committed_offsets", "drop_span_lists", "topic_messages",
            "BackgroundProducer", "produce_raw", "committed_with_metadata", "messages_at",
            "member_partitions"]
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """``{partition: high watermark}`` of ``topic``."""
+    return {p: high for p, (_, high) in _watermarks(bootstrap, topic).items()}
+
+
+def low_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """``{partition: low watermark}`` of ``topic`` (what retention or a purge left)."""
+    return {p: low for p, (low, _) in _watermarks(bootstrap, topic).items()}
+
+
+def _watermarks(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
     from confluent_kafka import Consumer, TopicPartition
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-watermarks",
                          "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(topic, timeout=10)
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                 for p in sorted(meta.topics[topic].partitions)}
     finally:
         consumer.close()

@@ -22,7 +22,7 @@ from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
 from tests.integration.girder_checks import (assert_exactly_once, default_root_path,
                                              folder_by_path)
 from tests.integration.kafka_checks import (committed_offsets, committed_with_metadata,
-                                            end_offsets, produce_raw)
+                                            end_offsets, low_offsets, produce_raw)
 from tests.integration.local_files import write_tree
 from tests.integration.programs import (Program, consumer_argv, consumer_env, finish,
                                         produce_ours, stop_line, wait_for)
@@ -90,6 +90,17 @@ def _configs(kafka_admin, topic: str) -> dict[str, str]:
     return {name: entry.value for name, entry in entries.items()}
 
 
+def _once_and_committed(girder_client, kafka_admin, bootstrap: str, collection: dict,
+                        files: dict[str, bytes], *hops: tuple[str, str]) -> None:
+    """Every file in Girder once, and each hop's ``(topic, group)`` committed to its end."""
+    topic = hops[0][0]
+    root_path = default_root_path(collection["name"], topic)
+    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
+                        files, topic, root_path=root_path)
+    for hop_topic, hop_group in hops:
+        _at_end(kafka_admin, bootstrap, hop_group, hop_topic)
+
+
 def _at_end(kafka_admin, bootstrap: str, group: str, topic: str) -> None:
     ends = end_offsets(bootstrap, topic)
     committed = committed_offsets(kafka_admin, group, topic)
@@ -114,14 +125,11 @@ def test_two_processes_of_one_group_rebuild_multi_chunk_files_once(
     for program in started:
         assert program.wait(RUN_TIMEOUT) == 0, program.describe()
     lines = [stop_line(p.output()) for p in started]
-    root_path = default_root_path(collection["name"], topic)
-    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
-                        files, topic, root_path=root_path)
+    _once_and_committed(girder_client, kafka_admin, bootstrap, collection, files,
+                        (topic, group), (inner, inner_group))
     assert sum(line["uploaded"] for line in lines) == len(files), lines
     assert all(line["uploaded"] > 0 for line in lines), lines  # split between them
     assert all(line["failed"] == 0 for line in lines), lines
-    _at_end(kafka_admin, bootstrap, group, topic)
-    _at_end(kafka_admin, bootstrap, inner_group, inner)
     # The internal topic, as made: the source's shape, room for the headers, a retention.
     source_config, inner_config = _configs(kafka_admin, topic), _configs(kafka_admin, inner)
     assert len(end_offsets(bootstrap, inner)) == 4
@@ -239,11 +247,8 @@ def test_a_crash_mid_way_then_a_restart_loses_nothing_and_uploads_nothing_twice(
     # copies made again are duplicates, or second productions Girder skips).
     assert 0 < after["messages"] and after["failed"] == 0, after
     assert 0 < after["uploaded"] < len(files), after
-    root_path = default_root_path(collection["name"], topic)
-    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
-                        files, topic, root_path=root_path)
-    _at_end(kafka_admin, bootstrap, group, topic)
-    _at_end(kafka_admin, bootstrap, inner_group, inner)
+    _once_and_committed(girder_client, kafka_admin, bootstrap, collection, files,
+                        (topic, group), (inner, inner_group))
 
 
 @pytest.mark.timeout(400)
@@ -275,23 +280,8 @@ def test_a_graceful_stop_mid_way_commits_both_hops_and_a_restart_finishes_once(
     after = stop_line(second.output())
     assert before["uploaded"] + after["uploaded"] == len(files), (before, after)
     assert after["skipped"] == 0 and after["failed"] == 0, after
-    root_path = default_root_path(collection["name"], topic)
-    assert_exactly_once(girder_client, folder_by_path(girder_client, root_path)["_id"],
-                        files, topic, root_path=root_path)
-    _at_end(kafka_admin, bootstrap, group, topic)
-    _at_end(kafka_admin, bootstrap, inner_group, inner)
-
-
-def _low_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
-    from confluent_kafka import Consumer, TopicPartition
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-low",
-                         "enable.auto.commit": False})
-    try:
-        meta = consumer.list_topics(topic, timeout=10)
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[0]
-                for p in sorted(meta.topics[topic].partitions)}
-    finally:
-        consumer.close()
+    _once_and_committed(girder_client, kafka_admin, bootstrap, collection, files,
+                        (topic, group), (inner, inner_group))
 
 
 @pytest.mark.timeout(300)
@@ -322,7 +312,7 @@ def test_the_purge_deletes_below_the_commit_but_keeps_a_failed_files_retry_span(
     assert retry, (line, metadata)
     assert offset == end_offsets(bootstrap, inner)[0], (offset, metadata)
     # The records of the 6 files before it are gone, the failed file's are kept.
-    low = _low_watermarks(bootstrap, inner)[0]
+    low = low_offsets(bootstrap, inner)[0]
     assert 6 * 2 <= low == retry[0][0] < offset, (low, retry, offset)
 
 

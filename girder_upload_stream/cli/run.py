@@ -123,6 +123,10 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
           f"re-read and found in Girder, {summary.get('files_skipped_different', 0)} skipped as a "
           f"different file of that name is in Girder, {summary.get('files_skipped_by_regex', 0)} "
           f"skipped by --download_regex", flush=True)
+    if summary.get("chunks_waiting_at_bound"):  # offsets rule 10: back-pressure, not loss
+        print(f"{summary['chunks_waiting_at_bound']} chunk(s) of files beyond "
+              f"--max_files_in_progress were left waiting, uncommitted: the next run of "
+              f"this consumer group reads them again", flush=True)
     if summary.get("messages_not_decrypted"):
         print(f"{summary['messages_not_decrypted']} message(s) could not be decrypted and were "
               f"left uncommitted: the next run of this consumer group reads them again",

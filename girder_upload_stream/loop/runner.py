@@ -107,6 +107,8 @@ class RunSummary:
     first_message_at: float | None = None
     #: The most upload units (one per big file) running at the same time.
     max_uploads_in_flight: int = 0
+    #: Chunks put off at --max_files_in_progress and not taken at the stop (rule 10).
+    waiting_at_bound: int = 0
 
 
 @runtime_checkable
@@ -156,6 +158,7 @@ class StreamRunner:
         processor.stream_shared = lambda: bool(getattr(group, "shared", False))
         self.first_message_at: float | None = None  # wall clock, for the benchmarks
         self.max_uploads_in_flight = 0
+        self._waiting_at_bound = 0
         #: ``--rekey_by_file``: the first hop (loop/rekey_hop.py), an upstream hop the
         #: loop also drives (:class:`DrivenHop`: stepped before this group, the second
         #: hop, polls); None: the group reads the source topic itself.
@@ -348,10 +351,12 @@ class StreamRunner:
                 logger.warning("%d upload unit(s) still running at shutdown; their messages "
                                "stay uncommitted and are read again on restart",
                                len(self._handles))
-            if self.processor.offsets.put_off_count():  # offsets rule 10
+            # Counted before the group's close, which forgets the put-off chunks.
+            self._waiting_at_bound = self.processor.offsets.put_off_count()
+            if self._waiting_at_bound:  # offsets rule 10
                 logger.warning("%d chunk(s) of files beyond --max_files_in_progress still "
                                "wait, uncommitted: the next run of the group reads them "
-                               "again", self.processor.offsets.put_off_count())
+                               "again", self._waiting_at_bound)
             self.commit()
             self._final_ticks()
         finally:
@@ -371,7 +376,7 @@ class StreamRunner:
                                   self.processor.offsets.pending_count(),
                                   (self.processor.last_settled_at or self._started)
                                   - self._started, save_error, self.first_message_at,
-                                  self.max_uploads_in_flight)
+                                  self.max_uploads_in_flight, self._waiting_at_bound)
         return self.summary
 
     def _final_ticks(self) -> None:

@@ -298,6 +298,7 @@ def _summarise(log: Any, runner: StreamRunner, summary: Any, kafka: KafkaSetting
             "active_seconds": summary.active_seconds,
             "group_id": kafka.group_id, **summary.counters,
             "pending_messages": summary.pending_messages,
+            "chunks_waiting_at_bound": summary.waiting_at_bound,
             "registry_save_error": summary.save_error, "girder_requests": store.requests,
             "fatal_error": str(runner.fatal) if runner.fatal is not None else None,
             "files_spilled": spilled, "first_message_at": summary.first_message_at,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import random
+import re
 import subprocess
 
 import pytest
@@ -129,6 +130,10 @@ def test_chunks_still_waiting_when_a_run_stops_are_read_by_the_next_run(
     assert (first["uploaded"], first["failed"]) == (0, 0), first
     assert "chunk(s) of files beyond --max_files_in_progress still wait, uncommitted" \
         in first_out, first_out
+    # ... and the command says how many, after its stop line.
+    waiting = re.search(r"^(\d+) chunk\(s\) of files beyond --max_files_in_progress were "
+                        r"left waiting, uncommitted", first_out, re.MULTILINE)
+    assert waiting and int(waiting.group(1)) > 0, first_out
     assert (second["uploaded"], second["failed"]) == (len(files), 0), second
 
     root_path = default_root_path(collection["name"], topic)

@@ -25,8 +25,8 @@ from girder_upload_stream import timings
 from girder_upload_stream.kafka.errors import KafkaTerminalError
 from girder_upload_stream.kafka.rdkafka_log import with_log
 
-__all__ = ["RekeyProducer", "ensure_internal_topic", "purge_records", "HEADER_ROOM",
-           "DEFAULT_RETENTION_MS", "QUEUE_KBYTES"]
+__all__ = ["RekeyProducer", "ensure_internal_topic", "purge_records", "unprocessed_messages",
+           "HEADER_ROOM", "DEFAULT_RETENTION_MS", "QUEUE_KBYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,41 @@ def _visible_partitions(admin: Any, internal: str, timeout: float,
         if ready or clock() >= deadline:
             return len(have.partitions) if ready else 0
         pause(min(VISIBLE_POLL_SECONDS, max(0.0, deadline - clock())))
+
+
+def unprocessed_messages(settings: dict[str, Any], source: str, internal: str, group: str,
+                         timeout: float = 10.0) -> int:
+    """How many messages of the internal topic ``internal`` its second hop's ``group``
+    has not committed past (0 when there is no such topic: one metadata request). A run
+    without ``--rekey_by_file`` reads the source from the first hop's commits, so these
+    chunks would never be read: the caller refuses to start. No broker answering is the
+    consumer group's usual one line (the same wait, the same words, the ``source``)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from girder_upload_stream.kafka.clients import TOPIC_WAIT_SECONDS
+    from girder_upload_stream.kafka.rdkafka_log import wait_for_topic
+    servers = settings.get("bootstrap.servers", "?")
+    try:
+        # A consumer, not an admin client: the settings are the consumer's (an admin
+        # client would warn about each consumer-only property).
+        consumer = Consumer(with_log({**settings, "group.id": group,
+                                      "enable.auto.commit": False}))
+        try:
+            wait_for_topic(consumer, source, TOPIC_WAIT_SECONDS, servers)
+            found = wait_for_topic(consumer, internal, TOPIC_WAIT_SECONDS, servers)
+            if found is None or found.error is not None or not found.partitions:
+                return 0
+            tps = [TopicPartition(internal, p) for p in sorted(found.partitions)]
+            left = 0
+            for tp in consumer.committed(tps, timeout=timeout):
+                low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+                left += max(0, high - max(tp.offset, low))
+            return left
+        finally:
+            consumer.close()
+    except KafkaException as exc:
+        raise KafkaTerminalError(f"cannot read the re-keyed topic's offsets: {exc}",
+                                 topic=internal) from None
 
 
 class RekeyProducer:

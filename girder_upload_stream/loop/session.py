@@ -38,6 +38,7 @@ from girder_upload_stream.loop.runner import SideJob, StopSignal, StreamRunner, 
 from girder_upload_stream.loop.wiring import (build_rekey, build_runner,
                                               dead_letter_settings, girder_settings,
                                               kafka_settings, log_topic_settings,
+                                              refuse_unprocessed_rekeyed,
                                               rekey_plan, rekey_wanted)
 from girder_upload_stream.settings import GirderSettings, KafkaSettings, RunSettings
 
@@ -136,6 +137,11 @@ def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
             raise
     elif kafka.kafkacrypto is None:
         from girder_upload_stream.kafka.clients import ConsumerGroup
+        try:
+            refuse_unprocessed_rekeyed(kafka)
+        except BaseException:
+            prepared.close()
+            raise
         prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
         prepared.group.connect()
     return prepared
@@ -190,12 +196,14 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
         girder_store, root_folder = checked_store(girder, topic)
         kafka, group = _kafka_settings(p), None
         locks = _check_folders(p, kafka)
-        if wanted:
-            try:
+        try:
+            if wanted:
                 group, rekey = build_rekey(rekey_plan(p["config"], kafka), kafka)
-            except BaseException:
-                locks.release()
-                raise
+            elif kafka.kafkacrypto is None:
+                refuse_unprocessed_rekeyed(kafka)
+        except BaseException:
+            locks.release()
+            raise
     else:
         girder_store, root_folder = prepared.store, prepared.root_folder
         kafka, group, prepared.group = prepared.kafka, prepared.group, None  # taken

@@ -34,7 +34,8 @@ from girder_upload_stream.settings import (GirderSettings, KafkaCryptoSettings, 
 
 __all__ = ["kafka_settings", "log_topic_settings", "dead_letter_settings",
            "build_reassembler", "build_runner", "run_memory_plan", "DEAD_LETTER_CHECK_SECONDS",
-           "RekeyPlan", "rekey_wanted", "rekey_plan", "build_rekey", "REKEY_CRYPTO_REFUSED"]
+           "RekeyPlan", "rekey_wanted", "rekey_plan", "build_rekey", "REKEY_CRYPTO_REFUSED",
+           "refuse_unprocessed_rekeyed"]
 
 #: Seconds the start waits for the broker to say whether the dead-letter topic exists.
 DEAD_LETTER_CHECK_SECONDS = 15.0
@@ -185,6 +186,26 @@ def rekey_plan(config: str, kafka: KafkaSettings) -> RekeyPlan:
                           f"characters of letters, digits, '.', '_' and '-')")
     return RekeyPlan(kafka.topic, kafka.group_id, inner, internal_group(kafka.group_id),
                      retention_ms or DEFAULT_RETENTION_MS, producer)
+
+
+def refuse_unprocessed_rekeyed(kafka: KafkaSettings) -> None:
+    """A run without ``--rekey_by_file`` of a group that used it: when its internal topic
+    still holds chunks the second hop has not committed past, the start stops with one
+    line (exit status 2). The run would read the source from the first hop's commits,
+    past those chunks, and their files would never be uploaded."""
+    from girder_upload_stream.kafka.rekey import unprocessed_messages
+    from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
+    inner = internal_topic(kafka.topic, kafka.group_id)
+    if len(inner) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", inner):
+        return  # a group that cannot name one never used the option
+    left = unprocessed_messages(kafka.consumer, kafka.topic, inner,
+                                internal_group(kafka.group_id))
+    if left:
+        raise ConfigError(
+            f"the consumer group {kafka.group_id!r} re-keyed this topic by file before: "
+            f"{left} chunk message(s) in its internal topic {inner} are not processed yet, "
+            f"and a run without --rekey_by_file would never read them; run with "
+            f"--rekey_by_file until idle first (docs/architecture.md, 'Turning it off')")
 
 
 def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, Any]:

@@ -51,6 +51,8 @@ def test_prefect_yaml_registers_stream_and_scheduled_drain(stack_env, prefect_en
         drain = client.read_deployment_by_name("girder-upload-stream/drain")
     assert stream.work_pool_name == pool and drain.work_pool_name == pool
     assert drain.parameters["max_idle_seconds"] == 60
+    # One group, one way of reading it: both re-key by file.
+    assert stream.parameters["rekey_by_file"] is True and drain.parameters["rekey_by_file"] is True
     assert [s.schedule.cron for s in drain.schedules] == ["*/15 * * * *"]
     assert not stream.schedules
     with get_client(sync_client=True) as client:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,10 +60,10 @@ def rekeyed(kafka_admin):
 
 def _start(stack_env, prefect_env, programs, tmp_path: Path, topic: str, group: str,
            collection: str, index: int, *extra: str, max_idle: float = 6,
-           env: dict[str, str] | None = None) -> Program:
+           env: dict[str, str] | None = None, rekey: bool = True) -> Program:
     argv = consumer_argv(stack_env["GIRDER_API_URL"], topic, collection,
                          tmp_path / f"out-{index}", group, "local", max_idle, "--n_threads",
-                         "2", "--rekey_by_file", *extra)
+                         "2", *(["--rekey_by_file"] if rekey else []), *extra)
     program = Program(argv, tmp_path / f"consumer-{index}-{len(programs)}.out", cwd=tmp_path,
                       env={**consumer_env(stack_env, prefect_env), **FAST, **(env or {})},
                       stdin=subprocess.DEVNULL)
@@ -229,7 +230,9 @@ def test_a_crash_mid_way_then_a_restart_loses_nothing_and_uploads_nothing_twice(
         girder_client, programs, kafka_admin, rekeyed):
     """The first run is killed (SIGKILL, by the failpoint ``upload.mid``: a Girder item
     made, its file not uploaded) once both hops have read part of the topic; a second
-    run of the group finishes: every file once, both groups at the end."""
+    run of the group finishes: every file once, both groups at the end. In between, a
+    run without the option is refused (it would read the source past the chunks left on
+    the internal topic); once the group ran with it until idle, one starts."""
     bootstrap = stack_env["KAFKA_BOOTSTRAP_SERVERS"]
     topic, group, collection = make_topic(partitions=4), make_group(), make_collection()
     inner, inner_group = rekeyed(topic, group)
@@ -239,6 +242,13 @@ def test_a_crash_mid_way_then_a_restart_loses_nothing_and_uploads_nothing_twice(
                    collection["name"], 1, "--n_threads", "1",
                    env={"GUS_FAILPOINTS": "upload.mid=15"})
     assert first.wait(RUN_TIMEOUT) == -9, first.describe()
+    plain = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                   collection["name"], 1, rekey=False)
+    assert plain.wait(RUN_TIMEOUT) == 2, plain.describe()
+    assert re.search(rf"re-keyed this topic by file before: \d+ chunk message\(s\) in its "
+                     rf"internal topic {re.escape(inner)} are not processed yet",
+                     plain.output()), plain.output()
+    assert "Traceback" not in plain.output(), plain.output()
     second = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
                     collection["name"], 1)
     assert second.wait(RUN_TIMEOUT) == 0, second.describe()
@@ -249,6 +259,11 @@ def test_a_crash_mid_way_then_a_restart_loses_nothing_and_uploads_nothing_twice(
     assert 0 < after["uploaded"] < len(files), after
     _once_and_committed(girder_client, kafka_admin, bootstrap, collection, files,
                         (topic, group), (inner, inner_group))
+    # Turned off after an idle run with it: the start goes on, nothing is left to do.
+    plain = _start(stack_env, prefect_env, programs, tmp_path, topic, group,
+                   collection["name"], 1, rekey=False)
+    assert plain.wait(RUN_TIMEOUT) == 0, plain.describe()
+    assert stop_line(plain.output())["uploaded"] == 0, plain.output()
 
 
 @pytest.mark.timeout(400)

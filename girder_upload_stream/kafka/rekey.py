@@ -126,14 +126,15 @@ def _visible_partitions(admin: Any, internal: str, timeout: float,
 def unprocessed_messages(settings: dict[str, Any], source: str, internal: str, group: str,
                          timeout: float = 10.0) -> int:
     """How many messages of the internal topic ``internal`` its second hop's ``group``
-    has not committed past (0 when there is no such topic: one metadata request). A run
+    has not committed past (0 when there is no such topic: one metadata request for it,
+    after the one for ``source``). A run
     without ``--rekey_by_file`` reads the source from the first hop's commits, so these
     chunks would never be read: the caller refuses to start. No broker answering is the
     consumer group's usual one line (the same wait, the same words, the ``source``)."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     from girder_upload_stream.kafka.clients import TOPIC_WAIT_SECONDS
-    from girder_upload_stream.kafka.rdkafka_log import wait_for_topic
+    from girder_upload_stream.kafka.rdkafka_log import topic_problem, wait_for_topic
     servers = settings.get("bootstrap.servers", "?")
     try:
         # A consumer, not an admin client: the settings are the consumer's (an admin
@@ -143,7 +144,7 @@ def unprocessed_messages(settings: dict[str, Any], source: str, internal: str, g
         try:
             wait_for_topic(consumer, source, TOPIC_WAIT_SECONDS, servers)
             found = wait_for_topic(consumer, internal, TOPIC_WAIT_SECONDS, servers)
-            if found is None or found.error is not None or not found.partitions:
+            if topic_problem(found) is not None or not found.partitions:
                 return 0
             tps = [TopicPartition(internal, p) for p in sorted(found.partitions)]
             left = 0

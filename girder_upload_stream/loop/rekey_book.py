@@ -32,6 +32,7 @@ without a broker.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ from girder_upload_stream.wire.commit_metadata import parse_failed, parse_metada
 from girder_upload_stream.shared_types import RawMessage
 from girder_upload_stream.wire.codec import file_identity
 
-__all__ = ["SUFFIX", "ORIGIN_HEADERS", "internal_topic", "internal_group", "file_key_bytes",
+__all__ = ["SUFFIX", "ORIGIN_HEADERS", "internal_topic", "names_a_topic", "internal_group",
+           "file_key_bytes",
            "partition_for", "route", "origin_headers", "origin_of", "raw_message", "AckBook",
            "purge_floors"]
 
@@ -63,6 +65,12 @@ ORIGIN_HEADERS = {
 def internal_topic(topic: str, group: str) -> str:
     """The internal topic of ``topic`` read by ``group``: ``<topic>--<group>--by-file``."""
     return f"{topic}--{group}{SUFFIX}"
+
+
+def names_a_topic(name: str) -> bool:
+    """Whether Kafka takes ``name`` as a topic name: at most 249 characters of letters,
+    digits, ``.``, ``_`` and ``-`` (a group id is part of the internal topic's name)."""
+    return len(name) <= 249 and re.fullmatch(r"[A-Za-z0-9._-]+", name) is not None
 
 
 def internal_group(group: str) -> str:

@@ -129,22 +129,28 @@ def prepare(p: Mapping[str, Any], girder: GirderSettings) -> Prepared:
     store, root = checked_store(girder, p["topic_name"])
     kafka = _kafka_settings(p)
     prepared = Prepared(store, root, kafka, locks=_check_folders(p, kafka))
-    if rekey:
-        try:
-            prepared.group, prepared.rekey = build_rekey(rekey_plan(p["config"], kafka), kafka)
-        except BaseException:
-            prepared.close()
-            raise
-    elif kafka.kafkacrypto is None:
+    try:
+        prepared.group, prepared.rekey = _hops(p, kafka, rekey)
+    except BaseException:
+        prepared.close()
+        raise
+    if prepared.group is None and kafka.kafkacrypto is None:
         from girder_upload_stream.kafka.clients import ConsumerGroup
-        try:
-            refuse_unprocessed_rekeyed(kafka)
-        except BaseException:
-            prepared.close()
-            raise
         prepared.group = ConsumerGroup(kafka.consumer, kafka.topic)
         prepared.group.connect()
     return prepared
+
+
+def _hops(p: Mapping[str, Any], kafka: KafkaSettings, rekey: bool) -> tuple[Any, Any]:
+    """With ``--rekey_by_file``: the second hop's group and the first hop, both joining
+    (:func:`build_rekey`). Without: ``(None, None)``, once a group that used the option
+    has nothing left on its internal topic (:func:`refuse_unprocessed_rekeyed`; not on
+    encrypted topics, where the option is refused)."""
+    if rekey:
+        return build_rekey(rekey_plan(p["config"], kafka), kafka)
+    if kafka.kafkacrypto is None:
+        refuse_unprocessed_rekeyed(kafka)
+    return None, None
 
 
 def _lock_folders(p: Mapping[str, Any]) -> RunFolderLocks:
@@ -194,13 +200,10 @@ def run_session(p: Mapping[str, Any], girder: GirderSettings, hooks: Hooks,
         wanted = rekey_wanted(p["config"], p.get("rekey_by_file", False))  # refused: first
         tune_malloc()  # as in prepare()
         girder_store, root_folder = checked_store(girder, topic)
-        kafka, group = _kafka_settings(p), None
+        kafka = _kafka_settings(p)
         locks = _check_folders(p, kafka)
         try:
-            if wanted:
-                group, rekey = build_rekey(rekey_plan(p["config"], kafka), kafka)
-            elif kafka.kafkacrypto is None:
-                refuse_unprocessed_rekeyed(kafka)
+            group, rekey = _hops(p, kafka, wanted)
         except BaseException:
             locks.release()
             raise

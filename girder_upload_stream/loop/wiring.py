@@ -177,10 +177,11 @@ def rekey_plan(config: str, kafka: KafkaSettings) -> RekeyPlan:
     """The two hops' names and the internal topic's settings, for ``kafka``'s topic and
     (resolved) group."""
     from girder_upload_stream.kafka.rekey import DEFAULT_RETENTION_MS
-    from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
+    from girder_upload_stream.loop.rekey_book import (internal_group, internal_topic,
+                                                       names_a_topic)
     _, retention_ms, producer = load_config(resolve_config_path(config)).rekey_settings()
     inner = internal_topic(kafka.topic, kafka.group_id)
-    if len(inner) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", inner):
+    if not names_a_topic(inner):
         raise ConfigError(f"--rekey_by_file: the consumer group id {kafka.group_id!r} cannot "
                           f"name the internal topic (Kafka topic names are at most 249 "
                           f"characters of letters, digits, '.', '_' and '-')")
@@ -194,9 +195,10 @@ def refuse_unprocessed_rekeyed(kafka: KafkaSettings) -> None:
     line (exit status 2). The run would read the source from the first hop's commits,
     past those chunks, and their files would never be uploaded."""
     from girder_upload_stream.kafka.rekey import unprocessed_messages
-    from girder_upload_stream.loop.rekey_book import internal_group, internal_topic
+    from girder_upload_stream.loop.rekey_book import (internal_group, internal_topic,
+                                                       names_a_topic)
     inner = internal_topic(kafka.topic, kafka.group_id)
-    if len(inner) > 249 or not re.fullmatch(r"[A-Za-z0-9._-]+", inner):
+    if not names_a_topic(inner):
         return  # a group that cannot name one never used the option
     left = unprocessed_messages(kafka.consumer, kafka.topic, inner,
                                 internal_group(kafka.group_id))

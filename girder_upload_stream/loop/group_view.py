@@ -22,14 +22,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from girder_upload_stream.loop.rekey_book import SUFFIX
+
 __all__ = ["HopView", "lag_by_partition", "view_of_group", "hop_views", "format_hop",
-           "format_hops", "hop_rows", "partition_list", "BY_FILE_SUFFIX"]
+           "format_hops", "hop_rows", "partition_list"]
 
 logger = logging.getLogger(__name__)
-
-#: The end of the internal topic's name (``<topic>--<group>--by-file``): the hop that
-#: reads it is called "by-file", a hop reading any other topic "source".
-BY_FILE_SUFFIX = "--by-file"
 
 #: Beyond this many partitions a line gives their ranges and the total lag, not each lag.
 MANY_PARTITIONS = 8
@@ -63,7 +61,9 @@ def lag_by_partition(positions: Mapping[int, tuple[int, int]]) -> dict[int, int 
 
 
 def _hop_name(topic: str) -> str:
-    return "by-file" if topic.endswith(BY_FILE_SUFFIX) else "source"
+    """The hop reading the internal topic (``<topic>--<group>--by-file``) is "by-file",
+    a hop reading any other topic "source"."""
+    return "by-file" if topic.endswith(SUFFIX) else "source"
 
 
 def view_of_group(group: Any, name: str | None = None) -> HopView | None:
@@ -89,14 +89,15 @@ def hop_views(runner: Any) -> list[HopView]:
     ``view()``; None without ``--rekey_by_file``), then its own group, the one that
     uploads. Hops that cannot tell now are left out."""
     views: list[HopView] = []
-    for hop in [h for h in [getattr(runner, "rekey", None)] if h is not None]:
+    hop = getattr(runner, "rekey", None)
+    if hop is not None:
         try:
             view = hop.view()
         except Exception as exc:  # noqa: BLE001 - informative only
             logger.debug("hop %r has no view now: %s", hop, exc)
-            continue
-        if isinstance(view, HopView):
-            views.append(view)
+        else:
+            if isinstance(view, HopView):
+                views.append(view)
     last = view_of_group(getattr(runner, "group", None))
     return views + ([last] if last is not None else [])
 

@@ -231,12 +231,10 @@ class RekeyHop:
     def on_revoke(self, tps: list[TopicPartition]) -> None:
         """Before partitions go: flush, commit what is acknowledged (synchronously: this
         runs in the rebalance callback), then forget them."""
-        if self.flush():
-            self.commit(tps)
-        else:
+        if not self.flush():
             logger.warning("re-keyed messages not acknowledged before a rebalance: the "
                            "next owner of %s reads them again", tps)
-            self.commit(tps)  # what was acknowledged, if any
+        self.commit(tps)  # what was acknowledged (all of it, after a flush that worked)
         self._forget(tps)
 
     def on_lost(self, tps: list[TopicPartition]) -> None:

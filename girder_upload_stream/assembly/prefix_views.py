@@ -6,7 +6,7 @@ reassembler's own groups, lock and staging area."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from girder_upload_stream.assembly.candidates import Candidate, Group
 from girder_upload_stream.assembly.outcomes import Storage
@@ -151,16 +151,11 @@ class PrefixViews:
             state = self._uncontested(file_key)
             if state is None or state.storage is not Storage.RAM:
                 return 0
-            freed, i = 0, state.let_go_i + 1
-            while i < state.next_hash_i:
-                offset, size, _ = state.pieces[i]
-                if offset + size > end:
-                    break
-                data = state.data.pop(i, None)
-                if data is not None:
+            freed = 0
+            for i, offset, size in list(self._held_below(state, end)):
+                if state.data.pop(i, None) is not None:
                     freed += size
                 state.let_go_i, state.let_go_end = i, offset + size
-                i += 1
             state.bytes_held -= freed
             self._bytes_held -= freed
             return freed
@@ -172,13 +167,18 @@ class PrefixViews:
             state = self._uncontested(file_key)
             if state is None or state.storage is not Storage.RAM:
                 return 0
-            held = 0
-            for i in range(state.let_go_i + 1, state.next_hash_i):
-                offset, size, _ = state.pieces[i]
-                if offset + size > end:
-                    break
-                held += size
-            return held
+            return sum(size for _, _, size in self._held_below(state, end))
+
+    @staticmethod
+    def _held_below(state: Candidate, end: int) -> Iterator[tuple[int, int, int]]:
+        """``(index, offset, size)`` of the in-order prefix's chunks not let go yet that
+        lie wholly below ``end``, in order: what :meth:`let_go` frees and
+        :meth:`ram_below` counts."""
+        for i in range(state.let_go_i + 1, state.next_hash_i):
+            offset, size, _ = state.pieces[i]
+            if offset + size > end:
+                return
+            yield i, offset, size
 
     @staticmethod
     def _read_ram(state: Candidate, start: int, end: int) -> bytes | None:

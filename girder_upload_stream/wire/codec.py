@@ -330,9 +330,11 @@ def decode_chunk(
 
 
 def file_identity(value: bytes | bytearray | memoryview | None) -> FileKey:
-    """``(rel_path, file_hash)`` of a chunk message, decoding only what names its file
-    (the re-key hop's key: no chunk hash is checked, no data copied); raises
-    :class:`ChunkDecodeError` when the value cannot name a file."""
+    """``(path, file_hash)`` of a chunk message, decoding only what names its file (the
+    re-key hop's key: no chunk hash is checked, no data copied). ``path`` is subdir and
+    filename as the producer sent them, without ``filename_append`` (unlike
+    :attr:`Chunk.rel_path`): every chunk of a file carries the same, which is all a key
+    needs. Raises :class:`ChunkDecodeError` when the value cannot name a file."""
     ctx: dict[str, Any] = {}
     fields = _unpack(value, ctx)
     filename = _text(fields[0], "filename", ctx)

@@ -65,7 +65,7 @@ on an assetstore that does not hash) waits for the stale-partial release.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 
 from girder_upload_stream.wire.commit_metadata import (MAX_FAILED_CHARS, MAX_SPANS_CHARS, Span,
                                                   TopicPartition, format_metadata,
@@ -74,9 +74,28 @@ from girder_upload_stream.wire.commit_metadata import (MAX_FAILED_CHARS, MAX_SPA
 from girder_upload_stream.ledger.put_off import PutOffChunks
 
 # The metadata codec is re-exported: the rules and their text travel together.
-__all__ = ["TopicPartition", "Span", "OffsetTracker", "PendingOffsets", "MAX_SPANS_CHARS",
-           "MAX_FAILED_CHARS", "format_metadata", "parse_metadata", "parse_spans",
-           "parse_failed", "spans_of"]
+__all__ = ["TopicPartition", "Span", "OffsetTracker", "PendingOffsets", "safe_offsets",
+           "MAX_SPANS_CHARS", "MAX_FAILED_CHARS", "format_metadata", "parse_metadata",
+           "parse_spans", "parse_failed", "spans_of"]
+
+
+def safe_offsets(next_offsets: Mapping[TopicPartition, int],
+                 pending: Mapping[TopicPartition, Collection[int]],
+                 committed: Mapping[TopicPartition, int],
+                 tps: Iterable[TopicPartition] | None = None) -> dict[TopicPartition, int]:
+    """Rule 6 per partition read (of ``tps``, all when None): the lowest pending offset,
+    or one past the last read when none is pending (``next_offsets``), where it moved
+    past the last commit. Also the re-key hop's rule (loop/rekey_book.py), with the
+    messages not acknowledged yet as its pending ones."""
+    result = {}
+    for tp in (list(next_offsets) if tps is None else tps):
+        if tp not in next_offsets:
+            continue
+        waiting = pending.get(tp)
+        safe = min(waiting) if waiting else next_offsets[tp]
+        if safe > committed.get(tp, -1):
+            result[tp] = safe
+    return result
 
 
 class PendingOffsets:
@@ -341,15 +360,7 @@ class OffsetTracker:
     def committable(self, tps: Iterable[TopicPartition] | None = None
                     ) -> dict[TopicPartition, int]:
         """Safe offsets (rule 6) that moved forward since the last commit."""
-        result = {}
-        for tp in (self._next if tps is None else tps):
-            if tp not in self._next:
-                continue
-            pending = self._pending.get(tp)
-            safe = min(pending) if pending else self._next[tp]
-            if safe > self._committed.get(tp, -1):
-                result[tp] = safe
-        return result
+        return safe_offsets(self._next, self._pending, self._committed, tps)
 
     def commit_plan(self, tps: Iterable[TopicPartition] | None = None
                     ) -> dict[TopicPartition, tuple[int, str]]:

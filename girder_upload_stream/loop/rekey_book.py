@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from girder_upload_stream.errors import ChunkDecodeError
+from girder_upload_stream.ledger.offsets import safe_offsets
 from girder_upload_stream.wire.commit_metadata import parse_failed, parse_metadata
 from girder_upload_stream.shared_types import RawMessage
 from girder_upload_stream.wire.codec import file_identity
@@ -182,16 +183,9 @@ class AckBook:
     def committable(self, tps: Iterable[TopicPartition] | None = None
                     ) -> dict[TopicPartition, int]:
         """Per partition, one past the highest offset below which every read message is
-        acknowledged, where it moved past the last commit."""
-        result = {}
-        for tp in (list(self._next) if tps is None else tps):
-            if tp not in self._next:
-                continue
-            unacked = self._unacked.get(tp)
-            safe = min(unacked) if unacked else self._next[tp]
-            if safe > self._committed.get(tp, -1):
-                result[tp] = safe
-        return result
+        acknowledged, where it moved past the last commit: the offsets' rule 6, with the
+        unacknowledged messages as the pending ones."""
+        return safe_offsets(self._next, self._unacked, self._committed, tps)
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         """The broker accepted these commits."""

@@ -60,13 +60,15 @@ class RawMessage:
 @dataclass(frozen=True, slots=True)
 class PartitionInfo:
     """A partition just assigned: its committed offset and commit metadata (None when
-    unknown or never committed) and the oldest offset still in the topic."""
+    unknown or never committed), the oldest offset still in the topic and the next
+    offset to be written (``high``: the end of the log when it was assigned)."""
 
     topic: str
     partition: int
     committed: int | None
     metadata: str | None
     low: int | None
+    high: int | None = None
 
 
 def file_generation(file_hash: bytes) -> str:

@@ -69,6 +69,11 @@ class _StaleFolder(GirderTerminalError):
     """Girder no longer knows a cached folder (deleted since): re-resolve and retry."""
 
 
+def _asker(shared: bool | Callable[[], bool]) -> Callable[[], bool]:
+    """A twin-check answer asked at each check (a callable is kept as it is)."""
+    return shared if callable(shared) else (lambda: bool(shared))
+
+
 def item_was_there(created: dict, name: str) -> bool:
     """Whether ``created``, the answer to ``POST item`` (without ``reuseExisting``) for
     ``name``, says a sibling of that name was there: Girder then saves the new item as
@@ -195,14 +200,18 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         return False
 
     def upload(self, completed: CompletedFile, shared: bool | Callable[[], bool] = False,
-               known_there: bool = False) -> FileOutcome:
+               known_there: bool = False,
+               folders_shared: bool | Callable[[], bool] | None = None) -> FileOutcome:
         """Put one file in Girder, or say why not. Never raises for terminal problems.
 
         ``shared``: another consumer of the group may be uploading the same file now
         (the group has other members, or partitions moved lately): the item and its
         file (and folders created now) are then checked for twins after they are made,
         which costs two requests. A callable is asked at each check, so partitions
-        revoked during the upload still count.
+        revoked during the upload still count. ``folders_shared`` (default: as
+        ``shared``) is the same for the folders created now: in a group re-keyed by file
+        no other member uploads this very file, but files of one folder reach several
+        members (kafka/gain_marks.py).
 
         ``known_there``: the registries list this file as in Girder (a new production
         of it, or a re-read after a run listed it and was killed before its commit).
@@ -213,7 +222,8 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         A cached folder Girder no longer knows (deleted by someone) is resolved again,
         the root folder included, and the file tried once more. A file that fails for
         good leaves none of the empty folders the consumer made for it."""
-        check = shared if callable(shared) else (lambda: bool(shared))
+        check = _asker(shared)
+        folders = check if folders_shared is None else _asker(folders_shared)
         key = completed.file_key
         if completed.held_from:  # its streamed upload was abandoned after the let-go
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, (
@@ -224,20 +234,24 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         try:
             name = girder_name(path.name)
             try:
-                outcome, item_id = self._upload_in(completed, subdir, name, check, known_there)
+                outcome, item_id = self._upload_in(completed, subdir, name, (check, folders),
+                                                   known_there)
             except _StaleFolder as exc:
                 logger.info("%s: %s; resolving its folders again", completed.rel_path, exc)
                 self.forget_folders()
-                outcome, item_id = self._upload_in(completed, subdir, name, check, known_there)
+                outcome, item_id = self._upload_in(completed, subdir, name, (check, folders),
+                                                   known_there)
         except GirderTerminalError as exc:
-            if subdir and not check():
+            if subdir and not folders():
                 self.prune_folders(subdir)
             return FileOutcome(completed.rel_path, key, Outcome.FAILED_TERMINAL, str(exc))
         return FileOutcome(completed.rel_path, key, outcome, item_id=item_id)
 
     def _upload_in(self, completed: CompletedFile, subdir: str, name: str,
-                   shared: Callable[[], bool], known_there: bool) -> tuple[Outcome, str]:
-        folder = self.hold_folder(subdir, shared)
+                   checks: tuple[Callable[[], bool], Callable[[], bool]],
+                   known_there: bool) -> tuple[Outcome, str]:
+        shared, folders_shared = checks
+        folder = self.hold_folder(subdir, folders_shared)
         try:
             if known_there:
                 existing = self._items_named(folder, name, completed.rel_path)

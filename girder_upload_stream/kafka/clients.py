@@ -20,6 +20,7 @@ from girder_upload_stream.kafka.chunk_producer import ChunkProducer, DeliveryRep
 from girder_upload_stream import timings
 from girder_upload_stream.kafka.commits import CommitBook
 from girder_upload_stream.kafka.errors import KafkaTerminalError, KafkaTransientError
+from girder_upload_stream.kafka.gain_marks import GainMarks
 from girder_upload_stream.kafka.group_offsets import GroupOffsets
 from girder_upload_stream.kafka.rdkafka_log import topic_problem, wait_for_topic, with_log
 from girder_upload_stream.kafka.group_watch import (STATISTICS_INTERVAL_MS, GroupState, GroupWatch,
@@ -81,7 +82,7 @@ class ConsumerGroup(GroupOffsets):
                  on_assign: Callable[[list[PartitionInfo]], None] | None = None,
                  on_lost: Callable[[list[tuple[str, int]]], None] | None = None,
                  kafkacrypto: KafkaCryptoSettings | None = None,
-                 recorder: Any = None) -> None:
+                 recorder: Any = None, keyed_by_file: bool = False) -> None:
         self._settings = {**settings, "enable.auto.commit": False}
         self.topic = topic
         self._on_revoke = on_revoke
@@ -97,6 +98,8 @@ class ConsumerGroup(GroupOffsets):
         self._trouble_at: float | None = None  # monotonic time of the last broker problem
         self._n_partitions: int | None = None
         self._revoked_at: float | None = None
+        #: Where each partition's log ended when it was gained (kafka/gain_marks.py).
+        self.gains = GainMarks(keyed_by_file)
         self._fatal = None
         self._kafkacrypto, self._recorder = kafkacrypto, recorder
         self._reader: Any = None  # a DecryptingReader on encrypted topics
@@ -225,6 +228,7 @@ class ConsumerGroup(GroupOffsets):
             for start in starts:
                 begin = start.committed if start.committed is not None else start.low
                 self._start_at[(start.topic, start.partition)] = begin or 0
+            self.gains.gained(starts)
             if self._on_assign is not None:
                 self._on_assign(starts)
 
@@ -245,12 +249,13 @@ class ConsumerGroup(GroupOffsets):
             known = committed.get(tp)
             offset = known.offset if known is not None and known.offset >= 0 else None
             try:
-                low = consumer.get_watermark_offsets(p, timeout=10)[0]
+                low, high = consumer.get_watermark_offsets(p, timeout=10)
             except KafkaException as exc:
                 logger.warning("could not read the oldest offset of %s[%d]: %s", *tp, exc)
-                low = None
+                low = high = None
             starts.append(PartitionInfo(p.topic, p.partition, offset,
-                                         known.metadata if known is not None else None, low))
+                                         known.metadata if known is not None else None, low,
+                                         high))
         return starts
 
     def _revoked(self, consumer, partitions) -> None:
@@ -270,6 +275,7 @@ class ConsumerGroup(GroupOffsets):
         tps = [(p.topic, p.partition) for p in partitions]
         if tps:
             self._revoked_at = time.monotonic()
+            self.gains.lost(tps)
         if callback is not None and tps:
             callback(tps)
         self._book.new_assignment(tps)  # after the revoke's last commit, not before
@@ -397,6 +403,7 @@ class ConsumerGroup(GroupOffsets):
         self._consumer = None
         self._owned.clear()
         self._start_at.clear()
+        self.gains.clear()
         if self._reader is not None:
             self._reader.close()  # and its KafkaCrypto node
             self._reader = None

@@ -17,7 +17,7 @@ from girder_upload_stream.shared_types import CompletedFile, FileOutcome
 from girder_upload_stream.wire.codec import FileKey
 
 __all__ = ["UploadUnit", "group_into_units", "stripe_into_units", "UploadChannel",
-           "report_outcome", "mark_moved", "is_shared"]
+           "report_outcome", "mark_moved", "is_shared", "items_shared"]
 
 
 @dataclass
@@ -30,6 +30,10 @@ class UploadUnit:
     #: Another consumer of the group may upload the same files now (see
     #: :meth:`GirderStore.upload`); set by the loop from the group's state.
     shared: bool = False
+    #: Though the group is shared, no other member can be uploading these very files
+    #: (kafka/gain_marks.py): their items need no twin check, their folders still do.
+    #: Set by the loop; a revoke (:func:`mark_moved`) overrides it.
+    alone: bool = False
     #: Files of the unit whose upload was streamed while they arrived: their session
     #: (girder/streaming.py), which sends the rest and sets the metadata.
     streams: dict[FileKey, Any] = field(default_factory=dict)
@@ -140,11 +144,25 @@ def mark_moved(unit: UploadUnit) -> None:
     new owner may upload its files at the same moment, so its uploads must check for
     twins although the group was not shared when they started. Kept on the channel, as
     a running task may hold a copy of the unit, not the loop's object."""
-    unit.shared = True
+    unit.shared, unit.alone = True, False
     if unit.channel is not None:
         unit.channel.moved(unit.unit_id)
 
 
 def is_shared(unit: UploadUnit) -> bool:
-    """Whether ``unit``'s uploads must check for twins now (see :meth:`GirderStore.upload`)."""
-    return unit.shared or (unit.channel is not None and unit.channel.was_moved(unit.unit_id))
+    """Whether ``unit``'s uploads must check for twins now (see :meth:`GirderStore.upload`):
+    the folders they create, and the items unless :func:`items_shared` says otherwise."""
+    return unit.shared or _was_moved(unit)
+
+
+def items_shared(unit: UploadUnit) -> bool:
+    """Whether the items of ``unit``'s files must be checked for twins now: as
+    :func:`is_shared`, except for files no other member can be uploading (``alone``)
+    while their partitions have not moved since."""
+    if _was_moved(unit):
+        return True
+    return unit.shared and not unit.alone
+
+
+def _was_moved(unit: UploadUnit) -> bool:
+    return unit.channel is not None and unit.channel.was_moved(unit.unit_id)

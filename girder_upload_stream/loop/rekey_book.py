@@ -9,9 +9,13 @@ without a broker.
   reads it as the group ``<group>--by-file``: both say what they are, and two groups
   reading one source topic keep apart.
 * **The key** of a re-produced chunk is its file: the path (subdir and filename) and the
-  generation (the file's sha512 the chunk carries), so that all chunks of one file
-  land in one partition of the internal topic. The partition is chosen here, by an
-  explicit stable hash (CRC-32 of the key, modulo the partitions), not by the
+  generation (the file's sha512 the chunk carries). **The partition** is chosen from the
+  path alone, as Girder stores it (each part stripped of surrounding white space), so
+  that all chunks of one file, and every generation of a path, land in one partition of
+  the internal topic: one member at a time uploads into a Girder item, which lets a
+  member skip the item twin checks outside hand-overs (kafka/gain_marks.py). It is
+  chosen here, by an explicit stable hash (BLAKE2b, modulo the partitions: CRC-32 spread
+  sequentially named files unevenly over the members), not by the
   producer's partitioner: every member of the group must send a file to the same
   partition whatever its client's settings. A message that names no file (not a
   chunk) is forwarded unchanged to a partition chosen from its original key (from its
@@ -32,8 +36,8 @@ without a broker.
 
 from __future__ import annotations
 
+import hashlib
 import re
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +49,7 @@ from girder_upload_stream.shared_types import RawMessage
 from girder_upload_stream.wire.codec import file_identity
 
 __all__ = ["SUFFIX", "ORIGIN_HEADERS", "internal_topic", "names_a_topic", "internal_group",
-           "file_key_bytes",
+           "file_key_bytes", "place_of",
            "partition_for", "route", "origin_headers", "origin_of", "raw_message", "AckBook",
            "purge_floors"]
 
@@ -82,27 +86,41 @@ def internal_group(group: str) -> str:
 def file_key_bytes(value: bytes | None) -> bytes | None:
     """The internal topic's key of a chunk message: its file's path and generation
     (sha512, hex); None when the value names no file (it is forwarded as is)."""
+    located = _file_key_and_place(value)
+    return None if located is None else located[0]
+
+
+def place_of(rel_path: str) -> bytes:
+    """What chooses a file's partition: its path as Girder stores it (each part
+    stripped, as Girder strips names), so paths Girder would store as one item meet."""
+    return "/".join(part.strip() for part in rel_path.split("/")).encode("utf-8")
+
+
+def _file_key_and_place(value: bytes | None) -> tuple[bytes, bytes] | None:
     try:
         rel_path, file_hash = file_identity(value)
     except ChunkDecodeError:
         return None
-    return rel_path.encode("utf-8") + b"\x00" + file_hash.hex().encode("ascii")
+    return (rel_path.encode("utf-8") + b"\x00" + file_hash.hex().encode("ascii"),
+            place_of(rel_path))
 
 
 def partition_for(key: bytes, partitions: int) -> int:
-    """The internal partition of ``key``: CRC-32 modulo ``partitions`` (stable across
-    processes, versions and client settings)."""
-    return zlib.crc32(key) % partitions
+    """The internal partition of ``key``: its 64-bit BLAKE2b modulo ``partitions``
+    (stable across processes, versions and client settings)."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % partitions
 
 
 def route(value: bytes | None, key: bytes | None, source_partition: int,
           partitions: int) -> tuple[bytes | None, int]:
-    """``(key, partition)`` of one message on the internal topic: by its file, else
+    """``(key, partition)`` of one message on the internal topic: by its file (the
+    partition by its path, :func:`place_of`), else
     (not a chunk) its original key and a partition from that key, or from its source
     partition when it has no key."""
-    by_file = file_key_bytes(value)
-    if by_file is not None:
-        return by_file, partition_for(by_file, partitions)
+    located = _file_key_and_place(value)
+    if located is not None:
+        by_file, place = located
+        return by_file, partition_for(place, partitions)
     if key is not None:
         return key, partition_for(key, partitions)
     return None, source_partition % partitions

@@ -186,6 +186,7 @@ class StreamRunner:
             self._last_message = self._clock()
         for unit in self.processor.take_units():
             unit.shared = bool(getattr(self.group, "shared", False))
+            unit.alone = unit.shared and self._alone(unit)
             self._handles[unit.unit_id] = (unit, self._submit(unit))
         self.max_uploads_in_flight = max(self.max_uploads_in_flight, len(self._handles))
         self._start_probes()
@@ -262,6 +263,16 @@ class StreamRunner:
         if c.files_uploaded + c.files_skipped + c.files_skipped_different + \
                 c.files_found_in_girder:
             startup.mark(startup.FIRST_FILE)
+
+    def _alone(self, unit: UploadUnit) -> bool:
+        """Whether no other member of the group can be uploading ``unit``'s files: every
+        pending message of each was written after this member gained its partition (a
+        group re-keyed by file only, kafka/gain_marks.py)."""
+        gains = getattr(self.group, "gains", None)
+        if gains is None or not gains.keyed_by_file:
+            return False
+        records = [self.processor.ledger.get(key) for key in unit.file_keys]
+        return all(r is not None and gains.alone(r.pending.where) for r in records)
 
     def commit(self) -> None:
         """A commit round of the loop: :meth:`Checkpoint.commit` (the upstream hops'

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome
 from girder_upload_stream.errors import TerminalError, TransientError
-from girder_upload_stream.ledger.units import UploadUnit, is_shared, report_outcome
+from girder_upload_stream.ledger.units import (UploadUnit, is_shared, items_shared,
+                                               report_outcome)
 from girder_upload_stream.loop.concurrency import AdaptiveLimit, InFlightGate
 from girder_upload_stream.retry_policy import Failure, classify
 from girder_upload_stream.wire.codec import FileKey
@@ -89,7 +90,8 @@ def _upload_one(unit: UploadUnit, store: Any, completed: CompletedFile) -> FileO
     stream = unit.streams.get(completed.file_key)  # streamed while it arrived
     if stream is not None:
         return stream.finish(completed, shared=lambda: is_shared(unit))
-    return store.upload(completed, shared=lambda: is_shared(unit),
+    return store.upload(completed, shared=lambda: items_shared(unit),
+                        folders_shared=lambda: is_shared(unit),
                         known_there=completed.file_key in unit.known_there)
 
 

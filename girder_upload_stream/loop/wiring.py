@@ -219,7 +219,7 @@ def build_rekey(plan: RekeyPlan, kafka: KafkaSettings) -> tuple[ConsumerGroup, A
     partitions, max_bytes = ensure_internal_topic(plan.producer, plan.topic,
                                                   plan.internal_topic, plan.retention_ms)
     second = ConsumerGroup({**kafka.consumer, "group.id": plan.internal_group},
-                           plan.internal_topic)
+                           plan.internal_topic, keyed_by_file=True)
     first = ConsumerGroup({**kafka.consumer, **FIRST_HOP_FETCH}, plan.topic)
     try:
         second.connect()

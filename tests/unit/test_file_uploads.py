@@ -32,7 +32,7 @@ class SlowStore:
         self.threads: set[str] = set()
         self._lock = threading.Lock()
 
-    def upload(self, completed, shared=False, known_there=False) -> FileOutcome:
+    def upload(self, completed, shared=False, known_there=False, folders_shared=None) -> FileOutcome:
         with self._lock:
             self.running += 1
             self.most = max(self.most, self.running)

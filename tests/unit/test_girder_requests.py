@@ -376,6 +376,21 @@ def test_shared_checks_twins_of_item_file_and_folders(girder):
                      "listFile"]
 
 
+def test_a_file_alone_in_a_shared_group_checks_its_new_folders_but_not_its_item(girder):
+    """A group re-keyed by file: no other member uploads this file, but another may
+    create the same new folder for a file of its own (kafka/gain_marks.py)."""
+    store = _store(girder)
+    girder.calls.clear()
+    outcome = store.upload(_completed("d/a.txt", b"data"), shared=False,
+                           folders_shared=lambda: True)
+    assert outcome.outcome is Outcome.UPLOADED
+    assert girder.calls == ["createFolder", "listFolder", "createItem", "post file"]
+    _refuse_items(girder)  # and its folders are left when it fails: they are shared
+    outcome = store.upload(_completed("e/b.txt", b"data"), shared=False, folders_shared=True)
+    assert outcome.outcome is Outcome.FAILED_TERMINAL
+    assert "e" in {f["name"] for f in girder.folders.values()}
+
+
 def test_a_twin_item_made_at_the_same_moment_is_left_to_the_oldest(girder):
     store = _store(girder)
     oldest = girder.createItem("root", "a.txt", metadata=Owner(ME).mark())  # another consumer's

@@ -4,6 +4,8 @@ option and the KafkaCrypto refusal."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import argparse
 import concurrent.futures
 from pathlib import Path
@@ -20,7 +22,7 @@ from girder_upload_stream.shared_types import RawMessage, Recorder
 from girder_upload_stream.assembly.reassembly import Reassembler
 from girder_upload_stream.loop.rekey_book import (AckBook, file_key_bytes, internal_group,
                                                   internal_topic, origin_headers, origin_of,
-                                                  partition_for, purge_floors, raw_message,
+                                                  partition_for, place_of, purge_floors, raw_message,
                                                   route)
 from girder_upload_stream.loop.rekey_hop import MAX_IN_FLIGHT, RekeyHop
 from girder_upload_stream.loop.wiring import REKEY_CRYPTO_REFUSED, rekey_wanted
@@ -41,7 +43,18 @@ def test_every_chunk_of_one_file_generation_gets_one_key_and_one_partition():
     assert len(keys) == 1 and None not in keys
     [key] = keys
     assert {route(value, k.encode(), source, 8) for source, (k, value) in
-            enumerate(messages)} == {(key, partition_for(key, 8))}
+            enumerate(messages)} == {(key, partition_for(place_of("x/a.bin"), 8))}
+
+
+def test_every_generation_of_a_path_meets_in_one_partition_as_girder_names_it():
+    """One member at a time uploads into an item (kafka/gain_marks.py): every production
+    of a path, and paths Girder stores as one (it strips names), share a partition."""
+    values = [_messages(b"first content")[0][1], _messages(b"other content")[0][1],
+              _messages(b"first content", name=" a.bin ", subdir=" x")[0][1]]
+    assert len({file_key_bytes(v) for v in values}) == 3
+    assert len({route(v, None, 0, 64)[1] for v in values}) == 1
+    spread = {route(_messages(b"c", name=f"f{i}.bin")[0][1], None, 0, 8)[1] for i in range(64)}
+    assert spread == set(range(8))  # paths still spread over every partition
 
 
 def test_another_generation_or_another_path_gets_another_key():
@@ -51,10 +64,11 @@ def test_another_generation_or_another_path_gets_another_key():
     assert len({first, again, elsewhere}) == 3
 
 
-def test_partition_for_is_a_stable_crc32_in_range():
-    assert partition_for(b"x/a.bin\x00ab", 4) == partition_for(b"x/a.bin\x00ab", 4)
+def test_partition_for_is_a_stable_hash_in_range_that_spreads_sequential_names():
+    assert partition_for(b"x/a.bin", 4) == partition_for(b"x/a.bin", 4) == 2  # fixed for ever
     assert {partition_for(f"k{i}".encode(), 4) for i in range(100)} == {0, 1, 2, 3}
-    assert partition_for(b"", 3) == 0
+    counts = Counter(partition_for(f"run-{i % 5}/f{i:04d}.bin".encode(), 4) for i in range(120))
+    assert max(counts.values()) <= 36, counts  # CRC-32 gave 36/36/24/24 here
 
 
 @pytest.mark.parametrize("value", [b"\xc1junk", b"", None, b"\x93\x01\x02\x03"])
@@ -251,7 +265,7 @@ def test_copies_keep_their_value_and_carry_the_origin():
     assert hop.step() == 1
     [(internal_key, copied, partition, headers, _)] = producer.queued
     assert copied == value and internal_key == file_key_bytes(value)
-    assert partition == partition_for(internal_key, 4)
+    assert partition == partition_for(place_of("x/a.bin"), 4)
     assert origin_of(headers).key == key.encode() and origin_of(headers).offset == 7
 
 

@@ -70,7 +70,7 @@ class FlakyStore(FakeStore):
         super().__init__(set(), "upload file: HTTP 503: busy", kind)
         self.times = times
 
-    def upload(self, completed, shared=False, known_there=False):
+    def upload(self, completed, shared=False, known_there=False, folders_shared=None):
         if self.times > 0:
             self.times -= 1
             self.tried.append(completed.rel_path)
@@ -107,7 +107,7 @@ def test_leaving_the_plain_runner_cancels_what_has_not_started():
     release = threading.Event()
 
     class BlockingStore(FakeStore):
-        def upload(self, completed, shared=False, known_there=False):
+        def upload(self, completed, shared=False, known_there=False, folders_shared=None):
             started.set()
             release.wait(10)
             return super().upload(completed, shared)

@@ -20,7 +20,7 @@ class FakeStore:
     def __init__(self, failing: set[str], error: str, kind=GirderTransientError) -> None:
         self.failing, self.error, self.kind, self.tried = failing, error, kind, []
 
-    def upload(self, completed, shared=False, known_there=False) -> FileOutcome:
+    def upload(self, completed, shared=False, known_there=False, folders_shared=None) -> FileOutcome:
         self.tried.append(completed.rel_path)
         if completed.rel_path in self.failing:
             raise self.kind(self.error, rel_path=completed.rel_path)

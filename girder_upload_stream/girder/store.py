@@ -93,6 +93,8 @@ class GirderStore(ExistingItemMixin, FolderMixin):
         self._folder_lock = threading.Lock()
         self._busy: dict[str, int] = {}  # sub-folder key -> uploads using it now
         self.owner: Owner | None = None  # the API key's user, known at the first log-in
+        self._token: str | None = None  # shared by the threads' clients
+        self._token_lock = threading.Lock()
         self.requests = 0
 
     # -- plumbing ------------------------------------------------------------------
@@ -108,9 +110,19 @@ class GirderStore(ExistingItemMixin, FolderMixin):
             # otherwise pay a new TCP (and TLS) set-up, a round trip or more.
             self._local.session = client.session()
             self._local.session.__enter__()
-            self._call(lambda: self._login(client), LOGIN)
+            client.setToken(self._token_for_threads(client))
             self._local.client = client
         return client
+
+    def _token_for_threads(self, client: Any) -> str:
+        """The token every thread's client uses: one log-in (one round trip to a remote
+        Girder) for the run rather than one per upload thread; after an authentication
+        error (:meth:`_call` forgets the token) the next thread logs in again."""
+        with self._token_lock:
+            if self._token is None:
+                self._call(lambda: self._login(client), LOGIN)
+                self._token = client.token
+            return self._token
 
     def _login(self, client: Any) -> None:
         # girder-client's authenticate() puts the key in the URL's query string, which
@@ -140,6 +152,7 @@ class GirderStore(ExistingItemMixin, FolderMixin):
                 raise
         if isinstance(failure, GirderAuthError):
             self._local.client = None  # log in again at this thread's next request
+            self._token = None
         # Raised outside the except block: the library's exception, whose text may quote
         # a URL with credentials, is neither chained nor shown in a traceback.
         raise failure

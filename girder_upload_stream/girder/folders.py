@@ -134,13 +134,16 @@ class FolderMixin:
             raise
 
     def _make_folder(self, parent: str, name: str, parent_type: str,
-                     metadata: dict[str, Any] | None, shared: bool = True) -> str:
+                     metadata: dict[str, Any] | None,
+                     shared: bool | Callable[[], bool] = True) -> str:
         """Find or create a folder (``name`` as Girder stores it). A new one is created
         with ``metadata`` (None: none) in one request; one that is there already is
         used as it is, its metadata never rewritten (it may be a person's). When
         ``shared``, of twins made at the same moment by two consumers (Girder's name
         check is not atomic), every consumer keeps the oldest (one more request, and
-        one per twin); a folder found, not made, is never deleted."""
+        one per twin); a folder found, not made, is never deleted. A callable is asked
+        once the folder is made, not before: partitions revoked while the request was
+        on its way (their next owner may be making the same folder now) still count."""
         client = self._client()
         for _ in range(2):
             try:
@@ -154,7 +157,7 @@ class FolderMixin:
                 if found:
                     return min(found, key=lambda f: f["_id"])["_id"]
                 continue  # deleted between the two requests: create it again
-            if not shared:
+            if not (shared() if callable(shared) else shared):
                 return mine["_id"]
             return self._keep_oldest(mine, self._folders_named(parent, parent_type, name),
                                      "folder", name)["_id"]
@@ -191,7 +194,7 @@ class FolderMixin:
         names = [girder_name(part, "folder") for part in PurePosixPath(subdir).parts]
         with self._folder_lock:
             parent = self._walk(root, names, lambda parent, name: self._make_folder(
-                parent, name, "folder", self._meta(created=True), check()))
+                parent, name, "folder", self._meta(created=True), check))
             for depth in range(1, len(names) + 1) if hold else ():
                 key = "/".join(names[:depth])
                 self._busy[key] = self._busy.get(key, 0) + 1

@@ -391,6 +391,25 @@ def test_a_file_alone_in_a_shared_group_checks_its_new_folders_but_not_its_item(
     assert "e" in {f["name"] for f in girder.folders.values()}
 
 
+def test_a_folder_whose_partitions_move_while_it_is_made_is_checked_for_a_twin(girder):
+    """The answer is asked once the folder is made: a revoke while ``POST folder`` was on
+    its way (the next owner may make the same folder now) still brings the check. Asked
+    before, a member holding every partition at a group's start left twin folders."""
+    store = _store(girder)
+    moved = []
+    original = girder.createFolder
+
+    def made_during_a_revoke(*args, **kw):
+        made = original(*args, **kw)
+        moved.append(True)  # the loop's revoke, while the request was on its way
+        return made
+    girder.createFolder = made_during_a_revoke
+    girder.calls.clear()
+    outcome = store.upload(_completed("d/a.txt", b"data"), shared=lambda: bool(moved))
+    assert outcome.outcome is Outcome.UPLOADED
+    assert girder.calls[:2] == ["createFolder", "listFolder"], girder.calls
+
+
 def test_a_twin_item_made_at_the_same_moment_is_left_to_the_oldest(girder):
     store = _store(girder)
     oldest = girder.createItem("root", "a.txt", metadata=Owner(ME).mark())  # another consumer's

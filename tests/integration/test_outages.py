@@ -33,9 +33,13 @@ KAFKA_DOWN_SECONDS = 15
 #: The idle stop must not end the run during an outage. While Girder is down the failed
 #: uploads waiting for their retry keep the run from being idle; while the broker is
 #: down no message arrives, but a broker that does not answer is not "no new message":
-#: the idle limit is shorter than the broker's outage on purpose.
-MAX_IDLE = 15
+#: both idle limits are shorter than the outages on purpose.
+MAX_IDLE = 8
 MAX_IDLE_KAFKA = 8
+#: Upload retries of the Girder test (timings.py): several during the outage, and the
+#: first after it within seconds, not after the production schedule's 30 s wait.
+GIRDER_RETRY_TIMINGS = {"GUS_TIMING_UPLOAD_RETRY_DELAYS": "1,2,4",
+                        "GUS_TIMING_UPLOAD_RETRY_MAX_SECONDS": "4"}
 #: The broker test asks for a progress line this often, to see the loop go on. A step
 #: may be slow (an idle check asks the broker for up to 5 s), but the loop never stands
 #: still for a session timeout or an outage.
@@ -71,13 +75,15 @@ def own_kafka(tmp_path, stack_env):
 
 
 def _start(tmp_path: Path, stack_env, prefect_env, topic: str, group: str, collection: dict,
-           programs: list[Program], seed: int, max_idle: float, *extra: str):
+           programs: list[Program], seed: int, max_idle: float, *extra: str,
+           timings: dict[str, str] | None = None):
     files = log_uniform_files(N_FILES, seed, 1024, 1 << 20)
     out = tmp_path / "out"
     program = Program(
         consumer_argv(stack_env["GIRDER_API_URL"], topic, collection["name"], out, group,
                       write_fault_config(tmp_path / "consumer.config"), max_idle, *extra),
-        tmp_path / "consumer.out", cwd=tmp_path, env=consumer_env(stack_env, prefect_env),
+        tmp_path / "consumer.out", cwd=tmp_path,
+        env={**consumer_env(stack_env, prefect_env), **(timings or {})},
         stdin=subprocess.DEVNULL)
     programs.append(program)
     producer = BackgroundProducer(stack_env["KAFKA_BOOTSTRAP_SERVERS"], topic, files,
@@ -114,7 +120,8 @@ def test_girder_down_for_30s_mid_stream_loses_nothing_and_retries(
     bootstrap, api_url = stack_env["KAFKA_BOOTSTRAP_SERVERS"], stack_env["GIRDER_API_URL"]
     topic, group = make_topic(partitions=4), make_group()
     files, out, program, producer = _start(tmp_path, stack_env, prefect_env, topic, group,
-                                           collection, programs, seed=31, max_idle=MAX_IDLE)
+                                           collection, programs, seed=31, max_idle=MAX_IDLE,
+                                           timings=GIRDER_RETRY_TIMINGS)
     log_file = (out / "LOGS" / "GirderUploadStreamProcessor.log",)
     root_path = default_root_path(collection["name"], topic)
     wait_for(lambda: _landed(girder_client, root_path, files) >= 3,

@@ -112,9 +112,11 @@ class Case:
                              collection or self.collection["name"], self.out, self.group,
                              self.config, max_idle, *where, *extra)
 
-    def start(self, argv: list[str], api_key: str | None = None) -> Program:
+    def start(self, argv: list[str], api_key: str | None = None,
+              timings: dict[str, str] | None = None) -> Program:
+        """Start our CLI; ``timings``: ``GUS_TIMING_*`` variables of this run."""
         self.runs += 1
-        env = consumer_env(self.stack_env, self.prefect_env)
+        env = {**consumer_env(self.stack_env, self.prefect_env), **(timings or {})}
         if api_key is not None:
             env["GIRDER_API_KEY"] = api_key
         program = Program(argv, self.tmp / f"run{self.runs}.out", cwd=self.tmp, env=env,
@@ -130,10 +132,10 @@ class Case:
 
     def run(self, *extra: str, max_idle: float = MAX_IDLE, root: bool = True,
             collection: str | None = None, api_key: str | None = None,
-            timeout: float = RUN_TIMEOUT) -> Finished:
+            timeout: float = RUN_TIMEOUT, timings: dict[str, str] | None = None) -> Finished:
         """Run our CLI to its idle stop (or its own end) and return what it did."""
         argv = self.argv(*extra, max_idle=max_idle, root=root, collection=collection)
-        return self.finish(self.start(argv, api_key), timeout)
+        return self.finish(self.start(argv, api_key, timings), timeout)
 
     # -- OpenMSIStream -----------------------------------------------------------------
     def start_openmsistream(self, *extra: str, api_key: str | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -20,8 +19,7 @@ from tests.integration.local_files import CHUNK_SIZE
 __all__ = ["REPO_ROOT", "RETRY_LINE", "OMSI_BIN", "OUR_BIN", "OUR_CLI", "OUR_PROCESSOR", "TIMEOUT",
            "write_omsi_config", "Program", "wait_for", "produce_ours", "produce_omsi_file",
            "finish", "FAULT_CONSUMER_CONFIG", "STOP_LINE", "write_fault_config", "consumer_env",
-           "consumer_argv", "stop_line", "stackctl", "girder_serves", "kafka_serves",
-           "component_stopped"]
+           "consumer_argv", "stop_line", "stackctl", "girder_serves", "kafka_serves"]
 
 
 #: A retried upload in a run's output: the consumer's retry of a file (retry_policy.py;
@@ -281,19 +279,3 @@ def kafka_serves(bootstrap: str, topic: str | None = None) -> bool:
     found = metadata.topics.get(topic)
     return (found is not None and found.error is None and bool(found.partitions)
             and all(p.leader >= 0 for p in found.partitions.values()))
-
-
-@contextlib.contextmanager
-def component_stopped(component: str, serves: Callable[[], bool], timeout: float = 120):
-    """Stop one stack component for the ``with`` block; start it again afterwards (even
-    if the block fails) and wait until ``serves()``."""
-    stackctl("down", component)
-    try:
-        yield
-    finally:
-        stackctl("up", component)
-        deadline = time.monotonic() + timeout
-        while not serves():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{component} does not serve {timeout:.0f}s after up")
-            time.sleep(0.5)

@@ -7,8 +7,9 @@ replaced contents.
 What ours must do:
 
 * transient (5xx, 429, a dropped connection): retried by the consumer's one retry policy
-  (girder_upload_stream/retry_policy.py: 2, 10, 30 s, then up to 5 min); the file lands once; its messages stay uncommitted
-  until it has;
+  (girder_upload_stream/retry_policy.py: 2, 10, 30 s, then up to 5 min; the tests here
+  set a schedule of seconds, :data:`QUICK_RETRIES`); the file lands once; its messages
+  stay uncommitted until it has;
 * terminal (4xx) at a file's step: the file is registered ``failed`` with the reason,
   the commit moves on, and the next run of the same group reads the file's messages
   again and uploads it (offsets rule 9 of ``girder_upload_stream/offsets.py``).
@@ -30,6 +31,11 @@ from tests.integration.local_files import sha256
 from tests.integration.programs import RETRY_LINE, wait_for
 
 pytestmark = pytest.mark.integration
+
+#: The retry schedule of the transient-error runs (timings.py): what is retried, and
+#: what is held meanwhile, does not depend on the waits, which the unit tests check.
+QUICK_RETRIES = {"GUS_TIMING_UPLOAD_RETRY_DELAYS": "1,2",
+                 "GUS_TIMING_UPLOAD_RETRY_MAX_SECONDS": "2"}
 
 
 
@@ -149,7 +155,7 @@ def test_transient_errors_at_each_step_are_retried_and_each_file_lands_once(case
     case.produce(files)
     faults = [case.proxy.fail(route, status, times=times, name=name)
               for route, status, times, name, _ in TRANSIENT]
-    run = case.run(timeout=540)
+    run = case.run(timeout=540, timings=QUICK_RETRIES)
     assert run.code == 0, _described(case, run)
     summary = run.summary()
     assert (summary["uploaded"], summary["failed"]) == (len(files), 0), \
@@ -174,7 +180,7 @@ def test_a_lasting_5xx_holds_the_files_messages_until_girder_answers(case: Case,
     for i, (rel, data) in enumerate(others.items()):  # behind it on 0, and alone on 1
         case.produce({rel: data}, partition=i % 2)
     fault = case.proxy.fail("POST file", 503, name="victim.bin")
-    program = case.start(case.argv())
+    program = case.start(case.argv(), timings=QUICK_RETRIES)
     wait_for(lambda: complete_in_girder(girder_client, case.root["_id"], others) == set(others)
              and fault.hits >= 2, "the other files in Girder and a retry of the held one",
              program, timeout=120)

@@ -19,7 +19,8 @@ from typing import Any
 
 from girder_upload_stream.errors import GirderUploadStreamError
 from girder_upload_stream.girder.errors import (GirderNameTakenError, GirderRootFolderGone,
-                                                GirderTerminalError, girder_name)
+                                                GirderTerminalError, GirderTransientError,
+                                                girder_name)
 
 __all__ = ["FolderMixin"]
 
@@ -107,19 +108,49 @@ class FolderMixin:
         self._folders[""] = found or self._resolve_root()
 
     def _collection(self, name: str) -> dict:
-        """The collection ``name``, created public if missing (OpenMSIStream does)."""
+        """The collection ``name``, created public if missing (OpenMSIStream does).
+
+        Consumers started together may each create it: Girder's name check is not
+        atomic, and two collections of one name would split the group's files between
+        them for good. One that creates it therefore lists the collections of that name
+        and uses the oldest (every creator picks the same); its own twin, made just now,
+        is deleted while it holds nothing. Found, it costs one lookup as before."""
         client = self._client()
         collection = self._find_collection(name)
-        if collection is None:
-            try:
-                collection = self._call(lambda: client.createCollection(name, public=True),
-                                        "create collection")
-            except GirderNameTakenError:
-                # Another consumer of the group created it since we looked.
-                collection = self._find_collection(name)
-                if collection is None:
-                    raise
-        return collection
+        if collection is not None:
+            return collection
+        try:
+            mine = self._call(lambda: client.createCollection(name, public=True),
+                              "create collection")
+        except GirderNameTakenError:
+            mine = None  # another consumer of the group created it since we looked
+        named = [c for c in self._call(lambda: list(client.listCollection()),
+                                       "list collections") if c.get("name") == name]
+        if not named:
+            if mine is None:
+                raise GirderTransientError(f"the collection {name!r} vanished while it was "
+                                           f"looked up; it is tried again")
+            return mine
+        oldest = min(named, key=lambda c: c["_id"])
+        if mine is not None and mine["_id"] != oldest["_id"]:
+            self._drop_twin_collection(mine, name)
+        return oldest
+
+    def _drop_twin_collection(self, mine: dict, name: str) -> None:
+        """Delete the twin collection this consumer made, unless something is in it
+        already (another consumer's lookup found it first: it is then left, and said)."""
+        client = self._client()
+        inside = self._call(lambda: list(client.listFolder(
+            mine["_id"], parentFolderType="collection", limit=1)), "list folders", name)
+        if inside:
+            logger.warning("collection %r: another consumer created it at the same time, "
+                           "and folders are in ours (%s) already; it is left as it is, the "
+                           "oldest is used", name, mine["_id"])
+            return
+        logger.info("collection %r: another consumer created it at the same time; using "
+                    "the oldest", name)
+        self._call(lambda: client.delete(f"collection/{mine['_id']}"),
+                   "delete duplicate collection", name)
 
     def _find_collection(self, name: str) -> dict | None:
         # A path lookup, not a text search: the dev stack's mongo-java-server has no

@@ -53,6 +53,9 @@ class RunCpu:
     producer: float = 0.0
     busy: float = float("nan")
     cores: int = 2
+    #: what the machine did outside the run over it (:func:`benchmarks.cpu_census.spent`:
+    #: ``others`` processes, ``kernel threads``, ``interrupts``, ``steal``); empty: unknown
+    outside: dict[str, float] = field(default_factory=dict)
 
     @property
     def consumers_total(self) -> float:
@@ -88,13 +91,21 @@ class RunCpu:
         return self.cores / per_file if per_file else None
 
     @property
+    def taken_by_others(self) -> float:
+        """CPU-seconds other users took from the run: other processes and the
+        hypervisor's steal when the census is known, else all that was not measured."""
+        if self.outside:
+            return self.outside.get("others", 0.0) + self.outside.get("steal", 0.0)
+        return self.unaccounted
+
+    @property
     def ceiling_left(self) -> float | None:
-        """The same with only the cores that others (:attr:`unaccounted`) left over the
-        run: what the machine allowed this run on a shared machine."""
+        """The same with only the cores others left over the run
+        (:attr:`taken_by_others`): what a shared machine allowed this run."""
         per_file = self.per_file(self.not_consumers)
         if not per_file or self.span_s <= 0:
             return None
-        return max(0.0, self.cores - self.unaccounted / self.span_s) / per_file
+        return max(0.0, self.cores - self.taken_by_others / self.span_s) / per_file
 
 
 def best_ratio(processes: int, one_rate: float | None, ceiling: float | None

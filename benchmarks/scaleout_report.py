@@ -68,7 +68,8 @@ def rate_rows(runs: Runs, facts: dict[Spec, list[tuple]], specs: list[Spec],
     for mode in MODES.values():
         headers += [f"{mode}: files/s", "steady files/s (10–90%)",
                     "× 1 process (whole / steady)", "best × 1 this machine allows"]
-    headers += ["× 1 process without the option (joined)", "missing / duplicates",
+    headers += ["Girder requests per file / most in flight (joined)",
+                "× 1 process without the option (joined)", "missing / duplicates",
                 "lag at the end: source / internal", "internal topic MiB (× source)",
                 "internal topic messages"]
     rows = []
@@ -80,6 +81,8 @@ def rate_rows(runs: Runs, facts: dict[Spec, list[tuple]], specs: list[Spec],
                     else ["–"] * 4)
         lost = (f"{sum(r.missing for r in observed)} / "
                 f"{sum(r.duplicates for r in observed)}")
+        row.append(_requests(runs.get(("together" if spec.system == "limit" else "joined",
+                                       spec), [])))
         if spec.system == "limit":
             rows.append(row + ["–", lost, "–", "–", "–"])
             continue
@@ -92,6 +95,12 @@ def rate_rows(runs: Runs, facts: dict[Spec, list[tuple]], specs: list[Spec],
                  _distinct([f[4] for f in fs])] if spec.rekey else ["–", "–"])
         rows.append(row)
     return headers, rows
+
+
+def _requests(runs: list[Observed]) -> str:
+    """Median Girder requests per file through the proxy, and the most held at once."""
+    per_file = _med(runs, lambda o: o.requests / o.result.n_files if o.result.n_files else None)
+    return f"{show(per_file, '{:.2f}')} / {show(_med(runs, lambda o: o.max_in_flight), '{:.0f}')}"
 
 
 def _med(runs: list[Observed], figure) -> float | None:
@@ -114,7 +123,8 @@ def cpu_table(runs: Runs, specs: list[Spec]) -> list[str]:
     the first start, or the start of the produce, to the last file in Girder)."""
     headers = ["system, run", "span s", "files/s", "CPU-s: processes under test (each)",
                "Girder", "database", "Kafka", "producer", "benchmark process (proxy)",
-               "other (not measured)", "machine busy", "Girder + database CPU-s/file",
+               "not measured: others' processes / kernel threads / interrupts / steal",
+               "machine busy", "Girder + database CPU-s/file",
                "all but the processes under test, CPU-s/file",
                "ceiling files/s (cores ÷ that)", "ceiling with the cores others left"]
     rows = []
@@ -130,7 +140,9 @@ def cpu_table(runs: Runs, specs: list[Spec]) -> list[str]:
                 + [show(median_or_none(c.services.get(s) for c in cpu), "{:.1f}")
                    for s in ("girder", "mongo", "kafka")]
                 + [show(median_or_none(getattr(c, a) for c in cpu), "{:.1f}")
-                   for a in ("producer", "harness", "unaccounted")]
+                   for a in ("producer", "harness")]
+                + [" / ".join(show(median_or_none(c.outside.get(k) for c in cpu), "{:.1f}")
+                              for k in ("others", "kernel threads", "interrupts", "steal"))]
                 + [f"{Stat.of(c.busy for c in cpu).median:.0%}",
                    show(median_or_none(c.per_file(c.girder_db) for c in cpu), "{:.3f}"),
                    show(median_or_none(c.per_file(c.not_consumers) for c in cpu), "{:.3f}"),

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import cpu_census as census
 from benchmarks.bench_common import REPO_ROOT, new_name, wait_until
 from benchmarks.bench_config import Context
 from benchmarks.bench_data import Dataset, produce
@@ -51,6 +52,8 @@ class Observed:
     group: str
     #: the duplicated or missing paths, and where the processes' logs were kept then
     evidence: str | None = None
+    requests: int = 0  # Girder requests through the proxy over the run (start-up included)
+    max_in_flight: int = 0  # the most Girder requests the proxy held at once
 
 
 def end_offsets(ctx: Context, topic: str) -> dict[int, int] | None:
@@ -135,9 +138,11 @@ def _settled(view: GirderView, data: Dataset, settle: float = 10.0) -> dict:
 
 
 def _start_and_wait(ctx: Context, spec: Spec, data: Dataset, proxy_url: str,
-                    topic: str | None, collection: str, group: str, view: GirderView):
+                    topic: str | None, collection: str, group: str, view: GirderView,
+                    services: list[int]):
     """Start the processes; joined (``topic`` None): on a fresh topic, produce once all
-    joined. Wait for the files. Returns (procs, started, producer CPU-s, topic, check)."""
+    joined. Wait for the files. Returns (procs, started, producer CPU-s, topic, check,
+    the CPU spent outside the run: :func:`benchmarks.cpu_census.spent`)."""
     from confluent_kafka.admin import AdminClient
     joined = topic is None
     if joined:
@@ -146,20 +151,21 @@ def _start_and_wait(ctx: Context, spec: Spec, data: Dataset, proxy_url: str,
         ctx.topics.append(topic)
     procs = [start_system(ctx.stack, spec, ctx.work, topic, collection, data, proxy_url, i,
                           group) for i in range(spec.processes)]
-    producer = 0.0
+    producer, before = 0.0, census.take()
     if joined:
         admin = AdminClient({"bootstrap.servers": ctx.stack.bootstrap})
         groups = [group] + ([f"{group}{SUFFIX}"] if spec.rekey else [])
         wait_until(lambda: _members_joined(admin, groups, spec.processes), 180,
                    f"{spec.processes} member(s) in {groups}", procs)
-        started, producer = time.time(), _children_cpu()
+        started, producer, before = time.time(), _children_cpu(), census.take()
         produce(ctx.stack, data, topic, ctx.work / "produce.log")
         producer = _children_cpu() - producer
     else:
         started = min(p.started_wall for p in procs)
     timeout = ctx.timeout_for(data.total_bytes) * (1 if joined else 2)
     view.wait_progress(data.total_bytes, stall_for(data), timeout, procs)
-    return procs, started, producer, topic, _settled(view, data)
+    outside = census.spent(before, census.take(), [os.getpid(), *services])
+    return procs, started, producer, topic, _settled(view, data), outside
 
 
 def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
@@ -176,12 +182,14 @@ def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
         wait_until(lambda: stack_cpu.total.samples, 10, "a first CPU sample")
         procs = []
         try:
-            procs, started, producer, topic, check = _start_and_wait(
-                ctx, spec, data, proxy.url, topic, collection, group, view)
+            procs, started, producer, topic, check, outside = _start_and_wait(
+                ctx, spec, data, proxy.url, topic, collection, group, view,
+                list(stack_cpu.pids.values()))
         finally:
             for proc in procs:
                 proc.stop()
             outputs = [proc.output() for proc in procs]
+        requests, max_in_flight = proxy.total, proxy.max_in_flight
     landed = [item.landed for item in check["complete"].values()]
     result = run_result(spec, data, check, procs, outputs, landed, started,
                         [display_argv(p, ctx.stack, ctx.work) for p in procs])
@@ -196,13 +204,14 @@ def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
     spent = stack_cpu.spent(started, end)
     busy, harness = spent.pop("machine busy"), spent.pop("harness", 0.0)
     cpu = RunCpu(end - started, result.n_files, per_process, spent, harness, producer, busy,
-                 os.cpu_count() or 1)
+                 os.cpu_count() or 1, outside)
     evidence = _keep_evidence(ctx, collection, check, procs)
     if not ctx.keep:
         view.delete()
         for i in range(spec.processes):
             shutil.rmtree(ctx.work / f"out-{collection}-{i}", ignore_errors=True)
-    return Observed(result, steady_rate(landed), cpu, topic, group, evidence)
+    return Observed(result, steady_rate(landed), cpu, topic, group, evidence, requests,
+                    max_in_flight)
 
 
 def _keep_evidence(ctx: Context, collection: str, check: dict, procs: list) -> str | None:

@@ -93,7 +93,8 @@ def several_chunks_tree(root: Path, n_files: int, chunk_size: int = CHUNK_SIZE,
 def _log(ctx: Context, spec: Spec, mode: str, seen: Observed, fact: tuple | None) -> None:
     r, cpu = seen.result, seen.cpu
     text = (f"  {spec.label}, {mode}: {r.seconds:.2f}s ({r.files_s:.2f} files/s, steady "
-            f"{show(seen.steady)}), {r.missing} missing, {r.duplicates} duplicate(s); CPU-s "
+            f"{show(seen.steady)}), {r.missing} missing, {r.duplicates} duplicate(s); "
+            f"{seen.requests} Girder requests, at most {seen.max_in_flight} at once; CPU-s "
             f"ours {cpu.consumers_total:.1f} girder+db {cpu.girder_db:.1f} "
             f"not-ours {cpu.not_consumers:.1f}, busy {cpu.busy:.0%}, ceiling "
             f"{show(cpu.ceiling, '{:.1f}')} files/s")
@@ -174,8 +175,10 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
         "the processes under test (Girder, its database, Kafka, the producer when it runs "
         "inside the span, and the benchmark's own process, in which the delaying proxy "
         "runs as threads): what the machine could upload if our consumers cost nothing. "
-        "'Other' is CPU the machine spent beyond what was measured (other users of a "
-        "shared machine, the kernel).",
+        "Not measured: from a census of /proc at the run's start and end (within a few "
+        "tenths of a second of the span): the CPU of processes outside this benchmark and "
+        "the stack (other users of a shared machine), of the kernel's threads, in "
+        "interrupts, and stolen by the hypervisor.",
         "Steady files/s: files between the moment 10% of them had landed in Girder and "
         "the moment 90% had (Girder's timestamps), over the time between: start-up, the "
         "groups' first rebalances and the last stragglers left out.",
@@ -183,8 +186,9 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
         "a client per thread, through the same delaying proxy: what this Girder takes from "
         "a client that does nothing but upload. Most Girder uploads open at once in one "
         f"process of ours: {max(flight) if flight else '–'}.",
-        "Ceiling with the cores others left: the same with the cores minus the CPU "
-        "'other' took over the run, what a shared machine allowed that run.",
+        "Ceiling with the cores others left: the same with the cores minus what others' "
+        "processes and the hypervisor took over the run, what a shared machine allowed "
+        "that run.",
         f"Measured on a shared machine ({os.cpu_count()} cores shared with Kafka, Girder, "
         "the proxy and other engineers' test runs): to be re-measured. Load average (1, 5, "
         f"15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}."]

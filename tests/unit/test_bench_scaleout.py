@@ -5,11 +5,13 @@ the tables' cells."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
 from benchmarks.bench_data import CHUNK_SIZE, Dataset, produce
 from benchmarks.bench_systems import RunResult, Spec
+from benchmarks.cpu_census import Census, spent, take
 from benchmarks.run_all import SCENARIOS, parse_args
 from benchmarks.scaleout_figures import RunCpu, best_ratio, median_or_none, steady_rate
 from benchmarks.scaleout_report import best_of, cpu_table, rate_of, rate_rows
@@ -76,7 +78,7 @@ def test_the_median_leaves_out_unknown_values() -> None:
 def _seen(spec: Spec, files_s: float, steady: float, cpu: RunCpu) -> Observed:
     result = RunResult(spec, seconds=100 / files_s, first_s=1.0, n_files=100,
                        total_bytes=100 << 20, peak_rss=0, argv=[])
-    return Observed(result, steady, cpu, "topic", "group")
+    return Observed(result, steady, cpu, "topic", "group", requests=250, max_in_flight=6)
 
 
 def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows() -> None:
@@ -96,6 +98,7 @@ def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows()
     assert row["× 1 process (whole / steady)"].endswith("0.80× / 0.82×")
     assert row["best × 1 this machine allows"].endswith("1.00×")
     assert row["lag at the end: source / internal"] == "0 / 0"
+    assert row["Girder requests per file / most in flight (joined)"] == "2.50 / 6"
     assert row["internal topic MiB (× source)"] == "2.0 (2.00×)"
     table = "\n".join(cpu_table(runs, [one, two]))
     assert "5.0 (3.0 + 2.0)" in table  # the consumers' CPU, summed then each
@@ -153,3 +156,36 @@ def test_the_ceiling_on_a_shared_machine_counts_only_the_cores_others_left() -> 
     assert cpu.ceiling_left == pytest.approx((2 - 0.3) / 0.1)
     assert _cpu(busy=math.nan).ceiling_left == pytest.approx(cpu.ceiling)
     assert _cpu(span_s=0.0).ceiling_left is None
+
+
+def test_with_a_census_only_others_processes_and_steal_count_as_taken() -> None:
+    cpu = _cpu(outside={"others": 4.0, "kernel threads": 1.0, "interrupts": 0.5,
+                        "steal": 1.0})
+    assert cpu.taken_by_others == pytest.approx(5.0)
+    assert cpu.ceiling_left == pytest.approx((2 - 0.5) / 0.1)
+
+
+def test_the_census_splits_the_cpu_outside_the_run_by_whom() -> None:
+    before = Census({(10, 1): (5.0, False), (11, 1): (1.0, True), (12, 1): (2.0, False)},
+                    interrupts=3.0, steal=1.0)
+    after = Census({(10, 1): (7.5, False), (11, 1): (1.4, True), (12, 1): (9.0, False),
+                    (13, 5): (0.5, False), (10**7, 1): (50.0, False)},
+                   interrupts=3.25, steal=1.5)
+    split = spent(before, after, ours=[])
+    # pid 12 is a process of its own; pid 13 started within the run; a pid reused
+    # (another start time) or never seen before counts from 0
+    assert split["others"] == pytest.approx(2.5 + 7.0 + 0.5 + 50.0)
+    assert split["kernel threads"] == pytest.approx(0.4)
+    assert (split["interrupts"], split["steal"]) == (0.25, 0.5)
+
+
+def test_the_census_leaves_out_the_trees_it_is_told_are_ours() -> None:
+    if not os.path.exists(f"/proc/{os.getpid()}/stat"):
+        pytest.skip("no /proc on this system")
+    before = take()
+    sum(i * i for i in range(200_000))
+    after = take()
+    assert any(pid == os.getpid() for pid, _ in after.processes)
+    mine = spent(before, after, ours=[os.getpid()])
+    assert set(mine) == {"others", "kernel threads", "interrupts", "steal"}
+    assert all(v >= 0 for v in mine.values())

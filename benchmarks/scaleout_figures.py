@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["steady_rate", "RunCpu", "best_ratio", "median_or_none"]
+__all__ = ["steady_rate", "RunCpu", "best_ratio", "median_or_none", "percentile",
+           "beyond_delay_ms"]
 
 
 def steady_rate(landed: list[float], low: float = 0.1, high: float = 0.9) -> float | None:
@@ -125,3 +126,19 @@ def median_or_none(values) -> float | None:
         return None
     mid = len(known) // 2
     return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of ``values``, nearest rank (None when empty)."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def beyond_delay_ms(latencies: list[float], delay: float) -> tuple[float | None, float | None]:
+    """Median and 90th percentile, in ms, of each request's time in the delaying proxy
+    beyond its delay: Girder's answer plus the proxy's forwarding, the part that grows
+    when Girder (or the proxy) is the bottleneck shared by several consumers."""
+    beyond = [(seconds - delay) * 1000 for seconds in latencies]
+    return percentile(beyond, 0.5), percentile(beyond, 0.9)

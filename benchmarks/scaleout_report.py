@@ -68,7 +68,9 @@ def rate_rows(runs: Runs, facts: dict[Spec, list[tuple]], specs: list[Spec],
     for mode in MODES.values():
         headers += [f"{mode}: files/s", "steady files/s (10–90%)",
                     "× 1 process (whole / steady)", "best × 1 this machine allows"]
-    headers += ["Girder requests per file / most in flight (joined)",
+    headers += ["Girder requests per file / most in flight / most small-file uploads in "
+                "flight in one process (joined)",
+                "ms per request beyond the delay (Girder + proxy), p50 / p90 (joined)",
                 "× 1 process without the option (joined)", "missing / duplicates",
                 "lag at the end: source / internal", "internal topic MiB (× source)",
                 "internal topic messages"]
@@ -81,8 +83,8 @@ def rate_rows(runs: Runs, facts: dict[Spec, list[tuple]], specs: list[Spec],
                     else ["–"] * 4)
         lost = (f"{sum(r.missing for r in observed)} / "
                 f"{sum(r.duplicates for r in observed)}")
-        row.append(_requests(runs.get(("together" if spec.system == "limit" else "joined",
-                                       spec), [])))
+        row += _requests(runs.get(("together" if spec.system == "limit" else "joined",
+                                   spec), []))
         if spec.system == "limit":
             rows.append(row + ["–", lost, "–", "–", "–"])
             continue
@@ -97,10 +99,15 @@ def rate_rows(runs: Runs, facts: dict[Spec, list[tuple]], specs: list[Spec],
     return headers, rows
 
 
-def _requests(runs: list[Observed]) -> str:
-    """Median Girder requests per file through the proxy, and the most held at once."""
+def _requests(runs: list[Observed]) -> list[str]:
+    """Two cells (medians): Girder requests per file through the proxy, the most it held
+    at once and the most small-file uploads one process had open; the time per request
+    beyond the delay."""
     per_file = _med(runs, lambda o: o.requests / o.result.n_files if o.result.n_files else None)
-    return f"{show(per_file, '{:.2f}')} / {show(_med(runs, lambda o: o.max_in_flight), '{:.0f}')}"
+    return [f"{show(per_file, '{:.2f}')} / {show(_med(runs, lambda o: o.max_in_flight), '{:.0f}')}"
+            f" / {show(_med(runs, lambda o: o.small_in_flight), '{:.0f}')}",
+            f"{show(_med(runs, lambda o: o.beyond_ms[0]), '{:.0f}')} / "
+            f"{show(_med(runs, lambda o: o.beyond_ms[1]), '{:.0f}')}"]
 
 
 def _med(runs: list[Observed], figure) -> float | None:

@@ -31,13 +31,14 @@ from benchmarks.bench_girder import GirderView, committed_offsets, create_topic,
 from benchmarks.bench_systems import (RunResult, Spec, display_argv, failure_hint,
                                       parse_first_message, run_result, stall_for, start_system)
 from benchmarks.count_proxy import CountingProxy
-from benchmarks.scaleout_figures import RunCpu, steady_rate
+from benchmarks.scaleout_figures import RunCpu, beyond_delay_ms, steady_rate
 from benchmarks.scenario_bigoverlap import StackCpu
 
 __all__ = ["SUFFIX", "Observed", "observed_run", "end_offsets", "lag_at_end",
            "topic_log_bytes", "run_facts"]
 
 SUFFIX = "--by-file"
+_SMALL_IN_FLIGHT = re.compile(r"small-file uploads: at most (\d+) in flight")
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Observed:
     evidence: str | None = None
     requests: int = 0  # Girder requests through the proxy over the run (start-up included)
     max_in_flight: int = 0  # the most Girder requests the proxy held at once
+    #: ms per request beyond the proxy's delay (Girder + the proxy), median and p90
+    beyond_ms: tuple[float | None, float | None] = (None, None)
+    small_in_flight: int | None = None  # ours: most small-file uploads at once, a process
 
 
 def end_offsets(ctx: Context, topic: str) -> dict[int, int] | None:
@@ -190,6 +194,7 @@ def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
                 proc.stop()
             outputs = [proc.output() for proc in procs]
         requests, max_in_flight = proxy.total, proxy.max_in_flight
+        beyond = beyond_delay_ms(list(proxy.latencies), delay)
     landed = [item.landed for item in check["complete"].values()]
     result = run_result(spec, data, check, procs, outputs, landed, started,
                         [display_argv(p, ctx.stack, ctx.work) for p in procs])
@@ -210,8 +215,9 @@ def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
         view.delete()
         for i in range(spec.processes):
             shutil.rmtree(ctx.work / f"out-{collection}-{i}", ignore_errors=True)
+    small = [int(n) for out in outputs for n in _SMALL_IN_FLIGHT.findall(out)]
     return Observed(result, steady_rate(landed), cpu, topic, group, evidence, requests,
-                    max_in_flight)
+                    max_in_flight, beyond, max(small) if small else None)
 
 
 def _keep_evidence(ctx: Context, collection: str, check: dict, procs: list) -> str | None:

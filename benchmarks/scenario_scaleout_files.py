@@ -94,7 +94,8 @@ def _log(ctx: Context, spec: Spec, mode: str, seen: Observed, fact: tuple | None
     r, cpu = seen.result, seen.cpu
     text = (f"  {spec.label}, {mode}: {r.seconds:.2f}s ({r.files_s:.2f} files/s, steady "
             f"{show(seen.steady)}), {r.missing} missing, {r.duplicates} duplicate(s); "
-            f"{seen.requests} Girder requests, at most {seen.max_in_flight} at once; CPU-s "
+            f"{seen.requests} Girder requests, at most {seen.max_in_flight} at once, "
+            f"{show(seen.beyond_ms[0], '{:.0f}')} ms p50 beyond the delay; CPU-s "
             f"ours {cpu.consumers_total:.1f} girder+db {cpu.girder_db:.1f} "
             f"not-ours {cpu.not_consumers:.1f}, busy {cpu.busy:.0%}, ceiling "
             f"{show(cpu.ceiling, '{:.1f}')} files/s")

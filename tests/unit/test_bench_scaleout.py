@@ -13,7 +13,8 @@ from benchmarks.bench_data import CHUNK_SIZE, Dataset, produce
 from benchmarks.bench_systems import RunResult, Spec
 from benchmarks.cpu_census import Census, spent, take
 from benchmarks.run_all import SCENARIOS, parse_args
-from benchmarks.scaleout_figures import RunCpu, best_ratio, median_or_none, steady_rate
+from benchmarks.scaleout_figures import (RunCpu, best_ratio, beyond_delay_ms, median_or_none,
+                                         percentile, steady_rate)
 from benchmarks.scaleout_report import best_of, cpu_table, rate_of, rate_rows
 from benchmarks.scaleout_runs import Observed
 from benchmarks.scenario_scaleout_files import Variant, several_chunks_tree
@@ -78,7 +79,8 @@ def test_the_median_leaves_out_unknown_values() -> None:
 def _seen(spec: Spec, files_s: float, steady: float, cpu: RunCpu) -> Observed:
     result = RunResult(spec, seconds=100 / files_s, first_s=1.0, n_files=100,
                        total_bytes=100 << 20, peak_rss=0, argv=[])
-    return Observed(result, steady, cpu, "topic", "group", requests=250, max_in_flight=6)
+    return Observed(result, steady, cpu, "topic", "group", requests=250, max_in_flight=6,
+                    beyond_ms=(12.0, 30.0), small_in_flight=4)
 
 
 def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows() -> None:
@@ -98,7 +100,10 @@ def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows()
     assert row["× 1 process (whole / steady)"].endswith("0.80× / 0.82×")
     assert row["best × 1 this machine allows"].endswith("1.00×")
     assert row["lag at the end: source / internal"] == "0 / 0"
-    assert row["Girder requests per file / most in flight (joined)"] == "2.50 / 6"
+    assert row["Girder requests per file / most in flight / most small-file uploads in "
+               "flight in one process (joined)"] == "2.50 / 6 / 4"
+    assert row["ms per request beyond the delay (Girder + proxy), p50 / p90 (joined)"] == \
+        "12 / 30"
     assert row["internal topic MiB (× source)"] == "2.0 (2.00×)"
     table = "\n".join(cpu_table(runs, [one, two]))
     assert "5.0 (3.0 + 2.0)" in table  # the consumers' CPU, summed then each
@@ -189,3 +194,12 @@ def test_the_census_leaves_out_the_trees_it_is_told_are_ours() -> None:
     mine = spent(before, after, ours=[os.getpid()])
     assert set(mine) == {"others", "kernel threads", "interrupts", "steal"}
     assert all(v >= 0 for v in mine.values())
+
+
+def test_the_time_beyond_the_delay_is_read_from_the_proxys_latencies() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0
+    assert percentile([float(i) for i in range(1, 11)], 0.9) == 9.0
+    p50, p90 = beyond_delay_ms([0.21, 0.205, 0.25, 0.201, 0.3], delay=0.2)
+    assert p50 == pytest.approx(10.0)
+    assert p90 == pytest.approx(100.0)

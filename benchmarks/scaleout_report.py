@@ -13,7 +13,8 @@ from benchmarks.bench_systems import Spec
 from benchmarks.scaleout_figures import best_ratio, median_or_none
 from benchmarks.scaleout_runs import Observed
 
-__all__ = ["MODES", "rate_of", "ceiling_of", "best_of", "rate_rows", "cpu_table", "show"]
+__all__ = ["MODES", "rate_of", "ceiling_of", "best_of", "rate_rows", "cpu_table", "show",
+           "routes_per_file"]
 
 MODES = {"together": "started together", "joined": "joined, then produced"}
 Runs = dict[tuple[str, Spec], list[Observed]]
@@ -158,3 +159,19 @@ def cpu_table(runs: Runs, specs: list[Spec]) -> list[str]:
     return ["Where the CPU went in each run (medians), from the first process's start "
             "(started together) or the start of the produce (joined) to the last file in "
             "Girder:", "", md_table(headers, rows), ""]
+
+
+def routes_per_file(runs: Runs, specs: list[Spec], mode: str = "joined",
+                    top: int = 8) -> list[str]:
+    """A note per spec of ours: Girder requests per file by route (first run of
+    ``mode``), the commonest first, so a route that grows with the processes shows."""
+    notes = []
+    for spec in specs:
+        got = runs.get((mode, spec))
+        if spec.system != "ours" or not got or not got[0].result.n_files:
+            continue
+        seen = got[0]
+        ranked = sorted(seen.routes.items(), key=lambda kv: -kv[1])[:top]
+        notes.append(f"Girder requests per file, {spec.label}, {MODES[mode]}: " + ", ".join(
+            f"`{route}` {n / seen.result.n_files:.2f}" for route, n in ranked) + ".")
+    return notes

@@ -20,7 +20,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import cpu_census as census
@@ -58,6 +58,7 @@ class Observed:
     #: ms per request beyond the proxy's delay (Girder + the proxy), median and p90
     beyond_ms: tuple[float | None, float | None] = (None, None)
     small_in_flight: int | None = None  # ours: most small-file uploads at once, a process
+    routes: dict[str, int] = field(default_factory=dict)  # Girder requests by route
 
 
 def end_offsets(ctx: Context, topic: str) -> dict[int, int] | None:
@@ -193,7 +194,7 @@ def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
             for proc in procs:
                 proc.stop()
             outputs = [proc.output() for proc in procs]
-        requests, max_in_flight = proxy.total, proxy.max_in_flight
+        requests, max_in_flight, routes = proxy.total, proxy.max_in_flight, dict(proxy.counts)
         beyond = beyond_delay_ms(list(proxy.latencies), delay)
     landed = [item.landed for item in check["complete"].values()]
     result = run_result(spec, data, check, procs, outputs, landed, started,
@@ -217,7 +218,7 @@ def observed_run(ctx: Context, spec: Spec, data: Dataset, delay: float,
             shutil.rmtree(ctx.work / f"out-{collection}-{i}", ignore_errors=True)
     small = [int(n) for out in outputs for n in _SMALL_IN_FLIGHT.findall(out)]
     return Observed(result, steady_rate(landed), cpu, topic, group, evidence, requests,
-                    max_in_flight, beyond, max(small) if small else None)
+                    max_in_flight, beyond, max(small) if small else None, routes)
 
 
 def _keep_evidence(ctx: Context, collection: str, check: dict, procs: list) -> str | None:

@@ -46,7 +46,7 @@ from benchmarks.bench_girder import delete_topics
 from benchmarks.bench_report import Section
 from benchmarks.bench_systems import Spec
 from benchmarks.scaleout_report import (MODES, best_of, ceiling_of, cpu_table, rate_of,
-                                        rate_rows, show)
+                                        rate_rows, routes_per_file, show)
 from benchmarks.scaleout_runs import SUFFIX, Observed, observed_run, run_facts
 from benchmarks.scenario_throughput import missing_notes
 
@@ -193,6 +193,7 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
         f"Measured on a shared machine ({os.cpu_count()} cores shared with Kafka, Girder, "
         "the proxy and other engineers' test runs): to be re-measured. Load average (1, 5, "
         f"15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}."]
+    notes += routes_per_file(runs, specs)
     notes += [f"{s.label}, {MODES[m]}: {o.evidence}." for (m, s), got in runs.items()
               for o in got if o.evidence]
     return notes

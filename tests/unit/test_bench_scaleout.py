@@ -15,7 +15,7 @@ from benchmarks.cpu_census import Census, spent, take
 from benchmarks.run_all import SCENARIOS, parse_args
 from benchmarks.scaleout_figures import (RunCpu, best_ratio, beyond_delay_ms, median_or_none,
                                          percentile, steady_rate)
-from benchmarks.scaleout_report import best_of, cpu_table, rate_of, rate_rows
+from benchmarks.scaleout_report import best_of, cpu_table, rate_of, rate_rows, routes_per_file
 from benchmarks.scaleout_runs import Observed
 from benchmarks.scenario_scaleout_files import Variant, several_chunks_tree
 
@@ -80,7 +80,8 @@ def _seen(spec: Spec, files_s: float, steady: float, cpu: RunCpu) -> Observed:
     result = RunResult(spec, seconds=100 / files_s, first_s=1.0, n_files=100,
                        total_bytes=100 << 20, peak_rss=0, argv=[])
     return Observed(result, steady, cpu, "topic", "group", requests=250, max_in_flight=6,
-                    beyond_ms=(12.0, 30.0), small_in_flight=4)
+                    beyond_ms=(12.0, 30.0), small_in_flight=4,
+                    routes={"POST file": 100, "GET item": 150})
 
 
 def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows() -> None:
@@ -108,6 +109,8 @@ def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows()
     table = "\n".join(cpu_table(runs, [one, two]))
     assert "5.0 (3.0 + 2.0)" in table  # the consumers' CPU, summed then each
     assert "| 20.0 |" in table  # the ceiling
+    notes = routes_per_file(runs, [one, two])
+    assert notes[1].endswith("`GET item` 1.50, `POST file` 1.00.")
 
 
 def test_the_two_variants_run_the_specs_they_need() -> None:

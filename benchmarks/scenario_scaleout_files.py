@@ -166,8 +166,7 @@ def _headline(runs, variant: Variant, specs: list[Spec]) -> list[str]:
 
 def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
     load = os.getloadavg()
-    flight = [o.result.uploads_in_flight for (m, s), got in runs.items() for o in got
-              if s.system == "ours" and o.result.uploads_in_flight]
+    flight = [o.small_in_flight for got in runs.values() for o in got if o.small_in_flight]
     notes = missing_notes({s: [o.result for m in ("together", "joined")
                                for o in runs.get((m, s), [])] for s in specs}) + [
         "Best × 1 this machine allows: min(ceiling, N × one process's files/s) ÷ one "
@@ -185,8 +184,9 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
         "groups' first rebalances and the last stragglers left out.",
         "The girder-client limit uploads the same files from disk with a thread pool and "
         "a client per thread, through the same delaying proxy: what this Girder takes from "
-        "a client that does nothing but upload. Most Girder uploads open at once in one "
-        f"process of ours: {max(flight) if flight else '–'}.",
+        "a client that does nothing but upload. Most small-file uploads one process of "
+        f"ours had open at once: {max(flight) if flight else '–'} (its adaptive limit, at "
+        "most `--max_parallel_uploads`, 16 by default).",
         "Ceiling with the cores others left: the same with the cores minus what others' "
         "processes and the hypervisor took over the run, what a shared machine allowed "
         "that run.",

@@ -6,10 +6,12 @@ Why a ceiling: on a machine of two cores that also runs Kafka, Girder, its datab
 and the benchmark's delaying proxy, a group of consumers cannot go faster than the
 cores allow whatever its members do. If everything but our consumers costs ``c``
 CPU-seconds per file, the machine cannot put more than ``cores / c`` files per second
-in Girder even with consumers that cost nothing: that is :attr:`RunCpu.ceiling`. The
-best ratio ``N`` processes can show against one on this machine is then
-``min(ceiling, N x one's rate) / one's rate`` (:func:`best_ratio`), the figure to
-read the measured ratio against.
+in Girder even with consumers that cost nothing: that is :attr:`RunCpu.ceiling`. Girder
+is also one Python process (one interpreter lock): about one core at most, so it cannot
+take more than ``1 / g`` files/s if it costs ``g`` CPU-seconds per file
+(:attr:`RunCpu.girder_ceiling`). The best ratio ``N`` processes can show against one
+on this machine is then ``min(ceilings, N x one's rate) / one's rate``
+(:func:`best_ratio`), the figure to read the measured ratio against.
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ class RunCpu:
         return self.cores / per_file if per_file else None
 
     @property
+    def girder_ceiling(self) -> float | None:
+        """Files/s Girder allows by itself: it is one Python process, whose threads
+        share one interpreter lock, so it works on about one core at most whatever the
+        cores: one CPU-second divided by Girder's CPU-seconds per file."""
+        per_file = self.per_file(self.services.get("girder", 0.0))
+        return 1.0 / per_file if per_file else None
+
+    @property
     def taken_by_others(self) -> float:
         """CPU-seconds other users took from the run: other processes and the
         hypervisor's steal when the census is known, else all that was not measured."""
@@ -109,14 +119,13 @@ class RunCpu:
         return max(0.0, self.cores - self.taken_by_others / self.span_s) / per_file
 
 
-def best_ratio(processes: int, one_rate: float | None, ceiling: float | None
+def best_ratio(processes: int, one_rate: float | None, *ceilings: float | None
                ) -> float | None:
     """The best ``processes``-process rate over one process's this machine allows:
-    ``min(ceiling, processes x one_rate) / one_rate`` (no ceiling known: ``processes``)."""
+    ``min(ceilings..., processes x one_rate) / one_rate`` (unknown ceilings left out)."""
     if not one_rate:
         return None
-    best = processes * one_rate if ceiling is None else min(ceiling, processes * one_rate)
-    return best / one_rate
+    return min([processes * one_rate] + [c for c in ceilings if c is not None]) / one_rate
 
 
 def median_or_none(values) -> float | None:

@@ -43,8 +43,11 @@ def rate_of(runs: Runs, mode: str, spec: Spec | None, steady: bool = False) -> f
 
 
 def ceiling_of(runs: Runs, mode: str, spec: Spec) -> float | None:
-    """Median of the runs' ceilings (files/s the cores allow with free consumers)."""
-    return median_or_none(o.cpu.ceiling for o in runs.get((mode, spec), []))
+    """Median of the runs' ceilings: the lower of what the cores allow with free
+    consumers and what Girder's one process allows."""
+    return median_or_none(min((c for c in (o.cpu.ceiling, o.cpu.girder_ceiling)
+                               if c is not None), default=None)
+                          for o in runs.get((mode, spec), []))
 
 
 def best_of(runs: Runs, mode: str, spec: Spec, one: Spec | None) -> float | None:
@@ -134,7 +137,8 @@ def cpu_table(runs: Runs, specs: list[Spec]) -> list[str]:
                "not measured: others' processes / kernel threads / interrupts / steal",
                "machine busy", "Girder + database CPU-s/file",
                "all but the processes under test, CPU-s/file",
-               "ceiling files/s (cores ÷ that)", "ceiling with the cores others left"]
+               "ceiling files/s (cores ÷ that)", "ceiling with the cores others left",
+               "Girder's ceiling files/s (1 core ÷ its CPU-s/file)"]
     rows = []
     for spec in specs:
         for mode, name in MODES.items():
@@ -155,7 +159,8 @@ def cpu_table(runs: Runs, specs: list[Spec]) -> list[str]:
                    show(median_or_none(c.per_file(c.girder_db) for c in cpu), "{:.3f}"),
                    show(median_or_none(c.per_file(c.not_consumers) for c in cpu), "{:.3f}"),
                    show(median_or_none(c.ceiling for c in cpu), "{:.1f}"),
-                   show(median_or_none(c.ceiling_left for c in cpu), "{:.1f}")])
+                   show(median_or_none(c.ceiling_left for c in cpu), "{:.1f}"),
+                   show(median_or_none(c.girder_ceiling for c in cpu), "{:.1f}")])
     return ["Where the CPU went in each run (medians), from the first process's start "
             "(started together) or the start of the produce (joined) to the last file in "
             "Girder:", "", md_table(headers, rows), ""]

@@ -169,12 +169,16 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
     flight = [o.small_in_flight for got in runs.values() for o in got if o.small_in_flight]
     notes = missing_notes({s: [o.result for m in ("together", "joined")
                                for o in runs.get((m, s), [])] for s in specs}) + [
-        "Best × 1 this machine allows: min(ceiling, N × one process's files/s) ÷ one "
-        "process's files/s, where the ceiling (per run, median shown in the CPU table) is "
-        f"{os.cpu_count()} cores ÷ the CPU-seconds per file of everything measured but "
-        "the processes under test (Girder, its database, Kafka, the producer when it runs "
-        "inside the span, and the benchmark's own process, in which the delaying proxy "
-        "runs as threads): what the machine could upload if our consumers cost nothing. "
+        "Best × 1 this machine allows: min(ceiling, Girder's ceiling, N × one process's "
+        "files/s) ÷ one process's files/s (per run, medians; the ceilings in the CPU "
+        f"table). The ceiling is {os.cpu_count()} cores ÷ the CPU-seconds per file of "
+        "everything measured but the processes under test (Girder, its database, Kafka, "
+        "the producer when it runs inside the span, and the benchmark's own process, in "
+        "which the delaying proxy runs as threads): what the machine could upload if our "
+        "consumers cost nothing. Girder's ceiling is 1 core ÷ Girder's CPU-seconds per "
+        "file: Girder is one Python process, its threads share one interpreter lock. Both "
+        "are measured in the run itself, so Girder work that more processes cause per "
+        "file (more requests per file) lowers them. "
         "Not measured: from a census of /proc at the run's start and end (within a few "
         "tenths of a second of the span): the CPU of processes outside this benchmark and "
         "the stack (other users of a shared machine), of the kernel's threads, in "

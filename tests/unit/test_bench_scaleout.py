@@ -53,6 +53,8 @@ def test_the_ceiling_is_the_cores_over_the_cpu_per_file_of_all_but_the_consumers
     assert cpu.per_file(cpu.not_consumers) == pytest.approx(0.1)
     assert cpu.ceiling == pytest.approx(20.0)  # 2 cores / 0.1 CPU-s per file
     assert cpu.unaccounted == pytest.approx(0.9 * 2 * 10 - 15.0)
+    assert cpu.girder_ceiling == pytest.approx(1 / 0.06)  # 6 CPU-s for 100 files
+    assert _cpu(services={}).girder_ceiling is None
 
 
 def test_the_ceiling_and_the_unaccounted_cpu_are_unknown_without_figures() -> None:
@@ -62,8 +64,10 @@ def test_the_ceiling_and_the_unaccounted_cpu_are_unknown_without_figures() -> No
     assert _cpu(busy=0.1).unaccounted == 0.0  # never negative
 
 
-def test_the_best_ratio_is_n_times_one_process_below_the_ceiling() -> None:
+def test_the_best_ratio_is_n_times_one_process_below_the_ceilings() -> None:
     assert best_ratio(2, 10.0, 100.0) == pytest.approx(2.0)
+    assert best_ratio(2, 10.0, 100.0, 15.0) == pytest.approx(1.5)  # the lower ceiling
+    assert best_ratio(2, 10.0, None, 15.0) == pytest.approx(1.5)
     assert best_ratio(4, 10.0, 25.0) == pytest.approx(2.5)
     assert best_ratio(2, 22.0, 26.0) == pytest.approx(26 / 22)
     assert best_ratio(2, 10.0, None) == pytest.approx(2.0)
@@ -88,12 +92,16 @@ def test_the_tables_put_the_measured_ratio_next_to_the_best_the_machine_allows()
     one = Spec("ours", rekey=True, prefect_server=False)
     two = Spec("ours", rekey=True, prefect_server=False, processes=2)
     runs = {("joined", one): [_seen(one, 20.0, 22.0, _cpu(consumers=[4.0]))],
-            ("joined", two): [_seen(two, 16.0, 18.0, _cpu())]}
+            ("joined", two): [_seen(two, 16.0, 18.0, _cpu(services={
+                "girder": 4.0, "mongo": 4.0, "kafka": 1.0}))]}
     assert rate_of(runs, "joined", two) == pytest.approx(16.0)
     assert rate_of(runs, "joined", two, steady=True) == pytest.approx(18.0)
     assert rate_of(runs, "together", two) is None
-    # ceiling 20 files/s, one process 20 files/s: 2 processes can reach 1x at best
+    # ceiling 20 files/s (Girder's 25), one process 20 files/s: 2 can reach 1x at best
     assert best_of(runs, "joined", two, one) == pytest.approx(1.0)
+    runs[("joined", two)][0].cpu.services["girder"] = 8.0  # Girder's ceiling 12.5 files/s
+    assert best_of(runs, "joined", two, one) == pytest.approx(12.5 / 20)
+    runs[("joined", two)][0].cpu.services["girder"] = 4.0
     facts = {one: [(0, 0, 2 << 20, 1 << 20, 8)], two: [(0, 0, 2 << 20, 1 << 20, 8)]}
     headers, rows = rate_rows(runs, facts, [one, two], one, None)
     row = dict(zip(headers, rows[1]))

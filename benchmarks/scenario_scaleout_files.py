@@ -197,7 +197,7 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
         f"Measured on a shared machine ({os.cpu_count()} cores shared with Kafka, Girder, "
         "the proxy and other engineers' test runs): to be re-measured. Load average (1, 5, "
         f"15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}."]
-    notes += routes_per_file(runs, specs)
+    notes += routes_per_file(runs, specs, "joined") + routes_per_file(runs, specs, "together")
     notes += [f"{s.label}, {MODES[m]}: {o.evidence}." for (m, s), got in runs.items()
               for o in got if o.evidence]
     return notes

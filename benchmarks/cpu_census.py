@@ -6,9 +6,11 @@ busy share says little by itself: :func:`take` then :func:`spent` split what the
 did over the run into the processes outside this benchmark's tree and outside the
 stack's services (``others``), the kernel's own threads (``kernel threads``), the time
 spent in interrupts (``interrupts``, charged to no process) and the time the hypervisor
-took from this virtual machine (``steal``). Processes that exited within the run count
-through their parent's children time, so the split is approximate (within a few
-percent); it says how noisy a run was, it is not a measurement of the run itself.
+took from this virtual machine (``steal``). It says how noisy a run was; it is not a
+measurement of the run itself.
+Each process counts with its own time only (not its reaped children's: a test runner
+reaping a worker that ran for minutes would add all of them to a run of seconds), so
+processes that start and end within the run are missed: a lower bound.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ _KTHREAD = 0x00200000  # PF_KTHREAD in /proc/<pid>/stat's flags
 
 @dataclass(frozen=True)
 class Census:
-    """CPU-seconds so far: ``processes`` by (pid, start time) with a kernel-thread flag,
+    """CPU-seconds so far: ``processes`` (their own) by (pid, start time) with a
+    kernel-thread flag,
     and the machine's ``interrupts`` and ``steal`` (all cores)."""
 
     processes: dict[tuple[int, int], tuple[float, bool]]
@@ -40,15 +43,15 @@ def _process(pid: int) -> tuple[tuple[int, int], tuple[float, bool]] | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    # after the name: state(0) ppid(1) ... flags(6) ... utime(11) stime(12) cutime(13)
-    # cstime(14) ... starttime(19)
-    cpu = sum(int(f) for f in fields[11:15]) / _TICK
+    # after the name: state(0) ppid(1) ... flags(6) ... utime(11) stime(12) ...
+    # starttime(19); its reaped children's time (13, 14) is left out (see above)
+    cpu = sum(int(f) for f in fields[11:13]) / _TICK
     return (pid, int(fields[19])), (cpu, bool(int(fields[6]) & _KTHREAD))
 
 
 def take() -> Census:
-    """Every process's CPU-seconds (its own and its reaped children's) and the kernel's
-    interrupt and steal time, now."""
+    """Every live process's own CPU-seconds and the kernel's interrupt and steal time,
+    now."""
     processes = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (found := _process(int(entry))) is not None:

@@ -104,10 +104,12 @@ class RunCpu:
     @property
     def taken_by_others(self) -> float:
         """CPU-seconds other users took from the run: other processes and the
-        hypervisor's steal when the census is known, else all that was not measured."""
-        if self.outside:
-            return self.outside.get("others", 0.0) + self.outside.get("steal", 0.0)
-        return self.unaccounted
+        hypervisor's steal when the census is known, else all that was not measured;
+        never more than what the machine was busy with beyond the measured processes."""
+        if not self.outside:
+            return self.unaccounted
+        taken = self.outside.get("others", 0.0) + self.outside.get("steal", 0.0)
+        return taken if math.isnan(self.busy) else min(taken, self.unaccounted)
 
     @property
     def ceiling_left(self) -> float | None:

@@ -181,8 +181,9 @@ def _notes(runs, variant: Variant, specs: list[Spec]) -> list[str]:
         "file (more requests per file) lowers them. "
         "Not measured: from a census of /proc at the run's start and end (within a few "
         "tenths of a second of the span): the CPU of processes outside this benchmark and "
-        "the stack (other users of a shared machine), of the kernel's threads, in "
-        "interrupts, and stolen by the hypervisor.",
+        "the stack (other users of a shared machine; their own time, processes alive at "
+        "the end: a lower bound), of the kernel's threads, in interrupts, and stolen by "
+        "the hypervisor.",
         "Steady files/s: files between the moment 10% of them had landed in Girder and "
         "the moment 90% had (Girder's timestamps), over the time between: start-up, the "
         "groups' first rebalances and the last stragglers left out.",

@@ -175,10 +175,13 @@ def test_the_ceiling_on_a_shared_machine_counts_only_the_cores_others_left() -> 
 
 
 def test_with_a_census_only_others_processes_and_steal_count_as_taken() -> None:
-    cpu = _cpu(outside={"others": 4.0, "kernel threads": 1.0, "interrupts": 0.5,
-                        "steal": 1.0})
-    assert cpu.taken_by_others == pytest.approx(5.0)
-    assert cpu.ceiling_left == pytest.approx((2 - 0.5) / 0.1)
+    outside = {"others": 1.5, "kernel threads": 1.0, "interrupts": 0.5, "steal": 0.5}
+    cpu = _cpu(outside=outside)
+    assert cpu.taken_by_others == pytest.approx(2.0)
+    assert cpu.ceiling_left == pytest.approx((2 - 0.2) / 0.1)
+    # never more than the machine was busy with beyond what was measured (3 CPU-s)
+    assert _cpu(outside={**outside, "others": 600.0}).taken_by_others == pytest.approx(3.0)
+    assert _cpu(outside=outside, busy=math.nan).taken_by_others == pytest.approx(2.0)
 
 
 def test_the_census_splits_the_cpu_outside_the_run_by_whom() -> None:

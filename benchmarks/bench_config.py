@@ -61,6 +61,11 @@ class Sizes:
     files_scale_files: int = 120
     files_scale_partitions: int = 4
     files_scale_delay_ms: float = 20.0
+    files_scale_chunk_kib: int = 512
+    # 11: the same, latency-bound: small chunks, Girder far away, more files
+    latency_scale_files: int = 480
+    latency_scale_chunk_kib: int = 16
+    latency_scale_delay_ms: float = 200.0
     # topics
     partitions: int = 4
     big_partitions: int = 8  # 2 GiB over 8 partitions stays below the 512 MiB retention
@@ -71,7 +76,8 @@ QUICK = Sizes(reps=1, small_files=40, big_files=8, big_size=2 * MIB, huge_size=2
               restart_total=24 * MIB, restart_max_file=4 * MIB, restart_stall_seconds=150.0,
               scale_files=48, soak_minutes=1.0, soak_sample_seconds=15.0,
               soak_file_size=64 * KIB, remote_files=40,
-              remote_slow_files=16, files_scale_files=24)
+              remote_slow_files=16, files_scale_files=24,
+              latency_scale_files=40)
 
 
 @dataclass

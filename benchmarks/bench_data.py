@@ -26,10 +26,12 @@ _BLOCK = 8 * MIB
 
 @dataclass
 class Dataset:
-    """Files below ``root``: ``{relative POSIX path: size}``."""
+    """Files below ``root``: ``{relative POSIX path: size}``, produced in chunks of
+    ``chunk_size`` bytes (:func:`produce`)."""
 
     root: Path
     files: dict[str, int] = field(default_factory=dict)
+    chunk_size: int = CHUNK_SIZE
 
     @property
     def total_bytes(self) -> int:
@@ -39,8 +41,9 @@ class Dataset:
     def n_files(self) -> int:
         return len(self.files)
 
-    def chunks(self, chunk_size: int = CHUNK_SIZE) -> int:
-        return sum(-(-size // chunk_size) for size in self.files.values())
+    def chunks(self, chunk_size: int | None = None) -> int:
+        size_of_chunk = chunk_size or self.chunk_size
+        return sum(-(-size // size_of_chunk) for size in self.files.values())
 
     def describe(self) -> str:
         total = self.total_bytes
@@ -117,11 +120,14 @@ def mixed_tree(root: Path, total: int, max_file: int, seed: int = 4) -> Dataset:
 
 def produce(stack: Stack, data: Dataset | Path, topic: str, log: Path,
             timeout: float = 3600) -> str:
-    """``girder-upload-stream produce ROOT --config local --topic_name T --quiet``,
-    run to completion; returns its summary line."""
+    """``girder-upload-stream produce ROOT --config local --topic_name T --quiet``
+    (and ``--chunk_size`` when the dataset's is not the default), run to completion;
+    returns its summary line."""
     root = data.root if isinstance(data, Dataset) else data
     argv = [str(OUR_CLI), "produce", str(root), "--config", "local", "--topic_name", topic,
             "--quiet"]
+    if isinstance(data, Dataset) and data.chunk_size != CHUNK_SIZE:
+        argv += ["--chunk_size", str(data.chunk_size)]
     with open(log, "ab") as out:
         proc = subprocess.run(argv, env=stack.env(), stdin=subprocess.DEVNULL, stdout=out,
                               stderr=subprocess.STDOUT, timeout=timeout)

@@ -38,7 +38,7 @@ from benchmarks.scenario_bigoverlap import scenario_big_overlap
 from benchmarks.scenario_remote import scenario_remote
 from benchmarks.scenario_restart import scenario_restart
 from benchmarks.scenario_scaleout import scenario_scaleout
-from benchmarks.scenario_scaleout_files import scenario_scaleout_files
+from benchmarks.scenario_scaleout_files import scenario_scaleout_files, scenario_scaleout_latency
 from benchmarks.scenario_soak import scenario_soak
 from benchmarks.scenario_startup import scenario_startup
 from benchmarks.scenario_throughput import (
@@ -58,6 +58,7 @@ SCENARIOS = {
     8: ("start-up", scenario_startup),
     9: ("big files overlapped", scenario_big_overlap),
     10: ("scale-out, files of several chunks", scenario_scaleout_files),
+    11: ("scale-out, files of several small chunks, latency-bound", scenario_scaleout_latency),
 }
 
 
@@ -94,6 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scenario 7: delay of the slow Girder's pass (default: 200)")
     parser.add_argument("--files-scale-delay-ms", type=float,
                         help="scenario 10: delay added to every Girder request (default: 20)")
+    parser.add_argument("--files-scale-files", type=int,
+                        help="scenario 10: number of files (default: 120; quick: 24)")
+    parser.add_argument("--files-scale-chunk-kib", type=int,
+                        help="scenario 10: chunk size in KiB; files have 2 to 4 chunks "
+                             "(default: 512)")
+    parser.add_argument("--latency-scale-files", type=int,
+                        help="scenario 11: number of files (default: 480; quick: 40)")
+    parser.add_argument("--latency-scale-chunk-kib", type=int,
+                        help="scenario 11: chunk size in KiB (default: 16)")
+    parser.add_argument("--latency-scale-delay-ms", type=float,
+                        help="scenario 11: delay added to every Girder request (default: 200)")
     parser.add_argument("--no-soak-baseline", action="store_true",
                         help="run only our consumer in the soak")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
@@ -132,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "remote_files": args.remote_files,
                                  "remote_slow_delay_ms": args.remote_slow_delay_ms,
                                  "files_scale_delay_ms": args.files_scale_delay_ms,
+                                 "files_scale_files": args.files_scale_files,
+                                 "files_scale_chunk_kib": args.files_scale_chunk_kib,
+                                 "latency_scale_files": args.latency_scale_files,
+                                 "latency_scale_chunk_kib": args.latency_scale_chunk_kib,
+                                 "latency_scale_delay_ms": args.latency_scale_delay_ms,
                                  }.items() if v is not None}
     if args.no_soak_baseline:
         changes["soak_baseline"] = False

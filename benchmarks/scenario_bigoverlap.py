@@ -51,9 +51,11 @@ def _machine_busy() -> tuple[float, float]:
 
 class StackCpu:
     """Samples the CPU-seconds of the stack's services (pid files below the stack
-    folder) and of the whole machine every 0.2 s while a run goes on."""
+    folder) and of the whole machine every 0.2 s while a run goes on; with
+    ``with_self``, also this process's own (``harness``: a proxy running in it as
+    threads, the samplers), its children's not included."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_self: bool = False) -> None:
         pids_dir = PREFECT_DB.parent.parent / "pids"
         self.pids = {}
         for name in SERVICES:
@@ -61,6 +63,9 @@ class StackCpu:
             if path.exists():
                 self.pids[name] = int(path.read_text().split()[0])
         self.traces = {name: CpuTrace() for name in self.pids}
+        self.with_self = with_self
+        if with_self:
+            self.traces["harness"] = CpuTrace()
         self.busy, self.total = CpuTrace(), CpuTrace()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -78,6 +83,8 @@ class StackCpu:
             now = time.time()
             for name, pid in self.pids.items():
                 self.traces[name].add(cpu_seconds(tree_pids(pid)), now)
+            if self.with_self:
+                self.traces["harness"].add(time.process_time(), now)
             busy, total = _machine_busy()
             self.busy.add(busy, now)
             self.total.add(total, now)

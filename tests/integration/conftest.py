@@ -16,7 +16,6 @@ component and run with no other integration test beside them (:func:`_stack_shar
 from __future__ import annotations
 
 import fcntl
-import shlex
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pytest
 
 from tests.conftest import started_file
 from tests.integration import stack_share
+from tests.integration.own_stack import parse_exports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,15 +47,6 @@ def _stackctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
                           text=True, capture_output=True, check=check)
 
 
-def _parse_exports(text: str) -> dict[str, str]:
-    env = {}
-    for line in text.splitlines():
-        if line.startswith("export ") and "=" in line:
-            name, _, value = line[len("export "):].partition("=")
-            env[name] = shlex.split(value)[0] if value else ""
-    return env
-
-
 def _session_stack(components: tuple[str, ...]) -> Iterator[dict[str, str]]:
     """Start the components that are not running (one worker at a time) and yield the
     stack's env. The run stops the components it started when it ends (tests/conftest.py):
@@ -69,7 +60,7 @@ def _session_stack(components: tuple[str, ...]) -> Iterator[dict[str, str]]:
             up = _stackctl("up", *started, check=False)
             if up.returncode != 0:
                 pytest.fail(f"could not start {' '.join(started)}:\n{up.stdout}\n{up.stderr}")
-    yield _parse_exports(_stackctl("env", *components).stdout)
+    yield parse_exports(_stackctl("env", *components).stdout)
 
 
 @pytest.fixture(autouse=True)

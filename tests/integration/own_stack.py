@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["OwnStack", "own_stack"]
+__all__ = ["OwnStack", "own_stack", "parse_exports"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -108,7 +108,9 @@ def _link_artifacts(folder: Path, components: tuple[str, ...]) -> None:
             (folder / relative).symlink_to(target.resolve(), target_is_directory=True)
 
 
-def _parse_exports(text: str) -> dict[str, str]:
+def parse_exports(text: str) -> dict[str, str]:
+    """``{name: value}`` of the ``export NAME=value`` lines ``stackctl env`` prints (the
+    session stack's fixture reads them the same way)."""
     env = {}
     for line in text.splitlines():
         if line.startswith("export ") and "=" in line:
@@ -131,7 +133,7 @@ def own_stack(folder: Path, *components: str) -> Iterator[OwnStack]:
     stack = OwnStack(settings, {})
     try:
         stack.stackctl("up", *needed)
-        yield OwnStack(settings, _parse_exports(stack.stackctl("env", *needed).stdout))
+        yield OwnStack(settings, parse_exports(stack.stackctl("env", *needed).stdout))
     finally:
         subprocess.run([sys.executable, "-m", "stack.stackctl", "down", *needed],
                        cwd=REPO_ROOT, env={**os.environ, **settings}, capture_output=True,

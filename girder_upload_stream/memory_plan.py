@@ -70,12 +70,21 @@ class MemoryPlan:
 
 def plan_memory(budget_bytes: int, n_threads: int, streaming: bool = True) -> MemoryPlan:
     """Share ``budget_bytes`` out: librdkafka's queue a 16th (4-64 MiB; 64 MiB is its
-    default), a partition's fetch a 64th (1-16 MiB), the poll batch a 16th (1-32 MiB),
-    the upload blocks and (with ``streaming``) the stream blocks what they are; the
-    files get the rest, at least a quarter of the budget (a budget too small for the
-    fixed blocks is exceeded by them, not starved)."""
+    default), a partition's fetch an eighth of the queue (1-8 MiB), the poll batch a
+    16th (1-32 MiB), the upload blocks and (with ``streaming``) the stream blocks what
+    they are; the files get the rest, at least a quarter of the budget (a budget too
+    small for the fixed blocks is exceeded by them, not starved).
+
+    Why an eighth of the queue: librdkafka caps a fetch response at the queue's size,
+    so with a partition's share at a quarter of it (a 64th of the budget), one
+    response held the full shares of four partitions only. The partitions drifted
+    apart, and with them the files whose chunks they carry (a producer keys chunks by
+    number, spreading each file over every partition): 8 files of 128 MiB on 8
+    partitions had all 8 files in progress at once and spilled 517 of their 1,024
+    MiB over a 256 MiB budget; with an eighth, one at a time and 130 MiB (scenario 9 of
+    docs/benchmarks.md)."""
     queue = _clamp(budget_bytes // 16, 4 * MIB, 64 * MIB)
-    partition = _clamp(budget_bytes // 64, 1 * MIB, 16 * MIB)
+    partition = _clamp(queue // 8, 1 * MIB, 8 * MIB)
     poll = _clamp(budget_bytes // 16, 1 * MIB, 32 * MIB)
     upload = max(1, n_threads) * UPLOAD_BLOCK
     stream = SEND_SLOTS * STREAM_BLOCK if streaming else 0

@@ -23,7 +23,7 @@ def test_the_block_sizes_it_counts_are_the_ones_the_code_uses() -> None:
 def test_a_default_budget_keeps_librdkafkas_big_fetches_and_gives_files_the_rest() -> None:
     plan = plan_memory(1024 * MIB, n_threads=2)
     assert plan.consumer_defaults() == {"queued.max.messages.kbytes": str(64 * 1024),
-                                        "fetch.message.max.bytes": str(16 * MIB)}
+                                        "fetch.message.max.bytes": str(8 * MIB)}
     assert plan.poll_bytes == 32 * MIB and plan.upload_bytes == 32 * MIB
     assert plan.stream_bytes == 16 * MIB
     assert plan.files_bytes == (1024 - 128 - 32 - 32 - 16) * MIB
@@ -31,14 +31,14 @@ def test_a_default_budget_keeps_librdkafkas_big_fetches_and_gives_files_the_rest
 
 def test_a_small_budget_shrinks_the_prefetch_and_the_poll_batch() -> None:
     plan = plan_memory(256 * MIB, n_threads=2)
-    assert plan.queue_bytes == 16 * MIB and plan.fetch_partition_bytes == 4 * MIB
+    assert plan.queue_bytes == 16 * MIB and plan.fetch_partition_bytes == 2 * MIB
     assert plan.poll_bytes == 16 * MIB
     assert plan.files_bytes == (256 - 32 - 16 - 32 - 16) * MIB
 
 
 def test_a_huge_budget_caps_the_prefetch_at_librdkafkas_defaults() -> None:
     plan = plan_memory(64 << 30, n_threads=4)
-    assert plan.queue_bytes == 64 * MIB and plan.fetch_partition_bytes == 16 * MIB
+    assert plan.queue_bytes == 64 * MIB and plan.fetch_partition_bytes == 8 * MIB
     assert plan.poll_bytes == 32 * MIB and plan.upload_bytes == 64 * MIB
 
 
@@ -51,7 +51,9 @@ def test_every_share_is_positive_and_files_get_at_least_a_quarter(
     plan = plan_memory(budget, n_threads, streaming)
     assert plan.files_bytes >= budget // 4
     assert 4 * MIB <= plan.queue_bytes <= 64 * MIB and plan.queue_bytes % 1024 == 0
-    assert 1 * MIB <= plan.fetch_partition_bytes <= 16 * MIB
+    assert 1 * MIB <= plan.fetch_partition_bytes <= 8 * MIB
+    # One fetch response (capped at the queue) serves eight partitions alike.
+    assert plan.fetch_partition_bytes * 8 <= max(plan.queue_bytes, 8 * MIB)
     assert 1 * MIB <= plan.poll_bytes <= 32 * MIB
     shares = (plan.prefetch_bytes + plan.poll_bytes + plan.upload_bytes + plan.stream_bytes)
     if plan.files_bytes > budget // 4:  # the budget holds the blocks: they add up to it
@@ -75,7 +77,7 @@ def test_the_consumer_gets_the_plans_settings_unless_its_config_file_sets_them(t
     plan = plan_memory(256 * MIB, 2)
     derived = kafka_settings(_config(tmp_path, ""), "t", "g", 2, memory=plan).consumer
     assert derived["queued.max.messages.kbytes"] == str(16 * 1024)
-    assert derived["fetch.message.max.bytes"] == str(4 * MIB)
+    assert derived["fetch.message.max.bytes"] == str(2 * MIB)
     mine = kafka_settings(_config(tmp_path, "queued.max.messages.kbytes = 1000\n"
                                             "fetch.message.max.bytes = 2000000\n"),
                           "t", "g", 2, memory=plan).consumer

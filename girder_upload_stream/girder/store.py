@@ -42,6 +42,7 @@ from girder_upload_stream.girder.errors import (LOGIN, GirderAuthError, GirderRo
                                                 GirderTransientError, GirderUnknownIdError,
                                                 girder_name, translate)
 from girder_upload_stream.girder.ownership import OWNER_FIELD, Owner
+from girder_upload_stream.request_tally import note_request
 from girder_upload_stream.shared_types import CompletedFile, FileOutcome, Outcome
 from girder_upload_stream.settings import GirderSettings
 
@@ -144,6 +145,7 @@ class GirderStore(ExistingItemMixin, FolderMixin):
 
     def _call(self, fn: Callable[[], T], what: str, rel_path: str | None = None) -> T:
         self.requests += 1
+        note_request()
         try:
             return fn()
         except Exception as exc:

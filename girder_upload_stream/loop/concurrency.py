@@ -12,6 +12,12 @@ the uploads that finish, as TCP's congestion control and Netflix's concurrency-l
 * a round with an upload that Girder refused for load (429, 5xx) or could not be
   reached halves the limit (never below ``minimum``): it is at once what the
   uploads of the run can give back;
+* latency is an upload's time per Girder request it made (:class:`InFlightGate`):
+  an upload that also looks for a twin, makes a folder or finds its item takes two
+  or three times as long with Girder no slower. Measured per upload, the members of
+  a group started together (whose hand-overs make them check every file for a twin)
+  read that as queueing: in scenario 11 of docs/benchmarks.md they cut their limits
+  to 1-2 (11 cuts for latency in a run); per request, none;
 * a round whose mean latency exceeds ``tolerance`` times the baseline (the lowest
   round mean of the last ``baseline_seconds``: Girder's latency without our queue)
   lowers the limit by a fifth: Girder is queueing our requests, more in flight would
@@ -163,11 +169,14 @@ class InFlightGate:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             return self._clock(), saturated or self._waiting > 0
 
-    def release(self, started: tuple[float, bool], ok: bool | None) -> None:
+    def release(self, started: tuple[float, bool], ok: bool | None,
+                requests: int = 1) -> None:
         """Give the slot back; ``ok`` None: the upload said nothing about Girder's load
-        (it did not reach Girder), so it is not counted."""
+        (it did not reach Girder), so it is not counted. ``requests``: the Girder
+        requests the upload made; the limit learns the time per request."""
         with self._cond:
             self.in_flight -= 1
             if ok is not None:
-                self.limit.record(self._clock() - started[0], ok, started[1])
+                seconds = (self._clock() - started[0]) / max(1, requests)
+                self.limit.record(seconds, ok, started[1])
             self._cond.notify_all()

@@ -24,6 +24,7 @@ from girder_upload_stream.errors import TerminalError, TransientError
 from girder_upload_stream.ledger.units import (UploadUnit, is_shared, items_shared,
                                                report_outcome)
 from girder_upload_stream.loop.concurrency import AdaptiveLimit, InFlightGate
+from girder_upload_stream.request_tally import requests_made
 from girder_upload_stream.retry_policy import Failure, classify
 from girder_upload_stream.wire.codec import FileKey
 
@@ -147,6 +148,7 @@ class FileUploads:
 
     def _gated(self, upload: Callable[[], FileOutcome]) -> FileOutcome:
         token = self.gate.acquire()
+        before = requests_made()
         ok: bool | None = None
         try:
             outcome = upload()
@@ -158,4 +160,6 @@ class FileUploads:
             ok = None if classify(exc) is Failure.AUTHENTICATION else False
             raise
         finally:
-            self.gate.release(token, ok)
+            # Per request: an upload that looks for a twin or makes a folder makes
+            # more requests, and is longer for it, with Girder no slower.
+            self.gate.release(token, ok, requests=requests_made() - before)

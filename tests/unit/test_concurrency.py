@@ -133,3 +133,45 @@ def test_gate_marks_uploads_that_started_with_the_limit_full():
     gate.release(first, True)
     waiter.join(5)
     assert got and got[0][1] is True    # it found the limit full: a sign to grow
+
+
+def _gated_uploads(gate: InFlightGate, clock: Clock, per_request: float,
+                   requests: list[int], counted: bool = True) -> None:
+    """Uploads one after the other, each making ``requests[i]`` Girder requests of
+    ``per_request`` seconds, all started with the limit full (a sign to grow);
+    ``counted`` False: the gate is not told how many requests each made."""
+    for n in requests:
+        gate.in_flight += 1  # as acquire() would
+        started = (clock.now, True)
+        clock.now += per_request * n
+        gate.release(started, True, requests=n if counted else 1)
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_uploads_that_make_more_requests_are_not_read_as_girder_queueing(counted):
+    # Girder answers every request in 0.2 s. After a hand-over, uploads also look
+    # for a twin and make folders (5 requests instead of 2): 2.5x as long per upload.
+    clock = Clock()
+    gate = InFlightGate(AdaptiveLimit(2, maximum=16, clock=clock), clock=clock)
+    _gated_uploads(gate, clock, 0.2, [2] * 8)
+    _gated_uploads(gate, clock, 0.2, [5, 5, 2] * 20, counted)
+    cuts = gate.limit.snapshot().decreases_for_latency
+    if not counted:  # per upload, the same Girder looks 2.5x slower: the limit falls
+        assert cuts >= 1 and gate.limit.limit < 16
+        return
+    assert cuts == 0 and gate.limit.limit == 16
+    # Girder itself slows down (each request 3x longer): the limit is cut.
+    _gated_uploads(gate, clock, 0.6, [2] * 16)
+    assert gate.limit.snapshot().decreases_for_latency >= 1
+
+
+def test_the_request_tally_counts_this_threads_requests_only():
+    from girder_upload_stream.request_tally import note_request, requests_made
+    before = requests_made()
+    note_request()
+    note_request()
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: (note_request(), other.append(requests_made())))
+    thread.start()
+    thread.join(5)
+    assert requests_made() - before == 2 and other == [1]

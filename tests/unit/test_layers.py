@@ -29,7 +29,7 @@ SOURCES = {PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.flows": ROOT / "flows",
 TOP_MODULES = {
     "": "base",  # the package's __init__
     "errors": "base", "redact": "base", "text_bounds": "base", "timings": "base",
-    "failpoints": "base", "startup": "base", "retry_policy": "base", "memory_plan": "base",
+    "failpoints": "base", "request_tally": "base", "startup": "base", "retry_policy": "base", "memory_plan": "base",
     "shared_types": "base",
     "settings": "config", "options": "config", "folder_lock": "config",
 }

@@ -170,6 +170,18 @@ def prefect_api_url() -> Iterator[str]:
         APILogHandler().flush()  # send buffered run logs before the server stops
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that calls the flow in-process (a ``run_flow`` fixture) is marked
+    ``prefect`` whether or not it says so: without a Prefect API, Prefect starts an
+    ephemeral server in the test's process, which timed out under the suite's load
+    (test_streaming in a clean-clone run)."""
+    for item in items:
+        if "run_flow" in getattr(item, "fixturenames", ()) \
+                and item.get_closest_marker("prefect") is None:
+            item.add_marker(pytest.mark.prefect)
+
+
 @pytest.fixture
 def prefect_env(request: pytest.FixtureRequest,
                 monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:

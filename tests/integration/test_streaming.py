@@ -83,8 +83,6 @@ def _check_one_file(gc, collection: dict, topic: str, data: bytes) -> dict:
     return item
 
 
-# Calls the flow in-process: the session's Prefect server, not an ephemeral one.
-@pytest.mark.prefect
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", ["memory", "disk"])
 def test_a_big_file_streams_into_girder_and_lands_with_its_metadata(
@@ -100,8 +98,6 @@ def test_a_big_file_streams_into_girder_and_lands_with_its_metadata(
     _check_one_file(girder_client, collection, topic, data)
 
 
-# Calls the flow in-process: the session's Prefect server, not an ephemeral one.
-@pytest.mark.prefect
 @pytest.mark.timeout(240)
 def test_a_streamed_file_with_a_mismatched_hash_leaves_nothing_in_girder(
         tmp_path, stack_env, make_topic, make_collection, girder_client, run_flow):

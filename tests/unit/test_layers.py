@@ -29,8 +29,8 @@ SOURCES = {PACKAGE: ROOT / PACKAGE, f"{PACKAGE}.flows": ROOT / "flows",
 TOP_MODULES = {
     "": "base",  # the package's __init__
     "errors": "base", "redact": "base", "text_bounds": "base", "timings": "base",
-    "failpoints": "base", "request_tally": "base", "startup": "base", "retry_policy": "base", "memory_plan": "base",
-    "shared_types": "base",
+    "failpoints": "base", "startup": "base", "retry_policy": "base", "memory_plan": "base",
+    "shared_types": "base", "request_tally": "base",
     "settings": "config", "options": "config", "folder_lock": "config",
 }
 #: The Prefect and command-line top: it may import every layer and no layer imports it.

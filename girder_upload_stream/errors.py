@@ -138,6 +138,9 @@ class ChunkDecodeError(TerminalError):
 
     #: True for a rejection whose registry row holds its offset (never summarised).
     keeps_its_row = False
+    #: False when the message's bytes are no longer held (a chunk found lying after it
+    #: was stored): its dead letter reads them again from Kafka.
+    bytes_in_hand = True
 
     def __init__(self, reason: str, **context: Any) -> None:
         super().__init__(f"invalid chunk message: {reason}", **context)

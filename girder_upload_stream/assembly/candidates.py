@@ -23,7 +23,8 @@ class Candidate:
     __slots__ = ("rel_path", "file_hash", "n_total", "file_mtime", "pieces", "order",
                  "data", "total", "bytes_received", "bytes_held", "digest",
                  "next_hash_i", "first_at", "last_at", "partial", "storage", "extras",
-                 "extra_bytes", "n_extras", "checked_at", "failed", "let_go_i", "let_go_end")
+                 "extra_bytes", "n_extras", "checked_at", "failed", "let_go_i", "let_go_end",
+                 "unchecked", "tags", "marking", "spoiled", "edits")
 
     def __init__(self, chunk: Chunk, now: float, partial: str | None,
                  digest: FileDigest, storage: Storage) -> None:
@@ -51,6 +52,14 @@ class Candidate:
         # Chunks 1..let_go_i (bytes [0, let_go_end)) were let go: in Girder already.
         self.let_go_i = 0
         self.let_go_end = 0
+        # Lazy chunk checks (.lazy_checks): primary chunk numbers whose bytes were not
+        # compared with their own chunk hash, each message's tag (to name a liar), whether
+        # the digest keeps rewind points, and whether it holds bytes no point undoes.
+        self.unchecked: set[int] = set()
+        self.tags: dict[int, object] = {}
+        self.marking = False
+        self.spoiled = False
+        self.edits = 0  # liars dropped so far: a check made outside the lock is stale
 
     def hash_block(self, block: memoryview) -> None:
         """Hash bytes read back from disk (into a reused buffer) before returning."""
@@ -58,7 +67,7 @@ class Candidate:
 
     def hash_piece(self, data: bytes | memoryview, now: bool) -> None:
         """Hash the next chunk of the in-order prefix (``now``: its digest is due)."""
-        self.digest.update(data, now=now)
+        self.digest.update(data, now=now, mark=self.marking)
         self.next_hash_i += 1
 
     def holds(self, chunk: Chunk) -> bool:

@@ -43,11 +43,17 @@ class Completion:
         if not state.extras or state.let_go_i:
             # Bytes let go (streamed): only the primary pieces' own digest can verify.
             found, failed = self._check_primary(state), True
-            if found is None and state.let_go_i:
-                return self._let_go_failed(group, state, key, now)
         else:
             search = self._search(state)
             found, failed = search.found, search.hashed > 0 or not search.exhausted
+        if found is None and failed and state.unchecked and self._check_unchecked(key, state):
+            # Lazy check 3: chunks that lied were dropped; wait for good copies (or try
+            # at once what is still held, when competing copies cover their numbers).
+            if state.due:
+                return self._complete(group, state, key, now)
+            return AddResult(AddStatus.ACCEPTED, key, contested=group.contested)
+        if found is None and state.let_go_i:
+            return self._let_go_failed(group, state, key, now)
         if found is None:
             if not failed:  # a hole no variant fills yet: wait for more chunks
                 return AddResult(AddStatus.ACCEPTED, key, contested=group.contested)

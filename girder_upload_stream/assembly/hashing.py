@@ -26,13 +26,16 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-__all__ = ["HashPipe", "FileDigest", "HashJob", "INLINE_BYTES"]
+__all__ = ["HashPipe", "FileDigest", "HashJob", "INLINE_BYTES", "MARK_SPACING"]
 
 #: A job run on the worker: it passes every block of its stretch, in order, to its argument.
 HashJob = Callable[[Callable[[memoryview], None]], None]
 
 #: Blocks up to this size are hashed by the caller when its file has nothing queued.
 INLINE_BYTES = 128 * 1024
+#: Rewind points are kept at least this many bytes apart (two hash states each, about
+#: 600 bytes: 0.2% of the bytes between them at most).
+MARK_SPACING = 256 * 1024
 
 
 _DISCARDED = RuntimeError("digest discarded")
@@ -45,7 +48,8 @@ def _nbytes(data: bytes | memoryview) -> int:
 class FileDigest:
     """The sha512 and sha256 of one file, fed block by block through a :class:`HashPipe`."""
 
-    __slots__ = ("_pipe", "_sha512", "_sha256", "_queued", "_error", "hashed_bytes")
+    __slots__ = ("_pipe", "_sha512", "_sha256", "_queued", "_error", "hashed_bytes",
+                 "_done", "_wanted", "_marks", "_last_mark")
 
     def __init__(self, pipe: HashPipe) -> None:
         self._pipe = pipe
@@ -54,16 +58,28 @@ class FileDigest:
         self._queued = 0  # blocks given to the worker and not hashed yet
         self._error: BaseException | None = None
         self.hashed_bytes = 0  # bytes given so far (hashed, or queued to be)
+        self._done = 0  # bytes hashed so far
+        # Rewind points (see rewind): positions asked for, in order, and the hash
+        # states taken there once the bytes before them were hashed.
+        self._wanted: deque[int] = deque()
+        self._marks: dict[int, tuple] = {}
+        self._last_mark = 0
 
-    def update(self, data: bytes | memoryview, *, now: bool = False) -> None:
+    def update(self, data: bytes | memoryview, *, now: bool = False,
+               mark: bool = False) -> None:
         """Add the next block of the file.
 
         ``now=True`` hashes it before returning (after any queued blocks): for a buffer
-        the caller reuses, or when the digest is needed at once. After a job failed, blocks
-        are only counted (the error waits for :meth:`wait`).
+        the caller reuses, or when the digest is needed at once. ``mark=True`` keeps the
+        hash state after the block as a point :meth:`rewind` can return to (unless the
+        last one is less than the pipe's ``mark_spacing`` bytes before it). After a job
+        failed, blocks are only counted (the error waits for :meth:`wait`).
         """
         size = _nbytes(data)
         self.hashed_bytes += size
+        if mark and self.hashed_bytes - self._last_mark >= self._pipe.mark_spacing:
+            self._wanted.append(self.hashed_bytes)
+            self._last_mark = self.hashed_bytes
         if now or (size <= INLINE_BYTES and self._queued == 0):
             self._pipe.wait_for(self)
             if self._error is None:
@@ -82,6 +98,52 @@ class FileDigest:
     def _hash(self, data: bytes | memoryview) -> None:
         self._sha512.update(data)
         self._sha256.update(data)
+        self._done += _nbytes(data)
+        wanted = self._wanted
+        while wanted and wanted[0] <= self._done:
+            if wanted.popleft() == self._done:
+                self._marks[self._done] = (self._sha512.copy(), self._sha256.copy())
+
+    @property
+    def mark_positions(self) -> list[int]:
+        """The rewind points asked for so far (taken, or to be once hashed), in order."""
+        return sorted([*self._marks, *self._wanted])
+
+    def forget_marks_below(self, position: int) -> None:
+        """Rewinding below ``position`` will not be asked for: drop those points."""
+        for at in [at for at in self._marks if at < position]:
+            del self._marks[at]
+
+    def rewind(self, limit: int, floor: int) -> int | None:
+        """Go back to the latest rewind point within ``[floor, limit]`` (the start of the
+        file counts as one when ``floor`` is 0), forgetting every byte after it, so that
+        other bytes can follow it. Returns the position gone back to, or None when there
+        is no such point (the digest is then unchanged). Waits for queued blocks first.
+
+        Why: a chunk found lying about its own hash (lazy chunk checks, see
+        :mod:`.lazy_checks`) may have been hashed already; the bytes before it, which a
+        streamed upload may have let go of, need not be hashed again."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - a failed job's bytes lie past any point
+            if self._error is _DISCARDED:
+                return None
+        points = [at for at in self._marks if floor <= at <= limit]
+        if points:
+            at = max(points)
+            sha512, sha256 = self._marks[at]
+            self._sha512, self._sha256 = sha512.copy(), sha256.copy()
+        elif floor == 0:
+            at = 0
+            self._sha512, self._sha256 = hashlib.sha512(), hashlib.sha256()
+        else:
+            return None
+        for later in [p for p in self._marks if p > at]:
+            del self._marks[later]
+        self._wanted.clear()
+        self._error = None
+        self._done = self.hashed_bytes = self._last_mark = at
+        return at
 
     def wait(self) -> None:
         """Return once every block given so far has been hashed; raise a job's error."""
@@ -111,8 +173,9 @@ class HashPipe:
     # MiB with 32 MiB, at the same MB/s; the bursts of the in-order prefix then wait at
     # submit instead of at completion, which costs the same.
     def __init__(self, max_pending_bytes: int = 4 * 1024 * 1024,
-                 idle_seconds: float = 5.0) -> None:
+                 idle_seconds: float = 5.0, mark_spacing: int = MARK_SPACING) -> None:
         self.max_pending_bytes = max_pending_bytes
+        self.mark_spacing = mark_spacing  # between the rewind points of a digest
         self.idle_seconds = idle_seconds
         self._queue: deque[tuple[FileDigest, bytes | memoryview | HashJob, int]] = deque()
         self._pending_bytes = 0

@@ -5,6 +5,7 @@ reassembler's own groups, lock and staging area."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 
@@ -118,23 +119,66 @@ class PrefixViews:
         """Bytes ``[start, end)`` of the in-order prefix of a file being assembled, from
         RAM or its staging file (one copy); None once the file is no longer assembling
         (completed, rejected, discarded) or is contested: its :class:`CompletedFile`
-        then has them."""
+        then has them. Also None when a chunk these bytes touch was found lying about
+        its own hash (lazy check 2, :mod:`.lazy_checks`): the prefix then ends before it."""
         with self._lock:
             state = self._uncontested(file_key)
             if state is None:
                 return None
             if state.storage is Storage.DISK:
                 staging, name = self._staging, state.partial
-            else:
+                todo = [(i, *state.pieces[i]) for i in self._touched(state, start, end)
+                        if i in state.unchecked]
+                edits = state.edits
+            elif not state.unchecked or self._check_served(file_key, state, start, end):
                 return self._read_ram(state, start, end)
+            else:
+                return None
         # Outside the lock (the poll thread must not wait for a disk read): the prefix's
         # bytes are written and never change; a file dropped meanwhile reads as None.
+        if todo and not self._checked_on_disk(file_key, state, edits, todo):
+            return None
         out = bytearray()
         try:
             staging.hash_range(name, start, end, out.extend)
         except OSError:
             return None
         return bytes(out)
+
+    @staticmethod
+    def _touched(state: Candidate, start: int, end: int) -> Iterator[int]:
+        """The in-order prefix's chunks not let go that bytes ``[start, end)`` touch."""
+        for i in range(state.let_go_i + 1, state.next_hash_i):
+            offset, size, _ = state.pieces[i]
+            if offset >= end:
+                return
+            if offset + size > start:
+                yield i
+
+    def _checked_on_disk(self, file_key: FileKey, state: Candidate, edits: int,
+                         todo: list[tuple[int, int, int, bytes]]) -> bool:
+        """Lazy check 2 for a file on disk: read and hash the unchecked chunks
+        ``todo`` outside the lock, then record the outcome unless the chunking changed
+        meanwhile. False if one lied (it is dropped) or the outcome is stale."""
+        verdicts = []
+        for i, offset, size, chunk_hash in todo:
+            digest = hashlib.sha512()
+            try:
+                self._staging.hash_range(state.partial, offset, offset + size, digest.update)
+            except OSError:
+                return False
+            verdicts.append((i, digest.digest() == chunk_hash))
+        with self._lock:
+            if self._uncontested(file_key) is not state or state.edits != edits:
+                return False
+            for i, genuine in verdicts:
+                if not genuine:
+                    self._drop_liar(file_key, state, i)
+                    self._prune_empty(file_key)
+                    return False
+                state.unchecked.discard(i)
+                state.tags.pop(i, None)
+        return True
 
     def let_go(self, file_key: FileKey, end: int) -> int:
         """Girder acknowledged bytes ``[0, end)`` of a file being streamed: let go of the
@@ -146,18 +190,25 @@ class PrefixViews:
         price: only the streamed upload can finish the file now; if it breaks, the file
         fails and its messages, never committed, are read again (see
         :attr:`CompletedFile.held_from`). Only the one chunking of an uncontested file in
-        RAM lets go (a spilled file's bytes are on disk, not in RAM)."""
+        RAM lets go (a spilled file's bytes are on disk, not in RAM). With lazy checks,
+        only up to the last rewind point of its digest: a liar found after it never
+        needs the bytes let go (:meth:`FileDigest.rewind`)."""
         with self._lock:
             state = self._uncontested(file_key)
             if state is None or state.storage is not Storage.RAM:
                 return 0
+            chunks = list(self._held_below(state, end))
+            if state.marking:
+                chunks = self._checked_to_point(file_key, state, chunks)
             freed = 0
-            for i, offset, size in list(self._held_below(state, end)):
+            for i, offset, size in chunks:
                 if state.data.pop(i, None) is not None:
                     freed += size
                 state.let_go_i, state.let_go_end = i, offset + size
             state.bytes_held -= freed
             self._bytes_held -= freed
+            if chunks and state.marking:
+                state.digest.forget_marks_below(state.let_go_end)
             return freed
 
     def ram_below(self, file_key: FileKey, end: int) -> int:
@@ -168,6 +219,21 @@ class PrefixViews:
             if state is None or state.storage is not Storage.RAM:
                 return 0
             return sum(size for _, _, size in self._held_below(state, end))
+
+    def _checked_to_point(self, file_key: FileKey, state: Candidate,
+                          chunks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """With lazy checks, the leading ``chunks`` that may be let go: checked (a
+        streamed upload read them through :meth:`read_prefix`, so this rarely hashes),
+        and ending at the last rewind point of the digest among them."""
+        for n, (i, offset, size) in enumerate(chunks):
+            if i in state.unchecked:
+                if not self._check_served(file_key, state, offset, offset + size):
+                    del chunks[n:]
+                    break
+        points = set(state.digest.mark_positions)
+        while chunks and chunks[-1][1] + chunks[-1][2] not in points:
+            chunks.pop()
+        return chunks
 
     @staticmethod
     def _held_below(state: Candidate, end: int) -> Iterator[tuple[int, int, int]]:

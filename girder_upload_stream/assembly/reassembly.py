@@ -56,6 +56,7 @@ from girder_upload_stream.assembly.completion import MISMATCHED_HASH, Completion
 from girder_upload_stream.assembly.copies import (MAX_CHUNKINGS, MAX_EXTRA_BYTES,
                                                   MAX_EXTRA_BYTES_TOTAL, MAX_EXTRA_VARIANTS)
 from girder_upload_stream.assembly.hashing import HashPipe
+from girder_upload_stream.assembly.lazy_checks import CHUNK_HASH_MISMATCH, LazyChecks, chunk_hash_ok
 from girder_upload_stream.assembly.outcomes import AddResult, AddStatus, Mode, Storage
 from girder_upload_stream.shared_types import CompletedFile, FileProgress, RejectedFile
 from girder_upload_stream.assembly.prefix_views import PrefixViews
@@ -86,7 +87,7 @@ class _Rejection(Exception):
         self.reason = reason
 
 
-class Reassembler(Completion, PrefixViews):
+class Reassembler(Completion, PrefixViews, LazyChecks):
     """Collect chunks of many files and hand back each file once it is complete and verified.
 
     ``max_file_bytes`` bounds one file (None: only what a file offset can hold, 2**63-1
@@ -102,12 +103,17 @@ class Reassembler(Completion, PrefixViews):
     counts their folders), and :meth:`close` (or the end of the process) deletes its
     own: their messages were not committed unless the file is in Girder, so they are
     read again and their files rebuilt.
+
+    ``lazy_checks``: the chunks added were decoded without checking their own sha512
+    (``decode_chunk(check_hash=False)``); it is checked only where it matters
+    (:mod:`.lazy_checks`), and the chunks found lying are reported by :meth:`take_liars`.
     """
 
     def __init__(self, mode: Mode | str = Mode.MEMORY, output_dir: Path | str | None = None,
                  max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES, *,
                  reserved: Iterable[str] = (), clock: Callable[[], float] = time.time,
-                 max_finished: int = 10_000, hash_pipe: HashPipe | None = None) -> None:
+                 max_finished: int = 10_000, hash_pipe: HashPipe | None = None,
+                 lazy_checks: bool = False) -> None:
         self.mode = Mode(mode)
         if self.mode is not Mode.MEMORY and output_dir is None:
             raise ValueError(f"mode {self.mode.value!r} needs an output_dir")
@@ -136,6 +142,9 @@ class Reassembler(Completion, PrefixViews):
         self._bytes_held = 0
         self._extra_bytes = 0  # competing variants' bytes over every file (in _bytes_held)
         self._hashes = hash_pipe or HashPipe()
+        self.lazy_checks = lazy_checks
+        self._liars = []
+        self._stored_now = None
         self._lock = threading.Lock()
         #: At most this many file generations in progress (None: no bound); a chunk that
         #: would start one more is refused (``AddResult.full``).
@@ -156,8 +165,9 @@ class Reassembler(Completion, PrefixViews):
         """File generations being assembled (each holds at most a few staging files)."""
         return len(self._files)
 
-    def add(self, chunk: Chunk) -> AddResult:
-        """Add one decoded chunk and say what happened (see :class:`AddStatus`).
+    def add(self, chunk: Chunk, tag: object = None) -> AddResult:
+        """Add one decoded chunk and say what happened (see :class:`AddStatus`);
+        ``tag`` names it if it is later found lying (:meth:`take_liars`).
 
         Raises :class:`StorageError` (transient) if the disk fails for a reason that is
         not the file's fault; the chunk is then not recorded and may be added again.
@@ -193,7 +203,12 @@ class Reassembler(Completion, PrefixViews):
                             f"too many files in progress: {len(self._files)} being rebuilt "
                             f"(--max_files_in_progress)"), full=True)
                     group = Group()
-                return self._add_to_group(group, chunk, key, now)
+                since, self._stored_now = len(self._liars), None
+                result = self._add_to_group(group, chunk, key, now, tag)
+                if len(self._liars) > since:
+                    result = self._refuse_liar(key, chunk, since, result)
+                    self._prune_empty(key)
+                return result
             except _Rejection as rejection:  # the path: every copy has it
                 return self._reject(key, group, chunk, now, rejection.reason)
 
@@ -211,14 +226,16 @@ class Reassembler(Completion, PrefixViews):
             partial = self._new_partial(chunk.rel_path, chunk.file_hash)
         storage = {Mode.MEMORY: Storage.RAM, Mode.DISK: Storage.DISK,
                    Mode.BOTH: Storage.RAM_AND_DISK}[self.mode]
-        return Candidate(chunk, now, partial, self._hashes.digest(), storage)
+        state = Candidate(chunk, now, partial, self._hashes.digest(), storage)
+        state.marking = self.lazy_checks
+        return state
 
     def _new_partial(self, rel_path: str, file_hash: bytes) -> str:
         self._serial += 1
         return staging_name(rel_path, file_hash, self._serial)
 
     def _add_to_group(self, group: Group, chunk: Chunk, key: FileKey,
-                      now: float) -> AddResult:
+                      now: float, tag: object = None) -> AddResult:
         """The chunk into its chunking (a new one, within :data:`MAX_CHUNKINGS`)."""
         state = group.chunkings.get(chunk.n_total_chunks)
         if state is None:
@@ -227,11 +244,17 @@ class Reassembler(Completion, PrefixViews):
                                  f"too many chunkings of one file: {MAX_CHUNKINGS} chunk "
                                  f"counts held already, {chunk.n_total_chunks} refused")
             state = self._new_state(chunk, now)
-        return self._add_to(group, state, chunk, key, now)
+        return self._add_to(group, state, chunk, key, now, tag)
 
     def _add_to(self, group: Group, state: Candidate, chunk: Chunk, key: FileKey,
-                now: float) -> AddResult:
+                now: float, tag: object = None) -> AddResult:
         i, offset, size = chunk.chunk_i, chunk.chunk_offset, chunk.size
+        checked = not self.lazy_checks
+        if i in state.unchecked and state.pieces[i] == (offset, size, chunk.chunk_hash):
+            refused = self._settle_claim(state, chunk, key)  # lazy check 1
+            if refused:
+                return AddResult(AddStatus.REFUSED, key, refused, contested=group.contested)
+            checked = True
         if state.holds(chunk):
             state.last_at = now
             if state.due:  # completion failed before (local storage): retry
@@ -239,9 +262,11 @@ class Reassembler(Completion, PrefixViews):
             return AddResult(AddStatus.DUPLICATE, key, f"chunk {i} already received",
                              contested=group.contested)
         if i not in state.pieces and placement_problem(state, i, offset, size) is None:
-            self._store(group, state, chunk, key)
+            self._store(group, state, chunk, key, checked, tag)
         else:
             refused = self._extra_problem(state, size)
+            if not refused and not checked and not chunk_hash_ok(chunk.data, chunk.chunk_hash):
+                refused = CHUNK_HASH_MISMATCH  # competing copies are checked on arrival
             if refused:
                 return AddResult(AddStatus.REFUSED, key, refused, contested=group.contested)
             state.add_extra(chunk)
@@ -262,7 +287,10 @@ class Reassembler(Completion, PrefixViews):
             return "too many bytes of competing copies held already"
         return None
 
-    def _store(self, group: Group, state: Candidate, chunk: Chunk, key: FileKey) -> None:
+    def _store(self, group: Group, state: Candidate, chunk: Chunk, key: FileKey,
+               checked: bool = True, tag: object = None) -> None:
+        """Store ``chunk`` as its number's primary; unless ``checked``, its own hash is
+        left for the lazy checks, and ``tag`` names it if it lies."""
         i = chunk.chunk_i
         if state.partial is not None:
             try:
@@ -276,6 +304,10 @@ class Reassembler(Completion, PrefixViews):
             self._files[key] = group
             group.chunkings[state.n_total] = state
         state.pieces[i] = (chunk.chunk_offset, chunk.size, chunk.chunk_hash)
+        if not checked:
+            state.unchecked.add(i)
+            state.tags[i] = tag
+            self._stored_now = (id(state), i)
         bisect.insort(state.order, i)
         state.bytes_received += chunk.size
         if i == state.n_total:

@@ -12,7 +12,9 @@ commit's steps, from this plan to the broker, is written once, in
    refused on its own -- impossible for its file, over a bound of competing copies, but
    not at the bound of files in progress: rule 10 --, filtered out by
    ``--download_regex``, a duplicate of a finished file) is done once it is recorded
-   (log and registry); retrying it could not help.
+   (log and registry); retrying it could not help. So is a chunk stored before its own
+   sha512 was checked (lazy checks) and found lying since: it leaves its file's
+   pending messages when it is recorded.
 4. A message of a file still in progress, waiting for upload, or whose upload failed
    with a transient error, stays pending: it must be read again after a restart.
    Exception: a partial file that got no chunk for ``stale_partial_seconds`` is
@@ -349,6 +351,14 @@ class OffsetTracker:
         if file is not None:
             file.where.clear()
         return released
+
+    def message_done(self, tp: TopicPartition, offset: int) -> None:
+        """One message pending for a file is done on its own (rule 3: a chunk found
+        lying after it was stored); its file's other messages stay pending."""
+        pending = self._pending.get(tp)
+        file = pending.pop(offset, None) if pending is not None else None
+        if file is not None and (tp, offset) in file.where:
+            file.where.remove((tp, offset))
 
     def has_file(self, file: Hashable) -> bool:
         """True while any message of a file named by a key is pending."""

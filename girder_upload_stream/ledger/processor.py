@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from girder_upload_stream import failpoints
+from girder_upload_stream.assembly.lazy_checks import CHUNK_HASH_MISMATCH
 from girder_upload_stream.assembly.reassembly import AddResult, AddStatus, Reassembler
 from girder_upload_stream.errors import ChunkDecodeError, StorageError
 from girder_upload_stream.ledger.effects import (AbandonStream, DropAssembly, Effect,
@@ -29,7 +30,7 @@ from girder_upload_stream.ledger.offsets import OffsetTracker
 from girder_upload_stream.ledger.records import FileLedger, FileRecord, FileState, Role, Route
 from girder_upload_stream.shared_types import (FileOutcome, Outcome, RawMessage, Recorder,
                                                StreamPlan)
-from girder_upload_stream.ledger.stream_types import ChunkRefusedError, Counters
+from girder_upload_stream.ledger.stream_types import ChunkLiedError, ChunkRefusedError, Counters
 from girder_upload_stream.ledger.streams import MAX_OPEN_STREAMS, StreamHandle, wants_stream
 from girder_upload_stream.ledger.units import UploadUnit
 from girder_upload_stream.ledger.uploading import Uploading
@@ -133,6 +134,7 @@ class StreamProcessor(FileLife, Uploading):
                 self.counters.files_skipped_by_regex += 1
             return
         self._take(chunk, msg, size)
+        self.settle_liars()
         self._keep_within_budget()
 
     def _keep_within_budget(self) -> None:
@@ -175,7 +177,7 @@ class StreamProcessor(FileLife, Uploading):
                 raise ChunkDecodeError("message has no key (OpenMSIStream keys every chunk)",
                                        topic=topic, partition=partition, offset=offset)
             return decode_chunk(msg.value, msg.key, topic=topic, partition=partition,
-                                offset=offset)
+                                offset=offset, check_hash=not self.reassembler.lazy_checks)
         except ChunkDecodeError as error:
             self._reject_message(msg, error)
             return None
@@ -211,7 +213,7 @@ class StreamProcessor(FileLife, Uploading):
         # partition was revoked and assigned again).
         fresh = (route is Route.ASSEMBLE_AGAIN or self.ledger.failed_for_good(key)
                  or (not busy and not reread))
-        result = self._reassemble(chunk, fresh, tp, offset)
+        result = self._reassemble(chunk, fresh, msg)
         if result is None:
             return
         if result.status is AddStatus.REFUSED:
@@ -239,23 +241,46 @@ class StreamProcessor(FileLife, Uploading):
         look_up = not busy and (reread or self.ledger.listed_by_another_program(key))
         self._apply(record, result, chunk, tp, offset, size, look_up)
 
-    def _reassemble(self, chunk: Chunk, fresh: bool, tp: tuple[str, int],
-                    offset: int) -> AddResult | None:
+    def _reassemble(self, chunk: Chunk, fresh: bool, msg: RawMessage) -> AddResult | None:
         """The chunk into the reassembler (``fresh``: forget what it completed of this
         generation before); None when local storage failed (the message then stays
-        pending, so a restart reads it again: not the file's fault)."""
-        key = chunk.file_key
+        pending, so a restart reads it again: not the file's fault). The chunk's tag is
+        its message without bytes: what names it if it is found lying later."""
+        key, tp, offset = chunk.file_key, (msg.topic, msg.partition), msg.offset
         if fresh and self.reassembler.is_completed(key):
             self.reassembler.discard(key)  # rebuilt from scratch, not a duplicate
+        tag = RawMessage(msg.topic, msg.partition, msg.offset, msg.key, None, msg.origin)
         try:
-            result = self.reassembler.add(chunk)
+            result = self.reassembler.add(chunk, tag)
             if result.full and self._evict_released():
-                result = self.reassembler.add(chunk)
+                result = self.reassembler.add(chunk, tag)
             return result
         except StorageError as error:
             logger.error("%s", error)
             self.offsets.read(tp, offset, self.ledger.open(key).pending)
             return None
+
+    def settle_liars(self) -> None:
+        """Chunks stored unchecked and found lying since (lazy checks,
+        assembly/lazy_checks.py): each message is rejected on its own, as one refused on
+        arrival is (offsets rule 3), and a file left with no chunk is dropped."""
+        liars = self.reassembler.take_liars()
+        for liar in liars:
+            msg = liar.tag
+            if isinstance(msg, RawMessage):
+                topic, partition, offset = msg.source
+                error = ChunkLiedError(CHUNK_HASH_MISMATCH, topic=topic, partition=partition,
+                                       offset=offset, rel_path=liar.rel_path)
+                logger.error("%s", error)
+                self.counters.messages_rejected += 1
+                self.recorder.message_rejected(msg, error)
+                self.offsets.message_done((msg.topic, msg.partition), msg.offset)
+        for key in {liar.file_key for liar in liars}:
+            record = self.ledger.get(key)
+            if record is not None and record.state in (FileState.ASSEMBLING,
+                                                       FileState.STREAMING) \
+                    and self.reassembler.assembly(key) is None:
+                self._carry_out(self.ledger.drop(key))
 
     def _refused(self, msg: RawMessage, chunk: Chunk, result: AddResult) -> None:
         """A chunk the reassembler cannot use (impossible for its file, over a bound):

@@ -22,6 +22,14 @@ class ChunkRefusedError(ChunkDecodeError):
         self.message = self.reason  # the registry and the log say "chunk refused: ..."
 
 
+class ChunkLiedError(ChunkDecodeError):
+    """A chunk stored without its own sha512 checked (lazy checks) and found lying
+    since: recorded like one refused on arrival, its bytes read again for its dead
+    letter."""
+
+    bytes_in_hand = False
+
+
 @dataclass
 class Counters:
     """Totals since start, and since the last heartbeat (``take_delta``)."""

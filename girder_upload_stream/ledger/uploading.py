@@ -29,6 +29,7 @@ class Uploading:
         events included), so at low rates files wait for company: until they fill a
         unit, or ``linger_seconds`` have passed since a worker was free for them (the
         lingering never delays a file's upload by more than that)."""
+        self.settle_liars()  # found by a streamed upload's thread (lazy check 2)
         self.expire_stale()
         free = (1 if self.max_inflight_units is None
                 else self.max_inflight_units - len(self._units))

@@ -288,7 +288,8 @@ def build_reassembler(run: RunSettings, output_dir: Path) -> Reassembler:
                           f"{run.mode} mode files rebuilt there could overwrite the "
                           "registries; give the logs a folder of their own")
     reassembler = Reassembler(run.mode, output_dir, run.max_file_bytes,
-                              reserved=reserved_paths(output_dir, [logs_dir]))
+                              reserved=reserved_paths(output_dir, [logs_dir]),
+                              lazy_checks=True)
     if reassembler.stale_removed:
         logger.info("deleted the staging files of %d earlier run(s) below %s: their "
                     "messages were not committed and are read again",

@@ -216,9 +216,13 @@ class RegistryRecorder(Recorder):
         where = f"message {bounded(topic)}[{partition}]@{offset}"
         now = datetime.now()
         if self.dead_letters is not None and not getattr(error, "keeps_its_row", False):
-            self.dead_letters.message(topic, partition, offset, msg.key,
-                                      msg.value, error.reason, "message_rejected",
-                                      error.rel_path)
+            if getattr(error, "bytes_in_hand", True):
+                self.dead_letters.message(topic, partition, offset, msg.key,
+                                          msg.value, error.reason, "message_rejected",
+                                          error.rel_path)
+            else:
+                self.dead_letters.offsets([((msg.topic, msg.partition), msg.offset)],
+                                          error.reason, "message_rejected", error.rel_path)
         if not getattr(error, "keeps_its_row", False) and \
                 self._rejected_rows >= MAX_REJECTED_MESSAGE_ROWS:
             self._count_overflow(where, error, now)

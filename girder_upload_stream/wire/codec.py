@@ -289,6 +289,7 @@ def decode_chunk(
     topic: str | None = None,
     partition: int | None = None,
     offset: int | None = None,
+    check_hash: bool = True,
 ) -> Chunk:
     """Decode and fully validate one chunk message; raise only :class:`ChunkDecodeError`.
 
@@ -296,7 +297,8 @@ def decode_chunk(
     non-empty data, safe relative path, ``1 <= chunk_i <= n_total_chunks``,
     ``chunk_offset >= chunk_i - 1`` (and ``== 0`` for chunk 1), integers that fit a file
     (see :func:`_check_placement`), the chunk's sha512, and, when a key is given, that
-    the key names the same file and chunk as the value.
+    the key names the same file and chunk as the value. ``check_hash=False`` leaves the
+    chunk's sha512 to a reassembler with lazy checks (assembly/lazy_checks.py).
     ``topic``/``partition``/``offset`` only decorate the error.
     """
     ctx: dict[str, Any] = {"topic": topic, "partition": partition, "offset": offset}
@@ -320,7 +322,7 @@ def decode_chunk(
     if not data:
         raise ChunkDecodeError("chunk data is empty", **ctx)
     _check_placement(chunk_offset, chunk_i, n_total, len(data), ctx)
-    if hashlib.sha512(data).digest() != chunk_hash:
+    if check_hash and hashlib.sha512(data).digest() != chunk_hash:
         raise ChunkDecodeError("chunk hash mismatch", **ctx)
     chunk = Chunk(filename, file_hash, chunk_hash, chunk_offset, chunk_i, n_total,
                   subdir, append, data, mtime)

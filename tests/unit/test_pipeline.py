@@ -294,7 +294,7 @@ def test_storage_error_keeps_the_message_pending(monkeypatch) -> None:
     log = Log()
     proc = make()
 
-    def broken(chunk):
+    def broken(chunk, tag=None):
         raise StorageError("disk full")
 
     msg = one_chunk(log, 0, b"data", "d.bin")

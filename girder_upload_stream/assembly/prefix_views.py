@@ -171,14 +171,7 @@ class PrefixViews:
         with self._lock:
             if self._uncontested(file_key) is not state or state.edits != edits:
                 return False
-            for i, genuine in verdicts:
-                if not genuine:
-                    self._drop_liar(file_key, state, i)
-                    self._prune_empty(file_key)
-                    return False
-                state.unchecked.discard(i)
-                state.tags.pop(i, None)
-        return True
+            return all(self._verdict(file_key, state, i, genuine) for i, genuine in verdicts)
 
     def let_go(self, file_key: FileKey, end: int) -> int:
         """Girder acknowledged bytes ``[0, end)`` of a file being streamed: let go of the

@@ -86,6 +86,7 @@ class PrefixViews:
         state.data.clear()
         state.bytes_held = 0
         state.storage = Storage.DISK
+        state.marking = False  # on disk: no more rewind points (see _new_state)
         return True
 
     # -- streamed uploads -----------------------------------------------------------

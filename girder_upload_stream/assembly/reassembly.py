@@ -227,7 +227,9 @@ class Reassembler(Completion, PrefixViews, LazyChecks):
         storage = {Mode.MEMORY: Storage.RAM, Mode.DISK: Storage.DISK,
                    Mode.BOTH: Storage.RAM_AND_DISK}[self.mode]
         state = Candidate(chunk, now, partial, self._hashes.digest(), storage)
-        state.marking = self.lazy_checks
+        # Rewind points while the bytes are in RAM (bounded by the budget): a file on
+        # disk can always be hashed again from its start, and never lets bytes go.
+        state.marking = self.lazy_checks and storage is not Storage.DISK
         return state
 
     def _new_partial(self, rel_path: str, file_hash: bytes) -> str:

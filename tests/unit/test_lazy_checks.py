@@ -179,3 +179,17 @@ def test_the_processor_drops_a_file_only_liars_began() -> None:
         proc.handle(log.put(0, *encode_chunk(chunk)))
     upload_all(proc)
     assert proc.offsets.committable() == {(TOPIC, 0): 5}
+
+
+def test_rewind_points_are_kept_only_while_the_bytes_are_in_ram(tmp_path) -> None:
+    on_disk, in_ram = _lazy(Mode.DISK, tmp_path / "disk"), _lazy(Mode.MEMORY, tmp_path / "ram")
+    for reassembler in (on_disk, in_ram):
+        for chunk in _chunks()[:5]:
+            reassembler.add(chunk)
+    [disk_state] = on_disk._files.values()
+    [ram_state] = in_ram._files.values()
+    assert disk_state.lead.digest.mark_positions == []
+    assert ram_state.lead.digest.mark_positions == [100, 200, 300, 400, 500]
+    assert in_ram.spill(0) == 1
+    in_ram.add(_chunks()[5])  # hashed on disk now: no new point
+    assert ram_state.lead.digest.mark_positions == [100, 200, 300, 400, 500]

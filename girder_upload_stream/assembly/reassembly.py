@@ -53,6 +53,7 @@ from girder_upload_stream.assembly.chunk_rules import (placement_problem, reserv
                                                        reserved_problem, size_problem,
                                                        staging_name)
 from girder_upload_stream.assembly.completion import MISMATCHED_HASH, Completion
+from girder_upload_stream.assembly.file_queries import FileQueries
 from girder_upload_stream.assembly.copies import (MAX_CHUNKINGS, MAX_EXTRA_BYTES,
                                                   MAX_EXTRA_BYTES_TOTAL, MAX_EXTRA_VARIANTS)
 from girder_upload_stream.assembly.hashing import HashPipe
@@ -87,7 +88,7 @@ class _Rejection(Exception):
         self.reason = reason
 
 
-class Reassembler(Completion, PrefixViews, LazyChecks):
+class Reassembler(Completion, PrefixViews, LazyChecks, FileQueries):
     """Collect chunks of many files and hand back each file once it is complete and verified.
 
     ``max_file_bytes`` bounds one file (None: only what a file offset can hold, 2**63-1
@@ -413,51 +414,3 @@ class Reassembler(Completion, PrefixViews, LazyChecks):
         self._finished.move_to_end(key)
         while len(self._finished) > self._max_finished:
             self._finished.popitem(last=False)
-
-    def assembly(self, file_key: FileKey) -> Group | None:
-        """The competing candidates of a generation being assembled (for its ledger
-        record to hold), else None."""
-        return self._files.get(file_key)
-
-    def discard(self, file_key: FileKey) -> bool:
-        """Forget a file in progress (and its partial file) or a finished key; True if known."""
-        with self._lock:
-            if self._forget(file_key):
-                return True
-            return self._finished.pop(file_key, None) is not None
-
-    def begun(self) -> list[FileKey]:
-        """The generations a chunk of which would begin no new file under the bound of
-        files in progress: those being assembled, and parked ones."""
-        with self._lock:
-            return [*self._files, *self._parked]
-
-    def is_completed(self, file_key: FileKey) -> bool:
-        """True if this generation completed (and is still remembered)."""
-        with self._lock:
-            return self._finished.get(file_key) == ""
-
-    def received(self, file_key: FileKey) -> list[int] | None:
-        """Chunk numbers received so far of a generation being assembled (of its
-        leading chunking), else None."""
-        with self._lock:
-            group = self._files.get(file_key)
-            return None if group is None else list(group.lead.pieces)
-
-    def mark_finished(self, file_key: FileKey) -> None:
-        """Treat a generation as completed elsewhere (e.g. found in Girder): drop its
-        partial state and recognise its later chunks as duplicates."""
-        with self._lock:
-            self._forget(file_key)
-            self._remember(file_key, "")
-
-    def progress(self, file_key: FileKey) -> FileProgress | None:
-        """The :class:`FileProgress` of one generation being assembled, or None."""
-        with self._lock:
-            group = self._files.get(file_key)
-            return None if group is None else group.progress()
-
-    def in_progress(self) -> list[FileProgress]:
-        """One :class:`FileProgress` per file generation still being assembled."""
-        with self._lock:
-            return [g.progress() for g in self._files.values()]

@@ -230,7 +230,7 @@ HOPS = {
     f"{PACKAGE}.wire.producer": (
         ("ledger", "loop", "registry", "girder", "assembly", "kafka.clients"), 11),
     f"{PACKAGE}.kafka.clients": (("ledger", "loop", "registry", "girder", "assembly"), 17),
-    f"{PACKAGE}.ledger.processor": (("kafka", "girder", "loop", "registry"), 37),
+    f"{PACKAGE}.ledger.processor": (("kafka", "girder", "loop", "registry"), 38),
 }
 
 

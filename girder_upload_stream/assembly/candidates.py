@@ -24,7 +24,7 @@ class Candidate:
                  "data", "total", "bytes_received", "bytes_held", "digest",
                  "next_hash_i", "first_at", "last_at", "partial", "storage", "extras",
                  "extra_bytes", "n_extras", "checked_at", "failed", "let_go_i", "let_go_end",
-                 "unchecked", "tags", "marking", "spoiled", "edits")
+                 "unchecked", "tags", "marking", "edits")
 
     def __init__(self, chunk: Chunk, now: float, partial: str | None,
                  digest: FileDigest, storage: Storage) -> None:
@@ -53,12 +53,11 @@ class Candidate:
         self.let_go_i = 0
         self.let_go_end = 0
         # Lazy chunk checks (.lazy_checks): primary chunk numbers whose bytes were not
-        # compared with their own chunk hash, each message's tag (to name a liar), whether
-        # the digest keeps rewind points, and whether it holds bytes no point undoes.
+        # compared with their own chunk hash, each message's tag (to name a liar), and
+        # whether the digest keeps rewind points.
         self.unchecked: set[int] = set()
         self.tags: dict[int, object] = {}
         self.marking = False
-        self.spoiled = False
         self.edits = 0  # liars dropped so far: a check made outside the lock is stale
 
     def hash_block(self, block: memoryview) -> None:

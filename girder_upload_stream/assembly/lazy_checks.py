@@ -95,53 +95,37 @@ class LazyChecks:
         if not chunk_hash_ok(chunk.data, chunk.chunk_hash):
             return CHUNK_HASH_MISMATCH
         held = state.data.get(i)
-        genuine = held == chunk.data if held is not None else \
-            chunk_hash_ok(self._held_bytes(state, i), chunk.chunk_hash)
-        if genuine:
-            state.unchecked.discard(i)
-            state.tags.pop(i, None)
-        else:
-            self._drop_liar(key, state, i)
+        self._verdict(key, state, i, held == chunk.data if held is not None else
+                      chunk_hash_ok(self._held_bytes(state, i), chunk.chunk_hash))
         return None
 
     def _check_unchecked(self, key: FileKey, state: Candidate) -> int:
         """Check 3: every unchecked primary of ``state`` against its own hash; the liars
         are dropped. Returns how many were."""
-        liars = 0
-        for i in sorted(state.unchecked):
-            if chunk_hash_ok(self._held_bytes(state, i), state.pieces[i][2]):
-                state.unchecked.discard(i)
-                state.tags.pop(i, None)
-            else:
-                self._drop_liar(key, state, i)
-                liars += 1
-        return liars
+        return sum(not self._verdict(key, state, i, chunk_hash_ok(
+            self._held_bytes(state, i), state.pieces[i][2])) for i in sorted(state.unchecked))
 
     def _check_served(self, key: FileKey, state: Candidate, start: int, end: int) -> bool:
         """Check 2 for chunks held in RAM: the unchecked chunks of the in-order prefix
         that bytes ``[start, end)`` touch. False if one lied (it is dropped, and the
         prefix now ends before it). Hashes under the lock: at most one streamed block
         (8 MiB, about 15 ms here), and only for bytes sent before their file completes."""
-        for i in range(state.let_go_i + 1, state.next_hash_i):
-            offset, size, chunk_hash = state.pieces[i]
-            if offset >= end:
-                break
-            if offset + size <= start or i not in state.unchecked:
-                continue
-            if not self._verdict(key, state, i,
-                                 chunk_hash_ok(self._held_bytes(state, i), chunk_hash)):
+        for i in [i for i in self._touched(state, start, end) if i in state.unchecked]:
+            if not self._verdict(key, state, i, chunk_hash_ok(self._held_bytes(state, i),
+                                                              state.pieces[i][2])):
+                self._prune_empty(key)
                 return False
         return True
 
     def _verdict(self, key: FileKey, state: Candidate, i: int, genuine: bool) -> bool:
         """Record what checking unchecked primary ``i`` showed: checked, or a liar
-        dropped (and its chunking, if left empty). Returns ``genuine``."""
+        dropped. Returns ``genuine``. (A caller outside :meth:`add` then prunes the
+        chunking a liar left empty; ``add`` prunes once it is done.)"""
         if genuine:
             state.unchecked.discard(i)
             state.tags.pop(i, None)
         else:
             self._drop_liar(key, state, i)
-            self._prune_empty(key)
         return genuine
 
     def _drop_liar(self, key: FileKey, state: Candidate, i: int) -> None:
@@ -167,13 +151,11 @@ class LazyChecks:
         latest rewind point before it, not below the bytes let go, and hash again the
         chunks held from there."""
         at = state.digest.rewind(offset, state.let_go_end)
-        if at is None:  # no point to go back to: only a failure can follow
-            state.spoiled = True
-            return
-        j = i if at == offset else next(
+        j = None if at is None else i if at == offset else next(
             (k for k in range(i - 1, state.let_go_i, -1) if state.pieces[k][0] == at), None)
-        if j is None:  # not a chunk's start (a point of another chunking): cannot be
-            state.spoiled = True
+        if j is None:
+            # No point to go back to (or, impossibly, not a chunk's start): the digest
+            # keeps the liar's bytes, so the sha512 fails and only a failure can follow.
             return
         state.next_hash_i = j
         if state.storage is Storage.DISK:

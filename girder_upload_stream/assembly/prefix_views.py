@@ -172,7 +172,10 @@ class PrefixViews:
         with self._lock:
             if self._uncontested(file_key) is not state or state.edits != edits:
                 return False
-            return all(self._verdict(file_key, state, i, genuine) for i, genuine in verdicts)
+            if all(self._verdict(file_key, state, i, genuine) for i, genuine in verdicts):
+                return True
+            self._prune_empty(file_key)
+            return False
 
     def let_go(self, file_key: FileKey, end: int) -> int:
         """Girder acknowledged bytes ``[0, end)`` of a file being streamed: let go of the
